@@ -1,0 +1,1206 @@
+"""geometry.py — why methods forget: weight-space spectra, capability-conditioned drift (CSD) and
+activation geometry of finetuned checkpoints, and their correlation with measured forgetting.
+
+Implements PAPER.md §7 (weight-space geometry), §8.1 (CSD), §8.2 (activation geometry) and the
+correlation tables of §10.3-10.4 (spectral figure: §10.7). Everything that is mathematics is a
+small pure function at the top (tensors in, numbers out, fp32 maths, CPU-capable), so that
+tests/test_geometry.py can check each one against an independent numpy/scipy computation.
+
+Run (toy world; the toy supplies its own general/target prompts):
+    python geometry.py --base toy --checkpoint runs/sft_toy-math_lora --checkpoint runs/sft_toy-math_oft \
+        --checkpoint ... --out runs/geometry_toy-math
+Run (paper scale, one GPU; prompt files: txt = one prompt per line, json/jsonl = objects whose first
+present key of prompt, input, question, query, problem, instruction, text is the prompt):
+    python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [--checkpoint DIR ...] \
+        --general-prompts general.jsonl --target-prompts math.jsonl --out runs/geometry_qwen_math
+Correlation table again from finished runs (no model needed):
+    python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
+Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):
+    python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
+
+Each --checkpoint is either an adapter checkpoint of peft_methods.py (adapter_config.json +
+weights; method "full" included) loaded onto --base with `peft_methods.load_adapter`, or a full
+Hugging Face model directory (config.json + weights), in which case dW = W_ft - W0 is the difference
+of the two checkpoints. The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
+(adapters are never merged into the stored weights; PiSSA's dW is taken against the original W0).
+
+Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
+every metric), summary.json (one flat row of scalars per checkpoint), correlations.{json,csv,md},
+spectral_profiles.png and erank_layers.png.
+
+Module sets. "paper" = `model.layers.18.mlp.down_proj` on Qwen2.5-7B (28 layers); "paper8" = layers
+9 and 18 x {q_proj, k_proj, v_proj, down_proj}. On a model with L layers the paper's layer l maps to
+round(l * L / 28): 9 and 18 on Qwen2.5-7B / Llama-3.2-3B (28 layers), 1 and 3 on the 4-layer toy.
+
+Shape legend: m = d_out, n = d_in of a Linear (W is (m, n), y = W x); k = min(m, n) singular
+triplets; N = token rows of activations; D = width of an activation (d_in or d_out);
+K = rank of a PCA subspace.
+
+Deviations from the paper / release
+1. Retention profile: P_diag(i) - sigma_i is computed as u_i^T dW v_i (equal in exact arithmetic,
+   because u_i^T W0 v_i = sigma_i) instead of subtracting sigma_i from u_i^T W_ft v_i. The release's
+   form adds the fp32 SVD reconstruction error (~1e-6 sigma_1) as a noise floor; ours is exactly 0
+   for dW = 0. `spectral_profiles_reference` keeps the literal formula; a test shows they agree.
+2. PCA subspace distance uses an exact SVD, not the randomised `torch.pca_lowrank` of the release
+   (which only falls back to a full SVD on failure): exact and deterministic, slower on wide layers.
+3. The angle of the cosine drift is computed as 2*asin(||z1 - z0|| / 2) rather than arccos(cos):
+   the same angle in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
+4. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
+   on the host (release: fp16); rows are capped at --max-tokens per distribution, so memory is
+   bounded by the cap, never by the dataset.
+5. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
+   (one point per checkpoint in the correlations); the release does not say how modules and
+   checkpoints are pooled (PAPER.md §12.12).
+6. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
+   Linear weights of the decoder layers only (embeddings, norms and biases are left out), because
+   adapters only ever touch those.
+7. Toy module mapping: the issue names "the middle layer" for the toy's weight-space module; we use
+   the paper-proportional layer round(18 * 4 / 28) = 3 so that the CSD/weight module stays inside
+   the paper8 analogue (layers 1 and 3), as it is on Qwen2.5-7B.
+8. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
+   base and finetuned models are loaded once in the forward dtype (bf16 on GPU): W0 is the stored
+   bf16 value upcast to fp32 (exact for bf16 checkpoints such as Qwen2.5-7B), and dW is
+   `delta_weight` computed in fp32 from the adapter tensors in their saved dtype. `--dtype fp32`
+   loads everything in fp32 (two 7B models = 61 GB, which fits one 80 GB GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12          # the release's epsilon in every ratio (PAPER.md §7, §8)
+PAPER_NUM_LAYERS = 28  # Qwen2.5-7B and Llama-3.2-3B both have 28 decoder layers
+PAPER8_LAYERS = (9, 18)
+PAPER_LAYER = 18     # CSD and spectral module: layer 18 mlp.down_proj
+PAPER8_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
+PROMPT_KEYS = ("prompt", "input", "question", "query", "problem", "instruction", "text")
+
+
+# -----------------------------------------------------------------------------
+# Weight space (PAPER.md §7)
+
+def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD W = U diag(S) Vh in fp32: U (m, k), S (k,) descending, Vh (k, n), k = min(m, n)."""
+    return torch.linalg.svd(W.float(), full_matrices=False)
+
+
+def spectral_profiles(W0: torch.Tensor, dW: torch.Tensor, svd=None) -> dict:
+    """Retention and adaptation profiles of an update dW along W0's singular directions.
+
+    [PAPER §7] W0 = U Sigma V^T;  P_diag(i) = u_i^T W_ft v_i;  dP_diag(i) = |P_diag(i) - sigma_i|;
+               E_dW(i) = ||dW v_i||_2  (update energy along the i-th input direction).
+    Returns tensors of shape (k,): sigma, P_diag, dP_diag, E_delta.
+
+    OFT (W_ft = W0 R^T, R block-diagonal orthogonal): the singular values are kept exactly, since
+    W0 R^T = U Sigma (R V)^T, so the right singular vectors become v_i^ft = R v_i. The retention
+    profile is then NOT zero: dP_diag(i) = sigma_i |v_i^T R v_i - 1| = sigma_i (1 - cos theta_i),
+    where theta_i is the angle by which R turns v_i. It is second order in the rotation (v^T Q v = 0
+    for a skew generator Q), so small for small rotations, and it measures the turning of the
+    singular vectors, not a change of the spectrum. Where sigma_i is simple and v_i^T R v_i >= 0,
+    it equals sigma_i (1 - SVA_i) with SVA_i = |<v_i, v_i^ft>| (see `sva`).
+    """
+    W0, dW = W0.float(), dW.float()
+    U, S, Vh = thin_svd(W0) if svd is None else svd               # (m,k), (k,), (k,n)
+    # DEVIATION 1: u_i^T W_ft v_i - sigma_i == u_i^T dW v_i exactly; we never subtract sigma_i,
+    # so the fp32 SVD error of W0 does not leak into the profile.
+    UtdW = U.T @ dW                                                # (k,m) @ (m,n) -> (k,n)
+    diag = (UtdW * Vh).sum(dim=1)                                  # (k,): u_i^T dW v_i
+    E = (dW @ Vh.T).norm(dim=0)                                    # (m,n) @ (n,k) -> (m,k) -> (k,)
+    return {"sigma": S, "P_diag": S + diag, "dP_diag": diag.abs(), "E_delta": E}
+
+
+def spectral_profiles_reference(W0: torch.Tensor, W_ft: torch.Tensor) -> dict:
+    """Plain, literal version of `spectral_profiles` (one singular triplet at a time, subtracting
+    sigma_i as the release does). For tests; O(k) matrix-vector products."""
+    W0, W_ft = W0.float(), W_ft.float()
+    U, S, Vh = thin_svd(W0)
+    dW = W_ft - W0
+    P, dP, E = [], [], []
+    for i in range(S.numel()):
+        u_i, v_i = U[:, i], Vh[i]                                  # (m,), (n,)
+        p = u_i @ (W_ft @ v_i)
+        P.append(p)
+        dP.append((p - S[i]).abs())
+        E.append((dW @ v_i).norm())
+    return {"sigma": S, "P_diag": torch.stack(P), "dP_diag": torch.stack(dP), "E_delta": torch.stack(E)}
+
+
+def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
+    """[PAPER §7] erank(dW) = ||dW||_F^2 / ||dW||_2^2 = sum_j s_j^2 / s_1^2 (0 if s_1 = 0).
+
+    The "effective rank" of the paper's figure is this stable rank: it is <= rank(dW) and equals r
+    for r equal singular values. Also returns the top-`top` singular values of dW.
+    """
+    s = torch.linalg.svdvals(dW.float())                           # (k,) descending
+    s1 = float(s[0]) if s.numel() else 0.0
+    erank = float((s.double() ** 2).sum() / s1 ** 2) if s1 > 0 else 0.0
+    return {"erank": erank, "top_singular_values": s[:top].tolist()}
+
+
+def fluctuation_score(x: torch.Tensor, window: int = 5) -> float:
+    """[PAPER §7] F(x) = (1/k) sum_i |x_i - m_i|, m = conv1d(reflect_pad(x), ones(w)/w).
+
+    Higher = spikier profile. Applied to the RAW dP_diag and E_delta (not the plot-normalised
+    curves). 0 if k < w (the release's convention; reflect padding needs k > w // 2 anyway).
+    """
+    x = x.detach().float().flatten()
+    k = x.numel()
+    if k < window:
+        return 0.0
+    half = window // 2
+    # reflect (not replicate) padding: the edge value is not repeated, as np.pad(mode="reflect").
+    xp = F.pad(x.view(1, 1, k), (half, window - 1 - half), mode="reflect")   # (1,1,k+w-1)
+    m = F.conv1d(xp, torch.full((1, 1, window), 1.0 / window, dtype=x.dtype, device=x.device))
+    return float((x - m.view(k)).abs().mean())
+
+
+def sva(W0: torch.Tensor, W_ft: torch.Tensor, svd0=None) -> dict:
+    """[PAPER §7] Singular-vector alignment (the paper reports it for OFT only).
+
+    cos_i = |<v_i^pre, v_i^ft>| / (||v_i^pre|| ||v_i^ft|| + 1e-10), index by index (no matching of
+    singular values), v = right singular vectors. Returns cos (k,), mean, min.
+    Caveat: for (nearly) repeated singular values the vectors are not unique and cos_i is noisy.
+    """
+    _, _, Vh0 = thin_svd(W0) if svd0 is None else svd0            # (k,n)
+    _, _, Vh1 = thin_svd(W_ft)                                     # (k,n)
+    cos = (Vh0 * Vh1).sum(1).abs() / (Vh0.norm(dim=1) * Vh1.norm(dim=1) + 1e-10)   # (k,)
+    return {"cos": cos, "mean": float(cos.mean()), "min": float(cos.min())}
+
+
+def weight_norms(dW: torch.Tensor, W0: torch.Tensor) -> dict:
+    """[PAPER §7, compare_model_norms.py] L1, L2 (flattened = Frobenius), relative ||dW|| / (||W0|| +
+    1e-12) for both, mean |dW| and RMSE. Sums accumulate in fp64 (68M entries on Qwen down_proj)."""
+    dW, W0 = dW.float(), W0.float()
+    numel = dW.numel()
+    l1 = float(dW.abs().sum(dtype=torch.float64))
+    l2 = math.sqrt(float(dW.square().sum(dtype=torch.float64)))
+    w_l1 = float(W0.abs().sum(dtype=torch.float64))
+    w_l2 = math.sqrt(float(W0.square().sum(dtype=torch.float64)))
+    return {"l1": l1, "l2": l2, "rel_l1": l1 / (w_l1 + EPS), "rel_l2": l2 / (w_l2 + EPS),
+            "mean_abs": l1 / numel, "rmse": l2 / math.sqrt(numel)}
+
+
+def global_norms(per_module: list[dict]) -> dict:
+    """[compare_model_norms.py] global L1 = sum of L1s, global L2 = sqrt(sum of L2^2)."""
+    return {"l1": float(sum(d["l1"] for d in per_module)),
+            "l2": float(math.sqrt(sum(d["l2"] ** 2 for d in per_module)))}
+
+
+def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool = False,
+                         window: int = 5, top: int = 5, svd0=None) -> dict:
+    """All §7 quantities of one module: profiles (k,), fluctuation scores, stable rank, norms, SVA.
+    svd0: a cached thin_svd(W0) (the same for every checkpoint of one base)."""
+    W0, dW = W0.float(), dW.float()
+    svd0 = thin_svd(W0) if svd0 is None else svd0
+    prof = spectral_profiles(W0, dW, svd0)
+    out = {
+        "shape": list(W0.shape),
+        "sigma": prof["sigma"].tolist(), "dP_diag": prof["dP_diag"].tolist(),
+        "E_delta": prof["E_delta"].tolist(),
+        "fluct_retention": fluctuation_score(prof["dP_diag"], window),     # smoothness_retention
+        "fluct_adaptation": fluctuation_score(prof["E_delta"], window),    # smoothness_adaptation
+        **stable_rank(dW, top),
+        "norms": weight_norms(dW, W0),
+    }
+    if with_sva:
+        s = sva(W0, W0 + dW, svd0)
+        out["sva_mean"], out["sva_min"] = s["mean"], s["min"]
+        # the spectrum is what OFT should keep: report its largest relative change as a check
+        s_ft = torch.linalg.svdvals(W0 + dW)
+        out["sigma_max_rel_change"] = float(((s_ft - svd0[1]).abs() / (svd0[1][0] + EPS)).max())
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Capability-conditioned drift (PAPER.md §8.1)
+
+def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
+    """Sufficient statistics of CSD over a block of token rows h (N, n): sums of ||dW h||^2,
+    ||W0 h||^2 (no bias: CSD is about the weight) and ||h||^2, in fp64 scalars."""
+    h = h.to(device=dW.device, dtype=torch.float32)
+    dWh = h @ dW.float().T                                         # (N,n) @ (n,m) -> (N,m)
+    W0h = h @ W0.float().T                                         # (N,n) @ (n,m) -> (N,m)
+    return {"n": h.shape[0], "dWh2": float(dWh.square().sum(dtype=torch.float64)),
+            "W0h2": float(W0h.square().sum(dtype=torch.float64)),
+            "h2": float(h.square().sum(dtype=torch.float64))}
+
+
+def csd_from_sums(s: dict, dW_fro2: float) -> dict:
+    """[PAPER §8.1] E over tokens, eps = 1e-12:
+    CSD_abs = E||dW h||^2;  CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
+    CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm)."""
+    n = max(s["n"], 1)
+    e_dwh, e_w0h, e_h = s["dWh2"] / n, s["W0h2"] / n, s["h2"] / n
+    return {"abs": e_dwh, "rel": e_dwh / (e_w0h + EPS), "un": e_dwh / ((dW_fro2 + EPS) * (e_h + EPS)),
+            "n_tokens": s["n"]}
+
+
+def csd_metrics(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor, chunk_rows: int = 1024) -> dict:
+    """CSD of one distribution, streaming over `chunk_rows` token rows at a time so the (N, m)
+    products never exist whole (N = 4096 x m = 18944 on Qwen down_proj would be 310 MB each)."""
+    tot = {"n": 0, "dWh2": 0.0, "W0h2": 0.0, "h2": 0.0}
+    for i in range(0, h.shape[0], chunk_rows):
+        s = csd_sums(dW, W0, h[i:i + chunk_rows])
+        for key in tot:
+            tot[key] += s[key]
+    dW_fro2 = float(dW.float().square().sum(dtype=torch.float64))
+    return csd_from_sums(tot, dW_fro2)
+
+
+def csd_ratios(general: dict, target: dict) -> dict:
+    """[PAPER §8.1] ratio = CSD_G / (CSD_T + eps) for rel and un (abs added for completeness)."""
+    return {f"ratio_{k}": general[k] / (target[k] + EPS) for k in ("abs", "rel", "un")}
+
+
+# -----------------------------------------------------------------------------
+# Activation geometry (PAPER.md §8.2); X0 = base, X1 = finetuned outputs on the same tokens
+
+def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate to a common row count n and cast to fp32 (paper: 'truncated to a common n')."""
+    n = min(X0.shape[0], X1.shape[0])
+    return X0[:n].float(), X1[:n].float()
+
+
+def cosine_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
+    """[PAPER §8.2] z = x/||x||; cos_t = clamp(<z0_t, z1_t>, -1, 1); mean cos, mean(1 - cos),
+    mean and median angle (radians)."""
+    X0, X1 = _pair(X0, X1)
+    Z0 = X0 / X0.norm(dim=1, keepdim=True).clamp_min(EPS)          # (N,D)
+    Z1 = X1 / X1.norm(dim=1, keepdim=True).clamp_min(EPS)          # (N,D)
+    cos = (Z0 * Z1).sum(1).clamp(-1.0, 1.0)                        # (N,)
+    # DEVIATION 3: angle = 2 asin(||z1 - z0|| / 2), exact for unit vectors and stable near 0.
+    ang = 2 * torch.asin(((Z1 - Z0).norm(dim=1) / 2).clamp(0.0, 1.0))   # (N,)
+    return {"cos_mean": float(cos.mean()), "cos_drift": float((1 - cos).mean()),
+            "angle_mean": float(ang.mean()), "angle_median": float(ang.quantile(0.5))}
+
+
+def norm_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
+    """[PAPER §8.2] rho_t = ||x1_t|| / (||x0_t|| + 1e-12); mean |log(rho + 1e-12)|, mean rho,
+    population std of rho."""
+    X0, X1 = _pair(X0, X1)
+    rho = X1.norm(dim=1) / (X0.norm(dim=1) + EPS)                  # (N,)
+    return {"norm_logratio": float(torch.log(rho + EPS).abs().mean()),
+            "norm_ratio_mean": float(rho.mean()), "norm_ratio_std": float(rho.std(correction=0))}
+
+
+def gram_rows(n: int, max_rows: int = 1024, seed: int = 0) -> np.ndarray:
+    """The seeded row subset of the Gram distortion: numpy default_rng(seed), no replacement, sorted."""
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+
+
+def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, seed: int = 0) -> float:
+    """[PAPER §8.2] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
+    d_gram = ||K1 - K0||_F / (||K0||_F + 1e-12). Invariant to any rotation of the features."""
+    X0, X1 = _pair(X0, X1)
+    idx = torch.as_tensor(gram_rows(X0.shape[0], max_rows, seed), device=X0.device)
+    Z0 = X0[idx] / X0[idx].norm(dim=1, keepdim=True).clamp_min(EPS)    # (r,D)
+    Z1 = X1[idx] / X1[idx].norm(dim=1, keepdim=True).clamp_min(EPS)    # (r,D)
+    K0, K1 = Z0 @ Z0.T, Z1 @ Z1.T                                       # (r,r)
+    return float((K1 - K0).norm() / (K0.norm() + EPS))
+
+
+def procrustes_residuals(X0: torch.Tensor, X1: torch.Tensor) -> dict:
+    """[PAPER §8.2] Column-centre X~ = X - mean_rows(X);  d_raw = ||X~1 - X~0||_F / (||X~0||_F + eps);
+    SVD X~1^T X~0 = U S V^T, R* = U V^T = argmin_{R orthogonal} ||X~1 R - X~0||_F;
+    d_proc = ||X~1 R* - X~0||_F / (||X~0||_F + eps);  improvement = d_raw - d_proc.
+    d_proc ~ 0 means the finetuned features are a rotation of the base features (isometric drift)."""
+    X0, X1 = _pair(X0, X1)
+    C0, C1 = X0 - X0.mean(0), X1 - X1.mean(0)                      # (N,D) each
+    denom = C0.norm() + EPS
+    d_raw = float((C1 - C0).norm() / denom)
+    U, _, Vh = torch.linalg.svd(C1.T @ C0)                         # (D,N)@(N,D) -> (D,D)
+    R = U @ Vh                                                     # (D,D) orthogonal
+    d_proc = float((C1 @ R - C0).norm() / denom)
+    return {"raw_residual": d_raw, "proc_residual": d_proc, "proc_improvement": d_raw - d_proc}
+
+
+def linear_cka(X0: torch.Tensor, X1: torch.Tensor) -> float:
+    """[PAPER §8.2] CKA = ||X~0^T X~1||_F^2 / (||X~0^T X~0||_F ||X~1^T X~1||_F + eps), centred X~.
+    (Feature-space form of HSIC(K,L)/sqrt(HSIC(K,K) HSIC(L,L)) with linear kernels; a test checks
+    it against the HSIC formula on n x n Gram matrices.)"""
+    X0, X1 = _pair(X0, X1)
+    C0, C1 = X0 - X0.mean(0), X1 - X1.mean(0)                      # (N,D0), (N,D1)
+    num = (C0.T @ C1).norm() ** 2                                  # (D0,N)@(N,D1)
+    return float(num / ((C0.T @ C0).norm() * (C1.T @ C1).norm() + EPS))
+
+
+def _top_right_vectors(C: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors of C (N, D) as columns (D, k), by an exact SVD (Deviation 2)."""
+    # DEVIATION 2: exact SVD where the release uses the randomised torch.pca_lowrank.
+    _, _, Vh = torch.linalg.svd(C, full_matrices=False)            # (min(N,D), D)
+    return Vh[:k].T                                                # (D,k)
+
+
+def _subspace_distance(V0: torch.Tensor, V1: torch.Tensor) -> float:
+    """||V0 V0^T - V1 V1^T||_F / sqrt(2K + eps) for orthonormal columns V0, V1 (D, K), without the
+    (D, D) projectors: ||P0 - P1||_F^2 = 2 ||(I - P0) V1||_F^2 for two rank-K projectors, and the
+    residual V1 - V0 (V0^T V1) has no cancellation near 0 (unlike 2K - 2 ||V0^T V1||_F^2)."""
+    K = V0.shape[1]
+    resid = V1 - V0 @ (V0.T @ V1)                                   # (D,K)
+    return float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * K + EPS))
+
+
+def pca_subspace_distance(X0: torch.Tensor, X1: torch.Tensor, k: int) -> dict:
+    """[PAPER §8.2] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
+    d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1].
+    Returns the distance and k_eff (k is clipped when the width or the row count is smaller)."""
+    X0, X1 = _pair(X0, X1)
+    k_eff = min(k, X0.shape[0] - 1, X0.shape[1], X1.shape[1])
+    if k_eff < 1:
+        return {"dist": float("nan"), "k_eff": k_eff}
+    V0 = _top_right_vectors(X0 - X0.mean(0), k_eff)                 # (D,K)
+    V1 = _top_right_vectors(X1 - X1.mean(0), k_eff)                 # (D,K)
+    return {"dist": _subspace_distance(V0, V1), "k_eff": k_eff}
+
+
+def pca_subspace_distance_reference(X0: torch.Tensor, X1: torch.Tensor, k: int) -> float:
+    """Literal version with the (D, D) projectors, for tests."""
+    X0, X1 = _pair(X0, X1)
+    k_eff = min(k, X0.shape[0] - 1, X0.shape[1])
+    V0 = _top_right_vectors(X0 - X0.mean(0), k_eff)
+    V1 = _top_right_vectors(X1 - X1.mean(0), k_eff)
+    return float((V0 @ V0.T - V1 @ V1.T).norm() / math.sqrt(2 * k_eff + EPS))
+
+
+def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: int = 1024,
+                        seed: int = 0, pca_ks=(32, 64)) -> dict:
+    """All §8.2 metrics for one module's outputs X0 (base) and X1 (finetuned), rows = same tokens."""
+    X0, X1 = _pair(X0, X1)
+    out = {"n_rows": X0.shape[0], "width": X0.shape[1]}
+    out.update(cosine_drift(X0, X1))
+    out.update(norm_drift(X0, X1))
+    out["gram_distortion"] = gram_distortion(X0, X1, gram_max_rows, seed)
+    out.update(procrustes_residuals(X0, X1))
+    out["cka"] = linear_cka(X0, X1)
+    # one SVD per side serves every k (same numbers as pca_subspace_distance, which tests check)
+    k_max = min(max(pca_ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if pca_ks else 0
+    if k_max >= 1:
+        V0 = _top_right_vectors(X0 - X0.mean(0), k_max)              # (D,k_max)
+        V1 = _top_right_vectors(X1 - X1.mean(0), k_max)              # (D,k_max)
+    for k in pca_ks:
+        k_eff = min(k, k_max)
+        out[f"pca_k{k}_eff"] = k_eff
+        out[f"pca_dist_k{k}"] = _subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Correlations (PAPER.md §10.3-10.4), hand-written; tests compare with scipy.stats
+
+def pearson(x, y) -> float:
+    """Pearson r in fp64; nan for fewer than 2 points or a constant input (as scipy)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"pearson: need two 1-D arrays of equal length, got {x.shape} and {y.shape}")
+    if x.size < 2:
+        return float("nan")
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+    if den == 0.0:
+        return float("nan")
+    return float(np.clip((xc * yc).sum() / den, -1.0, 1.0))
+
+
+def rankdata(a) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average')."""
+    a = np.asarray(a, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    sorted_a = a[order]
+    ranks = np.empty(a.size, dtype=np.float64)
+    i = 0
+    while i < a.size:
+        j = i
+        while j + 1 < a.size and sorted_a[j + 1] == sorted_a[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0    # average of ranks i+1 .. j+1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rho = Pearson r of the (tie-averaged) ranks."""
+    return pearson(rankdata(x), rankdata(y))
+
+
+# metric key in summary rows, display name, what it is correlated with, paper Pearson / Spearman
+CORRELATION_ROWS = [
+    ("csd_G_rel", "CSD_G,rel", "forgetting", 0.347, 0.317),
+    ("csd_G_un", "CSD_G,un", "forgetting", 0.481, 0.603),
+    ("csd_T_rel", "CSD_T,rel", "target_gain", -0.164, 0.107),
+    ("act_proc_residual", "Procrustes residual", "forgetting", 0.711, 0.568),
+    ("act_gram_distortion", "Gram distortion", "forgetting", 0.485, 0.361),
+    ("act_cka", "CKA", "forgetting", -0.761, -0.711),
+    # beyond the paper's tables (same data, no paper value)
+    ("csd_G_abs", "CSD_G,abs", "forgetting", None, None),
+    ("csd_T_un", "CSD_T,un", "target_gain", None, None),
+    ("csd_ratio_rel", "CSD ratio G/T (rel)", "forgetting", None, None),
+    ("csd_ratio_un", "CSD ratio G/T (un)", "forgetting", None, None),
+    ("act_raw_residual", "Raw residual", "forgetting", None, None),
+    ("act_proc_improvement", "Procrustes improvement", "forgetting", None, None),
+    ("act_cos_drift", "Cosine drift 1-cos", "forgetting", None, None),
+    ("act_angle_mean", "Mean angle (rad)", "forgetting", None, None),
+    ("act_norm_logratio", "Norm drift mean abs log rho", "forgetting", None, None),
+    ("act_pca_dist_k32", "PCA subspace dist k32", "forgetting", None, None),
+    ("act_pca_dist_k64", "PCA subspace dist k64", "forgetting", None, None),
+    ("w_erank", "erank(dW)", "forgetting", None, None),
+    ("w_fluct_retention", "Retention fluctuation", "forgetting", None, None),
+    ("w_fluct_adaptation", "Adaptation fluctuation", "forgetting", None, None),
+    ("w_rel_l2", "‖dW‖_F / ‖W0‖_F", "forgetting", None, None),
+    ("global_l2", "global ‖dW‖_2", "forgetting", None, None),
+]
+
+
+def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
+    """Pearson/Spearman of each metric with forgetting (CSD_T with target gain) across checkpoints.
+
+    rows: one flat dict per checkpoint (`summary_row`). A checkpoint enters a metric's correlation
+    only if it has both the metric and the score; n says how many did.
+    """
+    table = []
+    for key, name, vs, paper_p, paper_s in spec:
+        pts = [(r[key], r[vs]) for r in rows
+               if r.get(key) is not None and r.get(vs) is not None
+               and math.isfinite(r[key]) and math.isfinite(r[vs])]
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        table.append({"metric": key, "name": name, "vs": vs, "n": len(pts),
+                      "pearson": pearson(x, y) if len(pts) >= 3 else float("nan"),
+                      "spearman": spearman(x, y) if len(pts) >= 3 else float("nan"),
+                      "paper_pearson": paper_p, "paper_spearman": paper_s})
+    return table
+
+
+# -----------------------------------------------------------------------------
+# Prompts, module names, activation collection (needs a model; runs on CPU or GPU)
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from .txt (one per non-empty line), .jsonl (one JSON object or string per line) or
+    .json (a list of objects or strings). An object's prompt is the value of the first key present
+    in PROMPT_KEYS = prompt, input, question, query, problem, instruction, text (release order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+
+    def pick(obj, where: str) -> str:
+        if isinstance(obj, str):
+            return obj
+        if isinstance(obj, dict):
+            for key in PROMPT_KEYS:
+                if isinstance(obj.get(key), str) and obj[key].strip():
+                    return obj[key]
+            raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
+                             f"string value (its keys: {sorted(obj)[:12]})")
+        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
+
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            prompts.append(pick(obj, f"{path}:{lineno}"))
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
+        prompts = [pick(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
+    elif suffix in (".txt", ""):
+        prompts = [line for line in text.splitlines() if line.strip()]
+    else:
+        raise ValueError(f"prompt file {path}: unknown extension {suffix!r} (use .txt, .jsonl or .json)")
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def sample_prompts(prompts: list[str], max_prompts: int, seed: int = 0) -> list[str]:
+    """[PAPER §8.1] <= max_prompts sampled without replacement by random.Random(seed), indices sorted."""
+    if len(prompts) <= max_prompts:
+        return list(prompts)
+    idx = sorted(random.Random(seed).sample(range(len(prompts)), max_prompts))
+    return [prompts[i] for i in idx]
+
+
+def paper_layer(layer: int, num_layers: int) -> int:
+    """The paper's layer index (of 28) mapped proportionally onto a model with num_layers layers."""
+    return min(num_layers - 1, int(round(layer * num_layers / PAPER_NUM_LAYERS)))
+
+
+def decoder_layout(model) -> tuple[str, int]:
+    """(prefix of the decoder layer list, number of layers), e.g. ('model.layers', 28)."""
+    pat = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)$")
+    found = {}
+    for name, _ in model.named_modules():
+        m = pat.match(name)
+        if m:
+            found.setdefault(m["prefix"], set()).add(int(m["i"]))
+    if not found:
+        raise ValueError(f"cannot find a '<prefix>.layers.<i>' decoder layer list in {type(model).__name__}")
+    prefix = max(found, key=lambda p: len(found[p]))
+    return prefix, max(found[prefix]) + 1
+
+
+def resolve_modules(model, spec: str) -> list[str]:
+    """Module names for a spec: 'paper' (layer-18 down_proj analogue), 'paper8', 'all-down_proj',
+    'none', or a comma list of full module names (each must be an nn.Linear of `model`)."""
+    prefix, L = decoder_layout(model)
+    names = []
+    for tok in [t.strip() for t in spec.split(",") if t.strip()]:
+        if tok == "none":
+            continue
+        elif tok == "paper":   # DEVIATION 7: layer round(18 L / 28) (toy: 3), not "the middle"
+            names.append(f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj")
+        elif tok == "paper8":
+            names += [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES]
+        elif tok == "all-down_proj":
+            names += [f"{prefix}.{i}.mlp.down_proj" for i in range(L)]
+        else:
+            names.append(tok)
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear):
+            near = [n for n in modules if n.endswith(name.split(".")[-1])][:4]
+            raise ValueError(f"module {name!r} (from {spec!r}) is not an nn.Linear of the base model "
+                             f"({type(mod).__name__ if mod is not None else 'missing'}); e.g. {near}")
+    return list(dict.fromkeys(names))    # de-duplicated, order kept
+
+
+@torch.inference_mode()
+def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[str, str]], *,
+                        max_tokens: int = 4096, max_length: int = 1024) -> dict:
+    """Token-row activations of modules during full forward passes, streamed and capped.
+
+    taps: (module name, "input" | "output"). [PAPER §8] raw text, no chat template,
+    add_special_tokens=True, truncation to max_length, batch 1 (no padding, so every row is a real
+    token); prompts in the given order until max_tokens rows. Rows are moved to the host in fp32 as
+    they come (the model may run in bf16 on GPU), and only the capped count is ever kept.
+    Returns {(name, kind): Tensor (N, D)} with N <= max_tokens and the number of prompts used
+    under the key "n_prompts".
+    """
+    device = next(model.parameters()).device
+    store = {tap: [] for tap in taps}
+    state = {"need": 0}
+    handles = []
+    for name, kind in taps:
+        if kind not in ("input", "output"):
+            raise ValueError(f"tap kind {kind!r} for {name} must be 'input' or 'output'")
+        mod = model.get_submodule(name)
+
+        def hook(_mod, args, out, key=(name, kind)):
+            x = args[0] if key[1] == "input" else out
+            rows = x.reshape(-1, x.shape[-1])[: state["need"]]      # (1,T,D) -> (T,D), capped
+            # DEVIATION 4: fp32 host copy (release: fp16); exact for bf16/fp16 activations
+            store[key].append(rows.detach().to("cpu", torch.float32))
+        handles.append(mod.register_forward_hook(hook))
+    n_rows, n_prompts = 0, 0
+    try:
+        for text in prompts:
+            if n_rows >= max_tokens:
+                break
+            ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")["input_ids"].to(device)                 # (1,T)
+            if ids.shape[1] == 0:
+                continue
+            state["need"] = max_tokens - n_rows
+            model(input_ids=ids, use_cache=False)
+            n_rows += min(ids.shape[1], state["need"])
+            n_prompts += 1
+    finally:
+        for h in handles:
+            h.remove()
+    out = {tap: (torch.cat(v) if v else torch.empty(0)) for tap, v in store.items()}
+    out["n_prompts"] = n_prompts
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and dense updates
+
+def read_checkpoint_info(ckpt: str | Path) -> dict:
+    """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory."""
+    ckpt = Path(ckpt)
+    if (ckpt / "adapter_config.json").is_file():
+        cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        return {"kind": "adapter", "method": str(cfg.get("method", "unknown")), "config": cfg}
+    if (ckpt / "config.json").is_file():
+        return {"kind": "hf", "method": "full", "config": {}}
+    raise FileNotFoundError(f"--checkpoint {ckpt}: neither adapter_config.json (peft_methods.py "
+                            "checkpoint) nor config.json (full HF model) found")
+
+
+def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
+    """(model, info): the base with the adapter loaded (peft_methods.load_adapter), or the full
+    HF model of the checkpoint. Imports lazily: loading.py / peft_methods.py are separate files."""
+    import loading
+    info = read_checkpoint_info(ckpt)
+    if info["kind"] == "adapter":
+        import peft_methods
+        model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
+        wanted = info["config"].get("base_model")
+        if wanted and str(wanted) != str(base_spec):
+            print(f"[geometry] note: {ckpt} was trained on base {wanted!r}; measuring against "
+                  f"--base {base_spec!r}")
+        peft_methods.load_adapter(model, str(ckpt))
+        adapters = peft_methods.adapter_layers(model)
+    else:
+        model, _ = loading.load_model(str(ckpt), dtype=dtype, device=device)
+        adapters = {}
+    return model, info, adapters
+
+
+def _find_adapter(adapters: dict, name: str):
+    """The wrapper of module `name` (keys may carry a prefix), or None."""
+    if name in adapters:
+        return adapters[name]
+    hits = [k for k in adapters if k.endswith("." + name) or name.endswith("." + k)]
+    return adapters[hits[0]] if len(hits) == 1 else None
+
+
+def module_update(base_model, ft_model, adapters: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W0, dW) of one Linear, both fp32 on the model's device.
+
+    Adapter-wrapped module: dW = peft_methods.delta_weight(wrapper) (exact; PiSSA vs the original
+    W0). Otherwise dW = W_ft - W0 (full FT, or a module the adapter did not touch: dW = 0)."""
+    W0 = base_model.get_submodule(name).weight.detach().float()             # (m,n)
+    layer = _find_adapter(adapters, name)
+    if layer is not None:
+        import peft_methods
+        dW = peft_methods.delta_weight(layer).detach().to(W0.device, torch.float32)   # (m,n)
+    else:
+        mod = ft_model.get_submodule(name)
+        if not hasattr(mod, "weight") or hasattr(mod, "base_layer"):
+            raise RuntimeError(f"{name}: wrapped module not found in peft_methods.adapter_layers()")
+        dW = mod.weight.detach().float().to(W0.device) - W0
+    if dW.shape != W0.shape:
+        raise RuntimeError(f"{name}: dW shape {tuple(dW.shape)} != W0 shape {tuple(W0.shape)}")
+    return W0, dW
+
+
+def merge_check(base_model, adapters: dict, name: str, dW: torch.Tensor) -> float | None:
+    """max|merged_weight - (W0 + dW)| / max|W0|: a cheap consistency check of the two contract
+    functions (catches e.g. a PiSSA residual base taken as W0). None for non-adapter modules."""
+    layer = _find_adapter(adapters, name)
+    if layer is None:
+        return None
+    import peft_methods
+    W0 = base_model.get_submodule(name).weight.detach().float()
+    W_ft = peft_methods.merged_weight(layer).detach().to(W0.device, torch.float32)
+    return float((W_ft - W0 - dW).abs().max() / (W0.abs().max() + EPS))
+
+
+def decoder_linear_names(model) -> list[str]:
+    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 6)."""
+    prefix, _ = decoder_layout(model)
+    # DEVIATION 6: embeddings, norms and biases are not in the global norms
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
+
+
+# -----------------------------------------------------------------------------
+# Per-checkpoint summary, scores, plots
+
+def read_scores(results_path: str | Path | None, base_results: str | Path | None = None) -> dict:
+    """{target_score, general_score, forgetting, target_gain} from evaluate.py results.json files.
+
+    forgetting: the file's own "forgetting" if present, else base general - general.
+    target_gain: target - base target (needs --base-results). Missing pieces are None."""
+    out = {"target_score": None, "general_score": None, "forgetting": None, "target_gain": None}
+    if results_path is None or not Path(results_path).is_file():
+        return out
+    r = json.loads(Path(results_path).read_text())
+    b = json.loads(Path(base_results).read_text()) if base_results else {}
+    for key in ("target_score", "general_score"):
+        if r.get(key) is not None:
+            out[key] = float(r[key])
+    if r.get("forgetting") is not None:
+        out["forgetting"] = float(r["forgetting"])
+    elif b.get("general_score") is not None and out["general_score"] is not None:
+        out["forgetting"] = float(b["general_score"]) - out["general_score"]
+    if b.get("target_score") is not None and out["target_score"] is not None:
+        out["target_gain"] = out["target_score"] - float(b["target_score"])
+    return out
+
+
+def summary_row(metrics: dict) -> dict:
+    """One flat row of scalars per checkpoint (the correlation inputs)."""
+    row = {"label": metrics["label"], "method": metrics["method"]}
+    row.update(metrics.get("scores", {}))
+    weight = metrics.get("weight", {})
+    if weight:
+        first = weight[next(iter(weight))]                         # the primary (paper) module
+        row.update({"w_erank": first["erank"], "w_fluct_retention": first["fluct_retention"],
+                    "w_fluct_adaptation": first["fluct_adaptation"], "w_rel_l2": first["norms"]["rel_l2"],
+                    "w_l2": first["norms"]["l2"], "w_sva_mean": first.get("sva_mean")})
+    if metrics.get("global_norms"):
+        row["global_l1"] = metrics["global_norms"]["l1"]
+        row["global_l2"] = metrics["global_norms"]["l2"]
+    csd = metrics.get("csd", {})
+    if csd:
+        c = csd[next(iter(csd))]
+        for d in ("G", "T"):
+            for k in ("abs", "rel", "un"):
+                if d in c:
+                    row[f"csd_{d}_{k}"] = c[d][k]
+        for k in ("abs", "rel", "un"):
+            if f"ratio_{k}" in c:
+                row[f"csd_ratio_{k}"] = c[f"ratio_{k}"]
+    act = metrics.get("activation", {})
+    if act:
+        keys = ["proc_residual", "raw_residual", "proc_improvement", "gram_distortion", "cka",
+                "cos_drift", "angle_mean", "norm_logratio"]
+        keys += [k for k in next(iter(act.values())) if k.startswith("pca_dist_k")]
+        for k in keys:   # DEVIATION 5: mean over the activation modules, one point per checkpoint
+            row[f"act_{k}"] = float(np.mean([a[k] for a in act.values()]))
+    return row
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-2)):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def correlation_markdown(table: list[dict], rows: list[dict]) -> str:
+    """Markdown: the correlation table beside the paper's values, and a per-checkpoint slice."""
+    lines = ["| Metric | vs | n | Pearson | Spearman | Paper Pearson | Paper Spearman |",
+             "|---|---|---|---|---|---|---|"]
+    for t in table:
+        lines.append(f"| {t['name'].replace('|', '/')} | {t['vs']} | {t['n']} | {_fmt(t['pearson'])} | "
+                     f"{_fmt(t['spearman'])} | {_fmt(t['paper_pearson'])} | {_fmt(t['paper_spearman'])} |")
+    cols = [("act_proc_residual", "Proc ↓"), ("act_gram_distortion", "Gram ↓"), ("act_cka", "CKA ↑"),
+            ("csd_G_rel", "CSD_G,rel"), ("csd_T_rel", "CSD_T,rel"), ("csd_ratio_rel", "Ratio"),
+            ("w_erank", "erank"), ("forgetting", "Forget ↓"), ("target_gain", "Target gain")]
+    lines += ["", "| Checkpoint | Method | " + " | ".join(c[1] for c in cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['method']} | " +
+                     " | ".join(_fmt(r.get(c[0]), 4) for c in cols) + " |")
+    n = max((t["n"] for t in table), default=0)
+    lines += ["", f"n = number of checkpoints with both values (at most {n}); with so few points "
+              "the correlations are indicative only."]
+    return "\n".join(lines) + "\n"
+
+
+def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
+    """correlations.json/.csv/.md (atomic). Needs >= 3 checkpoints with scores."""
+    import loading
+    with_scores = [r for r in rows if r.get("forgetting") is not None]
+    if len(with_scores) < 3:
+        print(f"[geometry] correlations skipped: {len(with_scores)} checkpoint(s) with a forgetting "
+              "score (need >= 3; pass --results or put results.json in each checkpoint dir)")
+        return None
+    table = correlation_table(rows)
+    loading.atomic_write_json(out_dir / "correlations.json", {"table": table, "rows": rows})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(table)
+    loading.atomic_write_text(out_dir / "correlations.csv", buf.getvalue())
+    md = correlation_markdown(table, rows)
+    loading.atomic_write_text(out_dir / "correlations.md", md)
+    print(md)
+    return table
+
+
+def _positive(a) -> np.ndarray:
+    """Values for a log axis: zeros and negatives become nan (not drawn)."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.where(a > 0, a, np.nan)
+
+
+def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
+    """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
+    a log y-axis against the pretrained spectrum reference, with the release's normalisation
+    (PAPER §7): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    items = [(m["label"], m["method"], next(iter(m["weight"].items()))) for m in metrics_list if m.get("weight")]
+    if not items:
+        return False
+    ncol = len(items)
+    fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol + 0.6, 6.4), squeeze=False)
+    for j, (label, method, (mod, w)) in enumerate(items):
+        sigma = np.asarray(w["sigma"])
+        i = np.arange(1, sigma.size + 1)
+        E = np.asarray(w["E_delta"])
+        ax = axes[0, j]
+        ax.plot(i, _positive(w["dP_diag"]), lw=0.9, color="tab:red", label="|ΔP_diag(i)|")
+        ax.plot(i, _positive(sigma / sigma[0]), lw=1.2, color="0.4", ls="--", label="σ_i/σ_1 (W0)")
+        ax.set_yscale("log")
+        name = label if label == method else f"{label} ({method})"
+        ax.set_title(f"{name}\nF_ret={w['fluct_retention']:.2e}", fontsize=9)
+        ax = axes[1, j]
+        ax.plot(i, _positive(E / E.sum() if E.sum() > 0 else E), lw=0.9, color="tab:blue",
+                label="E_Δ(i)/Σ E_Δ")
+        ax.plot(i, _positive(sigma / sigma.sum()), lw=1.2, color="0.4", ls="--", label="σ_i/Σσ (W0)")
+        ax.set_yscale("log")
+        ax.set_title(f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}", fontsize=9)
+        ax.set_xlabel("singular index i of W0")
+    axes[0, 0].set_ylabel("retention profile")
+    axes[1, 0].set_ylabel("adaptation profile")
+    for r in range(2):
+        axes[r, 0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Spectral profiles of {items[0][2][0]} (log scale; dashed: pretrained spectrum)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
+    """erank(dW) of mlp.down_proj across layers, one line per checkpoint (PAPER §7, §10.7)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    series = [(m["label"], m["erank_layers"]) for m in metrics_list if m.get("erank_layers")]
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, er in series:
+        layers = sorted(int(k) for k in er)
+        ax.plot(layers, _positive([er[str(l)] for l in layers]), marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("erank(ΔW) = ‖ΔW‖_F² / ‖ΔW‖_2²")
+    ax.set_title("Stable rank of the mlp.down_proj update across layers", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:
+    """summary.json, correlations and plots from per-checkpoint metrics."""
+    import loading
+    rows = [summary_row(m) for m in metrics_list]
+    loading.atomic_write_json(out_dir / "summary.json", rows)
+    write_correlations(rows, out_dir)
+    if plots:
+        for fn, name in ((plot_spectral_profiles, "spectral_profiles.png"),
+                         (plot_erank_layers, "erank_layers.png")):
+            tmp = out_dir / f".{name}.tmp.png"
+            if fn(metrics_list, tmp):
+                tmp.replace(out_dir / name)
+                print(f"[geometry] wrote {out_dir / name}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The run: base activations once, then each checkpoint
+
+def unique_labels(ckpts: list[str], labels: list[str] | None) -> list[str]:
+    if labels:
+        if len(labels) != len(ckpts):
+            raise ValueError(f"--label given {len(labels)} times for {len(ckpts)} --checkpoint")
+        return labels
+    out, seen = [], {}
+    for c in ckpts:
+        base = Path(c).resolve().name or "ckpt"
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out
+
+
+def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str, mods: dict,
+                       scores: dict, device, dtype) -> dict:
+    """Every metric of one checkpoint (weight space, CSD, activation geometry) as a JSON-able dict."""
+    t0 = time.time()
+    ft, info, adapters = load_finetuned(args.base, ckpt, dtype=dtype, device=device)
+    print(f"[geometry] {label}: method={info['method']} ({info['kind']}), "
+          f"{len(adapters)} wrapped modules, loaded in {time.time() - t0:.1f}s")
+    metrics = {"label": label, "checkpoint": str(ckpt), "method": info["method"],
+               "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
+               "activation": {}, "merge_check": {}}
+    # --- weight space (§7)
+    with_sva = info["method"] == "oft" or args.sva_all
+    for name in mods["weight"]:
+        W0, dW = module_update(base_model, ft, adapters, name)
+        if name not in base_acts["svd0"]:      # SVD of W0 once per run, not once per checkpoint
+            base_acts["svd0"][name] = thin_svd(W0)
+        metrics["weight"][name] = weight_space_metrics(W0, dW, with_sva=with_sva, window=args.fluct_window,
+                                                       top=args.top_singular, svd0=base_acts["svd0"][name])
+        metrics["merge_check"][name] = merge_check(base_model, adapters, name, dW)
+    metrics["erank_layers"] = {}
+    for name in mods["erank"]:
+        _, dW = module_update(base_model, ft, adapters, name)
+        layer = int(re.search(r"\.(\d+)\.", name).group(1))
+        metrics["erank_layers"][str(layer)] = stable_rank(dW, args.top_singular)["erank"]
+    norms = []
+    for name in mods["norms"]:
+        W0, dW = module_update(base_model, ft, adapters, name)
+        norms.append(weight_norms(dW, W0))
+    metrics["global_norms"] = global_norms(norms) if norms else None
+    # --- CSD (§8.1): base-model inputs, this checkpoint's dW
+    for name in mods["csd"]:
+        W0, dW = module_update(base_model, ft, adapters, name)
+        c = {"G": csd_metrics(dW, W0, base_acts["G"][(name, "input")].to(W0.device)),
+             "T": csd_metrics(dW, W0, base_acts["T"][(name, "input")].to(W0.device))}
+        c.update(csd_ratios(c["G"], c["T"]))
+        metrics["csd"][name] = c
+    # --- activation geometry (§8.2): outputs of base and finetuned on the same general tokens
+    if mods["act"]:
+        ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
+                                      [(n, "output") for n in mods["act"]],
+                                      max_tokens=args.max_tokens, max_length=args.max_length)
+        for name in mods["act"]:
+            X0 = base_acts["G"][(name, "output")].to(device)
+            X1 = ft_acts[(name, "output")].to(device)
+            metrics["activation"][name] = activation_geometry(
+                X0, X1, gram_max_rows=args.gram_rows, seed=args.seed, pca_ks=args.pca_k)
+    del ft, adapters
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    metrics["seconds"] = round(time.time() - t0, 2)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
+                    "(PAPER.md §7-8), and their correlation with forgetting (§10.3-10.4). "
+                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
+    g.add_argument("--checkpoint", action="append", required=True,
+                   help="finetuned checkpoint dir (adapter dir of peft_methods.py, or a full HF model "
+                        "dir); repeat for several")
+    g.add_argument("--label", action="append", default=None,
+                   help="display name per --checkpoint (same order); default: the dir name")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None,
+                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
+    g = p.add_argument_group("prompts (PAPER §8.1)")
+    g.add_argument("--general-prompts", default=None,
+                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
+    g.add_argument("--target-prompts", default=None,
+                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
+    g.add_argument("--domain", default="math", choices=("math", "med"),
+                   help="toy target domain when --target-prompts is not given")
+    g.add_argument("--max-prompts", type=int, default=300,
+                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
+    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
+    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
+    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
+    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
+    g.add_argument("--weight-modules", default="paper", help="spectral profiles (§7), comma list")
+    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
+    g.add_argument("--csd-modules", default="paper", help="CSD modules (§8.1); the first is tabled")
+    g.add_argument("--act-modules", default="paper8", help="activation geometry modules (§8.2)")
+    g.add_argument("--no-global-norms", action="store_true",
+                   help="skip the global L1/L2 of dW over all decoder Linear weights")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
+    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
+    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
+    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
+    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
+    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
+    g.add_argument("--results", action="append", default=None,
+                   help="results.json per --checkpoint (same order); default CKPT/results.json")
+    g.add_argument("--base-results", default=None,
+                   help="results.json of the base model (for target gain, and forgetting if absent)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    assert args.max_tokens > 1 and args.max_prompts >= 1 and args.max_length >= 1, "caps must be positive"
+    assert args.fluct_window >= 1 and args.gram_rows >= 2 and all(k >= 1 for k in args.pca_k)
+    if args.results is not None and len(args.results) != len(args.checkpoint):
+        raise SystemExit(f"--results given {len(args.results)} times for {len(args.checkpoint)} --checkpoint")
+    import loading
+    device = loading.pick_device(args.device)
+    dtype = loading.pick_dtype(args.dtype, device)
+    # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = unique_labels(args.checkpoint, args.label)
+    for c in args.checkpoint:
+        read_checkpoint_info(c)            # fail before any model is loaded
+    print(f"[geometry] device={device} dtype={dtype} "
+          f"({'bf16 forwards on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; metrics in fp32)")
+
+    # ---- prompts
+    if args.general_prompts is None or args.target_prompts is None:
+        if args.base != "toy":
+            raise SystemExit(f"--base {args.base}: pass --general-prompts and --target-prompts (only "
+                             "--base toy has built-in prompts, from toy_world.py)")
+        import toy_world
+    G_all = (read_prompts(args.general_prompts) if args.general_prompts
+             else toy_world.general_prompts(args.max_prompts, seed=args.seed))
+    T_all = (read_prompts(args.target_prompts) if args.target_prompts
+             else toy_world.target_prompts(args.domain, args.max_prompts, seed=args.seed))
+    G = sample_prompts(G_all, args.max_prompts, args.seed)
+    T = sample_prompts(T_all, args.max_prompts, args.seed)
+
+    # ---- base model, module names, base activations (once)
+    # DEVIATION 8: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
+    base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
+    mods = {"weight": resolve_modules(base_model, args.weight_modules),
+            "erank": resolve_modules(base_model, args.erank_modules),
+            "csd": resolve_modules(base_model, args.csd_modules),
+            "act": resolve_modules(base_model, args.act_modules),
+            "norms": [] if args.no_global_norms else decoder_linear_names(base_model)}
+    t0 = time.time()
+    acts_G = collect_activations(base_model, tok, G, [(n, "input") for n in mods["csd"]] +
+                                 [(n, "output") for n in mods["act"]],
+                                 max_tokens=args.max_tokens, max_length=args.max_length)
+    acts_T = collect_activations(base_model, tok, T, [(n, "input") for n in mods["csd"]],
+                                 max_tokens=args.max_tokens, max_length=args.max_length)
+    n_G = next((v.shape[0] for k, v in acts_G.items() if k != "n_prompts"), 0)
+    n_T = next((v.shape[0] for k, v in acts_T.items() if k != "n_prompts"), 0)
+    print(f"[geometry] base activations: general {n_G} tokens from {acts_G['n_prompts']} prompts, "
+          f"target {n_T} tokens from {acts_T['n_prompts']} prompts ({time.time() - t0:.1f}s)")
+    for k in args.pca_k:
+        for name in mods["act"]:
+            width = acts_G[(name, "output")].shape[1]
+            if min(k, n_G - 1, width) < k:
+                print(f"[geometry] note: PCA k={k} clipped to {min(k, n_G - 1, width)} for {name} "
+                      f"(width {width}, {n_G} rows)")
+    base_acts = {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {}}
+
+    config = {**vars(args), "device": str(device), "dtype": str(dtype), "labels": labels,
+              "modules": {k: v for k, v in mods.items() if k != "norms"},
+              "n_global_norm_modules": len(mods["norms"]),
+              "prompts": {"general_available": len(G_all), "target_available": len(T_all),
+                          "general_sampled": len(G), "target_sampled": len(T),
+                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": n_G,
+                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": n_T},
+              "torch": torch.__version__, "argv": sys.argv if argv is None else ["geometry.py", *argv]}
+    loading.atomic_write_json(out_dir / "config.json", config)
+
+    # ---- each checkpoint
+    metrics_list = []
+    for i, (ckpt, label) in enumerate(zip(args.checkpoint, labels)):
+        res = args.results[i] if args.results else str(Path(ckpt) / "results.json")
+        scores = read_scores(res, args.base_results)
+        m = measure_checkpoint(args, base_model, base_acts, ckpt, label, mods, scores, device, dtype)
+        loading.atomic_write_json(out_dir / label / "metrics.json", m)
+        w = next(iter(m["weight"].values()), None)
+        a = m["activation"]
+        print(f"[geometry] {label}: "
+              + (f"erank={w['erank']:.2f} F_ret={w['fluct_retention']:.2e} "
+                 f"F_ada={w['fluct_adaptation']:.2e} " if w else "")
+              + (f"CSD_G,rel={next(iter(m['csd'].values()))['G']['rel']:.3e} " if m["csd"] else "")
+              + (f"Proc={np.mean([v['proc_residual'] for v in a.values()]):.4f} "
+                 f"CKA={np.mean([v['cka'] for v in a.values()]):.4f} " if a else "")
+              + f"({m['seconds']}s)")
+        metrics_list.append(m)
+    return finish(metrics_list, out_dir, plots=not args.no_plots)
+
+
+def main_correlate(argv) -> list[dict]:
+    p = argparse.ArgumentParser(prog="geometry.py correlate",
+                                description="Correlation table and plots from finished metrics.json files.")
+    p.add_argument("--metrics", nargs="+", required=True, help="<out>/<label>/metrics.json files")
+    p.add_argument("--results", nargs="+", default=None,
+                   help="results.json per metrics file (same order); overrides the stored scores")
+    p.add_argument("--base-results", default=None, help="results.json of the base model")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    if args.results and len(args.results) != len(args.metrics):
+        raise SystemExit(f"--results has {len(args.results)} files for {len(args.metrics)} --metrics")
+    ms = []
+    for i, path in enumerate(args.metrics):
+        m = json.loads(Path(path).read_text())
+        if args.results:
+            m["scores"] = read_scores(args.results[i], args.base_results)
+        ms.append(m)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return finish(ms, out, plots=not args.no_plots)
+
+
+def main_bench_svd(argv) -> dict:
+    """Time the paper-size weight-space pass: thin SVD of W0 (3584 x 18944 fp32), svdvals, and the
+    whole `weight_space_metrics` (two SVDs + profiles) on a random W0 and a rank-8 dW."""
+    p = argparse.ArgumentParser(prog="geometry.py bench-svd")
+    p.add_argument("--rows", type=int, default=3584, help="d_out of W0 (Qwen2.5-7B down_proj: 3584)")
+    p.add_argument("--cols", type=int, default=18944, help="d_in of W0 (Qwen2.5-7B down_proj: 18944)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    p.add_argument("--out", default=None, help="optional JSON file for the timings")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    W0 = (torch.randn(args.rows, args.cols, generator=g) / math.sqrt(args.cols)).to(dev)   # (m,n)
+    dW = (1e-3 * torch.randn(args.rows, 8, generator=g) @ torch.randn(8, args.cols, generator=g)).to(dev)
+
+    def timed(fn):
+        fn()                                                     # warm-up (cuSOLVER handles, etc.)
+        ts = []
+        for _ in range(args.repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return {"min_s": round(min(ts), 4), "median_s": round(float(np.median(ts)), 4)}
+
+    res = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+           "shape": [args.rows, args.cols], "dtype": "float32", "torch": torch.__version__,
+           "thin_svd": timed(lambda: thin_svd(W0)),
+           "svdvals": timed(lambda: torch.linalg.svdvals(W0)),
+           "weight_space_metrics": timed(lambda: weight_space_metrics(W0, dW))}
+    if dev.type == "cuda":
+        res["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        import loading
+        loading.atomic_write_json(args.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "correlate":
+        main_correlate(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "bench-svd":
+        main_bench_svd(sys.argv[2:])
+    else:
+        main()

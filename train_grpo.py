@@ -1,0 +1,1102 @@
+"""train_grpo.py — RLVR with GRPO, written out by hand in plain PyTorch (PAPER.md §5, GRPO.md).
+
+What it does: for each step, take B prompts, sample G completions per prompt from the current
+policy, score them with a binary verifiable reward (evaluate.py's graders: boxed-answer equivalence
+for math, option-letter match for medical MCQ), turn the rewards into group-relative advantages,
+and take `--mini-batches` AdamW steps on the PPO-style clipped surrogate (with the release's dual
+clip), over any PEFT method of peft_methods.py or Full FT. Sampling uses vLLM in the same process
+and on the same GPU when it is installed and a GPU is present, else transformers `generate`.
+
+Paper anchor: PAPER.md §5 (the release's verl recipe, `PA: train/train_rl.sh`); formulas in
+GRPO.md §1 (advantages §1.2, log-probs §1.3, clip §1.4, k3 KL §1.5, aggregation §1.7, masks §1.8).
+
+Run:
+    python train_grpo.py --model toy --method lora --r 8 --alpha 16 --task toy-math --out runs/grpo-lora-r8
+    python train_grpo.py --model toy --method oft --block-size 16 --task toy-math --eval-n 200 --out runs/grpo-oft
+    python train_grpo.py --smoke --out /tmp/grpo-smoke          # a few seconds on CPU
+    python train_grpo.py --resume --out runs/grpo-lora-r8 ...   # continue after a kill (same flags)
+    python train_grpo.py --model /models/Qwen2.5-7B --method oft --block-size 32 \
+        --data data/openr1_rl.parquet --domain math --preset paper --out runs/grpo-math-oft
+In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`
+(summary: out, method, model, steps, final_checkpoint, reward_first/last, last-step metrics, and with
+--eval-n the toy scores before/after, target_gain, general_change).
+
+Outputs in --out: config.json, metrics.jsonl (one line per rollout step: reward mean/std, pass@G,
+zero-std groups, loss, k3 KL (β > 0), approx KL to π_old, clip fractions, entropy, response length,
+truncation, tokens/s), global_step_<k>/ (peft_methods.save_adapter files + trainer_state.json +
+optimizer.pt in the newest one), summary.json, eval_before/after.json with --eval-n.
+
+Shape legend: N = B*G completions of a step, B prompts, G completions per prompt, P prompt
+tokens (left-padded), L completion tokens (right-padded), V vocabulary.
+
+Deviations from the paper / release
+1. Token-mean ("dapo") is computed over the whole optimiser mini-batch exactly, also when it is
+   split into micro-batches (normaliser = the mini-batch's token count, as TRL's `dapo`). The
+   release (verl) averages micro-batch token means, which differs only when micro-batches hold
+   different numbers of tokens.
+2. Weight sync to vLLM: every method (LoRA included) is pushed as merged dense weights under HF
+   names (`peft_methods.merged_state_dict`). The release uses vLLM's native LoRA for LoRA and
+   merge-then-`load_weights` only for OFT/Full; merged weights are exact for every method and keep
+   decoding at full speed (GRPO.md §4.2, §4.4).
+3. The weights are pushed once before each generation when the optimiser has stepped since the
+   last push (equivalently: after every optimiser step, with the pushes that nothing would ever
+   sample from elided). verl also syncs once per rollout.
+4. Per-token loss vs TRL (`GRPOTrainer._compute_loss`, compared in tests): identical except for
+   the two release features TRL lacks: the dual clip (for A < 0 the loss is capped at -A*c,
+   c = 3) and the log-ratio clamp to [-20, 20] before exp. With `--dual-clip 0` and |log ratio| < 20
+   the per-token losses agree to float precision.
+5. Group of 1: mean 0, std 1 as in verl (so A = r / (1 + eps)); groups with all-equal rewards get
+   exactly A = 0 (checked with max == min, not left to (r - mean) rounding, which can leave
+   ~1e-8 / eps = 1e-2 of noise for non-binary rewards).
+6. A reward function that raises scores 0 (counted and warned once per exception type); the release
+   would crash the run.
+7. CPU toy world: the toy preset raises the LR (the paper's 1e-5 / 1e-6 barely moves a 1M-parameter
+   model in a few dozen steps) and shrinks batch, G and lengths; see TOY_PRESET. `--preset paper`
+   gives the paper's values.
+8. Prompts longer than `--max-prompt-tokens` (or than the context minus one generated token) are
+   dropped with a warning, as the release filters overlong prompts; generation is capped so that
+   prompt + completion fits the context.
+9. Dropout is switched off in every module (TRL's `disable_dropout`); RL adapters are created with
+   dropout 0 as in the release, but an SFT checkpoint continued with --init-from may carry 0.05.
+10. Metrics "pass_rate" is pass@G over the step's prompts (at least one correct completion);
+   "reward_mean" is the per-completion accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Pure math (tests import these). Paper symbols: r rewards, A advantages, ℓ log-probs,
+# ρ ratio, ε_low/ε_high clip range, c dual-clip constant, β KL weight.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages, one scalar per completion.
+
+    [Shao+24 DeepSeekMath, GRPO] A_i = (r_i - mean_g r) / (std_g r + eps)   (scale="group")
+    [Liu+25 Dr. GRPO]            A_i =  r_i - mean_g r                       (scale="none")
+    std is torch's unbiased (Bessel) std as in verl (PAPER.md §5, eps 1e-6); a group of one gets
+    mean 0 and std 1 (verl's rule). Completions are group-contiguous: rewards[g*G:(g+1)*G] share
+    a prompt.
+    """
+    if scale not in ("group", "none"):
+        raise ValueError(f"advantage scale must be 'group' or 'none', got {scale!r}")
+    r = rewards.detach().float().reshape(-1, group_size)                # (B, G)
+    if group_size == 1:
+        # verl core_algos: len(group) == 1 -> mean 0, std 1 (the reward itself is the advantage)
+        mean, std = torch.zeros_like(r), torch.ones_like(r)
+    else:
+        mean = r.mean(dim=1, keepdim=True).expand_as(r)                  # (B, G)
+        std = r.std(dim=1, unbiased=True, keepdim=True).expand_as(r)     # (B, G)
+    A = r - mean
+    if scale == "group":
+        A = A / (std + eps)
+    # DEVIATION 5: all-equal groups carry no signal -> exactly 0 (never NaN, never rounding noise).
+    if group_size > 1:
+        flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+        A = torch.where(flat.expand_as(A), torch.zeros_like(A), A)
+    return A.reshape(-1)                                                 # (N,)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """ℓ(t) = log softmax(z_t / T)[token_t], in fp32 (GRPO.md §1.3).
+
+    Fast path: gather the chosen logit and subtract the row's logsumexp, so the (.., V) log-softmax
+    is never materialised. `logits` (B, L, V) must already be aligned so that row t predicts
+    tokens[:, t] (i.e. the caller dropped the last position). The same T as sampling: a sampler at
+    T = 1.0 and a trainer at another T would make the ratio wrong from the first token.
+    """
+    z = logits.float() / temperature                                     # (B, L, V)
+    chosen = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)              # (B, L)
+    return chosen - torch.logsumexp(z, dim=-1)                           # (B, L)
+
+
+def token_logprobs_reference(logits, tokens, temperature: float = 1.0):
+    """Plain reference for `token_logprobs`: full log-softmax, then gather (tests check equality)."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)       # (B, L, V)
+    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)         # (B, L)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H_t = logsumexp(z) - Σ_v softmax(z)_v z_v on the temperature-scaled logits (diagnostic)."""
+    z = logits.float() / temperature                                     # (B, L, V)
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)   # (B, L)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_ids, lengths=None) -> torch.Tensor:
+    """1 on completion tokens up to and including the FIRST EOS, 0 after it and on padding.
+
+    Built from the first-EOS index and the true lengths, never from `token == pad_id`: when pad ==
+    EOS (Qwen2.5 base) that would drop the real EOS and the model would never learn to stop
+    (GRPO.md §1.8). `lengths` (B,) are the unpadded completion lengths (None = full width).
+    """
+    Bn, L = completion_ids.shape
+    pos = torch.arange(L, device=completion_ids.device).expand(Bn, L)   # (B, L)
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= completion_ids == e
+    # index of the first EOS, or L when there is none (a truncated completion keeps all tokens)
+    first_eos = torch.where(is_eos, pos, torch.full_like(pos, L)).min(dim=1).values   # (B,)
+    mask = pos <= first_eos.unsqueeze(1)                                 # (B, L)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=completion_ids.device)
+        mask &= pos < lengths.unsqueeze(1)
+    return mask.float()
+
+
+def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                          dual_clip: float | None = 3.0, log_ratio_clamp: float | None = 20.0):
+    """Per-token clipped surrogate with the release's dual clip (PAPER.md §5; verl `vanilla`).
+
+    [Schulman+17 PPO, Eq. 7]  L = -min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A) = max(-ρA, -clip(ρ)A)
+    [Ye+20 dual-clip PPO]     for A < 0:  L = min(L, -c A)   (c = 3): a huge ρ on a bad sample
+                              cannot blow the loss up.
+    ρ = exp(clamp(ℓ - ℓ_old, -20, 20)) (the clamp is verl's; exp(20) is already absurd).
+    `advantages` is (N,) per sequence and is broadcast to every token. Returns the (N, L) loss and a
+    dict of (N, L) bool flags for the clip metrics (GRPO.md §1.4).
+    """
+    A = advantages.reshape(-1, 1).to(logp.dtype)                         # (N, 1)
+    log_ratio = logp - old_logp.detach()                                 # (N, L)
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)                                         # (N, L) ρ
+    loss_unclipped = -A * ratio
+    loss_clipped = -A * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)                   # (N, L)
+    flags = {"clip_low": (ratio < 1.0 - eps_low) & (A < 0),              # the clip branch is active
+             "clip_high": (ratio > 1.0 + eps_high) & (A > 0)}
+    # DEVIATION 4: TRL has neither the dual clip nor the log-ratio clamp (tests compare the two).
+    if dual_clip is not None and dual_clip > 0:
+        assert dual_clip > 1.0, f"dual-clip constant must exceed 1, got {dual_clip}"
+        capped = torch.minimum(loss, -A * dual_clip)
+        flags["clip_dual"] = (A < 0) & (loss > -A * dual_clip)
+        loss = torch.where(A < 0, capped, loss)
+    else:
+        flags["clip_dual"] = torch.zeros_like(flags["clip_low"])
+    return loss, {"ratio": ratio.detach(), **flags}
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """[Schulman 2020, k3] D = exp(Δ) - Δ - 1 with Δ = ℓ_ref - ℓ_θ; unbiased for KL(π_θ||π_ref) and ≥ 0.
+
+    Added to the per-token loss as +β·D (GRPO.md §1.5). Paper: β = 0 (no reference forward at all).
+    """
+    delta = ref_logp.detach() - logp                                     # (N, L)
+    return torch.exp(delta) - delta - 1.0
+
+
+LOSS_AGG = ("dapo", "grpo", "bnpo", "dr_grpo")
+
+
+def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "dapo", *,
+                   num_tokens: float | None = None, num_seqs: float | None = None,
+                   max_len: int | None = None, num_micro: int = 1) -> torch.Tensor:
+    """Reduce the (N, L) per-token loss to a scalar (GRPO.md §1.7).
+
+    dapo    (verl `token-mean`, the PAPER's default): Σ m·ℓ / N_tok, N_tok = tokens of the whole
+            optimiser mini-batch (`num_tokens`; default this micro-batch).
+    grpo    (verl `seq-mean-token-mean`): (1/N_seq) Σ_i (1/|o_i|) Σ_t m·ℓ.
+    bnpo    Σ m·ℓ / Σ m of this micro-batch, averaged over `num_micro` micro-batches.
+    dr_grpo (verl `seq-mean-token-sum-norm`): Σ m·ℓ / (N_seq · L_max), L_max = `max_len`
+            (the configured max completion length; default this tensor's width).
+    The `num_*` arguments make gradient accumulation over micro-batches exact: the micro-batch
+    losses then sum to the mini-batch loss. Empty masks give 0, never NaN.
+    """
+    m = mask.to(per_token_loss.dtype)
+    total = (per_token_loss * m).sum()
+    n_seq = float(num_seqs) if num_seqs is not None else float(per_token_loss.shape[0])
+    if mode == "dapo":
+        n_tok = float(num_tokens) if num_tokens is not None else float(m.sum())
+        return total / max(n_tok, 1.0)
+    if mode == "grpo":
+        per_seq = (per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)   # (N,)
+        return per_seq.sum() / max(n_seq, 1.0)
+    if mode == "bnpo":
+        return total / m.sum().clamp(min=1.0) / num_micro
+    if mode == "dr_grpo":
+        L = max_len if max_len is not None else per_token_loss.shape[1]
+        return total / max(n_seq * L, 1.0)
+    raise ValueError(f"--loss-agg must be one of {LOSS_AGG}, got {mode!r}")
+
+
+# -----------------------------------------------------------------------------
+# Rewards: binary verifiable reward from evaluate.py's graders (PAPER.md §5 "Reward")
+
+
+def make_reward_fn(domain: str):
+    """Return reward(response, answer) -> 1.0 / 0.0. evaluate.py is imported lazily."""
+    import evaluate  # lazily: the trainer's pure parts must import without it
+    if domain == "math":
+        return lambda response, answer: float(bool(evaluate.grade_math(response, str(answer))))
+    if domain == "med":
+        def med(response, answer):
+            gold = str(answer).strip().strip("()").strip().upper()
+            return float(evaluate.extract_choice_letter(response) == gold)
+        return med
+    raise ValueError(f"no reward for domain {domain!r}; expected 'math' or 'med'")
+
+
+def safe_rewards(reward_fn, responses: list[str], answers: list, stats: dict) -> list[float]:
+    """Score every completion; a grader that raises (or returns NaN/None) scores 0.
+
+    DEVIATION 6: the error is counted in stats["reward_errors"][kind] and warned once per kind, so
+    one bad item cannot kill a long run, and a systematic grader bug is still loud.
+    """
+    out = []
+    for resp, ans in zip(responses, answers):
+        try:
+            r = reward_fn(resp, ans)
+            if r is None or not math.isfinite(float(r)):
+                raise ValueError(f"reward function returned {r!r}")
+            out.append(float(r))
+        except Exception as err:  # noqa: BLE001 - graders run on arbitrary model output
+            kind = type(err).__name__
+            errs = stats.setdefault("reward_errors", {})
+            if kind not in errs:
+                warnings.warn(f"train_grpo: reward function raised {kind}: {err} (response "
+                              f"{resp[:60]!r}); scoring 0. Further {kind}s are only counted.",
+                              RuntimeWarning, stacklevel=2)
+            errs[kind] = errs.get(kind, 0) + 1
+            out.append(0.0)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Packing and per-token log-probs of a model
+
+
+def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
+    """[left-padded prompt | right-padded completion] for the trainer forward.
+
+    Left-padding the prompts keeps every completion starting at the same column P, so the
+    completion block is one (N, L) slice. Position ids come from the attention mask (as generate
+    does), so padding does not shift positions and the trainer sees exactly what the sampler saw.
+    """
+    P = max(len(p) for p in prompts)
+    L = max(1, max(len(c) for c in completions))
+    N = len(prompts)
+    input_ids = torch.full((N, P + L), pad_id, dtype=torch.long)         # (N, P+L)
+    attn = torch.zeros((N, P + L), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+        if c:
+            input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[i, P:P + len(c)] = 1
+    lengths = torch.tensor([len(c) for c in completions])                 # (N,)
+    return input_ids.to(device), attn.to(device), lengths.to(device), P, L
+
+
+def sequence_logprobs(model, input_ids, attn, P: int, L: int, temperature: float,
+                      with_entropy: bool = False):
+    """ℓ_θ of the L completion tokens, (N, L) fp32 (and the (N, L) entropy if asked)."""
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)                    # (N, P+L)
+    # Only the last L+1 positions' logits are needed: position p predicts token p+1.
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                   logits_to_keep=L + 1, use_cache=False).logits         # (N, L+1, V)
+    logits = logits[:, :-1]                                              # (N, L, V) row t -> token P+t
+    targets = input_ids[:, P:]                                           # (N, L)
+    logp = token_logprobs(logits, targets, temperature)
+    ent = token_entropy(logits.detach(), temperature) if with_entropy else None
+    return logp, ent
+
+
+# -----------------------------------------------------------------------------
+# Sampling (1): transformers `generate` fallback (GRPO.md §5) — CPU, or whenever vLLM is absent
+
+
+def make_generation_config(*, max_new_tokens: int, temperature: float, pad_token_id: int, eos_token_ids):
+    """An explicit GenerationConfig: pure ancestral sampling at T, nothing else.
+
+    Every sampling knob is set, because unset (None) fields are filled from the model's
+    generation_config.json (transformers #35045) and the library default top_k = 50 (#38549)
+    would silently truncate the distribution the trainer's log-probs do not truncate.
+    """
+    from transformers import GenerationConfig
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=1.0, top_k=0, min_p=None, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+        eos_token_id=list(eos_token_ids), bos_token_id=None, disable_compile=True)
+
+
+def trim_at_eos(ids: list[int], eos_token_ids) -> tuple[list[int], bool]:
+    """Cut after the first EOS (kept: it is trained). Returns (ids, finished)."""
+    for t, tok in enumerate(ids):
+        if tok in eos_token_ids:
+            return ids[:t + 1], True
+    return ids, False
+
+
+@torch.no_grad()
+def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_tokens: int,
+              temperature: float, pad_id: int, eos_token_ids, batch_size: int = 64, seed: int = 0):
+    """G completions per prompt with `model.generate`; group-contiguous; each trimmed at its EOS.
+
+    Returns (completions: list[list[int]], finished: list[bool]). The training model itself is the
+    sampler, so it is always in sync and no weight push is needed.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    gc_attr = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    gc_on = bool(getattr(model, gc_attr, False))
+    if gc_on:
+        model.gradient_checkpointing_disable()  # it forces use_cache=False: generation would crawl
+    model.eval()
+    gen_cfg = make_generation_config(max_new_tokens=max_new_tokens, temperature=temperature,
+                                     pad_token_id=pad_id, eos_token_ids=eos_token_ids)
+    torch.manual_seed(seed)  # per-step seed: reproducible runs and resumes
+    flat = [p for p in prompts for _ in range(group_size)]               # N = B*G, group-contiguous
+    completions, finished = [], []
+    for s in range(0, len(flat), batch_size):
+        chunk = flat[s:s + batch_size]
+        P = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), P), pad_id, dtype=torch.long)      # (n, P) left-padded
+        attn = torch.zeros((len(chunk), P), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, P - len(p):] = torch.tensor(p)
+            attn[i, P - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             generation_config=gen_cfg)                  # (n, P + L')
+        for row in out[:, P:].tolist():
+            c, fin = trim_at_eos(row, eos_token_ids)
+            completions.append(c)
+            finished.append(fin)
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(was_training)
+    return completions, finished
+
+
+# -----------------------------------------------------------------------------
+# Sampling (2): vLLM in the same process, on the same GPU (GRPO.md §3.3-3.5). Needs CUDA; it cannot
+# run on the CPU machine this repo is developed on, so keep it small and check it on a GPU box.
+
+
+def vllm_usable() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, seed: int,
+                     gpu_memory_utilization: float = 0.3, sleep_mode: bool = False):
+    """Build an in-process vLLM engine over the base model's HF directory.
+
+    Build it BEFORE the trainer takes GPU memory: vLLM asserts that `gpu_memory_utilization` of
+    the total is free at start-up (GRPO.md §3.3.2, vllm #20305).
+    """
+    # In-process engine core, so `apply_model` reaches the live model without serialisation
+    # (GRPO.md §3.3.1; pitfall 1). Must be set before vLLM is imported.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+    return LLM(model=str(model_dir), dtype="bfloat16",         # never "auto": fp32 configs -> fp16
+               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=max(4096, max_model_len),
+               enable_prefix_caching=True,                     # the G samples share the prompt
+               enable_sleep_mode=sleep_mode, enforce_eager=True,
+               logprobs_mode="processed_logprobs",             # log-probs after temperature (§1.6)
+               seed=seed)
+
+
+def sample_vllm(llm, prompts: list[list[int]], *, group_size: int, max_new_tokens: int,
+                temperature: float, eos_token_ids):
+    """G completions per prompt from vLLM; returns (completions, finished, sampler_logps)."""
+    from vllm import SamplingParams
+    # Explicit params: with None vLLM would use generation_config.json (T 0.7, top_k 20 for
+    # Qwen2.5-Instruct). top_k 0 = off; logprobs=0 -> only the sampled token's log-prob.
+    sp = SamplingParams(n=group_size, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
+                        max_tokens=max_new_tokens, logprobs=0, stop_token_ids=list(eos_token_ids),
+                        skip_special_tokens=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    completions, finished, logps = [], [], []
+    for o in outs:                              # request order == prompt order
+        for c in o.outputs:                     # n = G completions -> group-contiguous
+            ids = list(c.token_ids)
+            lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] if c.logprobs else []
+            completions.append(ids)
+            finished.append(c.finish_reason == "stop")
+            logps.append(lp)
+    return completions, finished, logps
+
+
+@torch.no_grad()
+def weights_for_sampler(model, method: str) -> dict:
+    """The dense weights the sampler must hold, under HF parameter names.
+
+    PEFT: each wrapped module's effective weight computed out of place in fp32 (never an in-place
+    merge, which drifts in bf16; GRPO.md §4.2) by `peft_methods.merged_state_dict`. Full FT: the
+    parameters themselves. Tied embeddings appear once (`model.embed_tokens.weight`), which is the
+    name vLLM loads (GRPO.md §4.3).
+    """
+    # DEVIATION 2: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
+    if method == "full":
+        return {n: p.detach() for n, p in model.named_parameters()}
+    import peft_methods
+    return peft_methods.merged_state_dict(model)
+
+
+@torch.no_grad()
+def push_weights_vllm(llm, named_tensors: dict, sleep_mode: bool = False) -> None:
+    """Copy the trainer's effective weights into the live vLLM model, then drop stale KV blocks."""
+    if sleep_mode:
+        torch.cuda.empty_cache()
+        llm.wake_up(tags=["weights"])           # wake weights first or writes land in unmapped memory
+    items = [(n, t.to(torch.bfloat16)) for n, t in named_tensors.items()]
+    # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place,
+    # so CUDA-graph pointers stay valid (GRPO.md §3.3.5). It runs in-process (MP = 0).
+    llm.apply_model(lambda m: m.load_weights(items))
+    if sleep_mode:
+        llm.wake_up(tags=["kv_cache"])
+    llm.reset_prefix_cache()                    # else prompts reuse KV computed with old weights
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
+                    steps=200, lr_peft=1e-5, lr_full=1e-6)
+# DEVIATION 7: found on this CPU for the 1M-parameter toy model (see README / the report);
+# larger LRs than the paper's, short completions (char-level answers are ~60 tokens).
+TOY_PRESET = dict(prompts_per_step=16, group_size=8, max_new_tokens=96, mini_batches=2,
+                  steps=30, lr_peft=2e-3, lr_full=2e-4)
+SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
+             num_prompts=8, eval_n=0, save_every_steps=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
+    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
+    # the same method flags as train_sft.py, so arena.py can pass one dict to both
+    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
+    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
+    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
+                   "(PAPER.md §2 table 'RL adapter config': LoRA dropout 0)")
+    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
+    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from "
+                   "(adapter_config.json + weights; its method must equal --method)")
+    g.add_argument("--dtype", default=None, help="fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default="toy-math", help="toy-math | toy-med (ignored with --data)")
+    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout "
+                   "(PAPER.md §5: prompt = chat messages, reward_model.ground_truth)")
+    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
+                   "data_source, 'med_23k_think' -> med, else math)")
+    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
+    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
+                   "dropped (tokens; release: 1024)")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
+                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
+    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
+    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
+    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
+                   help="auto: vLLM if installed and on CUDA, else transformers generate")
+    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
+    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
+    g = p.add_argument_group("objective")
+    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
+                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
+    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
+    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
+                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
+    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
+    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
+                   "--max-new-tokens (DAPO overlong filter; paper: off)")
+    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
+    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
+    g = p.add_argument_group("optimiser")
+    g.add_argument("--lr", type=float, default=None, help="constant LR (default: preset; paper "
+                   "PEFT 1e-5, Full 1e-6)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
+                   "optimiser steps)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/grpo", help="output directory")
+    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
+    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
+                   "checkpoints (release save_freq 50; 0 = only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
+    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
+                   "before and after training (0 = off)")
+    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def method_hparams(cfg: dict, peft_methods) -> dict:
+    """CLI method flags -> make_config kwargs, checked against the method's dataclass fields.
+
+    RL differs from SFT in one default: adapter dropout 0 (the release passes LoRA only r, alpha,
+    targets; PAPER.md §2). Dropout would also make ℓ_old (no dropout) and ℓ_θ (dropout) disagree.
+    """
+    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
+    hp = {}
+    for flag in ("r", "alpha", "block_size", "dropout"):
+        if cfg[flag] is not None:
+            if flag not in fields:
+                raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method {cfg['method']} "
+                                 f"(its fields: {sorted(fields)})")
+            hp[flag] = cfg[flag]
+    if "dropout" in fields and "dropout" not in hp:
+        hp["dropout"] = 0.0
+    for item in cfg["hp"]:
+        key, sep, val = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--hp {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            hp[key] = json.loads(val)
+        except ValueError:
+            hp[key] = val
+    if "total_step" in fields and "total_step" not in hp:   # AdaLoRA's budget schedule length
+        hp["total_step"] = cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"]
+    return hp
+
+
+def resolve_config(overrides: dict | None = None) -> dict:
+    """Parser defaults <- overrides <- preset (only unset values) <- --smoke; then validate."""
+    cfg = vars(build_parser().parse_args([]))
+    unknown = set(overrides or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"train_grpo: unknown config keys {sorted(unknown)}")
+    cfg.update(overrides or {})
+    if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
+        cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
+    preset = cfg["preset"]
+    if preset == "auto":
+        preset = "toy" if cfg["data"] is None and cfg["task"].startswith("toy") else "paper"
+    pre = TOY_PRESET if preset == "toy" else PAPER_PRESET
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps"):
+        if cfg[k] is None:
+            cfg[k] = pre[k]
+    if cfg["lr"] is None:
+        cfg["lr"] = pre["lr_full"] if cfg["method"] == "full" else pre["lr_peft"]
+    cfg["resolved_preset"] = preset
+    cfg["adam_betas"] = list(cfg["adam_betas"])
+    # invariants, named by flag
+    if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
+        raise ValueError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}")
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
+              "ppo_epochs", "micro_batch_size"):
+        if cfg[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if cfg["prompts_per_step"] % cfg["mini_batches"]:
+        raise ValueError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
+                         f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)")
+    if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
+        raise ValueError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
+                         f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}")
+    if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
+        raise ValueError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if cfg["temperature"] <= 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Data: toy rows or the release's RL parquet/JSONL, tokenised once
+
+
+def load_rl_rows(cfg) -> tuple[list[dict], str]:
+    """[{'prompt': str | list[messages], 'answer': str}], domain."""
+    if cfg["data"] is None:
+        import toy_world
+        domain = cfg["task"].split("-", 1)[1]
+        return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
+    path = Path(cfg["data"])
+    if path.suffix == ".parquet":
+        import pandas as pd  # optional: only for the release's parquet files
+        records = pd.read_parquet(path).to_dict("records")
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"--data {path}: expected .parquet or .jsonl")
+    rows = []
+    for i, rec in enumerate(records):
+        prompt = rec.get("prompt")
+        if hasattr(prompt, "tolist"):
+            prompt = prompt.tolist()               # parquet list columns come back as arrays
+        gold = (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
+        if prompt is None or gold is None:
+            raise ValueError(f"--data {path} row {i}: needs 'prompt' and reward_model.ground_truth "
+                             f"(or 'answer'); has keys {sorted(rec)}")
+        rows.append({"prompt": prompt, "answer": str(gold), "data_source": rec.get("data_source")})
+    domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
+    return rows, domain
+
+
+def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
+    """Chat-render and tokenise once (the sampler and the trainer see identical ids); drop
+    overlong prompts with one warning (DEVIATION 8). Returns kept rows with 'prompt_ids'."""
+    from loading import render_chat
+    limit = min(max_prompt_tokens, context - 1)   # at least one generated token must fit
+    kept, dropped = [], []
+    for row in rows:
+        ids = tokenizer(render_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        (kept if 0 < len(ids) <= limit else dropped).append({**row, "prompt_ids": ids})
+    if dropped:
+        warnings.warn(f"train_grpo: dropped {len(dropped)}/{len(rows)} prompts longer than {limit} "
+                      f"tokens (--max-prompt-tokens {max_prompt_tokens}, model context {context}); "
+                      f"longest was {max(len(r['prompt_ids']) for r in dropped)}", RuntimeWarning)
+    if not kept:
+        raise ValueError(f"train_grpo: no prompt fits: all {len(rows)} are longer than {limit} "
+                         f"tokens (raise --max-prompt-tokens or use a longer-context model)")
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: adapter (peft_methods.save_adapter) + optimiser + trainer_state.json, atomically
+
+
+CKPT_PREFIX = "global_step_"   # as train_sft.py: rewind.py reads both trajectories the same way
+# flags that may change between a run and its --resume without changing the trajectory so far
+RESUME_FREE_KEYS = {"resume", "overwrite", "out", "no_progress", "save_every_steps", "steps", "eval_n"}
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (trainer_state.json is written last), oldest first."""
+    found = []
+    for d in Path(out).glob(CKPT_PREFIX + "*"):
+        k = d.name[len(CKPT_PREFIX):]
+        if k.isdigit() and (d / "trainer_state.json").exists():
+            found.append((int(k), d))
+    return sorted(found)
+
+
+def prepare_out_dir(out: Path, cfg: dict) -> Path | None:
+    """Refuse an occupied --out unless --resume / --overwrite; return the checkpoint to resume."""
+    cfg_path = out / "config.json"
+    occupied = out.exists() and any(out.iterdir())
+    if cfg["resume"]:
+        if not cfg_path.exists():
+            if occupied:
+                raise FileExistsError(f"--resume: {out} holds files but no config.json; not a train_grpo run")
+            return None
+        old = json.loads(cfg_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in cfg.items()
+                if k not in RESUME_FREE_KEYS and old.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: {out} holds a different run; differing settings (old, new): {diff}")
+        found = checkpoints(out)
+        return found[-1][1] if found else None
+    if occupied:
+        if not cfg["overwrite"]:
+            raise FileExistsError(f"output directory {out} is not empty; pass --resume to continue the "
+                                  "run in it or --overwrite to delete it and start again")
+        import shutil
+        for d in list(out.glob(CKPT_PREFIX + "*")) + list(out.glob(".tmp-" + CKPT_PREFIX + "*")):
+            shutil.rmtree(d)          # delete only what this script writes
+        for name in ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json"):
+            (out / name).unlink(missing_ok=True)
+    return None
+
+
+def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
+    """global_step_<k>/: save_adapter files + optimizer.pt + trainer_state.{pt,json} + config.json,
+    written into a temp dir and renamed into place. Older checkpoints keep their weights (the
+    trajectory) but drop optimizer.pt."""
+    import shutil
+    import loading
+    import peft_methods
+    step = state["step"]
+    final, tmp = out / f"{CKPT_PREFIX}{step}", out / f".tmp-{CKPT_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_methods.save_adapter(model, tmp, base_model=cfg["model"], extra={"trainer": "train_grpo", "step": step})
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    loading.atomic_write_json(tmp / "config.json", cfg)
+    loading.atomic_write_json(tmp / "trainer_state.json", state)       # last: marks completeness
+    loading.atomic_replace_dir(tmp, final)
+    for k, d in checkpoints(out):
+        if k < step:
+            (d / "optimizer.pt").unlink(missing_ok=True)
+    return final
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
+    """Run GRPO; returns a summary dict. `config` holds argparse dests (see build_parser);
+    a preloaded (base) `model`/`tokenizer` may be passed instead of loading `config['model']`."""
+    import loading
+    import peft_methods
+    cfg = resolve_config(config)
+    out = Path(cfg["out"])
+    resume_from = prepare_out_dir(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    loading.set_seed(cfg["seed"])
+    method = cfg["method"]
+
+    # ---- sampler engine first: vLLM wants its memory share free at start-up (GRPO.md §3.3.2) ----
+    device0 = loading.pick_device(cfg["device"]) if model is None else next(model.parameters()).device
+    use_vllm = cfg["sampler"] == "vllm" or (cfg["sampler"] == "auto" and vllm_usable()
+                                            and device0.type == "cuda")
+    llm = None
+    if use_vllm:
+        model_dir = loading.TOY_MODEL_DIR if cfg["model"] == "toy" else cfg["model"]
+        from transformers import AutoConfig
+        ctx = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        llm = make_vllm_engine(str(model_dir), max_model_len=min(ctx, cfg["max_prompt_tokens"] + cfg["max_new_tokens"]),
+                               max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"], seed=cfg["seed"],
+                               gpu_memory_utilization=cfg["vllm_gpu_memory_utilization"],
+                               sleep_mode=cfg["vllm_sleep"])
+        loading.set_seed(cfg["seed"])  # vLLM (MP = 0) re-seeds the global RNGs (GRPO.md pitfall 2)
+
+    # ---- model (+ adapter) ----
+    if model is None:
+        model, tokenizer = loading.load_model(cfg["model"], dtype=cfg["dtype"], device=cfg["device"])
+    device = next(model.parameters()).device
+    print(f"[grpo] model {cfg['model']} on {device} ({next(model.parameters()).dtype}); "
+          f"method {method}; preset {cfg['resolved_preset']}", file=sys.stderr)
+    state = {"step": 0, "cursor": 0, "optimizer_steps": 0}
+    if resume_from is not None:
+        peft_methods.load_adapter(model, resume_from)
+        state.update(json.loads((resume_from / "trainer_state.json").read_text()))
+        print(f"[grpo] resumed from {resume_from} (step {state['step']})", file=sys.stderr)
+    elif cfg["init_from"]:
+        src = peft_methods.read_adapter_config(cfg["init_from"]).get("method")
+        if src != method:
+            raise ValueError(f"--init-from {cfg['init_from']} holds a {src!r} checkpoint but --method "
+                             f"is {method!r}; pass --method {src} to continue it")
+        peft_methods.load_adapter(model, cfg["init_from"])
+    else:
+        if method == "keeplora":
+            raise ValueError("--method keeplora needs an SFT init batch for its seed gradients; "
+                             "train it with train_sft.py and start GRPO with --init-from <checkpoint>")
+        peft_methods.apply_peft(model, method, **method_hparams(cfg, peft_methods))
+    if not cfg["dropout"]:
+        # DEVIATION 9: dropout off in every module (TRL `disable_dropout`): ℓ_old is computed without dropout, so
+        # with it the ratio would not be 1 on-policy. An SFT checkpoint may carry LoRA dropout 0.05.
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_train == 0:
+        raise RuntimeError(f"method {method!r}: no trainable parameters after setup")
+    # Reference policy for the optional KL (β > 0): PEFT = same model with adapters off (no copy);
+    # Full FT = a frozen copy of the start weights.
+    ref_model = None
+    if cfg["beta"] > 0 and method == "full":
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg["grad_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    # [PAPER.md §5] AdamW (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                            weight_decay=cfg["weight_decay"])
+    if resume_from is not None:
+        opt.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
+        torch.set_rng_state(torch.load(resume_from / "trainer_state.pt", weights_only=False)["torch_rng"])
+
+    # ---- data and reward ----
+    rows, domain = load_rl_rows(cfg)
+    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    rows = tokenize_prompts(rows, tokenizer, max_prompt_tokens=cfg["max_prompt_tokens"], context=context)
+    reward_fn = make_reward_fn(domain)
+    # stop ids: the tokenizer's EOS plus any extra ones of generation_config.json (Qwen: 2 of them)
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+    # ---- evaluation before (toy only) ----
+    summary = {"out": str(out), "method": method, "model": cfg["model"], "domain": domain,
+               "trainable_params": n_train}
+    if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
+        summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, out / "eval_before.json")
+
+    cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
+    loading.atomic_write_json(out / "config.json", cfg_to_save)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, state["step"])
+    stats: dict = {}
+    B, G = cfg["prompts_per_step"], cfg["group_size"]
+    pushed_at = -1
+    t_start = time.time()
+    bar = None
+    if not cfg["no_progress"]:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
+    last = {}
+    while state["step"] < cfg["steps"]:
+        step = state["step"]
+        t0 = time.time()
+        batch = [rows[(state["cursor"] + i) % len(rows)] for i in range(B)]   # shuffle=False (release)
+        state["cursor"] = (state["cursor"] + B) % len(rows)
+        prompts = [r["prompt_ids"] for r in batch]
+        # cap generation so prompt + completion fits the context (DEVIATION 8)
+        max_new = max(1, min(cfg["max_new_tokens"], context - max(len(p) for p in prompts)))
+
+        # 1) sample G completions per prompt from π_old (the current weights)
+        model.eval()
+        sampler_logps = None
+        if llm is not None:
+            if pushed_at != state["optimizer_steps"]:      # DEVIATION 3: push when stale
+                push_weights_vllm(llm, weights_for_sampler(model, method), cfg["vllm_sleep"])
+                pushed_at = state["optimizer_steps"]
+            completions, finished, sampler_logps = sample_vllm(
+                llm, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
+                eos_token_ids=eos_ids)
+            if cfg["vllm_sleep"]:
+                llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (level 2 would drop them)
+        else:
+            completions, finished = sample_hf(
+                model, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
+                pad_id=pad_id, eos_token_ids=eos_ids, batch_size=cfg["gen_batch_size"],
+                seed=cfg["seed"] * 100003 + step)
+        t_gen = time.time() - t0
+        n_gen_tokens = sum(len(c) for c in completions)
+
+        # 2) verifiable reward -> group-relative advantages
+        responses = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True)
+                     for c in completions]
+        answers = [r["answer"] for r in batch for _ in range(G)]
+        rewards = torch.tensor(safe_rewards(reward_fn, responses, answers, stats))   # (N,)
+        adv = group_advantages(rewards, G, scale=cfg["adv_scale"], eps=cfg["adv_eps"])  # (N,)
+
+        # 3) optimise: --ppo-epochs passes x --mini-batches optimiser steps over this rollout
+        flat_prompts = [p for p in prompts for _ in range(G)]
+        m = _optimise(model, ref_model, opt, params, cfg, flat_prompts, completions, finished,
+                      adv, eos_ids, pad_id, max_new, method, sampler_logps)
+        state["optimizer_steps"] += m.pop("optimizer_steps")
+        state["step"] = step + 1
+
+        # 4) log
+        r_groups = rewards.view(B, G)
+        lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
+        dt = time.time() - t0
+        last = {"step": step + 1, "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # DEVIATION 10: pass@G
+                "frac_reward_zero_std": (r_groups.max(1).values == r_groups.min(1).values).float().mean().item(),
+                **m, "response_len_mean": lens.mean().item(), "response_len_max": lens.max().item(),
+                "truncated_frac": 1.0 - sum(finished) / len(finished),
+                "gen_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
+                "tokens_per_s": n_gen_tokens / max(dt, 1e-9), "step_time_s": dt, "lr": cfg["lr"],
+                "reward_errors": sum(stats.get("reward_errors", {}).values())}
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(last) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", pass_=f"{last['pass_rate']:.2f}",
+                            len=f"{last['response_len_mean']:.0f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        every = cfg["save_every_steps"]
+        if (every > 0 and state["step"] % every == 0) or state["step"] == cfg["steps"]:
+            save_checkpoint(out, model, opt, cfg_to_save, state)
+    if bar is not None:
+        bar.close()
+
+    found = checkpoints(out)
+    if not found or found[-1][0] != state["step"]:
+        save_checkpoint(out, model, opt, cfg_to_save, state)
+        found = checkpoints(out)
+    summary.update({"final_checkpoint": str(found[-1][1]), "steps": state["step"],
+                    "optimizer_steps": state["optimizer_steps"], "train_time_s": time.time() - t_start,
+                    "last": last, "reward_errors": stats.get("reward_errors", {})})
+    curve = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    if curve:
+        k = max(1, len(curve) // 5)
+        summary["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
+        summary["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
+    if cfg["eval_n"] and cfg["data"] is None:
+        summary["eval_after"] = _evaluate(model, tokenizer, domain, cfg, out / "eval_after.json")
+        if "eval_before" in summary:
+            b, a = summary["eval_before"], summary["eval_after"]
+            summary["target_gain"] = a["target_score"] - b["target_score"]
+            summary["general_change"] = a["general_score"] - b["general_score"]
+    loading.atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
+              pad_id, max_new, method, sampler_logps) -> dict:
+    """All optimiser steps on one rollout batch (GRPO.md §1.9 steps 4-7); returns its metrics."""
+    device = next(model.parameters()).device
+    N, mb, T = len(completions), cfg["micro_batch_size"], cfg["temperature"]
+    n_mini = cfg["mini_batches"]
+    per_mini = N // n_mini                      # whole groups: B/n_mini prompts x G completions
+    minis = [list(range(k * per_mini, (k + 1) * per_mini)) for k in range(n_mini)]
+
+    def micro(idx):
+        ids, attn, lens, P, L = pack_batch([prompts[i] for i in idx], [completions[i] for i in idx],
+                                           pad_id, device)
+        mask = completion_mask(ids[:, P:], eos_ids, lens)                 # (n, L)
+        if cfg["mask_truncated"]:   # DAPO overlong filter: no loss on cut-off completions
+            mask *= torch.tensor([float(finished[i]) for i in idx], device=device).unsqueeze(1)
+        return ids, attn, P, L, mask
+
+    # ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
+    # stored, because mini-batches 2..k of a rollout are off-policy (GRPO.md pitfall 20). The first
+    # mini-batch of a single epoch needs no separate pass: nothing has been updated yet when its
+    # training forward runs, so ℓ_old = sg(ℓ_θ) there (TRL skips the pass on-policy likewise).
+    first_fresh = cfg["ppo_epochs"] == 1
+    need_old = [i for i in range(N) if not (first_fresh and i in set(minis[0]))]
+    old, ref = [None] * N, [None] * N
+    n_masked = [0.0] * N
+    ent_sum, ent_tok = 0.0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, N, mb):                # token counts for the mini-batch normalisers
+            for j, row in enumerate(micro(list(range(s, min(N, s + mb))))[4]):
+                n_masked[s + j] = float(row.sum())
+        for s in range(0, len(need_old), mb):
+            idx = need_old[s:s + mb]
+            ids, attn, P, L, mask = micro(idx)
+            lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
+            for j, i in enumerate(idx):
+                old[i] = lp[j]
+            ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
+        if cfg["beta"] > 0:                      # ℓ_ref only when the KL term is on
+            for s in range(0, N, mb):
+                idx = list(range(s, min(N, s + mb)))
+                ids, attn, P, L, mask = micro(idx)
+                if ref_model is not None:        # Full FT: the frozen copy
+                    rlp, _ = sequence_logprobs(ref_model, ids, attn, P, L, T)
+                else:                            # PEFT: the same model with the adapters off
+                    import peft_methods
+                    with peft_methods.disable_adapters(model):
+                        rlp, _ = sequence_logprobs(model, ids, attn, P, L, T)
+                for j, i in enumerate(idx):
+                    ref[i] = rlp[j]
+
+    acc = {"loss": [], "kl": [], "approx_kl_old": [], "clip_low": [], "clip_high": [],
+           "clip_dual": [], "grad_norm": [], "sampler_logp_diff": []}
+    model.train()
+    steps = 0
+    for epoch in range(cfg["ppo_epochs"]):
+        for k, mini in enumerate(minis):
+            fresh = first_fresh and k == 0
+            # DEVIATION 1: mini-batch-wide normalisers make micro-batch accumulation exact
+            n_tok = sum(n_masked[i] for i in mini)
+            micros = [mini[s:s + mb] for s in range(0, len(mini), mb)]
+            opt.zero_grad(set_to_none=True)
+            if cfg["beta"] == 0 and not adv[mini].any():
+                # every group of this mini-batch had equal rewards: the gradient is exactly 0, so
+                # skip the forward/backward but still step (AdamW's decay and momentum act as in
+                # the release, which runs the zero-loss forward).
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                micros = []
+                acc["loss"].append(0.0)
+            mini_loss = 0.0
+            for idx in micros:
+                ids, attn, P, L, mask = micro(idx)
+                lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=fresh)
+                if fresh:
+                    old_lp = lp.detach()                                                  # (n, L)
+                    for j, i in enumerate(idx):
+                        old[i] = old_lp[j]
+                    ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
+                else:
+                    old_lp = _pad_stack([old[i] for i in idx], L, device)                 # (n, L)
+                a = adv[idx].to(device)                                                   # (n,)
+                loss_tok, info = policy_loss_per_token(
+                    lp, old_lp, a, eps_low=cfg["clip_eps_low"], eps_high=cfg["clip_eps_high"],
+                    dual_clip=cfg["dual_clip"] or None)
+                if cfg["beta"] > 0:
+                    kl = kl_k3(lp, _pad_stack([ref[i] for i in idx], L, device))
+                    loss_tok = loss_tok + cfg["beta"] * kl                # + β·D per token (§1.5)
+                    acc["kl"].append(_masked_mean(kl.detach(), mask))
+                loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok,
+                                      num_seqs=len(mini), max_len=cfg["max_new_tokens"],
+                                      num_micro=len(micros))
+                loss.backward()
+                mini_loss += loss.item()          # micro losses sum to the mini-batch loss
+                acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
+                for key in ("clip_low", "clip_high", "clip_dual"):
+                    acc[key].append(_masked_mean(info[key].float(), mask))
+            if micros:
+                acc["loss"].append(mini_loss)
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+            if torch.isfinite(gn):
+                opt.step()
+                steps += 1
+            else:   # as the release's trainer: skip a step whose gradient is not finite
+                warnings.warn(f"train_grpo: non-finite grad norm {gn}; optimiser step skipped", RuntimeWarning)
+            opt.zero_grad(set_to_none=True)
+            acc["grad_norm"].append(float(gn))
+    model.eval()
+    if sampler_logps is not None:   # sync check: ~1e-2 in bf16 when in sync, O(1) when broken
+        d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
+             for o, sl in zip(old, sampler_logps) if o is not None and len(sl)]
+        acc["sampler_logp_diff"].append(float(torch.cat(d).mean()) if d else 0.0)
+    res = {k: (sum(v) / len(v) if v else None) for k, v in acc.items()}
+    res["clip_frac"] = (res["clip_low"] or 0) + (res["clip_high"] or 0)
+    res["entropy"] = ent_sum / ent_tok if ent_tok else None     # of the sampling policy π_old
+    res["optimizer_steps"] = steps
+    return res
+
+
+def _pad_stack(rows, L, device):
+    out = torch.zeros(len(rows), L, device=device)
+    for j, r in enumerate(rows):
+        out[j, :min(L, r.numel())] = r[:L]
+    return out
+
+
+def _masked_mean(x, mask) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume keep only the log lines of steps already in the checkpoint (atomic rewrite)."""
+    if not path.exists():
+        return
+    import loading
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _evaluate(model, tokenizer, domain, cfg, path: Path) -> dict:
+    import evaluate
+    import loading
+    res = evaluate.evaluate_toy(model, tokenizer, domain=domain, n_per_family=cfg["eval_n"])
+    loading.atomic_write_json(path, res)
+    print(f"[grpo] eval {path.name}: target {res['target_score']:.1f} general "
+          f"{res['general_score']:.1f}", file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    # only the flags given on the command line count as overrides (so --smoke/presets fill the rest)
+    given = {k: v for k, v in vars(parser.parse_args()).items() if v != parser.get_default(k)}
+    print("[grpo] config " + json.dumps(resolve_config(given), default=str), file=sys.stderr)
+    summary = train(given)
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=1, default=str))
