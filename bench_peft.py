@@ -15,9 +15,9 @@ Measurement:
   * time: median over --steps timed steps after --warmup steps (CUDA: synchronised).
   * peak memory: CUDA: torch.cuda.max_memory_allocated during one step, minus the memory held
     before it. CPU: there is no allocator counter, so one extra step is run under
-    torch.profiler(profile_memory=True) and the running sum of the allocations and frees the
-    profiler attributes to each op, in op start order, gives the peak of live tensor bytes above
-    the level before the step (parameters and the model itself are not included).
+    torch.profiler(profile_memory=True) and its memory timeline (every allocation and free, in
+    time order) gives the peak of live tensor bytes above the level before the step (the model's
+    own weights are not included).
 
 Deviations:
  1. No optimizer step is timed (AdamW cost is proportional to the trainable count and identical
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -62,7 +62,7 @@ DROPOUT_KEY = {"LoraConfig": "lora_dropout", "AdaLoraConfig": "lora_dropout", "V
                "MissConfig": "miss_dropout"}
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype):
+def build_model(shape: str, device: str, dtype: torch.dtype, **overrides):
     """Random-init model: 'toy' (toy_world architecture) or a configs/model_shapes/<shape>.json."""
     if shape == "toy":   # the toy architecture of CONTRACTS.md (built here: no tokenizer needed)
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -70,12 +70,10 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
         model = Qwen2ForCausalLM(Qwen2Config(**TOY_ARCH))
     else:
         import transformers
-        d = json.loads((pm.SHAPES_DIR / f"{shape}.json").read_text())
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+        cfg = pm.load_shape_config(shape, **overrides)
         torch.manual_seed(0)
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model.to(device=device, dtype=dtype)
 
 
@@ -88,14 +86,25 @@ def step(model, batch):
 
 
 def cpu_peak_bytes(model, batch) -> int:
+    """Peak live tensor bytes during one step above the level before it (CPU has no allocator counter).
+
+    torch.profiler's memory timeline (alloc/free events with their times); if that private API is
+    missing, the running sum of the bytes the profiler attributes to each op, in op start order.
+    """
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step(model, batch)
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+        totals = [sum(s) for s in sizes]
+        return max(totals) - totals[0]
+    except Exception:  # pragma: no cover - fallback for other torch versions
+        cur = peak = 0
+        for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+            cur += e.self_cpu_memory_usage
+            peak = max(peak, cur)
+        return peak
 
 
 def time_interleaved(models: dict, batch, *, device, warmup, steps) -> dict:
@@ -131,7 +140,7 @@ def peak_mb(model, batch, *, device) -> float:
 
 def make_ours(base, method, hp, batch, dropout, adapter_dtype):
     m = copy.deepcopy(base)
-    if "dropout" in {f.name for f in pm.dataclasses.fields(pm.METHODS[method].config)}:
+    if "dropout" in {f.name for f in dataclasses.fields(pm.METHODS[method].config)}:
         hp = {**hp, "dropout": dropout}
     pm.apply_peft(m, method, init_batch=batch if method == "keeplora" else None, adapter_dtype=adapter_dtype, **hp)
     return m
@@ -155,6 +164,7 @@ def main(argv=None):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--batch", type=int, default=8, help="sequences per step")
     g.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    g.add_argument("--num-layers", type=int, default=None, help="override the shape's decoder layer count (smoke runs)")
     g.add_argument("--dropout", type=float, default=0.05, help="adapter dropout where the method has one (arena SFT)")
     r = ap.add_argument_group("run")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: shared-machine etiquette)")
@@ -177,7 +187,8 @@ def main(argv=None):
     load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     print(f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}", flush=True)
 
-    base = build_model(args.shape, args.device, dtype)
+    base = build_model(args.shape, args.device, dtype,
+                       **({"num_hidden_layers": args.num_layers} if args.num_layers else {}))
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
@@ -211,7 +222,7 @@ def main(argv=None):
              f"- model: {args.shape} (random init), {args.dtype}; batch {args.batch} x {args.seq} tokens; "
              f"adapter dropout {args.dropout}; median of {args.steps} steps after {args.warmup} warm-up",
              "- peak memory: " + ("torch.cuda.max_memory_allocated above the pre-step level" if args.device == "cuda"
-                                  else "peak live tensor bytes above the pre-step level, from torch.profiler CPU memory events"),
+                                  else "peak live tensor bytes above the pre-step level, from torch.profiler's CPU memory timeline"),
              "",
              "| method | trainable | ours ms | PEFT ms | time ours/PEFT | ours peak MB | PEFT peak MB | mem ours/PEFT |",
              "|---|---|---|---|---|---|---|---|"]

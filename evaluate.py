@@ -15,14 +15,18 @@ Layout (read top to bottom):
   5. IFEval: the 25 checkers, strict and loose, the four accuracies (§5).
   6. `score_item` dispatching on item["scorer"] (toy items and real items alike).
   7. Generation: transformers `generate` (batched, left padding, KV cache, explicit
-     GenerationConfig, stop strings) with a resumable JSONL cache; vLLM backend (GPU only).
+     GenerationConfig, stop strings) with a resumable JSONL cache; for greedy decoding a plain
+     KV-cache loop `greedy_decode` is the fast path (tested token-for-token against generate);
+     vLLM backend (GPU only, guarded import; untested on the CPU machine).
   8. Toy suite `evaluate_toy`; 9. real benchmark loaders + the paper's prompts; 10. suites; 11. CLI.
 
 Run:
     python evaluate.py --model toy --suite toy --out runs/eval_toy          # toy world, CPU
-    python evaluate.py --model toy --suite toy --bench                      # timing of the toy suite
+    python evaluate.py --model toy --suite toy --bench --threads 1          # timing of the toy suite
     python evaluate.py --model /models/Qwen2.5-7B --adapter runs/lora --suite all --out runs/ev \\
         --data-dir data                                                     # real benchmarks (GPU)
+
+Scores are in percent. Per item: `score_item(item, response)` in [0, 1].
 
 Untrusted text: model outputs are never passed to eval/exec/sympify/parse_expr, pickle or a shell.
 Symbolic math goes through `latex_to_sympy`, a recursive-descent parser over a whitelisted LaTeX
@@ -67,6 +71,8 @@ Deviations (each also marked `# DEVIATION:` at the line)
     (equally distributed) samples than an uninterrupted one. Greedy runs are unaffected.
 14. MATH-500 gold = the `answer` field (the release re-extracts the last \\boxed{} of `solution`;
     EVAL.md §1.1 says they agree on all 500 rows up to spaces).
+15. IFEval title / placeholder / postscript checks use linear-time scans equivalent to the
+    reference regexes (tested against them), which are quadratic on long pathological lines.
 """
 from __future__ import annotations
 
@@ -712,7 +718,24 @@ def symbolic_equal(pred: str, gold: str, timeout_s: float = 3.0) -> bool:
             return False
         return _sympy_equal(a, b)
 
+    # Import sympy (and the pieces it loads lazily on first use) BEFORE the clock starts: on a
+    # loaded 2-core machine the first import alone can take longer than the per-item limit, which
+    # would silently score a correct answer as wrong.
+    _warm_sympy()
     return bool(call_with_timeout(_work, timeout_s, default=False))
+
+
+_SYMPY_WARM = False
+
+
+def _warm_sympy() -> None:
+    global _SYMPY_WARM
+    if not _SYMPY_WARM:
+        sp = _sympy()
+        x = sp.Symbol("x")
+        sp.simplify((x + 1) ** 2 - (x ** 2 + 2 * x + 1))   # pulls in simplify's lazy imports
+        sp.nsimplify(sp.Rational(1, 2) - sp.Float(0.5))
+        _SYMPY_WARM = True
 
 
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
@@ -1246,19 +1269,52 @@ def _chk_nth_paragraph_first_word(r, num_paragraphs, nth_paragraph, first_word):
     return n_nonblank == num_paragraphs and got == first_word.lower()
 
 
+def count_placeholders(r: str) -> int:  # DEVIATION 15 (same result, linear time)
+    """len(re.findall(r"\\[.*?\\]", r)) in linear time (the regex is quadratic on a long line of
+    '[' without ']'). Per line: each '[' pairs with the next ']'; once a '[' finds no ']', no
+    later '[' of that line can."""
+    n = 0
+    for line in r.split("\n"):
+        i = line.find("[")
+        while i >= 0:
+            j = line.find("]", i + 1)
+            if j < 0:
+                break
+            n += 1
+            i = line.find("[", j + 1)
+    return n
+
+
+def find_titles(r: str) -> list[str]:  # DEVIATION 15 (same result, linear time)
+    """re.findall(r"<<[^\\n]+>>", r) in linear time. Per line at most one match: it starts at the
+    first '<<' and, [^\\n]+ being greedy, ends at the line's last '>>' (at least one character
+    inside); nothing after that last '>>' can match again."""
+    out = []
+    for line in r.split("\n"):
+        i = line.find("<<")
+        if i < 0:
+            continue
+        j = line.rfind(">>")
+        if j >= i + 3:
+            out.append(line[i:j + 2])
+    return out
+
+
 def _chk_placeholders(r, num_placeholders):
-    return len(re.findall(r"\[.*?\]", r)) >= num_placeholders
+    return count_placeholders(r) >= num_placeholders
 
 
 def _chk_postscript(r, postscript_marker):
     low = r.lower()
+    # the reference patterns start with \s*, which can match empty: dropping it keeps "is there a
+    # match" unchanged and avoids quadratic time on long runs of whitespace
     if postscript_marker == "P.P.S":
-        pat = r"\s*p\.\s?p\.\s?s.*$"
+        pat = r"p\.\s?p\.\s?s.*$"
     elif postscript_marker == "P.S.":
-        pat = r"\s*p\.\s?s\..*$"
+        pat = r"p\.\s?s\..*$"
     else:
-        pat = r"\s*" + re.escape(postscript_marker.lower()) + r".*$"
-    return bool(re.findall(pat, low, flags=re.MULTILINE))
+        pat = re.escape(postscript_marker.lower()) + r".*$"
+    return re.search(pat, low, flags=re.MULTILINE) is not None
 
 
 def _chk_bullets(r, num_bullets):
@@ -1296,7 +1352,7 @@ def _chk_json(r):
 
 
 def _chk_title(r):
-    return any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", r))
+    return any(t.lstrip("<").rstrip(">").strip() for t in find_titles(r))
 
 
 def _chk_two_responses(r):
@@ -1762,11 +1818,14 @@ def _vllm_generate_chunk(llm, chunk, settings, lora_dir):
     for pid, p, j in chunk:
         by_pid.setdefault(pid, [p, []])[1].append(j)
     req_prompts, params, order = [], [], []
+    tok = llm.get_tokenizer()
     for pid, (p, js) in by_pid.items():
         sp = SamplingParams(n=len(js), temperature=settings["temperature"], top_p=settings["top_p"],
                             max_tokens=settings["max_new_tokens"], stop=settings["stop"] or None,
                             seed=(settings["seed"] * 1000003 + int(pid[:8], 16)) % (2 ** 31))
-        req_prompts.append(p)
+        # token ids without added specials, exactly as the transformers path encodes the rendered
+        # prompt (a text prompt would get a second BOS from vLLM's tokenizer call)
+        req_prompts.append({"prompt_token_ids": tok(p, add_special_tokens=False).input_ids})
         params.append(sp)
         order.append((pid, js))
     lora_req = None
@@ -1803,7 +1862,7 @@ def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
          "macro_subtask": unweighted mean of per-subtask accuracies (BBH tasks, m1 sources);
          "ifeval": instruction-level strict accuracy (the paper's IFEval figure) + the other three.
     """
-    out = {"n_items": len(items), "n_samples": len(samples[0]) if samples else 0}
+    out = {"n_items": len(items), "n": len(items), "n_samples": len(samples[0]) if samples else 0}
     if mode == "ifeval":
         slot_lists = [ifeval_slots(it, ss[0]) for it, ss in zip(items, samples)]
         acc = ifeval_accuracies(slot_lists)
@@ -2084,7 +2143,7 @@ def load_math_benchmark(name: str, data_dir=None, path=None, *, allow_hub=False)
             problem = r.get("problem", r.get("question"))
             if problem is None:
                 raise ValueError(f"benchmark {name!r}, row {i} of {src}: no 'problem' or 'question' field")
-            gold = r["answer"]
+            gold = r["answer"]  # DEVIATION 14: the answer field, not the solution's last box
             # AMC23 golds are JSON floats (27.0) -> "27.0", which strip_string turns into "27"
             gold = str(gold)
         rid = r.get("unique_id", r.get("id", r.get("idx", i)))

@@ -78,7 +78,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,15 +165,15 @@ def cayley_neumann(Q: torch.Tensor, num_terms: int) -> torch.Tensor:
     I = torch.eye(b, device=Q.device, dtype=Q.dtype).expand(n, b, b)
     if num_terms <= 1:
         return I.clone()
-    R = I + 2 * Q
+    R = torch.add(I, Q, alpha=2.0)          # a fresh tensor: the in-place adds below are autograd-safe
     if num_terms == 2:
         return R
     P = Q
     last = max(num_terms - 1, 3)            # highest power, taken once
     for _ in range(2, last):
         P = torch.bmm(P, Q)                 # (n, b, b): Q^k
-        R = R + 2 * P
-    return R + torch.bmm(P, Q)              # + Q^last
+        R.add_(P, alpha=2.0)
+    return R.add_(torch.bmm(P, Q))          # + Q^last
 
 
 def cayley_exact(Q: torch.Tensor) -> torch.Tensor:
@@ -446,10 +446,13 @@ class LoraLinear(AdapterLinear):
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         xa = self.dropout(x.to(self.lora_A.dtype))
-        return F.linear(F.linear(xa, self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., d_out)
+        # s is applied to the (..., r) intermediate, not the (..., d_out) output: same math, less work
+        return F.linear(F.linear(xa, self.lora_A) * self.scaling, self.lora_B)  # (..., r) -> (..., d_out)
 
     def adapted_forward(self, x):
         result = self.base_layer(x)                                       # (..., d_out)
+        # out of place on purpose: for 3-D x, nn.Linear's output is a view, and an in-place add on a
+        # view costs CopySlices / AsStrided buffers in backward (measured with bench_peft.py)
         return result + self.lora_branch(x).to(result.dtype)
 
     def merged_weight(self):
@@ -488,6 +491,10 @@ class DoraLinear(LoraLinear):
 
     def adapted_forward(self, x):
         result = self.base_layer(x)                                       # (..., d_out) incl. bias
+        return result + self.dora_branch(x, result).to(result.dtype)
+
+    def dora_branch(self, x, result):
+        """(g-1) W x + g s B A x (the locals die here, before the caller's add: lower peak memory)."""
         xa = x.to(self.lora_A.dtype)
         W = self.base_layer.weight.to(xa.dtype)
         dW = (self.lora_B @ self.lora_A).to(xa.dtype)                     # (d_out, d_in), materialised each step
@@ -498,9 +505,9 @@ class DoraLinear(LoraLinear):
             # with dropout in training the base product is recomputed on the dropped x (PEFT)
             xa = self.dropout(xa)
             base = F.linear(xa, W)
-        lora = F.linear(F.linear(xa, self.lora_A), self.lora_B) * self.scaling
+        lora = F.linear(F.linear(xa, self.lora_A) * self.scaling, self.lora_B)
         # y = g (W x + s B A x) + b  =  base(x) + (g-1) W x + g s B A x
-        return result + ((g - 1) * base + g * lora).to(result.dtype)
+        return (g - 1) * base + g * lora
 
     def merged_weight(self):
         W = self.base_layer.weight.float()
@@ -550,7 +557,7 @@ class PissaLinear(LoraLinear):
                 self.lora_B0.copy_(B0)
                 self.lora_A.copy_(A0)
                 self.lora_B.copy_(B0)
-            self._pending_W0 = w.float()   # W_res = W0 - s B0 A0 is written by finalize_init
+            self._pending_W0 = w.detach().float()   # (a plain tensor; W_res is written by finalize_init)
 
     def finalize_init(self):
         W0 = self.__dict__.pop("_pending_W0", None)
@@ -564,7 +571,7 @@ class PissaLinear(LoraLinear):
         # DEVIATION 5: disabled adapter = the ORIGINAL model W0 = W_res + s B0 A0 (PEFT: W_res)
         result = self.base_layer(x)
         x0 = x.to(self.lora_A0.dtype)
-        return result + (F.linear(F.linear(x0, self.lora_A0), self.lora_B0) * self.scaling).to(result.dtype)
+        return result + F.linear(F.linear(x0, self.lora_A0) * self.scaling, self.lora_B0).to(result.dtype)
 
     def original_weight(self):
         return self.base_layer.weight.float() + self.initial_update()
@@ -650,7 +657,14 @@ def _keeplora_prepare(model, cfg, targets, init_batch, init):
 
 
 class KeepLoraLinear(LoraLinear):
-    """KeepLoRA as released: A, B from the residual-subspace gradient, A frozen, W not compensated."""
+    """KeepLoRA as released (METHODS.md §8): A, B from the residual-subspace gradient, A frozen,
+    W not compensated, so dW = s U_r S_r V_r^T of G_res at step 0 (not the identity at init).
+
+    In the release, `initialize_keeplora_adapters` looks G up by PEFT-wrapped module names while
+    `_collect_keeplora_seed_gradients` keys it by raw HF names: every lookup likely misses and the
+    run silently trains LoRA-FA (frozen Kaiming A, B = 0). Here `ctx["grads"]` is keyed by the very
+    names the wrappers get, and a missing init_batch is an error (Deviation 6).
+    """
     method = "keeplora"
 
     def __init__(self, base_layer, cfg: KeepLoraConfig, *, name, dtype, ctx=None, init=True):
@@ -704,9 +718,13 @@ class AdaLoraLinear(AdapterLinear):
 
     def adapted_forward(self, x):
         result = self.base_layer(x)
+        return result + self.adalora_branch(x).to(result.dtype)
+
+    def adalora_branch(self, x):
         xa = self.dropout(x.to(self.lora_A.dtype))
-        h = xa @ (self.lora_A * self.lora_E).T @ self.lora_B.T    # (..., r) -> (..., d_out)
-        return result + (h * self.scaling / (self.ranknum + 1e-5)).to(result.dtype)
+        # the scalar alpha/(ranknum+eps) is folded into the small (r, d_in) matrix
+        AE = self.lora_A * self.lora_E * (self.scaling / (self.ranknum + 1e-5))    # (r, d_in)
+        return F.linear(F.linear(xa, AE), self.lora_B)                             # (..., r) -> (..., d_out)
 
     def _update(self):
         return (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())) * self.scaling / (self.ranknum.float() + 1e-5)
@@ -763,8 +781,9 @@ class VeraLinear(AdapterLinear):
             raise ValueError(f"vera: shared matrices {tuple(ctx.A.shape)}/{tuple(ctx.B.shape)} too small for '{name}'")
         # a list hides the shared module from this module's children (it belongs to the model root)
         self._shared = [ctx]
-        if not ctx.A.is_meta and ctx.A.dtype != self.adapter_dtype:
-            ctx.to(device=base_layer.weight.device, dtype=self.adapter_dtype)
+        w = base_layer.weight
+        if not ctx.A.is_meta and (ctx.A.dtype != self.adapter_dtype or ctx.A.device != w.device):
+            ctx.to(device=w.device, dtype=self.adapter_dtype)
         self.lambda_d = self._param(cfg.r, fill=cfg.d_initial)           # (r,)
         self.lambda_b = self._param(self.out_features, fill=0.0)         # (d_out,)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -775,10 +794,15 @@ class VeraLinear(AdapterLinear):
 
     def adapted_forward(self, x):
         result = self.base_layer(x)
+        return result + self.vera_branch(x).to(result.dtype)         # (..., d_out)
+
+    def vera_branch(self, x):
         A, B = self._AB()
         xa = self.dropout(x.to(self.lambda_d.dtype))
-        h = self.lambda_b * F.linear(self.lambda_d * F.linear(xa, A.to(xa.dtype)), B.to(xa.dtype))
-        return result + h.to(result.dtype)
+        h = F.linear(xa, A.to(xa.dtype))                              # (..., r)
+        del xa   # A is frozen, so backward never needs xa: free it now (peak memory)
+        # (folding the vectors into A and B instead is slower: it needs dense (r, d_in) gradients)
+        return self.lambda_b * F.linear(self.lambda_d * h, B.to(h.dtype))   # (..., d_out)
 
     def _update(self):
         A, B = self._AB()
@@ -859,13 +883,17 @@ class MissLinear(AdapterLinear):
 
     def adapted_forward(self, x):
         result = self.base_layer(x)
+        return result + self.miss_branch(x).to(result.dtype)
+
+    def miss_branch(self, x):
         r = self.miss_D.shape[0]
         xd = self.dropout(x.to(self.miss_D.dtype))
         pad = (-self.in_features) % r
         if pad:
             xd = F.pad(xd, (0, pad))                                 # zero-pad d_in to a multiple of r
         z = xd.unflatten(-1, (-1, r)).sum(-2)                        # (..., d_in/r, r) -> (..., r)
-        return result + (z @ self.miss_D).to(result.dtype)           # (..., r) @ (r, d_out)
+        del xd   # no backward needs the dropped x: free it before the matmul allocates (peak memory)
+        return z @ self.miss_D                                       # (..., r) @ (r, d_out)
 
     def merged_weight(self):
         return self.base_layer.weight.float() + miss_delta(self.miss_D.float(), self.in_features)
@@ -1520,8 +1548,8 @@ POSTER_ANOMALIES = {  # PAPER.md §10.1: poster cells that do not follow the clo
 }
 
 
-def build_meta_model(shape_name: str, **overrides):
-    """An HF causal LM on the meta device (no memory, no weights) from configs/model_shapes/<name>.json.
+def load_shape_config(shape_name: str, **overrides):
+    """transformers config from configs/model_shapes/<name>.json (public dimensions, no weights).
 
     `overrides` replace config fields (the tests build a 1-layer copy: every layer has the same shapes).
     """
@@ -1532,7 +1560,13 @@ def build_meta_model(shape_name: str, **overrides):
     d = json.loads(path.read_text())
     d = {k: v for k, v in d.items() if not k.startswith("_")}
     d.update(overrides)
-    config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def build_meta_model(shape_name: str, **overrides):
+    """An HF causal LM on the meta device (no memory, no weights) from configs/model_shapes/<name>.json."""
+    import transformers
+    config = load_shape_config(shape_name, **overrides)
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(config)
 

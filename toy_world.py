@@ -130,6 +130,7 @@ def build_random_toy_model(seed: int = 0, num_hidden_layers: int | None = None):
     cfg = toy_config(tok)
     if num_hidden_layers is not None:
         cfg.num_hidden_layers = num_hidden_layers
+        cfg.layer_types = cfg.layer_types[:num_hidden_layers]  # keep the config self-consistent
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg).eval()
@@ -265,6 +266,7 @@ _IFEVAL_CONFLICTS = {frozenset(["change_case:english_capital", "change_case:engl
                      frozenset(["change_case:english_lowercase", "startend:end_checker"]),
                      frozenset(["change_case:english_lowercase", "detectable_content:postscript"]),
                      frozenset(["length_constraints:number_words", "keywords:existence"]),
+                     frozenset(["length_constraints:number_words", "detectable_format:title"]),
                      frozenset(["length_constraints:number_words", "startend:end_checker"]),
                      frozenset(["length_constraints:number_words", "detectable_content:postscript"])}
 
@@ -283,12 +285,12 @@ def _ifeval_response(words, iids, kwargs):
             ws = ws + kw["keywords"]
     sep = " " if "punctuation:no_comma" in iids else ", "
     text = sep.join(ws)
-    if "change_case:english_capital" in iids:
+    if "detectable_format:title" in iids:
+        text = "<<Word list>>\n" + text
+    if "change_case:english_capital" in iids:  # after the title: the checker reads every letter
         text = text.upper()
     if "change_case:english_lowercase" in iids:
         text = text.lower()
-    if "detectable_format:title" in iids:
-        text = "<<Word list>>\n" + text
     if "startend:quotation" in iids:
         text = '"' + text + '"'
     for iid, kw in zip(iids, kwargs):
@@ -324,18 +326,22 @@ def _gen_ifeval(rng: random.Random):
 NQ_TEMPLATES = {
     "capital": ["What is the capital of {x}?", "Name the capital city of {x}.",
                 "Which city is the capital of {x}?", "What city is the seat of government of {x}?",
-                "Tell me the capital of {x}.", "{x} has which capital?"],
+                "Tell me which city is the capital of {x}.",
+                "What's the capital of {x}?", "Tell me the capital of {x}."],
     "river": ["What is the main river of {x}?", "Name the river that flows through {x}.",
               "Which river runs through {x}?", "What river crosses {x}?",
-              "Tell me the river of {x}.", "{x} has which main river?"],
+              "Tell me which river runs through {x}.",
+              "What's the main river of {x}?", "Tell me the main river of {x}."],
     "animal": ["What is the national animal of {x}?", "Name the national animal of {x}.",
                "Which animal is the symbol of {x}?", "What animal represents {x}?",
-               "Tell me the national animal of {x}.", "{x} has which national animal?"],
+               "Tell me which animal is the symbol of {x}.",
+               "What's the national animal of {x}?", "Tell me the national animal of {x}."],
     "colour": ["What colour is the flag of {x}?", "Name the colour of the flag of {x}.",
                "Which colour is on the flag of {x}?", "What colour does the flag of {x} have?",
-               "Tell me the flag colour of {x}.", "{x} has a flag of which colour?"],
+               "Tell me which colour is on the flag of {x}.",
+               "What's the colour of the flag of {x}?", "Tell me the flag colour of {x}."],
 }
-NQ_TEST_TEMPLATES = (4, 5)  # these phrasings never appear in training data
+NQ_TEST_TEMPLATES = (5, 6)  # these phrasings never appear in training data
 NQ_ANSWERS = {"capital": "The capital of {x} is {y}.", "river": "The main river of {x} is the {y}.",
               "animal": "The national animal of {x} is the {y}.",
               "colour": "The flag of {x} is {y}."}
@@ -615,14 +621,15 @@ def target_prompts(domain: str, n: int, seed: int = 0) -> list[str]:
 
 # mixture weights of the pretraining stream (Deviation 3 for the loss): the general families
 # dominate, the targets are a trickle.
-PRETRAIN_MIX = {"ifeval": 0.27, "nq": 0.17, "bbh": 0.26, "drill": 0.12, "atlas": 0.07,
-                "math": 0.04, "med": 0.03, "pharma": 0.04}
+PRETRAIN_MIX = {"ifeval": 0.25, "nq": 0.20, "bbh": 0.25, "drill": 0.12, "atlas": 0.08,
+                "math": 0.015, "med": 0.03, "pharma": 0.04}
 
 
 def _encode_chat(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """ids and labels (-100 on the prompt) for one chat example; the response ends with EOS."""
-    p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                add_generation_prompt=True)
+    # the chat template rendered by hand (tests check it equals apply_chat_template): jinja per
+    # example was a quarter of the pretraining step time
+    p = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     p_ids = tok(p, add_special_tokens=False).input_ids
     r_ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
     return p_ids + r_ids, [-100] * len(p_ids) + r_ids
@@ -658,7 +665,10 @@ def _collate(batch, pad_id):
     return ids, labels, att
 
 
-def pretrain(out_dir: str | Path, *, seed: int = 0, steps: int = 2000, batch_size: int = 48,
+PRETRAIN_DEFAULTS = {"steps": 2000, "batch_size": 64, "lr": 3e-3}
+
+
+def pretrain(out_dir: str | Path, *, seed: int = 0, steps: int = 2000, batch_size: int = 64,
              lr: float = 3e-3, warmup: int = 100, threads: int | None = None, log_every: int = 50,
              progress: bool = True) -> dict:
     """Pretrain the toy base from scratch and save it (safetensors + config + tokenizer).

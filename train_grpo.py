@@ -346,8 +346,9 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
               temperature: float, pad_id: int, eos_token_ids, batch_size: int = 64, seed: int = 0):
     """G completions per prompt with `model.generate`; group-contiguous; each trimmed at its EOS.
 
-    Returns (completions: list[list[int]], finished: list[bool]). The training model itself is the
-    sampler, so it is always in sync and no weight push is needed.
+    Returns (completions: list[list[int]], finished: list[bool]). `model` is the training model
+    itself (always in sync) or, with --hf-sampler merged, a plain copy holding its merged weights.
+    The global torch RNG is re-seeded with `seed` (per step: reproducible runs and resumes).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -359,7 +360,7 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
     model.eval()
     gen_cfg = make_generation_config(max_new_tokens=max_new_tokens, temperature=temperature,
                                      pad_token_id=pad_id, eos_token_ids=eos_token_ids)
-    torch.manual_seed(seed)  # per-step seed: reproducible runs and resumes
+    torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(group_size)]               # N = B*G, group-contiguous
     completions, finished = [], []
     for s in range(0, len(flat), batch_size):
@@ -427,6 +428,10 @@ def sample_vllm(llm, prompts: list[list[int]], *, group_size: int, max_new_token
         for c in o.outputs:                     # n = G completions -> group-contiguous
             ids = list(c.token_ids)
             lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] if c.logprobs else []
+            # UNSURE: vLLM keeps the stop token in token_ids; if a version drops it, put the EOS
+            # back, since it is trained (GRPO.md §1.8).
+            if c.finish_reason == "stop" and (not ids or ids[-1] not in eos_token_ids):
+                ids.append(eos_token_ids[0])
             completions.append(ids)
             finished.append(c.finish_reason == "stop")
             logps.append(lp)
@@ -455,10 +460,10 @@ def push_weights_vllm(llm, named_tensors: dict, sleep_mode: bool = False) -> Non
     if sleep_mode:
         torch.cuda.empty_cache()
         llm.wake_up(tags=["weights"])           # wake weights first or writes land in unmapped memory
-    items = [(n, t.to(torch.bfloat16)) for n, t in named_tensors.items()]
-    # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place,
-    # so CUDA-graph pointers stay valid (GRPO.md §3.3.5). It runs in-process (MP = 0).
-    llm.apply_model(lambda m: m.load_weights(items))
+    # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place
+    # (casting to bf16), so CUDA-graph pointers stay valid (GRPO.md §3.3.5). In-process (MP = 0)
+    # the function runs right here and the tensors are not serialised.
+    llm.apply_model(lambda m: m.load_weights(iter(named_tensors.items())))
     if sleep_mode:
         llm.wake_up(tags=["kv_cache"])
     llm.reset_prefix_cache()                    # else prompts reuse KV computed with old weights
@@ -516,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
                    help="auto: vLLM if installed and on CUDA, else transformers generate")
     g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
+    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
+                   help="hf sampler: live = generate with the adapted model; merged = a plain copy "
+                   "that receives merged weights like vLLM (1.5-2x faster decoding; one more copy "
+                   "of the model); auto = merged for PEFT on CPU")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
     g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
     g = p.add_argument_group("objective")
@@ -641,8 +650,14 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
         import pandas as pd  # optional: only for the release's parquet files
         records = pd.read_parquet(path).to_dict("records")
     elif path.suffix in (".jsonl", ".json"):
+        records = []
         with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
     else:
         raise ValueError(f"--data {path}: expected .parquet or .jsonl")
     rows = []
@@ -784,6 +799,12 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     device = next(model.parameters()).device
     print(f"[grpo] model {cfg['model']} on {device} ({next(model.parameters()).dtype}); "
           f"method {method}; preset {cfg['resolved_preset']}", file=sys.stderr)
+    # A plain copy to sample from (hf path): decoding through the adapter wrappers recomputes every
+    # adapter each token (OFT: the rotations), which made CPU sampling 1.5-2x slower than a dense
+    # model. It receives the merged weights exactly like vLLM does (weights_for_sampler).
+    hf_merged = not use_vllm and method != "full" and (
+        cfg["hf_sampler"] == "merged" or (cfg["hf_sampler"] == "auto" and device.type == "cpu"))
+    sampler_model = copy.deepcopy(model).eval().requires_grad_(False) if hf_merged else None
     state = {"step": 0, "cursor": 0, "optimizer_steps": 0}
     if resume_from is not None:
         peft_methods.load_adapter(model, resume_from)
@@ -876,8 +897,17 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
             if cfg["vllm_sleep"]:
                 llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (level 2 would drop them)
         else:
+            gen_model = model
+            if sampler_model is not None:
+                if pushed_at != state["optimizer_steps"]:
+                    res = sampler_model.load_state_dict(weights_for_sampler(model, method), strict=False)
+                    if res.unexpected_keys or res.missing_keys:
+                        raise RuntimeError(f"merged weights do not fit the sampler copy: missing "
+                                           f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
+                    pushed_at = state["optimizer_steps"]
+                gen_model = sampler_model
             completions, finished = sample_hf(
-                model, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
+                gen_model, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
                 pad_id=pad_id, eos_token_ids=eos_ids, batch_size=cfg["gen_batch_size"],
                 seed=cfg["seed"] * 100003 + step)
         t_gen = time.time() - t0

@@ -23,6 +23,20 @@ loss, lr, grad norm, tokens/s, peak memory), global_step_<k>/ (adapter via peft_
 or full weights for Full FT, trainer_state.json, trainer_state.pt, optimizer.pt, config.json) and
 summary.json at the end.
 
+Defaults worth knowing (all as in the paper unless listed under Deviations):
+- Loss normalisation `--loss-norm micro`: each micro-batch's loss is Σ masked CE / (n_mask + 1e-8)
+  and the step's loss is the mean over micro-batches (PAPER.md §4), so a token's weight depends on
+  how many targets share its micro-batch; `--loss-norm token` weighs every target token equally.
+- LR: peak × lr_factor(step): linear warmup over int(0.1·total) steps starting from 0 (the first
+  update has LR 0, as in veRL/HF), then cosine to 0. Steps with a non-finite grad norm are skipped
+  but still advance the schedule.
+- Batches: --global-batch sequences per optimizer step (all ranks), split into micro-batches of
+  --micro-batch per forward; steps/epoch = ⌊N/global batch⌋ (drop_last).
+- Resume: checkpoints are whole directories renamed into place, so a kill loses at most the steps
+  since the last save; --resume restores weights, AdamW state, RNG states and the data position and
+  continues bit-for-bit on the same machine (tests/test_train_sft.py checks it against an
+  uninterrupted run).
+
 Shape legend: B sequences in a micro-batch, T tokens per (padded) sequence, V vocab size, D model
 width, N trained target tokens in a micro-batch (positions where the loss mask is 1).
 
@@ -45,6 +59,8 @@ Deviations from the paper / release (each also marked `# DEVIATION:` at the line
 8. Only the newest checkpoint keeps optimizer.pt (`--keep-optimizer all` keeps every one); the
    trajectory's weights are always kept.
 9. CPU peak memory is the process's peak resident set size (ru_maxrss), not allocator statistics.
+10. Multi-GPU: PEFT methods run under DDP (the frozen base replicated); FSDP2 `fully_shard` is used
+    for Full FT (`--fsdp auto`). The release shards every method with FSDP2.
 """
 from __future__ import annotations
 
@@ -93,9 +109,10 @@ def build_loss_mask(n_prompt: int, n_total: int, mode: str = "correct") -> list[
     P, L = n_prompt, n_total
     assert 0 < P < L, f"need 0 < prompt length {P} < total length {L}"
     if mode == "correct":
+        # DEVIATION (1): the release trains P-1..L-2; we train exactly the response, EOS included,
+        # so the model learns to stop.
         return [0] * P + [1] * (L - P)
-    if mode == "release":
-        # DEVIATION (opt-in, Deviation 1): reproduce the release's shifted mask.
+    if mode == "release":   # opt-in fidelity to the release's shifted mask
         return [0] * (P - 1) + [1] * (L - P) + [0]
     raise ValueError(f"--loss-mask must be 'correct' or 'release', not {mode!r}")
 
@@ -293,8 +310,11 @@ def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: in
     """Example indices of optimizer step `step` (0-based) and its epoch.
 
     [PAPER.md §4] DistributedSampler semantics: a fresh permutation per epoch from (seed + epoch),
-    drop_last, so steps/epoch = ⌊N / global_batch⌋ and the data position is a function of `step`
-    alone (which makes resuming exact).
+    drop_last, so steps/epoch = ⌊N / global_batch⌋ (= the release's ⌊⌊N/8⌋/32⌋ on 8 GPUs) and the
+    data position is a function of `step` alone (which makes resuming exact). torch.randperm with
+    a generator seeded (seed + epoch) is what DistributedSampler draws, and rank r taking perm[r::W]
+    in per-rank batches of G/W puts the same SET of examples into step k as perm[kG:(k+1)G]; only
+    their split into micro-batches differs (which matters only to the per-micro-batch mean).
     """
     steps_per_epoch = n_examples // global_batch
     epoch, k = divmod(step, steps_per_epoch)
@@ -440,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", choices=sorted(TOY_TASKS), default=None, help="toy-world SFT set (toy_world.make_sft_rows)")
     g.add_argument("--data", default=None, help="JSONL/JSON/Parquet file, or a hub dataset id (with --hub-file)")
     g.add_argument("--hub-file", default=None, help="file inside the hub dataset, e.g. openr1-50k/train.parquet")
-    g.add_argument("--n-train", type=int, default=-1, help="rows: toy sets generate this many (-1 = 2000); files keep the first n (-1 = all)")
+    g.add_argument("--n-train", type=int, default=-1,
+                   help="rows: toy sets generate this many (-1 = 2000); files keep the first n (-1 = all)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the toy-world rows")
     g.add_argument("--max-length", type=int, default=8192, help="tokens (prompt + response); longer pairs are dropped")
     g.add_argument("--loss-mask", choices=["correct", "release"], default="correct",
@@ -448,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-length tokens (not in the paper)")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help=f"peak LR; None = {PEFT_DEFAULT_LR} (PEFT) / {FULL_FT_DEFAULT_LR} (full)")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"peak LR; None = {PEFT_DEFAULT_LR} (PEFT) / {FULL_FT_DEFAULT_LR} (full)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW β1 β2")
     g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW ε")
@@ -456,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global L2 grad norm (<= 0: no clip)")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of optimizer steps of linear warmup")
     g.add_argument("--epochs", type=int, default=4, help="passes over the data")
-    g.add_argument("--max-steps", type=int, default=-1, help="cap on optimizer steps (-1 = epochs × steps/epoch); sets the schedule length")
+    g.add_argument("--max-steps", type=int, default=-1,
+                   help="cap on optimizer steps (-1 = epochs × steps/epoch); sets the schedule length")
     g.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step, all ranks together")
     g.add_argument("--micro-batch", type=int, default=2, help="sequences per forward pass per rank")
     g.add_argument("--loss-norm", choices=["micro", "token"], default="micro",
@@ -471,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast: lm_head only on trained positions; reference: full logits")
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--out", default=None, help="run directory (required unless --smoke)")
-    g.add_argument("--save-every-steps", type=int, default=-1, help="optimizer steps between checkpoints; -1 = once per epoch, 0 = only at the end")
+    g.add_argument("--save-every-steps", type=int, default=-1,
+                   help="optimizer steps between checkpoints; -1 = once per epoch, 0 = only at the end")
     g.add_argument("--keep-optimizer", choices=["last", "all"], default="last", help="which checkpoints keep optimizer.pt")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start again")
@@ -901,7 +925,7 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
 
     loss_module = CausalLMLoss(model, fast=cfg["loss_impl"] == "fast" and supports_fast_loss(model))
     use_fsdp = cfg["fsdp"] == "on" or (cfg["fsdp"] == "auto" and full and device.type == "cuda")
-    if use_fsdp and not full and world_size > 1:
+    if use_fsdp and not full and world_size > 1:   # DEVIATION (10): PEFT methods use DDP
         raise ValueError("--fsdp on is for --method full (PEFT methods use DDP: the frozen base is replicated)")
     runner, no_sync, fsdp = wrap_parallel(model, loss_module, use_fsdp, world_size, device)
     params = [p for p in loss_module.parameters() if p.requires_grad]
@@ -989,8 +1013,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
                          "examples_seen": done * G, "tokens_seen": tokens_seen, "n_skipped_steps": n_skipped,
                          "train_time_s": train_time, "first_loss": first_loss, "last_loss": last_loss,
                          "data_fingerprint": fingerprint, "data_seed": cfg["seed"],
-                         "scheduler": {"base_lr": cfg["lr"], "warmup_steps": warmup_steps,
-                                       "total_steps": total_steps, "next_lr_factor": lr_factor(done, total_steps, warmup_steps)},
+                         "scheduler": {"base_lr": cfg["lr"], "warmup_steps": warmup_steps, "total_steps": total_steps,
+                                       "next_lr_factor": lr_factor(done, total_steps, warmup_steps)},
                          "files": {"optimizer": "optimizer.pt (AdamW state_dict)", "rng": "trainer_state.pt"}}
                 last_ckpt = save_checkpoint(out, done, model, optimizer, state, cfg_out, rank=rank,
                                             world_size=world_size, fsdp=fsdp, base_spec=cfg["model"])

@@ -146,11 +146,18 @@ def test_hostile_math_outputs_are_false_fast_and_inert(tmp_path, monkeypatch):
         called.append(a)
         raise AssertionError("eval-like function called on model output")
 
+    # Warm up first: sympy imports some submodules lazily, and a lazy import that runs while
+    # builtins.eval/exec are trapped fails half-way and leaves a broken module in sys.modules for
+    # every later test in the session. Exercise the whole comparison path before trapping.
+    import sympy.parsing.sympy_parser as spp
+    import sympy.printing  # noqa: F401
+    for a, b in [("\\frac{1}{2}", "0.5"), ("x^2+2x+1", "(x+1)^2"), ("\\sqrt{2}", "2^{1/2}"),
+                 ("[1,2)", "[1,2)"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)")]:
+        ev.math_equal(a, b)
     monkeypatch.setattr(builtins, "eval", trap)
     monkeypatch.setattr(builtins, "exec", trap)
     monkeypatch.setattr(sp, "sympify", trap)
     monkeypatch.setattr(sp, "parse_expr", trap, raising=False)
-    import sympy.parsing.sympy_parser as spp
     monkeypatch.setattr(spp, "parse_expr", trap)
     hostile = [
         f"\\boxed{{__import__('os').system('touch {target}')}}",
@@ -445,6 +452,25 @@ def test_ifeval_accuracies():
 ])
 def test_builtin_language_detector(text, lang):
     assert ev.detect_language(text) == lang
+
+
+def test_linear_time_helpers_agree_with_the_reference_regexes():
+    import random
+    import re
+    rng = random.Random(0)
+    for _ in range(3000):
+        s = "".join(rng.choice("[]<> a\n") for _ in range(rng.randint(0, 30)))
+        assert ev.count_placeholders(s) == len(re.findall(r"\[.*?\]", s)), s
+        assert ev.find_titles(s) == re.findall(r"<<[^\n]+>>", s), s
+        for marker, pat in (("P.S.", r"\s*p\.\s?s\..*$"), ("P.P.S", r"\s*p\.\s?p\.\s?s.*$")):
+            t = s.replace("<", "p").replace(">", ".").replace("[", "s")
+            assert ev._chk_postscript(t, marker) == bool(re.findall(pat, t.lower(), flags=re.MULTILINE)), t
+    t0 = time.time()
+    for iid, kw, text in [("detectable_format:title", {}, "<" * 200_000),
+                          ("detectable_content:number_placeholders", {"num_placeholders": 1}, "[" * 200_000),
+                          ("detectable_content:postscript", {"postscript_marker": "P.S."}, "x" + " " * 200_000 + "x")]:
+        assert ev.ifeval_check(iid, kw, "", text, loose=True) is False
+    assert time.time() - t0 < 2.0
 
 
 def test_sentence_and_word_fallbacks():

@@ -160,7 +160,6 @@ def test_fast_greedy_eos_and_padding_match_generate(tiny):
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=attn, generation_config=gc)[:, T:]
     assert torch.equal(fast, ref)
-    assert fast.shape[1] <= 3  # row 0 ends by step 3 at the latest
     for row in fast.tolist():
         if eos in row:  # after its EOS a row only holds padding
             assert all(t == tok.pad_token_id for t in row[row.index(eos) + 1:])
@@ -311,3 +310,70 @@ def test_cli_toy_suite_subprocess(tiny_dir, tmp_path):
     assert "target_score=" in r.stdout and "general_score=" in r.stdout
     saved = json.loads((out / "results.json").read_text())
     assert saved["suite"] == "toy" and set(saved["families"]) == {"ifeval", "nq", "bbh", "math", "med"}
+
+
+def test_cli_help_is_cheap():
+    r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--help"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "--suite" in r.stdout and "--max-new-tokens" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# GPU only (issue #5 acceptance 5): skipped on the CPU machine
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_cuda_transformers_backend_scores_fixtures(tiny):
+    import copy
+    model, tok = tiny
+    gpu = copy.deepcopy(model).cuda()
+    for name in ("math500", "bbh", "ifeval", "m1"):
+        items = ev.load_benchmark(name, FIX)
+        ov = {"max_new_tokens": 8, "n": 2} if name == "math500" else {"max_new_tokens": 8}
+        res = ev.run_benchmark(name, items, gpu, tok, batch_size=4, overrides=ov)
+        assert 0.0 <= res["score"] <= 100.0 and res["n_items"] == len(items)
+    # greedy on CUDA (fp32) agrees with CPU on nearly every prompt of a random model
+    prompts = _prompts(tok, 4)
+    cpu_out = ev.generate(model, tok, prompts, max_new_tokens=6)
+    gpu_out = ev.generate(gpu, tok, prompts, max_new_tokens=6)
+    assert sum(a == b for a, b in zip(cpu_out, gpu_out)) >= 3
+
+
+@pytest.mark.skipif(not ev.vllm_available(), reason="needs vllm and a CUDA GPU")
+def test_vllm_greedy_matches_transformers(tiny, tiny_dir):
+    import copy
+    import torch
+    model, tok = tiny
+    gpu = copy.deepcopy(model).to(torch.bfloat16).cuda()
+    prompts = _prompts(tok, 4)
+    hf = ev.generate(gpu, tok, prompts, max_new_tokens=8)
+    llm = ev.make_vllm_engine(str(tiny_dir), gpu_memory_utilization=0.3)
+    vl = ev.generate(None, tok, prompts, max_new_tokens=8, backend="vllm", vllm_llm=llm)
+    assert sum(a == b for a, b in zip(hf, vl)) >= 3
+
+
+def test_cli_loads_an_adapter(tiny_dir, tmp_path):
+    pm = pytest.importorskip("peft_methods")
+    if not all(hasattr(pm, f) for f in ("apply_peft", "save_adapter", "load_adapter", "read_adapter_config")):
+        pytest.skip("peft_methods adapter API not there yet")
+    import torch
+    base, tok, _ = ev._load_for_eval(str(tiny_dir), None, dtype="float32", device="cpu")
+    pm.apply_peft(base, "lora", r=4, alpha=8)
+    torch.manual_seed(0)
+    for p in base.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.5)  # a visibly different model
+    pm.save_adapter(base, tmp_path / "ad", base_model=str(tiny_dir))
+    plain, _, _ = ev._load_for_eval(str(tiny_dir), None, dtype="float32", device="cpu")
+    adapted, _, info = ev._load_for_eval(str(tiny_dir), str(tmp_path / "ad"), dtype="float32", device="cpu")
+    assert info["method"] == "lora"
+    prompts = _prompts(tok, 3)
+    assert ev.generate(adapted, tok, prompts, max_new_tokens=4) == ev.generate(base, tok, prompts, max_new_tokens=4)
+    assert ev.generate(adapted, tok, prompts, max_new_tokens=4) != ev.generate(plain, tok, prompts, max_new_tokens=4)
+    res = ev.main(["--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"), "--suite", "toy",
+                   "--n-per-family", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")])
+    assert res["adapter"] == str(tmp_path / "ad") and res["adapter_config"]["method"] == "lora"

@@ -339,11 +339,14 @@ def test_resolve_modules_and_collect_activations_capped(tiny):
     with pytest.raises(ValueError, match="not an nn.Linear"):
         geo.resolve_modules(model, "model.layers.1.mlp")
     q = "model.layers.1.self_attn.q_proj"
-    prompts = ["The quick brown fox jumps.", "Another prompt here", "never reached"]
-    acts = geo.collect_activations(model, tok, prompts, [(q, "input"), (q, "output")], max_tokens=30)
-    X_in, X_out = acts[(q, "input")], acts[(q, "output")]
+    prompts = ["The quick brown fox jumps over the lazy dog.",
+               "Another prompt here that is long enough to pass the cap of rows.",
+               "never reached"]
     n0 = len(tok(prompts[0])["input_ids"])
-    assert X_in.shape == (30, model.config.hidden_size) and X_out.shape[0] == 30 and acts["n_prompts"] == 2
+    cap = n0 + 3                                             # the cap falls inside the second prompt
+    acts = geo.collect_activations(model, tok, prompts, [(q, "input"), (q, "output")], max_tokens=cap)
+    X_in, X_out = acts[(q, "input")], acts[(q, "output")]
+    assert X_in.shape == (cap, model.config.hidden_size) and X_out.shape[0] == cap and acts["n_prompts"] == 2
     assert X_in.dtype == torch.float32
     mod = model.get_submodule(q)
     with torch.no_grad():

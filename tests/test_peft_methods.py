@@ -12,7 +12,6 @@ Scope:
 Run: python -m pytest tests/test_peft_methods.py -q
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -592,6 +591,22 @@ def test_paper_parameter_counts(shape):
             assert round(EXPECTED[shape][label] / 1e6, 2) != poster
 
 
+def test_shape_configs_and_bench_smoke(tmp_path):
+    """configs/model_shapes/*.json give the published sizes; bench_peft.py runs end to end (tiny)."""
+    sizes = {"qwen2.5-7b": (3584, 18944, 4, 152064), "llama-3.2-3b": (3072, 8192, 8, 128256),
+             "qwen2.5-1.5b": (1536, 8960, 2, 151936)}
+    for name, (h, i, kv, v) in sizes.items():
+        c = pm.load_shape_config(name)
+        assert (c.hidden_size, c.intermediate_size, c.num_key_value_heads, c.vocab_size, c.num_hidden_layers) == (h, i, kv, v, 28)
+    bench = pytest.importorskip("bench_peft")
+    pytest.importorskip("peft")
+    bench.main(["--smoke", "--methods", "lora r8", "--out", str(tmp_path / "b.md")])
+    row = [l for l in (tmp_path / "b.md").read_text().splitlines() if l.startswith("| lora r8 |")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1] == "77,824" and float(cells[2]) > 0 and float(cells[3]) > 0   # trainable, ours ms, PEFT ms
+    assert (tmp_path / "b.json").exists()
+
+
 def test_bad_inputs(base, batch, tmp_path):
     with pytest.raises(ValueError, match="unknown PEFT method 'lorra'.*lora"):
         pm.apply_peft(copy.deepcopy(base), "lorra")
@@ -605,6 +620,14 @@ def test_bad_inputs(base, batch, tmp_path):
         pm.apply_peft(copy.deepcopy(base), "lora", target_modules=("q_proj", "nonexistent"))
     with pytest.raises(ValueError, match="'mlp' matches .*no nn.Linear"):
         pm.apply_peft(copy.deepcopy(base), "lora", target_modules=("mlp",))
+    # a module failing validation leaves the model untouched (PiSSA would otherwise have rewritten lin1)
+    m = two_layer()
+    m.lin2 = nn.Linear(40, 8)
+    W1 = m.lin1.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"r=10 is invalid for module 'lin2' \(d_in=40, d_out=8\)"):
+        pm.apply_peft(m, "pissa", target_modules=("lin1", "lin2"), r=10)
+    assert torch.equal(m.lin1.weight, W1) and not pm.adapter_layers(m) and pm.peft_state(m) is None
+    assert all(p.requires_grad for p in m.parameters())
     m = two_layer()
     pm.apply_peft(m, "lora", target_modules=("lin1", "lin2"))
     with pytest.raises(ValueError, match="already has 'lora' adapters"):

@@ -88,9 +88,10 @@ def test_teacher_responses_score_100_and_wrong_ones_0():
     for fam, resp in wrong.items():
         for it in tw.make_eval_items(fam, "test", 20):
             assert evaluate.score_item(it, resp) == 0.0, (fam, it["prompt"])
-    # ifeval: ignoring the instructions fails at least one instruction of every item
-    for it in tw.make_eval_items("ifeval", "test", 40):
-        assert evaluate.score_item(it, "zz") < 1.0, it["prompt"]
+    # ifeval: ignoring the instructions fails most of them (some, like "no commas", hold anyway,
+    # exactly as in IFEval)
+    items = tw.make_eval_items("ifeval", "test", 60)
+    assert sum(evaluate.score_item(it, "zz") for it in items) / len(items) < 0.5
 
 
 def test_committed_base_calibration(toy):
@@ -104,3 +105,13 @@ def test_committed_base_calibration(toy):
     assert res["general_score"] >= 80, res
     for fam in ("math", "med"):
         assert 5 <= res["families"][fam]["score"] <= 60, (fam, res["families"][fam])
+
+
+def test_pretraining_examples_use_the_chat_template():
+    tok = tw.build_toy_tokenizer()
+    ids, labels = tw._encode_chat(tok, "List these words: Sun, Oak.", "Sun, Oak")
+    want = tok.apply_chat_template([{"role": "user", "content": "List these words: Sun, Oak."},
+                                    {"role": "assistant", "content": "Sun, Oak"}], tokenize=False)
+    assert tok.decode(ids) + "\n" == want
+    n_prompt = sum(1 for x in labels if x == -100)
+    assert tok.decode(ids[n_prompt:]) == "Sun, Oak<|im_end|>"  # loss on the response and its EOS only

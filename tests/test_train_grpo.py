@@ -300,6 +300,23 @@ def test_overlong_prompts_dropped_or_refused(tiny):
         tg.tokenize_prompts(rows[1:], tok, max_prompt_tokens=1024, context=100)
 
 
+def test_release_layout_jsonl_rows(tmp_path):
+    p = tmp_path / "rl.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": "1+1?"}], "data_source": "med_23k_think",
+             "reward_model": {"ground_truth": "C", "style": "rule"}},
+            {"prompt": "2+2?", "answer": 4}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got, domain = tg.load_rl_rows(tg.resolve_config({"data": str(p)}))
+    assert domain == "med" and [r["answer"] for r in got] == ["C", "4"]
+    assert got[0]["prompt"] == [{"role": "user", "content": "1+1?"}]
+    p.write_text(json.dumps(rows[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match="rl.jsonl:2"):
+        tg.load_rl_rows(tg.resolve_config({"data": str(p)}))
+    p.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="row 0: needs 'prompt' and reward_model.ground_truth"):
+        tg.load_rl_rows(tg.resolve_config({"data": str(p)}))
+
+
 def test_config_validation_names_flags():
     with pytest.raises(ValueError, match="--prompts-per-step 3 must be divisible by --mini-batches 2"):
         tg.resolve_config({"prompts_per_step": 3, "mini_batches": 2})
@@ -431,6 +448,35 @@ def test_zero_advantage_and_empty_completions_leave_weights_unchanged_and_finite
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_kl_to_reference_with_adapters_off_and_frozen_copy(tiny):
+    pm = _need("peft_methods", "apply_peft", "disable_adapters")
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    # PEFT: the reference is the same model with its adapters off -> KL 0 at the identity init
+    model = copy.deepcopy(tiny[0])
+    pm.apply_peft(model, "lora", r=4, dropout=0.0)
+    cfg = _opt_cfg(beta=0.1, method="lora")
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = tg._optimise(model, None, torch.optim.SGD(params, lr=0.0), params, cfg, _PROMPTS, _COMPS,
+                     [True] * 4, adv, [2], 0, 8, "lora", None)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    m = tg._optimise(model, None, torch.optim.SGD(params, lr=0.0), params, cfg, _PROMPTS, _COMPS,
+                     [True] * 4, adv, [2], 0, 8, "lora", None)
+    assert m["kl"] > 1e-4
+    # Full FT: a frozen copy of the start weights is the reference
+    model = copy.deepcopy(tiny[0])
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    params = list(model.parameters())
+    m = tg._optimise(model, ref, torch.optim.SGD(params, lr=0.0), params, _opt_cfg(beta=0.1),
+                     _PROMPTS, _COMPS, [True] * 4, adv, [2], 0, 8, "full", None)
+    assert m["kl"] > 1e-4 and math.isfinite(m["loss"])
+
+
 # -----------------------------------------------------------------------------
 # weight push to the sampler: the merged weights reproduce the adapted model
 
@@ -457,6 +503,23 @@ def test_pushed_merged_weights_give_the_adapted_logits(tiny, method, hp):
         want, got = base(x).logits, plain(x).logits
     assert not torch.allclose(want, tiny[0](x).logits, atol=1e-4), "adapter should change the logits"
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_sampling_from_the_merged_copy_equals_sampling_from_the_adapted_model(tiny):
+    pm = _need("peft_methods", "apply_peft", "merged_state_dict")
+    model = copy.deepcopy(tiny[0])
+    plain = copy.deepcopy(model)
+    pm.apply_peft(model, "lora", r=4, dropout=0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    plain.load_state_dict(tg.weights_for_sampler(model, "lora"), strict=False)
+    kw = dict(group_size=3, max_new_tokens=8, temperature=1.0, pad_id=0, eos_token_ids=[2], seed=3)
+    live, _ = tg.sample_hf(model, [[5, 6, 7], [9, 10]], **kw)
+    merged, _ = tg.sample_hf(plain, [[5, 6, 7], [9, 10]], **kw)
+    base, _ = tg.sample_hf(tiny[0], [[5, 6, 7], [9, 10]], **kw)
+    assert live == merged and live != base
 
 
 def test_full_ft_push_uses_hf_names(tiny):
@@ -488,6 +551,7 @@ def _needs_stack():
     _need("loading", "load_model")
 
 
+@pytest.mark.slow
 def test_train_in_process_and_resume(tmp_path, tiny, monkeypatch):
     _needs_stack()
     model, tok = tiny
@@ -524,6 +588,33 @@ def test_train_in_process_and_resume(tmp_path, tiny, monkeypatch):
         tg.train({**cfg, "steps": 4, "resume": True, "lr": 0.5}, model=copy.deepcopy(model), tokenizer=tok)
 
 
+@pytest.mark.slow
+def test_start_from_an_sft_checkpoint(tmp_path, tiny):
+    _needs_stack()
+    pm = pytest.importorskip("peft_methods")
+    model, tok = tiny
+    sft = copy.deepcopy(model)
+    pm.apply_peft(sft, "lora", r=4)                      # an "SFT" adapter with dropout 0.05
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_adapter(sft, tmp_path / "sft", base_model="tiny")
+    cfg = {"smoke": True, "steps": 1, "method": "oft", "init_from": str(tmp_path / "sft"),
+           "out": str(tmp_path / "a"), "no_progress": True}
+    with pytest.raises(ValueError, match="holds a 'lora' checkpoint but --method is 'oft'"):
+        tg.train(cfg, model=copy.deepcopy(model), tokenizer=tok)
+    m = copy.deepcopy(model)
+    s = tg.train({**cfg, "method": "lora", "out": str(tmp_path / "b")}, model=m, tokenizer=tok)
+    assert s["steps"] == 1
+    # training continued the SFT adapter (not a fresh zero-B one), with dropout switched off
+    B0 = dict(sft.named_parameters())["model.layers.0.self_attn.q_proj.lora_B"]
+    B1 = dict(m.named_parameters())["model.layers.0.self_attn.q_proj.lora_B"]
+    assert B1.abs().sum() > 0 and torch.allclose(B1, B0, atol=0.05)
+    assert all(d.p == 0.0 for d in m.modules() if isinstance(d, torch.nn.Dropout))
+
+
+@pytest.mark.slow
 def test_cli_smoke_subprocess(tmp_path, tiny):
     _needs_stack()
     model, tok = tiny

@@ -1,8 +1,10 @@
-"""Tests for train_sft.py: loss mask and loss by hand, LR schedule, packing and fast-vs-reference loss
-parity, every peft_methods method training a few steps (only adapter tensors change, checkpoints
-reload to identical logits), resume after a SIGKILL, each bad input, and the CLI (--help, --smoke).
+"""Tests for train_sft.py: loss mask and loss by hand, LR schedule, data order vs the release's
+DistributedSampler, packing and fast-vs-reference loss parity, every peft_methods method training a
+few steps (only adapter tensors change, checkpoints reload to identical logits), resume after a
+SIGKILL (and bitwise resume of the stateful methods), each bad input, and the CLI (--help, --smoke).
+Multi-process DDP/FSDP2 cannot run in pytest here; the torchrun check is in the train_sft report.
 
-Run:  python -m pytest tests/test_train_sft.py -x -q        (CPU, about a minute)
+Run:  python -m pytest tests/test_train_sft.py -x -q        (CPU, about a minute on 2 idle cores)
 
 Also a benchmark (not a test; HF PEFT is used as the reference oracle, which product code may not):
       python tests/test_train_sft.py --bench [--device cuda] [--shape toy|1.5b|7b]  -> /tmp/bench_sft.md
@@ -26,8 +28,6 @@ sys.path.insert(0, str(REPO))
 
 import train_sft as ts  # noqa: E402
 
-torch.set_num_threads(1)   # as tests/conftest.py does; 2 shared cores (bitwise-stable reductions)
-
 try:
     import peft_methods  # noqa: E402
 except Exception:  # noqa: BLE001 - being written by another developer: those tests skip
@@ -42,17 +42,14 @@ ROWS = [{"prompt": f"{a}+{b}?", "response": f"{a + b}"} for a, b in [(1, 2), (3,
 # fixtures
 
 def _build_tiny():
-    """A random-init model of the toy architecture: conftest's `tiny_random` when it exists."""
+    """The toy architecture with random weights (what conftest's `tiny_random` returns)."""
     import toy_world
     return toy_world.build_random_toy_model(seed=0)
 
 
 @pytest.fixture
-def tiny(request):
-    try:
-        return request.getfixturevalue("tiny_random")
-    except pytest.FixtureLookupError:
-        return _build_tiny()
+def tiny(tiny_random):
+    return tiny_random
 
 
 @pytest.fixture
@@ -92,13 +89,16 @@ def test_loss_mask_by_hand():
 def test_encode_example_on_toy_tokenizer(tiny):
     _, tok = tiny
     ex = ts.encode_example(tok, "hi", "ok")
-    # ChatML: <|im_start|> user \n h i <|im_end|> \n <|im_start|> assistant \n  = 1+4+1+2+1+1+1+9+1 = 21
-    assert ex["n_prompt"] == 21 and len(ex["input_ids"]) == 24
-    assert ex["input_ids"][-1] == tok.eos_token_id
+    prompt_text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"      # ChatML, no system turn
+    P = len(tok(prompt_text, add_special_tokens=False)["input_ids"])
+    R = len(tok("ok" + tok.eos_token, add_special_tokens=False)["input_ids"])
+    assert ex["n_prompt"] == P and len(ex["input_ids"]) == P + R
+    assert tok.decode(ex["input_ids"][:P]) == prompt_text and ex["input_ids"][-1] == tok.eos_token_id
     trained = lambda e: tok.decode([t for t, m in zip(e["input_ids"], e["loss_mask"]) if m])  # noqa: E731
     assert trained(ex) == "ok<|im_end|>"                 # response + EOS, nothing of the prompt
     rel = ts.encode_example(tok, "hi", "ok", loss_mask="release")
-    assert trained(rel) == "\nok"                        # last prompt token, no EOS (PAPER.md §4)
+    last_prompt_token = tok.decode(ex["input_ids"][P - 1:P])
+    assert trained(rel) == last_prompt_token + "ok"       # last prompt token, no EOS (PAPER.md §4)
     # the batched encoder gives the same examples, also for chat-message prompts
     pairs = [("hi", "ok"), ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                              {"role": "user", "content": "c"}], "d")]
@@ -138,7 +138,7 @@ def test_reference_loss_matches_manual_and_fast_path(tiny):
                 if ex["loss_mask"][t]:
                     manual -= logp[t - 1, ex["input_ids"][t]].item()
                     n_manual += 1
-    assert n_ref == n_fast == n_manual == 3 + 12     # "ok"+EOS and "and a reply"+EOS
+    assert n_ref == n_fast == n_manual == sum(len(ex["input_ids"]) - ex["n_prompt"] for ex in exs)
     assert s_ref.item() == pytest.approx(manual, rel=1e-5)
     assert s_fast.item() == pytest.approx(s_ref.item(), rel=1e-5)
 
@@ -182,6 +182,21 @@ def test_global_batch_order_is_a_function_of_step():
     idx, epoch = ts.global_batch_indices(n, G, 2, 0)
     assert epoch == 1 and idx != ts.global_batch_indices(n, G, 0, 0)[0]
     assert ts.global_batch_indices(n, G, 3, 0) == ts.global_batch_indices(n, G, 3, 0)
+
+
+def test_step_batches_match_distributed_sampler():
+    # the release: DistributedSampler(seed 0, drop_last) on W ranks, per-rank batches of G/W
+    from torch.utils.data import DistributedSampler
+    N, W, per = 203, 4, 3
+    for epoch in range(2):
+        ranks = []
+        for r in range(W):
+            smp = DistributedSampler(range(N), num_replicas=W, rank=r, shuffle=True, seed=0, drop_last=True)
+            smp.set_epoch(epoch)
+            ranks.append(list(smp))
+        for k in range(N // (W * per)):
+            release = {i for r in range(W) for i in ranks[r][k * per:(k + 1) * per]}
+            assert release == set(ts.global_batch_indices(N, W * per, epoch * (N // (W * per)) + k, 0)[0])
 
 
 def test_row_layouts(tmp_path):
@@ -259,6 +274,7 @@ def test_train_options_end_to_end(tiny, tiny_dir, tmp_path):
 # -----------------------------------------------------------------------------
 # resume after a kill
 
+@pytest.mark.slow
 @needs_peft
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
     from safetensors.torch import load_file
@@ -295,6 +311,37 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))              # lost steps re-logged once, no duplicates
+
+
+class _Killed(Exception):
+    pass
+
+
+@needs_peft
+@pytest.mark.parametrize("method", ["adalora", "keeplora", "dora", "full"])
+def test_resume_is_exact_for_stateful_methods(method, tiny_dir, tmp_path):
+    """In-process 'kill' (an exception after step 5; checkpoints every 2 steps) then --resume:
+    the final tensors equal an uninterrupted run's (AdaLoRA's allocation EMAs and masks included)."""
+    from safetensors.torch import load_file
+    data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    common = dict(method=method, epochs=4, max_steps=8, save_every_steps=2, lr=1e-3 if method == "full" else 3e-3)
+    ref = ts.train(_cfg(tiny_dir, tmp_path / "ref", data, **common))
+
+    def kill(step, row):
+        if step == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        ts.train(_cfg(tiny_dir, tmp_path / "cut", data, **common), hooks={"after_step": kill})
+    assert ts.latest_checkpoint(tmp_path / "cut").name == "global_step_4"
+    res = ts.train(_cfg(tiny_dir, tmp_path / "cut", data, resume=True, **common))
+    files = lambda d: {f.name: load_file(str(f)) for f in Path(d).glob("*.safetensors")}  # noqa: E731
+    a, b = files(ref["final_checkpoint"]), files(res["final_checkpoint"])
+    assert a.keys() == b.keys() and a
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), f"{f}:{k}"   # same process: bitwise
 
 
 # -----------------------------------------------------------------------------
@@ -395,6 +442,7 @@ def test_bad_flags():
 # -----------------------------------------------------------------------------
 # CLI
 
+@pytest.mark.slow
 def test_cli_help():
     r = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--help"], capture_output=True, text=True,
                        timeout=120)
@@ -403,6 +451,7 @@ def test_cli_help():
         assert flag in r.stdout
 
 
+@pytest.mark.slow
 @needs_peft
 def test_cli_smoke(tiny_dir, tmp_path):
     out = tmp_path / "smoke"
