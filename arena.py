@@ -112,7 +112,7 @@ INTERP_CELLS = ["Full FT", "LoRA r8", "OFT b16"]
 # Toy-world budgets (DEVIATION 3: the toy needs larger learning rates and far fewer steps than the
 # paper's 2e-4 x 4 epochs of 50k samples; measured in the README).
 DEMO = {
-    "full": dict(sft_steps=150, quick_sft_steps=80, n_per_family=100, quick_n=50,
+    "full": dict(sft_steps=150, quick_sft_steps=60, n_per_family=100, quick_n=50,
                  grpo_steps=12, quick_grpo_steps=0, grid="0:1:0.2", quick_grid="0:1:0.5"),
     "sft": dict(global_batch=16, micro_batch=16, lr_full=1e-3, lr_peft=3e-3, n_train=2000),
     # GRPO uses train_grpo.TOY_PRESET (batch, G, lengths, learning rates)
