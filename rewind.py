@@ -1442,7 +1442,8 @@ def main(argv=None) -> dict:
     if args.eval == "toy" and args.base != "toy" and not args.smoke:
         print(f"[rewind] warning: --eval toy scores the toy world's items on --base {args.base!r}; for real "
               "models use --eval none --save all and evaluate.py", file=sys.stderr)
-    cfg = dict(vars(args), argv=sys.argv if argv is None else list(argv), torch_threads=torch.get_num_threads(),
+    # the command as a user would type it (also when called in-process, e.g. by arena.py demo)
+    cfg = dict(vars(args), argv=["rewind.py"] + (sys.argv[1:] if argv is None else list(argv)), torch_threads=torch.get_num_threads(),
                device_resolved=str(loading.pick_device(args.device)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,65 @@
+"""arena.py: the demo driver end to end on a test-only grid (one SFT cell, a handful of steps), the
+output schema, finite numbers, resume on rerun, the report helpers, and the CLI help.
+
+    python -m pytest tests/test_arena.py -q
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import arena
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pareto_and_leaderboard():
+    pts = [(0, 0), (30, 0), (34, -1), (30, -6), (10, -2)]
+    assert arena.pareto_indices(pts) == [1, 2]
+    md = arena.leaderboard_markdown([{"paradigm": "SFT", "method": "LoRA r8", "trainable_params": 90112,
+                                      "target": 82.0, "general": 93.3, "target_gain": 49.0,
+                                      "forgetting": 3.9}])
+    assert md.splitlines()[0].startswith("| Train | Method | Tr. |") and "| SFT | LoRA r8 | 90.1K | 82.0 | 93.3 | +49.0 | +3.9 |" in md
+
+
+@pytest.mark.slow
+def test_demo_on_a_test_grid_writes_results_and_resumes(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(arena, "SFT_CELLS", [("LoRA r8", "lora", {"r": 8, "alpha": 16})])
+    monkeypatch.setattr(arena, "QUICK_SFT", {"LoRA r8"})
+    monkeypatch.setattr(arena, "INTERP_CELLS", ["LoRA r8"])
+    demo = {"full": dict(arena.DEMO["full"], quick_sft_steps=3, quick_n=4, quick_grid="0:1:1",
+                         quick_grpo_steps=0),
+            "sft": dict(arena.DEMO["sft"], global_batch=4, micro_batch=4, n_train=32)}
+    monkeypatch.setattr(arena, "DEMO", demo)
+    run = tmp_path / "demo"
+    rows = arena.run_demo(run, domain="math", quick=True, log=lambda *a: None)
+    assert [r["paradigm"] for r in rows] == ["Base", "SFT"]
+    for f in ("results.json", "results.csv", "leaderboard.md", "stability_plasticity.png",
+              "interpolation/results.json"):
+        assert (run / f).exists(), f
+    res = json.loads((run / "results.json").read_text())
+    for r in res["rows"]:
+        for k in ("trainable_params", "target", "general", "target_gain", "forgetting"):
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (r["method"], k)
+    assert res["rows"][1]["trainable_params"] == 90112          # LoRA r8 on the toy base
+    assert res["rows"][0]["forgetting"] == 0.0
+    header = (run / "results.csv").read_text().splitlines()[0]
+    assert header == "paradigm,method,trainable_params,target,general,target_gain,forgetting"
+
+    # a rerun skips every finished cell: no training, same rows
+    called = []
+    import train_sft
+    monkeypatch.setattr(train_sft, "train", lambda *a, **k: called.append(1))
+    rows2 = arena.run_demo(run, domain="math", quick=True, log=lambda *a: None)
+    assert not called and [r["target"] for r in rows2] == [r["target"] for r in rows]
+
+
+def test_cli_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "arena.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0
+    for cmd in ("pretrain-toy", "calibrate", "demo"):
+        assert cmd in out.stdout
