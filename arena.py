@@ -211,7 +211,6 @@ def run_demo(run: Path, *, domain: str = "math", quick: bool = False, log=print)
                            no_progress=False, **hp)
                 train_sft.train(cfg)
             else:
-                G = DEMO["grpo"]
                 steps = P["quick_grpo_steps"] if quick else P["grpo_steps"]
                 cfg = dict(model="toy", method=method, task=f"toy-{domain}", out=str(ckpt_root),
                            preset="toy", steps=steps, save_every_steps=steps, resume=resume,

@@ -473,11 +473,13 @@ def push_weights_vllm(llm, named_tensors: dict, sleep_mode: bool = False) -> Non
 # Configuration
 
 PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
-                    steps=200, lr_peft=1e-5, lr_full=1e-6)
-# DEVIATION 7: found on this CPU for the 1M-parameter toy model (see README / the report);
-# larger LRs than the paper's, short completions (char-level answers are ~60 tokens).
-TOY_PRESET = dict(prompts_per_step=16, group_size=8, max_new_tokens=96, mini_batches=2,
-                  steps=30, lr_peft=2e-3, lr_full=2e-4)
+                    steps=200, lr={"full": 1e-6, "*": 1e-5})
+# DEVIATION 7: the toy preset was swept on this CPU with the committed toy base (toy-math,
+# evaluate_toy greedy, 200 items): ~75 s of training per method on 2 shared cores. G = 16 and 4
+# optimiser steps per rollout gave steadier gains than G = 8; LRs above these (LoRA 2e-3,
+# OFT 5e-4, Full 2e-4) made the target fall back within a dozen steps.
+TOY_PRESET = dict(prompts_per_step=32, group_size=16, max_new_tokens=96, mini_batches=4,
+                  steps=6, lr={"full": 5e-5, "oft": 3e-4, "*": 5e-4})
 SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
              num_prompts=8, eval_n=0, save_every_steps=1)
 
@@ -543,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
     g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=None, help="constant LR (default: preset; paper "
-                   "PEFT 1e-5, Full 1e-6)")
+    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset; "
+                   "paper: PEFT 1e-5, Full 1e-6; toy: Full 5e-5, OFT 3e-4, other PEFT 5e-4)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
@@ -610,7 +612,7 @@ def resolve_config(overrides: dict | None = None) -> dict:
         if cfg[k] is None:
             cfg[k] = pre[k]
     if cfg["lr"] is None:
-        cfg["lr"] = pre["lr_full"] if cfg["method"] == "full" else pre["lr_peft"]
+        cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
     cfg["resolved_preset"] = preset
     cfg["adam_betas"] = list(cfg["adam_betas"])
     # invariants, named by flag
@@ -996,7 +998,12 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
     # mini-batch of a single epoch needs no separate pass: nothing has been updated yet when its
     # training forward runs, so ℓ_old = sg(ℓ_θ) there (TRL skips the pass on-policy likewise).
     first_fresh = cfg["ppo_epochs"] == 1
-    need_old = [i for i in range(N) if not (first_fresh and i in set(minis[0]))]
+    # Completions with A = 0 (all-equal groups) add nothing to the loss's numerator, only their
+    # tokens to the normaliser, which is passed in separately: with β = 0 they need no forward
+    # at all (exact for dapo/grpo/dr_grpo, whose normalisers are mini-batch-wide; not for bnpo).
+    skip_zero = cfg["beta"] == 0 and cfg["loss_agg"] != "bnpo"
+    active = [not skip_zero or bool(adv[i] != 0) for i in range(N)]
+    need_old = [i for i in range(N) if active[i] and not (first_fresh and i in set(minis[0]))]
     old, ref = [None] * N, [None] * N
     n_masked = [0.0] * N
     ent_sum, ent_tok = 0.0, 0.0
@@ -1034,15 +1041,15 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
             fresh = first_fresh and k == 0
             # DEVIATION 1: mini-batch-wide normalisers make micro-batch accumulation exact
             n_tok = sum(n_masked[i] for i in mini)
-            micros = [mini[s:s + mb] for s in range(0, len(mini), mb)]
+            train_idx = [i for i in mini if active[i]]
+            micros = [train_idx[s:s + mb] for s in range(0, len(train_idx), mb)]
             opt.zero_grad(set_to_none=True)
-            if cfg["beta"] == 0 and not adv[mini].any():
+            if not micros:
                 # every group of this mini-batch had equal rewards: the gradient is exactly 0, so
                 # skip the forward/backward but still step (AdamW's decay and momentum act as in
                 # the release, which runs the zero-loss forward).
                 for p in params:
                     p.grad = torch.zeros_like(p)
-                micros = []
                 acc["loss"].append(0.0)
             mini_loss = 0.0
             for idx in micros:
@@ -1065,7 +1072,7 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
                     acc["kl"].append(_masked_mean(kl.detach(), mask))
                 loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok,
                                       num_seqs=len(mini), max_len=cfg["max_new_tokens"],
-                                      num_micro=len(micros))
+                                      num_micro=len(micros))              # mini = all, trained or not
                 loss.backward()
                 mini_loss += loss.item()          # micro losses sum to the mini-batch loss
                 acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
@@ -1088,7 +1095,8 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
         acc["sampler_logp_diff"].append(float(torch.cat(d).mean()) if d else 0.0)
     res = {k: (sum(v) / len(v) if v else None) for k, v in acc.items()}
     res["clip_frac"] = (res["clip_low"] or 0) + (res["clip_high"] or 0)
-    res["entropy"] = ent_sum / ent_tok if ent_tok else None     # of the sampling policy π_old
+    res["entropy"] = ent_sum / ent_tok if ent_tok else None     # π_old, on the trained completions
+    res["trained_frac"] = sum(active) / N
     res["optimizer_steps"] = steps
     return res
 

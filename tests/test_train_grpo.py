@@ -430,6 +430,28 @@ def test_micro_batching_is_exact(tiny, agg):
         assert torch.allclose(a, b, atol=1e-5), n
 
 
+@pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
+def test_optimise_equals_a_plain_full_batch_reference(tiny, agg):
+    """_optimise skips A = 0 completions and micro-batches; a plain one-shot loss over the whole
+    batch (zero-advantage rows included) must give the same SGD update."""
+    adv = torch.tensor([0.0, 0.0, 1.3, -0.4])            # group 1 all-equal, group 2 mixed
+    fast = copy.deepcopy(tiny[0])
+    m = _run_opt(fast, _opt_cfg(micro_batch_size=1, loss_agg=agg), adv)
+    assert m["trained_frac"] == 0.5
+    ref = copy.deepcopy(tiny[0])
+    ids, attn, lens, P, L = tg.pack_batch(_PROMPTS, _COMPS, 0, "cpu")
+    lp, _ = tg.sequence_logprobs(ref, ids, attn, P, L, 1.0)
+    mask = tg.completion_mask(ids[:, P:], [2], lens)
+    per_tok, _ = tg.policy_loss_per_token(lp, lp.detach(), adv)
+    tg.aggregate_loss(per_tok, mask, agg, max_len=8).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    for (n, a), b in zip(fast.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
 def test_zero_advantage_and_empty_completions_leave_weights_unchanged_and_finite(tiny):
     model = copy.deepcopy(tiny[0])
     before = [p.detach().clone() for p in model.parameters()]
