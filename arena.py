@@ -332,6 +332,12 @@ def plot_scatter(rows: list[dict], png: Path) -> None:
     front = pareto_indices(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", zorder=2,
             label="Pareto frontier")
+    for p, c in colours.items():
+        ax.scatter([], [], c=c, marker="*" if p == "Base" else ("o" if p == "SFT" else "s"), label=p)
+    ys = [p[1] for p in pts]
+    ax.set_ylim(min(ys) - 2, max(ys) + 0.12 * (max(ys) - min(ys) + 1))   # room for labels on top
+    ax.axhline(0, c="lightgrey", lw=0.8, zorder=1)
+    ax.axvline(0, c="lightgrey", lw=0.8, zorder=1)
     try:
         texts = [ax.annotate(("GRPO " if r["paradigm"] == "GRPO" else "") + r["method"], (x, y),
                              xytext=(4, 4), textcoords="offset points", fontsize=8)
@@ -339,10 +345,6 @@ def plot_scatter(rows: list[dict], png: Path) -> None:
         _declutter(fig, ax, texts)
     except Exception:  # noqa: BLE001 - labels are a nicety
         pass
-    for p, c in colours.items():
-        ax.scatter([], [], c=c, marker="*" if p == "Base" else ("o" if p == "SFT" else "s"), label=p)
-    ax.axhline(0, c="lightgrey", lw=0.8, zorder=1)
-    ax.axvline(0, c="lightgrey", lw=0.8, zorder=1)
     ax.set_xlabel("target gain over base (points)  — plasticity")
     ax.set_ylabel("general change vs base (points)  — stability")
     ax.set_title("Stability-plasticity trade-off on the toy arena")
@@ -354,22 +356,23 @@ def plot_scatter(rows: list[dict], png: Path) -> None:
     tmp.replace(png)
 
 
-def _declutter(fig, ax, texts, iters: int = 60) -> None:
-    """Nudge overlapping labels apart vertically (a tiny stand-in for adjustText)."""
+def _declutter(fig, ax, texts) -> None:
+    """Place each label at the first of eight offsets around its point that overlaps no earlier
+    label and stays inside the axes (a tiny stand-in for adjustText)."""
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
-    for _ in range(iters):
-        moved = False
-        boxes = [t.get_window_extent(r) for t in texts]
-        for i in range(len(texts)):
-            for j in range(i + 1, len(texts)):
-                if boxes[i].overlaps(boxes[j]):
-                    off = texts[j].xyann
-                    texts[j].xyann = (off[0], off[1] - 9 if boxes[j].y0 <= boxes[i].y0 else off[1] + 9)
-                    moved = True
-        if not moved:
-            break
-        fig.canvas.draw()
+    inside = ax.get_window_extent(r)
+    offsets = [(4, 4), (4, -12), (-4, 4), (-4, -12), (4, 14), (4, -22), (-4, 14), (-4, -22)]
+    placed = []
+    for t in texts:
+        for dx, dy in offsets:
+            t.xyann = (dx, dy)
+            t.set_horizontalalignment("left" if dx > 0 else "right")
+            bb = t.get_window_extent(r)
+            if (not any(bb.overlaps(p) for p in placed) and bb.x0 >= inside.x0 and bb.x1 <= inside.x1
+                    and bb.y0 >= inside.y0 and bb.y1 <= inside.y1):
+                break
+        placed.append(t.get_window_extent(r))
 
 
 def cmd_demo(args) -> int:
