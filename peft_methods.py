@@ -452,7 +452,7 @@ class LoraLinear(AdapterLinear):
     def adapted_forward(self, x):
         result = self.base_layer(x)                                       # (..., d_out)
         # out of place on purpose: for 3-D x, nn.Linear's output is a view, and an in-place add on a
-        # view costs CopySlices / AsStrided buffers in backward (measured with bench_peft.py)
+        # view costs CopySlices / AsStrided buffers in backward (measured with tests/bench_peft.py)
         return result + self.lora_branch(x).to(result.dtype)
 
     def merged_weight(self):

@@ -12,6 +12,8 @@ Scope:
 Run: python -m pytest tests/test_peft_methods.py -q
 """
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -598,6 +600,7 @@ def test_shape_configs_and_bench_smoke(tmp_path):
     for name, (h, i, kv, v) in sizes.items():
         c = pm.load_shape_config(name)
         assert (c.hidden_size, c.intermediate_size, c.num_key_value_heads, c.vocab_size, c.num_hidden_layers) == (h, i, kv, v, 28)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     bench = pytest.importorskip("bench_peft")
     pytest.importorskip("peft")
     bench.main(["--smoke", "--methods", "lora r8", "--out", str(tmp_path / "b.md")])

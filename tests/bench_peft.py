@@ -1,4 +1,4 @@
-"""bench_peft.py: forward+backward step time and peak memory of every PEFT method, ours beside HF PEFT.
+"""tests/bench_peft.py (a benchmark, not a test: it imports HF PEFT, which only tests may use): forward+backward step time and peak memory of every PEFT method, ours beside HF PEFT.
 
 Issue 3, acceptance 5 (PAPER.md §3 methods at the paper's settings; METHODS.md §19 performance
 anchors). For each method: one training step = forward, token-mean CE loss, backward (no
@@ -6,9 +6,9 @@ optimizer step), on the same model and batch, for peft_methods.py and for HF PEF
 implementation of the same method (PEFT is used here as a baseline only, never in product code).
 
 Run:
-    python bench_peft.py --smoke                                   # seconds, CPU
-    python bench_peft.py --out /tmp/bench_peft.md                  # toy model on CPU (default)
-    python bench_peft.py --device cuda --shape qwen2.5-1.5b --dtype bfloat16 --batch 4 --seq 512
+    python tests/bench_peft.py --smoke                                   # seconds, CPU
+    python tests/bench_peft.py --out /tmp/bench_peft.md                  # toy model on CPU (default)
+    python tests/bench_peft.py --device cuda --shape qwen2.5-1.5b --dtype bfloat16 --batch 4 --seq 512
                                                                    # random-init Qwen2.5-1.5B shape on a GPU
 
 Measurement:
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-import peft_methods as pm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (run from anywhere)
+import peft_methods as pm  # noqa: E402
 
 # (label, our method, our hparams, PEFT config class name, PEFT kwargs) at the paper's settings
 SETTINGS = [
