@@ -474,10 +474,12 @@ def push_weights_vllm(llm, named_tensors: dict, sleep_mode: bool = False) -> Non
 
 PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
                     steps=200, lr={"full": 1e-6, "*": 1e-5})
-# DEVIATION 7: the toy preset was swept on this CPU with the committed toy base (toy-math,
-# evaluate_toy greedy, 200 items): ~75 s of training per method on 2 shared cores. G = 16 and 4
-# optimiser steps per rollout gave steadier gains than G = 8; LRs above these (LoRA 2e-3,
-# OFT 5e-4, Full 2e-4) made the target fall back within a dozen steps.
+# DEVIATION 7: the toy preset was swept on this CPU (toy-math, evaluate_toy greedy, 200 items,
+# ~75 s of training per method on 2 shared cores) with an earlier toy base whose math target was
+# 69%: Full +10.5, LoRA r8 +12.5, OFT b16 +11.0 points. G = 16 and 4 optimiser steps per rollout
+# gave steadier gains than G = 8; higher LRs (LoRA 2e-3, OFT 5e-4, Full 2e-4) fell back within a
+# dozen steps. UNSURE: on the re-pretrained base (math 29.5%, weaker arithmetic) the same preset
+# gives only +1.5 to +2.5 in that time; longer runs help slowly (LoRA: +5.5 after 24 steps).
 TOY_PRESET = dict(prompts_per_step=32, group_size=16, max_new_tokens=96, mini_batches=4,
                   steps=6, lr={"full": 5e-5, "oft": 3e-4, "*": 5e-4})
 SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
