@@ -1069,6 +1069,43 @@ def make_config(method: str, **hparams):
     return spec.config(**hparams)
 
 
+
+# CLI flag -> config field names, shared by train_sft.py and train_grpo.py
+_FLAG_ALIASES = {"r": ("r", "rank"), "alpha": ("alpha", "lora_alpha"),
+                 "block_size": ("block_size", "oft_block_size", "b"),
+                 "dropout": ("dropout", "lora_dropout", "p")}
+
+
+def hparams_from_flags(method: str, flags: dict, hp_items=(), total_steps: int | None = None) -> dict:
+    """Training-script flags -> `make_config` kwargs, checked against the method's fields.
+
+    `flags` holds r / alpha / block_size / dropout (None = the method's default); `hp_items` are
+    "KEY=VALUE" strings (--hp, value parsed as JSON, else a string); `total_steps` fills AdaLoRA's
+    budget-schedule length unless given. A flag the method has no field for is an error naming it.
+    """
+    import json
+    fields = {f.name for f in dataclasses.fields(make_config(method))}
+    hp = {}
+    for flag, names in _FLAG_ALIASES.items():
+        if flags.get(flag) is None:
+            continue
+        field = next((n for n in names if n in fields), None)
+        if field is None:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method {method} "
+                             f"(its fields: {sorted(fields)})")
+        hp[field] = flags[flag]
+    for item in hp_items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--hp {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            hp[key] = json.loads(val)
+        except ValueError:
+            hp[key] = val
+    if total_steps is not None and "total_step" in fields and "total_step" not in hp:
+        hp["total_step"] = total_steps   # AdaLoRA's budget schedule length
+    return hp
+
 def _name_matches(name: str, pattern: str) -> bool:
     """'q_proj' matches any module whose last name parts are q_proj; otherwise a full regex match."""
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None

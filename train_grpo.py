@@ -574,26 +574,11 @@ def method_hparams(cfg: dict, peft_methods) -> dict:
     RL differs from SFT in one default: adapter dropout 0 (the release passes LoRA only r, alpha,
     targets; PAPER.md §2). Dropout would also make ℓ_old (no dropout) and ℓ_θ (dropout) disagree.
     """
+    hp = peft_methods.hparams_from_flags(
+        cfg["method"], cfg, cfg["hp"], cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"])
     fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
-    hp = {}
-    for flag in ("r", "alpha", "block_size", "dropout"):
-        if cfg[flag] is not None:
-            if flag not in fields:
-                raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method {cfg['method']} "
-                                 f"(its fields: {sorted(fields)})")
-            hp[flag] = cfg[flag]
-    if "dropout" in fields and "dropout" not in hp:
+    if "dropout" in fields and cfg["dropout"] is None and not any(i.startswith("dropout=") for i in cfg["hp"]):
         hp["dropout"] = 0.0
-    for item in cfg["hp"]:
-        key, sep, val = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--hp {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        try:
-            hp[key] = json.loads(val)
-        except ValueError:
-            hp[key] = val
-    if "total_step" in fields and "total_step" not in hp:   # AdaLoRA's budget schedule length
-        hp["total_step"] = cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"]
     return hp
 
 

@@ -546,29 +546,7 @@ def resolve_config(config=None) -> dict:
 
 def method_hparams(cfg: dict, peft_methods, total_steps: int) -> dict:
     """CLI hyperparameter flags -> make_config kwargs, checked against the method's dataclass fields."""
-    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
-    aliases = {"r": ("r", "rank"), "alpha": ("alpha", "lora_alpha"),
-               "block_size": ("block_size", "oft_block_size", "b"), "dropout": ("dropout", "lora_dropout", "p")}
-    hp = {}
-    for flag, names in aliases.items():
-        if cfg[flag] is None:
-            continue
-        field = next((n for n in names if n in fields), None)
-        if field is None:
-            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method {cfg['method']} "
-                             f"(its fields: {sorted(fields)})")
-        hp[field] = cfg[flag]
-    for item in cfg["hp"]:
-        key, sep, val = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--hp {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        try:
-            hp[key] = json.loads(val)
-        except ValueError:
-            hp[key] = val
-    if "total_step" in fields and "total_step" not in hp:   # AdaLoRA's budget schedule length
-        hp["total_step"] = total_steps
-    return hp
+    return peft_methods.hparams_from_flags(cfg["method"], cfg, cfg["hp"], total_steps)
 
 
 # -----------------------------------------------------------------------------
