@@ -1,21 +1,54 @@
 """arena.py — the PEFT-Arena command line: build the miniature world, score models on both axes,
-and (as the project grows) run the arena's grids and reports.
+run the arena's grids (toy demo, or any model from a config file) and rebuild their reports.
 
     python arena.py --help
     python arena.py pretrain-toy              # re-create the committed toy base (<= 10 min, 2 cores)
     python arena.py calibrate                 # both-axis scores of the toy base (README table)
     python arena.py demo                      # the paper's story on the toy world
+    python arena.py run --config configs/toy_grid.yaml                      # a config grid (CPU, < 1 min)
+    python arena.py run --config configs/paper_qwen2.5-7b.yaml --validate-only   # plan + checks only
+    python arena.py run --config configs/paper_qwen2.5-7b.yaml              # the paper's grid (GPU)
+    python arena.py report runs/toy-grid [--paper]   # tables + scatter again, from cells/*.json alone
 
-Paper: PAPER.md §2 (the stability-plasticity thesis: every model gets a Target and a General score).
-Nothing imports this file: training, evaluation and analysis files stand on their own, and this
-file only calls them.
+Paper: PAPER.md §2 (the stability-plasticity thesis: every model gets a Target and a General score;
+the grid is models x {math, medical} x {SFT, RLVR} x methods). Nothing imports this file: training,
+evaluation and analysis files stand on their own, and this file only calls them.
+
+`run` reads one YAML/JSON config (model, domains, paradigms, methods with hyperparameters,
+train_sft/train_grpo settings, evaluation suite, budget; keys documented in configs/toy_grid.yaml),
+checks all of it before anything trains (unknown keys, methods and hyperparameters, ranks and block
+sizes against the model's layer shapes read from its config on the meta device, the training scripts'
+own config checks), then runs the cells in order. Each cell writes RUN/cells/<paradigm>-<domain>-
+<label>.json (status ok with the scores, or failed with the error and a traceback file); a rerun
+skips finished cells, resumes half-trained ones through the training file's --resume, and retries
+failed ones. Exit code: 0 all cells done, 1 a cell failed (the grid went on), 2 the config is
+invalid (nothing trained), 3 budget.max_minutes reached (rerun to continue).
 
 Deviations
 1. The toy world (toy_world.py) stands in for the paper's benchmarks on CPU; see its docstring.
+2. Demo: VeRA's paper rank 256 exceeds the toy's 128-wide layers, so the toy uses r = 64.
+3. Demo: the toy needs larger learning rates and far fewer steps than the paper's 2e-4 x 4 epochs
+   (DEMO holds the measured toy budgets).
+4. `run` trains its cells one after another in ONE process on one device; the paper trains on one
+   8-GPU node (FSDP/DDP; PAPER.md §3.3). To train a cell on several GPUs, launch
+   `torchrun ... train_sft.py` with the cell's `train` settings from RUN/config.json and its
+   --out RUN/<paradigm>/<domain>/<label>; `run` then finds the finished run and only scores it.
+5. `run` scores each checkpoint with one evaluate.py call per suite (the domain's target suite,
+   then the general suite), so a real model is loaded twice per cell; the base model's general
+   suite is scored once and shared by both domains. The toy suite scores everything in one pass.
+6. Validation checks ranks and block sizes on a 1-layer copy of the architecture on the meta device
+   (every decoder layer of Qwen2 / Llama has the same Linear shapes) and never loads weights; a
+   model with heterogeneous layers would need the full-depth skeleton.
+7. Missing training-data or benchmark files are warnings at validation, not errors (they are read
+   only when a cell trains or is scored, and the paper's data cannot be fetched offline); a cell
+   that then fails is recorded as failed and the grid goes on.
+8. `report --paper` compares with the poster's main table (PAPER.md §10.1; KeepLoRA from the web
+   version, §10.2); the poster's own anomalies (e.g. RLVR "OFT b32" listing the b16 count) are kept.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -110,9 +143,11 @@ QUICK_SFT = {"Full FT", "OFT b16", "LoRA r8"}
 INTERP_CELLS = ["Full FT", "LoRA r8", "OFT b16"]
 
 # Toy-world budgets (DEVIATION 3: the toy needs larger learning rates and far fewer steps than the
-# paper's 2e-4 x 4 epochs of 50k samples; measured in the README).
+# paper's 2e-4 x 4 epochs of 50k samples; measured in the README). Sized so the full demo fits
+# 15 minutes on 2 CPU cores: 14 SFT cells x 120 steps, 3 GRPO cells x 12 rollout steps, 100 test
+# items per family, interpolation grid 0, 0.2, ..., 1.
 DEMO = {
-    "full": dict(sft_steps=150, quick_sft_steps=60, n_per_family=100, quick_n=50,
+    "full": dict(sft_steps=120, quick_sft_steps=60, n_per_family=100, quick_n=50,
                  grpo_steps=12, quick_grpo_steps=0, grid="0:1:0.2", quick_grid="0:1:0.5"),
     "sft": dict(global_batch=16, micro_batch=16, lr_full=1e-3, lr_peft=3e-3, n_train=2000),
     # GRPO uses train_grpo.TOY_PRESET (batch, G, lengths, learning rates)
@@ -274,6 +309,873 @@ def run_interpolation(run: Path, rows: list[dict], *, domain: str, n: int, grid:
 
 
 # -----------------------------------------------------------------------------
+# run: a config-driven grid (domains x paradigms x methods) on the toy or a real model
+#
+# PAPER.md §2: the paper's grid is {Qwen2.5-7B, Llama-3.2-3B-Instruct} x {math, medical} x
+# {SFT, RLVR} x methods, each cell scored on Target and General. One config file describes one
+# model's grid (configs/paper_qwen2.5-7b.yaml, configs/paper_llama-3.2-3b-instruct.yaml, and the
+# CPU-sized configs/toy_grid.yaml). Everything in the file is checked BEFORE anything trains
+# (`validate_config`), every problem is reported at once, naming the cell and the field:
+#     toy.yaml: cell sft/math/LoRA r0: methods[1].hparams.r = 0: rank must be >= 1
+# Then the cells run in order; each is resumable and writes RUN/cells/<cell>.json when done.
+
+PARADIGMS = {"sft": "SFT", "grpo": "GRPO"}       # config name -> table label (the paper's RLVR = GRPO)
+PARADIGM_ALIASES = {"rlvr": "grpo"}
+DOMAINS = ("math", "med")
+DOMAIN_ALIASES = {"medical": "med"}
+RUN_KEYS = ("name", "out", "model", "shapes", "paper_model", "dtype", "device", "domains", "paradigms",
+            "data", "train", "methods", "eval", "budget")
+METHOD_KEYS = ("label", "method", "hparams", "paradigms", "train")
+# eval settings -> (type, default); they become evaluate.py flags (see _eval_argv)
+EVAL_KEYS = {"suite": (str, None), "n_per_family": (int, 100), "batch_size": (int, 64),
+             "max_new_tokens": (int, None), "seed": (int, 0), "limit": (int, None),
+             "data_dir": (str, "data"), "paths": (dict, {}), "bbh_prompt_dir": (str, None),
+             "backend": (str, "auto"), "num_samples": (int, None), "temperature": (float, None),
+             "allow_hub": (bool, False)}
+BUDGET_KEYS = {"max_minutes": (float, None)}
+# train_sft / train_grpo keys that arena.py sets itself, from model/method/hparams/device/dtype
+ARENA_OWNED = {"model", "method", "out", "resume", "overwrite", "r", "alpha", "block_size", "dropout",
+               "hp", "smoke", "device", "dtype"}
+HPARAM_FLAGS = ("r", "alpha", "block_size", "dropout")     # peft_methods.hparams_from_flags flags
+HPARAM_RANGES = {"r": (lambda v: v >= 1, "rank must be >= 1"),
+                 "init_r": (lambda v: v >= 1, "rank must be >= 1"),
+                 "alpha": (lambda v: v > 0, "alpha must be > 0"),
+                 "block_size": (lambda v: v >= 2, "OFT block size must be >= 2"),
+                 "dropout": (lambda v: 0 <= v < 1, "dropout must be in [0, 1)")}
+METHOD_NAMES = {"full": "Full FT", "lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "milora": "MiLoRA",
+                "keeplora": "KeepLoRA", "adalora": "AdaLoRA", "vera": "VeRA", "ia3": "IA3",
+                "miss": "MiSS", "oft": "OFT"}
+_MISSING = object()
+
+
+def read_config(path: Path) -> dict:
+    """A run config from YAML (.yaml/.yml) or JSON. PyYAML is installed with transformers (its
+    dependency), so no new requirement. YAML 1.1 reads `2e-4` as a STRING (PyYAML wants `2.0e-4`);
+    the loader below also resolves the dot-less exponent form as a float, as YAML 1.2 does."""
+    import re
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        return json.loads(text)
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader) or {}
+
+
+def paper_hp(method: str, hp: dict) -> str:
+    """The paper's H.P. column for a method's hyperparameters (PAPER.md §10.1): r8a16, b32, r64, -."""
+    import peft_methods
+    try:
+        c = peft_methods.make_config(method, **hp)
+    except Exception:  # noqa: BLE001 - an unknown method / field: no canonical form
+        c = None
+    if method in ("lora", "dora", "pissa", "milora", "adalora") and c is not None:
+        return f"r{c.r}a{c.alpha:g}"
+    if method in ("miss", "vera", "keeplora") and c is not None:
+        return f"r{c.r}"
+    if method == "oft" and c is not None:
+        return f"b{c.block_size}"
+    return "-"
+
+
+def default_label(method: str, hp: dict) -> str:
+    h = paper_hp(method, hp)
+    return METHOD_NAMES.get(method, method) + ("" if h == "-" else f" {h}")
+
+
+def _type_problem(v, typ, allow_none: bool) -> str | None:
+    """None if v fits typ (bools are not numbers; ints are floats), else what was expected."""
+    if v is None:
+        return None if allow_none else "a value is required here (null given)"
+    if typ is bool:
+        return None if isinstance(v, bool) else "expected true/false"
+    if typ is int:
+        return None if isinstance(v, int) and not isinstance(v, bool) else "expected an integer"
+    if typ is float:
+        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "expected a number"
+    if typ is str:
+        return None if isinstance(v, str) else "expected a string"
+    if typ is dict:
+        return None if isinstance(v, dict) else "expected a mapping"
+    if typ in (list, tuple):
+        return None if isinstance(v, (list, tuple)) else "expected a list"
+    return None
+
+
+def _train_parser(paradigm: str):
+    import train_grpo
+    import train_sft
+    return (train_sft if paradigm == "sft" else train_grpo).build_parser()
+
+
+def _check_train_settings(paradigm: str, settings, field: str, add) -> None:
+    """Each key must be a train_sft.py / train_grpo.py config key (argparse dest) of the right type."""
+    import difflib
+    script = "train_sft.py" if paradigm == "sft" else "train_grpo.py"
+    if not isinstance(settings, dict):
+        add(field, settings, f"expected a mapping of {script} settings")
+        return
+    actions = {a.dest: a for a in _train_parser(paradigm)._actions if a.dest != "help"}
+    for k, v in settings.items():
+        f = f"{field}.{k}"
+        if k in ARENA_OWNED:
+            add(f, v, "set by arena.py from model / method / hparams / device / dtype; remove it here")
+            continue
+        if k not in actions:
+            close = difflib.get_close_matches(k, [a for a in actions if a not in ARENA_OWNED], n=1)
+            add(f, v, f"unknown {script} setting" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; see `python {script} --help` (flag --x-y = key x_y)")
+            continue
+        a = actions[k]
+        if isinstance(a, argparse._StoreTrueAction):
+            prob = _type_problem(v, bool, False)
+        elif a.nargs not in (None, "?"):
+            prob = _type_problem(v, list, False)
+            if prob is None and isinstance(a.nargs, int) and len(v) != a.nargs:
+                prob = f"expected a list of {a.nargs} values"
+        else:
+            prob = _type_problem(v, a.type or str, a.default is None)
+        if prob is None and a.choices is not None and v is not None and v not in a.choices:
+            prob = f"must be one of {list(a.choices)}"
+        if prob is None and k == "lr" and v is not None and v <= 0:
+            prob = "learning rate must be > 0"
+        if prob:
+            add(f, v, prob)
+
+
+def resolve_model(spec: str, shapes: str | None, *, allow_hub: bool = False):
+    """(hf_config or None, where it came from, error or None, warnings). Reads configs only.
+
+    Offline by construction: 'toy' and local directories are read from disk, a hub id only from
+    the local Hugging Face cache (huggingface_hub.try_to_load_from_cache never opens a connection).
+    """
+    from transformers import AutoConfig
+    import loading
+    warn = []
+    err = None
+    cfg = where = None
+    try:
+        path, local = loading._resolve(spec)
+    except Exception as e:  # noqa: BLE001 - a missing directory, a file instead of a directory
+        path, local, err = None, False, f"{e} (a local path: nothing is downloaded)"
+    if path is not None and local:
+        cfg, where = AutoConfig.from_pretrained(path), f"{path}/config.json"
+    elif path is not None:
+        cached = None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(spec, "config.json")
+        except Exception:  # noqa: BLE001 - not even a valid repo id
+            cached = None
+        if isinstance(cached, str):
+            cfg, where = AutoConfig.from_pretrained(str(Path(cached).parent)), f"HF cache {cached}"
+        else:
+            msg = (f"not a local directory and not in the Hugging Face cache (checked offline; nothing "
+                   "is downloaded). Download it on a machine with network access (e.g. `hf download "
+                   f"{spec}`) or set model to a local directory holding config.json + weights + tokenizer")
+            if allow_hub:
+                warn.append(f"model {spec!r}: {msg}; --allow-hub: load_model will try to download it")
+            else:
+                err = msg + "; or pass --allow-hub to let load_model download it at run time"
+    if cfg is None and shapes:
+        import peft_methods
+        try:
+            cfg, where = peft_methods.load_shape_config(shapes), f"configs/model_shapes/{shapes}.json"
+        except Exception as e:  # noqa: BLE001 - reported as a field error by the caller
+            warn.append(f"shapes {shapes!r}: {e}")
+    return cfg, where, err, warn
+
+
+def model_skeleton(hf_config):
+    """A 1-layer copy of the architecture on the meta device (no memory, no weights) and the real
+    layer count: every decoder layer of these models has the same Linear shapes, so one layer is
+    enough to check ranks and block sizes and to count trainable parameters."""
+    import copy
+    import torch
+    import transformers
+    c = copy.deepcopy(hf_config)
+    n_layers = int(c.num_hidden_layers)
+    c.num_hidden_layers = 1
+    if isinstance(getattr(c, "layer_types", None), list):
+        c.layer_types = c.layer_types[:1]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(c)
+    return model, n_layers
+
+
+def _scaled_count(model, n_layers: int, trainable_only: bool = True) -> int:
+    """Parameter count of the full-depth model from its 1-layer skeleton."""
+    seen, total, layer0 = set(), 0, 0
+    for n, p in model.named_parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        layer0 += p.numel() if ".layers.0." in n else 0
+    return total - layer0 + n_layers * layer0
+
+
+def check_on_skeleton(skeleton, n_layers: int, method: str, hp: dict, targets):
+    """apply_peft on a copy of the meta skeleton (no data-dependent init): (trainable count, error)."""
+    import copy
+    import peft_methods
+    m = copy.deepcopy(skeleton)
+    try:
+        peft_methods.apply_peft(m, method, target_modules=targets, _init=False, **hp)
+    except Exception as e:  # noqa: BLE001 - the message names the module and the shapes
+        return None, str(e)
+    return _scaled_count(m, n_layers), None
+
+
+def _hparam_field(method: str, msg: str) -> str:
+    """Which hyperparameter an apply_peft error is about (by its wording in peft_methods.py)."""
+    if "rank r=" in msg:
+        return "init_r" if method == "adalora" else "r"
+    if "block size" in msg:
+        return "block_size"
+    if "feedforward" in msg:
+        return "feedforward_modules"
+    return ""
+
+
+def _fmt_count(n) -> str:
+    return "-" if n is None else _fmt_params(n)
+
+
+def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> dict:
+    """Check a run config without training or loading weights; returns the plan:
+    {"config": normalised config, "cells": [...], "errors": [str], "warnings": [str],
+     "model_where", "n_params", "n_layers"}. Every error names its cell(s) and field."""
+    import peft_methods
+    import train_grpo
+    import train_sft
+    problems: list[dict] = []      # {"cells": [...], "field", "value", "msg"}
+    warnings: list[str] = []
+
+    def add(field, value, msg, cells=()):
+        problems.append({"cells": list(cells), "field": field, "value": value, "msg": msg})
+
+    if not isinstance(raw, dict):
+        return {"config": {}, "cells": [], "warnings": [],
+                "errors": [f"{source}: the file must hold a mapping of settings (got {type(raw).__name__})"]}
+    for k in raw:
+        if k not in RUN_KEYS:
+            add(k, raw[k], f"unknown key; known: {', '.join(RUN_KEYS)}")
+    cfg = {k: raw.get(k) for k in RUN_KEYS}
+    for k in ("data", "train", "eval", "budget"):
+        cfg[k] = cfg[k] if cfg[k] is not None else {}
+        if not isinstance(cfg[k], dict):
+            add(k, cfg[k], "expected a mapping")
+            cfg[k] = {}
+    cfg["name"] = cfg["name"] or Path(source).stem
+    cfg["out"] = cfg["out"] or f"runs/{cfg['name']}"
+
+    # ---- model: resolved offline, config only (never weights)
+    hf_config, where, skeleton, n_layers, n_params = None, None, None, 0, None
+    if not isinstance(cfg["model"], str) or not cfg["model"]:
+        add("model", cfg["model"], "required: 'toy', a local HF model directory, or a hub id")
+    else:
+        hf_config, where, err, w = resolve_model(cfg["model"], cfg["shapes"], allow_hub=allow_hub)
+        warnings += w
+        if err:
+            add("model", cfg["model"], err)
+        if cfg["shapes"] and not (peft_methods.SHAPES_DIR / f"{cfg['shapes']}.json").exists():
+            add("shapes", cfg["shapes"], "no such file configs/model_shapes/<shapes>.json; available: "
+                + ", ".join(sorted(p.stem for p in peft_methods.SHAPES_DIR.glob("*.json"))))
+        if hf_config is not None:
+            skeleton, n_layers = model_skeleton(hf_config)
+            n_params = _scaled_count(skeleton, n_layers, trainable_only=False)
+        else:
+            warnings.append("hyperparameters were NOT checked against layer shapes (no model config "
+                            "available; set `shapes:` to a configs/model_shapes/*.json name)")
+    toy = cfg["model"] == "toy"
+    dtypes = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+    if cfg["dtype"] is not None and cfg["dtype"] not in dtypes:
+        add("dtype", cfg["dtype"], f"must be one of {list(dtypes)} (or null = bf16 on CUDA, fp32 on CPU)")
+    if cfg["device"] is not None:
+        if not isinstance(cfg["device"], str) or cfg["device"].split(":")[0] not in ("cpu", "cuda"):
+            add("device", cfg["device"], "must be cpu, cuda or cuda:N (or null = cuda if available)")
+        elif cfg["device"].startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                warnings.append(f"device {cfg['device']!r}: no CUDA device on this machine (fine for "
+                                "--validate-only; the run itself needs one)")
+
+    # ---- domains and paradigms
+    def _names(key, known, aliases):
+        vals = cfg[key]
+        if not isinstance(vals, list) or not vals:
+            add(key, vals, f"required: a non-empty list from {list(known)}")
+            return []
+        out = []
+        for i, v in enumerate(vals):
+            v2 = aliases.get(v, v)
+            if v2 not in known:
+                add(f"{key}[{i}]", v, f"unknown; known: {', '.join(known)}"
+                    + (" (aliases: " + ", ".join(f"{a}={b}" for a, b in aliases.items()) + ")" if aliases else ""))
+            elif v2 in out:
+                add(f"{key}[{i}]", v, "listed twice")
+            else:
+                out.append(v2)
+        return out
+    domains = _names("domains", DOMAINS, DOMAIN_ALIASES)
+    paradigms = _names("paradigms", tuple(PARADIGMS), PARADIGM_ALIASES)
+    cfg["domains"], cfg["paradigms"] = domains, paradigms
+
+    # ---- train / data sections (keys checked against the training scripts' parsers)
+    cfg["train"] = {PARADIGM_ALIASES.get(p, p): v for p, v in cfg["train"].items()}
+    cfg["data"] = {DOMAIN_ALIASES.get(d, d): ({PARADIGM_ALIASES.get(p, p): x for p, x in v.items()}
+                                              if isinstance(v, dict) else v) for d, v in cfg["data"].items()}
+    for p, settings in cfg["train"].items():
+        if p not in PARADIGMS:
+            add(f"train.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
+        else:
+            _check_train_settings(p, settings, f"train.{p}", add)
+    for d, per in cfg["data"].items():
+        if d not in DOMAINS:
+            add(f"data.{d}", per, f"unknown domain; known: {', '.join(DOMAINS)}")
+        elif not isinstance(per, dict):
+            add(f"data.{d}", per, "expected a mapping {sft: {...}, grpo: {...}}")
+        else:
+            for p, settings in per.items():
+                if p not in PARADIGMS:
+                    add(f"data.{d}.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
+                else:
+                    _check_train_settings(p, settings, f"data.{d}.{p}", add)
+
+    # ---- eval and budget
+    ev = {}
+    for k, v in cfg["eval"].items():
+        if k not in EVAL_KEYS:
+            add(f"eval.{k}", v, f"unknown key; known: {', '.join(EVAL_KEYS)}")
+            continue
+        typ, default = EVAL_KEYS[k]
+        prob = _type_problem(v, typ, default is None)
+        if prob:
+            add(f"eval.{k}", v, prob)
+    for k, (typ, default) in EVAL_KEYS.items():
+        v = cfg["eval"].get(k, default)
+        ev[k] = v if _type_problem(v, typ, default is None) is None else default
+    ev["suite"] = ev["suite"] or ("toy" if toy else "real")
+    if ev["suite"] not in ("toy", "real"):
+        add("eval.suite", ev["suite"], "must be 'toy' (toy_world items) or 'real' (the paper's benchmarks)")
+    if ev["backend"] not in ("auto", "hf", "vllm"):
+        add("eval.backend", ev["backend"], "must be auto, hf or vllm")
+    for k in ("n_per_family", "batch_size", "max_new_tokens", "limit", "num_samples"):
+        if isinstance(ev[k], int) and ev[k] < 1:
+            add(f"eval.{k}", ev[k], "must be >= 1 (or null for the default)")
+    import evaluate
+    for name in ev["paths"]:
+        if name not in evaluate.BENCHMARKS:
+            add(f"eval.paths.{name}", ev["paths"][name], f"unknown benchmark; known: {', '.join(evaluate.BENCHMARKS)}")
+    if ev["suite"] == "real":
+        missing = []
+        for name in sorted({b for d in domains for b in evaluate.SUITES[d]} | set(evaluate.SUITES["general"])):
+            try:
+                evaluate.find_dataset(name, ev["data_dir"], ev["paths"].get(name), allow_hub=ev["allow_hub"])
+            except Exception:  # noqa: BLE001 - needed at evaluation time, not now
+                missing.append(name)
+        if missing:
+            warnings.append(f"eval: no local files for benchmark(s) {', '.join(missing)} under data_dir "
+                            f"{ev['data_dir']!r} (needed when the base model is scored; file layouts: "
+                            "evaluate.BENCHMARKS, tests/fixtures/eval/README.md)")
+    cfg["eval"] = ev
+    budget = {}
+    for k, v in cfg["budget"].items():
+        if k not in BUDGET_KEYS:
+            add(f"budget.{k}", v, f"unknown key; known: {', '.join(BUDGET_KEYS)}")
+        elif _type_problem(v, BUDGET_KEYS[k][0], True) or (v is not None and v <= 0):
+            add(f"budget.{k}", v, "expected a positive number of minutes (or null = no limit)")
+        else:
+            budget[k] = v
+    cfg["budget"] = {k: budget.get(k, d) for k, (_, d) in BUDGET_KEYS.items()}
+
+    # ---- methods
+    methods = cfg["methods"]
+    entries = []
+    if not isinstance(methods, list) or not methods:
+        add("methods", methods, "required: a non-empty list of {label, method, hparams, paradigms, train}")
+        methods = []
+    labels = {}
+    for i, m in enumerate(methods):
+        f = f"methods[{i}]"
+        if not isinstance(m, dict):
+            add(f, m, "expected a mapping {label, method, hparams, paradigms, train}")
+            continue
+        for k in m:
+            if k not in METHOD_KEYS:
+                add(f"{f}.{k}", m[k], f"unknown key; known: {', '.join(METHOD_KEYS)}")
+        name = m.get("method")
+        hp = m.get("hparams") or {}
+        if not isinstance(hp, dict):
+            add(f"{f}.hparams", hp, "expected a mapping of hyperparameters")
+            hp = {}
+        label = m.get("label") or default_label(str(name), hp)
+        if not isinstance(label, str):
+            add(f"{f}.label", label, "expected a string")
+            label = str(label)
+        import re
+        if re.search(r"[^\w .+()\-]", label):
+            add(f"{f}.label", label, "labels name files: use letters, digits, spaces and . _ + - ( ) only")
+        if slug(label) in labels:
+            add(f"{f}.label", label, f"same file name as methods[{labels[slug(label)]}]'s label (case and "
+                "spaces aside); labels name the cells, so they must differ")
+        labels.setdefault(slug(label), i)
+        mp = m.get("paradigms", paradigms)
+        if not isinstance(mp, list):
+            add(f"{f}.paradigms", mp, "expected a list")
+            mp = []
+        mp2 = []
+        for j, p in enumerate(mp):
+            p2 = PARADIGM_ALIASES.get(p, p)
+            if p2 not in PARADIGMS:
+                add(f"{f}.paradigms[{j}]", p, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
+            elif p2 in paradigms:
+                mp2.append(p2)
+        mtrain = m.get("train") or {}
+        if not isinstance(mtrain, dict):
+            add(f"{f}.train", mtrain, "expected a mapping {sft: {...}, grpo: {...}}")
+            mtrain = {}
+        mtrain = {PARADIGM_ALIASES.get(p, p): v for p, v in mtrain.items()}
+        for p, settings in mtrain.items():
+            if p not in PARADIGMS:
+                add(f"{f}.train.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
+            else:
+                _check_train_settings(p, settings, f"{f}.train.{p}", add)
+        entries.append(dict(index=i, field=f, label=label, method=name, hparams=hp,
+                            paradigms=[p for p in paradigms if p in mp2], train=mtrain))
+
+    # ---- the grid: domains x paradigms x methods, in that order
+    cells = []
+    idx = 0
+    for d in domains:
+        cells.append({"id": f"base/{d}", "index": idx, "domain": d, "paradigm": "base", "label": "Base",
+                      "method": "base", "hparams": {}, "file": f"cells/base-{d}.json"})
+        idx += 1
+        for p in paradigms:
+            for e in entries:
+                if p not in e["paradigms"]:
+                    continue
+                cells.append({"id": f"{p}/{d}/{e['label']}", "index": idx, "domain": d, "paradigm": p,
+                              "label": e["label"], "method": e["method"], "hparams": e["hparams"],
+                              "entry": e["index"], "file": f"cells/{p}-{d}-{slug(e['label'])}.json",
+                              "ckpt_dir": f"{p}/{d}/{slug(e['label'])}"})
+                idx += 1
+    train_cells = [c for c in cells if c["paradigm"] != "base"]
+    for e in entries:
+        if not e["paradigms"] and paradigms:
+            warnings.append(f"{e['field']} ({e['label']}): no cell: none of its paradigms is in the "
+                            f"config's paradigms {paradigms}")
+    if entries and domains and paradigms and not train_cells:
+        add("methods", None, "no cell to run: every method's `paradigms` excludes the config's paradigms")
+
+    # ---- per method: name, hyperparameter types and ranges, then the shapes (meta skeleton)
+    shape_cache = {}
+    for e in entries:
+        ids = [c["id"] for c in train_cells if c["entry"] == e["index"]]
+        f, name, hp = e["field"], e["method"], e["hparams"]
+        if name not in peft_methods.METHODS:
+            add(f"{f}.method", name, f"unknown PEFT method; known: {', '.join(peft_methods.METHODS)}", ids)
+            continue
+        fields = {x.name: x for x in dataclasses.fields(peft_methods.make_config(name))}
+        ok = True
+        for k, v in hp.items():
+            if k not in fields:
+                add(f"{f}.hparams.{k}", v, f"not a hyperparameter of {name}; valid: {sorted(fields) or 'none'}", ids)
+                ok = False
+                continue
+            default = fields[k].default
+            typ = type(default) if default is not None and default is not dataclasses.MISSING else None
+            prob = _type_problem(v, typ, default is None) if typ else None
+            if prob is None and k in HPARAM_RANGES and v is not None and not HPARAM_RANGES[k][0](v):
+                prob = HPARAM_RANGES[k][1]
+            if prob:
+                add(f"{f}.hparams.{k}", v, prob, ids)
+                ok = False
+        if name == "keeplora" and "grpo" in e["paradigms"]:
+            inits = [s.get("init_from") for s in (cfg["train"].get("grpo") or {}, e["train"].get("grpo") or {})
+                     if isinstance(s, dict)]
+            if not any(inits):
+                add(f"{f}.paradigms", e["paradigms"], "keeplora cannot start GRPO from the base model "
+                    "(train_grpo needs an SFT checkpoint: train.grpo.init_from); use paradigms: [sft]",
+                    [i for i in ids if i.startswith("grpo/")])
+        if not ok or skeleton is None:
+            continue
+        for p in e["paradigms"]:
+            tm = None    # train_sft.py's --target-modules; train_grpo.py always uses the defaults
+            if p == "sft":
+                tm = {**(cfg["train"].get(p) or {}), **(e["train"].get(p) or {})}.get("target_modules")
+            targets = tuple(tm.split(",")) if isinstance(tm, str) and tm else peft_methods.DEFAULT_TARGETS
+            key = (name, json.dumps(hp, sort_keys=True), targets)
+            if key not in shape_cache:
+                shape_cache[key] = check_on_skeleton(skeleton, n_layers, name, hp, targets)
+            n, err = shape_cache[key]
+            pids = [i for i in ids if i.startswith(p + "/")]
+            if err:
+                hf = _hparam_field(name, err)
+                if hf:
+                    add(f"{f}.hparams.{hf}", hp.get(hf, _MISSING), f"{err} [layer shapes from {where}]", pids)
+                elif "target pattern" in err:
+                    add(f"train.{p}.target_modules", tm, err, pids)
+                else:
+                    add(f"{f}.hparams", hp, f"{err} [layer shapes from {where}]", pids)
+            for c in train_cells:
+                if c["id"] in pids:
+                    c["trainable_params"] = n
+
+    # ---- per cell: the exact train_sft / train_grpo config, resolved by the script's own rules
+    missing_data: dict[tuple, list] = {}
+    for c in train_cells:
+        e = entries[[x["index"] for x in entries].index(c["entry"])]
+        if e["method"] not in peft_methods.METHODS:
+            continue
+        d, p = c["domain"], c["paradigm"]
+        per_domain = cfg["data"].get(d) if isinstance(cfg["data"].get(d), dict) else {}
+        # later layers win: train.<paradigm> <- data.<domain>.<paradigm> <- methods[i].train.<paradigm>
+        layers = [(f"train.{p}", cfg["train"].get(p) or {}),
+                  (f"data.{d}.{p}", per_domain.get(p) or {}),
+                  (f"{e['field']}.train.{p}", e["train"].get(p) or {})]
+        tc, origin = {}, {}
+        if not any("task" in s or "data" in s for _, s in layers if isinstance(s, dict)):
+            if toy or ev["suite"] == "toy":
+                tc["task"] = f"toy-{d}"     # the toy world's SFT / RL rows for this domain
+            else:
+                extra = ", hub_file" if p == "sft" else ", domain"
+                add(f"data.{d}.{p}", _MISSING, "required for a real model: the training file "
+                    f"(data: path.jsonl|parquet{extra}) or task: toy-{d}", [c["id"]])
+                continue
+        dests = {a.dest for a in _train_parser(p)._actions}
+        for fld, s in layers:
+            if isinstance(s, dict):
+                for k, v in s.items():
+                    if k not in ARENA_OWNED and k in dests:    # the others are reported above
+                        tc[k], origin[k] = v, f"{fld}.{k}"
+        flags = {k: v for k, v in c["hparams"].items() if k in HPARAM_FLAGS}
+        hp_items = [f"{k}={json.dumps(v)}" for k, v in c["hparams"].items() if k not in HPARAM_FLAGS]
+        tc.update(model=cfg["model"], method=e["method"], hp=hp_items, **flags)
+        if cfg["device"]:
+            tc["device"] = cfg["device"]
+        if p == "grpo" and cfg["dtype"]:
+            tc["dtype"] = cfg["dtype"]
+        if p == "grpo" and tc.get("data") and not tc.get("domain"):
+            tc["domain"] = d
+        tc["out"] = str(Path(cfg["out"]) / c["ckpt_dir"])
+        c["train"] = tc
+        try:
+            if p == "sft":
+                c["train_resolved"] = train_sft.resolve_config(dict(tc))
+            else:
+                c["train_resolved"] = train_grpo.resolve_config(dict(tc))
+        except Exception as err:  # noqa: BLE001 - the scripts' own checks, mapped to a field
+            import re
+            flags_named = [m for m in re.findall(r"--([a-z][a-z0-9-]*)", str(err)) if m != "help"]
+            key = flags_named[0].replace("-", "_") if flags_named else None
+            fld = origin.get(key, f"train.{p}.{key}" if key else f"train.{p}")
+            add(fld, tc.get(key, _MISSING) if key else _MISSING, str(err), [c["id"]])
+            continue
+        v = tc.get("data")
+        looks_hub = p == "sft" and tc.get("hub_file")       # a hub dataset id, fetched by train_sft
+        if isinstance(v, str) and not looks_hub and not Path(v).exists():
+            missing_data.setdefault((origin.get("data", "data"), v), []).append(c["id"])
+    for (fld, v), ids in missing_data.items():
+        warnings.append(f"{fld} = {v!r}: file not found (needed when cell {ids[0]}"
+                        + (f" and {len(ids) - 1} more" if len(ids) > 1 else "") + " train)")
+    warnings = list(dict.fromkeys(warnings))   # dedupe, keep order
+    return {"config": cfg, "cells": cells, "errors": format_problems(problems, source),
+            "warnings": warnings, "model_where": where, "n_params": n_params, "n_layers": n_layers}
+
+
+def format_problems(problems: list[dict], source: str) -> list[str]:
+    """One line per (field, value, message): '<file>: cell <id> (+N more): <field> = <value>: <msg>'."""
+    merged: dict[tuple, list] = {}
+    for pr in problems:
+        key = (pr["field"], "" if pr["value"] is _MISSING else repr(pr["value"]), pr["msg"])
+        merged.setdefault(key, [])
+        merged[key] += [c for c in pr["cells"] if c not in merged[key]]
+    out = []
+    for (field, value, msg), cells in merged.items():
+        where = ""
+        if cells:
+            where = f"cell {cells[0]}" + (f" (+{len(cells) - 1} more)" if len(cells) > 1 else "") + ": "
+        out.append(f"{source}: {where}{field}{' = ' + value if value else ''}: {msg}")
+    return out
+
+
+def cell_fingerprint(cell: dict, cfg: dict) -> str:
+    """A short hash of everything that decides a cell's numbers (model, train config, eval)."""
+    import hashlib
+    # where and how fast it runs does not change the numbers: out dir, device, eval batch size
+    what = {"model": cfg["model"], "dtype": cfg["dtype"],
+            "eval": {k: v for k, v in cfg["eval"].items() if k != "batch_size"},
+            "train": {k: v for k, v in (cell.get("train") or {}).items() if k not in ("out", "device")}}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def print_plan(plan: dict, source: str, log=print) -> None:
+    cfg = plan["config"]
+    cells = [c for c in plan["cells"] if c["paradigm"] != "base"]
+    log(f"[run] {source}: model {cfg['model']!r} (shapes from {plan['model_where'] or 'nowhere'}; "
+        f"{_fmt_count(plan['n_params'])} parameters), {len(cfg['domains'])} domain(s) x "
+        f"{len(cfg['paradigms'])} paradigm(s): {len(cells)} cells -> {cfg['out']}")
+    w = max([len(c["id"]) for c in cells] + [4])
+    log(f"  {'#':>3}  {'cell':<{w}}  {'method':<8}  {'trainable':>10}  hparams")
+    for i, c in enumerate(cells, 1):
+        log(f"  {i:>3}  {c['id']:<{w}}  {str(c['method']):<8}  {_fmt_count(c.get('trainable_params')):>10}  "
+            f"{json.dumps(c['hparams'])}")
+
+
+# ---- running the grid
+
+
+def _eval_argv(spec: str, adapter, suite: str, domain: str | None, ev: dict, cfg: dict, out: Path) -> list[str]:
+    """evaluate.py flags for one suite run (toy suite, or one real suite: math | med | general)."""
+    a = ["--model", spec, "--suite", suite, "--out", str(out), "--batch-size", str(ev["batch_size"]),
+         "--seed", str(ev["seed"])]
+    if adapter:
+        a += ["--adapter", str(adapter)]
+    if domain:
+        a += ["--domain", domain]
+    if cfg["dtype"]:
+        a += ["--dtype", {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(cfg["dtype"], cfg["dtype"])]
+    if cfg["device"]:
+        a += ["--device", cfg["device"]]
+    if ev["max_new_tokens"]:
+        a += ["--max-new-tokens", str(ev["max_new_tokens"])]
+    if suite == "toy":
+        return a + ["--n-per-family", str(ev["n_per_family"])]
+    a += ["--data-dir", ev["data_dir"], "--backend", ev["backend"]]
+    for k, flag in (("limit", "--limit"), ("num_samples", "--num-samples"), ("temperature", "--temperature"),
+                    ("bbh_prompt_dir", "--bbh-prompt-dir")):
+        if ev[k] is not None:
+            a += [flag, str(ev[k])]
+    for name, path in sorted(ev["paths"].items()):
+        a += ["--path", f"{name}={path}"]
+    return a + (["--allow-hub"] if ev["allow_hub"] else [])
+
+
+def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -> dict:
+    """Both axes for one model (+ adapter) through evaluate.py: the toy suite (all five families),
+    or the real target suite of `domain` plus the general suite. Each suite run is cached in
+    out_root/<suite>/ (results.json + generations), reused when its evaluate.py flags are unchanged."""
+    import evaluate
+    ev = cfg["eval"]
+    suites = ["toy"] if ev["suite"] == "toy" else [domain, "general"]
+    res = {}
+    for s in suites:
+        out = out_root / s
+        # the toy suite scores both targets in one pass and the general suite has no target, so
+        # neither gets --domain: the base model's runs are then shared by every domain
+        argv = _eval_argv(spec, adapter, s, domain if s in DOMAINS else None, ev, cfg, out)
+        stamp = out / "arena_eval.json"
+        if (out / "results.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
+            res[s] = json.loads((out / "results.json").read_text())    # scored earlier, same flags
+            continue
+        res[s] = evaluate.main(argv)
+        atomic_write_json(stamp, argv)
+    if ev["suite"] == "toy":
+        r = res["toy"]
+        fam = {f: round(v["score"], 2) for f, v in r["families"].items()}
+        return {"target": r["families"][domain]["score"], "general": r["general_score"], "families": fam}
+    fam = {b: round(v["score"], 2) for s in suites for b, v in res[s].get("benchmarks", {}).items()}
+    return {"target": res[domain]["target_score"], "general": res["general"]["general_score"], "families": fam}
+
+
+def _write_traceback(run: Path, cell: dict, err: BaseException) -> str:
+    import traceback
+    from loading import atomic_write_text
+    rel = cell["file"].replace(".json", ".traceback.txt")
+    atomic_write_text(run / rel, "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    return rel
+
+
+def _failed_row(cell: dict, err: BaseException, run: Path, fp: str, seconds: float) -> dict:
+    return {"cell": cell["id"], "index": cell["index"], "status": "failed", "domain": cell["domain"],
+            "paradigm": PARADIGMS.get(cell["paradigm"], "Base"), "method": cell["label"],
+            "peft_method": cell["method"], "hparams": cell["hparams"],
+            "error": f"{type(err).__name__}: {err}", "traceback": _write_traceback(run, cell, err),
+            "fingerprint": fp, "seconds": round(seconds, 1)}
+
+
+def run_base(cell: dict, plan: dict, run: Path) -> dict:
+    """Score the base model of one domain (the reference point of both axes)."""
+    cfg = plan["config"]
+    t0 = time.time()
+    res = evaluate_model(cfg["model"], None, cell["domain"], cfg, run / "evals" / "base")
+    return {"cell": cell["id"], "index": cell["index"], "status": "ok", "domain": cell["domain"],
+            "paradigm": "Base", "method": "Base", "peft_method": "base", "hparams": {},
+            "model": cfg["model"], "trainable_params": plan["n_params"],
+            "target": round(res["target"], 2), "general": round(res["general"], 2),
+            "target_gain": 0.0, "forgetting": 0.0, "families": res["families"],
+            "train_seconds": 0.0, "eval_seconds": round(time.time() - t0, 1)}
+
+
+def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: bool = False, log=print) -> dict:
+    """Train (or resume, or reuse a finished run of) one cell, then score it on both axes."""
+    import train_grpo
+    import train_sft
+    cfg = plan["config"]
+    ckpt_root = run / cell["ckpt_dir"]
+    t0 = time.time()
+    final = _finished(ckpt_root)
+    if final is None:
+        # a half-trained cell resumes through the training file's own --resume (same config, checked
+        # there); a directory with files but no run config in it is cleared by --overwrite
+        resume = (ckpt_root / "config.json").exists()
+        occupied = ckpt_root.exists() and any(ckpt_root.iterdir())
+        tc = dict(cell["train"], out=str(ckpt_root), resume=resume, overwrite=occupied and not resume,
+                  no_progress=not progress)
+        log(f"[run] {cell['id']}: {'resuming' if resume else 'training'} -> {ckpt_root}")
+        (train_sft if cell["paradigm"] == "sft" else train_grpo).train(tc)
+        final = _finished(ckpt_root)
+        if final is None:
+            raise RuntimeError(f"training ended without a final checkpoint in {ckpt_root}")
+    summary = json.loads((ckpt_root / "summary.json").read_text())
+    t_train = time.time() - t0
+    log(f"[run] {cell['id']}: scoring {final}")
+    t1 = time.time()
+    res = evaluate_model(cfg["model"], final, cell["domain"], cfg, run / "evals" / Path(cell["file"]).stem)
+    target, general = round(res["target"], 2), round(res["general"], 2)
+    ok_base = base is not None and base.get("status") == "ok"
+    return {"cell": cell["id"], "index": cell["index"], "status": "ok", "domain": cell["domain"],
+            "paradigm": PARADIGMS[cell["paradigm"]], "method": cell["label"], "peft_method": cell["method"],
+            "hparams": cell["hparams"], "model": cfg["model"],
+            "trainable_params": summary.get("n_trainable", summary.get("trainable_params")),
+            "target": target, "general": general,
+            "target_gain": round(target - base["target"], 2) if ok_base else None,
+            "forgetting": round(base["general"] - general, 2) if ok_base else None,
+            "families": res["families"], "train_seconds": round(t_train, 1),
+            "eval_seconds": round(time.time() - t1, 1), "checkpoint": str(final),
+            "train_steps": summary.get("steps"),
+            "train_last": summary.get("last_loss", summary.get("reward_last"))}
+
+
+def run_grid(plan: dict, run: Path, *, progress: bool = False, log=print) -> int:
+    """Every cell in order; finished cells are skipped, failed ones retried. Returns the exit code:
+    0 all done, 1 some cell failed (recorded, the grid went on), 3 stopped by budget.max_minutes."""
+    import gc
+    cfg = plan["config"]
+    t0 = time.time()
+    budget = cfg["budget"]["max_minutes"]
+    cells = plan["cells"]
+    n_train = sum(c["paradigm"] != "base" for c in cells)
+    k = 0
+    stopped = False
+    bases: dict[str, dict] = {}
+    for cell in cells:
+        path = run / cell["file"]
+        fp = cell_fingerprint(cell, cfg)
+        old = json.loads(path.read_text()) if path.exists() else None
+        if cell["paradigm"] != "base":
+            k += 1
+        tag = f"{k}/{n_train} {cell['id']}" if cell["paradigm"] != "base" else cell["id"]
+        if old is not None and old.get("status") == "ok":
+            log(f"[run] {tag}: done earlier (skipped)")
+            if cell["paradigm"] == "base":
+                bases[cell["domain"]] = old
+            continue
+        if cell["paradigm"] != "base" and budget and time.time() - t0 > budget * 60:
+            log(f"[run] budget of {budget} min spent: stopping before {cell['id']}; rerun to continue")
+            stopped = True
+            break
+        if old is not None:
+            log(f"[run] {tag}: failed earlier ({old.get('error', '?')}); retrying")
+        t1 = time.time()
+        try:
+            if cell["paradigm"] == "base":
+                log(f"[run] {tag}: scoring the base model")
+                row = run_base(cell, plan, run)
+                bases[cell["domain"]] = row
+            else:
+                row = run_cell(cell, plan, run, bases.get(cell["domain"]), progress=progress, log=log)
+            row["fingerprint"] = fp
+        except Exception as err:  # noqa: BLE001 - record it, go on with the grid
+            row = _failed_row(cell, err, run, fp, time.time() - t1)
+            if cell["paradigm"] == "base":
+                bases[cell["domain"]] = row
+            log(f"[run] {tag}: FAILED: {row['error'].splitlines()[0][:300]} (traceback: {run / row['traceback']})")
+        else:
+            if row["paradigm"] != "Base":
+                log(f"[run] {tag}: target {row['target']:.1f}  general {row['general']:.1f}  "
+                    f"[{row['train_seconds']:.0f}s train, {row['eval_seconds']:.0f}s eval]")
+            else:
+                log(f"[run] {tag}: target {row['target']:.1f}  general {row['general']:.1f}")
+        atomic_write_json(path, row)
+        write_run_report(run)
+        gc.collect()
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+    rows = read_run_rows(run)
+    failed = [r["cell"] for r in rows if r.get("status") != "ok"]
+    if failed:
+        log(f"[run] {len(failed)} failed cell(s): {', '.join(failed)} (tracebacks under {run / 'cells'})")
+        return 1
+    return 3 if stopped else 0
+
+
+def stale_cells(plan: dict, run: Path) -> list[str]:
+    """Cells finished earlier with different settings (their numbers would be silently reused)."""
+    out = []
+    for cell in plan["cells"]:
+        path = run / cell["file"]
+        if path.exists():
+            old = json.loads(path.read_text())
+            fp = cell_fingerprint(cell, plan["config"])
+            if old.get("status") == "ok" and old.get("fingerprint") not in (None, fp):
+                out.append(f"cell {cell['id']}: finished earlier with different settings (fingerprint "
+                           f"{old.get('fingerprint')} vs {fp}); delete {path}"
+                           + (f" and {run / cell['ckpt_dir']}" if cell.get("ckpt_dir") else "")
+                           + " to redo it, or restore the old settings")
+    return out
+
+
+def cmd_run(args) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = Path(args.config)
+    source = path.name
+    try:
+        raw = read_config(path)
+    except Exception as e:  # noqa: BLE001 - unreadable file or YAML syntax error
+        print(f"{source}: cannot read the config: {e}", file=sys.stderr)
+        return 2
+    if isinstance(raw, dict) and args.out:
+        raw = dict(raw, out=args.out)
+    plan = validate_config(raw, source, allow_hub=args.allow_hub)
+    run = Path(plan["config"].get("out") or "runs/unnamed")
+    errors = plan["errors"] + (stale_cells(plan, run) if plan["cells"] else [])
+    print_plan(plan, source)
+    for w in plan["warnings"]:
+        print(f"[run] warning: {w}")
+    if errors:
+        print(f"[run] {len(errors)} problem(s) in {path}; nothing was trained:", file=sys.stderr)
+        for e in errors:
+            print("  " + e, file=sys.stderr)
+        return 2
+    print(f"[run] validation: OK ({len(plan['cells']) - len(plan['config']['domains'])} cells)")
+    if args.validate_only:
+        return 0
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "config.json", {
+        "kind": "arena-run", "source": str(path), "config": plan["config"], "model_where": plan["model_where"],
+        "n_params": plan["n_params"],
+        "cells": [{k: v for k, v in c.items() if k != "entry"} for c in plan["cells"]]})
+    t0 = time.time()
+    code = run_grid(plan, run, progress=args.progress)
+    print()
+    print((run / "leaderboard.md").read_text() if (run / "leaderboard.md").exists() else "")
+    print(f"[run] finished in {time.time() - t0:.0f} s (exit code {code}); outputs in {run}/")
+    return code
+
+
+# -----------------------------------------------------------------------------
 # reports: tables and figures from results alone
 
 
@@ -295,17 +1197,32 @@ def write_report(run: Path, rows: list[dict], base: dict) -> None:
     plot_scatter(rows, run / "stability_plasticity.png")
 
 
-def _fmt_params(n: int) -> str:
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def leaderboard_markdown(rows: list[dict]) -> str:
-    """The paper's main-table layout (PAPER.md §10.1): Train | Method | Tr. | Target | General."""
-    out = ["| Train | Method | Tr. | Target | General | Target gain | Forgetting |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['paradigm']} | {r['method']} | {_fmt_params(r['trainable_params'])} | "
-                   f"{r['target']:.1f} | {r['general']:.1f} | {r['target_gain']:+.1f} | {r['forgetting']:+.1f} |")
+def leaderboard_markdown(rows: list[dict], paper: list[dict | None] | None = None) -> str:
+    """The paper's main-table layout (PAPER.md §10.1): Train | Method | Tr. | Target | General.
+
+    `paper` (one entry per row, None where the paper has no such cell) adds the published
+    trainable-parameter count, Target and General beside ours (`report --paper`)."""
+    head = "| Train | Method | Tr. | Target | General | Target gain | Forgetting |"
+    if paper is not None:
+        head += " Paper Tr. | Paper Target | Paper General |"
+    out = [head, "|---" * head.count(" | ") + "|---|"]
+    for i, r in enumerate(rows):
+        line = (f"| {r['paradigm']} | {r['method']} | {_fmt_params(r['trainable_params'])} | "
+                f"{_num(r['target'], '.1f')} | {_num(r['general'], '.1f')} | {_num(r['target_gain'], '+.1f')} | "
+                f"{_num(r['forgetting'], '+.1f')} |")
+        if paper is not None:
+            pc = paper[i]
+            line += (f" {pc['params'] or '–'} | {pc['target']:.2f} | {pc['general']:.2f} |" if pc
+                     else " – | – | – |")
+        out.append(line)
     return "\n".join(out) + "\n"
 
 
@@ -318,37 +1235,83 @@ def pareto_indices(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-def plot_scatter(rows: list[dict], png: Path) -> None:
-    """Stability-plasticity plane: target gain (x) vs general retention (y), Pareto frontier drawn."""
+def _label(r: dict) -> str:
+    return ("GRPO " if r["paradigm"] == "GRPO" else "") + r["method"]
+
+
+def _draw_points(ax, rows, pts, colours, size=1.0) -> None:
+    for r, (x, y) in zip(rows, pts):
+        mk = "*" if r["paradigm"] == "Base" else ("o" if r["paradigm"] == "SFT" else "s")
+        ax.scatter(x, y, c=colours[r["paradigm"]], marker=mk, s=(140 if mk == "*" else 50) * size, zorder=3)
+
+
+def _annotate(fig, ax, rows, pts) -> None:
+    try:
+        texts = [ax.annotate(_label(r), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                             arrowprops=dict(arrowstyle="-", lw=0.5, color="grey", shrinkA=1, shrinkB=4))
+                 for r, (x, y) in zip(rows, pts)]
+        _declutter(fig, ax, texts)
+    except Exception:  # noqa: BLE001 - labels are a nicety
+        pass
+
+
+def near_base_cluster(pts: list[tuple[float, float]], frac: float = 0.1) -> list[int]:
+    """Indices of points within `frac` of each axis span of the base (0, 0): the methods that barely
+    moved, which crowd one corner of the plot and get a zoomed inset instead of labels there."""
+    xs, ys = [p[0] for p in pts] + [0.0], [p[1] for p in pts] + [0.0]
+    wx, wy = max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 1.0
+    return [i for i, (x, y) in enumerate(pts) if abs(x) <= frac * wx and abs(y) <= frac * wy]
+
+
+def plot_scatter(rows: list[dict], png: Path, title: str = "Stability-plasticity trade-off on the toy arena") -> None:
+    """Stability-plasticity plane: target gain (x) vs general retention (y), Pareto frontier drawn.
+    When four or more methods sit next to the base, they are labelled in a zoomed inset placed in
+    the emptiest quarter of the plot (the main plot keeps their markers and a zoom box)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=120)
     colours = {"Base": "black", "SFT": "tab:blue", "GRPO": "tab:red"}
     pts = [(r["target_gain"], -r["forgetting"]) for r in rows]
-    for r, (x, y) in zip(rows, pts):
-        mk = "*" if r["paradigm"] == "Base" else ("o" if r["paradigm"] == "SFT" else "s")
-        ax.scatter(x, y, c=colours[r["paradigm"]], marker=mk, s=140 if mk == "*" else 50, zorder=3)
+    _draw_points(ax, rows, pts, colours)
     front = pareto_indices(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", zorder=2,
             label="Pareto frontier")
     for p, c in colours.items():
         ax.scatter([], [], c=c, marker="*" if p == "Base" else ("o" if p == "SFT" else "s"), label=p)
     ys = [p[1] for p in pts]
-    ax.set_ylim(min(ys) - 2, max(ys) + 0.12 * (max(ys) - min(ys) + 1))   # room for labels on top
+    ax.set_ylim(min(ys) - 2, max(ys) + 0.15 * (max(ys) - min(ys) + 1))   # room for labels on top
     ax.axhline(0, c="lightgrey", lw=0.8, zorder=1)
     ax.axvline(0, c="lightgrey", lw=0.8, zorder=1)
-    try:
-        texts = [ax.annotate(("GRPO " if r["paradigm"] == "GRPO" else "") + r["method"], (x, y),
-                             xytext=(4, 4), textcoords="offset points", fontsize=8)
-                 for r, (x, y) in zip(rows, pts)]
-        _declutter(fig, ax, texts)
-    except Exception:  # noqa: BLE001 - labels are a nicety
-        pass
     ax.set_xlabel("target gain over base (points)  — plasticity")
     ax.set_ylabel("general change vs base (points)  — stability")
-    ax.set_title("Stability-plasticity trade-off on the toy arena")
+    ax.set_title(title)
     ax.legend(loc="lower left", fontsize=8)
+    cluster = near_base_cluster(pts) if len(pts) >= 8 else []
+    if len(cluster) < 4:
+        cluster = []
+    outer = [i for i in range(len(rows)) if i not in cluster]
+    _annotate(fig, ax, [rows[i] for i in outer], [pts[i] for i in outer])
+    if cluster:
+        # the inset goes where the fewest points are: one of four candidate boxes (axes fractions)
+        boxes = [(0.12, 0.22, 0.36, 0.36), (0.55, 0.22, 0.36, 0.36), (0.12, 0.5, 0.36, 0.36), (0.55, 0.5, 0.36, 0.36)]
+        to_ax = ax.transAxes.inverted()
+        axfrac = [to_ax.transform(ax.transData.transform(p)) for p in pts]
+        box = min(boxes, key=lambda b: sum(b[0] - 0.05 <= fx <= b[0] + b[2] + 0.05 and b[1] - 0.05 <= fy <= b[1] + b[3] + 0.05
+                                           for fx, fy in axfrac))
+        ins = ax.inset_axes(box)
+        cp = [pts[i] for i in cluster]
+        _draw_points(ins, [rows[i] for i in cluster], cp, colours, size=0.8)
+        cx, cy = [p[0] for p in cp] + [0.0], [p[1] for p in cp] + [0.0]
+        px, py = max(1.0, 0.35 * (max(cx) - min(cx))), max(0.5, 0.6 * (max(cy) - min(cy)))
+        ins.set_xlim(min(cx) - px, max(cx) + px)
+        ins.set_ylim(min(cy) - py, max(cy) + py)
+        ins.axhline(0, c="lightgrey", lw=0.8, zorder=1)
+        ins.axvline(0, c="lightgrey", lw=0.8, zorder=1)
+        ins.tick_params(labelsize=7)
+        ins.set_title("near the base (zoom)", fontsize=8)
+        ax.indicate_inset_zoom(ins, edgecolor="grey")
+        _annotate(fig, ins, [rows[i] for i in cluster], cp)
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -357,22 +1320,209 @@ def plot_scatter(rows: list[dict], png: Path) -> None:
 
 
 def _declutter(fig, ax, texts) -> None:
-    """Place each label at the first of eight offsets around its point that overlaps no earlier
-    label and stays inside the axes (a tiny stand-in for adjustText)."""
+    """Place each label at the first candidate offset (rings of growing distance around its point)
+    whose box overlaps no earlier label and no marker and stays inside the axes; if none is free,
+    the candidate with the least overlap. Labels placed away from their point keep a thin leader
+    line (a tiny stand-in for adjustText, which we do not depend on)."""
+    from matplotlib.transforms import Bbox
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
     inside = ax.get_window_extent(r)
-    offsets = [(4, 4), (4, -12), (-4, 4), (-4, -12), (4, 14), (4, -22), (-4, 14), (-4, -22)]
+    # every marker is an obstacle: a 16x16 px box around its point (display coordinates)
+    markers = [Bbox.from_bounds(*(ax.transData.transform(t.xy) - 8), 16, 16) for t in texts]
+    near = [(4, 4), (4, -12), (-4, 4), (-4, -12)]
+    offsets = near + [(sx * dx, sy * dy) for dx, dy in ((6, 16), (14, 26), (24, 36), (40, 48))
+                      for sx in (1, -1) for sy in (1, -1)] + [(0, 30), (0, -40), (0, 56), (0, -66)]
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
     placed = []
-    for t in texts:
+    for k, t in enumerate(texts):
+        best = None
         for dx, dy in offsets:
             t.xyann = (dx, dy)
-            t.set_horizontalalignment("left" if dx > 0 else "right")
+            t.set_horizontalalignment("left" if dx > 0 else ("center" if dx == 0 else "right"))
             bb = t.get_window_extent(r)
-            if (not any(bb.overlaps(p) for p in placed) and bb.x0 >= inside.x0 and bb.x1 <= inside.x1
-                    and bb.y0 >= inside.y0 and bb.y1 <= inside.y1):
+            outside = not (bb.x0 >= inside.x0 and bb.x1 <= inside.x1 and bb.y0 >= inside.y0 and bb.y1 <= inside.y1)
+            cost = (sum(overlap(bb, p) for p in placed)
+                    + sum(overlap(bb, m) for i, m in enumerate(markers) if i != k) + (1e9 if outside else 0.0))
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy)
+            if cost == 0:
                 break
+        _, dx, dy = best
+        t.xyann = (dx, dy)
+        t.set_horizontalalignment("left" if dx > 0 else ("center" if dx == 0 else "right"))
+        if t.arrow_patch is not None:
+            t.arrow_patch.set_visible((dx, dy) not in near)
         placed.append(t.get_window_extent(r))
+
+
+# ---- reports of `run` and `demo` directories, rebuilt from RUN/cells/*.json alone
+
+PAPER_RESULTS = REPO_DIR / "configs" / "paper_results.json"   # PAPER.md §10.1 / §10.2, transcribed
+RUN_CSV_COLS = ["domain", "paradigm", "method", "status", "trainable_params", "target", "general",
+                "target_gain", "forgetting"]
+
+
+def infer_paper_model(spec: str | None) -> str | None:
+    """The paper's model key for a model spec (hub id or local dir name), or None."""
+    s = str(spec or "").lower()
+    if "qwen2.5-7b" in s and "instruct" not in s:
+        return "qwen2.5-7b"
+    if "llama-3.2-3b" in s and "instruct" in s:
+        return "llama-3.2-3b-instruct"
+    return None
+
+
+def paper_lookup(row: dict, model_key: str | None, domain: str, table: dict) -> dict | None:
+    """The published (params, Target, General) of the paper's cell matching `row`, or None."""
+    if model_key is None:
+        return None
+    base = row["paradigm"] == "Base"
+    train = "SFT" if base else {"SFT": "SFT", "GRPO": "RLVR"}.get(row["paradigm"])
+    method = "Base" if base else METHOD_NAMES.get(row.get("peft_method"))
+    hp = "-" if base else paper_hp(row.get("peft_method"), row.get("hparams") or {})
+    for pr in table["rows"]:
+        if (pr["train"], pr["method"], pr["hp"]) == (train, method, hp) and domain in pr.get(model_key, {}):
+            t, g = pr[model_key][domain]
+            return {"params": pr[model_key]["params"], "target": t, "general": g, "table": pr["table"]}
+    return None
+
+
+def paper_columns(rows: list[dict], model_key: str | None, domain: str, model_spec: str):
+    """(per-row published numbers, None where no cell matches, or None for the whole table when
+    no row matches; a note saying where the numbers come from, or that none match)."""
+    table = json.loads(PAPER_RESULTS.read_text())
+    cols = [paper_lookup(r, model_key, domain, table) for r in rows]
+    n = sum(c is not None for c in cols)
+    if n == 0:   # no empty columns: the note says why
+        return None, (f"--paper: no row of this run matches a published PEFT-Arena cell. The paper reports "
+                      f"{' and '.join(table['models'].values())} only (PAPER.md §10.1); this run's model is "
+                      f"{model_spec!r}" + (f" (matched as {model_key})" if model_key else "") + ".")
+    tables = sorted({c["table"] for c in cols if c})
+    return cols, (f"Paper columns: published Target / General (%) and trainable parameters of "
+                  f"{table['models'][model_key]}, target {domain}, from configs/paper_results.json "
+                  f"({'; '.join(tables)}); {n} of {len(rows)} rows matched.")
+
+
+def _num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def read_run_rows(run: Path) -> list[dict]:
+    """Every cell row of a `run` directory (finished or failed), in grid order."""
+    rows = []
+    for p in sorted((run / "cells").glob("*.json")):
+        if p.name.endswith(".eval.json"):
+            continue
+        r = json.loads(p.read_text())
+        if isinstance(r, dict) and "cell" in r:
+            rows.append(r)
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
+    """results.json, results.csv, leaderboard.md and one scatter per domain, from cells/*.json.
+    `run` writes these after every cell; `python arena.py report RUN` calls the same function."""
+    import csv
+    from loading import atomic_write_text
+    rows = read_run_rows(run)
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    model = next((r["model"] for r in rows if r.get("model")), "?")
+    key = paper_model or infer_paper_model(model)
+    bases = {r["domain"]: {"target": r["target"], "general": r["general"]}
+             for r in rows if r["paradigm"] == "Base" and r["status"] == "ok"}
+    failed = [r for r in rows if r["status"] != "ok"]
+    atomic_write_json(run / "results.json", {"kind": "arena-run", "name": run.name, "model": model,
+                                             "base": bases, "rows": rows, "failed": [r["cell"] for r in failed]})
+    tmp = run / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(RUN_CSV_COLS)
+        for r in rows:
+            w.writerow(["" if r.get(c) is None else r.get(c) for c in RUN_CSV_COLS])
+    tmp.replace(run / "results.csv")
+    md = [f"# {run.name}: {model}", ""]
+    notes = []
+    for d in domains:
+        ok = [r for r in rows if r["domain"] == d and r["status"] == "ok"]
+        md += [f"## Target: {d}", ""]
+        cols = None
+        if paper:
+            cols, note = paper_columns(ok, key, d, model)
+            notes.append(note)
+        md.append(leaderboard_markdown(ok, paper=cols) if ok else "(no finished cell yet)\n")
+        if paper:
+            md += [note, ""]
+        bad = [r for r in failed if r["domain"] == d]
+        if bad:
+            md += ["Failed cells (tracebacks next to the cell files):", ""]
+            md += [f"- {r['cell']}: {r['error'].splitlines()[0][:200]} (`{r['traceback']}`)" for r in bad] + [""]
+        png = run / ("stability_plasticity.png" if len(domains) == 1 else f"stability_plasticity-{d}.png")
+        plottable = [r for r in ok if r["target_gain"] is not None and r["forgetting"] is not None]
+        if plottable:
+            plot_scatter(plottable, png, title=f"Stability-plasticity trade-off: {model}, target {d}")
+    atomic_write_text(run / "leaderboard.md", "\n".join(md).rstrip() + "\n")
+    return notes
+
+
+def _toy_param_count() -> int:
+    """Parameters of the toy base from its config alone (meta device; no weights read)."""
+    from transformers import AutoConfig
+    skel, n_layers = model_skeleton(AutoConfig.from_pretrained(TOY_MODEL_DIR))
+    return _scaled_count(skel, n_layers, trainable_only=False)
+
+
+def write_demo_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
+    """The demo's results.json / results.csv / leaderboard.md / scatter, rebuilt from cells/*.json
+    (base.json = the base model's evaluate.py result; <PARADIGM>-<label>.json = one row each)."""
+    from loading import atomic_write_text
+    base = json.loads((run / "cells" / "base.json").read_text())
+    found = {}
+    for p in (run / "cells").glob("*.json"):
+        if p.name != "base.json" and not p.name.endswith(".eval.json"):
+            r = json.loads(p.read_text())
+            found[(r["paradigm"], r["method"])] = r
+    order = [("SFT", c[0]) for c in SFT_CELLS] + [("GRPO", c[0]) for c in GRPO_CELLS]
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    if cfg.get("sft_cells") is not None:   # the exact lists the demo ran with
+        order = [("SFT", c[0]) for c in cfg["sft_cells"]] + [("GRPO", c[0]) for c in cfg.get("grpo_cells", [])]
+    rank = {k: i for i, k in enumerate(order)}
+    keys = sorted(found, key=lambda k: (rank.get(k, len(rank)), k[0] != "SFT", k[1]))
+    rows = [_row("Base", "Base", "base", {}, base, base, _toy_param_count(), 0.0)] + [found[k] for k in keys]
+    write_report(run, rows, base)
+    notes = []
+    if paper:
+        domain = cfg.get("domain", base.get("domain", "math"))
+        cols, note = paper_columns(rows, paper_model, domain, "toy")
+        atomic_write_text(run / "leaderboard.md", leaderboard_markdown(rows, paper=cols) + "\n" + note + "\n")
+        notes.append(note)
+    return notes
+
+
+def cmd_report(args) -> int:
+    run = Path(args.run_dir)
+    cells = run / "cells"
+    if not cells.is_dir():
+        print(f"{run}: no cells/ directory (is it a `run` or `demo` output directory?)", file=sys.stderr)
+        return 2
+    if read_run_rows(run):
+        notes = write_run_report(run, paper=args.paper, paper_model=args.paper_model)
+    elif (cells / "base.json").exists():
+        notes = write_demo_report(run, paper=args.paper, paper_model=args.paper_model)
+    else:
+        print(f"{run}: cells/ holds no cell results yet", file=sys.stderr)
+        return 2
+    print((run / "leaderboard.md").read_text())
+    for n in notes if args.paper else []:
+        print(f"[report] {n}")
+    print(f"[report] rebuilt {run}/results.json, results.csv, leaderboard.md and the scatter plot(s) "
+          f"from {run}/cells/*.json")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -426,6 +1576,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="run directory (default runs/demo-<domain>[-quick])")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("run", help="a config-driven grid (domains x paradigms x methods) on the toy or a "
+                       "real model; validated before training, resumable")
+    g = s.add_argument_group("config")
+    g.add_argument("--config", required=True, help="YAML or JSON run config (configs/toy_grid.yaml, "
+                   "configs/paper_qwen2.5-7b.yaml, configs/paper_llama-3.2-3b-instruct.yaml)")
+    g.add_argument("--out", default=None, help="run directory (default: the config's `out`, else runs/<name>)")
+    g.add_argument("--validate-only", "--dry-run", action="store_true",
+                   help="print the planned cells and the validation result; train nothing")
+    g.add_argument("--allow-hub", action="store_true",
+                   help="a hub model id missing from the local HF cache is a warning, not an error "
+                   "(load_model then downloads it when the first cell starts)")
+    g = s.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    g.add_argument("--progress", action="store_true", help="training progress bars (tqdm)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="rebuild results.json/.csv, leaderboard.md and the scatter of a `run` "
+                       "or `demo` directory from its cells/*.json")
+    s.add_argument("run_dir", help="a directory written by `arena.py run` or `arena.py demo`")
+    s.add_argument("--paper", action="store_true", help="put the paper's published Target/General "
+                   "(configs/paper_results.json, PAPER.md §10.1-10.2) beside ours where the cell matches")
+    s.add_argument("--paper-model", choices=["qwen2.5-7b", "llama-3.2-3b-instruct"], default=None,
+                   help="which published model to compare with (default: inferred from the model spec)")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -25,6 +25,19 @@ def test_pareto_and_leaderboard():
     assert md.splitlines()[0].startswith("| Train | Method | Tr. |") and "| SFT | LoRA r8 | 90.1K | 82.0 | 93.3 | +49.0 | +3.9 |" in md
 
 
+def test_near_base_cluster_and_scatter_inset(tmp_path):
+    """Methods that barely moved crowd the base's corner: they are found (and only they) and the
+    scatter draws them in a zoomed inset without failing."""
+    pts = [(0, 0), (47, -20.5), (39, -2.6), (48, -3.8), (-1, 0), (2, 0), (4, -0.3), (3, -0.2),
+           (34, -22.1), (10, -0.3)]
+    assert arena.near_base_cluster(pts) == [0, 4, 5, 6, 7]
+    rows = [{"paradigm": "Base" if i == 0 else ("GRPO" if i in (4, 5, 6) else "SFT"), "method": f"m{i}",
+             "target_gain": x, "forgetting": -y} for i, (x, y) in enumerate(pts)]
+    png = tmp_path / "s.png"
+    arena.plot_scatter(rows, png)
+    assert png.stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_demo_on_a_test_grid_writes_results_and_resumes(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(arena, "SFT_CELLS", [("LoRA r8", "lora", {"r": 8, "alpha": 16})])
