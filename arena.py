@@ -458,7 +458,7 @@ def resolve_model(spec: str, shapes: str | None, *, allow_hub: bool = False):
     err = None
     cfg = where = None
     try:
-        path, local = loading._resolve(spec)
+        path, local = loading.resolve_spec(spec)
     except Exception as e:  # noqa: BLE001 - a missing directory, a file instead of a directory
         path, local, err = None, False, f"{e} (a local path: nothing is downloaded)"
     if path is not None and local:
@@ -519,26 +519,16 @@ def _scaled_count(model, n_layers: int, trainable_only: bool = True) -> int:
 
 
 def check_on_skeleton(skeleton, n_layers: int, method: str, hp: dict, targets):
-    """apply_peft on a copy of the meta skeleton (no data-dependent init): (trainable count, error)."""
+    """apply_peft on a copy of the meta skeleton (no data-dependent init): (trainable count, error,
+    the config field at fault: peft_methods.HparamError.field, "" when the error names none)."""
     import copy
     import peft_methods
     m = copy.deepcopy(skeleton)
     try:
         peft_methods.apply_peft(m, method, target_modules=targets, _init=False, **hp)
     except Exception as e:  # noqa: BLE001 - the message names the module and the shapes
-        return None, str(e)
-    return _scaled_count(m, n_layers), None
-
-
-def _hparam_field(method: str, msg: str) -> str:
-    """Which hyperparameter an apply_peft error is about (by its wording in peft_methods.py)."""
-    if "rank r=" in msg:
-        return "init_r" if method == "adalora" else "r"
-    if "block size" in msg:
-        return "block_size"
-    if "feedforward" in msg:
-        return "feedforward_modules"
-    return ""
+        return None, str(e), getattr(e, "field", "")
+    return _scaled_count(m, n_layers), None, ""
 
 
 def _fmt_count(n) -> str:
@@ -812,14 +802,13 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
             key = (name, json.dumps(hp, sort_keys=True), targets)
             if key not in shape_cache:
                 shape_cache[key] = check_on_skeleton(skeleton, n_layers, name, hp, targets)
-            n, err = shape_cache[key]
+            n, err, hf = shape_cache[key]
             pids = [i for i in ids if i.startswith(p + "/")]
             if err:
-                hf = _hparam_field(name, err)
-                if hf:
-                    add(f"{f}.hparams.{hf}", hp.get(hf, _MISSING), f"{err} [layer shapes from {where}]", pids)
-                elif "target pattern" in err:
+                if hf == "target_modules":
                     add(f"train.{p}.target_modules", tm, err, pids)
+                elif hf:
+                    add(f"{f}.hparams.{hf}", hp.get(hf, _MISSING), f"{err} [layer shapes from {where}]", pids)
                 else:
                     add(f"{f}.hparams", hp, f"{err} [layer shapes from {where}]", pids)
             for c in train_cells:
@@ -1179,19 +1168,24 @@ def cmd_run(args) -> int:
 # reports: tables and figures from results alone
 
 
-def write_report(run: Path, rows: list[dict], base: dict) -> None:
+def write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
+    """One CSV row per dict (missing or None values as empty cells), written atomically."""
     import csv
-    atomic_write_json(run / "results.json", {"base": {"target": base["target_score"],
-                                                      "general": base["general_score"]},
-                                             "rows": rows})
-    cols = ["paradigm", "method", "trainable_params", "target", "general", "target_gain", "forgetting"]
-    tmp = run / "results.csv.tmp"
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
-            w.writerow([r[c] for c in cols])
-    tmp.replace(run / "results.csv")
+            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
+    tmp.replace(path)
+
+
+def write_report(run: Path, rows: list[dict], base: dict) -> None:
+    atomic_write_json(run / "results.json", {"base": {"target": base["target_score"],
+                                                      "general": base["general_score"]},
+                                             "rows": rows})
+    write_csv(run / "results.csv", ["paradigm", "method", "trainable_params", "target", "general",
+                                    "target_gain", "forgetting"], rows)
     from loading import atomic_write_text
     atomic_write_text(run / "leaderboard.md", leaderboard_markdown(rows))
     plot_scatter(rows, run / "stability_plasticity.png")
@@ -1428,7 +1422,6 @@ def read_run_rows(run: Path) -> list[dict]:
 def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
     """results.json, results.csv, leaderboard.md and one scatter per domain, from cells/*.json.
     `run` writes these after every cell; `python arena.py report RUN` calls the same function."""
-    import csv
     from loading import atomic_write_text
     rows = read_run_rows(run)
     domains = list(dict.fromkeys(r["domain"] for r in rows))
@@ -1439,13 +1432,7 @@ def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None 
     failed = [r for r in rows if r["status"] != "ok"]
     atomic_write_json(run / "results.json", {"kind": "arena-run", "name": run.name, "model": model,
                                              "base": bases, "rows": rows, "failed": [r["cell"] for r in failed]})
-    tmp = run / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(RUN_CSV_COLS)
-        for r in rows:
-            w.writerow(["" if r.get(c) is None else r.get(c) for c in RUN_CSV_COLS])
-    tmp.replace(run / "results.csv")
+    write_csv(run / "results.csv", RUN_CSV_COLS, rows)
     md = [f"# {run.name}: {model}", ""]
     notes = []
     for d in domains:

@@ -2365,8 +2365,8 @@ def _load_for_eval(spec: str, adapter: str | None, *, dtype=None, device=None):
 def _prepare_vllm(spec: str, adapter: str | None, out_dir: Path, seed: int):
     """A vLLM engine; an adapter is merged into dense bf16 weights first (PAPER.md §6: 'every
     adapter is merged into a dense bf16 HF model and served with vLLM')."""
-    from loading import _resolve, load_tokenizer
-    path, _ = _resolve(spec)
+    from loading import load_tokenizer, resolve_spec
+    path, _ = resolve_spec(spec)
     if adapter:
         import torch
         from peft_methods import merge_and_unload

@@ -152,8 +152,9 @@ def render_chat(tokenizer, messages: list[dict] | str, add_generation_prompt: bo
 # -----------------------------------------------------------------------------
 # Model loading
 
-def _resolve(spec: str) -> tuple[str, bool]:
-    """Return (path_or_id, is_local)."""
+def resolve_spec(spec: str) -> tuple[str, bool]:
+    """Return (path_or_id, is_local) for a model spec (toy | local dir | hub id); reads nothing
+    from the network (evaluate.py and arena.py validation use it too)."""
     if spec == "toy":
         if not (TOY_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
@@ -187,7 +188,7 @@ def _hub_error(spec: str, err: Exception) -> Exception:
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    path, local = _resolve(spec)
+    path, local = resolve_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - re-raised with a clearer message
@@ -210,7 +211,7 @@ def load_model(spec: str = "toy", *, dtype=None, device=None, trust_remote_code:
     from transformers import AutoModelForCausalLM
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    path, local = _resolve(spec)
+    path, local = resolve_spec(spec)
     tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -103,11 +103,21 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def check_rank(method: str, name: str, r: int, d_in: int, d_out: int) -> None:
+class HparamError(ValueError):
+    """A hyperparameter that does not fit the model; `field` names the config field at fault
+    (r, init_r, block_size, feedforward_modules, target_modules), so that callers such as
+    `arena.py run`'s validation can point at it without parsing the message."""
+
+    def __init__(self, msg: str, field: str):
+        super().__init__(msg)
+        self.field = field
+
+
+def check_rank(method: str, name: str, r: int, d_in: int, d_out: int, field: str = "r") -> None:
     """A rank above min(d_in, d_out) cannot be reached by any factorisation: refuse it."""
     if r <= 0 or r > min(d_in, d_out):
-        raise ValueError(f"{method}: rank r={r} is invalid for module '{name}' (d_in={d_in}, d_out={d_out}); "
-                         f"need 1 <= r <= min(d_in, d_out) = {min(d_in, d_out)}")
+        raise HparamError(f"{method}: rank r={r} is invalid for module '{name}' (d_in={d_in}, d_out={d_out}); "
+                         f"need 1 <= r <= min(d_in, d_out) = {min(d_in, d_out)}", field)
 
 
 def svd_factors(W: torch.Tensor, r: int, scaling: float, *, minor: bool = False,
@@ -703,7 +713,7 @@ class AdaLoraLinear(AdapterLinear):
     def __init__(self, base_layer, cfg: AdaLoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
         r = cfg.init_r
-        check_rank(self.method, name, r, self.in_features, self.out_features)
+        check_rank(self.method, name, r, self.in_features, self.out_features, field="init_r")
         self.lora_A = self._param(r, self.in_features)        # (r, d_in)   Q
         self.lora_E = self._param(r, 1, fill=0.0)             # (r, 1)      singular values
         self.lora_B = self._param(self.out_features, r)       # (d_out, r)  P
@@ -936,10 +946,10 @@ class OftLinear(AdapterLinear):
                 # DEVIATION 2: PEFT silently adjusts; we refuse unless asked
                 divisors = [k for k in range(2, d_in + 1) if d_in % k == 0]
                 near = sorted(divisors, key=lambda k: (abs(k - b), k))[:3]
-                raise ValueError(
+                raise HparamError(
                     f"oft: block size b={b} does not divide d_in={d_in} of module '{name}' "
                     f"(d_in % b = {d_in % b if b > 0 else 'n/a'}). Refusing (PEFT would silently use b={nearest}). "
-                    f"Nearest valid block sizes: {sorted(near)}; or pass adjust_block_size=True to adjust like PEFT.")
+                    f"Nearest valid block sizes: {sorted(near)}; or pass adjust_block_size=True to adjust like PEFT.", "block_size")
             print(f"oft: module '{name}': block size {b} does not divide d_in={d_in}; adjusted to {nearest} (as PEFT)")
             b = nearest
         self.block_size = b
@@ -1131,10 +1141,11 @@ def find_targets(model: nn.Module, target_modules=DEFAULT_TARGETS) -> dict[str, 
             other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and _name_matches(n, p)]
             leaves = sorted({n.split(".")[-1] for n in linears})
             if other:
-                raise ValueError(f"target pattern '{p}' matches {other[:3]} but no nn.Linear; only nn.Linear modules "
-                                 f"can be wrapped (Linear leaves in {type(model).__name__}: {leaves})")
-            raise ValueError(f"target pattern '{p}' matches no nn.Linear module in {type(model).__name__} "
-                             f"({len(linears)} candidate Linear modules; leaf names: {leaves})")
+                raise HparamError(f"target pattern '{p}' matches {other[:3]} but no nn.Linear; only nn.Linear "
+                                  f"modules can be wrapped (Linear leaves in {type(model).__name__}: {leaves})",
+                                  "target_modules")
+            raise HparamError(f"target pattern '{p}' matches no nn.Linear module in {type(model).__name__} "
+                              f"({len(linears)} candidate Linear modules; leaf names: {leaves})", "target_modules")
         for n in hits:
             out[n] = linears[n]
     return dict(sorted(out.items(), key=lambda kv: list(linears).index(kv[0])))
@@ -1178,7 +1189,8 @@ def apply_peft(model: nn.Module, method: str, config=None, *, target_modules=DEF
     if method == "ia3":
         for p in config.feedforward_modules:
             if not any(_name_matches(n, p) for n in targets):
-                raise ValueError(f"ia3: feedforward module pattern '{p}' matches none of the {len(targets)} targets")
+                raise HparamError(f"ia3: feedforward module pattern '{p}' matches none of the {len(targets)} targets",
+                                  "feedforward_modules")
     state = {"method": method, "config": config, "target_modules": list(target_modules) if not
              isinstance(target_modules, str) else [target_modules], "modules": list(targets),
              "adapter_dtype": adapter_dtype}
