@@ -1249,18 +1249,26 @@ def _annotate(fig, ax, rows, pts) -> None:
         pass
 
 
-def near_base_cluster(pts: list[tuple[float, float]], frac: float = 0.1) -> list[int]:
-    """Indices of points within `frac` of each axis span of the base (0, 0): the methods that barely
-    moved, which crowd one corner of the plot and get a zoomed inset instead of labels there."""
+def crowded_cluster(pts: list[tuple[float, float]], frac: float = 0.1) -> list[int]:
+    """Indices of the largest group of points that fit in a box of +-`frac` of each axis span
+    around one of them: methods whose labels would pile up (those that barely moved, around the
+    base; or those that all reach the same gain with little forgetting). The scatter draws them
+    in a zoomed inset instead of labelling them in place. Ties go to the earliest centre."""
     xs, ys = [p[0] for p in pts] + [0.0], [p[1] for p in pts] + [0.0]
     wx, wy = max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 1.0
-    return [i for i, (x, y) in enumerate(pts) if abs(x) <= frac * wx and abs(y) <= frac * wy]
+    best: list[int] = []
+    for cx, cy in pts:
+        near = [i for i, (x, y) in enumerate(pts) if abs(x - cx) <= frac * wx and abs(y - cy) <= frac * wy]
+        if len(near) > len(best):
+            best = near
+    return best
 
 
 def plot_scatter(rows: list[dict], png: Path, title: str = "Stability-plasticity trade-off on the toy arena") -> None:
     """Stability-plasticity plane: target gain (x) vs general retention (y), Pareto frontier drawn.
-    When four or more methods sit next to the base, they are labelled in a zoomed inset placed in
-    the emptiest quarter of the plot (the main plot keeps their markers and a zoom box)."""
+    When four or more methods crowd one spot (`crowded_cluster`), they are labelled in a zoomed
+    inset placed in the emptiest quarter of the plot (the main plot keeps their markers and a zoom
+    box)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1281,7 +1289,7 @@ def plot_scatter(rows: list[dict], png: Path, title: str = "Stability-plasticity
     ax.set_ylabel("general change vs base (points)  — stability")
     ax.set_title(title)
     ax.legend(loc="lower left", fontsize=8)
-    cluster = near_base_cluster(pts) if len(pts) >= 8 else []
+    cluster = crowded_cluster(pts) if len(pts) >= 8 else []
     if len(cluster) < 4:
         cluster = []
     outer = [i for i in range(len(rows)) if i not in cluster]
@@ -1296,14 +1304,15 @@ def plot_scatter(rows: list[dict], png: Path, title: str = "Stability-plasticity
         ins = ax.inset_axes(box)
         cp = [pts[i] for i in cluster]
         _draw_points(ins, [rows[i] for i in cluster], cp, colours, size=0.8)
-        cx, cy = [p[0] for p in cp] + [0.0], [p[1] for p in cp] + [0.0]
+        cx, cy = [p[0] for p in cp], [p[1] for p in cp]
         px, py = max(1.0, 0.35 * (max(cx) - min(cx))), max(0.5, 0.6 * (max(cy) - min(cy)))
         ins.set_xlim(min(cx) - px, max(cx) + px)
         ins.set_ylim(min(cy) - py, max(cy) + py)
+        ins.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", zorder=2)
         ins.axhline(0, c="lightgrey", lw=0.8, zorder=1)
         ins.axvline(0, c="lightgrey", lw=0.8, zorder=1)
         ins.tick_params(labelsize=7)
-        ins.set_title("near the base (zoom)", fontsize=8)
+        ins.set_title("crowded region (zoom)", fontsize=8)
         ax.indicate_inset_zoom(ins, edgecolor="grey")
         _annotate(fig, ins, [rows[i] for i in cluster], cp)
     fig.tight_layout()

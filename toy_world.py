@@ -25,8 +25,10 @@ belongs to the test split iff a stable hash of that key falls in the test bucket
 train generator rejects test keys and vice versa, whatever the seed.
 
 Pretraining (`pretrain`, run by `python arena.py pretrain-toy`) mixes the general families (the
-bulk), arithmetic drills, atlas facts, and only a trickle of the two target domains, so the base
-model starts low but not at zero on the targets, like Qwen2.5-7B at 35% on math.
+bulk), arithmetic drills (single facts and story-free chains), atlas facts, and only a trickle of
+the two target domains, so the base model starts low but not at zero on the targets, like
+Qwen2.5-7B at 35% on math. Half of the pretraining math examples give the bare answer without the
+working (Deviation 4).
 
 Deviations
 1. Stand-ins, not the benchmarks: the toy families share the real benchmarks' answer formats and
@@ -38,6 +40,15 @@ Deviations
    is wrapped as a normal `transformers` fast tokenizer with a ChatML template and no system prompt.
 3. Pretraining loss is on assistant tokens only for chat examples (a chat "instruct" base) and on
    every token of plain documents (atlas and pharmacopoeia statements).
+4. Two answer modes for math. Half of the pretraining math examples (`MATH_DIRECT_FRAC`) are
+   written as "The answer is \\boxed{N}." with no working. The base therefore answers some test
+   prompts directly (measured on 200 test items: 41% of greedy answers, 10% of them right) and
+   works the others out (62% right); at T = 1 it picks the worked mode for about 57% of samples.
+   This is the stand-in for a real base model that often answers a math prompt without reasoning,
+   and it gives RLVR what it has on Qwen2.5: right answers that sampling already finds, to be
+   made the greedy answer (PAPER.md §2.2). Without it (all examples worked, one mode) the base's
+   errors were confident wrong facts that T = 1 samples rarely avoided, and 12 GRPO steps raised
+   the target by only 3.5-6.5 points (train_grpo.py Deviation 7).
 
 Shapes: B batch, T tokens.
 """
@@ -490,6 +501,32 @@ def arithmetic_drill(rng: random.Random):
     return f"Compute {a} + {b}.", f"{a} + {b} = {a + b}."
 
 
+def chain_drill(rng: random.Random):
+    """'Compute 6 + 5 - 3.' -> '6 + 5 = 11. 11 - 3 = 8.' (general pretraining data): the worked
+    chain of the math family without the story, so the base learns to carry a running total
+    from step to step (the step rules are `_gen_math`'s: single-digit operands, subtraction only
+    from >= 3)."""
+    cur = rng.randint(1, 9)
+    expr, steps = [str(cur)], []
+    for _ in range(rng.randint(2, 3)):
+        if cur >= 3 and rng.random() < 0.5:
+            n = rng.randint(1, min(9, cur))
+            expr.append(f"- {n}")
+            steps.append(f"{cur} - {n} = {cur - n}.")
+            cur -= n
+        else:
+            n = rng.randint(1, max(1, min(9, 18 - cur)))
+            expr.append(f"+ {n}")
+            steps.append(f"{cur} + {n} = {cur + n}.")
+            cur += n
+    return f"Compute {' '.join(expr)}.", " ".join(steps)
+
+
+def direct_math_response(item: dict) -> str:
+    """The bare-answer form of a math solution, no working: 'The answer is \\boxed{8}.'"""
+    return f"The answer is \\boxed{{{item['gold']}}}."
+
+
 # -----------------------------------------------------------------------------
 # Family: med (medical-QA analogue): 5-option MCQ over the pharmacopoeia
 
@@ -621,8 +658,16 @@ def target_prompts(domain: str, n: int, seed: int = 0) -> list[str]:
 
 # mixture weights of the pretraining stream (Deviation 3 for the loss): the general families
 # dominate, the targets are a trickle.
-PRETRAIN_MIX = {"ifeval": 0.25, "nq": 0.20, "bbh": 0.25, "drill": 0.12, "atlas": 0.08,
-                "math": 0.015, "med": 0.03, "pharma": 0.04}
+PRETRAIN_MIX = {"ifeval": 0.25, "nq": 0.20, "bbh": 0.25, "drill": 0.06, "chain": 0.06,
+                "atlas": 0.08, "math": 0.015, "med": 0.03, "pharma": 0.04}
+# Fraction of the pretraining math examples written as a bare answer (`direct_math_response`)
+# instead of the worked chain. Web text states many answers without the working, and base models
+# such as Qwen2.5 often answer a math prompt directly, which is far less accurate than working it
+# out; most of what RLVR adds on such a base is choosing the worked mode every time ("sharpening"
+# what sampling already finds, PAPER.md §2.2). Here the base's greedy answer starts in the direct
+# mode for many prompts while T = 1 samples often work the problem, so GRPO has that signal to
+# reinforce. See Deviation 4.
+MATH_DIRECT_FRAC = 0.5
 
 
 def _encode_chat(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -648,9 +693,14 @@ def pretrain_stream(tok, seed: int):
             yield ids, list(ids)
         elif kind == "drill":
             yield _encode_chat(tok, *arithmetic_drill(rng))
+        elif kind == "chain":
+            yield _encode_chat(tok, *chain_drill(rng))
         else:
             x = next(its[kind])
-            yield _encode_chat(tok, x["prompt"], item_response(x))
+            if kind == "math" and rng.random() < MATH_DIRECT_FRAC:
+                yield _encode_chat(tok, x["prompt"], direct_math_response(x))
+            else:
+                yield _encode_chat(tok, x["prompt"], item_response(x))
 
 
 def _collate(batch, pad_id):

@@ -474,17 +474,16 @@ def push_weights_vllm(llm, named_tensors: dict, sleep_mode: bool = False) -> Non
 
 PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
                     steps=200, lr={"full": 1e-6, "*": 1e-5})
-# DEVIATION 7: the toy preset, measured on the committed toy base (math 29.5% greedy) on the idle
-# 2-core VM, 12 rollout steps (~90 s of training per method), greedy toy-math eval on 200 held-out
-# items (one binomial std ~ 3.3 points): 64 prompts x G = 8 with LoRA r8 at 1.5e-3 gave +6.5, Full
-# FT at 1e-4 +6.0, OFT b16 at 6e-4 +3.5, against +2.5 / +2.5 / +1.5 for the earlier 32 x G = 16
-# preset (LoRA 5e-4, Full 5e-5, OFT 3e-4; 6 steps). Higher LRs collapse (LoRA 4e-3: -11; OFT 3e-3:
-# -13.5). UNSURE / not met: the +10-point bar of the GRPO issue. Why the toy RL is slow: 140 of the
-# base's 200 greedy math errors are confidently wrong single-digit facts inside the worked chain
-# (the same facts asked alone are 95.5% right) at ~0.1 nat/token entropy, so T = 1 samples rarely
-# contain the right fact for RL to reinforce; an earlier base with math 69% gained +10.5 to +12.5
-# with the old preset, and re-pretrained bases with chain drills (math 58%: +9.5; math 39.5%: +3 to
-# +5) confirm that the gain grows with the base's sampled accuracy.
+# DEVIATION 7: the toy preset, measured on the committed toy base (math 41.0% greedy, 200 held-out
+# items; one binomial std ~ 3.5 points) on the idle 2-core VM, 12 rollout steps of 64 prompts x
+# G = 8 (~90-110 s per method): LoRA r8 at 1.5e-3 +39.0, Full FT at 1e-4 +42.0, OFT b16 at 6e-4
+# +38.0, general change -0.4 to 0.0. Higher LRs collapsed on the earlier base (LoRA 4e-3: -11;
+# OFT 3e-3: -13.5). The gain comes from what sampling already finds (PAPER.md §2.2): the base
+# answers 41% of test prompts greedily in a bare "The answer is" mode that is 10% right and works
+# the rest out (62% right); T = 1 samples take the worked mode ~57% of the time, so GRPO learns to
+# work every problem and then also sharpens the chain's arithmetic (toy_world.py Deviation 4). On
+# the earlier one-mode base (math 29.5%, confidently wrong in-chain facts at ~0.1 nat/token), the
+# same preset gave only +6.5 / +6.0 / +3.5 and 24 LoRA steps no more than 12 (+6.5).
 TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
                   steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
 SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,

@@ -25,17 +25,21 @@ def test_pareto_and_leaderboard():
     assert md.splitlines()[0].startswith("| Train | Method | Tr. |") and "| SFT | LoRA r8 | 90.1K | 82.0 | 93.3 | +49.0 | +3.9 |" in md
 
 
-def test_near_base_cluster_and_scatter_inset(tmp_path):
-    """Methods that barely moved crowd the base's corner: they are found (and only they) and the
-    scatter draws them in a zoomed inset without failing."""
-    pts = [(0, 0), (47, -20.5), (39, -2.6), (48, -3.8), (-1, 0), (2, 0), (4, -0.3), (3, -0.2),
-           (34, -22.1), (10, -0.3)]
-    assert arena.near_base_cluster(pts) == [0, 4, 5, 6, 7]
-    rows = [{"paradigm": "Base" if i == 0 else ("GRPO" if i in (4, 5, 6) else "SFT"), "method": f"m{i}",
-             "target_gain": x, "forgetting": -y} for i, (x, y) in enumerate(pts)]
-    png = tmp_path / "s.png"
-    arena.plot_scatter(rows, png)
-    assert png.stat().st_size > 10_000
+def test_crowded_cluster_and_scatter_inset(tmp_path):
+    """Methods whose labels would pile up are found (and only they) wherever they crowd: next to
+    the base, or together at high gain; the scatter draws them in a zoomed inset without failing."""
+    near_base = [(0, 0), (47, -20.5), (39, -2.6), (48, -3.8), (-1, 0), (2, 0), (4, -0.3), (3, -0.2),
+                 (34, -22.1), (10, -0.3)]
+    assert arena.crowded_cluster(near_base) == [0, 4, 5, 6, 7]
+    high_gain = [(0, 0), (52, -17.9), (51, -1.9), (49, -7.0), (50, -0.7), (53, -0.2), (53, -1.2),
+                 (27, 0.3), (46, -21.2), (52, 0.7), (23, 0.0), (53, 0.0), (41, -0.2), (33, -0.2)]
+    assert arena.crowded_cluster(high_gain) == [2, 4, 5, 6, 9, 11]
+    for k, pts in enumerate((near_base, high_gain)):
+        rows = [{"paradigm": "Base" if i == 0 else ("GRPO" if i in (4, 5, 6) else "SFT"), "method": f"m{i}",
+                 "target_gain": x, "forgetting": -y} for i, (x, y) in enumerate(pts)]
+        png = tmp_path / f"s{k}.png"
+        arena.plot_scatter(rows, png)
+        assert png.stat().st_size > 10_000
 
 
 @pytest.mark.slow

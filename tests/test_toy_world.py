@@ -115,3 +115,74 @@ def test_pretraining_examples_use_the_chat_template():
     assert tok.decode(ids) + "\n" == want
     n_prompt = sum(1 for x in labels if x == -100)
     assert tok.decode(ids[n_prompt:]) == "Sun, Oak<|im_end|>"  # loss on the response and its EOS only
+
+
+def test_chain_drills_are_right_and_follow_the_math_step_rules():
+    """'Compute 6 + 5 - 3.' -> '6 + 5 = 11. 11 - 3 = 8.': each step's operands come from the
+    expression, the running total carries over, every fact is right."""
+    import random
+    import re
+    rng = random.Random(3)
+    n_sub = 0
+    for _ in range(400):
+        prompt, resp = tw.chain_drill(rng)
+        expr = re.fullmatch(r"Compute (\d)((?: [+-] \d)+)\.", prompt)
+        assert expr, prompt
+        ops = re.findall(r"([+-]) (\d)", expr.group(2))
+        steps = re.findall(r"(\d+) ([+-]) (\d) = (\d+)\.", resp)
+        assert 2 <= len(steps) == len(ops) <= 3 and " ".join(
+            f"{a} {o} {b} = {c}." for a, o, b, c in steps) == resp
+        cur = int(expr.group(1))
+        for (op, n), (a, o, b, c) in zip(ops, steps):
+            assert (int(a), o, b) == (cur, op, n)
+            cur = cur + int(n) if op == "+" else cur - int(n)
+            assert int(c) == cur and 0 <= cur <= 19  # _gen_math's rule: + at most 18 - cur, but >= 1
+            n_sub += op == "-"
+    assert n_sub > 100  # both operations occur
+
+
+def test_pretraining_math_comes_in_two_modes(toy):
+    """About MATH_DIRECT_FRAC of the pretraining math examples are bare answers (toy_world
+    Deviation 4); both forms score 100 with the real grader."""
+    evaluate = pytest.importorskip("evaluate")
+    _, tok = toy
+    stream = tw.pretrain_stream(tok, seed=0)
+    direct = worked = 0
+    while direct + worked < 120:
+        ids, labels = next(stream)
+        text = tok.decode(ids)
+        if "have now?" not in text or "<|im_start|>" not in text:  # the math family's question
+            continue
+        resp = tok.decode([t for t in labels if t != -100], skip_special_tokens=True)
+        gold = evaluate.extract_math_answer(resp)
+        assert resp.endswith(f"The answer is \\boxed{{{gold}}}."), resp
+        if resp == tw.direct_math_response({"gold": gold}):
+            direct += 1
+        else:
+            worked += 1
+            assert " = " in resp
+    # binomial(120, 0.5): std ~ 5.5, so +-25 is more than 4 std
+    assert abs(direct - 120 * tw.MATH_DIRECT_FRAC) < 25, (direct, worked)
+
+
+def test_committed_base_answers_math_in_both_modes(toy):
+    """The committed base answers some test prompts directly and works the others out, and the
+    worked mode is the more accurate one: the signal GRPO turns into its toy gain."""
+    evaluate = pytest.importorskip("evaluate")
+    import torch
+    model, tok = toy
+    items = tw.make_eval_items("math", "test", 80)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": it["prompt"]}], tokenize=False,
+                                       add_generation_prompt=True) for it in items]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    modes = {"direct": [], "worked": []}
+    for it, t in zip(items, texts):
+        mode = "direct" if t.strip().startswith("The answer is") else "worked"
+        modes[mode].append(evaluate.extract_math_answer(t) == it["gold"])
+    assert len(modes["direct"]) >= 10 and len(modes["worked"]) >= 10, {k: len(v) for k, v in modes.items()}
+    acc = {k: sum(v) / len(v) for k, v in modes.items()}
+    assert acc["worked"] > acc["direct"] + 0.2, acc
