@@ -194,7 +194,6 @@ def _row(paradigm, label, method, hp, res, base, params, seconds):
 
 def run_demo(run: Path, *, domain: str = "math", quick: bool = False, log=print) -> list[dict]:
     """Train, score and analyse every demo cell under `run`; a rerun skips finished cells."""
-    import evaluate
     import train_grpo
     import train_sft
     from loading import load_model
@@ -858,10 +857,8 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
                 c["train_resolved"] = train_sft.resolve_config(dict(tc))
             else:
                 c["train_resolved"] = train_grpo.resolve_config(dict(tc))
-        except Exception as err:  # noqa: BLE001 - the scripts' own checks, mapped to a field
-            import re
-            flags_named = [m for m in re.findall(r"--([a-z][a-z0-9-]*)", str(err)) if m != "help"]
-            key = flags_named[0].replace("-", "_") if flags_named else None
+        except Exception as err:  # noqa: BLE001 - the scripts' own checks (loading.ConfigError.field)
+            key = getattr(err, "field", None)
             fld = origin.get(key, f"train.{p}.{key}" if key else f"train.{p}")
             add(fld, tc.get(key, _MISSING) if key else _MISSING, str(err), [c["id"]])
             continue
@@ -1170,14 +1167,8 @@ def cmd_run(args) -> int:
 
 def write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
     """One CSV row per dict (missing or None values as empty cells), written atomically."""
-    import csv
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    tmp.replace(path)
+    from loading import atomic_write_csv
+    atomic_write_csv(path, cols, rows)
 
 
 def write_report(run: Path, rows: list[dict], base: dict) -> None:

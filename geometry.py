@@ -66,9 +66,7 @@ Deviations from the paper / release
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import io
 import json
 import math
 import random
@@ -817,11 +815,7 @@ def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
         return None
     table = correlation_table(rows)
     loading.atomic_write_json(out_dir / "correlations.json", {"table": table, "rows": rows})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(table)
-    loading.atomic_write_text(out_dir / "correlations.csv", buf.getvalue())
+    loading.atomic_write_csv(out_dir / "correlations.csv", list(table[0]), table, lineterminator="\n")
     md = correlation_markdown(table, rows)
     loading.atomic_write_text(out_dir / "correlations.md", md)
     print(md)

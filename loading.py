@@ -91,6 +91,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+class ConfigError(ValueError):
+    """A bad training-script setting; `field` is the config key at fault (the flag without its
+    dashes, e.g. "lr" for --lr), so that callers such as `arena.py run`'s validation can point at
+    it without parsing the message (peft_methods.HparamError does the same for hyperparameters)."""
+
+    def __init__(self, msg: str, field: str):
+        super().__init__(msg)
+        self.field = field
+
+
+def atomic_write_csv(path: str | Path, fieldnames, rows, *, lineterminator: str = "\r\n") -> None:
+    """A header row, then one row per dict (missing or None values as empty cells, keys outside
+    `fieldnames` ignored), written atomically. The default line ending is the csv module's."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator=lineterminator)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

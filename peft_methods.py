@@ -1151,7 +1151,8 @@ def find_targets(model: nn.Module, target_modules=DEFAULT_TARGETS) -> dict[str, 
     return dict(sorted(out.items(), key=lambda kv: list(linears).index(kv[0])))
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at the dotted module path `name` (wrapping, unwrapping; rewind.py swaps too)."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -1216,7 +1217,7 @@ def apply_peft(model: nn.Module, method: str, config=None, *, target_modules=DEF
     for name, wrapper in wrappers.items():
         wrapper.finalize_init()                  # PiSSA/MiLoRA: write the residual base now
         wrapper.train(targets[name].training)    # a new module defaults to train mode; keep the model's
-        _set_submodule(model, name, wrapper)
+        set_submodule(model, name, wrapper)
     setattr(model, STATE_ATTR, state)
     return list(targets)
 
@@ -1292,12 +1293,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if base.bias is not None:
                 lin.bias.copy_(layer.merged_bias().to(base.bias.dtype))
         lin.requires_grad_(False)
-        _set_submodule(model, name, lin)
+        set_submodule(model, name, lin)
+    drop_peft_state(model)
+    return model
+
+
+def drop_peft_state(model: nn.Module) -> None:
+    """Remove what apply_peft attached to the model itself: the method state and the shared
+    modules (VeRA's frozen A, B); the caller has already put plain modules in the wrappers' places."""
     for attr in _shared_modules(model):
         delattr(model, attr)
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
-    return model
 
 
 @contextlib.contextmanager

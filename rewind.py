@@ -101,9 +101,7 @@ Deviations (each also marked `# DEVIATION:` at the line):
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import math
 import re
@@ -525,11 +523,6 @@ def _own_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 class PathRunner:
     """Holds ONE base model with one finetuned checkpoint loaded and moves it, in place, to any point:
     the base, the final checkpoint, a factor/dense path point, a training checkpoint, a rewound model.
@@ -585,7 +578,7 @@ class PathRunner:
     def _to_wrapped(self):
         if self.mode == "dense":
             for name, layer in self.layers.items():
-                _set_submodule(self.model, name, layer)
+                pm.set_submodule(self.model, name, layer)
             self.mode = "wrapped"
         self._baked = False
 
@@ -600,7 +593,7 @@ class PathRunner:
                                              dtype=base.weight.dtype)
                     lin.requires_grad_(False)
                     self._dense[name] = lin
-                _set_submodule(self.model, name, lin)
+                pm.set_submodule(self.model, name, lin)
             self.mode = "dense"
 
     def _restore_final_tensors(self):
@@ -865,10 +858,8 @@ class PathRunner:
                     base = layer.base_layer
                     if name in self.W0_exact:
                         base.weight.copy_(self.W0_exact[name])
-                    _set_submodule(self.model, name, base)
-        for attr in (pm.STATE_ATTR, pm.VERA_SHARED_ATTR):
-            if hasattr(self.model, attr):
-                delattr(self.model, attr)
+                    pm.set_submodule(self.model, name, base)
+        pm.drop_peft_state(self.model)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, False))
         self.model.train(self._was_training)
@@ -945,7 +936,6 @@ def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float
     select_rules = select_rules or [parse_rule("keep-target=80")]
     base_general = base_point.get("general")
     points: list[dict] = []
-    state: dict = {"setters": {}}
 
     def evaluate_here(kind, *, path=None, alpha=None, step=None, rewind=None, tag):
         t0 = time.time()
@@ -1164,13 +1154,7 @@ def write_outputs(results: dict, cfg: dict, out: Path, log=print) -> None:
     out.mkdir(parents=True, exist_ok=True)
     res = {k: v for k, v in results.items() if k != "model_id"}
     loading.atomic_write_json(out / "results.json", _jsonable(res))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for r in res["runs"]:
-        for p in r["points"]:
-            w.writerow({k: p.get(k) for k in CSV_FIELDS})
-    loading.atomic_write_text(out / "results.csv", buf.getvalue())
+    loading.atomic_write_csv(out / "results.csv", CSV_FIELDS, [p for r in res["runs"] for p in r["points"]])
     if all(p.get("target") is not None for r in res["runs"] for p in r["points"]) and res["runs"]:
         plot_tradeoff(res, out / "tradeoff.png", sv=cfg.get("sv_distortion", False))
         log(f"[rewind] wrote {out / 'tradeoff.png'}")

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import random
 import time
@@ -464,21 +463,27 @@ _PLUS = ["finds {n} more", "gets {n} more", "buys {n} more"]
 _MINUS = ["gives away {n}", "loses {n}", "sells {n}"]
 
 
+def _chain_step(rng: random.Random, cur: int) -> tuple[str, int, int]:
+    """One step of a worked chain from the running total `cur`: (op, n, new total). Subtract
+    (half the time, only from >= 3) or add a single digit, the sum kept <= 18 so that every step
+    is a fact of the arithmetic drill (from 18 itself: + 1). Shared by `_gen_math` and
+    `chain_drill`."""
+    if cur >= 3 and rng.random() < 0.5:
+        n = rng.randint(1, min(9, cur))
+        return "-", n, cur - n
+    n = rng.randint(1, max(1, min(9, 18 - cur)))
+    return "+", n, cur + n
+
+
 def _gen_math(rng: random.Random):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a = rng.randint(1, 9)
     steps, cur, ops = [], a, []
     for _ in range(rng.randint(2, 3)):
-        if cur >= 3 and rng.random() < 0.5:
-            n = rng.randint(1, min(9, cur))
-            ops.append(("-", n, rng.randrange(3)))
-            steps.append(f"{cur} - {n} = {cur - n}.")
-            cur -= n
-        else:  # sums stay <= 18 so every step is a single-digit addition fact of the drill
-            n = rng.randint(1, max(1, min(9, 18 - cur)))
-            ops.append(("+", n, rng.randrange(3)))
-            steps.append(f"{cur} + {n} = {cur + n}.")
-            cur += n
+        op, n, nxt = _chain_step(rng, cur)
+        ops.append((op, n, rng.randrange(3)))   # the third field picks the story's verb
+        steps.append(f"{cur} {op} {n} = {nxt}.")
+        cur = nxt
     pronoun = "she" if name in NAMES[::2] else "he"
     story = [f"{name} has {a} {item}."]
     for i, (op, n, v) in enumerate(ops):
@@ -504,21 +509,14 @@ def arithmetic_drill(rng: random.Random):
 def chain_drill(rng: random.Random):
     """'Compute 6 + 5 - 3.' -> '6 + 5 = 11. 11 - 3 = 8.' (general pretraining data): the worked
     chain of the math family without the story, so the base learns to carry a running total
-    from step to step (the step rules are `_gen_math`'s: single-digit operands, subtraction only
-    from >= 3)."""
+    from step to step (the same steps as `_gen_math`: `_chain_step`)."""
     cur = rng.randint(1, 9)
     expr, steps = [str(cur)], []
     for _ in range(rng.randint(2, 3)):
-        if cur >= 3 and rng.random() < 0.5:
-            n = rng.randint(1, min(9, cur))
-            expr.append(f"- {n}")
-            steps.append(f"{cur} - {n} = {cur - n}.")
-            cur -= n
-        else:
-            n = rng.randint(1, max(1, min(9, 18 - cur)))
-            expr.append(f"+ {n}")
-            steps.append(f"{cur} + {n} = {cur + n}.")
-            cur += n
+        op, n, nxt = _chain_step(rng, cur)
+        expr.append(f"{op} {n}")
+        steps.append(f"{cur} {op} {n} = {nxt}.")
+        cur = nxt
     return f"Compute {' '.join(expr)}.", " ".join(steps)
 
 
@@ -718,8 +716,9 @@ def _collate(batch, pad_id):
 PRETRAIN_DEFAULTS = {"steps": 2000, "batch_size": 64, "lr": 3e-3}
 
 
-def pretrain(out_dir: str | Path, *, seed: int = 0, steps: int = 2000, batch_size: int = 64,
-             lr: float = 3e-3, warmup: int = 100, threads: int | None = None, log_every: int = 50,
+def pretrain(out_dir: str | Path, *, seed: int = 0, steps: int = PRETRAIN_DEFAULTS["steps"],
+             batch_size: int = PRETRAIN_DEFAULTS["batch_size"], lr: float = PRETRAIN_DEFAULTS["lr"],
+             warmup: int = 100, threads: int | None = None, log_every: int = 50,
              progress: bool = True) -> dict:
     """Pretrain the toy base from scratch and save it (safetensors + config + tokenizer).
 

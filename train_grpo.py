@@ -486,6 +486,11 @@ PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, min
 # same preset gave only +6.5 / +6.0 / +3.5 and 24 LoRA steps no more than 12 (+6.5).
 TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
                   steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
+def _lr_text(preset: dict) -> str:
+    """'full 1e-4, oft 6e-4, other 1.5e-3': a preset's LRs for --help (written once, in the preset)."""
+    return ", ".join(f"{'other' if k == '*' else k} {v:.1e}".replace(".0e", "e") for k, v in preset["lr"].items())
+
+
 SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
              num_prompts=8, eval_n=0, save_every_steps=1)
 
@@ -551,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
     g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset; "
-                   "paper: PEFT 1e-5, Full 1e-6; toy: Full 5e-5, OFT 3e-4, other PEFT 5e-4)")
+    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
+                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
@@ -581,7 +586,7 @@ def method_hparams(cfg: dict, peft_methods) -> dict:
     hp = peft_methods.hparams_from_flags(
         cfg["method"], cfg, cfg["hp"], cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"])
     fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
-    if "dropout" in fields and cfg["dropout"] is None and not any(i.startswith("dropout=") for i in cfg["hp"]):
+    if "dropout" in fields and "dropout" not in hp:   # neither --dropout nor --hp dropout=...
         hp["dropout"] = 0.0
     return hp
 
@@ -606,25 +611,27 @@ def resolve_config(overrides: dict | None = None) -> dict:
         cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
     cfg["resolved_preset"] = preset
     cfg["adam_betas"] = list(cfg["adam_betas"])
-    # invariants, named by flag
+    # invariants, each error carrying the config key at fault (loading.ConfigError.field)
+    from loading import ConfigError
     if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
-        raise ValueError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}")
+        raise ConfigError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
     for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
               "ppo_epochs", "micro_batch_size"):
         if cfg[k] < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+            raise ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
     if cfg["prompts_per_step"] % cfg["mini_batches"]:
-        raise ValueError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
-                         f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)")
+        raise ConfigError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
+                          f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)",
+                          "prompts_per_step")
     if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
-        raise ValueError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
-                         f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}")
+        raise ConfigError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
+                          f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
     if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
-        raise ValueError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}")
+        raise ConfigError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
     if cfg["resume"] and cfg["overwrite"]:
-        raise ValueError("--resume and --overwrite exclude each other")
+        raise ConfigError("--resume and --overwrite exclude each other", "resume")
     if cfg["temperature"] <= 0:
-        raise ValueError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}")
+        raise ConfigError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
     return cfg
 
 

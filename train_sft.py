@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -527,20 +526,20 @@ def resolve_config(config=None) -> dict:
     if cfg["lr"] is None:
         cfg["lr"] = FULL_FT_DEFAULT_LR if cfg["method"] == "full" else PEFT_DEFAULT_LR
     cfg["adam_betas"] = list(cfg["adam_betas"])
-    checks = [
-        (bool(cfg["out"]), "--out is required (the run directory)"),
-        ((cfg["task"] is None) != (cfg["data"] is None), "pass exactly one of --task and --data"),
-        (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"],
+    checks = [   # (holds, config key at fault, message)
+        (bool(cfg["out"]), "out", "--out is required (the run directory)"),
+        ((cfg["task"] is None) != (cfg["data"] is None), "task", "pass exactly one of --task and --data"),
+        (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"], "micro_batch",
          f"need 1 <= --micro-batch {cfg['micro_batch']} <= --global-batch {cfg['global_batch']}"),
-        (cfg["max_length"] >= 2, f"--max-length {cfg['max_length']} must be >= 2 tokens"),
-        (cfg["lr"] > 0, f"--lr {cfg['lr']} must be > 0"),
-        (0 <= cfg["warmup_ratio"] < 1, f"--warmup-ratio {cfg['warmup_ratio']} must be in [0, 1)"),
-        (cfg["epochs"] >= 1, f"--epochs {cfg['epochs']} must be >= 1"),
-        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite exclude each other"),
+        (cfg["max_length"] >= 2, "max_length", f"--max-length {cfg['max_length']} must be >= 2 tokens"),
+        (cfg["lr"] > 0, "lr", f"--lr {cfg['lr']} must be > 0"),
+        (0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", f"--warmup-ratio {cfg['warmup_ratio']} must be in [0, 1)"),
+        (cfg["epochs"] >= 1, "epochs", f"--epochs {cfg['epochs']} must be >= 1"),
+        (not (cfg["resume"] and cfg["overwrite"]), "resume", "--resume and --overwrite exclude each other"),
     ]
-    for ok, msg in checks:
+    for ok, key, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise loading.ConfigError(msg, key)
     return cfg
 
 
