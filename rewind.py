@@ -924,6 +924,25 @@ def _fingerprint(ckpt: Path, extra: str) -> str:
     return h.hexdigest()[:10]
 
 
+# What changes the generations of a point, beyond the checkpoint's own files: the generation
+# cache (--out/generations) is keyed on these, so a rerun into the same --out with other settings
+# scores afresh instead of reusing answers made under the old ones.
+BASE_CACHE_FIELDS = ("base", "dtype", "device", "domain", "n_per_family", "seed", "families")
+RUN_CACHE_FIELDS = BASE_CACHE_FIELDS + ("gen_map", "eval_form", "rho", "safe_layers", "rewind_map",
+                                        "factor_rule", "no_cap")
+
+
+def base_cache_key(cfg: dict) -> str:
+    """Cache key of the base model's generations."""
+    fields = [cfg.get(k) for k in BASE_CACHE_FIELDS]
+    return hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:10]
+
+
+def run_cache_key(cfg: dict, final: Path) -> str:
+    """Cache key of one run's points: its final checkpoint's files + every setting that shapes a point."""
+    return _fingerprint(final, json.dumps([cfg.get(k) for k in RUN_CACHE_FIELDS], default=str))
+
+
 def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float], paths: list[str],
                 rewinds: list[dict], trajectory: list[tuple[int, Path]], base_point: dict,
                 gen_map: str = "sqrt", rewind_opts: dict | None = None, sv: bool = False,
@@ -1077,8 +1096,7 @@ def run_analysis(cfg: dict, *, loader: Callable | None = None, evaluate_fn=None,
     grid = parse_grid(cfg["grid"])
     rewinds = [parse_rewind(s) for s in cfg.get("rewind") or []]
     rules = [parse_rule(s) for s in cfg.get("select") or ["keep-target=80"]]
-    base_key = hashlib.sha1(json.dumps([cfg["base"], cfg.get("domain"), cfg.get("n_per_family"), cfg.get("seed"),
-                                        cfg.get("families")], default=str).encode()).hexdigest()[:10]
+    base_key = base_cache_key(cfg)
     t0 = time.time()
     res0 = evaluate_fn(model, tok, base_general=None, tag=f"base-{base_key}") if evaluate_fn else None
     base_point = {"label": "base", "kind": "base", **_score(res0), "seconds": round(time.time() - t0, 2)}
@@ -1111,8 +1129,7 @@ def run_analysis(cfg: dict, *, loader: Callable | None = None, evaluate_fn=None,
             paths = ["dense"]
         log(f"[rewind] {label}: method {runner.method}, final {final} (step {traj[-1][0] if traj else '?'}), "
             f"{max(len(traj) - 1, 0)} training checkpoints, paths {paths}, grid {grid}")
-        key = _fingerprint(final, json.dumps([cfg["base"], cfg.get("domain"), cfg.get("n_per_family"),
-                                              cfg.get("seed"), cfg.get("gen_map"), cfg.get("families")], default=str))
+        key = run_cache_key(cfg, final)
         try:
             runs.append(analyse_run(runner, evaluate_fn, label=label, grid=grid, paths=paths, rewinds=rewinds,
                                     trajectory=traj, base_point=base_point, gen_map=cfg.get("gen_map", "sqrt"),

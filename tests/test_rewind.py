@@ -449,6 +449,28 @@ def test_grid_reuses_one_model_and_writes_outputs(tmp_path):
     assert (pdir / "rewind_minrho" / pm.CONFIG_FILE).exists()
 
 
+def test_generation_cache_keys_change_with_every_point_setting(tmp_path):
+    """A rerun into the same --out with another rewind measure, eval form or dtype must not reuse
+    the cached generations of the old settings (same settings: same keys)."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "adapter.safetensors").write_bytes(b"x")
+    cfg = {"base": "toy", "domain": "math", "n_per_family": 20, "seed": 0, "gen_map": "sqrt"}
+    assert rw.run_cache_key(dict(cfg), ck) == rw.run_cache_key(dict(cfg), ck)
+    assert rw.base_cache_key(dict(cfg)) == rw.base_cache_key(dict(cfg))
+    run_changes = {"rho": "r_minus_i", "eval_form": "wrapped", "dtype": "bfloat16", "rewind_map": "sqrt",
+                   "factor_rule": "power", "no_cap": True, "safe_layers": 3, "gen_map": "linear",
+                   "families": ["math"], "n_per_family": 30}
+    for k, v in run_changes.items():
+        assert rw.run_cache_key({**cfg, k: v}, ck) != rw.run_cache_key(cfg, ck), k
+    for k in ("dtype", "device", "n_per_family", "seed"):
+        assert rw.base_cache_key({**cfg, k: "other"}) != rw.base_cache_key(cfg), k
+    assert rw.base_cache_key({**cfg, "rho": "r_minus_i"}) == rw.base_cache_key(cfg)   # the base has no rewind
+    before = rw.run_cache_key(cfg, ck)
+    (ck / "adapter.safetensors").write_bytes(b"xy")             # the checkpoint was retrained
+    assert rw.run_cache_key(cfg, ck) != before
+
+
 def test_training_checkpoints_swap_in_place(tiny_random, tmp_path):
     """Loading a training checkpoint and going back to the final one gives the final model exactly
     (PiSSA included: the residual base is rebuilt from the exact W0, no drift)."""
