@@ -9,7 +9,8 @@ mean and NQ-open containment). Forgetting = base general - model general (PAPER.
 Layout (read top to bottom):
   1. Math grader: `extract_math_answer` (last \\boxed{}), `strip_string` (EVAL.md §1.3),
      `math_equal` (§1.4) with a hand-written LaTeX -> sympy parser (no Python eval anywhere),
-     a per-comparison time limit, `grade_math`, `pass_at_k` (§1.5).
+     a hard per-call time limit (a killable worker process), `grade_math`, the RL reward
+     `grade_reward` (§2), `pass_at_k` (§1.5).
   2. Medical letter extraction `extract_choice_letter` (EVAL.md §3, the release's match_choice).
   3. BBH extraction + exact match (§4); 4. NQ containment + true exact match (§6);
   5. IFEval: the 25 checkers, strict and loose, the four accuracies (§5).
@@ -38,17 +39,21 @@ Deviations (each also marked `# DEVIATION:` at the line)
     \\times, \\div, implicit products, |x|, n!, \\binom, trig/log/exp, Greek letters, subscripts,
     i = imaginary unit). Runs of >= 3 plain letters are one symbol (so "seat" != "east"), shorter
     runs are products ("xy" = x*y). Expect ~1 point of difference from the release on MATH-500.
- 2. Time limit: SIGALRM in the main thread (the release uses a pebble process pool, 3 s); in other
-    threads the comparison runs in a daemon thread that is abandoned on timeout. Sympy work is
-    additionally bounded up front (<= 400 characters, nesting <= 60, integers <= 40 digits,
-    exponents <= 1000 and results <= 20000 bits, n! for n <= 200), so a hostile answer is refused
-    before sympy is called.
+ 2. Time limit: every sympy comparison runs in a persistent worker process (plus a warm spare)
+    that is SIGKILLed when it has not answered within the limit (3 s, + 0.25 s grace), so no work
+    outlives the call, in any thread (the release: a pebble process pool, 3 s per comparison). One
+    deadline covers a whole `math_equal`/`grade_math` call, including the parts of tuples,
+    matrices, equations and every gold of a list (the release times each comparison separately).
+    The worker's start-up (~1-2 s, once per process) is outside the clock. Sympy work is also
+    bounded up front (<= 400 characters, nesting <= 60, integers <= 40 digits, exponents <= 1000
+    and results <= 20000 bits, n! for n <= 200), so most hostile answers never reach sympy.
  3. Extracted math answers longer than 2000 characters count as no answer ("" -> wrong).
  4. Intervals/tuples (§1.4 step 6) must agree in their bracket types ("[0,1)" never equals
     "(0,1)"); the release ignores the brackets there. Parts are split at top-level commas.
- 5. Unit words (§1.3 step 4): a self-written list of ~110 units in the spirit of the release's
-    list (including its single letters a c d g h l m o s t); English number words -> digits by a
-    small built-in parser instead of word2number.
+ 5. Unit words (§1.3 step 4): a self-written list of ~100 units of measure in the spirit of the
+    release's list (including its single letters a c d g h l m o s t), without the release's
+    ordinary words (east, west, way(s), men, women, ...), so "\\text{south}" != "\\text{north}";
+    English number words -> digits by a small built-in parser instead of word2number.
  6. Medical extraction: a candidate "I" in items with >= 9 options that reads as the pronoun
     ("I hope", "I'm", "I think") is skipped (`guard_pronoun_i=True`); the release returns "I"
     there. `guard_pronoun_i=False` restores the release's quirk.
@@ -59,7 +64,10 @@ Deviations (each also marked `# DEVIATION:` at the line)
     installed, else a regex splitter with an abbreviation list; capital-word counts use nltk
     word_tokenize when available, else a Treebank-like regex tokenizer (splits n't, 's, ...).
     results.json records which backends ran.
- 8. IFEval keywords are matched literally (re.escape) rather than as regular expressions.
+ 8. IFEval keywords (existence, frequency) are matched literally (re.escape) rather than as
+    regular expressions; like the reference, the frequency keyword, the postscript marker and the
+    section spliter are stripped, and a custom postscript marker and the spliter ARE regexes
+    (an invalid one is matched literally where the reference would crash).
  9. NQ true exact match: the prediction's first line after its last "answer is", cut at the
     first "." / "," like lm-eval, then SQuAD normalisation; equal to any normalised gold.
 10. BBH: the task kind (multiple choice or free form) comes from the task name, or, for unknown
@@ -71,18 +79,29 @@ Deviations (each also marked `# DEVIATION:` at the line)
     (equally distributed) samples than an uninterrupted one. Greedy runs are unaffected.
 14. MATH-500 gold = the `answer` field (the release re-extracts the last \\boxed{} of `solution`;
     EVAL.md §1.1 says they agree on all 500 rows up to spaces).
-15. IFEval title / placeholder / postscript checks use linear-time scans equivalent to the
-    reference regexes (tested against them), which are quadratic on long pathological lines.
+15. IFEval title / placeholder / postscript / bullet-list checks and the built-in sentence counter
+    use linear-time scans equivalent to the reference regexes (tested against them), which are
+    quadratic on long pathological inputs (a line of '[', thousands of blank lines, "Mr. Mr. ...").
+16. GRPO reward (`grade_reward`, EVAL.md §2): the release's reward extraction and `math_equal`
+    variant (case-sensitive first test, no A-E step), but with our evaluation `strip_string`
+    instead of the reward's simpler one. Math GRPO keeps `grade_math` (the evaluation grader).
+17. A real-benchmark run fetches nltk's punkt_tab on first use; if it cannot (no network), IFEval
+    runs the built-in fallbacks of DEVIATION 7, prints a warning and writes
+    `ifeval_fallback_used` into results.json.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import cmath
 import hashlib
 import json
 import math
 import os
 import re
+import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -162,7 +181,9 @@ def extract_math_answer(text: str) -> str:
     return strip_string(ans)
 
 
-# DEVIATION 5: our own unit list (the release has ~150 entries incl. these single letters).
+# DEVIATION 5: our own unit list (the release has ~150 entries incl. these single letters). Only
+# units of measure: ordinary words (directions, people, ways, times, ...) are left out, so that
+# "\\text{south}" does not equal "\\text{north}" by both normalising to "\\text{}".
 _UNIT_WORDS = [
     "degree", "degrees", "deg", "radian", "radians", "mph", "kmph", "kmh", "km/h", "mile", "miles",
     "meter", "meters", "metre", "metres", "km", "cm", "mm", "m", "inch", "inches", "foot", "feet",
@@ -172,9 +193,7 @@ _UNIT_WORDS = [
     "percent", "dollar", "dollars", "cent", "cents", "rupee", "rupees", "rs", "euro", "euros",
     "pound", "pounds", "lb", "lbs", "kg", "gram", "grams", "gm", "ounce", "ounces", "oz",
     "liter", "liters", "litre", "litres", "ml", "gallon", "gallons", "gal", "acre", "acres",
-    "hectare", "hectares", "ohm", "ohms", "volt", "volts", "watt", "watts", "people", "person",
-    "men", "women", "students", "children", "books", "apples", "coins", "marbles", "points",
-    "ways", "way", "times", "east", "west", "north", "south",
+    "hectare", "hectares", "ohm", "ohms", "volt", "volts", "watt", "watts",
     "a", "c", "d", "g", "h", "l", "m", "o", "s", "t",
 ]
 _UNIT_PATTERNS = [re.compile(r"(^|\W)" + re.escape(u) + r"($|\W)") for u in _UNIT_WORDS]
@@ -210,8 +229,12 @@ def words_to_number(s: str) -> int | None:
 
 
 def _remove_right_units(s: str) -> str:
-    """Drop a trailing \\text{...} (units) when something remains in front of it."""
-    m = re.search(r"\\text\{[^{}]*\}\s*$", s)
+    """Drop a trailing \\text{...} (units) when something remains in front of it.
+
+    The release's `re.sub(r"\\text{.*?}$", "", s)`: the lazy `.*?` may run over '}' to reach the
+    end, so everything from the first '\\text{' that can reach a final '}' goes, which also
+    drops units with an exponent ("5\\text{ cm}^{2}" -> "5", as the release and Math-Verify)."""
+    m = re.search(r"\\text\{.*?\}$", s)
     if m and s[:m.start()].strip():
         return s[:m.start()].strip()
     return s
@@ -635,53 +658,47 @@ def latex_to_sympy(s: str):
         raise LatexParseError(f"{type(err).__name__}: {err}") from err
 
 
-class ComparisonTimeout(Exception):
-    pass
+class ComparisonTimeout(BaseException):
+    """Raised by SIGALRM inside the comparison worker. A BaseException on purpose: sympy's and our
+    own `except Exception` clauses must not swallow it and carry on with no timer running."""
 
 
-def call_with_timeout(fn, timeout_s: float, default=False):
-    """fn() or `default` when it runs longer than timeout_s (DEVIATION 2).
+def _alarm_limit(fn, timeout_s: float):
+    """fn(), or False when SIGALRM fires after timeout_s (main thread of the worker process only).
 
-    Main thread: SIGALRM interrupts the pure-Python sympy code. Other threads: fn runs in a daemon
-    thread that is abandoned on timeout (its work is bounded by the parser's limits).
+    The soft limit: it interrupts pure-Python sympy code and lets the worker answer by itself. Work
+    stuck inside one C call does not see the signal; the parent's hard limit then kills the worker.
     """
-    if timeout_s is None or timeout_s <= 0:
+    def _raise(signum, frame):
+        raise ComparisonTimeout()
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, max(1e-3, timeout_s))
+    try:
         return fn()
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        def _raise(signum, frame):
-            raise ComparisonTimeout()
-        old_handler = signal.signal(signal.SIGALRM, _raise)
-        old_timer = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            return fn()
-        except ComparisonTimeout:
-            return default
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_handler)
-            if old_timer[0] > 0:  # someone else's alarm was pending: re-arm what is left of it
-                signal.setitimer(signal.ITIMER_REAL, max(1e-3, old_timer[0] - timeout_s), old_timer[1])
-    box = {}
+    except ComparisonTimeout:
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
-    def _run():
-        try:
-            box["v"] = fn()
-        except Exception as err:  # noqa: BLE001 - surfaced as `default`
-            box["e"] = err
 
-    th = threading.Thread(target=_run, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    if th.is_alive() or "e" in box:
-        return default
-    return box["v"]
+def _sympy_non_finite(e) -> bool:
+    sp = _sympy()
+    return bool(e.has(sp.oo, -sp.oo, sp.zoo, sp.nan))
 
 
 def _sympy_equal(a, b) -> bool:
-    """[EVAL.md §1.4 step 8] a == b; simplify(a - b) == 0; a.equals(b); numeric isclose 1e-4."""
+    """[EVAL.md §1.4 step 8] a == b; simplify(a - b) == 0; numeric isclose 1e-4; a.equals(b).
+
+    Infinite and undefined values (oo, zoo, nan; also numbers beyond float range such as 10^309)
+    are equal only to themselves (a == b): `inf <= 1e-4 * inf` once made \infty equal every finite
+    gold, a reward a policy could learn to collect. math.isclose/cmath.isclose, which the release's
+    comparison uses, are false for inf against anything finite."""
     sp = _sympy()
     if a == b:
         return True
+    if _sympy_non_finite(a) or _sympy_non_finite(b):
+        return False
     try:
         if sp.simplify(a - b) == 0:
             return True
@@ -690,7 +707,9 @@ def _sympy_equal(a, b) -> bool:
     try:
         if a.is_number and b.is_number:
             va, vb = complex(sp.N(a, 15)), complex(sp.N(b, 15))
-            return abs(va - vb) <= 1e-4 * max(abs(va), abs(vb)) or (va == vb)
+            if not (cmath.isfinite(va) and cmath.isfinite(vb)):
+                return False  # beyond float range: only the exact tests above may say equal
+            return cmath.isclose(va, vb, rel_tol=1e-4)
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -699,36 +718,203 @@ def _sympy_equal(a, b) -> bool:
         return False
 
 
-def symbolic_equal(pred: str, gold: str, timeout_s: float = 3.0) -> bool:
-    """Parse both with `latex_to_sympy` (also with '\\\\' -> '\\') and compare under a time limit."""
-    def _parse(s):
-        for cand in (s, s.replace("\\\\", "\\")):
-            try:
-                return latex_to_sympy(cand)
-            except LatexParseError:
-                continue
-        return None
+def _parse_either(s: str):
+    """latex_to_sympy(s), else of s with '\\\\' -> '\\', else None (EVAL.md §1.4 step 8)."""
+    for cand in (s, s.replace("\\\\", "\\")):
+        try:
+            return latex_to_sympy(cand)
+        except LatexParseError:
+            continue
+    return None
 
-    def _work():
-        a = _parse(pred)
-        if a is None:
-            return False
-        b = _parse(gold)
-        if b is None:
-            return False
-        return _sympy_equal(a, b)
 
-    # Import sympy (and the pieces it loads lazily on first use) BEFORE the clock starts: on a
-    # loaded 2-core machine the first import alone can take longer than the per-item limit, which
-    # would silently score a correct answer as wrong.
+def _symbolic_work(pred: str, gold: str) -> bool:
+    """Parse both sides and compare them: the work that runs inside the comparison worker."""
+    a = _parse_either(pred)
+    if a is None:
+        return False
+    b = _parse_either(gold)
+    if b is None:
+        return False
+    return _sympy_equal(a, b)
+
+
+# --- the hard time limit: a killable worker process (DEVIATION 2) -------------------------------
+#
+# The release runs every comparison in a pebble process pool with a 3 s timeout (EVAL.md §1.4 step
+# 9). A thread cannot be stopped and SIGALRM only works in the main thread and not inside C code,
+# so we keep one persistent child process (plus a warm spare) that does all sympy work. The parent
+# writes a JSON request line {"a", "b", "t"} to its stdin and waits for a "1"/"0" line at most t
+# + GRACE_S seconds; on silence it SIGKILLs the child, reaps it and promotes the spare, so no work
+# outlives the call. Only strings cross the pipe (no pickle of model output). Start-up (python +
+# sympy import, ~1-2 s) happens once, outside any comparison's clock, like the release's pool.
+
+_WORKER_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import evaluate; evaluate._worker_main()"
+
+
+def _worker_main() -> None:
+    """Entry point of the comparison worker: one answer line per request line, until stdin closes."""
+    proto = os.fdopen(os.dup(1), "wb", buffering=0)   # the protocol channel ...
+    os.dup2(2, 1)                                      # ... and stray prints go to stderr
     _warm_sympy()
-    return bool(call_with_timeout(_work, timeout_s, default=False))
+    proto.write(b"ready\n")
+    for line in sys.stdin.buffer:
+        try:
+            req = json.loads(line)
+            soft = float(req.get("soft", req["t"]))
+            ok = _alarm_limit(lambda: _symbolic_work(str(req["a"]), str(req["b"])), soft)
+        except ComparisonTimeout:   # the alarm fired between fn's return and the timer reset
+            ok = False
+        except Exception:  # noqa: BLE001 - a bad request or sympy bug scores 0, the worker lives on
+            ok = False
+        proto.write(b"1\n" if ok else b"0\n")
+
+
+class _Worker:
+    """One comparison child process and its line-buffered stdout."""
+
+    def __init__(self):
+        env = dict(os.environ, EVALUATE_MATH_WORKER="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT, str(Path(__file__).resolve().parent)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        self.buf = b""
+        self.ready = False
+
+    def readline(self, timeout_s: float) -> bytes | None:
+        """The next line, or None on timeout or when the worker has died."""
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def kill(self) -> None:
+        """SIGKILL, reap (no zombie) and close the pipes."""
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class SymbolicPool:
+    """The comparison workers of this process: `compare(a, b, t)` -> bool within t + GRACE_S."""
+
+    GRACE_S = 0.25     # the worker's own SIGALRM answers at t; the kill comes this much later
+    START_S = 120.0    # python + sympy start-up on a loaded machine
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.active: _Worker | None = None
+        self.spare: _Worker | None = None
+        self.stats = Counter()
+
+    def _ready(self, w: _Worker) -> _Worker:
+        if not w.ready:
+            if w.readline(self.START_S) != b"ready":
+                w.kill()
+                raise RuntimeError(f"evaluate.py: the math comparison worker ({sys.executable} -c "
+                                   f"'import evaluate') did not start within {self.START_S:.0f} s; "
+                                   "run `python -c \"import evaluate\"` to see why")
+            w.ready = True
+        return w
+
+    def start(self) -> None:
+        """Start (or restart) the active worker and its spare and wait until the active is ready."""
+        if self.active is None:
+            self.active, self.spare = self.spare or _Worker(), None
+        if self.spare is None:
+            self.spare = _Worker()
+        self._ready(self.active)
+
+    def compare(self, a: str, b: str, timeout_s: float) -> bool:
+        line = self.exchange({"a": a, "b": b, "t": timeout_s}, timeout_s + self.GRACE_S)
+        return line == b"1"
+
+    def exchange(self, req: dict, wait_s: float) -> bytes | None:
+        """Send one request, wait at most wait_s for its answer line; on silence kill the worker.
+        (req["soft"], when given, replaces the worker's own alarm time: the tests use it to reach
+        the kill path.)"""
+        with self.lock:
+            self.start()
+            w = self.active
+            try:
+                w.proc.stdin.write(json.dumps(req).encode() + b"\n")
+                w.proc.stdin.flush()
+                line = w.readline(wait_s)
+            except OSError:   # the worker died (broken pipe)
+                line = None
+            self.stats["comparisons"] += 1
+            if line in (b"0", b"1"):
+                return line
+            # timed out (or crashed): kill it now, so that no work outlives this call
+            self.stats["killed"] += 1
+            w.kill()
+            self.active = None
+            return None
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in (self.active, self.spare) if w is not None]
+
+    def shutdown(self) -> None:
+        with self.lock:
+            for w in (self.active, self.spare):
+                if w is not None:
+                    w.kill()
+            self.active = self.spare = None
+
+
+_POOL: SymbolicPool | None = None
+
+
+def symbolic_pool() -> SymbolicPool:
+    """This process's comparison pool (a fresh one after a fork: pipes are not shared)."""
+    global _POOL
+    if _POOL is None or _POOL.pid != os.getpid():
+        _POOL = SymbolicPool()
+    return _POOL
+
+
+@atexit.register
+def shutdown_symbolic_pool() -> None:
+    """Stop this process's comparison workers (also run at interpreter exit)."""
+    if _POOL is not None and _POOL.pid == os.getpid():
+        _POOL.shutdown()
+
+
+def symbolic_equal(pred: str, gold: str, timeout_s: float = 3.0, deadline: float | None = None) -> bool:
+    """Are the two LaTeX strings symbolically equal? Decided in the worker process within
+    min(timeout_s, deadline - now) seconds (+ GRACE_S to kill it); a timeout scores 0 (EVAL.md §1.4
+    step 9). timeout_s None or <= 0 runs in this process with no limit (trusted input only)."""
+    if timeout_s is None or timeout_s <= 0:
+        _warm_sympy()
+        return _symbolic_work(pred, gold)
+    t = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
+    if t <= 0.01:
+        return False
+    return symbolic_pool().compare(pred, gold, t)
 
 
 _SYMPY_WARM = False
 
 
 def _warm_sympy() -> None:
+    """Import sympy and the pieces it loads lazily on first use BEFORE any clock starts: on a loaded
+    2-core machine the first import alone can take longer than the per-item limit."""
     global _SYMPY_WARM
     if not _SYMPY_WARM:
         sp = _sympy()
@@ -752,9 +938,10 @@ def parse_number(s: str) -> float | None:
     if len(s) > 60 or not _NUMBER_RE.fullmatch(s):
         return None
     try:
-        return float(s) * scale
+        v = float(s) * scale
     except (ValueError, OverflowError):
         return None
+    return v if math.isfinite(v) else None  # "1e999" -> inf must not equal every other huge number
 
 
 def _choice_clean(pred: str) -> str:
@@ -789,20 +976,29 @@ def _matrix_cells(s: str) -> list[list[str]] | None:
     return [r.split("&") for r in rows]
 
 
-def math_equal(pred: str, gold: str, timeout_s: float = 3.0, *, _depth: int = 0) -> bool:
+def math_equal(pred: str, gold: str, timeout_s: float = 3.0, *, release_reward: bool = False,
+               _depth: int = 0, _deadline: float | None = None) -> bool:
     """Is the answer `pred` equivalent to `gold`? (EVAL.md §1.4; both sides are normalised with
-    `strip_string` first, so raw answers such as '\\dfrac12' and '0.5' may be passed.)"""
+    `strip_string` first, so raw answers such as '\\dfrac12' and '0.5' may be passed.)
+
+    `timeout_s` bounds the whole call (all symbolic sub-comparisons of tuples, matrices and
+    equations share one deadline), enforced by killing the worker process (DEVIATION 2).
+    `release_reward=True` is the RL reward's variant (EVAL.md §2): case-sensitive first string
+    test and no A-E step."""
     if pred is None or gold is None:
         return False
     pred, gold = str(pred), str(gold)
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or _depth > 8:
         return False
+    if _deadline is None and timeout_s is not None and timeout_s > 0:
+        _deadline = time.monotonic() + timeout_s
+    kw = {"release_reward": release_reward, "_depth": _depth + 1, "_deadline": _deadline}
     pred, gold = strip_string(pred), strip_string(gold)
-    # step 1: plain string match
-    if pred.strip().lower() == gold.strip().lower():
+    # step 1: plain string match (case-sensitive in the RL reward)
+    if (pred.strip() == gold.strip()) if release_reward else (pred.strip().lower() == gold.strip().lower()):
         return True
-    # step 2: multiple-choice gold
-    if gold in ("A", "B", "C", "D", "E") and _choice_clean(pred) == gold:
+    # step 2: multiple-choice gold (not in the RL reward)
+    if not release_reward and gold in ("A", "B", "C", "D", "E") and _choice_clean(pred) == gold:
         return True
     # step 3: numeric branch, with the release's /100, x100 leniency and NO symbolic fallback
     pn, gn = parse_number(pred), parse_number(gold)
@@ -831,38 +1027,66 @@ def math_equal(pred: str, gold: str, timeout_s: float = 3.0, *, _depth: int = 0)
         if len(pp) == len(gp) and len(pp) > 1:
             if pred[0] != gold[0] or pred[-1] != gold[-1]:
                 return False
-            return all(math_equal(a, b, timeout_s, _depth=_depth + 1) for a, b in zip(pp, gp))
+            return all(math_equal(a, b, timeout_s, **kw) for a, b in zip(pp, gp))
     pm, gm = _matrix_cells(pred), _matrix_cells(gold)
     if pm is not None and gm is not None:
         if len(pm) != len(gm) or any(len(a) != len(b) for a, b in zip(pm, gm)):
             return False
-        return all(math_equal(a, b, timeout_s, _depth=_depth + 1)
-                   for ra, rb in zip(pm, gm) for a, b in zip(ra, rb))
+        return all(math_equal(a, b, timeout_s, **kw) for ra, rb in zip(pm, gm) for a, b in zip(ra, rb))
     # step 7: equations
     if pred.count("=") == 1 and gold.count("=") == 1:
         pl, pr = pred.split("=")
         gl, gr = gold.split("=")
         d1, d2 = f"{pl}-({pr})", f"{gl}-({gr})"
-        return symbolic_equal(d1, d2, timeout_s) or symbolic_equal(d1, f"-({d2})", timeout_s)
+        return (symbolic_equal(d1, d2, timeout_s, _deadline)
+                or symbolic_equal(d1, f"-({d2})", timeout_s, _deadline))
     if pred.count("=") == 1 and gold.count("=") == 0:
         pl, pr = pred.split("=")
         if len(pl.strip()) <= 2:
-            return math_equal(pr, gold, timeout_s, _depth=_depth + 1)
+            return math_equal(pr, gold, timeout_s, **kw)
         return False
     if gold.count("=") == 1 and pred.count("=") == 0:
         gl, gr = gold.split("=")
         if len(gl.strip()) <= 2:
-            return math_equal(pred, gr, timeout_s, _depth=_depth + 1)
+            return math_equal(pred, gr, timeout_s, **kw)
         return False
     # step 8: symbolic equivalence under a time limit (step 9)
-    return symbolic_equal(pred, gold, timeout_s)
+    return symbolic_equal(pred, gold, timeout_s, _deadline)
 
 
 def grade_math(response: str, gold, timeout_s: float = 3.0) -> bool:
-    """Score one response against a gold answer (str, number, or list of acceptable answers)."""
+    """Score one response against a gold answer (str, number, or list of acceptable answers).
+    One deadline of timeout_s covers the whole call, whatever the number of golds."""
     pred = extract_math_answer(response)
     golds = gold if isinstance(gold, (list, tuple)) else [gold]
-    return any(math_equal(pred, str(g), timeout_s) for g in golds)
+    deadline = time.monotonic() + timeout_s if timeout_s is not None and timeout_s > 0 else None
+    return any(math_equal(pred, str(g), timeout_s, _deadline=deadline) for g in golds)
+
+
+def extract_reward_answer(text: str) -> str:
+    """The RL reward's extraction (EVAL.md §2; PA: .../reward_score/math_rlvr.py): last boxed{...}
+    -> text after the last "he answer is" -> last number; first line; one leading ':' and one
+    trailing '.' and '/' dropped; then `strip_string` (ours, DEVIATION 16)."""
+    text = str(text)
+    if "boxed" in text:
+        ans = last_boxed_content(text) or ""
+    elif "he answer is" in text:
+        ans = text.split("he answer is")[-1].strip()
+    else:
+        nums = _LAST_NUMBER.findall(text.replace(",", ""))
+        ans = nums[-1] if nums else ""
+    if len(ans) > MAX_ANSWER_CHARS:
+        return ""  # DEVIATION 3
+    ans = ans.strip().split("\n")[0] if ans.strip() else ""
+    ans = ans.removeprefix(":").removesuffix(".").removesuffix("/")
+    return strip_string(ans)
+
+
+def grade_reward(response: str, gold, timeout_s: float = 3.0) -> bool:
+    """The release's binary RL reward (PAPER.md §5 "Reward", EVAL.md §2): `extract_reward_answer`
+    + `math_equal(release_reward=True)` against reward_model.ground_truth (a number or, for the
+    medical data, a letter such as "C"), under the same enforced time limit as `grade_math`."""
+    return math_equal(extract_reward_answer(response), str(gold), timeout_s, release_reward=True)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -1021,7 +1245,8 @@ def nq_normalize(s) -> str:
 
 
 def _nq_prediction(pred) -> str:
-    p = str(pred).split("\n")[0].lower()
+    """OpenCompass NQEvaluator: strip, first line, lower-case, after the last 'answer is'."""
+    p = str(pred).strip().split("\n")[0].lower()
     if "answer is" in p:
         p = p.split("answer is")[-1]
     return p
@@ -1084,10 +1309,78 @@ def _load_langdetect():
         return None
 
 
-_NLTK = _load_nltk()
-_LANGDETECT = _load_langdetect()
-IFEVAL_BACKENDS = {"sentences_and_words": "nltk" if _NLTK else "builtin-regex",
-                   "language": "langdetect(seed=0)" if _LANGDETECT else "builtin-heuristic"}
+# nltk and langdetect are dependencies (requirements.txt). The built-in fallbacks remain for the
+# toy world (which never counts sentences) and for machines without punkt_tab; a real-benchmark
+# run calls `ensure_ifeval_data` first (one download attempt) and records which fallbacks ran.
+_IN_WORKER = os.environ.get("EVALUATE_MATH_WORKER") == "1"   # the math worker needs neither
+_NLTK = None if _IN_WORKER else _load_nltk()
+_LANGDETECT = None if _IN_WORKER else _load_langdetect()
+IFEVAL_BACKENDS: dict = {}
+_FALLBACKS_USED: set = set()
+
+
+def _set_backends() -> None:
+    IFEVAL_BACKENDS.update({"sentences_and_words": "nltk" if _NLTK else "builtin-regex",
+                            "language": "langdetect(seed=0)" if _LANGDETECT else "builtin-heuristic"})
+
+
+_set_backends()
+
+
+def _note_fallback(kind: str) -> None:
+    _FALLBACKS_USED.add(kind)
+
+
+def ifeval_fallbacks_used(reset: bool = False) -> list[str]:
+    """Which built-in fallbacks ('sentences_and_words', 'language') ran since the last reset."""
+    out = sorted(_FALLBACKS_USED)
+    if reset:
+        _FALLBACKS_USED.clear()
+    return out
+
+
+def _download_punkt_tab(nltk) -> bool:
+    import socket
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)   # no network must not mean a long hang
+    try:
+        return bool(nltk.download("punkt_tab", quiet=True, raise_on_error=False))
+    except Exception:  # noqa: BLE001 - any failure: report below
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def ensure_ifeval_data(download: bool = True) -> list[str]:
+    """Before scoring real IFEval: fetch nltk's punkt_tab on first use when it is missing, and
+    print one clear line per checker family that will run a built-in fallback. Returns the
+    messages (empty when the reference libraries and data are all there)."""
+    global _NLTK, _LANGDETECT
+    msgs = []
+    if _NLTK is None:
+        try:
+            import nltk
+        except ImportError:
+            nltk = None
+            msgs.append("nltk is not installed (pip install -r requirements.txt)")
+        offline = any(os.environ.get(k) == "1" for k in ("EVALUATE_OFFLINE", "HF_HUB_OFFLINE"))
+        if nltk is not None and download and not offline and _download_punkt_tab(nltk):
+            _NLTK = _load_nltk()
+        if nltk is not None and _NLTK is None:
+            msgs.append("nltk's punkt_tab data is missing and could not be downloaded (no network, "
+                        "or EVALUATE_OFFLINE/HF_HUB_OFFLINE=1); install it "
+                        "with `python -m nltk.downloader punkt_tab` (or set NLTK_DATA to a folder "
+                        "holding tokenizers/punkt_tab)")
+    if _LANGDETECT is None:
+        _LANGDETECT = _load_langdetect()
+        if _LANGDETECT is None:
+            msgs.append("langdetect is not installed (pip install -r requirements.txt)")
+    _set_backends()
+    for m in msgs:
+        print(f"[evaluate] WARNING: {m}; IFEval uses a built-in fallback there "
+              f"(backends: {IFEVAL_BACKENDS}), which differs from the reference on some responses "
+              "(DEVIATION 7); the result file records it as ifeval_fallback_used.", file=sys.stderr)
+    return msgs
 
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc",
                   "ltd", "co", "corp", "no", "fig", "al", "approx", "dept", "est", "u.s", "u.k",
@@ -1095,23 +1388,36 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc"
                   "mt", "ft", "gen", "gov", "sen", "rep", "rev", "capt", "col", "lt", "sgt"}
 
 
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"')\]]*+(?=\s|$)")
+
+
 def count_sentences(text: str) -> int:
     """English sentence count: nltk Punkt when installed, else a regex splitter at . ! ? followed
-    by whitespace, skipping known abbreviations and single-letter initials."""
+    by whitespace, skipping known abbreviations and single-letter initials.
+
+    The fallback runs in linear time: a run of end marks is matched once from its first mark
+    (lookbehind, possessive), and the word before a mark is read from a short window instead of
+    re-splitting all the text since the last sentence end (quadratic on "Mr. Mr. Mr. ...")."""
     if _NLTK is not None:
         from nltk.tokenize import PunktTokenizer
         return len(PunktTokenizer("english").tokenize(text))
+    _note_fallback("sentences_and_words")
     count, start = 0, 0
-    for m in re.finditer(r"[.!?]+[\"')\]]*(?=\s+|$)", text):
-        before = text[start:m.start()]
-        words = before.split()
+    first = _NON_SPACE.search(text, start)        # first non-space since the last sentence end
+    for m in _SENTENCE_END.finditer(text):
+        w0 = max(start, m.start() - 40)
+        seg = text[w0:m.start()]
+        words = seg.split()
         last = words[-1].lower().rstrip(".") if words else ""
+        if len(words) == 1 and w0 > start and not seg[0].isspace() and not text[w0 - 1].isspace():
+            last = ""                             # a word longer than the window: no abbreviation
         if m.group(0).startswith(".") and (last in _ABBREVIATIONS or re.fullmatch(r"[a-z]", last)):
             continue
-        if before.strip():
+        if first is not None and first.start() < m.start():
             count += 1
         start = m.end()
-    if text[start:].strip():
+        first = _NON_SPACE.search(text, start)
+    if first is not None:
         count += 1
     return count
 
@@ -1128,6 +1434,7 @@ def word_tokenize(text: str) -> list[str]:
     if _NLTK is not None:
         from nltk.tokenize import word_tokenize as nltk_wt
         return nltk_wt(text)
+    _note_fallback("sentences_and_words")
     return _TB_TOKEN.findall(text)
 
 
@@ -1163,6 +1470,7 @@ def detect_language(text: str) -> str | None:
             return _LANGDETECT.detect(text)
         except Exception:  # noqa: BLE001 - LangDetectException -> undecidable
             return None
+    _note_fallback("language")
     letters = [c for c in text if c.isalpha()]
     if not letters:
         return None
@@ -1213,7 +1521,8 @@ def _chk_existence(r, keywords):
 
 
 def _chk_frequency(r, keyword, frequency, relation):
-    n = len(re.findall(re.escape(keyword), r, flags=re.IGNORECASE))
+    # the reference strips the keyword (KeywordFrequencyChecker.build_description)
+    n = len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE))
     return _compare(n, relation, frequency, "keywords:frequency")
 
 
@@ -1305,22 +1614,48 @@ def _chk_placeholders(r, num_placeholders):
 
 
 def _chk_postscript(r, postscript_marker):
+    """PostscriptChecker: the marker is stripped; "P.P.S" and "P.S." have fixed patterns, any other
+    marker is used, lower-cased, AS A REGULAR EXPRESSION as the reference does ("PS:" must match
+    literally, "P.P.P.S" lets '.' match any character). A marker that is not a valid regex falls
+    back to a literal match (the reference would crash)."""
     low = r.lower()
+    marker = postscript_marker.strip()
     # the reference patterns start with \s*, which can match empty: dropping it keeps "is there a
     # match" unchanged and avoids quadratic time on long runs of whitespace
-    if postscript_marker == "P.P.S":
+    if marker == "P.P.S":
         pat = r"p\.\s?p\.\s?s.*$"
-    elif postscript_marker == "P.S.":
+    elif marker == "P.S.":
         pat = r"p\.\s?s\..*$"
     else:
-        pat = re.escape(postscript_marker.lower()) + r".*$"
-    return re.search(pat, low, flags=re.MULTILINE) is not None
+        pat = marker.lower() + r".*$"
+    try:
+        return re.search(pat, low, flags=re.MULTILINE) is not None
+    except re.error:
+        return re.search(re.escape(marker.lower()) + r".*$", low, flags=re.MULTILINE) is not None
+
+
+_NON_SPACE = re.compile(r"\S")
+
+
+def count_line_marks(r: str, mark: str) -> int:  # DEVIATION 15 (same result, linear time)
+    """len(re.findall(r"^\\s*\\*[^\\*].*$", r, re.M)) for mark '*' and
+    len(re.findall(r"^\\s*-.*$", r, re.M)) for mark '-', in linear time.
+
+    The reference regexes are quadratic on many blank lines: from every line start `\\s*` runs
+    over all the following whitespace, newlines included. A match from a blank line start ends
+    where the match from the next non-blank line would, so counting from each line's own first
+    non-space character ([^\\S\\n]*, never crossing a newline) gives the same count. For '*' the
+    character after the mark may be the newline; `.*` then swallows the next line, which can then
+    not start a match (the `\\n.*` branch keeps that)."""
+    return len((_STAR_LINE if mark == "*" else _DASH_LINE).findall(r))
+
+
+_STAR_LINE = re.compile(r"^[^\S\n]*\*(?:[^*\n]|\n.*)", flags=re.MULTILINE)
+_DASH_LINE = re.compile(r"^[^\S\n]*-", flags=re.MULTILINE)
 
 
 def _chk_bullets(r, num_bullets):
-    n = len(re.findall(r"^\s*\*[^\*].*$", r, flags=re.MULTILINE))
-    n += len(re.findall(r"^\s*-.*$", r, flags=re.MULTILINE))
-    return n == num_bullets
+    return count_line_marks(r, "*") + count_line_marks(r, "-") == num_bullets
 
 
 def _chk_constrained(r):
@@ -1335,7 +1670,14 @@ def _chk_highlights(r, num_highlights):
 
 
 def _chk_sections(r, section_spliter, num_sections):
-    pieces = re.split(r"\s?" + re.escape(section_spliter) + r"\s?\d+\s?", r)
+    # SectionChecker: the spliter is stripped and used as a regular expression (all IFEval
+    # spliters are plain words); an invalid one is matched literally
+    spliter = section_spliter.strip()
+    try:
+        re.compile(spliter)
+    except re.error:
+        spliter = re.escape(spliter)
+    pieces = re.split(r"\s?" + spliter + r"\s?\d+\s?", r)
     return len(pieces) - 1 >= num_sections
 
 
@@ -2500,6 +2842,9 @@ def main(argv=None) -> dict:
         overrides_math = {"n": None if args.num_samples < 0 else args.num_samples,
                           "temperature": None if args.temperature < 0 else args.temperature}
         bench = {}
+        if "ifeval" in names:   # first real use: fetch punkt_tab, warn about fallbacks
+            ensure_ifeval_data()
+            ifeval_fallbacks_used(reset=True)
         for n in names:
             ov = dict(overrides_math) if BENCHMARKS[n]["decoding"]["n"] > 1 else {}
             if args.max_new_tokens > 0:
@@ -2513,6 +2858,11 @@ def main(argv=None) -> dict:
                "benchmarks": bench, "backend": backend, "limit": args.limit,
                "total_seconds": round(time.time() - t0, 2)}
         res.update(summarize_suite(bench, domain=domain, base_general=base_general))
+        res["ifeval_fallback_used"] = ifeval_fallbacks_used() if "ifeval" in names else []
+        if res["ifeval_fallback_used"]:
+            print(f"[evaluate] WARNING: IFEval used built-in fallbacks for {res['ifeval_fallback_used']} "
+                  "(not the reference's nltk/langdetect); see ifeval_fallback_used in results.json",
+                  file=sys.stderr)
     res["ifeval_backends"] = IFEVAL_BACKENDS
     if out:
         atomic_write_json(out / "results.json", res)

@@ -2,10 +2,11 @@
 
 What it does: for each step, take B prompts, sample G completions per prompt from the current
 policy, score them with a binary verifiable reward (evaluate.py's graders: boxed-answer equivalence
-for math, option-letter match for medical MCQ), turn the rewards into group-relative advantages,
-and take `--mini-batches` AdamW steps on the PPO-style clipped surrogate (with the release's dual
-clip), over any PEFT method of peft_methods.py or Full FT. Sampling uses vLLM in the same process
-and on the same GPU when it is installed and a GPU is present, else transformers `generate`.
+for math, and for medical MCQ the release's boxed-answer `math_equal` against the gold letter),
+turn the rewards into group-relative advantages, and take `--mini-batches` AdamW steps on the
+PPO-style clipped surrogate (with the release's dual clip), over any PEFT method of peft_methods.py
+or Full FT. Sampling uses vLLM in the same process and on the same GPU when it is installed and a
+GPU is present, else transformers `generate`.
 
 Paper anchor: PAPER.md §5 (the release's verl recipe, `PA: train/train_rl.sh`); formulas in
 GRPO.md §1 (advantages §1.2, log-probs §1.3, clip §1.4, k3 KL §1.5, aggregation §1.7, masks §1.8).
@@ -237,15 +238,18 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
 
 
 def make_reward_fn(domain: str):
-    """Return reward(response, answer) -> 1.0 / 0.0. evaluate.py is imported lazily."""
+    """Return reward(response, answer) -> 1.0 / 0.0. evaluate.py is imported lazily.
+
+    Both graders compare in evaluate.py's worker process under a hard 3 s limit per call (a
+    hanging sympy comparison is killed, never stalls the step). Math: `grade_math`. Medical: the
+    release's reward (PAPER.md §5 "Reward"): boxed-answer extraction + `math_equal` against the
+    gold letter (`evaluate.grade_reward`), not the evaluation's A-N letter extractor, so "The final
+    answer is \\boxed{C}. Option A is wrong because of B." earns 1 for gold C."""
     import evaluate  # lazily: the trainer's pure parts must import without it
     if domain == "math":
         return lambda response, answer: float(bool(evaluate.grade_math(response, str(answer))))
     if domain == "med":
-        def med(response, answer):
-            gold = str(answer).strip().strip("()").strip().upper()
-            return float(evaluate.extract_choice_letter(response) == gold)
-        return med
+        return lambda response, answer: float(bool(evaluate.grade_reward(response, str(answer).strip())))
     raise ValueError(f"no reward for domain {domain!r}; expected 'math' or 'med'")
 
 
