@@ -13,6 +13,10 @@ Run (paper scale, one GPU; prompt files: txt = one prompt per line, json/jsonl =
 present key of prompt, input, question, query, problem, instruction, text is the prompt):
     python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [--checkpoint DIR ...] \
         --general-prompts general.jsonl --target-prompts math.jsonl --out runs/geometry_qwen_math
+Real evaluations write the target and general suites to separate results.json files: pass both per
+checkpoint, comma-joined, and they are merged (target gain needs the base's target file too):
+    ... --results ev/ck1/math/results.json,ev/ck1/general/results.json [--results ...] \
+        --base-results ev/base/math/results.json,ev/base/general/results.json
 Correlation table again from finished runs (no model needed):
     python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
 Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):

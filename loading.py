@@ -10,7 +10,14 @@ need, and that must not live in `arena.py` (those files never import `arena.py`)
 
     spec = "toy"            -> the committed miniature base model in toy_model/ (see toy_world.py)
     spec = "/path/to/dir"   -> any local HF-format directory (config.json + weights + tokenizer)
-    spec = "Qwen/Qwen2.5-7B"-> a hub id (needs network or a filled HF cache)
+    spec = "Qwen/Qwen2.5-7B"-> a hub id (the local HF cache first; else one quick probe of the hub,
+                               so an unreachable hub is reported in seconds, not after ~50 s of retries)
+    spec = "runs/x/global_step_N" -> a Full FT checkpoint of train_sft/train_grpo (its base's
+                               architecture, its weights; its tokenizer files, else the base's)
+
+Writes (atomic_*) raise OutputWriteError, one line naming the path and the fix, for a full disk or
+a read-only/forbidden folder; `run_cli` is every script's entry point (one line for those, for
+data and hub errors, and for Ctrl-C, which exits 130 with how to continue).
 
 Paper anchors: PAPER.md §6 and EVAL.md §7 (chat template with no system message; base models
 without a template are prompted with raw text, as OpenCompass does for base checkpoints).

@@ -17,6 +17,8 @@ Run:
     python train_grpo.py --resume --out runs/grpo-lora-r8 ...   # continue after a kill (same flags)
     python train_grpo.py --model /models/Qwen2.5-7B --method oft --block-size 32 \
         --data data/openr1_rl.parquet --domain math --preset paper --out runs/grpo-math-oft
+    python train_grpo.py ... --data deepscaler.parquet --prompt-key problem --answer-key answer   # other layouts
+(--data is read and every row checked before the sampler engine and the model are built.)
 In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`
 (summary: out, method, model, steps, final_checkpoint, reward_first/last, last-step metrics, and with
 --eval-n the toy scores before/after, target_gain, general_change).
@@ -24,7 +26,8 @@ In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 
 Outputs in --out: config.json, metrics.jsonl (one line per rollout step: reward mean/std, pass@G,
 zero-std groups, loss, k3 KL (β > 0), approx KL to π_old, clip fractions, entropy, response length,
 truncation, tokens/s), global_step_<k>/ (peft_methods.save_adapter files + trainer_state.json +
-optimizer.pt in the newest one), summary.json, eval_before/after.json with --eval-n.
+optimizer.pt in the newest one; Full FT ones also the tokenizer files and generation_config.json, so
+they load as models), summary.json, eval_before/after.json with --eval-n.
 
 Shape legend: N = B*G completions of a step, B prompts, G completions per prompt, P prompt
 tokens (left-padded), L completion tokens (right-padded), V vocabulary.

@@ -12,6 +12,7 @@ Run:
     python train_sft.py --model toy --method lora --r 8 --alpha 16 --task toy-med --out runs/sft-lora-r8
     python train_sft.py --model /models/Qwen2.5-7B --method lora --r 8 --alpha 16 \
         --data openr1-50k/train.parquet --max-length 8192 --out runs/qwen-math-lora-r8
+    python train_sft.py ... --data MetaMathQA-395K.json --prompt-key query --response-key response
     torchrun --nproc_per_node 8 train_sft.py ...        # DDP; FSDP2 (fully_shard) for --method full
     python train_sft.py --resume --out runs/sft-oft-b16 ...   # continue after a kill (same flags)
     python train_sft.py --smoke --model toy --out /tmp/sft-smoke   # tiny run, < 1 min on CPU
@@ -20,8 +21,12 @@ From Python (arena.py):  summary = train_sft.train({"model": "toy", "method": "l
 
 Outputs in --out: config.json (resolved config), metrics.jsonl (one line per optimizer step: step,
 loss, lr, grad norm, tokens/s, peak memory), global_step_<k>/ (adapter via peft_methods.save_adapter
-or full weights for Full FT, trainer_state.json, trainer_state.pt, optimizer.pt, config.json) and
-summary.json at the end.
+or full weights for Full FT, trainer_state.json, trainer_state.pt, optimizer.pt, config.json; Full FT
+checkpoints also hold the tokenizer files and generation_config.json, so `loading.load_model` and
+`evaluate.py --model <checkpoint>` take them as a model) and summary.json at the end.
+
+Data (--data): the release parquet, {prompt, response} rows, chat {messages}, or any other keys named
+with --prompt-key/--response-key; the file is read and every row checked before the model loads.
 
 Defaults worth knowing (all as in the paper unless listed under Deviations):
 - Loss normalisation `--loss-norm micro`: each micro-batch's loss is Σ masked CE / (n_mask + 1e-8)
