@@ -654,18 +654,27 @@ def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
     if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
         return [(r, f"--data {path} row {i}") for i, r in enumerate(read_parquet_rows(path))]
     if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"--data {path}: expected .parquet or .jsonl")
+        raise DataError(f"--data {path}: expected .parquet, .jsonl or .json")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (e.g. deepscaler.json)
+        try:
+            items = json.loads(text)
+        except ValueError as err:
+            raise DataError(f"--data {path}: not valid JSON ({err})") from None
+        bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"--data {path} item {bad}: not a JSON object")
+        return [(r, f"--data {path} item {i}") for i, r in enumerate(items)]
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
-                records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
+            records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
     return records
 
 

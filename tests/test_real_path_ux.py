@@ -103,6 +103,10 @@ def test_grpo_key_flags_and_data_errors_before_the_model(tmp_path, no_model):
     rows, domain = tg.load_rl_rows(tg.resolve_config({"data": data, "prompt_key": "problem", "answer_key": "answer"}))
     assert [(r["prompt"], r["answer"]) for r in rows] == [(r["problem"], r["answer"]) for r in DEEPSCALER]
     assert domain == "math"
+    js = tmp_path / "deepscaler.json"                  # the hub's own file: one JSON array
+    js.write_text(json.dumps(DEEPSCALER))
+    rows2, _ = tg.load_rl_rows(tg.resolve_config({"data": str(js), "prompt_key": "problem", "answer_key": "answer"}))
+    assert rows2 == rows
     # train(): the data error comes before the sampler engine and the model
     with pytest.raises(ValueError, match="row 0: needs"):
         tg.train({"data": data, "out": str(tmp_path / "g"), "steps": 1})
