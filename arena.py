@@ -1419,6 +1419,17 @@ def read_run_rows(run: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
+def config_paper_model(run: Path) -> str | None:
+    """The `paper_model` of the config a `run` directory was made from (RUN/config.json), or None:
+    `report --paper` then compares with that model without --paper-model (the flag still wins)."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = saved.get("config") if isinstance(saved, dict) else None
+    return cfg.get("paper_model") if isinstance(cfg, dict) else None
+
+
 def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
     """results.json, results.csv, leaderboard.md and one scatter per domain, from cells/*.json.
     `run` writes these after every cell; `python arena.py report RUN` calls the same function."""
@@ -1426,7 +1437,7 @@ def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None 
     rows = read_run_rows(run)
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     model = next((r["model"] for r in rows if r.get("model")), "?")
-    key = paper_model or infer_paper_model(model)
+    key = paper_model or config_paper_model(run) or infer_paper_model(model)
     bases = {r["domain"]: {"target": r["target"], "general": r["general"]}
              for r in rows if r["paradigm"] == "Base" and r["status"] == "ok"}
     failed = [r for r in rows if r["status"] != "ok"]
@@ -1603,4 +1614,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import loading
+    sys.exit(loading.run_cli("arena.py", main, resume_hint="rerun the same command: finished cells are "
+                             "kept and an interrupted cell resumes from its last checkpoint"))

@@ -2873,4 +2873,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import loading
+    loading.run_cli("evaluate.py", main, resume_hint="rerun the same command: the generations "
+                    "cached under --out/generations are reused")

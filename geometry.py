@@ -13,6 +13,10 @@ Run (paper scale, one GPU; prompt files: txt = one prompt per line, json/jsonl =
 present key of prompt, input, question, query, problem, instruction, text is the prompt):
     python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [--checkpoint DIR ...] \
         --general-prompts general.jsonl --target-prompts math.jsonl --out runs/geometry_qwen_math
+Real evaluations write the target and general suites to separate results.json files: pass both per
+checkpoint, comma-joined, and they are merged (target gain needs the base's target file too):
+    ... --results ev/ck1/math/results.json,ev/ck1/general/results.json [--results ...] \
+        --base-results ev/base/math/results.json,ev/base/general/results.json
 Correlation table again from finished runs (no model needed):
     python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
 Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):
@@ -721,25 +725,65 @@ def decoder_linear_names(model) -> list[str]:
 # -----------------------------------------------------------------------------
 # Per-checkpoint summary, scores, plots
 
-def read_scores(results_path: str | Path | None, base_results: str | Path | None = None) -> dict:
+SCORE_KEYS = ("target_score", "general_score", "forgetting")
+
+
+def results_paths(spec) -> list[Path]:
+    """One checkpoint's evaluate.py results files: a path, "A.json,B.json", or a list of either.
+    A real evaluation writes the target suite and the general suite to separate folders
+    (`evaluate.py --suite math --out X/math`, `--suite general --out X/general`), so one checkpoint's
+    scores come from two files."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    return [Path(p) for item in items for p in str(item).split(",") if p.strip()]
+
+
+def merge_results(spec, *, required: bool = True) -> dict:
+    """{target_score, general_score, forgetting} merged from the results files of `spec`; a file
+    that is missing (when `required`), unreadable, or gives another value for a score that an
+    earlier file already gave is an error naming the file(s)."""
+    merged, source = {}, {}
+    for path in results_paths(spec):
+        if not path.is_file():
+            if required:
+                raise FileNotFoundError(f"--results: {path} not found (an evaluate.py results.json)")
+            continue
+        try:
+            r = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"--results: {path} is not valid JSON ({e})") from None
+        for key in SCORE_KEYS:
+            if not isinstance(r, dict) or r.get(key) is None:
+                continue
+            v = float(r[key])
+            if key in merged and not math.isclose(merged[key], v, abs_tol=1e-9):
+                raise ValueError(f"--results: {key} is {merged[key]} in {source[key]} but {v} in {path}; "
+                                 "give one file per suite of the same checkpoint")
+            merged[key], source[key] = v, path
+    return merged
+
+
+def read_scores(results_path, base_results=None, *, required: bool = True) -> dict:
     """{target_score, general_score, forgetting, target_gain} from evaluate.py results.json files.
 
-    forgetting: the file's own "forgetting" if present, else base general - general.
-    target_gain: target - base target (needs --base-results). Missing pieces are None."""
-    out = {"target_score": None, "general_score": None, "forgetting": None, "target_gain": None}
-    if results_path is None or not Path(results_path).is_file():
+    results_path / base_results: one file, or several ("target.json,general.json" or a list) that
+    are merged (merge_results): the target suite's file gives target_score, the general suite's
+    general_score (and forgetting when it was scored with --base-results).
+    forgetting: the files' own "forgetting" if present, else base general - general.
+    target_gain: target - base target (needs --base-results). Missing pieces are None.
+    required=False: a missing file counts as no scores (the default CKPT/results.json)."""
+    out = {k: None for k in (*SCORE_KEYS, "target_gain")}
+    if results_path is None:
         return out
-    r = json.loads(Path(results_path).read_text())
-    b = json.loads(Path(base_results).read_text()) if base_results else {}
+    r = merge_results(results_path, required=required)
+    b = merge_results(base_results) if base_results else {}
     for key in ("target_score", "general_score"):
-        if r.get(key) is not None:
-            out[key] = float(r[key])
+        out[key] = r.get(key)
     if r.get("forgetting") is not None:
-        out["forgetting"] = float(r["forgetting"])
+        out["forgetting"] = r["forgetting"]
     elif b.get("general_score") is not None and out["general_score"] is not None:
-        out["forgetting"] = float(b["general_score"]) - out["general_score"]
+        out["forgetting"] = b["general_score"] - out["general_score"]
     if b.get("target_score") is not None and out["target_score"] is not None:
-        out["target_gain"] = out["target_score"] - float(b["target_score"])
+        out["target_gain"] = out["target_score"] - b["target_score"]
     return out
 
 
@@ -1026,10 +1070,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
     g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
     g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
-    g.add_argument("--results", action="append", default=None,
-                   help="results.json per --checkpoint (same order); default CKPT/results.json")
-    g.add_argument("--base-results", default=None,
-                   help="results.json of the base model (for target gain, and forgetting if absent)")
+    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
+                   help="results.json per --checkpoint (same order); default CKPT/results.json. A real "
+                   "evaluation writes target and general suites separately: pass both, comma-joined "
+                   "(e.g. ev/math/results.json,ev/general/results.json); their scores are merged")
+    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
+                   help="results.json of the base model (for target gain, and forgetting if absent); "
+                   "target and general files comma-joined as for --results")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -1042,6 +1089,8 @@ def main(argv=None) -> list[dict]:
     assert args.fluct_window >= 1 and args.gram_rows >= 2 and all(k >= 1 for k in args.pca_k)
     if args.results is not None and len(args.results) != len(args.checkpoint):
         raise SystemExit(f"--results given {len(args.results)} times for {len(args.checkpoint)} --checkpoint")
+    for res in (args.results or []) + ([args.base_results] if args.base_results else []):
+        merge_results(res)                 # a missing or clashing results file fails before any model loads
     import loading
     device = loading.pick_device(args.device)
     dtype = loading.pick_dtype(args.dtype, device)
@@ -1109,7 +1158,7 @@ def main(argv=None) -> list[dict]:
     metrics_list = []
     for i, (ckpt, label) in enumerate(zip(args.checkpoint, labels)):
         res = args.results[i] if args.results else str(Path(ckpt) / "results.json")
-        scores = read_scores(res, args.base_results)
+        scores = read_scores(res, args.base_results, required=bool(args.results))
         m = measure_checkpoint(args, base_model, base_acts, ckpt, label, mods, scores, device, dtype)
         loading.atomic_write_json(out_dir / label / "metrics.json", m)
         w = next(iter(m["weight"].values()), None)
@@ -1129,9 +1178,11 @@ def main_correlate(argv) -> list[dict]:
     p = argparse.ArgumentParser(prog="geometry.py correlate",
                                 description="Correlation table and plots from finished metrics.json files.")
     p.add_argument("--metrics", nargs="+", required=True, help="<out>/<label>/metrics.json files")
-    p.add_argument("--results", nargs="+", default=None,
-                   help="results.json per metrics file (same order); overrides the stored scores")
-    p.add_argument("--base-results", default=None, help="results.json of the base model")
+    p.add_argument("--results", nargs="+", default=None, metavar="FILE[,FILE]",
+                   help="results.json per metrics file (same order); overrides the stored scores. "
+                   "Target and general suite files of one checkpoint comma-joined: they are merged")
+    p.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
+                   help="results.json of the base model (target and general files comma-joined)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -1192,9 +1243,11 @@ def main_bench_svd(argv) -> dict:
 
 
 if __name__ == "__main__":
+    import loading
     if len(sys.argv) > 1 and sys.argv[1] == "correlate":
-        main_correlate(sys.argv[2:])
+        loading.run_cli("geometry.py", lambda: main_correlate(sys.argv[2:]))
     elif len(sys.argv) > 1 and sys.argv[1] == "bench-svd":
-        main_bench_svd(sys.argv[2:])
+        loading.run_cli("geometry.py", lambda: main_bench_svd(sys.argv[2:]))
     else:
-        main()
+        loading.run_cli("geometry.py", main, resume_hint="finished checkpoints' metrics.json are kept; "
+                        "rerun the same command (geometry.py correlate rebuilds the tables from them)")

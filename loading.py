@@ -10,7 +10,14 @@ need, and that must not live in `arena.py` (those files never import `arena.py`)
 
     spec = "toy"            -> the committed miniature base model in toy_model/ (see toy_world.py)
     spec = "/path/to/dir"   -> any local HF-format directory (config.json + weights + tokenizer)
-    spec = "Qwen/Qwen2.5-7B"-> a hub id (needs network or a filled HF cache)
+    spec = "Qwen/Qwen2.5-7B"-> a hub id (the local HF cache first; else one quick probe of the hub,
+                               so an unreachable hub is reported in seconds, not after ~50 s of retries)
+    spec = "runs/x/global_step_N" -> a Full FT checkpoint of train_sft/train_grpo (its base's
+                               architecture, its weights; its tokenizer files, else the base's)
+
+Writes (atomic_*) raise OutputWriteError, one line naming the path and the fix, for a full disk or
+a read-only/forbidden folder; `run_cli` is every script's entry point (one line for those, for
+data and hub errors, and for Ctrl-C, which exits 130 with how to continue).
 
 Paper anchors: PAPER.md §6 and EVAL.md §7 (chat template with no system message; base models
 without a template are prompted with raw text, as OpenCompass does for base checkpoints).
@@ -25,8 +32,11 @@ Deviations
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
+import sys
 import random
 import shutil
 import tempfile
@@ -75,19 +85,50 @@ def set_seed(seed: int) -> None:
 # -----------------------------------------------------------------------------
 # Atomic writes: a result or checkpoint is either complete on disk or absent, never half-written.
 
+class OutputWriteError(OSError):
+    """A result or checkpoint could not be written (disk full, read-only folder, no permission);
+    the message is one line naming the path and what to do. CLI entries print it without a trace."""
+
+
+_WRITE_FIXES = {errno.ENOSPC: "the disk is full: free space or choose another --out",
+                errno.EDQUOT: "the disk quota is exceeded: free space or choose another --out",
+                errno.EROFS: "the file system is read-only: choose a writable --out",
+                errno.EACCES: "no permission to write there: choose a writable --out",
+                errno.EPERM: "no permission to write there: choose a writable --out"}
+
+
+def _write_error(path, err: OSError) -> OSError:
+    """An OSError from writing `path` -> OutputWriteError (one line) for the causes a user can fix;
+    other OSErrors are returned unchanged."""
+    fix = _WRITE_FIXES.get(err.errno)
+    if fix is None or isinstance(err, OutputWriteError):
+        return err
+    return OutputWriteError(err.errno, f"cannot write {path}: {err.strerror or err}; {fix}")
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(path, err) from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _make_dir(path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
         raise
 
 
@@ -121,17 +162,23 @@ def atomic_save_file(tensors: dict, path: str | Path, metadata: dict | None = No
     """safetensors.save_file, written to a temp file and renamed into place."""
     from safetensors.torch import save_file
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _make_dir(path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         # safetensors refuses non-contiguous or shared-storage tensors: clone them contiguous.
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp,
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
+        if "No space left" in str(err) or "Read-only file system" in str(err):  # safetensors' own error
+            raise _write_error(path, OSError(errno.ENOSPC if "space" in str(err) else errno.EROFS,
+                                             str(err))) from None
         raise
 
 
@@ -151,6 +198,53 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+# -----------------------------------------------------------------------------
+# Training data files: one parquet reader, errors that name the file, the row and the key
+
+class DataError(ValueError):
+    """A training data file that cannot be used; one line naming the file (and line/row, key)."""
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    pass
+
+
+class MissingDependency(ImportError):
+    """An optional package that the given input needs (one line saying what to install)."""
+
+
+def require_pyarrow(path, flag: str = "--data"):
+    """pyarrow.parquet, or a one-line error naming the file and the install command. Called
+    before any model is loaded, so that a missing package costs seconds, not a 7B load."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependency(f"{flag} {path}: reading .parquet files needs pyarrow, which is not "
+                                "installed: pip install -r requirements.txt (or pip install pyarrow)") from None
+    return pq
+
+
+def read_parquet_rows(path, flag: str = "--data") -> list[dict]:
+    """Every row of a parquet file as a dict (nested structs -> dicts, lists -> lists): the one
+    parquet reader of the training scripts (the release ships its SFT and RL sets as parquet)."""
+    pq = require_pyarrow(path, flag)
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors do not name the file
+        raise DataError(f"{flag} {path}: not a readable parquet file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def get_key(row: dict, key: str):
+    """row[key], where a dotted key reads nested fields ("extra_info.question"); None if absent."""
+    cur = row
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
 
 
 # -----------------------------------------------------------------------------
@@ -199,28 +293,142 @@ def resolve_spec(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
-def _hub_error(spec: str, err: Exception) -> Exception:
-    return OSError(
+class HubError(OSError):
+    """A hub id that is neither cached nor downloadable; the message is one line saying what to do."""
+
+
+def _hub_error(spec: str, err: Exception | str) -> Exception:
+    why = err if isinstance(err, str) else (
+        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    return HubError(
         f"could not load model {spec!r}: it is not a local directory, and loading it as a hub id "
-        f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Without "
+        f"failed ({why}). Without "
         "network access, download the model elsewhere and pass its local directory instead, e.g. "
         "--model /models/Qwen2.5-7B (a folder with config.json, *.safetensors, tokenizer files); "
         "`toy` selects the bundled miniature model.")
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set (read now, not at import as huggingface_hub does)."""
+    if any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
+           for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        import huggingface_hub.constants as hc
+    except ImportError:
+        return False
+    return bool(getattr(hc, "HF_HUB_OFFLINE", False))
+
+
+def probe_hub(repo_id: str, filename: str = "config.json", *, repo_type: str = "model",
+              what: str = "model", timeout: float = 10.0) -> None:
+    """Fail in seconds, not after huggingface_hub's ~50 s of retries, when `repo_id` is not in the
+    local cache and the hub cannot serve it: one HEAD request, no retries. Raises a one-line OSError
+    naming the id and what to do; returns when the hub answered (the real download follows)."""
+    if hub_offline():
+        raise _hub_error(repo_id, "offline mode (HF_HUB_OFFLINE) and not in the local cache") if what == "model" \
+            else HubError(f"{repo_id}: offline mode (HF_HUB_OFFLINE) and not in the local cache")
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    url = hf_hub_url(repo_id, filename, repo_type=None if repo_type == "model" else repo_type)
+    try:
+        try:
+            get_hf_file_metadata(url, timeout=timeout, retry_on_errors=False)
+        except TypeError:   # huggingface_hub < 1.0 has no retry flag (and does not retry HEADs)
+            get_hf_file_metadata(url, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - unreachable, unknown id, gated: all one line
+        raise (_hub_error(repo_id, err) if what == "model" else
+               HubError(f"{repo_id}: not in the local cache and the hub did not serve {filename} "
+                       f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")) from None
+
+
+def _from_hub(loader, spec: str, **kw):
+    """`loader(spec, **kw)` for a hub id: the local cache first (no network), then one quick probe
+    (probe_hub), then the normal download."""
+    try:
+        return loader(spec, local_files_only=True, **kw)
+    except Exception:  # noqa: BLE001 - not (fully) cached: try the hub below
+        pass
+    probe_hub(spec)
+    try:
+        return loader(spec, **kw)
+    except Exception as err:  # noqa: BLE001 - re-raised with a clearer message
+        raise _hub_error(spec, err) from err
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def arena_checkpoint(path: str | Path) -> dict | None:
+    """The adapter_config.json of a peft_methods.save_adapter checkpoint directory, else None."""
+    f = Path(path) / "adapter_config.json"
+    if not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError:
+        return None
+    return cfg if isinstance(cfg, dict) and cfg.get("format") == "peft-arena-adapter" else None
+
+
+def _checkpoint_base(path: str, ck: dict) -> str:
+    """The base model spec a Full FT checkpoint records (its tokenizer and architecture)."""
+    base = ck.get("base_model")
+    if not base:
+        raise FileNotFoundError(f"{path} is a Full FT checkpoint without tokenizer files and its "
+                                "adapter_config.json names no base_model; copy the base model's "
+                                "tokenizer files into it")
+    return str(base)
+
+
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     path, local = resolve_spec(spec)
-    try:
+    if local and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        ck = arena_checkpoint(path)
+        if ck is None:
+            raise FileNotFoundError(f"model directory {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                    "copy them from the base model the weights came from")
+        # a Full FT checkpoint written before checkpoints carried tokenizer files: the base's
+        print(f"[loading] {path} has no tokenizer files; using the tokenizer of its base model "
+              f"{ck.get('base_model')!r}", file=sys.stderr)
+        return load_tokenizer(_checkpoint_base(path, ck), trust_remote_code=trust_remote_code)
+    if local:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - re-raised with a clearer message
-        if local:
-            raise
-        raise _hub_error(spec, err) from err
+    else:
+        tok = _from_hub(AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Generation pads batches; Llama-style tokenizers ship without a pad token.
         tok.pad_token = tok.eos_token
     return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(spec: str):
+    return load_tokenizer(spec)
+
+
+def save_tokenizer_files(base_spec: str, out_dir: str | Path, model=None) -> None:
+    """Make a Full FT checkpoint a usable model folder: the base's tokenizer files and the model's
+    generation_config.json beside the weights (evaluate.py --model <ckpt> reads them)."""
+    try:
+        tok = _cached_tokenizer(str(base_spec))
+    except Exception as err:  # noqa: BLE001 - the checkpoint stays valid; loading falls back to the base
+        print(f"[loading] warning: no tokenizer files written to {out_dir} ({type(err).__name__}: {err}); "
+              "load_model/load_tokenizer fall back to the base model's tokenizer", file=sys.stderr)
+        return
+    tok.save_pretrained(str(out_dir))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(out_dir))
+
+
+def _load_full_checkpoint(path: str, ck: dict, **kw):
+    """A Full FT checkpoint directory (peft_methods.save_adapter, method "full"): the base model's
+    architecture with the checkpoint's weights (peft_methods.load_adapter checks every tensor)."""
+    import peft_methods
+    model, _ = load_model(_checkpoint_base(path, ck), **kw)
+    peft_methods.load_adapter(model, path)
+    return model
 
 
 def load_model(spec: str = "toy", *, dtype=None, device=None, trust_remote_code: bool = False,
@@ -234,15 +442,47 @@ def load_model(spec: str = "toy", *, dtype=None, device=None, trust_remote_code:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     path, local = resolve_spec(spec)
+    ck = arena_checkpoint(path) if local else None
+    if ck is not None and ck.get("method") != "full":   # before any loading: the error is the answer
+        raise ValueError(f"{path} is a {ck.get('method')!r} adapter checkpoint, not a model: pass its base "
+                         f"with --model {ck.get('base_model') or 'BASE'} and this folder with --adapter {path}")
     tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dt, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation)
-    except Exception as err:  # noqa: BLE001
-        if local:
-            raise
-        raise _hub_error(spec, err) from err
+    kw = dict(dtype=dt, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if ck is not None:
+        model = _load_full_checkpoint(path, ck, dtype=dt, device=dev, trust_remote_code=trust_remote_code,
+                                      attn_implementation=attn_implementation)
+    elif local:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    else:
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, path, **kw)
     model.to(dev).eval()
     model.config.name_or_path = spec
     return model, tok
+
+
+# -----------------------------------------------------------------------------
+# Command-line entry points: one line for the errors a user can fix, Ctrl-C without a traceback
+
+def run_cli(prog: str, fn, *, resume_hint: str = "rerun the same command to continue"):
+    """Call `fn()` and return its result; for the script's `if __name__ == "__main__"` block.
+
+    Ctrl-C prints one line saying how to continue and exits 130 (the shell's code for SIGINT);
+    a write that failed for a fixable reason (disk full, read-only or forbidden folder, see
+    OutputWriteError) prints one line naming the path and exits 1. Other errors keep their traceback."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted (Ctrl-C); what was written so far is kept: {resume_hint}",
+              file=sys.stderr)
+        sys.exit(130)
+    except (HubError, DataError, MissingDependency) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        path = getattr(err, "filename", None)
+        one = err if isinstance(err, OutputWriteError) else (
+            _write_error(path, err) if path and err.errno in _WRITE_FIXES else None)
+        if one is None:
+            raise
+        print(f"{prog}: error: {one.strerror if isinstance(one, OutputWriteError) else one}", file=sys.stderr)
+        sys.exit(1)

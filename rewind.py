@@ -1454,8 +1454,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    import loading
     try:
-        main()
+        loading.run_cli("rewind.py", main)
     except (ValueError, FileNotFoundError) as err:
         print(f"rewind.py: error: {err}", file=sys.stderr)
         sys.exit(1)

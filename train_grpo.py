@@ -18,6 +18,8 @@ Run:
     python train_grpo.py --resume --out runs/grpo-lora-r8 ...   # continue after a kill (same flags)
     python train_grpo.py --model /models/Qwen2.5-7B --method oft --block-size 32 \
         --data data/openr1_rl.parquet --domain math --preset paper --out runs/grpo-math-oft
+    python train_grpo.py ... --data deepscaler.parquet --prompt-key problem --answer-key answer   # other layouts
+(--data is read and every row checked before the sampler engine and the model are built.)
 In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`
 (summary: out, method, model, steps, final_checkpoint, reward_first/last, last-step metrics, and with
 --eval-n the toy scores before/after, target_gain, general_change).
@@ -25,7 +27,8 @@ In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 
 Outputs in --out: config.json, metrics.jsonl (one line per rollout step: reward mean/std, pass@G,
 zero-std groups, loss, k3 KL (β > 0), approx KL to π_old, clip fractions, entropy, response length,
 truncation, tokens/s), global_step_<k>/ (peft_methods.save_adapter files + trainer_state.json +
-optimizer.pt in the newest one), summary.json, eval_before/after.json with --eval-n.
+optimizer.pt in the newest one; Full FT ones also the tokenizer files and generation_config.json, so
+they load as models), summary.json, eval_before/after.json with --eval-n.
 
 Shape legend: N = B*G completions of a step, B prompts, G completions per prompt, P prompt
 tokens (left-padded), L completion tokens (right-padded), V vocabulary.
@@ -522,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", default="toy-math", help="toy-math | toy-med (ignored with --data)")
     g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout "
                    "(PAPER.md §5: prompt = chat messages, reward_model.ground_truth)")
+    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (string or chat "
+                   "messages; dotted for nested fields); default 'prompt'")
+    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted for "
+                   "nested fields); default reward_model.ground_truth, else 'answer'")
     g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
                    "data_source, 'med_23k_think' -> med, else math)")
     g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
@@ -643,37 +650,66 @@ def resolve_config(overrides: dict | None = None) -> dict:
 # Data: toy rows or the release's RL parquet/JSONL, tokenised once
 
 
+def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
+    """[(record, where)] of an RL .parquet / .jsonl file; `where` names the file and line/row."""
+    from loading import DataError, DataFileNotFound, read_parquet_rows
+    if not path.is_file():
+        raise DataFileNotFound(f"--data {path}: file not found")
+    if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
+        return [(r, f"--data {path} row {i}") for i, r in enumerate(read_parquet_rows(path))]
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"--data {path}: expected .parquet, .jsonl or .json")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (e.g. deepscaler.json)
+        try:
+            items = json.loads(text)
+        except ValueError as err:
+            raise DataError(f"--data {path}: not valid JSON ({err})") from None
+        bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"--data {path} item {bad}: not a JSON object")
+        return [(r, f"--data {path} item {i}") for i, r in enumerate(items)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
+            records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
+    return records
+
+
+def _rl_row(rec: dict, where: str, cfg) -> dict:
+    """One record -> {'prompt', 'answer', 'data_source'}; --prompt-key/--answer-key name other keys."""
+    from loading import DataError, get_key
+    pk, ak = cfg.get("prompt_key"), cfg.get("answer_key")
+    prompt = get_key(rec, pk) if pk else rec.get("prompt")
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()               # list columns read by other parquet readers come back as arrays
+    gold = get_key(rec, ak) if ak else (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
+    if prompt is None or gold is None:
+        wanted = (f"--prompt-key {pk or 'prompt'!r} and --answer-key {ak!r}" if (pk or ak) else
+                  "'prompt' and reward_model.ground_truth (or 'answer'); name other keys with "
+                  "--prompt-key/--answer-key")
+        raise DataError(f"{where}: needs {wanted}; has keys {sorted(rec)}")
+    return {"prompt": prompt, "answer": str(gold), "data_source": rec.get("data_source")}
+
+
 def load_rl_rows(cfg) -> tuple[list[dict], str]:
-    """[{'prompt': str | list[messages], 'answer': str}], domain."""
+    """[{'prompt': str | list[messages], 'answer': str}], domain. train() calls it before any model
+    or sampler engine is built, so data errors cost seconds."""
     if cfg["data"] is None:
         import toy_world
         domain = cfg["task"].split("-", 1)[1]
         return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
     path = Path(cfg["data"])
-    if path.suffix == ".parquet":
-        import pandas as pd  # optional: only for the release's parquet files
-        records = pd.read_parquet(path).to_dict("records")
-    elif path.suffix in (".jsonl", ".json"):
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
-    else:
-        raise ValueError(f"--data {path}: expected .parquet or .jsonl")
-    rows = []
-    for i, rec in enumerate(records):
-        prompt = rec.get("prompt")
-        if hasattr(prompt, "tolist"):
-            prompt = prompt.tolist()               # parquet list columns come back as arrays
-        gold = (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
-        if prompt is None or gold is None:
-            raise ValueError(f"--data {path} row {i}: needs 'prompt' and reward_model.ground_truth "
-                             f"(or 'answer'); has keys {sorted(rec)}")
-        rows.append({"prompt": prompt, "answer": str(gold), "data_source": rec.get("data_source")})
+    rows = [_rl_row(rec, where, cfg) for rec, where in _read_rl_records(path)]
+    if not rows:
+        from loading import DataError
+        raise DataError(f"--data {path}: holds no rows")
     domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
     return rows, domain
 
@@ -755,6 +791,8 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     final, tmp = out / f"{CKPT_PREFIX}{step}", out / f".tmp-{CKPT_PREFIX}{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     peft_methods.save_adapter(model, tmp, base_model=cfg["model"], extra={"trainer": "train_grpo", "step": step})
+    if cfg["method"] == "full":   # a usable model folder: evaluate.py --model <checkpoint>
+        loading.save_tokenizer_files(cfg["model"], tmp, model)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
     loading.atomic_write_json(tmp / "config.json", cfg)
@@ -781,6 +819,9 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
     method = cfg["method"]
+    # data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the
+    # sampler engine and the model are built
+    rows, domain = load_rl_rows(cfg)
 
     # ---- sampler engine first: vLLM wants its memory share free at start-up (GRPO.md §3.3.2) ----
     device0 = loading.pick_device(cfg["device"]) if model is None else next(model.parameters()).device
@@ -849,8 +890,7 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
         opt.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
         torch.set_rng_state(torch.load(resume_from / "trainer_state.pt", weights_only=False)["torch_rng"])
 
-    # ---- data and reward ----
-    rows, domain = load_rl_rows(cfg)
+    # ---- data (rows read above) and reward ----
     context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     rows = tokenize_prompts(rows, tokenizer, max_prompt_tokens=cfg["max_prompt_tokens"], context=context)
     reward_fn = make_reward_fn(domain)
@@ -1138,5 +1178,7 @@ if __name__ == "__main__":
     # only the flags given on the command line count as overrides (so --smoke/presets fill the rest)
     given = {k: v for k, v in vars(parser.parse_args()).items() if v != parser.get_default(k)}
     print("[grpo] config " + json.dumps(resolve_config(given), default=str), file=sys.stderr)
-    summary = train(given)
+    import loading
+    summary = loading.run_cli("train_grpo.py", lambda: train(given), resume_hint="rerun the same "
+                              "command with --resume to continue from the last checkpoint")
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=1, default=str))

@@ -12,6 +12,7 @@ Run:
     python train_sft.py --model toy --method lora --r 8 --alpha 16 --task toy-med --out runs/sft-lora-r8
     python train_sft.py --model /models/Qwen2.5-7B --method lora --r 8 --alpha 16 \
         --data openr1-50k/train.parquet --max-length 8192 --out runs/qwen-math-lora-r8
+    python train_sft.py ... --data MetaMathQA-395K.json --prompt-key query --response-key response
     torchrun --nproc_per_node 8 train_sft.py ...        # DDP; FSDP2 (fully_shard) for --method full
     python train_sft.py --resume --out runs/sft-oft-b16 ...   # continue after a kill (same flags)
     python train_sft.py --smoke --model toy --out /tmp/sft-smoke   # tiny run, < 1 min on CPU
@@ -20,8 +21,12 @@ From Python (arena.py):  summary = train_sft.train({"model": "toy", "method": "l
 
 Outputs in --out: config.json (resolved config), metrics.jsonl (one line per optimizer step: step,
 loss, lr, grad norm, tokens/s, peak memory), global_step_<k>/ (adapter via peft_methods.save_adapter
-or full weights for Full FT, trainer_state.json, trainer_state.pt, optimizer.pt, config.json) and
-summary.json at the end.
+or full weights for Full FT, trainer_state.json, trainer_state.pt, optimizer.pt, config.json; Full FT
+checkpoints also hold the tokenizer files and generation_config.json, so `loading.load_model` and
+`evaluate.py --model <checkpoint>` take them as a model) and summary.json at the end.
+
+Data (--data): the release parquet, {prompt, response} rows, chat {messages}, or any other keys named
+with --prompt-key/--response-key; the file is read and every row checked before the model loads.
 
 Defaults worth knowing (all as in the paper unless listed under Deviations):
 - Loss normalisation `--loss-norm micro`: each micro-batch's loss is Σ masked CE / (n_mask + 1e-8)
@@ -328,22 +333,22 @@ def read_rows(path, *, skip_bad_rows: bool = False) -> tuple[list[tuple[dict, st
     """-> ([(row, where)], n_bad). `where` ("file:line" / "file: row i") names the row in errors."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise loading.DataFileNotFound(f"--data {path}: data file not found")
     if path.is_dir() or path.stat().st_size == 0:
-        raise ValueError(f"data file is {'a directory' if path.is_dir() else 'empty'}: {path}")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq  # optional: only for the release's parquet files
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-        rows = [(r, f"{path}: row {i}") for i, r in enumerate(pq.read_table(path).to_pylist())]
+        raise loading.DataError(f"--data {path}: data file is {'a directory' if path.is_dir() else 'empty'}")
+    if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
+        rows = [(r, f"{path}: row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
         bad = 0
     else:
         rows, bad = [], 0
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = [(r, f"{path}: item {i}") for i, r in enumerate(json.loads(text))]
+        if path.suffix == ".json" and text.lstrip().startswith("["):   # e.g. MetaMathQA-395K.json
+            try:
+                items = json.loads(text)
+            except ValueError as e:
+                raise loading.DataError(f"{path}: not valid JSON ({e})") from None
+            rows = [(r, f"{path}: item {i}") for i, r in enumerate(items)]
         else:
             for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -356,20 +361,39 @@ def read_rows(path, *, skip_bad_rows: bool = False) -> tuple[list[tuple[dict, st
                     if skip_bad_rows:
                         bad += 1
                         continue
-                    raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e}); fix it or pass "
-                                     "--skip-bad-rows to skip and count such lines") from None
+                    raise loading.DataError(f"{path}:{lineno}: malformed JSONL line ({e}); fix it or pass "
+                                            "--skip-bad-rows to skip and count such lines") from None
                 rows.append((row, f"{path}:{lineno}"))
     if not rows:
-        raise ValueError(f"data file {path} holds no usable rows ({bad} malformed)")
+        raise loading.DataError(f"--data {path}: holds no usable rows ({bad} malformed)")
     return rows, bad
 
 
-def row_to_pair(row: dict, where: str) -> tuple:
+def _mapped_pair(row: dict, where: str, keys: tuple) -> tuple:
+    """(row[prompt_key], row[response_key]) for --prompt-key/--response-key (dotted = nested)."""
+    got = []
+    for key, flag in zip(keys, ("--prompt-key", "--response-key")):
+        v = loading.get_key(row, key) if isinstance(row, dict) else None
+        if not (isinstance(v, list) and v) and not (isinstance(v, str) and v.strip()):
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise loading.DataError(f"{where}: {flag} {key!r} is {'empty' if v is not None else 'missing'} "
+                                    f"(row keys: {have}); pass --skip-bad-rows to skip such rows")
+        got.append(v)
+    return got[0], got[1]
+
+
+def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
     """A row -> (prompt, response); prompt is a string or a list of chat messages.
 
     Accepted layouts: the release parquet {extra_info: {question, answer}} (PAPER.md §4);
-    {prompt, response}; chat {messages: [..., {role: assistant, content}]} (Deviation 6).
+    {prompt, response}; chat {messages: [..., {role: assistant, content}]} (Deviation 6); any other
+    with keys = (prompt_key, response_key) from --prompt-key/--response-key (e.g. MetaMathQA's
+    ("query", "response")).
     """
+    if keys is not None:
+        return _mapped_pair(row, where, keys)
+    if not isinstance(row, dict):
+        raise loading.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     extra = row.get("extra_info")
     if isinstance(extra, dict) and "question" in extra:
         prompt, response = extra["question"], extra.get("answer")
@@ -384,11 +408,14 @@ def row_to_pair(row: dict, where: str) -> tuple:
         prompt, response = msgs[:-1], msgs[-1]["content"]   # DEVIATION (6): only the last turn is trained
     else:
         prompt, response = row.get("prompt"), row.get("response")
+    hint = (f"row keys: {sorted(row)}; name other keys with --prompt-key/--response-key, "
+            "e.g. --prompt-key query --response-key response for MetaMathQA")
     if not isinstance(response, str) or not response.strip():
-        raise ValueError(f"{where}: row has no response (expected 'response', extra_info.answer or a final "
-                         "assistant message); pass --skip-bad-rows to skip and count such rows")
+        raise loading.DataError(f"{where}: row has no response (expected 'response', extra_info.answer or a "
+                                f"final assistant message; {hint}); pass --skip-bad-rows to skip such rows")
     if not prompt or not isinstance(prompt, (str, list)):
-        raise ValueError(f"{where}: row has no prompt (expected 'prompt', extra_info.question or messages)")
+        raise loading.DataError(f"{where}: row has no prompt (expected 'prompt', extra_info.question or "
+                                f"messages; {hint})")
     return prompt, response
 
 
@@ -397,13 +424,27 @@ def fetch_hub_file(repo_id: str, filename: str | None) -> Path:
     if not filename:
         raise ValueError(f"--data {repo_id} looks like a hub dataset id: also pass --hub-file, the file "
                          "inside it (e.g. --hub-file openr1-50k/train.parquet)")
+    from huggingface_hub import hf_hub_download
+    try:   # the local cache first: no network, no retries
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: one quick probe, then the download
+        pass
     try:
-        from huggingface_hub import hf_hub_download
+        loading.probe_hub(repo_id, filename, repo_type="dataset", what="dataset")
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise RuntimeError(f"--data {repo_id}: could not fetch {filename!r} from the Hugging Face hub "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without "
                            "network, download the file elsewhere and pass --data /path/to/file") from None
+
+
+def data_keys(cfg: dict) -> tuple | None:
+    """(prompt_key, response_key) when --prompt-key/--response-key are given (the other one
+    defaults to 'prompt' / 'response'), else None (the built-in layouts)."""
+    pk, rk = cfg.get("prompt_key"), cfg.get("response_key")
+    if pk is None and rk is None:
+        return None
+    return pk or "prompt", rk or "response"
 
 
 def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
@@ -419,10 +460,11 @@ def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
                      and path.suffix not in (".jsonl", ".json", ".parquet"))
         rows, bad = read_rows(fetch_hub_file(cfg["data"], cfg["hub_file"]) if looks_hub else path,
                               skip_bad_rows=cfg["skip_bad_rows"])
+    keys = data_keys(cfg)
     pairs = []
     for row, where in rows:
         try:
-            pairs.append(row_to_pair(row, where))
+            pairs.append(row_to_pair(row, where, keys))
         except ValueError:
             if not cfg["skip_bad_rows"]:
                 raise
@@ -430,7 +472,7 @@ def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
     if cfg["n_train"] > 0:
         pairs = pairs[:cfg["n_train"]]   # files: the first n rows in file order
     if not pairs:
-        raise ValueError(f"no usable rows in {cfg['data'] or cfg['task']} ({bad} bad rows skipped)")
+        raise loading.DataError(f"no usable rows in {cfg['data'] or cfg['task']} ({bad} bad rows skipped)")
     return pairs, {"n_rows": len(pairs), "n_bad_rows": bad}
 
 
@@ -459,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", choices=sorted(TOY_TASKS), default=None, help="toy-world SFT set (toy_world.make_sft_rows)")
     g.add_argument("--data", default=None, help="JSONL/JSON/Parquet file, or a hub dataset id (with --hub-file)")
     g.add_argument("--hub-file", default=None, help="file inside the hub dataset, e.g. openr1-50k/train.parquet")
+    g.add_argument("--prompt-key", default=None, help="row key of the prompt (string or chat messages) when "
+                   "the file uses neither the release layout nor prompt/response/messages; dotted for nested "
+                   "fields (MetaMathQA: --prompt-key query --response-key response)")
+    g.add_argument("--response-key", default=None, help="row key of the response (see --prompt-key)")
     g.add_argument("--n-train", type=int, default=-1,
                    help="rows: toy sets generate this many (-1 = 2000); files keep the first n (-1 = all)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the toy-world rows")
@@ -651,6 +697,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: di
         peft_methods.save_adapter(model, tmp, base_model=base_spec, extra={"step": step})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if rank == 0:
+        if cfg["method"] == "full":   # a usable model folder: evaluate.py --model <checkpoint>
+            loading.save_tokenizer_files(base_spec, tmp, model)
         torch.save({"rng": rng_state(), "adapter_aux": adapter_aux_state(model)}, tmp / "trainer_state.pt")
         loading.atomic_write_json(tmp / "config.json", cfg)
         loading.atomic_write_json(tmp / "trainer_state.json", state)   # written last: marks completeness
@@ -811,6 +859,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
     _barrier(world_size)
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
+    # ---- data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the model
+    pairs, stats = load_pairs(cfg)
 
     # ---- model and tokenizer. DEVIATION (2): fp32 trainable masters unless --param-dtype bf16.
     full = cfg["method"] == "full"
@@ -830,8 +880,7 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
         print(f"[train_sft] device {device} (world size {world_size}); base dtype "
               f"{next(model.parameters()).dtype}; autocast bf16: {device.type == 'cuda'}")
 
-    # ---- data: rows -> encoded examples -> drop over-long -> (pack)
-    pairs, stats = load_pairs(cfg)
+    # ---- data: (rows read above) -> encoded examples -> drop over-long -> (pack)
     examples = encode_examples(tokenizer, pairs, loss_mask=cfg["loss_mask"])
     lengths = [len(ex["input_ids"]) for ex in examples]
     examples, n_dropped = drop_overlong(examples, cfg["max_length"])
@@ -1016,7 +1065,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
 
 if __name__ == "__main__":
     try:
-        train(sys.argv[1:])
+        loading.run_cli("train_sft.py", lambda: train(sys.argv[1:]), resume_hint="rerun the same "
+                        "command with --resume to continue from the last checkpoint")
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as err:
         print(f"train_sft.py: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -80,3 +80,26 @@ def test_cli_help_lists_subcommands():
     assert out.returncode == 0
     for cmd in ("pretrain-toy", "calibrate", "demo"):
         assert cmd in out.stdout
+
+
+def test_report_paper_model_comes_from_the_run_config(tmp_path, capsys):
+    """`report --paper` on a run whose model path says nothing of the paper's models (a local copy)
+    compares with the config's `paper_model` (saved in RUN/config.json); --paper-model still wins."""
+    run = tmp_path / "run"
+    (run / "cells").mkdir(parents=True)
+    m = "/models/my-local-copy"                       # infer_paper_model cannot guess from this name
+    base = {"cell": "base/math", "index": 0, "status": "ok", "domain": "math", "paradigm": "Base",
+            "method": "Base", "peft_method": "base", "hparams": {}, "model": m, "trainable_params": 7_615_616_512,
+            "target": 35.0, "general": 47.0, "target_gain": 0.0, "forgetting": 0.0, "families": {}}
+    lora = dict(base, cell="sft/math/LoRA r8a16", index=1, paradigm="SFT", method="LoRA r8a16",
+                peft_method="lora", hparams={"r": 8, "alpha": 16}, trainable_params=20_185_088,
+                target=42.0, general=40.0, target_gain=7.0, forgetting=7.0)
+    for r in (base, lora):
+        (run / "cells" / (r["cell"].replace("/", "-") + ".json")).write_text(json.dumps(r))
+    (run / "config.json").write_text(json.dumps({"kind": "arena-run", "config": {"model": m,
+                                                                                 "paper_model": "qwen2.5-7b"}}))
+    assert arena.main(["report", str(run), "--paper"]) == 0
+    md = (run / "leaderboard.md").read_text()
+    assert "2 of 2 rows matched" in md and "| 20.19M | 42.47 | 39.22 |" in md     # PAPER.md §10.1, Qwen column
+    assert arena.main(["report", str(run), "--paper", "--paper-model", "llama-3.2-3b-instruct"]) == 0
+    assert "Llama" in (run / "leaderboard.md").read_text()

@@ -475,3 +475,75 @@ def test_collect_activations_bf16_cuda_matches_fp32_cpu(tiny):
                                   max_tokens=40)[(q, "output")]
     assert gpu.dtype == torch.float32 and gpu.device.type == "cpu" and gpu.shape == ref.shape
     assert geo.linear_cka(ref, gpu) > 0.99
+
+
+# -----------------------------------------------------------------------------
+# Scores of real runs: evaluate.py writes the target suite and the general suite to separate files
+
+def _real_results(path, suite, scores, base_general=None):
+    """A results.json as `evaluate.py --suite SUITE --out DIR` writes it (evaluate.main's dict and
+    evaluate.summarize_suite's aggregates; per-benchmark details trimmed to the scores)."""
+    ev = pytest.importorskip("evaluate")
+    bench = {b: {"score": s, "n_items": 10, "n_samples": 1} for b, s in scores.items()}
+    res = {"model": "/models/Qwen2.5-7B", "adapter": "ck", "adapter_config": None, "suite": suite,
+           "benchmarks": bench, "backend": "vllm", "limit": None, "total_seconds": 1.0}
+    res.update(ev.summarize_suite(bench, domain="math" if suite == "math" else None, base_general=base_general))
+    res["ifeval_backends"] = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
+    return str(path)
+
+
+def test_read_scores_merges_target_and_general_result_files(tmp_path):
+    """A real checkpoint's scores come from two evaluate.py runs (--suite math, --suite general):
+    both files together give target gain and forgetting; clashing or missing files are errors."""
+    base_t = _real_results(tmp_path / "base/math/results.json", "math", {"math500": 70.0, "aime24": 10.0, "amc23": 40.0})
+    base_g = _real_results(tmp_path / "base/general/results.json", "general", {"ifeval": 60.0, "bbh": 50.0, "nq": 40.0})
+    t = _real_results(tmp_path / "ck/math/results.json", "math", {"math500": 76.0, "aime24": 13.0, "amc23": 44.0})
+    g = _real_results(tmp_path / "ck/general/results.json", "general", {"ifeval": 57.0, "bbh": 48.0, "nq": 39.0},
+                      base_general=50.0)
+    s = geo.read_scores(f"{t},{g}", f"{base_t},{base_g}")
+    assert s["target_score"] == pytest.approx((76 + 13 + 44) / 3)
+    assert s["target_gain"] == pytest.approx((76 + 13 + 44) / 3 - 40.0)
+    assert s["general_score"] == pytest.approx(48.0) and s["forgetting"] == pytest.approx(2.0)
+    assert geo.read_scores([t, g], [base_t, base_g]) == s                   # a list works as well
+    other = _real_results(tmp_path / "other/math/results.json", "math", {"math500": 1.0, "aime24": 1.0, "amc23": 1.0})
+    with pytest.raises(ValueError, match="target_score .* in .*other"):
+        geo.read_scores(f"{t},{other}", base_t)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        geo.read_scores(f"{t},{tmp_path / 'nope.json'}")
+
+
+def _metrics(label, csd_t_rel, csd_g_rel):
+    c = {"G": {"abs": csd_g_rel, "rel": csd_g_rel, "un": csd_g_rel},
+         "T": {"abs": csd_t_rel, "rel": csd_t_rel, "un": csd_t_rel}}
+    c.update(geo.csd_ratios(c["G"], c["T"]))
+    return {"label": label, "method": "lora", "scores": {}, "weight": {}, "csd": {"m": c}, "activation": {}}
+
+
+def test_correlate_real_runs_uses_target_gain(tmp_path):
+    """End to end: `geometry.py correlate` with each checkpoint's target and general results files
+    (comma-joined) fills the CSD_T-vs-target-gain rows of the correlation table."""
+    base = ",".join([_real_results(tmp_path / "base/math/results.json", "math",
+                                   {"math500": 70.0, "aime24": 10.0, "amc23": 40.0}),
+                     _real_results(tmp_path / "base/general/results.json", "general",
+                                   {"ifeval": 60.0, "bbh": 50.0, "nq": 40.0})])
+    metrics, results = [], []
+    for i in range(4):
+        m = tmp_path / f"m{i}" / "metrics.json"
+        m.parent.mkdir()
+        m.write_text(json.dumps(_metrics(f"ck{i}", 0.01 * (i + 1), 0.02 * (i + 1) ** 2)))
+        metrics.append(str(m))
+        t = _real_results(tmp_path / f"ck{i}/math/results.json", "math",
+                          {"math500": 70.0 + 3 * i, "aime24": 10.0 + i, "amc23": 40.0 + 2 * i})
+        g = _real_results(tmp_path / f"ck{i}/general/results.json", "general",
+                          {"ifeval": 60.0 - i * i, "bbh": 50.0 - i, "nq": 40.0})
+        results.append(f"{t},{g}")
+    geo.main_correlate(["--metrics", *metrics, "--results", *results, "--base-results", base,
+                        "--out", str(tmp_path / "out"), "--no-plots"])
+    table = json.loads((tmp_path / "out" / "correlations.json").read_text())
+    rows = {(t["metric"], t["vs"]): t for t in table["table"]}
+    gain = rows[("csd_T_rel", "target_gain")]
+    assert gain["n"] == 4 and gain["spearman"] == pytest.approx(1.0)   # CSD_T grows with the gain here
+    assert [r["target_gain"] for r in table["rows"]] == pytest.approx([0.0, 2.0, 4.0, 6.0])
+    assert rows[("csd_G_rel", "forgetting")]["n"] == 4
