@@ -431,6 +431,8 @@ def _check_train_settings(paradigm: str, settings, field: str, add) -> None:
         a = actions[k]
         if isinstance(a, argparse._StoreTrueAction):
             prob = _type_problem(v, bool, False)
+        elif isinstance(a, argparse.BooleanOptionalAction):   # --x / --no-x, None = the script's auto rule
+            prob = _type_problem(v, bool, True)
         elif a.nargs not in (None, "?"):
             prob = _type_problem(v, list, False)
             if prob is None and isinstance(a.nargs, int) and len(v) != a.nargs:

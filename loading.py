@@ -82,6 +82,17 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def set_rank_seed(seed: int, rank: int) -> None:
+    """Seed the random streams of one data-parallel rank with seed + rank (dropout masks, sampling).
+
+    Called after the model and adapters are built from `seed` (identical on every rank, as DDP
+    requires) and before training: with one seed everywhere, every rank would draw the same dropout
+    masks, so W ranks would average W copies of one mask. Data order never reads these streams (it
+    uses generators seeded from `seed` + epoch), so it stays consistent across ranks.
+    """
+    set_seed(seed + rank)
+
+
 # -----------------------------------------------------------------------------
 # Atomic writes: a result or checkpoint is either complete on disk or absent, never half-written.
 

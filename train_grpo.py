@@ -64,6 +64,14 @@ Deviations from the paper / release
    dropout 0 as in the release, but an SFT checkpoint continued with --init-from may carry 0.05.
 10. Metrics "pass_rate" is pass@G over the step's prompts (at least one correct completion);
    "reward_mean" is the per-completion accuracy.
+11. Precision: with bf16 compute (CUDA default) the trainable tensors are fp32 masters — adapters
+   fp32 on the bf16 base, Full FT weights fp32 — and forwards run under bf16 autocast
+   (`precision_plan`). The release trains under FSDP mixed precision (fp32 masters too); pure bf16
+   (`--param-dtype bf16`) rounds most updates at the paper's LRs away.
+12. Micro-batches are bounded by sequences (--micro-batch-size) and by padded tokens
+   (--micro-batch-tokens, default 16384 as the release's 16k tokens per GPU), packed in order
+   (verl's dynamic batching also re-balances by length); real models default to gradient
+   checkpointing (the toy does not).
 """
 from __future__ import annotations
 
@@ -307,6 +315,58 @@ def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     return input_ids.to(device), attn.to(device), lengths.to(device), P, L
 
 
+def token_budget_micros(idx: list[int], prompt_lens: list[int], completion_lens: list[int],
+                        max_seqs: int, max_tokens: int = 0) -> list[list[int]]:
+    """Split `idx` (kept in order) into micro-batches for the trainer forward/backward.
+
+    Each holds <= max_seqs sequences and, with max_tokens > 0, a padded size n × (longest prompt +
+    longest completion) <= max_tokens — the release's dynamic batching bounds each forward by tokens
+    (16k per GPU, PAPER.md §5 "Systems") rather than by sequences, so 64 responses of 8k tokens never
+    share one forward. A sequence longer than the budget on its own gets a micro-batch of its own.
+    The loss is unchanged: the mini-batch-wide normalisers (Deviation 1) make the accumulated
+    gradient independent of how a mini-batch is cut (tests/test_train_grpo.py checks it).
+    """
+    out, cur, P, L = [], [], 0, 0
+    for i in idx:
+        p, c = prompt_lens[i], max(1, completion_lens[i])
+        over = max_tokens > 0 and (len(cur) + 1) * (max(P, p) + max(L, c)) > max_tokens
+        if cur and (len(cur) >= max_seqs or over):
+            out.append(cur)
+            cur, P, L = [], 0, 0
+        cur.append(i)
+        P, L = max(P, p), max(L, c)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def precision_plan(compute_dtype: torch.dtype, method: str, param_dtype: str = "auto") -> dict:
+    """How to hold and run the policy: {load (the base's dtype), adapter (adapter dtype or None =
+    the base's), autocast (bf16 autocast around forwards)}.
+
+    bf16 compute with bf16 trainable tensors loses small updates: at the paper's LRs (1e-5 adapters,
+    1e-6 Full FT) an AdamW step of ~lr is below half a bf16 ulp of most weights (2^-9 relative), so
+    it rounds away (measured: ~1-2% of Full FT weights and few lora_A entries changed per step).
+    Default ("auto"): trainable tensors are fp32 masters — adapters fp32 on the bf16 base, Full FT
+    weights fp32 — and forwards run under bf16 autocast, so the compute stays bf16 (as the paper's
+    FSDP mixed precision: bf16 params for compute, fp32 master weights). "bf16" keeps the old
+    pure-bf16 behaviour (the release without an fp32 master; not recommended).
+    """
+    if compute_dtype != torch.bfloat16 or param_dtype == "bf16":
+        return {"load": compute_dtype, "adapter": None, "autocast": False}
+    if method == "full":
+        return {"load": torch.float32, "adapter": None, "autocast": True}
+    return {"load": torch.bfloat16, "adapter": torch.float32, "autocast": True}
+
+
+def amp_context(plan: dict, device: torch.device):
+    """A zero-argument factory of the forward's autocast context (bf16 on `device`, or none)."""
+    import contextlib
+    if not plan["autocast"]:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def sequence_logprobs(model, input_ids, attn, P: int, L: int, temperature: float,
                       with_entropy: bool = False):
     """ℓ_θ of the L completion tokens, (N, L) fp32 (and the (N, L) entropy if asked)."""
@@ -518,9 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other make_config field (value parsed as JSON, else a string); repeatable")
     g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from "
                    "(adapter_config.json + weights; its method must equal --method)")
-    g.add_argument("--dtype", default=None, help="fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
+                   help="auto: trainable tensors are fp32 masters under bf16 compute (adapters fp32 on "
+                   "the bf16 base; Full FT fp32 weights + bf16 autocast); bf16: release-style pure bf16")
     g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
     g = p.add_argument_group("data")
     g.add_argument("--task", default="toy-math", help="toy-math | toy-med (ignored with --data)")
     g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout "
@@ -566,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="token budget per forward/backward: a micro-batch's padded size (sequences x "
+                   "(prompt + completion) width) stays <= this (release: dynamic batching, 16k tokens "
+                   "per GPU); 0 = off (only --micro-batch-size bounds it)")
     g = p.add_argument_group("optimiser")
     g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
                    f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
@@ -622,6 +690,10 @@ def resolve_config(overrides: dict | None = None) -> dict:
         cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
     cfg["resolved_preset"] = preset
     cfg["adam_betas"] = list(cfg["adam_betas"])
+    if cfg["grad_checkpointing"] is None:
+        # on for real models (responses of thousands of tokens: activations dominate), off for the
+        # toy (tiny activations; keeps the demo's numbers and speed as they were)
+        cfg["grad_checkpointing"] = cfg["model"] != "toy"
     # invariants, each error carrying the config key at fault (loading.ConfigError.field)
     from loading import ConfigError
     if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
@@ -630,6 +702,9 @@ def resolve_config(overrides: dict | None = None) -> dict:
               "ppo_epochs", "micro_batch_size"):
         if cfg[k] < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
+    if cfg["micro_batch_tokens"] < 0:
+        raise ConfigError(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
+                          "micro_batch_tokens")
     if cfg["prompts_per_step"] % cfg["mini_batches"]:
         raise ConfigError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
                           f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)",
@@ -839,9 +914,16 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
         loading.set_seed(cfg["seed"])  # vLLM (MP = 0) re-seeds the global RNGs (GRPO.md pitfall 2)
 
     # ---- model (+ adapter) ----
+    # precision: fp32 masters for trainable tensors under bf16 compute (precision_plan)
+    compute = (next(model.parameters()).dtype if model is not None
+               else loading.pick_dtype(cfg["dtype"], device0))
+    prec = precision_plan(compute, method, cfg["param_dtype"])
     if model is None:
-        model, tokenizer = loading.load_model(cfg["model"], dtype=cfg["dtype"], device=cfg["device"])
+        model, tokenizer = loading.load_model(cfg["model"], dtype=prec["load"], device=cfg["device"])
+    elif method == "full" and prec["load"] != compute:
+        model.to(prec["load"])      # a preloaded bf16 base: its trainable weights become fp32 masters
     device = next(model.parameters()).device
+    amp = amp_context(prec, device)
     print(f"[grpo] model {cfg['model']} on {device} ({next(model.parameters()).dtype}); "
           f"method {method}; preset {cfg['resolved_preset']}", file=sys.stderr)
     # A plain copy to sample from (hf path): decoding through the adapter wrappers recomputes every
@@ -865,7 +947,7 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
         if method == "keeplora":
             raise ValueError("--method keeplora needs an SFT init batch for its seed gradients; "
                              "train it with train_sft.py and start GRPO with --init-from <checkpoint>")
-        peft_methods.apply_peft(model, method, **method_hparams(cfg, peft_methods))
+        peft_methods.apply_peft(model, method, adapter_dtype=prec["adapter"], **method_hparams(cfg, peft_methods))
     if not cfg["dropout"]:
         # DEVIATION 9: dropout off in every module (TRL `disable_dropout`): ℓ_old is computed without dropout, so
         # with it the ratio would not be 1 on-policy. An SFT checkpoint may carry LoRA dropout 0.05.
@@ -950,10 +1032,11 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
                                            f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
                     pushed_at = state["optimizer_steps"]
                 gen_model = sampler_model
-            completions, finished = sample_hf(
+            with amp():   # the fp32-master policy samples with bf16 compute, as it trains
+                completions, finished = sample_hf(
                 gen_model, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
-                pad_id=pad_id, eos_token_ids=eos_ids, batch_size=cfg["gen_batch_size"],
-                seed=cfg["seed"] * 100003 + step)
+                    pad_id=pad_id, eos_token_ids=eos_ids, batch_size=cfg["gen_batch_size"],
+                    seed=cfg["seed"] * 100003 + step)
         t_gen = time.time() - t0
         n_gen_tokens = sum(len(c) for c in completions)
 
@@ -967,7 +1050,7 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
         # 3) optimise: --ppo-epochs passes x --mini-batches optimiser steps over this rollout
         flat_prompts = [p for p in prompts for _ in range(G)]
         m = _optimise(model, ref_model, opt, params, cfg, flat_prompts, completions, finished,
-                      adv, eos_ids, pad_id, max_new, method, sampler_logps)
+                      adv, eos_ids, pad_id, max_new, method, sampler_logps, amp=amp)
         state["optimizer_steps"] += m.pop("optimizer_steps")
         state["step"] = step + 1
 
@@ -1019,10 +1102,17 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
 
 
 def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
-              pad_id, max_new, method, sampler_logps) -> dict:
-    """All optimiser steps on one rollout batch (GRPO.md §1.9 steps 4-7); returns its metrics."""
+              pad_id, max_new, method, sampler_logps, amp=None) -> dict:
+    """All optimiser steps on one rollout batch (GRPO.md §1.9 steps 4-7); returns its metrics.
+    `amp`: factory of the forwards' autocast context (precision_plan); None = none."""
+    import contextlib
+    amp = amp or contextlib.nullcontext
     device = next(model.parameters()).device
     N, mb, T = len(completions), cfg["micro_batch_size"], cfg["temperature"]
+    p_lens, c_lens = [len(p) for p in prompts], [len(c) for c in completions]
+
+    def chunks(idx):   # micro-batches under --micro-batch-size and the --micro-batch-tokens budget
+        return token_budget_micros(idx, p_lens, c_lens, mb, cfg["micro_batch_tokens"])
     n_mini = cfg["mini_batches"]
     per_mini = N // n_mini                      # whole groups: B/n_mini prompts x G completions
     minis = [list(range(k * per_mini, (k + 1) * per_mini)) for k in range(n_mini)]
@@ -1054,22 +1144,22 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
         for s in range(0, N, mb):                # token counts for the mini-batch normalisers
             for j, row in enumerate(micro(list(range(s, min(N, s + mb))))[4]):
                 n_masked[s + j] = float(row.sum())
-        for s in range(0, len(need_old), mb):
-            idx = need_old[s:s + mb]
+        for idx in chunks(need_old):
             ids, attn, P, L, mask = micro(idx)
-            lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
+            with amp():
+                lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
             for j, i in enumerate(idx):
                 old[i] = lp[j]
             ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
         if cfg["beta"] > 0:                      # ℓ_ref only when the KL term is on
-            for s in range(0, N, mb):
-                idx = list(range(s, min(N, s + mb)))
+            for idx in chunks(list(range(N))):
                 ids, attn, P, L, mask = micro(idx)
                 if ref_model is not None:        # Full FT: the frozen copy
-                    rlp, _ = sequence_logprobs(ref_model, ids, attn, P, L, T)
+                    with amp():
+                        rlp, _ = sequence_logprobs(ref_model, ids, attn, P, L, T)
                 else:                            # PEFT: the same model with the adapters off
                     import peft_methods
-                    with peft_methods.disable_adapters(model):
+                    with peft_methods.disable_adapters(model), amp():
                         rlp, _ = sequence_logprobs(model, ids, attn, P, L, T)
                 for j, i in enumerate(idx):
                     ref[i] = rlp[j]
@@ -1084,7 +1174,7 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
             # DEVIATION 1: mini-batch-wide normalisers make micro-batch accumulation exact
             n_tok = sum(n_masked[i] for i in mini)
             train_idx = [i for i in mini if active[i]]
-            micros = [train_idx[s:s + mb] for s in range(0, len(train_idx), mb)]
+            micros = chunks(train_idx)
             opt.zero_grad(set_to_none=True)
             if not micros:
                 # every group of this mini-batch had equal rewards: the gradient is exactly 0, so
@@ -1096,7 +1186,8 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
             mini_loss = 0.0
             for idx in micros:
                 ids, attn, P, L, mask = micro(idx)
-                lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=fresh)
+                with amp():
+                    lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=fresh)
                 if fresh:
                     old_lp = lp.detach()                                                  # (n, L)
                     for j, i in enumerate(idx):

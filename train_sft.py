@@ -53,7 +53,9 @@ Deviations from the paper / release (each also marked `# DEVIATION:` at the line
    (adapters, Full-FT weights) and AdamW states are fp32 masters under bf16 autocast; the release
    trains bf16 tensors with no fp32 copy (`--param-dtype bf16` mimics that). CPU runs are fp32.
 3. Each micro-batch is right-padded to its own longest sequence, not to --max-length (same loss,
-   less compute); no FlashAttention varlen / Liger kernels.
+   less compute); no FlashAttention varlen / Liger kernels. A micro-batch over --micro-batch-tokens
+   (default 16384, the release's 16k tokens per GPU) runs as row chunks with the same loss and
+   gradient. Gradient checkpointing is on by default for real models, off for the toy.
 4. Full FT default LR 5e-5, from the release's example config (PAPER.md §3.3, §12.5); PEFT 2e-4.
 5. AdaLoRA: peft_methods' rank-allocation and orthogonal-regulariser hooks are called when present
    (what AdaLoRA is meant to do); the release never calls them (`--adalora-release`, METHODS.md §9).
@@ -65,7 +67,8 @@ Deviations from the paper / release (each also marked `# DEVIATION:` at the line
    trajectory's weights are always kept.
 9. CPU peak memory is the process's peak resident set size (ru_maxrss), not allocator statistics.
 10. Multi-GPU: PEFT methods run under DDP (the frozen base replicated); FSDP2 `fully_shard` is used
-    for Full FT (`--fsdp auto`). The release shards every method with FSDP2.
+    for Full FT (`--fsdp auto`). The release shards every method with FSDP2. Each rank's dropout
+    stream is seeded seed + rank (loading.set_rank_seed); weights and data order use the seed.
 """
 from __future__ import annotations
 
@@ -527,12 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on optimizer steps (-1 = epochs × steps/epoch); sets the schedule length")
     g.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step, all ranks together")
     g.add_argument("--micro-batch", type=int, default=2, help="sequences per forward pass per rank")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="token budget per forward: a micro-batch whose padded size (rows x longest row) "
+                   "exceeds it is run in row chunks that each fit, with the same loss and gradient "
+                   "(release: 16k tokens per GPU); 0 = off")
     g.add_argument("--loss-norm", choices=["micro", "token"], default="micro",
                    help="micro: mean of per-micro-batch token means (paper); token: one mean over the global batch")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; None = cuda if available (torchrun: LOCAL_RANK)")
     g.add_argument("--seed", type=int, default=0, help="seed of adapter init, dropout and data order (paper sampler seed 0)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
     g.add_argument("--fsdp", choices=["auto", "on", "off"], default="auto",
                    help="under torchrun: FSDP2 fully_shard instead of DDP; auto = on for --method full on CUDA")
     g.add_argument("--loss-impl", choices=["fast", "reference"], default="fast",
@@ -571,6 +579,10 @@ def resolve_config(config=None) -> dict:
         cfg["n_train"] = 2000
     if cfg["lr"] is None:
         cfg["lr"] = FULL_FT_DEFAULT_LR if cfg["method"] == "full" else PEFT_DEFAULT_LR
+    if cfg["grad_checkpointing"] is None:
+        # [PAPER.md §4 Systems] on for real models: without it LoRA at 8192 tokens needs ~216 GiB on
+        # a 7B model; off for the toy (tiny activations; the demo's numbers and speed stay as they were)
+        cfg["grad_checkpointing"] = cfg["model"] != "toy"
     cfg["adam_betas"] = list(cfg["adam_betas"])
     checks = [   # (holds, config key at fault, message)
         (bool(cfg["out"]), "out", "--out is required (the run directory)"),
@@ -578,6 +590,8 @@ def resolve_config(config=None) -> dict:
         (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"], "micro_batch",
          f"need 1 <= --micro-batch {cfg['micro_batch']} <= --global-batch {cfg['global_batch']}"),
         (cfg["max_length"] >= 2, "max_length", f"--max-length {cfg['max_length']} must be >= 2 tokens"),
+        (cfg["micro_batch_tokens"] >= 0, "micro_batch_tokens",
+         f"--micro-batch-tokens {cfg['micro_batch_tokens']} must be >= 0 (0 = off)"),
         (cfg["lr"] > 0, "lr", f"--lr {cfg['lr']} must be > 0"),
         (0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", f"--warmup-ratio {cfg['warmup_ratio']} must be in [0, 1)"),
         (cfg["epochs"] >= 1, "epochs", f"--epochs {cfg['epochs']} must be >= 1"),
@@ -696,6 +710,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: di
     elif rank == 0:
         peft_methods.save_adapter(model, tmp, base_model=base_spec, extra={"step": step})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if world_size > 1:   # every rank's dropout stream differs (seed + rank): keep each for --resume
+        torch.save(rng_state(), tmp / f"rng.rank{rank}.pt")
     if rank == 0:
         if cfg["method"] == "full":   # a usable model folder: evaluate.py --model <checkpoint>
             loading.save_tokenizer_files(base_spec, tmp, model)
@@ -737,10 +753,41 @@ def data_fingerprint(examples: list[dict]) -> str:
 # -----------------------------------------------------------------------------
 # One optimizer step (shared with the benchmark in tests/test_train_sft.py)
 
+def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
+    """Row chunks of a collated micro-batch whose padded size (rows × longest row) <= max_tokens.
+
+    [PAPER.md §5 "Systems": the release bounds each forward by tokens, 16k per GPU] A chunk keeps
+    its rows in order and is re-trimmed to its own longest row (right padding, so trimming drops only
+    padding); packed rows (position_ids) keep their width. A row longer than the budget on its own
+    gets a chunk of its own. max_tokens <= 0, or a micro-batch that fits: [mb] unchanged.
+    """
+    B, T = mb["input_ids"].shape
+    if max_tokens <= 0 or B * T <= max_tokens:
+        return [mb]
+    if "attention_mask" in mb:
+        widths = [int(w) for w in mb["attention_mask"].sum(1)]              # real tokens per row
+    else:
+        widths = [T] * B
+    chunks, cur, w = [], [], 0
+    for i in range(B):
+        if cur and (len(cur) + 1) * max(w, widths[i]) > max_tokens:
+            chunks.append((cur, w))
+            cur, w = [], 0
+        cur, w = cur + [i], max(w, widths[i])
+    chunks.append((cur, w))
+    return [{k: v[rows, :width] for k, v in mb.items()} for rows, width in chunks]
+
+
+
 def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: list, *, lr: float,
                    max_grad_norm: float, loss_norm: str = "micro", world_size: int = 1,
-                   autocast=contextlib.nullcontext, no_sync=None, extra_loss=None, post_step=None) -> dict:
+                   autocast=contextlib.nullcontext, no_sync=None, extra_loss=None, post_step=None,
+                   max_tokens: int = 0) -> dict:
     """Accumulate gradients over `micro_batches`, clip, and take one AdamW step.
+
+    max_tokens > 0: a micro-batch over the token budget runs as row chunks (`split_by_tokens`), each
+    chunk's Σ CE normalised by its whole micro-batch's target count, so the loss and the gradient are
+    those of the unsplit micro-batch (the paper's per-micro-batch mean is kept).
 
     Returns {loss, grad_norm, skipped, n_targets}. loss is the global-batch loss (all ranks). A
     non-finite grad norm skips the update [PAPER.md §4]; a non-finite loss is reported to the caller.
@@ -756,17 +803,21 @@ def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: li
         n_global = int(t.item())
     log_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["input_ids"].device)
     for i, mb in enumerate(micro_batches):
-        sync_ctx = no_sync() if (no_sync is not None and i < n_micro - 1) else contextlib.nullcontext()
-        with sync_ctx:
-            with autocast():
-                ce_sum, n = loss_module(**mb)
-            loss = micro_batch_loss(ce_sum, n, n_micro, norm=loss_norm, n_tokens_global=n_global,
-                                    world_size=world_size)
-            if extra_loss is not None:   # e.g. AdaLoRA's orthogonal regulariser, averaged likewise
-                loss = loss + extra_loss() / n_micro
-            loss.backward()
-        log_sum += (ce_sum.detach() / (n + MASK_EPS) / n_micro if loss_norm == "micro"
-                    else ce_sum.detach() / max(n_global, 1))
+        n = int(mb["loss_mask"][:, 1:].sum())            # the whole micro-batch's targets
+        parts = split_by_tokens(mb, max_tokens)
+        for j, part in enumerate(parts):
+            last = i == n_micro - 1 and j == len(parts) - 1
+            sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                with autocast():
+                    ce_sum, _ = loss_module(**part)
+                loss = micro_batch_loss(ce_sum, n, n_micro, norm=loss_norm, n_tokens_global=n_global,
+                                        world_size=world_size)
+                if extra_loss is not None and j == 0:   # e.g. AdaLoRA's orthogonal regulariser, averaged likewise
+                    loss = loss + extra_loss() / n_micro
+                loss.backward()
+            log_sum += (ce_sum.detach() / (n + MASK_EPS) / n_micro if loss_norm == "micro"
+                        else ce_sum.detach() / max(n_global, 1))
     if world_size > 1:
         torch.distributed.all_reduce(log_sum)
         if loss_norm == "micro":
@@ -936,6 +987,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
+    if world_size > 1:   # weights are built from `seed` on every rank; dropout streams per rank
+        loading.set_rank_seed(cfg["seed"], rank)
     if "after_setup" in hooks:
         hooks["after_setup"](model)
 
@@ -971,7 +1024,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
         opt_file = resume_from / (f"optimizer.rank{rank}.pt" if fsdp else "optimizer.pt")
         optimizer.load_state_dict(torch.load(opt_file, map_location=device, weights_only=False))
         extra = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
-        set_rng_state(extra["rng"])
+        own = resume_from / f"rng.rank{rank}.pt"   # each rank's own streams (seed + rank)
+        set_rng_state(torch.load(own, weights_only=False) if (world_size > 1 and own.exists()) else extra["rng"])
         layers = peft_methods.adapter_layers(model)
         for name, aux in extra.get("adapter_aux", {}).items():
             layers[name]._ipt = aux
@@ -1007,7 +1061,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
                 runner, mbs, optimizer, params, lr=lr, max_grad_norm=cfg["max_grad_norm"],
                 loss_norm=cfg["loss_norm"], world_size=world_size, autocast=autocast, no_sync=no_sync,
                 extra_loss=(lambda: ada_reg(model)) if ada_reg else None,
-                post_step=(lambda: ada_alloc(model, step, total_steps)) if ada_alloc else None)
+                post_step=(lambda: ada_alloc(model, step, total_steps)) if ada_alloc else None,
+                max_tokens=cfg["micro_batch_tokens"])
             if not math.isfinite(res["loss"]):
                 raise FloatingPointError(
                     f"non-finite training loss ({res['loss']}) at optimizer step {step + 1} (epoch {epoch}); "

@@ -576,3 +576,72 @@ def bench_main(argv=None):
 
 if __name__ == "__main__":
     bench_main(sys.argv[1:])
+
+
+# -----------------------------------------------------------------------------
+# memory and seeds (issue 14 items 2, 4, 9)
+
+def test_token_budget_splits_a_micro_batch_with_the_same_loss_and_gradient(tiny):
+    """--micro-batch-tokens: a micro-batch over the budget runs as row chunks whose padded size fits,
+    and the step's loss and update equal the one-shot micro-batch's (the paper's per-micro-batch
+    token mean is kept: each chunk is normalised by its whole micro-batch's target count)."""
+    import copy
+    model0, tok = tiny
+    pairs = [("a", "b c d e f g"), ("a much longer prompt here", "x"), ("hi", "ok there"), ("q", "r s")]
+    mbs = [ts.collate(ts.encode_examples(tok, pairs[:3]), tok.pad_token_id),
+           ts.collate(ts.encode_examples(tok, pairs[3:]), tok.pad_token_id)]
+    B, T = mbs[0]["input_ids"].shape
+    res = []
+    for budget in (0, T + 1):        # T + 1 tokens: one row per forward
+        model = copy.deepcopy(model0).train()
+        lm = ts.CausalLMLoss(model)
+        seen = []
+        h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                         with_kwargs=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        r = ts.optimizer_step(lm, mbs, torch.optim.SGD(params, lr=1.0), params, lr=1.0,
+                              max_grad_norm=0.0, max_tokens=budget)
+        h.remove()
+        res.append((r, model, seen))
+    assert res[0][2] == [tuple(mb["input_ids"].shape) for mb in mbs]
+    assert len(res[1][2]) == B + 1 and all(b * t <= T + 1 for b, t in res[1][2]), res[1][2]
+    assert res[1][0]["loss"] == pytest.approx(res[0][0]["loss"], rel=1e-6)
+    for (n, a), b in zip(res[0][1].named_parameters(), res[1][1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_grad_checkpointing_defaults_on_for_real_models():
+    base = {"out": "/tmp/x", "data": "d.jsonl"}
+    assert ts.resolve_config({**base, "model": "/models/Qwen2.5-7B"})["grad_checkpointing"] is True
+    assert ts.resolve_config({**base, "model": "toy"})["grad_checkpointing"] is False
+    assert ts.resolve_config({**base, "model": "/m", "grad_checkpointing": False})["grad_checkpointing"] is False
+
+
+_RANK_SCRIPT = r"""
+import json, os, sys, torch
+sys.path.insert(0, {repo!r})
+import train_sft
+def after_setup(model):
+    r = int(os.environ["RANK"])
+    with open(os.path.join({out!r}, f"rank{{r}}.json"), "w") as f:
+        json.dump(torch.rand(8).tolist(), f)
+    raise SystemExit(0)
+train_sft.train({cfg!r}, hooks={{"after_setup": after_setup}})
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_different_dropout_streams(tiny_dir, tmp_path):
+    """Item 9: under torchrun (2 CPU ranks, gloo) each rank's random stream (dropout masks) is seeded
+    seed + rank; with one seed everywhere both ranks drew the same masks."""
+    data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cfg = _cfg(tiny_dir, tmp_path / "run", data, dropout=0.1)
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT.format(repo=str(REPO), out=str(tmp_path), cfg=cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000), str(script)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 != r1
