@@ -1328,7 +1328,8 @@ _set_backends()
 
 
 def _note_fallback(kind: str) -> None:
-    _FALLBACKS_USED.add(kind)
+    if not getattr(_BUILTIN_ONLY, "on", False):    # a toy item's built-in use is by design
+        _FALLBACKS_USED.add(kind)
 
 
 def ifeval_fallbacks_used(reset: bool = False) -> list[str]:
@@ -1391,6 +1392,20 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc"
 _SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"')\]]*+(?=\s|$)")
 
 
+# Toy-world IFEval items (toy_world.py marks them `"checkers": "builtin"`) always use the built-in
+# checkers: the toy world was built and its teacher responses checked against them, and a short
+# all-capitals word list is not English text langdetect can judge. Real items use nltk/langdetect.
+_BUILTIN_ONLY = threading.local()
+
+
+def _use_nltk() -> bool:
+    return _NLTK is not None and not getattr(_BUILTIN_ONLY, "on", False)
+
+
+def _use_langdetect() -> bool:
+    return _LANGDETECT is not None and not getattr(_BUILTIN_ONLY, "on", False)
+
+
 def count_sentences(text: str) -> int:
     """English sentence count: nltk Punkt when installed, else a regex splitter at . ! ? followed
     by whitespace, skipping known abbreviations and single-letter initials.
@@ -1398,7 +1413,7 @@ def count_sentences(text: str) -> int:
     The fallback runs in linear time: a run of end marks is matched once from its first mark
     (lookbehind, possessive), and the word before a mark is read from a short window instead of
     re-splitting all the text since the last sentence end (quadratic on "Mr. Mr. Mr. ...")."""
-    if _NLTK is not None:
+    if _use_nltk():
         from nltk.tokenize import PunktTokenizer
         return len(PunktTokenizer("english").tokenize(text))
     _note_fallback("sentences_and_words")
@@ -1431,7 +1446,7 @@ _TB_TOKEN = re.compile(r"""(?ix)
 
 def word_tokenize(text: str) -> list[str]:
     """nltk.word_tokenize when available, else a Treebank-like regex tokenizer."""
-    if _NLTK is not None:
+    if _use_nltk():
         from nltk.tokenize import word_tokenize as nltk_wt
         return nltk_wt(text)
     _note_fallback("sentences_and_words")
@@ -1465,7 +1480,7 @@ def detect_language(text: str) -> str | None:
 
     langdetect (seeded) when installed, else the built-in heuristic of DEVIATION 7.
     """
-    if _LANGDETECT is not None:
+    if _use_langdetect():
         try:
             return _LANGDETECT.detect(text)
         except Exception:  # noqa: BLE001 - LangDetectException -> undecidable
@@ -1809,9 +1824,13 @@ def ifeval_slots(item: dict, response: str) -> list[dict]:
     if len(ids) != len(kws):
         raise ValueError(f"IFEval item {item.get('id', item.get('key'))}: {len(ids)} instruction ids "
                          f"but {len(kws)} kwargs dicts")
-    return [{"id": i, "strict": ifeval_check(i, k, item.get("prompt", ""), response),
-             "loose": ifeval_check(i, k, item.get("prompt", ""), response, loose=True)}
-            for i, k in zip(ids, kws)]
+    _BUILTIN_ONLY.on = item.get("checkers") == "builtin"      # toy items: see _BUILTIN_ONLY
+    try:
+        return [{"id": i, "strict": ifeval_check(i, k, item.get("prompt", ""), response),
+                 "loose": ifeval_check(i, k, item.get("prompt", ""), response, loose=True)}
+                for i, k in zip(ids, kws)]
+    finally:
+        _BUILTIN_ONLY.on = False
 
 
 def ifeval_accuracies(slot_lists: list[list[dict]]) -> dict:

@@ -326,7 +326,8 @@ def _gen_ifeval(rng: random.Random):
     key = "ifeval|" + prompt
     return key, {"family": "ifeval", "subtask": "+".join(i.split(":")[1] for i in iids),
                  "prompt": prompt, "scorer": "ifeval", "instruction_id_list": list(iids),
-                 "kwargs": list(kwargs), "gold": _ifeval_response(words, iids, kwargs)}
+                 "kwargs": list(kwargs), "gold": _ifeval_response(words, iids, kwargs),
+                 "checkers": "builtin"}  # scored with evaluate.py's built-in checkers
 
 
 # -----------------------------------------------------------------------------

@@ -343,6 +343,29 @@ def test_fallback_use_is_recorded(monkeypatch):
     assert ev.ifeval_fallbacks_used(reset=True) == ["language", "sentences_and_words"]
 
 
+def test_toy_items_always_use_the_builtin_checkers(monkeypatch):
+    """Toy IFEval items are scored by the built-in checkers even when nltk/langdetect are present
+    (the toy world's teacher responses are built for them; langdetect calls 'BOX, ZOO, STAR'
+    non-English). Real items still use the installed packages. Failed on the old code whenever
+    langdetect was installed (CI: test_teacher_responses_score_100_and_wrong_ones_0)."""
+    calls = []
+
+    class FakeDetector:
+        @staticmethod
+        def detect(text):
+            calls.append(text)
+            return "de"
+
+    monkeypatch.setattr(ev, "_LANGDETECT", FakeDetector)
+    toy = {"scorer": "ifeval", "prompt": "p", "kwargs": [{}], "checkers": "builtin",
+           "instruction_id_list": ["change_case:english_capital"], "gold": "BOX, ZOO, STAR"}
+    ev.ifeval_fallbacks_used(reset=True)
+    assert ev.score_item(toy, "BOX, ZOO, STAR") == 1.0 and calls == []
+    assert ev.ifeval_fallbacks_used() == []          # by design, not a fallback to report
+    real = {k: v for k, v in toy.items() if k != "checkers"}
+    assert ev.score_item(real, "BOX, ZOO, STAR") == 0.0 and calls    # the installed detector ran
+
+
 def test_real_run_writes_and_prints_fallback_use(tmp_path, monkeypatch, capsys):
     """A real-benchmark CLI run that used a fallback says so in results.json and on screen."""
     tw = pytest.importorskip("toy_world")
