@@ -88,6 +88,10 @@ Deviations (each also marked `# DEVIATION:` at the line)
 17. A real-benchmark run fetches nltk's punkt_tab on first use; if it cannot (no network), IFEval
     runs the built-in fallbacks of DEVIATION 7, prints a warning and writes
     `ifeval_fallback_used` into results.json.
+18. An IFEval response longer than MAX_IFEVAL_CHARS (200,000 characters) follows no instruction
+    (strict and loose): the 25 checkers and 8 loose variants take ~3 s per MB, and the scorer's
+    bound is the time limit + 1 s on any input. Real IFEval generations stop at 1025 tokens
+    (a few thousand characters), so no real verdict changes.
 """
 from __future__ import annotations
 
@@ -113,6 +117,7 @@ from pathlib import Path
 
 MAX_ANSWER_CHARS = 2000  # DEVIATION 3: longer extracted answers count as no answer
 MAX_SYMBOLIC_CHARS = 400  # DEVIATION 2: longer strings never reach sympy
+MAX_IFEVAL_CHARS = 200_000  # DEVIATION 18: a longer IFEval response follows no instruction
 MAX_PARSE_DEPTH = 60
 MAX_INT_DIGITS = 40
 MAX_EXPONENT = 1000
@@ -1824,6 +1829,8 @@ def ifeval_slots(item: dict, response: str) -> list[dict]:
     if len(ids) != len(kws):
         raise ValueError(f"IFEval item {item.get('id', item.get('key'))}: {len(ids)} instruction ids "
                          f"but {len(kws)} kwargs dicts")
+    if len(str(response)) > MAX_IFEVAL_CHARS:                  # DEVIATION 18
+        return [{"id": i, "strict": False, "loose": False} for i in ids]
     _BUILTIN_ONLY.on = item.get("checkers") == "builtin"      # toy items: see _BUILTIN_ONLY
     try:
         return [{"id": i, "strict": ifeval_check(i, k, item.get("prompt", ""), response),

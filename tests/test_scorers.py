@@ -469,6 +469,18 @@ class TestRewardHacking:
         ev.ifeval_check(iid, _ifeval_kwargs(iid), "p", FIVE_MB_IFEVAL)
         assert time.time() - t0 < LIMIT + 1, iid
 
+    def test_five_mb_ifeval_item_with_every_checker_within_limit(self):
+        """A whole IFEval item (all 25 instructions, strict and loose) on a 5 MB response: one
+        scoring call within the limit + 1 s (took ~14-27 s before DEVIATION 18)."""
+        ids = list(ev.IFEVAL_CHECKERS)
+        item = {"scorer": "ifeval", "prompt": "p", "instruction_id_list": ids,
+                "kwargs": [_ifeval_kwargs(i) for i in ids]}
+        t0 = time.time()
+        assert ev.score_item(item, FIVE_MB_IFEVAL) == 0.0
+        assert time.time() - t0 < LIMIT + 1
+        short = FIVE_MB_IFEVAL[: ev.MAX_IFEVAL_CHARS]        # at the cap: checked as before
+        assert any(s["loose"] for s in ev.ifeval_slots(item, short))
+
     def test_correct_answers_still_earn_one(self):
         import train_grpo as tg
         assert tg.make_reward_fn("med")(r"So \boxed{C}.", "C") == 1.0
