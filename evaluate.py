@@ -2901,4 +2901,4 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     import loading
     loading.run_cli("evaluate.py", main, resume_hint="rerun the same command: the generations "
-                    "cached under --out/generations are reused")
+                    "cached under --out/generations are reused", one_line=(DatasetMissing,))

@@ -291,17 +291,26 @@ def resolve_spec(spec: str) -> tuple[str, bool]:
     p = Path(spec).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise NotADirectoryError(f"model spec {spec!r} is a file; pass a directory holding "
+            raise ModelSpecIsAFile(f"model spec {spec!r} is a file; pass a directory holding "
                                      "config.json, the weights and the tokenizer files")
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"model directory {p} has no config.json; is it an adapter "
+            raise ModelNotFound(f"model directory {p} has no config.json; is it an adapter "
                                     "checkpoint? Pass the base model with --model and the adapter "
                                     "with --adapter")
         return str(p), True
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
     if looks_like_path:
-        raise FileNotFoundError(f"model path {spec!r} does not exist")
+        raise ModelNotFound(f"model path {spec!r} does not exist; pass a local model directory "
+                            "(config.json + weights + tokenizer) or a hub id")
     return spec, False
+
+
+class ModelNotFound(FileNotFoundError):
+    """A --model that is not a usable local model directory; one line saying what to pass."""
+
+
+class ModelSpecIsAFile(ModelNotFound, NotADirectoryError):
+    pass
 
 
 class HubError(OSError):
@@ -474,19 +483,21 @@ def load_model(spec: str = "toy", *, dtype=None, device=None, trust_remote_code:
 # -----------------------------------------------------------------------------
 # Command-line entry points: one line for the errors a user can fix, Ctrl-C without a traceback
 
-def run_cli(prog: str, fn, *, resume_hint: str = "rerun the same command to continue"):
+def run_cli(prog: str, fn, *, resume_hint: str = "rerun the same command to continue",
+            one_line: tuple = ()):
     """Call `fn()` and return its result; for the script's `if __name__ == "__main__"` block.
 
     Ctrl-C prints one line saying how to continue and exits 130 (the shell's code for SIGINT);
     a write that failed for a fixable reason (disk full, read-only or forbidden folder, see
-    OutputWriteError) prints one line naming the path and exits 1. Other errors keep their traceback."""
+    OutputWriteError) prints one line naming the path and exits 1, as do the errors whose message
+    says what to do (ours, and the script's `one_line` classes). Other errors keep their traceback."""
     try:
         return fn()
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted (Ctrl-C); what was written so far is kept: {resume_hint}",
               file=sys.stderr)
         sys.exit(130)
-    except (HubError, DataError, MissingDependency) as err:
+    except (HubError, DataError, MissingDependency, ModelNotFound) + tuple(one_line) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(1)
     except OSError as err:

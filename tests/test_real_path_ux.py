@@ -304,3 +304,21 @@ def test_offline_hub_id_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(OSError, match=r"could not load model 'someorg/no-such-model'.*HF_HUB_OFFLINE.*--model"):
         loading.load_model("someorg/no-such-model")
     assert time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "{tmp}/no-such-model", "--suite", "math", "--data-dir", "tests/fixtures/eval"],
+     "model path '{tmp}/no-such-model' does not exist"),
+    (["--model", "toy", "--suite", "math", "--data-dir", "{tmp}/empty"],
+     "benchmark 'math500': no local data found"),
+])
+def test_evaluate_missing_model_or_data_is_one_line(args, needle, tmp_path):
+    """Item 20: a missing --model folder (old: FileNotFoundError traceback from loading.resolve_spec)
+    and missing benchmark data (old: DatasetMissing traceback) are one line each, exit code 1."""
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = subprocess.run([sys.executable, "evaluate.py", *args, "--out", str(tmp_path / "ev")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate.py: error: ") and needle.replace("{tmp}", str(tmp_path)) in last, last
