@@ -1,0 +1,103 @@
+"""memory.py (the fake-tensor memory plan), the trainers' --dry-run, arena's per-cell memory plan and
+scripts/gpu_check.sh's CPU mode (issue 14: "Memory that fits, planned before training")."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memory
+import peft_methods
+import train_grpo
+import train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def tiny_config(layers: int = 2):
+    return peft_methods.load_shape_config("qwen2.5-7b", num_hidden_layers=layers, **TINY)
+
+
+def real_sft_step_peak(hf_config, plan: memory.Plan, autocast: bool) -> int:
+    """Peak live bytes of train_sft.optimizer_step (the trainer's own code, real CPU tensors) in
+    its second step (AdamW states allocated), every position a target, as the plan assumes."""
+    torch.manual_seed(0)
+    model = memory.build_model(hf_config, plan, int(hf_config.num_hidden_layers))
+    loss_module = train_sft.CausalLMLoss(model, fast=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)     # CUDA's default, as the plan
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+
+    def micro_batches():
+        ids = torch.randint(0, hf_config.vocab_size, (plan.rows, plan.seq_len))
+        return [{"input_ids": ids, "loss_mask": torch.ones_like(ids)} for _ in range(plan.n_micro)]
+    train_sft.optimizer_step(loss_module, micro_batches(), opt, params, lr=1e-3, max_grad_norm=1.0,
+                             autocast=amp)
+    meter = memory.LiveBytes()
+    for t in [*model.parameters(), *model.buffers(),
+              *(v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))]:
+        meter.track(t)
+    with meter:
+        mbs = micro_batches()
+        train_sft.optimizer_step(loss_module, mbs, opt, params, lr=1e-3, max_grad_norm=1.0, autocast=amp)
+    return meter.peak
+
+
+@pytest.mark.parametrize("method,hp,bf16", [("lora", {"r": 8, "alpha": 16}, False),
+                                            ("oft", {"block_size": 16}, False),
+                                            ("full", {}, False), ("lora", {"r": 8, "alpha": 16}, True),
+                                            ("full", {}, True)])
+def test_fake_estimate_matches_a_real_cpu_step_within_15_percent(method, hp, bf16):
+    cfg = tiny_config(2)
+    plan = memory.Plan("sft", method, hp, compute_bf16=bf16, grad_checkpointing=True, rows=2,
+                       seq_len=128, n_micro=2)
+    est = memory.estimate(cfg, plan)
+    assert not est["extrapolated"]
+    real = real_sft_step_peak(cfg, plan, autocast=bf16)
+    assert abs(est["train_gib"] * memory.GIB - real) / real < 0.15, (est, real)
+
+
+def test_layer_extrapolation_matches_full_depth():
+    """1-2 layers extended linearly = the full-depth fake measurement (identical decoder layers)."""
+    cfg = tiny_config(8)
+    plan = memory.Plan("sft", "lora", {"r": 8, "alpha": 16}, rows=2, seq_len=256, n_micro=2)
+    est = memory.estimate(cfg, plan)
+    assert est["extrapolated"] and est["layers_measured"] == [1, 2]
+    full = memory.measure(cfg, plan, 8)
+    assert abs(est["train_gib"] * memory.GIB - max(full["fb"], full["opt"])) / max(full["fb"], full["opt"]) < 0.02
+
+
+def test_more_tokens_and_full_ft_need_more_memory_and_fsdp_divides_the_state():
+    cfg = tiny_config(2)
+    small = memory.estimate(cfg, memory.Plan("sft", "lora", {"r": 8}, rows=1, seq_len=128))
+    big = memory.estimate(cfg, memory.Plan("sft", "lora", {"r": 8}, rows=4, seq_len=128))
+    assert big["fb_gib"] > small["fb_gib"]
+    one = memory.estimate(cfg, memory.Plan("sft", "full", {}, rows=1, seq_len=128))
+    eight = memory.estimate(cfg, memory.Plan("sft", "full", {}, rows=1, seq_len=128, gpus=8, fsdp=True))
+    assert eight["fsdp_extrapolated"] and eight["opt_gib"] < one["opt_gib"] / 2
+
+
+def run_cli(args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_sft_dry_run_prints_per_gpu_peak_on_a_model_shape_without_data():
+    r = run_cli(["train_sft.py", "--dry-run", "--model", "configs/model_shapes/qwen2.5-1.5b.json",
+                 "--method", "lora", "--r", "8", "--alpha", "16", "--max-length", "2048"])
+    assert r.returncode == 0, r.stderr
+    assert "GiB/GPU" in r.stdout and "extrapolated to 28" in r.stdout
+
+
+def test_grpo_dry_run_adds_the_sampler_share():
+    r = run_cli(["train_grpo.py", "--dry-run", "--model", "qwen2.5-1.5b", "--method", "oft",
+                 "--block-size", "32", "--max-new-tokens", "1024", "--gpu-memory-gib", "80"])
+    assert r.returncode == 0, r.stderr
+    assert "sampler 24.0" in r.stdout and "GiB/GPU" in r.stdout   # 0.3 x 80 GiB of vLLM
