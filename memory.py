@@ -373,3 +373,49 @@ def hf_config_for(spec: str):
                                 f"configs/model_shapes name ({', '.join(sorted(x.stem for x in peft_methods.SHAPES_DIR.glob('*.json')))}) "
                                 "or its .json file")
     return cfg
+
+
+# -----------------------------------------------------------------------------
+# What would fit, and the dry-run report
+
+
+def what_fits(hf_config, plan: Plan, gpu_memory_gib: float, *, max_gpus: int = 8) -> list[str]:
+    """Changes of the plan that fit `gpu_memory_gib`, each with its estimate (tried in order:
+    FSDP2 over more GPUs for Full FT SFT, fewer rows per forward, vLLM asleep while training)."""
+    tries = []
+    if plan.method == "full" and plan.paradigm == "sft":
+        n = 2
+        while n <= max_gpus:
+            if n > plan.gpus:
+                tries.append((f"torchrun --nproc_per_node {n} (FSDP2)", dataclasses.replace(plan, gpus=n, fsdp=True)))
+            n *= 2
+    rows = plan.rows
+    while rows > 1:
+        rows //= 2
+        flag = ("--micro-batch-tokens" if plan.paradigm == "grpo" else "--micro-batch / --micro-batch-tokens")
+        tries.append((f"{flag} for {rows} row(s) of {plan.seq_len} tokens per forward",
+                      dataclasses.replace(plan, rows=rows, n_micro=plan.n_micro * (plan.rows // rows))))
+    if plan.sampler_gib:
+        tries.append(("--vllm-sleep (vLLM frees its memory while training)", dataclasses.replace(plan, sampler_gib=0.0)))
+    out = []
+    for what, p in tries:
+        est = estimate(hf_config, p)
+        if fits(est, gpu_memory_gib):
+            out.append(f"{what}: {est['peak_gib']:.1f} GiB/GPU")
+            if p.gpus > plan.gpus:   # the smallest GPU count is enough
+                break
+    return out
+
+
+def report(hf_config, plan: Plan, *, spec: str, gpu_memory_gib: float | None, tool: str) -> str:
+    """The --dry-run text: model, plan, per-GPU peak, the verdict and what would fit."""
+    est = estimate(hf_config, plan)
+    lines = [f"[{tool}] dry run: model {spec} ({est['layers']} layers; {est['trainable_params']:,} trainable "
+             "parameters); built on fake tensors, no weights read, no GPU used",
+             f"[{tool}] plan: {plan.describe()}",
+             f"[{tool}] per-GPU {format_estimate(est, gpu_memory_gib)}"]
+    if gpu_memory_gib and not fits(est, gpu_memory_gib):
+        alts = what_fits(hf_config, plan, gpu_memory_gib)
+        lines.append(f"[{tool}] would fit: " + ("; ".join(alts) if alts else "nothing tried fits "
+                                                "(fewer tokens per sequence, or a bigger GPU)"))
+    return "\n".join(lines)

@@ -653,6 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "before and after training (0 = off)")
     g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
+    g.add_argument("--dry-run", action="store_true", help="print the GPU's peak memory of one rollout "
+                   "step's training at the planned settings plus the vLLM sampler's share (memory.py: "
+                   "the model on fake tensors) and exit; --model may be a configs/model_shapes name or "
+                   ".json file; without --data the paper preset applies")
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of the GPU (H100 80, H200 141): the --dry-run verdict and vLLM's share "
+                   "(--vllm-gpu-memory-utilization of it)")
     return p
 
 
@@ -888,6 +896,8 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     a preloaded (base) `model`/`tokenizer` may be passed instead of loading `config['model']`."""
     import loading
     import peft_methods
+    if (config or {}).get("dry_run"):
+        return dry_run(config)
     cfg = resolve_config(config)
     out = Path(cfg["out"])
     resume_from = prepare_out_dir(out, cfg)
@@ -1101,6 +1111,27 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     return summary
 
 
+def dry_run(overrides: dict) -> dict:
+    """--dry-run: print the planned per-GPU peak memory (training step + vLLM's share; memory.py)
+    and return memory.estimate's dict. A real model without --data is planned at the paper preset."""
+    import memory   # imported here: memory.py imports this file
+    import peft_methods
+    from loading import ConfigError
+    overrides = dict(overrides)
+    if overrides.get("model", "toy") != "toy" and overrides.get("preset", "auto") == "auto":
+        overrides["preset"] = "paper"
+    cfg = resolve_config(overrides)
+    if cfg["method"] not in peft_methods.METHODS:
+        raise ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
+    hf_config = memory.hf_config_for(cfg["model"])
+    plan = memory.grpo_plan(cfg, gpu_memory_gib=cfg["gpu_memory_gib"], cuda=True)
+    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
+                        tool="train_grpo"))
+    print("[train_grpo] one process on one GPU (train_grpo has no multi-GPU path); vLLM shares that GPU",
+          file=sys.stderr)
+    return memory.estimate(hf_config, plan)
+
+
 def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
               pad_id, max_new, method, sampler_logps, amp=None) -> dict:
     """All optimiser steps on one rollout batch (GRPO.md §1.9 steps 4-7); returns its metrics.
@@ -1268,8 +1299,11 @@ if __name__ == "__main__":
     parser = build_parser()
     # only the flags given on the command line count as overrides (so --smoke/presets fill the rest)
     given = {k: v for k, v in vars(parser.parse_args()).items() if v != parser.get_default(k)}
-    print("[grpo] config " + json.dumps(resolve_config(given), default=str), file=sys.stderr)
     import loading
+    if given.get("dry_run"):
+        sys.exit(loading.run_cli("train_grpo.py", lambda: (dry_run(given), 0)[1],
+                                 one_line=(ValueError, FileNotFoundError)))
+    print("[grpo] config " + json.dumps(resolve_config(given), default=str), file=sys.stderr)
     summary = loading.run_cli("train_grpo.py", lambda: train(given), resume_hint="rerun the same "
                               "command with --resume to continue from the last checkpoint")
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=1, default=str))

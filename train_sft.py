@@ -554,6 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start again")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g.add_argument("--smoke", action="store_true", help="tiny run (<= 4 steps, 32 rows) to check the plumbing on CPU")
+    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
+    g.add_argument("--dry-run", action="store_true", help="print the per-GPU peak memory of one training "
+                   "step at the planned settings (memory.py: the model on fake tensors) and exit; --model "
+                   "may be a configs/model_shapes name or .json file")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs of the planned run (torchrun "
+                   "--nproc_per_node); default: $WORLD_SIZE or 1. Only --dry-run reads it")
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU for the --dry-run verdict (H100 80, H200 141)")
     return p
 
 
@@ -584,9 +592,11 @@ def resolve_config(config=None) -> dict:
         # a 7B model; off for the toy (tiny activations; the demo's numbers and speed stay as they were)
         cfg["grad_checkpointing"] = cfg["model"] != "toy"
     cfg["adam_betas"] = list(cfg["adam_betas"])
+    dry = cfg["dry_run"]   # a memory plan needs neither a run directory nor data
     checks = [   # (holds, config key at fault, message)
-        (bool(cfg["out"]), "out", "--out is required (the run directory)"),
-        ((cfg["task"] is None) != (cfg["data"] is None), "task", "pass exactly one of --task and --data"),
+        (dry or bool(cfg["out"]), "out", "--out is required (the run directory)"),
+        (dry or (cfg["task"] is None) != (cfg["data"] is None), "task", "pass exactly one of --task and --data"),
+        (cfg["gpus"] is None or cfg["gpus"] >= 1, "gpus", f"--gpus {cfg['gpus']} must be >= 1"),
         (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"], "micro_batch",
          f"need 1 <= --micro-batch {cfg['micro_batch']} <= --global-batch {cfg['global_batch']}"),
         (cfg["max_length"] >= 2, "max_length", f"--max-length {cfg['max_length']} must be >= 2 tokens"),
@@ -884,6 +894,24 @@ def wrap_parallel(model, loss_module, fsdp: bool, world_size: int, device: torch
 
 
 # -----------------------------------------------------------------------------
+# --dry-run: the memory plan (memory.py), before anything is built
+
+def dry_run(cfg: dict) -> dict:
+    """Print the per-GPU peak memory of one step at cfg's settings on `--gpus` CUDA GPUs; returns
+    memory.estimate's dict. Nothing real is built: the model lives on fake tensors."""
+    import memory   # imported here: memory.py imports this file
+    import peft_methods
+    if cfg["method"] not in peft_methods.METHODS:
+        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
+    gpus = cfg["gpus"] or int(os.environ.get("WORLD_SIZE", "1"))
+    hf_config = memory.hf_config_for(cfg["model"])
+    plan = memory.sft_plan(cfg, gpus=gpus, cuda=True)
+    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
+                        tool="train_sft"))
+    return memory.estimate(hf_config, plan)
+
+
+# -----------------------------------------------------------------------------
 # The training routine
 
 def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None) -> dict:
@@ -898,6 +926,8 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
     import peft_methods
     hooks = hooks or {}
     cfg = resolve_config(config)
+    if cfg["dry_run"]:
+        return dry_run(cfg)
     if cfg["method"] not in peft_methods.METHODS:
         raise ValueError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}")
     rank, world_size, device = init_distributed(cfg)
