@@ -29,10 +29,16 @@ Deviations
 2. Demo: VeRA's paper rank 256 exceeds the toy's 128-wide layers, so the toy uses r = 64.
 3. Demo: the toy needs larger learning rates and far fewer steps than the paper's 2e-4 x 4 epochs
    (DEMO holds the measured toy budgets).
-4. `run` trains its cells one after another in ONE process on one device; the paper trains on one
-   8-GPU node (FSDP/DDP; PAPER.md §3.3). To train a cell on several GPUs, launch
-   `torchrun ... train_sft.py` with the cell's `train` settings from RUN/config.json and its
-   --out RUN/<paradigm>/<domain>/<label>; `run` then finds the finished run and only scores it.
+4. `run` trains its cells one after another; the paper trains every cell on one 8-GPU node
+   (FSDP; PAPER.md §3.3). With `gpus: N > 1` in the config, Full FT SFT cells are launched through
+   `torchrun --nproc_per_node N train_sft.py` (FSDP2 fully_shard); every other cell trains in this
+   process on one GPU (PEFT fits one GPU; train_grpo.py has no multi-GPU path, so GRPO Full FT of a
+   7B model does not fit and is refused by the memory plan). A cell trained elsewhere into
+   RUN/<paradigm>/<domain>/<label> is found finished and only scored.
+9. For a real model, validation also plans memory (memory.py: the model on fake tensors at its real
+   shapes, one training step at the cell's settings, 1-2 layers extrapolated to full depth) and
+   refuses a cell whose per-GPU peak (+ vLLM's share for GRPO) exceeds 92% of `gpu_memory_gib`,
+   naming the estimate and what would fit. The toy grid is not planned.
 5. `run` scores each checkpoint with one evaluate.py call per suite (the domain's target suite,
    then the general suite), so a real model is loaded twice per cell; the base model's general
    suite is scored once and shared by both domains. The toy suite scores everything in one pass.
@@ -322,8 +328,9 @@ PARADIGMS = {"sft": "SFT", "grpo": "GRPO"}       # config name -> table label (t
 PARADIGM_ALIASES = {"rlvr": "grpo"}
 DOMAINS = ("math", "med")
 DOMAIN_ALIASES = {"medical": "med"}
-RUN_KEYS = ("name", "out", "model", "shapes", "paper_model", "dtype", "device", "domains", "paradigms",
-            "data", "train", "methods", "eval", "budget")
+RUN_KEYS = ("name", "out", "model", "shapes", "paper_model", "dtype", "device", "gpus", "gpu_memory_gib",
+            "domains", "paradigms", "data", "train", "methods", "eval", "budget")
+DEFAULT_GPU_MEMORY_GIB = 80.0    # an H100 (H200: 141); the node's GPUs for the memory plan
 METHOD_KEYS = ("label", "method", "hparams", "paradigms", "train")
 # eval settings -> (type, default); they become evaluate.py flags (see _eval_argv)
 EVAL_KEYS = {"suite": (str, None), "n_per_family": (int, 100), "batch_size": (int, 64),
@@ -594,6 +601,18 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
             if not torch.cuda.is_available():
                 warnings.append(f"device {cfg['device']!r}: no CUDA device on this machine (fine for "
                                 "--validate-only; the run itself needs one)")
+
+    # ---- the node: GPUs per node and memory per GPU (the memory plan, real models only)
+    if cfg["gpus"] is None:
+        cfg["gpus"] = 1
+    elif _type_problem(cfg["gpus"], int, False) or cfg["gpus"] < 1:
+        add("gpus", cfg["gpus"], "expected the number of GPUs of the node (an integer >= 1)")
+        cfg["gpus"] = 1
+    if cfg["gpu_memory_gib"] is None:
+        cfg["gpu_memory_gib"] = DEFAULT_GPU_MEMORY_GIB
+    elif _type_problem(cfg["gpu_memory_gib"], float, False) or cfg["gpu_memory_gib"] <= 0:
+        add("gpu_memory_gib", cfg["gpu_memory_gib"], "expected the memory of one GPU in GiB (H100 80, H200 141)")
+        cfg["gpu_memory_gib"] = DEFAULT_GPU_MEMORY_GIB
 
     # ---- domains and paradigms
     def _names(key, known, aliases):
@@ -871,9 +890,50 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
     for (fld, v), ids in missing_data.items():
         warnings.append(f"{fld} = {v!r}: file not found (needed when cell {ids[0]}"
                         + (f" and {len(ids) - 1} more" if len(ids) > 1 else "") + " train)")
+    if not toy and hf_config is not None:
+        plan_memory(train_cells, cfg, hf_config, where, add)
     warnings = list(dict.fromkeys(warnings))   # dedupe, keep order
     return {"config": cfg, "cells": cells, "errors": format_problems(problems, source),
             "warnings": warnings, "model_where": where, "n_params": n_params, "n_layers": n_layers}
+
+
+def cell_gpus(cell: dict, cfg: dict) -> int:
+    """GPUs a cell trains on: Full FT SFT takes the node's `gpus` through torchrun (FSDP2, PAPER.md
+    §3.3: one 8-GPU node); every other cell trains in this process on one GPU (Deviation 4)."""
+    return cfg["gpus"] if cell["paradigm"] == "sft" and cell["method"] == "full" else 1
+
+
+def plan_memory(train_cells: list[dict], cfg: dict, hf_config, where: str, add) -> None:
+    """memory.py's per-GPU peak for every cell (cached per setting: domains share it); a cell that
+    cannot fit the GPUs it will get is a problem naming the estimate and what would fit."""
+    import memory
+    cache: dict[str, tuple] = {}
+    budget = cfg["gpu_memory_gib"]
+    for c in train_cells:
+        tr = c.get("train_resolved")
+        if tr is None:
+            continue
+        n = cell_gpus(c, cfg)
+        if c["paradigm"] == "sft":
+            plan = memory.sft_plan(tr, gpus=n)
+        else:
+            plan = memory.grpo_plan(tr, gpu_memory_gib=budget)
+        key = repr(plan)
+        if key not in cache:
+            est = memory.estimate(hf_config, plan)
+            alts = [] if memory.fits(est, budget) else memory.what_fits(hf_config, plan, budget, max_gpus=8)
+            cache[key] = (est, alts)
+        est, alts = cache[key]
+        c["memory"] = {"gib_per_gpu": round(est["peak_gib"], 1), "gpus": n, "fits": memory.fits(est, budget),
+                       "sampler_gib": round(est["sampler_gib"], 1), "how": memory.format_estimate(est, budget)}
+        if not c["memory"]["fits"]:
+            hint = ("; would fit: " + "; ".join(alts)) if alts else "; nothing tried fits"
+            if c["paradigm"] == "sft" and c["method"] == "full" and cfg["gpus"] < 8:
+                hint += " (set `gpus:` to the node's GPU count: Full FT SFT then runs under torchrun, FSDP2)"
+            if c["paradigm"] == "grpo" and c["method"] == "full":
+                hint += " (train_grpo.py has no multi-GPU/FSDP path yet: GRPO Full FT of this model needs it)"
+            add("memory", _MISSING, f"needs ~{est['peak_gib']:.1f} GiB per GPU on {n} GPU(s) ({memory.format_estimate(est, budget)}; "
+                f"shapes from {where}){hint}", [c["id"]])
 
 
 def format_problems(problems: list[dict], source: str) -> list[str]:
@@ -902,6 +962,12 @@ def cell_fingerprint(cell: dict, cfg: dict) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def memory_budget_text(cfg: dict) -> str:
+    import memory
+    g = cfg["gpu_memory_gib"]
+    return f"{memory.USABLE_FRACTION * g:.1f} usable of {g:g} GiB per GPU ({cfg['gpus']} GPU(s))"
+
+
 def print_plan(plan: dict, source: str, log=print) -> None:
     cfg = plan["config"]
     cells = [c for c in plan["cells"] if c["paradigm"] != "base"]
@@ -909,10 +975,20 @@ def print_plan(plan: dict, source: str, log=print) -> None:
         f"{_fmt_count(plan['n_params'])} parameters), {len(cfg['domains'])} domain(s) x "
         f"{len(cfg['paradigms'])} paradigm(s): {len(cells)} cells -> {cfg['out']}")
     w = max([len(c["id"]) for c in cells] + [4])
-    log(f"  {'#':>3}  {'cell':<{w}}  {'method':<8}  {'trainable':>10}  hparams")
+    mem = any("memory" in c for c in cells)
+    head = f"  {'GiB/GPU':>8}  {'GPUs':>4}  fits" if mem else ""
+    log(f"  {'#':>3}  {'cell':<{w}}  {'method':<8}  {'trainable':>10}{head}  hparams")
     for i, c in enumerate(cells, 1):
-        log(f"  {i:>3}  {c['id']:<{w}}  {str(c['method']):<8}  {_fmt_count(c.get('trainable_params')):>10}  "
+        m = c.get("memory")
+        cols = (f"  {m['gib_per_gpu']:>8.1f}  {m['gpus']:>4}  {'yes' if m['fits'] else 'NO ':<4}" if m
+                else (f"  {'?':>8}  {'':>4}  {'':<4}" if mem else ""))
+        log(f"  {i:>3}  {c['id']:<{w}}  {str(c['method']):<8}  {_fmt_count(c.get('trainable_params')):>10}{cols}  "
             f"{json.dumps(c['hparams'])}")
+    if mem:
+        log(f"  memory plan (memory.py; fake tensors, 1-2 layers extrapolated to {plan['n_layers']}): peak "
+            f"GiB per GPU of one training step (+ vLLM's share for GRPO) against {memory_budget_text(cfg)}"
+            + (f"; Full FT SFT on {cfg['gpus']} GPUs via torchrun (FSDP2), the other cells on 1 GPU"
+               if cfg["gpus"] > 1 else "; every cell on 1 GPU"))
 
 
 # ---- running the grid
@@ -1000,6 +1076,42 @@ def run_base(cell: dict, plan: dict, run: Path) -> dict:
             "train_seconds": 0.0, "eval_seconds": round(time.time() - t0, 1)}
 
 
+def train_argv(settings: dict, parser) -> list[str]:
+    """A train_sft.py config dict -> its command line (the inverse of parse_args for these keys)."""
+    acts = {a.dest: a for a in parser._actions if a.dest != "help"}
+    argv: list[str] = []
+    for k, v in settings.items():
+        a = acts[k]
+        flag = a.option_strings[0]
+        if v is None or v == a.default and not isinstance(a, argparse.BooleanOptionalAction):
+            continue
+        if isinstance(a, argparse._StoreTrueAction):
+            argv += [flag] if v else []
+        elif isinstance(a, argparse.BooleanOptionalAction):
+            argv += [flag if v else "--no-" + flag[2:]]
+        elif isinstance(a, argparse._AppendAction):
+            for x in v:
+                argv += [flag, str(x)]
+        elif a.nargs not in (None, "?"):
+            argv += [flag, *(str(x) for x in v)]
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def launch_torchrun(n_gpus: int, settings: dict) -> None:
+    """Train a Full FT SFT cell on `n_gpus` GPUs of this node: `torchrun --standalone` of
+    train_sft.py (FSDP2 fully_shard for --method full, train_sft.py Deviation 10). Raises on failure."""
+    import subprocess
+    import train_sft
+    settings = {k: v for k, v in settings.items() if k != "device"}   # torchrun: LOCAL_RANK picks it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
+           str(REPO_DIR / "train_sft.py"), *train_argv(settings, train_sft.build_parser())]
+    res = subprocess.run(cmd, cwd=REPO_DIR)
+    if res.returncode != 0:
+        raise RuntimeError(f"torchrun train_sft.py exited with {res.returncode}: {' '.join(cmd)}")
+
+
 def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: bool = False, log=print) -> dict:
     """Train (or resume, or reuse a finished run of) one cell, then score it on both axes."""
     import train_grpo
@@ -1015,8 +1127,13 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
         occupied = ckpt_root.exists() and any(ckpt_root.iterdir())
         tc = dict(cell["train"], out=str(ckpt_root), resume=resume, overwrite=occupied and not resume,
                   no_progress=not progress)
-        log(f"[run] {cell['id']}: {'resuming' if resume else 'training'} -> {ckpt_root}")
-        (train_sft if cell["paradigm"] == "sft" else train_grpo).train(tc)
+        n_gpus = cell_gpus(cell, cfg)
+        log(f"[run] {cell['id']}: {'resuming' if resume else 'training'} -> {ckpt_root}"
+            + (f" (torchrun, {n_gpus} GPUs, FSDP2)" if n_gpus > 1 else ""))
+        if n_gpus > 1:
+            launch_torchrun(n_gpus, tc)
+        else:
+            (train_sft if cell["paradigm"] == "sft" else train_grpo).train(tc)
         final = _finished(ckpt_root)
         if final is None:
             raise RuntimeError(f"training ended without a final checkpoint in {ckpt_root}")

@@ -93,8 +93,12 @@ def test_bad_model_path_and_offline_hub_id_fail_clearly(monkeypatch):
                                           ("paper_llama-3.2-3b-instruct.yaml", "12.16M")])
 def test_paper_configs_validate_offline_up_to_model_availability(name, lora_r8, capsys):
     plan = arena.validate_config(arena.read_config(CONFIGS / name), name)
-    # offline the only possible problem is the model itself (hparams are checked on its shapes)
-    assert all(e.startswith(f"{name}: model = ") for e in plan["errors"]), plan["errors"]
+    # offline the only possible problems are the model itself (hparams are checked on its shapes)
+    # and the memory plan's known gap: GRPO Full FT needs a multi-GPU train_grpo (memory.py)
+    gap = f"{name}: cell grpo/math/Full FT (+1 more): memory: needs ~"
+    assert all(e.startswith((f"{name}: model = ", gap)) for e in plan["errors"]), plan["errors"]
+    unfit = [c["id"] for c in plan["cells"] if "memory" in c and not c["memory"]["fits"]]
+    assert unfit in ([], ["grpo/math/Full FT", "grpo/med/Full FT"]), unfit
     cells = [c for c in plan["cells"] if c["paradigm"] != "base"]
     assert len(cells) == 2 * (18 + 3)                 # {math, med} x (18 SFT + 3 RLVR methods), PAPER.md §3.1
     counts = {c["id"]: arena._fmt_count(c["trainable_params"]) for c in cells}
@@ -104,7 +108,7 @@ def test_paper_configs_validate_offline_up_to_model_availability(name, lora_r8, 
     assert code == (2 if plan["errors"] else 0)
     assert "sft/med/KeepLoRA r8" in out.out and "grpo/math/OFT b32" in out.out
     if plan["errors"]:
-        assert "1 problem(s)" in out.err and "not in the Hugging Face cache" in out.err
+        assert f"{len(plan['errors'])} problem(s)" in out.err and "not in the Hugging Face cache" in out.err
 
 
 def test_cli_refuses_a_bad_config_before_training(tmp_path):

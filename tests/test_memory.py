@@ -101,3 +101,67 @@ def test_grpo_dry_run_adds_the_sampler_share():
                  "--block-size", "32", "--max-new-tokens", "1024", "--gpu-memory-gib", "80"])
     assert r.returncode == 0, r.stderr
     assert "sampler 24.0" in r.stdout and "GiB/GPU" in r.stdout   # 0.3 x 80 GiB of vLLM
+
+
+MINI = """
+name: mini
+model: {model}
+shapes: qwen2.5-1.5b
+dtype: bfloat16
+device: cuda
+gpus: {gpus}
+gpu_memory_gib: 24
+domains: [math]
+paradigms: [sft]
+data: {{math: {{sft: {{data: data/x.parquet}}}}}}
+train: {{sft: {{max_length: 4096, micro_batch: 2}}}}
+methods:
+  - {{label: Full FT, method: full}}
+  - {{label: LoRA r8a16, method: lora, hparams: {{r: 8, alpha: 16}}}}
+"""
+
+
+def test_arena_validate_only_prints_the_memory_plan_and_refuses_a_cell_that_cannot_fit(tmp_path, capsys):
+    import arena
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI.format(model="/nonexistent/model", gpus=1))
+    assert arena.main(["run", "--config", str(cfg), "--validate-only"]) == 2
+    out, err = capsys.readouterr()
+    assert "GiB/GPU" in out and "22.1 usable of 24 GiB" in out
+    lora = next(ln for ln in out.splitlines() if "sft/math/LoRA r8a16" in ln)
+    assert " yes " in lora
+    refusal = next(ln for ln in err.splitlines() if "cell sft/math/Full FT" in ln)
+    assert "memory: needs ~" in refusal and "DOES NOT FIT" in refusal
+    assert "would fit: torchrun --nproc_per_node" in refusal and "(FSDP2)" in refusal
+    # the same grid on an 8-GPU node: Full FT SFT is planned on 8 GPUs and fits
+    cfg.write_text(MINI.format(model="/nonexistent/model", gpus=8))
+    arena.main(["run", "--config", str(cfg), "--validate-only"])
+    out, err = capsys.readouterr()
+    full = next(ln for ln in out.splitlines() if "sft/math/Full FT" in ln)
+    assert " 8 " in full and " yes " in full and "memory:" not in err
+
+
+def test_toy_grid_has_no_memory_plan(capsys):
+    import arena
+    assert arena.main(["run", "--config", str(ROOT / "configs/toy_grid.yaml"), "--validate-only"]) == 0
+    assert "GiB/GPU" not in capsys.readouterr().out
+
+
+def test_full_ft_sft_cells_launch_through_torchrun_when_the_node_has_several_gpus(monkeypatch, tmp_path):
+    import arena
+    seen = []
+
+    class Done:
+        returncode = 0
+    monkeypatch.setattr("subprocess.run", lambda cmd, **kw: seen.append(cmd) or Done())
+    tc = {"model": "m", "method": "full", "data": "d.parquet", "out": str(tmp_path / "o"), "hp": [],
+          "max_length": 4096, "grad_checkpointing": True, "resume": False, "device": "cuda"}
+    arena.launch_torchrun(8, tc)
+    cmd = seen[0]
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    assert cmd[5].endswith("train_sft.py") and "--device" not in cmd
+    # the command line resolves to the same train_sft config as the dict
+    assert train_sft.resolve_config(cmd[6:]) == train_sft.resolve_config({k: v for k, v in tc.items() if k != "device"})
+    assert arena.cell_gpus({"paradigm": "sft", "method": "full"}, {"gpus": 8}) == 8
+    assert arena.cell_gpus({"paradigm": "sft", "method": "lora"}, {"gpus": 8}) == 1
+    assert arena.cell_gpus({"paradigm": "grpo", "method": "full"}, {"gpus": 8}) == 1
