@@ -178,17 +178,19 @@ def _dtypes(plan: Plan) -> tuple[torch.dtype, torch.dtype | None, bool]:
     return torch.bfloat16, torch.float32, True      # bf16 frozen base, fp32 adapters
 
 
-def build_model(hf_config, plan: Plan, n_layers: int, *, base_dtype: torch.dtype | None = None):
-    """The wrapped model at `n_layers` depth, in the current tensor mode (fake or real)."""
+def build_model(hf_config, plan: Plan, n_layers: int, *, init: bool = False):
+    """The wrapped model at `n_layers` depth, in the current tensor mode (fake or real). init=False
+    skips the adapters' data-dependent initialisation (shapes only: planning); real measurements
+    pass init=True so the step computes on initialised values."""
     import transformers
     c = copy.deepcopy(hf_config)
     c.num_hidden_layers = n_layers
     if isinstance(getattr(c, "layer_types", None), list):
         c.layer_types = c.layer_types[:n_layers]
     load, adapter, _ = _dtypes(plan)
-    model = transformers.AutoModelForCausalLM.from_config(c, dtype=base_dtype or load)
+    model = transformers.AutoModelForCausalLM.from_config(c, dtype=load)
     peft_methods.apply_peft(model, plan.method, target_modules=plan.targets, adapter_dtype=adapter,
-                            _init=False, **plan.hparams)
+                            _init=init, **plan.hparams)
     if plan.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

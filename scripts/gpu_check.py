@@ -93,7 +93,7 @@ def check_memory(cpu: bool) -> None:
     device = torch.device("cpu" if cpu else "cuda")
     with torch.device(device):
         torch.manual_seed(0)
-        model = memory.build_model(hf_config, plan, int(hf_config.num_hidden_layers))
+        model = memory.build_model(hf_config, plan, int(hf_config.num_hidden_layers), init=True)
     loss_module = train_sft.CausalLMLoss(model, fast=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)

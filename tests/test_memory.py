@@ -28,7 +28,7 @@ def real_sft_step_peak(hf_config, plan: memory.Plan, autocast: bool) -> int:
     """Peak live bytes of train_sft.optimizer_step (the trainer's own code, real CPU tensors) in
     its second step (AdamW states allocated), every position a target, as the plan assumes."""
     torch.manual_seed(0)
-    model = memory.build_model(hf_config, plan, int(hf_config.num_hidden_layers))
+    model = memory.build_model(hf_config, plan, int(hf_config.num_hidden_layers), init=True)
     loss_module = train_sft.CausalLMLoss(model, fast=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)     # CUDA's default, as the plan
