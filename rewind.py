@@ -471,7 +471,8 @@ def checkpoint_step(path) -> int | None:
 
 
 def _is_checkpoint(d: Path) -> bool:
-    return d.is_dir() and not d.name.startswith(".") and (d / pm.CONFIG_FILE).is_file()
+    """Ours or an HF PEFT adapter dir (TRL's checkpoint-<k>/, the release's global_step_<k>/)."""
+    return d.is_dir() and not d.name.startswith(".") and pm.find_adapter_dir(d) is not None
 
 
 def discover_run(path) -> tuple[Path, list[tuple[int, Path]]]:
