@@ -1717,7 +1717,7 @@ def _peft_to_method(pcfg: dict, path) -> tuple[str, dict]:
         raise _peft_option_error(path, "peft_type", ptype, f"importable types: {sorted(_PEFT_FIELDS)}")
     fields = _PEFT_FIELDS[ptype]
     method = {"LORA": "lora", "VERA": "vera", "IA3": "ia3", "OFT": "oft", "MISS": "miss", "ADALORA": "adalora"}[ptype]
-    special = {"LORA": {"use_dora", "init_lora_weights"}, "ADALORA": {"init_lora_weights", "r"},
+    special = {"LORA": {"use_dora", "init_lora_weights"}, "ADALORA": {"init_lora_weights", "r", "rank_pattern"},
                "VERA": {"save_projection"}}.get(ptype, set())
     for k, v in pcfg.items():
         if k in _PEFT_META or k in fields or k in special or v in (None, False, {}, [], ""):
@@ -1831,6 +1831,9 @@ def _load_peft_adapter(model: nn.Module, cfg: dict) -> list[str]:
         raise InteropError(f"{f}: target_modules {cfg['target_modules']} wrap {len(names)} modules of "
                            f"{type(model).__name__} but the file adapts {len(cfg['modules'])}: not in file "
                            f"{sorted(set(names) - set(cfg['modules']))[:3]}, not in model {sorted(set(cfg['modules']) - set(names))[:3]}")
+    masks = {}
+    if method == "adalora" and cfg["peft_config"].get("rank_pattern"):
+        tensors, masks = _adalora_unresize(tensors, cfg["peft_config"]["rank_pattern"], hp["init_r"], f)
     own, used = _adapter_tensors(model), set()
     pairs = [(f"{n}.{ours}", f"{PEFT_PREFIX}{n}.{suffix}", back) for n in names
              for ours, suffix, _, back in _peft_layer_map(method, hp, n)]
@@ -1847,10 +1850,34 @@ def _load_peft_adapter(model: nn.Module, cfg: dict) -> list[str]:
                                    f"{tuple(own[ours].shape)} ({method}, {hp})")
             own[ours].copy_(v)
             used.add(key)
+        for n, m in masks.items():               # the allocation's kept triplets (PEFT rank_pattern)
+            own[f"{n}.rank_mask"].copy_(m)
     extra = sorted(set(tensors) - used)
     if extra:
         raise InteropError(f"{f}: {len(extra)} tensor(s) this importer does not know, e.g. {extra[:3]}")
     return names
+
+
+def _adalora_unresize(tensors: dict, pattern: dict, init_r: int, f: Path) -> tuple[dict, dict]:
+    """PEFT saves an allocated AdaLoRA with only the kept triplets (`rank_pattern`, PEFT
+    `resize_state_dict_by_rank_pattern`); put them back at their places in init_r-wide tensors with
+    zeros elsewhere (= our masked E). ranknum stays init_r, as in PEFT after loading."""
+    out, masks = dict(tensors), {}
+    for key, mask in pattern.items():
+        n = key.split(".lora_E")[0]
+        m = torch.tensor(mask, dtype=torch.bool)                          # (init_r,)
+        p = f"{PEFT_PREFIX}{n}."
+        if m.numel() != init_r or any(p + t not in tensors for t in ("lora_A", "lora_E", "lora_B")):
+            raise InteropError(f"{f}: rank_pattern['{key}'] ({m.numel()} entries) does not fit init_r={init_r} "
+                               "or names a module without AdaLoRA tensors")
+        A, E, B = tensors[p + "lora_A"], tensors[p + "lora_E"], tensors[p + "lora_B"]   # (k, d_in) (k, 1) (d_out, k)
+        if A.shape[0] != int(m.sum()):
+            raise InteropError(f"{f}: '{p}lora_A' keeps {A.shape[0]} triplets but rank_pattern['{key}'] keeps {int(m.sum())}")
+        A2, E2, B2 = A.new_zeros(init_r, A.shape[1]), E.new_zeros(init_r, 1), B.new_zeros(B.shape[0], init_r)
+        A2[m], E2[m], B2[:, m] = A, E, B
+        out.update({p + "lora_A": A2, p + "lora_E": E2, p + "lora_B": B2})
+        masks[n] = m
+    return out, masks
 
 
 def _plain_patterns(patterns: list[str]) -> bool:

@@ -342,3 +342,46 @@ def test_no_peft_counterpart_points_to_merged_export(method, tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no HF PEFT counterpart" in r.stderr and "--to merged" in r.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_import_adalora_after_peft_rank_allocation(tmp_path):
+    """A PEFT AdaLoRA run whose budget allocation pruned triplets saves resized tensors + rank_pattern."""
+    base = tiny_model("llama")
+    pc = peft.AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, target_modules=list(pm.DEFAULT_TARGETS),
+                            total_step=8, tinit=1, tfinal=2, deltaT=1)
+    pmodel = peft.get_peft_model(copy.deepcopy(base), pc)
+    opt = torch.optim.SGD([p for p in pmodel.parameters() if p.requires_grad], lr=0.2)
+    for step in range(8):
+        pmodel(input_ids=IDS, labels=IDS).loss.backward()
+        pmodel.base_model.update_and_allocate(step)
+        opt.step()
+        opt.zero_grad()
+    pmodel.eval()
+    want = logits(pmodel)
+    pmodel.save_pretrained(str(tmp_path / "a"))
+    pattern = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern and not all(all(v) for v in pattern.values())       # some triplets really were pruned
+    ours = copy.deepcopy(base)
+    pm.load_adapter(ours, tmp_path / "a")
+    torch.testing.assert_close(logits(ours.eval()), want, atol=2e-5, rtol=1e-5)
+    kept = sum(int(l.rank_mask.sum()) for l in pm.adapter_layers(ours).values())
+    assert kept == sum(sum(v) for v in pattern.values())
+    pm.save_peft_adapter(ours, tmp_path / "b")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
+    torch.testing.assert_close(logits(again), want, atol=2e-5, rtol=1e-5)
+
+
+def test_evaluate_loads_a_peft_adapter_dir(peft_runs):
+    import evaluate as ev
+    import loading
+    tmp, lora, oft = peft_runs
+    ck = lora / "checkpoint-2"
+    model, tok, info = ev._load_for_eval(str(tmp / "base"), str(ck), dtype="float32", device="cpu")
+    assert info["method"] == "lora" and info["format"] == "peft" and info["extra"] == {"step": 2}
+    pmodel = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "base")),
+                                            str(ck)).eval()
+    ids = tok(["What is 2+2?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, pmodel(input_ids=ids).logits, atol=2e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match=r"no config.json; is it an adapter checkpoint.*--adapter"):
+        loading.load_model(str(ck))
