@@ -16,7 +16,8 @@ One small API for every method (see CONTRACTS.md):
     apply_peft(model, "oft", block_size=32)      # wrap q,k,v,o,gate,up,down in place, freeze the rest
     delta_weight(layer) / merged_weight(layer)   # dense fp32 dW and W_eff of one wrapped module
     merged_state_dict(model), merge_and_unload(model), disable_adapters(model)
-    save_adapter(model, dir, base_model=...), load_adapter(model, dir)
+    save_adapter(model, dir, base_model=...), load_adapter(model, dir)   # load_adapter also reads HF PEFT dirs
+    save_peft_adapter(model, dir), export_peft(ckpt, dir), export_merged(ckpt, dir, dtype="bf16")  (section 7)
 A wrapper keeps the original nn.Linear as `.base_layer`, so HF models, `generate` and gradient
 checkpointing keep working. Adding a method = one Config dataclass + one AdapterLinear subclass
 + one `METHODS[...] = Method(...)` entry; the generic tests pick it up from the registry.
@@ -1822,9 +1823,11 @@ def _load_peft_adapter(model: nn.Module, cfg: dict) -> list[str]:
                          f"'{st['method']}' adapters")
     tensors = _peft_weights(adapter_dir)
     if st is None:
-        # PiSSA: PEFT rebuilds W_res from the base's SVD when it loads; we do the same (init=True)
+        # PiSSA: PEFT rebuilds W_res from the base's SVD when it loads; we do the same (init=True).
+        # Adapters keep the file's dtype (PEFT's default upcasts them to fp32 on a bf16 base too).
+        dt = next((v.dtype for k, v in tensors.items() if k.startswith(PEFT_PREFIX) and v.is_floating_point()), None)
         names = apply_peft(model, method, make_config(method, **hp), target_modules=cfg["target_modules"],
-                           _init=method == "pissa")
+                           adapter_dtype=dt, _init=method == "pissa")
     else:
         names = list(adapter_layers(model))
     if sorted(names) != sorted(cfg["modules"]):

@@ -385,3 +385,15 @@ def test_evaluate_loads_a_peft_adapter_dir(peft_runs):
         torch.testing.assert_close(model(input_ids=ids).logits, pmodel(input_ids=ids).logits, atol=2e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match=r"no config.json; is it an adapter checkpoint.*--adapter"):
         loading.load_model(str(ck))
+
+
+def test_fp32_peft_adapter_on_bf16_base_keeps_fp32_adapters(tmp_path):
+    base = tiny_model("qwen2")
+    pmodel = _peft_randomised(base, "lora")
+    pmodel.save_pretrained(str(tmp_path / "a"))
+    ours = copy.deepcopy(base).to(torch.bfloat16)
+    pm.load_adapter(ours, tmp_path / "a")
+    layer = next(iter(pm.adapter_layers(ours).values()))
+    assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(logits(ours.eval()), logits(ref), atol=0.05, rtol=0.02)
