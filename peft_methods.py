@@ -1826,8 +1826,11 @@ def _load_peft_adapter(model: nn.Module, cfg: dict) -> list[str]:
         # PiSSA: PEFT rebuilds W_res from the base's SVD when it loads; we do the same (init=True).
         # Adapters keep the file's dtype (PEFT's default upcasts them to fp32 on a bf16 base too).
         dt = next((v.dtype for k, v in tensors.items() if k.startswith(PEFT_PREFIX) and v.is_floating_point()), None)
-        names = apply_peft(model, method, make_config(method, **hp), target_modules=cfg["target_modules"],
-                           adapter_dtype=dt, _init=method == "pissa")
+        try:
+            names = apply_peft(model, method, make_config(method, **hp), target_modules=cfg["target_modules"],
+                               adapter_dtype=dt, _init=method == "pissa")
+        except HparamError as err:
+            raise InteropError(f"{adapter_dir / CONFIG_FILE}: {err}") from None
     else:
         names = list(adapter_layers(model))
     if sorted(names) != sorted(cfg["modules"]):
