@@ -1997,14 +1997,11 @@ def export_merged(ckpt, out_dir, *, dtype: str = "bf16", base_model: str | None 
         raise InteropError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     cfg = read_adapter_config(ckpt)
     base = base_model or cfg.get("base_model")
-    if cfg["method"] == "full":
-        model, tok = loading.load_model(str(ckpt), dtype="float32", device="cpu")
-    else:
-        if not base:
-            raise InteropError(f"{ckpt}: the adapter names no base model; pass --base MODEL")
-        model, tok = loading.load_model(str(base), dtype="float32", device="cpu")
-        load_adapter(model, ckpt)
-        merge_and_unload(model)
+    if not base:
+        raise InteropError(f"{ckpt}: the checkpoint names no base model; pass --base MODEL")
+    model, tok = loading.load_model(str(base), dtype="float32", device="cpu")
+    load_adapter(model, ckpt)                    # Full FT: writes every weight (checked by name and shape)
+    merge_and_unload(model)                      # (Full FT: nothing to merge; drops the method state)
     model.to(_DTYPES[dtype])
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -2136,7 +2133,7 @@ def main(argv=None) -> None:
     e = sub.add_parser("export", help="an adapter checkpoint -> an HF PEFT adapter dir or a merged dense HF model")
     e.add_argument("ckpt", help="checkpoint dir (save_adapter's, or an HF PEFT adapter dir for --to merged)")
     e.add_argument("--to", choices=("peft", "merged"), required=True)
-    e.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    e.add_argument("--out", required=True, help="output directory (a merged model dir is replaced atomically)")
     e.add_argument("--dtype", default="bf16", help="merged weights dtype: bf16 | fp16 | fp32 (default bf16)")
     e.add_argument("--base", default=None, help="base model spec (default: the one the checkpoint records)")
     e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size of the merged model")

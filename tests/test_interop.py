@@ -340,14 +340,25 @@ def test_peft_adapter_for_another_model_names_the_tensor(tmp_path):
 def test_no_peft_counterpart_points_to_merged_export(method, tmp_path):
     from toy_world import build_random_toy_model
     m, tok = build_random_toy_model(seed=0)
+    m.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
     batch = tok(["a b c"], return_tensors="pt")
     pm.apply_peft(m, method, init_batch=dict(batch) if method == "keeplora" else None)
-    pm.save_adapter(m, tmp_path / "ck", base_model="toy")
+    pm.save_adapter(m, tmp_path / "ck", base_model=str(tmp_path / "base"))
     r = subprocess.run([sys.executable, "peft_methods.py", "export", str(tmp_path / "ck"), "--to", "peft",
                         "--out", str(tmp_path / "p")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no HF PEFT counterpart" in r.stderr and "--to merged" in r.stderr
     assert not (tmp_path / "p").exists()
+    # ... and the export it points to works
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    pm.save_adapter(m, tmp_path / "ck", base_model=str(tmp_path / "base"))
+    out = pm.export_merged(tmp_path / "ck", tmp_path / "merged", dtype="fp32")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    torch.testing.assert_close(logits(dense), logits(m.eval()), atol=2e-5, rtol=1e-5)
 
 
 def test_import_adalora_after_peft_rank_allocation(tmp_path):
