@@ -1834,9 +1834,10 @@ def _load_peft_adapter(model: nn.Module, cfg: dict) -> list[str]:
     else:
         names = list(adapter_layers(model))
     if sorted(names) != sorted(cfg["modules"]):
+        not_file, not_model = sorted(set(names) - set(cfg["modules"])), sorted(set(cfg["modules"]) - set(names))
         raise InteropError(f"{f}: target_modules {cfg['target_modules']} wrap {len(names)} modules of "
                            f"{type(model).__name__} but the file adapts {len(cfg['modules'])}: not in file "
-                           f"{sorted(set(names) - set(cfg['modules']))[:3]}, not in model {sorted(set(cfg['modules']) - set(names))[:3]}")
+                           f"{not_file[:3]}, not in model {not_model[:3]}")
     masks = {}
     if method == "adalora" and cfg["peft_config"].get("rank_pattern"):
         tensors, masks = _adalora_unresize(tensors, cfg["peft_config"]["rank_pattern"], hp["init_r"], f)

@@ -414,3 +414,13 @@ def test_fp32_peft_adapter_on_bf16_base_keeps_fp32_adapters(tmp_path):
     assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), str(tmp_path / "a")).eval()
     torch.testing.assert_close(logits(ours.eval()), logits(ref), atol=0.05, rtol=0.02)
+
+
+def test_peft_file_missing_modules_names_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = _peft_lora_dir(tmp_path)
+    f = d / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if "layers.1." not in k}, str(f))
+    with pytest.raises(pm.InteropError, match=r"adapter_model.safetensors: .* wrap 2 modules .* adapts 1: "
+                                              r"not in file \['model.layers.1.self_attn.q_proj'\]"):
+        pm.load_adapter(tiny_model("llama"), d)
