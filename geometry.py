@@ -23,9 +23,10 @@ Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):
     python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
 
 Each --checkpoint is either an adapter checkpoint of peft_methods.py (adapter_config.json +
-weights; method "full" included) loaded onto --base with `peft_methods.load_adapter`, or a full
+weights; method "full" included) or an HF PEFT adapter dir (a TRL `checkpoint-<k>/`, a release
+`global_step_<k>/`, a hub download), loaded onto --base with `peft_methods.load_adapter`; or a full
 Hugging Face model directory (config.json + weights), in which case dW = W_ft - W0 is the difference
-of the two checkpoints. The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
+of the two checkpoints; or a training run dir of such checkpoints (its last one is measured). The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
 (adapters are never merged into the stored weights; PiSSA's dW is taken against the original W0).
 
 Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
@@ -642,6 +643,9 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
 # -----------------------------------------------------------------------------
 # Checkpoints and dense updates
 
+_NOTED: set[str] = set()   # run dirs already reported (main checks every --checkpoint before loading)
+
+
 def resolve_checkpoint(ckpt: str | Path) -> Path:
     """A checkpoint dir as given, or for a training run dir (train_sft.py's / the release's
     global_step_<k>/, TRL's checkpoint-<k>/) its last checkpoint (peft_methods.run_checkpoints)."""
@@ -652,7 +656,9 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
     steps = peft_methods.run_checkpoints(ckpt)
     if not steps:
         return ckpt
-    print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
+    if str(ckpt) not in _NOTED:
+        _NOTED.add(str(ckpt))
+        print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
     return steps[-1][1]
 
 
@@ -1055,8 +1061,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
     g.add_argument("--checkpoint", action="append", required=True,
-                   help="finetuned checkpoint dir (adapter dir of peft_methods.py, or a full HF model "
-                        "dir); repeat for several")
+                   help="finetuned checkpoint dir (adapter dir of peft_methods.py or HF PEFT, or a full HF "
+                        "model dir) or a run dir of checkpoint-<k>/ / global_step_<k>/ (its last one); repeat")
     g.add_argument("--label", action="append", default=None,
                    help="display name per --checkpoint (same order); default: the dir name")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
