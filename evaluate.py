@@ -2763,7 +2763,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Both-axis evaluation (target + general), PAPER.md §6")
     g = ap.add_argument_group("model")
     g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
-    g.add_argument("--adapter", default=None, help="checkpoint dir written by peft_methods.save_adapter")
+    g.add_argument("--adapter", default=None, help="checkpoint dir written by peft_methods.save_adapter, or an HF PEFT adapter dir")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g = ap.add_argument_group("what to score")

@@ -23,9 +23,10 @@ Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):
     python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
 
 Each --checkpoint is either an adapter checkpoint of peft_methods.py (adapter_config.json +
-weights; method "full" included) loaded onto --base with `peft_methods.load_adapter`, or a full
+weights; method "full" included) or an HF PEFT adapter dir (a TRL `checkpoint-<k>/`, a release
+`global_step_<k>/`, a hub download), loaded onto --base with `peft_methods.load_adapter`; or a full
 Hugging Face model directory (config.json + weights), in which case dW = W_ft - W0 is the difference
-of the two checkpoints. The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
+of the two checkpoints; or a training run dir of such checkpoints (its last one is measured). The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
 (adapters are never merged into the stored weights; PiSSA's dW is taken against the original W0).
 
 Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
@@ -642,16 +643,38 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
 # -----------------------------------------------------------------------------
 # Checkpoints and dense updates
 
-def read_checkpoint_info(ckpt: str | Path) -> dict:
-    """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory."""
+_NOTED: set[str] = set()   # run dirs already reported (main checks every --checkpoint before loading)
+
+
+def resolve_checkpoint(ckpt: str | Path) -> Path:
+    """A checkpoint dir as given, or for a training run dir (train_sft.py's / the release's
+    global_step_<k>/, TRL's checkpoint-<k>/) its last checkpoint (peft_methods.run_checkpoints)."""
+    import peft_methods
     ckpt = Path(ckpt)
-    if (ckpt / "adapter_config.json").is_file():
-        cfg = json.loads((ckpt / "adapter_config.json").read_text())
-        return {"kind": "adapter", "method": str(cfg.get("method", "unknown")), "config": cfg}
+    if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file() or not ckpt.is_dir():
+        return ckpt
+    steps = peft_methods.run_checkpoints(ckpt)
+    if not steps:
+        return ckpt
+    if str(ckpt) not in _NOTED:
+        _NOTED.add(str(ckpt))
+        print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
+    return steps[-1][1]
+
+
+def read_checkpoint_info(ckpt: str | Path) -> dict:
+    """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory
+    (ours or an HF PEFT adapter dir, read by peft_methods.read_adapter_config)."""
+    import peft_methods
+    ckpt = resolve_checkpoint(ckpt)
+    if peft_methods.find_adapter_dir(ckpt) is not None:
+        cfg = peft_methods.read_adapter_config(ckpt)
+        return {"kind": "adapter", "method": str(cfg.get("method", "unknown")), "config": cfg, "path": ckpt}
     if (ckpt / "config.json").is_file():
-        return {"kind": "hf", "method": "full", "config": {}}
-    raise FileNotFoundError(f"--checkpoint {ckpt}: neither adapter_config.json (peft_methods.py "
-                            "checkpoint) nor config.json (full HF model) found")
+        return {"kind": "hf", "method": "full", "config": {}, "path": ckpt}
+    raise FileNotFoundError(f"--checkpoint {ckpt}: neither adapter_config.json (peft_methods.py or HF PEFT "
+                            "checkpoint) nor config.json (full HF model) nor checkpoint dirs "
+                            "(global_step_<k>/, checkpoint-<k>/) found")
 
 
 def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
@@ -659,6 +682,7 @@ def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
     HF model of the checkpoint. Imports lazily: loading.py / peft_methods.py are separate files."""
     import loading
     info = read_checkpoint_info(ckpt)
+    ckpt = info["path"]
     if info["kind"] == "adapter":
         import peft_methods
         model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
@@ -981,7 +1005,7 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
     ft, info, adapters = load_finetuned(args.base, ckpt, dtype=dtype, device=device)
     print(f"[geometry] {label}: method={info['method']} ({info['kind']}), "
           f"{len(adapters)} wrapped modules, loaded in {time.time() - t0:.1f}s")
-    metrics = {"label": label, "checkpoint": str(ckpt), "method": info["method"],
+    metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
                "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
                "activation": {}, "merge_check": {}}
     # --- weight space (§7)
@@ -1037,8 +1061,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
     g.add_argument("--checkpoint", action="append", required=True,
-                   help="finetuned checkpoint dir (adapter dir of peft_methods.py, or a full HF model "
-                        "dir); repeat for several")
+                   help="finetuned checkpoint dir (adapter dir of peft_methods.py or HF PEFT, or a full HF "
+                        "model dir) or a run dir of checkpoint-<k>/ / global_step_<k>/ (its last one); repeat")
     g.add_argument("--label", action="append", default=None,
                    help="display name per --checkpoint (same order); default: the dir name")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")

@@ -5,7 +5,8 @@ first gap of §12.1: the official release ships no interpolation, rewinding or i
 file is the project's reference version. Every choice the paper leaves open is picked below, listed
 under Deviations, and exposed as an option.
 
-What it does, for each SFT run given with --checkpoint (train_sft.py's `global_step_<k>/` dirs):
+What it does, for each SFT run given with --checkpoint (train_sft.py's `global_step_<k>/` dirs, or
+HF PEFT adapters: TRL's `checkpoint-<k>/`, the release's `global_step_<k>/`):
   * walks the **interpolation paths** from the base model (alpha = 0) to the final checkpoint
     (alpha = 1) on an alpha grid, and the **training path** through every saved checkpoint;
   * evaluates both axes (target, general) at every point with `evaluate.evaluate_toy`, on ONE loaded
@@ -471,7 +472,8 @@ def checkpoint_step(path) -> int | None:
 
 
 def _is_checkpoint(d: Path) -> bool:
-    return d.is_dir() and not d.name.startswith(".") and (d / pm.CONFIG_FILE).is_file()
+    """Ours or an HF PEFT adapter dir (TRL's checkpoint-<k>/, the release's global_step_<k>/)."""
+    return d.is_dir() and not d.name.startswith(".") and pm.find_adapter_dir(d) is not None
 
 
 def discover_run(path) -> tuple[Path, list[tuple[int, Path]]]:
@@ -1325,7 +1327,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--base", default="toy", help="base model: 'toy', a local HF dir or a hub id (loaded once)")
     g.add_argument("--checkpoint", action="append", default=[],
-                   help="an SFT run dir (global_step_<k>/ inside) or one checkpoint dir; repeat for several runs")
+                   help="a run dir (global_step_<k>/ or TRL checkpoint-<k>/ inside; ours or HF PEFT adapters) "
+                        "or one checkpoint dir; repeat for several runs")
     g.add_argument("--label", action="append", default=[], help="display label per --checkpoint (default from method)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
