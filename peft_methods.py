@@ -1608,7 +1608,7 @@ def adalora_update_and_allocate(model: nn.Module, step: int, total_steps: int | 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.18.0"    # exports follow PEFT >= 0.18 (its OFT Cayley-Neumann series, as ours)
-RELEASE_CKPT_RE = re.compile(r"global_step_\d+$")       # the release's checkpoint dirs (PAPER.md §2.4)
+RELEASE_CKPT_RE = re.compile(r"global_step_\d+$")       # the release's checkpoint dirs (verl trainer)
 CHECKPOINT_DIR_RE = re.compile(r"(?:global_step_|checkpoint-)(\d+)$")   # + TRL's checkpoint-<k>/
 
 # PEFT config fields that carry no modelling choice (bookkeeping) and are ignored on import
@@ -1648,15 +1648,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise InteropError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
-
-
-def is_peft_dir(path) -> bool:
-    """True for a directory holding an HF PEFT adapter_config.json (one with "peft_type")."""
-    f = Path(path) / CONFIG_FILE
-    try:
-        return f.is_file() and "peft_type" in json.loads(f.read_text())
-    except ValueError:
-        return False
 
 
 def find_adapter_dir(path) -> Path | None:
@@ -1992,7 +1983,8 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 def export_merged(ckpt, out_dir, *, dtype: str = "bf16", base_model: str | None = None,
                   max_shard_size: str = "5GB") -> Path:
     """A dense HF model dir (sharded safetensors, config, tokenizer, generation config) in `dtype`:
-    the adapter merged in fp32 on CPU (Deviation 3), then cast once (PAPER.md §4 "Export")."""
+    the adapter merged in fp32 on CPU (Deviation 3), then cast once, as the release's merge step
+    (`tools/merge_peft.py`) produces for vLLM."""
     import loading
     if dtype not in _DTYPES:
         raise InteropError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
