@@ -169,15 +169,18 @@ def test_full_ft_sft_cells_launch_through_torchrun_when_the_node_has_several_gpu
 
 def test_gpu_check_cpu_mode_passes():
     """scripts/gpu_check.sh --cpu: every check of the GPU script at tiny shapes on CPU (< 60 s)."""
-    import time
-    t0 = time.time()
+    import resource
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[gpu_check] ")]
     for check, n in (("memory", 1), ("sft-loss", 8), ("grpo-motion", 2), ("arena", 1)):
         assert sum(ln.startswith(f"[gpu_check] PASS {check}:") for ln in lines) == n, (check, lines)
-    assert "0 failed" in lines[-1] and time.time() - t0 < 60
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    # CPU seconds, not wall clock (the CI machine's cores are shared): ~20 s measured when idle
+    assert "0 failed" in lines[-1] and cpu_s < 60, cpu_s
 
 
 def test_gpu_check_script_is_shellcheck_clean():
