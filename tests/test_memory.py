@@ -210,3 +210,12 @@ def test_arena_trains_a_full_ft_sft_cell_through_torchrun_when_gpus_is_2(tmp_pat
     assert summary["world_size"] == 2 and summary["steps"] == 1
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_arena_refuses_the_scripts_dry_run_flags_in_train_settings():
+    import arena
+    probs = []
+    arena._check_train_settings("sft", {"dry_run": True, "gpus": 8, "lr": 1e-4}, "train.sft",
+                                lambda *a: probs.append(a))
+    assert [p[0] for p in probs] == ["train.sft.dry_run", "train.sft.gpus"]
+    assert "top-level gpus / gpu_memory_gib" in probs[0][2]
