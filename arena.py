@@ -342,6 +342,7 @@ BUDGET_KEYS = {"max_minutes": (float, None)}
 # train_sft / train_grpo keys that arena.py sets itself, from model/method/hparams/device/dtype
 ARENA_OWNED = {"model", "method", "out", "resume", "overwrite", "r", "alpha", "block_size", "dropout",
                "hp", "smoke", "device", "dtype"}
+DRY_RUN_KEYS = {"dry_run", "gpus", "gpu_memory_gib"}   # the scripts' memory-plan flags (memory.py)
 HPARAM_FLAGS = ("r", "alpha", "block_size", "dropout")     # peft_methods.hparams_from_flags flags
 HPARAM_RANGES = {"r": (lambda v: v >= 1, "rank must be >= 1"),
                  "init_r": (lambda v: v >= 1, "rank must be >= 1"),
@@ -429,6 +430,10 @@ def _check_train_settings(paradigm: str, settings, field: str, add) -> None:
         f = f"{field}.{k}"
         if k in ARENA_OWNED:
             add(f, v, "set by arena.py from model / method / hparams / device / dtype; remove it here")
+            continue
+        if k in DRY_RUN_KEYS:
+            add(f, v, "a --dry-run setting of the script; arena.py plans memory itself (--validate-only) "
+                "from the config's top-level gpus / gpu_memory_gib")
             continue
         if k not in actions:
             close = difflib.get_close_matches(k, [a for a in actions if a not in ARENA_OWNED], n=1)
@@ -1129,7 +1134,7 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
                   no_progress=not progress)
         n_gpus = cell_gpus(cell, cfg)
         log(f"[run] {cell['id']}: {'resuming' if resume else 'training'} -> {ckpt_root}"
-            + (f" (torchrun, {n_gpus} GPUs, FSDP2)" if n_gpus > 1 else ""))
+            + (f" (torchrun --nproc_per_node {n_gpus}; FSDP2 on CUDA)" if n_gpus > 1 else ""))
         if n_gpus > 1:
             launch_torchrun(n_gpus, tc)
         else:
