@@ -1033,7 +1033,8 @@ def _score_suites(spec, adapter, domain, cfg, out_root: Path, suites, res: dict)
         if (out / "results.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
             res[s] = json.loads((out / "results.json").read_text())    # scored earlier, same flags
             continue
-        res[s] = evaluate.main(argv, keep_engine=True)
+        res[s] = evaluate.main(argv, keep_engine=True,
+                               context_suites=[x for x in suites if x != "toy"])
         atomic_write_json(stamp, argv)
 
 

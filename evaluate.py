@@ -2925,10 +2925,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None, *, keep_engine: bool = False) -> dict:
+def main(argv=None, *, keep_engine: bool = False, context_suites=()) -> dict:
     """The CLI. `keep_engine`: leave this process's vLLM engine alive for a next call on the same
     base model (arena.py scores the target and general suites with one engine, then calls
-    release_engine()); by default it is freed before returning."""
+    release_engine()); by default it is freed before returning. `context_suites`: suites the kept
+    engine will also serve, so its max_model_len covers their prompts too (no rebuild)."""
     args = build_parser().parse_args(argv)
     if args.suite is None:
         if args.model != "toy":
@@ -2936,13 +2937,13 @@ def main(argv=None, *, keep_engine: bool = False) -> dict:
                              "math | med | general | all (or toy to score the toy items on it)")
         args.suite = "toy"
     try:
-        return _main(args, argv)
+        return _main(args, argv, context_suites)
     finally:
         if not keep_engine:
             release_engine()
 
 
-def _main(args, argv) -> dict:
+def _main(args, argv, context_suites=()) -> dict:
     assert args.limit is None or args.limit > 0, "--limit must be positive"
     assert args.n_per_family > 0, "--n-per-family must be positive"
     assert args.batch_size > 0, "--batch-size must be positive"
@@ -3005,7 +3006,13 @@ def _main(args, argv) -> dict:
         max_new = {n: (args.max_new_tokens if args.max_new_tokens > 0
                        else BENCHMARKS[n]["decoding"]["max_new_tokens"]) for n in names}
         if backend == "vllm":
-            llm, tok = _prepare_vllm(args.model, args.adapter, names=names, items=items, max_new=max_new,
+            ctx_names = list(dict.fromkeys(names + [n for c in context_suites for n in SUITES[c]]))
+            ctx_items = {n: items[n] if n in items else load_benchmark(
+                n, args.data_dir, paths.get(n), allow_hub=args.allow_hub, bbh_prompt_dir=args.bbh_prompt_dir,
+                limit=args.limit) for n in ctx_names}
+            max_new = {n: (args.max_new_tokens if args.max_new_tokens > 0
+                           else BENCHMARKS[n]["decoding"]["max_new_tokens"]) for n in ctx_names}
+            llm, tok = _prepare_vllm(args.model, args.adapter, names=ctx_names, items=ctx_items, max_new=max_new,
                                      seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
             model = None
             if args.adapter:
