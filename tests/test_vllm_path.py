@@ -190,11 +190,12 @@ def test_item8_train_grpo_real_model_needs_data(tiny_dir, tmp_path):
     assert tg.resolve_config({})["task"] == "toy-math"          # the toy base keeps its default
 
 
-def test_item8_rewind_toy_eval_refused_for_a_real_base(tiny_dir, tmp_path):
+def test_item8_rewind_toy_eval_refused_for_a_real_base(tmp_path):
     import rewind
+    base, run = rewind.make_smoke_run(tmp_path / "smoke")      # a real (non-'toy') --base folder
     with pytest.raises(SystemExit, match="real model"):
-        rewind.main(["--base", str(tiny_dir), "--checkpoint", str(tmp_path / "run"), "--eval", "toy",
-                     "--out", str(tmp_path / "r")])
+        rewind.main(["--base", str(base), "--checkpoint", str(run), "--eval", "toy", "--grid", "0,1",
+                     "--n-per-family", "1", "--max-train-points", "1", "--out", str(tmp_path / "r")])
     assert rewind.build_parser().parse_args(["--base", "x"]).eval is None   # resolved: real for a real base
 
 
