@@ -1025,14 +1025,10 @@ def _eval_argv(spec: str, adapter, suite: str, domain: str | None, ev: dict, cfg
     return a + (["--allow-hub"] if ev["allow_hub"] else [])
 
 
-def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -> dict:
-    """Both axes for one model (+ adapter) through evaluate.py: the toy suite (all five families),
-    or the real target suite of `domain` plus the general suite. Each suite run is cached in
-    out_root/<suite>/ (results.json + generations), reused when its evaluate.py flags are unchanged."""
+def _score_suites(spec, adapter, domain, cfg, out_root: Path, suites, res: dict) -> None:
+    """evaluate.main per suite into res (cached runs reused); the vLLM engine is kept between them."""
     import evaluate
     ev = cfg["eval"]
-    suites = ["toy"] if ev["suite"] == "toy" else [domain, "general"]
-    res = {}
     for s in suites:
         out = out_root / s
         # the toy suite scores both targets in one pass and the general suite has no target, so
@@ -1042,8 +1038,23 @@ def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -
         if (out / "results.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
             res[s] = json.loads((out / "results.json").read_text())    # scored earlier, same flags
             continue
-        res[s] = evaluate.main(argv)
+        res[s] = evaluate.main(argv, keep_engine=True,
+                               context_suites=[x for x in suites if x != "toy"])
         atomic_write_json(stamp, argv)
+
+
+def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -> dict:
+    """Both axes for one model (+ adapter) through evaluate.py: the toy suite (all five families),
+    or the real target suite of `domain` plus the general suite. Each suite run is cached in
+    out_root/<suite>/ (results.json + generations), reused when its evaluate.py flags are unchanged."""
+    import evaluate
+    ev = cfg["eval"]
+    suites = ["toy"] if ev["suite"] == "toy" else [domain, "general"]
+    res = {}
+    try:
+        _score_suites(spec, adapter, domain, cfg, out_root, suites, res)
+    finally:
+        evaluate.release_engine()   # one vLLM engine served every suite of this model; free it
     if ev["suite"] == "toy":
         r = res["toy"]
         fam = {f: round(v["score"], 2) for f, v in r["families"].items()}

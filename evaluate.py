@@ -2074,7 +2074,7 @@ def _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, stop, seed, greedy_impl
 def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
                      temperature: float = 0.0, top_p: float = 1.0, n: int = 1, batch_size: int = 64,
                      stop=None, seed: int = 0, cache_path=None, prompt_ids=None, backend: str = "hf",
-                     vllm_llm=None, lora_dir=None, progress: bool = False,
+                     vllm_llm=None, progress: bool = False,
                      greedy_impl: str = "fast") -> list[list[dict]]:
     """Like `generate` but returns the cache rows: per prompt, n dicts with prompt_id,
     sample_index, text, num_tokens, finish ('eos' | 'stop' | 'length'), settings."""
@@ -2116,7 +2116,7 @@ def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             it = tqdm(chunks, desc="generate", unit="batch")
         for chunk in it:
             if backend == "vllm":
-                rows = _vllm_generate_chunk(vllm_llm, chunk, settings, lora_dir)
+                rows = _vllm_generate_chunk(vllm_llm, chunk, settings)
             else:
                 rows = _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, stop, seed, greedy_impl)
             for r in rows:
@@ -2135,7 +2135,7 @@ def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: in
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, n: int = 1, batch_size: int = 64, stop=None, seed: int = 0,
-             cache_path=None, prompt_ids=None, backend: str = "hf", vllm_llm=None, lora_dir=None,
+             cache_path=None, prompt_ids=None, backend: str = "hf", vllm_llm=None,
              progress: bool = False, greedy_impl: str = "fast") -> list[list[str]]:
     """n completions per (already rendered) prompt: greedy when temperature == 0, else
     temperature / top-p sampling. Stops at EOS (tokenizer + generation_config ids) or a stop
@@ -2146,12 +2146,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     recs = generate_records(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, n=n, batch_size=batch_size,
                             stop=stop, seed=seed, cache_path=cache_path, prompt_ids=prompt_ids,
-                            backend=backend, vllm_llm=vllm_llm, lora_dir=lora_dir, progress=progress,
+                            backend=backend, vllm_llm=vllm_llm, progress=progress,
                             greedy_impl=greedy_impl)
     return [[r["text"] for r in rows] for rows in recs]
 
 
-# --- vLLM backend (GPU only; not exercised on the CPU test machine) ------------------------------
+# --- vLLM backend (GPU; on CPU the tests run it through tests/vllm_double.py) -----------------
+# API as of vLLM 0.34.0 (requirements-gpu.txt). One engine per process: built on the base model's
+# folder, reused by every suite and every adapter of that base (their merged weights are pushed in,
+# layer by layer: nothing is written to disk), freed with vLLM's own teardown by release_engine().
 
 def vllm_available() -> bool:
     """True when vllm imports and CUDA is present (the import is guarded: vllm is optional)."""
@@ -2165,20 +2168,121 @@ def vllm_available() -> bool:
         return False
 
 
-def make_vllm_engine(model_path: str, *, lora: bool = False, max_lora_rank: int = 64, seed: int = 0,
-                     max_model_len: int | None = None, gpu_memory_utilization: float = 0.85):
-    """A vLLM engine on a merged (dense) checkpoint directory, or with native LoRA enabled."""
+def make_vllm_engine(model_path: str, *, seed: int = 0, max_model_len: int | None = None,
+                     gpu_memory_utilization: float = 0.85, **extra):
+    """A vLLM engine on a dense HF checkpoint directory (bf16). Frees the trainer's cached CUDA
+    memory first: vLLM sizes its share from the memory that is free at start-up."""
+    free_cuda_cache()
     from vllm import LLM
     kw = dict(model=str(model_path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
-              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
+              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **extra)
     if max_model_len:
-        kw["max_model_len"] = max_model_len
-    if lora:
-        kw.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        kw["max_model_len"] = int(max_model_len)
     return LLM(**kw)
 
 
-def _vllm_generate_chunk(llm, chunk, settings, lora_dir):
+def free_cuda_cache() -> None:
+    """gc + torch.cuda.empty_cache(): memory the caller dropped goes back to the device."""
+    import gc
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def shutdown_vllm(llm) -> None:
+    """vLLM's own in-process teardown (EngineCore.shutdown, cleanup_dist_env_and_memory), then the
+    caching allocator. The caller must drop its own references to `llm` too."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        cleanup_dist_env_and_memory()
+    except ImportError:
+        pass
+    free_cuda_cache()
+
+
+_ENGINE: dict = {}   # {"llm", "path", "max_model_len", "util", "weights"}: this process's engine
+
+
+def get_engine(model_path: str, *, max_model_len: int, seed: int = 0,
+               gpu_memory_utilization: float = 0.85):
+    """The process's engine for `model_path`, reused when it was built on the same folder with a
+    long enough context; otherwise the old one is freed and a new one is built."""
+    e = _ENGINE
+    if e and (e["path"] != str(model_path) or e["max_model_len"] < max_model_len
+              or e["util"] != gpu_memory_utilization or e["seed"] != seed):
+        release_engine()
+    if not _ENGINE:
+        llm = make_vllm_engine(model_path, seed=seed, max_model_len=max_model_len,
+                               gpu_memory_utilization=gpu_memory_utilization)
+        _ENGINE.update(llm=llm, path=str(model_path), max_model_len=int(max_model_len),
+                       util=gpu_memory_utilization, seed=seed, weights=None)
+    return _ENGINE["llm"]
+
+
+def release_engine() -> None:
+    """Free this process's evaluation engine (no-op when there is none)."""
+    llm = _ENGINE.pop("llm", None)
+    _ENGINE.clear()
+    if llm is not None:
+        shutdown_vllm(llm)
+        del llm
+        free_cuda_cache()
+
+
+_STACKED = ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."),
+            (".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj."))
+
+
+def vllm_param_name(hf_name: str) -> str:
+    """The name vLLM's load_weights reports for an HF tensor (fused qkv_proj / gate_up_proj)."""
+    for a, b in _STACKED:
+        if a in hf_name:
+            return hf_name.replace(a, b)
+    return hf_name
+
+
+def push_weights(llm, groups, *, tied_embeddings: bool) -> int:
+    """Copy dense HF-named weights into the live vLLM model, one group (decoder layer) per
+    `load_weights` call, so only one layer's merged copies exist at a time; then drop stale KV
+    blocks. Every pushed name must come back in the set of names vLLM loaded (vLLM >= 0.8 returns
+    it; it silently ignores e.g. unknown '.bias' names): a mismatch is an error. Returns the number
+    of tensors pushed."""
+    expected, loaded, n = set(), set(), 0
+    for group in groups:
+        if not group:
+            continue
+        names = list(group)
+        # in process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the function runs here; load_weights maps
+        # HF names onto vLLM's fused params and copies in place (casting to the engine's dtype)
+        res = llm.apply_model(lambda m, g=group: m.load_weights(iter(g.items())))
+        got = res[0] if isinstance(res, list) else res
+        if got is None:
+            raise RuntimeError("vLLM's load_weights returned no set of loaded names, so the weight "
+                               "push cannot be checked; use the vLLM release of requirements-gpu.txt")
+        loaded |= set(got)
+        expected |= {vllm_param_name(k) for k in names if not (tied_embeddings and k.startswith("lm_head."))}
+        n += len(names)
+        del group, res, got
+    missing = sorted(expected - loaded)
+    if missing:
+        raise RuntimeError(f"vLLM did not load {len(missing)} of the {len(expected)} pushed weights "
+                           f"(e.g. {missing[:3]}): the sampler would keep its old weights")
+    llm.reset_prefix_cache()                 # else prompts reuse KV computed with the old weights
+    return n
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """Per-prompt sampling seed from any id ('math500-0', 'm1-MedQA-12', hex hashes): a stable
+    hash of the id, so reruns and resumed runs draw the same samples."""
+    h = int(hashlib.sha256(str(prompt_id).encode("utf-8")).hexdigest()[:8], 16)
+    return (int(seed) * 1000003 + h) % (2 ** 31)
+
+
+def _vllm_generate_chunk(llm, chunk, settings):
     """chunk: (prompt_id, prompt, sample_index) triples; samples of one prompt become one
     request with SamplingParams(n=...), seeded per prompt so reruns are reproducible."""
     from vllm import SamplingParams
@@ -2190,22 +2294,20 @@ def _vllm_generate_chunk(llm, chunk, settings, lora_dir):
     for pid, (p, js) in by_pid.items():
         sp = SamplingParams(n=len(js), temperature=settings["temperature"], top_p=settings["top_p"],
                             max_tokens=settings["max_new_tokens"], stop=settings["stop"] or None,
-                            seed=(settings["seed"] * 1000003 + int(pid[:8], 16)) % (2 ** 31))
+                            seed=prompt_seed(settings["seed"], pid))
         # token ids without added specials, exactly as the transformers path encodes the rendered
         # prompt (a text prompt would get a second BOS from vLLM's tokenizer call)
         req_prompts.append({"prompt_token_ids": tok(p, add_special_tokens=False).input_ids})
         params.append(sp)
         order.append((pid, js))
-    lora_req = None
-    if lora_dir:
-        from vllm.lora.request import LoRARequest
-        lora_req = LoRARequest("adapter", 1, str(lora_dir))
-    outs = llm.generate(req_prompts, params, lora_request=lora_req, use_tqdm=False)
+    outs = llm.generate(req_prompts, params, use_tqdm=False)
     rows = []
     for (pid, js), o in zip(order, outs):
         for j, c in zip(js, o.outputs):
+            # stop_reason: None = the tokenizer's EOS, an int = a stop token (generation_config's
+            # other EOS ids), a str = a stop string
             finish = {"stop": "stop", "length": "length"}.get(c.finish_reason, "eos")
-            if c.finish_reason == "stop" and c.stop_reason is None:
+            if c.finish_reason == "stop" and not isinstance(c.stop_reason, str):
                 finish = "eos"
             rows.append({"prompt_id": pid, "sample_index": j, "text": c.text,
                          "num_tokens": len(c.token_ids), "finish": finish})
@@ -2730,21 +2832,43 @@ def _load_for_eval(spec: str, adapter: str | None, *, dtype=None, device=None):
     return model, tok, info
 
 
-def _prepare_vllm(spec: str, adapter: str | None, out_dir: Path, seed: int):
-    """A vLLM engine; an adapter is merged into dense bf16 weights first (PAPER.md §6: 'every
-    adapter is merged into a dense bf16 HF model and served with vLLM')."""
+def _vllm_context(names, items, tok, model_name: str, max_new: dict, model_max: int) -> int:
+    """max_model_len for the engine: the longest rendered prompt plus its benchmark's
+    max_new_tokens (not the model's maximum, e.g. 131072 for Llama-3.2, whose KV cache reservation
+    would be wasted), capped at the model's maximum."""
+    need = 1
+    for n in names:
+        raw = n == "bbh" and not is_instruct(model_name)
+        system = "You are a helpful assistant." if n == "m1" else None
+        longest = max((len(tok(render_prompt(tok, it, raw=raw, system=system), add_special_tokens=False).input_ids)
+                       for it in items[n]), default=0)
+        need = max(need, longest + max_new[n])
+    return min(need, model_max)
+
+
+def _prepare_vllm(spec: str, adapter: str | None, *, names, items, max_new: dict, seed: int,
+                  gpu_memory_utilization: float):
+    """The process's vLLM engine on the base model's folder holding the weights to score: an
+    adapter is merged into dense weights in memory (PAPER.md §6: 'every adapter is merged into a
+    dense bf16 HF model and served with vLLM') and pushed in layer by layer; no merged copy is
+    written to disk. The engine is reused by later suites and adapters of the same base."""
     from loading import load_tokenizer, resolve_spec
+    from transformers import AutoConfig
     path, _ = resolve_spec(spec)
-    if adapter:
-        import torch
-        from peft_methods import merge_and_unload
-        model, tok, _ = _load_for_eval(spec, adapter, dtype="float32", device="cpu")
-        model = merge_and_unload(model).to(torch.bfloat16)
-        path = out_dir / "merged_model"
-        model.save_pretrained(path, safe_serialization=True)
-        tok.save_pretrained(path)
+    tok = load_tokenizer(spec)
+    hf_cfg = AutoConfig.from_pretrained(path)
+    ctx = _vllm_context(names, items, tok, spec, max_new, int(getattr(hf_cfg, "max_position_embeddings", 1 << 30)))
+    llm = get_engine(path, max_model_len=ctx, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+    want = str(adapter) if adapter else None
+    if _ENGINE.get("weights") != want:
+        from peft_methods import iter_merged_state
+        model, _, _ = _load_for_eval(spec, adapter, dtype="float32", device="cpu")
+        push_weights(llm, iter_merged_state(model),
+                     tied_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)))
+        _ENGINE["weights"] = want
         del model
-    return make_vllm_engine(str(path), seed=seed), load_tokenizer(spec)
+        free_cuda_cache()
+    return llm, tok
 
 
 def _parse_paths(pairs) -> dict:
@@ -2767,7 +2891,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g = ap.add_argument_group("what to score")
-    g.add_argument("--suite", default="toy", choices=["toy", "math", "med", "general", "all"])
+    g.add_argument("--suite", default=None, choices=["toy", "math", "med", "general", "all"],
+                   help="default: toy for --model toy; a real model must name its suite (toy items "
+                   "on a real model only when asked: --suite toy)")
     g.add_argument("--domain", default=None, choices=["math", "med"],
                    help="which target counts as target_score (toy default: math; real: the suite's)")
     g.add_argument("--extra", nargs="*", default=[], choices=["gsm8k"], help="extra benchmarks (not in the paper's mean)")
@@ -2783,6 +2909,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
                    help="auto = vLLM when it imports and CUDA is present (never for the toy suite)")
     g.add_argument("--batch-size", type=int, default=64, help="prompts x samples per generate() call (hf)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.85,
+                   help="vLLM: fraction of the GPU's memory the engine may take (weights + KV cache)")
     g.add_argument("--max-new-tokens", type=int, default=-1, help="tokens; -1 = each benchmark's paper value")
     g.add_argument("--num-samples", type=int, default=-1, help="samples per math prompt; -1 = 16 (paper)")
     g.add_argument("--temperature", type=float, default=-1.0, help="math sampling temperature; -1 = 0.6 (paper)")
@@ -2797,8 +2925,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> dict:
+def main(argv=None, *, keep_engine: bool = False, context_suites=()) -> dict:
+    """The CLI. `keep_engine`: leave this process's vLLM engine alive for a next call on the same
+    base model (arena.py scores the target and general suites with one engine, then calls
+    release_engine()); by default it is freed before returning. `context_suites`: suites the kept
+    engine will also serve, so its max_model_len covers their prompts too (no rebuild)."""
     args = build_parser().parse_args(argv)
+    if args.suite is None:
+        if args.model != "toy":
+            raise SystemExit(f"evaluate.py: --suite is required for a real model ({args.model}): "
+                             "math | med | general | all (or toy to score the toy items on it)")
+        args.suite = "toy"
+    try:
+        return _main(args, argv, context_suites)
+    finally:
+        if not keep_engine:
+            release_engine()
+
+
+def _main(args, argv, context_suites=()) -> dict:
     assert args.limit is None or args.limit > 0, "--limit must be positive"
     assert args.n_per_family > 0, "--n-per-family must be positive"
     assert args.batch_size > 0, "--batch-size must be positive"
@@ -2856,8 +3001,19 @@ def main(argv=None) -> dict:
         if backend == "vllm" and not vllm_available():
             raise SystemExit("--backend vllm needs vllm installed and a CUDA GPU")
         ainfo = None
+        overrides_math = {"n": None if args.num_samples < 0 else args.num_samples,
+                          "temperature": None if args.temperature < 0 else args.temperature}
+        max_new = {n: (args.max_new_tokens if args.max_new_tokens > 0
+                       else BENCHMARKS[n]["decoding"]["max_new_tokens"]) for n in names}
         if backend == "vllm":
-            llm, tok = _prepare_vllm(args.model, args.adapter, out, args.seed)
+            ctx_names = list(dict.fromkeys(names + [n for c in context_suites for n in SUITES[c]]))
+            ctx_items = {n: items[n] if n in items else load_benchmark(
+                n, args.data_dir, paths.get(n), allow_hub=args.allow_hub, bbh_prompt_dir=args.bbh_prompt_dir,
+                limit=args.limit) for n in ctx_names}
+            max_new = {n: (args.max_new_tokens if args.max_new_tokens > 0
+                           else BENCHMARKS[n]["decoding"]["max_new_tokens"]) for n in ctx_names}
+            llm, tok = _prepare_vllm(args.model, args.adapter, names=ctx_names, items=ctx_items, max_new=max_new,
+                                     seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
             model = None
             if args.adapter:
                 from peft_methods import read_adapter_config
@@ -2865,8 +3021,6 @@ def main(argv=None) -> dict:
         else:
             llm = None
             model, tok, ainfo = _load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
-        overrides_math = {"n": None if args.num_samples < 0 else args.num_samples,
-                          "temperature": None if args.temperature < 0 else args.temperature}
         bench = {}
         if "ifeval" in names:   # first real use: fetch punkt_tab, warn about fallbacks
             ensure_ifeval_data()

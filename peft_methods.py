@@ -1275,22 +1275,48 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Adapter tensors are dropped. Load it into a fresh base model (or vLLM) to get the finetuned
     dense model.
     """
+    out: dict[str, torch.Tensor] = {}
+    for group in iter_merged_state(model):
+        out.update(group)
+    return out
+
+
+def _group_of(name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers.3'; other names are their own group."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[:i + 2])
+    return name
+
+
+def iter_merged_state(model: nn.Module):
+    """merged_state_dict one decoder layer at a time: yields {HF name: merged tensor} per layer (and
+    one dict per other tensor), so a weight push holds one layer's merged copies at once, not the
+    whole model's (~13 GiB at 7B). Plain tensors are the model's own (no copy)."""
     # DEVIATION 3: computed out of place in fp32 then cast; PEFT merges into W in place (bf16 drift)
     layers = adapter_layers(model)
-    out: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
+    groups: dict[str, list] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
         mod = k.rpartition(".")[0]
         if ".base_layer" in k or mod in layers:
             continue                               # replaced below / adapter tensors
-        out[k] = v
-    for name, layer in layers.items():
-        w = layer.base_layer.weight
-        with torch.no_grad():
-            out[f"{name}.weight"] = layer.merged_weight().to(w.dtype)
-            b = layer.merged_bias()
-            if b is not None:
-                out[f"{name}.bias"] = b.to(layer.base_layer.bias.dtype)
-    return out
+        groups.setdefault(_group_of(k), []).append((k, v))
+    for name in layers:
+        groups.setdefault(_group_of(name), []).append((name, None))
+    for g, entries in groups.items():
+        out: dict[str, torch.Tensor] = {}
+        for k, v in entries:
+            if v is not None:
+                out[k] = v.detach()
+                continue
+            layer = layers[k]
+            with torch.no_grad():
+                out[f"{k}.weight"] = layer.merged_weight().to(layer.base_layer.weight.dtype)
+                b = layer.merged_bias()
+                if b is not None:
+                    out[f"{k}.bias"] = b.to(layer.base_layer.bias.dtype)
+        yield out
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -48,6 +48,9 @@ Run:
         --checkpoint runs/sft-oft-b16 --rewind saferho --out runs/rewind-toy-math   # one figure, 3 methods
     python rewind.py --base /models/Qwen2.5-7B --checkpoint runs/qwen-oft-b32 --eval none --save all \
         --out runs/rewind-qwen       # writes every point as a checkpoint for `evaluate.py` (vLLM)
+    python rewind.py --base /models/Qwen2.5-7B --checkpoint runs/qwen-oft-b32 --eval real \
+        --domain math --data-dir data --rewind saferho --out runs/rewind-qwen   # scores every point
+        # on math + general (one vLLM engine reused across points; --limit N for a quick look)
     python rewind.py --smoke --out /tmp/rewind-smoke          # random tiny model, < 1 min on CPU
     python -m pytest tests/test_rewind.py -q
 
@@ -85,8 +88,10 @@ Deviations (each also marked `# DEVIATION:` at the line):
     the factor path, or the dense path for Full FT); the paper rewinds OFT only.
  9. Full FT's dense path interpolates every parameter (embeddings, norms, biases included), not only
     the Linear weights: that is W0 + alpha (W_ft - W0) for the whole model.
-10. Evaluation inside rewind.py is the toy suite (evaluate.evaluate_toy: greedy, one sample). For
-    real models use `--eval none --save all` and score the saved points with evaluate.py (vLLM).
+10. Evaluation inside rewind.py: `--eval real` (the default for a real --base) scores the paper's
+    benchmarks at every point with evaluate.py's loaders, decoding and aggregates, one vLLM engine
+    reused across points (each point's dense weights pushed in); `--eval toy` (the default for the
+    toy base, refused for a real one) is the toy suite (evaluate.evaluate_toy: greedy, one sample).
 11. The training path starts at the base model as "step 0" (train_sft.py saves no step-0 checkpoint;
     for KeepLoRA, which is not the identity at init, step 0 is still the base model).
 12. Interpolation is computed in fp32 with torch.lerp, which returns the start exactly at alpha = 0
@@ -897,7 +902,7 @@ def make_toy_evaluator(*, domain: str = "math", n_per_family: int = 200, batch_s
                        seed: int = 0, families=None, cache_root=None, progress: bool = False):
     """evaluate_fn(model, tokenizer, *, base_general, tag) -> evaluate.evaluate_toy result (percent).
 
-    DEVIATION 10: the toy suite only; real benchmarks are scored by evaluate.py on saved points."""
+    DEVIATION 10: the toy suite; real models use make_real_evaluator (--eval real)."""
     import evaluate   # lazy: evaluate.py is a separate file (and heavy)
 
     def evaluate_fn(model, tokenizer, *, base_general=None, tag=None):
@@ -905,6 +910,69 @@ def make_toy_evaluator(*, domain: str = "math", n_per_family: int = 200, batch_s
         return evaluate.evaluate_toy(model, tokenizer, domain=domain, n_per_family=n_per_family,
                                      batch_size=batch_size, families=families, base_general=base_general,
                                      seed=seed, cache_dir=cache, progress=progress)
+    return evaluate_fn
+
+
+def real_suites(cfg: dict) -> list[str]:
+    """--suite for --eval real: the named suite, or the domain's target suite + general."""
+    return [cfg["suite"]] if cfg.get("suite") else [cfg.get("domain", "math"), "general"]
+
+
+def make_real_evaluator(cfg: dict, *, cache_root=None):
+    """evaluate_fn for --eval real: the paper's benchmarks (evaluate.py's loaders, decoding and
+    aggregates) at every point, items loaded once. With the vLLM backend ONE engine (built on
+    --base's folder) serves every point: each point's dense weights (merged adapters) are pushed into
+    it layer by layer (evaluate.push_weights), nothing is written to disk; release it with
+    evaluate.release_engine() (run_analysis does)."""
+    import evaluate
+    from loading import resolve_spec
+    suites = real_suites(cfg)
+    names = [n for s in suites for n in evaluate.SUITES[s]]
+    paths = evaluate._parse_paths(cfg.get("path"))
+    items = {n: evaluate.load_benchmark(n, cfg.get("data_dir") or "data", paths.get(n),
+                                        allow_hub=cfg.get("allow_hub", False),
+                                        bbh_prompt_dir=cfg.get("bbh_prompt_dir"), limit=cfg.get("limit"))
+             for n in names}      # bad data fails here, before any point is built
+    backend = cfg.get("backend") or "auto"
+    if backend == "auto":
+        backend = "vllm" if evaluate.vllm_available() else "hf"
+    if backend == "vllm" and not evaluate.vllm_available():
+        raise SystemExit("rewind.py: --backend vllm needs vllm installed and a CUDA GPU")
+    mnt = cfg.get("max_new_tokens") or -1
+    max_new = {n: mnt if mnt > 0 else evaluate.BENCHMARKS[n]["decoding"]["max_new_tokens"] for n in names}
+    domain = cfg.get("domain", "math")
+
+    def evaluate_fn(model, tokenizer, *, base_general=None, tag=None):
+        t0 = time.time()
+        llm = None
+        if backend == "vllm":
+            from transformers import AutoConfig
+            path, _ = resolve_spec(cfg["base"])
+            hf = AutoConfig.from_pretrained(path)
+            ctx = evaluate._vllm_context(names, items, tokenizer, cfg["base"], max_new,
+                                         int(getattr(hf, "max_position_embeddings", 1 << 30)))
+            llm = evaluate.get_engine(path, max_model_len=ctx, seed=cfg.get("seed", 0),
+                                      gpu_memory_utilization=cfg.get("vllm_gpu_memory_utilization", 0.5))
+            evaluate.push_weights(llm, pm.iter_merged_state(model),
+                                  tied_embeddings=bool(getattr(hf, "tie_word_embeddings", False)))
+            evaluate._ENGINE["weights"] = f"rewind:{tag}"
+        bench = {}
+        for n in names:
+            ov = {"max_new_tokens": max_new[n]}
+            if evaluate.BENCHMARKS[n]["decoding"]["n"] > 1:
+                ov.update(n=cfg.get("num_samples") if (cfg.get("num_samples") or -1) > 0 else None,
+                          temperature=cfg.get("temperature") if (cfg.get("temperature") or -1) >= 0 else None)
+            cache = Path(cache_root) / tag if (cache_root and tag) else None
+            bench[n] = evaluate.run_benchmark(n, items[n], None if llm else model, tokenizer,
+                                              model_name=str(cfg["base"]), batch_size=cfg.get("batch_size", 64),
+                                              seed=cfg.get("seed", 0), cache_dir=cache, backend=backend,
+                                              vllm_llm=llm, overrides=ov, progress=cfg.get("progress", False))
+        res = evaluate.summarize_suite(bench, domain=domain, base_general=base_general)
+        res.setdefault("target_score", None)
+        res.setdefault("general_score", None)
+        res.update(families={n: {"score": b["score"]} for n, b in bench.items()}, backend=backend,
+                   seconds=round(time.time() - t0, 2))
+        return res
     return evaluate_fn
 
 
@@ -934,15 +1002,25 @@ RUN_CACHE_FIELDS = BASE_CACHE_FIELDS + ("gen_map", "eval_form", "rho", "safe_lay
                                         "factor_rule", "no_cap")
 
 
+REAL_CACHE_FIELDS = ("suite", "limit", "max_new_tokens", "num_samples", "temperature", "data_dir", "path",
+                     "backend")
+
+
+def _key_fields(cfg: dict, names) -> list:
+    """The fields' values; with --eval real also the real-suite settings (toy keys stay as they were)."""
+    extra = REAL_CACHE_FIELDS if cfg.get("eval") == "real" else ()
+    return [cfg.get(k) for k in tuple(names) + extra]
+
+
 def base_cache_key(cfg: dict) -> str:
     """Cache key of the base model's generations."""
-    fields = [cfg.get(k) for k in BASE_CACHE_FIELDS]
+    fields = _key_fields(cfg, BASE_CACHE_FIELDS)
     return hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:10]
 
 
 def run_cache_key(cfg: dict, final: Path) -> str:
     """Cache key of one run's points: its final checkpoint's files + every setting that shapes a point."""
-    return _fingerprint(final, json.dumps([cfg.get(k) for k in RUN_CACHE_FIELDS], default=str))
+    return _fingerprint(final, json.dumps(_key_fields(cfg, RUN_CACHE_FIELDS), default=str))
 
 
 def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float], paths: list[str],
@@ -1095,6 +1173,19 @@ def run_analysis(cfg: dict, *, loader: Callable | None = None, evaluate_fn=None,
                                          families=cfg.get("families"),
                                          cache_root=(out / "generations") if (out and cfg.get("cache", True)) else None,
                                          progress=cfg.get("progress", False))
+    if evaluate_fn is None and cfg.get("eval") == "real":
+        evaluate_fn = make_real_evaluator(
+            cfg, cache_root=(out / "generations") if (out and cfg.get("cache", True)) else None)
+    try:
+        return _run_points(cfg, model, tok, evaluate_fn, out, log)
+    finally:
+        if cfg.get("eval") == "real":
+            import evaluate
+            evaluate.release_engine()     # the one engine that scored every point
+
+
+def _run_points(cfg, model, tok, evaluate_fn, out, log) -> dict:
+    """run_analysis after loading: the base point, then every run's points."""
     grid = parse_grid(cfg["grid"])
     rewinds = [parse_rewind(s) for s in cfg.get("rewind") or []]
     rules = [parse_rule(s) for s in cfg.get("select") or ["keep-target=80"]]
@@ -1358,9 +1449,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="c_l = tau/rho_l (ratio) or bisection so rho_l after rewinding = tau (solve)")
     g.add_argument("--no-cap", action="store_true", help="allow c_l > 1 (strengthen weak layers)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", default="toy", choices=["toy", "none"],
-                   help="toy = evaluate.evaluate_toy at every point; none = only build/save points")
-    g.add_argument("--domain", default="math", choices=["math", "med"], help="toy target domain")
+    g.add_argument("--eval", default=None, choices=["toy", "real", "none"],
+                   help="real = the paper's benchmarks at every point (evaluate.py's suites; one vLLM engine "
+                   "reused across points); toy = evaluate.evaluate_toy (toy base only); none = only build/save "
+                   "points. Default: toy for --base toy, real otherwise")
+    g.add_argument("--domain", default="math", choices=["math", "med"], help="target domain")
+    g.add_argument("--suite", default=None, choices=["math", "med", "general", "all"],
+                   help="--eval real: one suite (default: the domain's target suite + general)")
+    g.add_argument("--data-dir", default="data", help="--eval real: root of the benchmark files (evaluate.py)")
+    g.add_argument("--path", action="append", default=[], metavar="NAME=FILE", help="--eval real: file per benchmark")
+    g.add_argument("--bbh-prompt-dir", default=None, help="--eval real: directory of BBH <task>.txt CoT prompts")
+    g.add_argument("--allow-hub", action="store_true", help="--eval real: try the hub ids when no local file is found")
+    g.add_argument("--limit", type=int, default=None, help="--eval real: items per benchmark (default all)")
+    g.add_argument("--max-new-tokens", type=int, default=-1, help="--eval real: tokens; -1 = each benchmark's paper value")
+    g.add_argument("--num-samples", type=int, default=-1, help="--eval real: samples per math prompt; -1 = 16 (paper)")
+    g.add_argument("--temperature", type=float, default=-1.0, help="--eval real: math temperature; -1 = 0.6 (paper)")
+    g.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
+                   help="--eval real: auto = vLLM when it imports and CUDA is present")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                   help="--eval real with vLLM: the engine's share of the GPU (the point's model is there too)")
     g.add_argument("--n-per-family", type=int, default=200, help="toy test items per family (5 families)")
     g.add_argument("--families", nargs="*", default=None, help="toy families (default all five)")
     g.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
@@ -1418,6 +1525,12 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eval is None:
+        args.eval = "toy" if (args.base == "toy" or args.smoke) else "real"
+    if args.eval == "toy" and args.base != "toy" and not args.smoke:
+        raise SystemExit(f"rewind.py: --eval toy scores the toy world's items, but --base {args.base!r} is a "
+                         "real model: use --eval real (the paper's benchmarks, e.g. --suite math --data-dir "
+                         "data) or --eval none --save all")
     if args.smoke:
         if not args.out:
             raise SystemExit("rewind.py: --smoke needs --out DIR")
@@ -1443,9 +1556,8 @@ def main(argv=None) -> dict:
             parse_rule(s)
     except ValueError as err:
         raise SystemExit(f"rewind.py: {err}")
-    if args.eval == "toy" and args.base != "toy" and not args.smoke:
-        print(f"[rewind] warning: --eval toy scores the toy world's items on --base {args.base!r}; for real "
-              "models use --eval none --save all and evaluate.py", file=sys.stderr)
+    if args.eval == "real" and args.smoke:
+        raise SystemExit("rewind.py: --smoke builds a toy run; use --eval toy or none with it")
     # the command as a user would type it (also when called in-process, e.g. by arena.py demo)
     cfg = dict(vars(args), argv=["rewind.py"] + (sys.argv[1:] if argv is None else list(argv)), torch_threads=torch.get_num_threads(),
                device_resolved=str(loading.pick_device(args.device)))

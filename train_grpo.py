@@ -471,9 +471,12 @@ def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, s
     # (GRPO.md §3.3.1; pitfall 1). Must be set before vLLM is imported.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
+    # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig.verify_max_model_len),
+    # and B x G sequences (paper: 2048) can exceed the prompt + completion length
+    batched = max(4096, max_model_len, max_num_seqs)
     return LLM(model=str(model_dir), dtype="bfloat16",         # never "auto": fp32 configs -> fp16
                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=max(4096, max_model_len),
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
                enable_prefix_caching=True,                     # the G samples share the prompt
                enable_sleep_mode=sleep_mode, enforce_eager=True,
                logprobs_mode="processed_logprobs",             # log-probs after temperature (§1.6)
@@ -512,7 +515,7 @@ def weights_for_sampler(model, method: str) -> dict:
     PEFT: each wrapped module's effective weight computed out of place in fp32 (never an in-place
     merge, which drifts in bf16; GRPO.md §4.2) by `peft_methods.merged_state_dict`. Full FT: the
     parameters themselves. Tied embeddings appear once (`model.embed_tokens.weight`), which is the
-    name vLLM loads (GRPO.md §4.3).
+    name vLLM loads (GRPO.md §4.3). The vLLM push streams `sampler_weight_groups` instead.
     """
     # DEVIATION 2: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
     if method == "full":
@@ -521,19 +524,40 @@ def weights_for_sampler(model, method: str) -> dict:
     return peft_methods.merged_state_dict(model)
 
 
+def sampler_weight_groups(model, method: str):
+    """weights_for_sampler one decoder layer at a time (peft_methods.iter_merged_state): a push
+    holds one layer's merged copies, not all of them (~13 GiB at 7B)."""
+    import peft_methods
+    if method == "full":
+        groups: dict[str, dict] = {}
+        for n, p in model.named_parameters():
+            groups.setdefault(peft_methods._group_of(n), {})[n] = p.detach()
+        yield from groups.values()
+        return
+    yield from peft_methods.iter_merged_state(model)
+
+
 @torch.no_grad()
-def push_weights_vllm(llm, named_tensors: dict, sleep_mode: bool = False) -> None:
-    """Copy the trainer's effective weights into the live vLLM model, then drop stale KV blocks."""
-    if sleep_mode:
-        torch.cuda.empty_cache()
-        llm.wake_up(tags=["weights"])           # wake weights first or writes land in unmapped memory
+def push_weights_vllm(llm, model, method: str) -> int:
+    """Copy the trainer's effective weights into the live (awake) vLLM model, layer by layer, and
+    check that vLLM loaded every pushed name (evaluate.push_weights)."""
+    import evaluate
     # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place
-    # (casting to bf16), so CUDA-graph pointers stay valid (GRPO.md §3.3.5). In-process (MP = 0)
-    # the function runs right here and the tensors are not serialised.
-    llm.apply_model(lambda m: m.load_weights(iter(named_tensors.items())))
-    if sleep_mode:
-        llm.wake_up(tags=["kv_cache"])
-    llm.reset_prefix_cache()                    # else prompts reuse KV computed with old weights
+    # (casting to bf16), so CUDA-graph pointers stay valid (GRPO.md §3.3.5).
+    return evaluate.push_weights(llm, sampler_weight_groups(model, method),
+                                 tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))
+
+
+def wake_vllm(llm, *, push=None) -> None:
+    """Wake a sleeping engine before a rollout: weights first (a push must land in mapped memory),
+    then `push()` if the weights are stale, then the KV cache. Called before EVERY rollout, pushed
+    or not: vLLM's scheduler resumes only when weights and KV cache are both awake, so a rollout
+    after a step that made no optimiser step would otherwise wait forever."""
+    torch.cuda.empty_cache()
+    llm.wake_up(tags=["weights"])
+    if push is not None:
+        push()
+    llm.wake_up(tags=["kv_cache"])
 
 
 # -----------------------------------------------------------------------------
@@ -586,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
     g = p.add_argument_group("data")
-    g.add_argument("--task", default="toy-math", help="toy-math | toy-med (ignored with --data)")
+    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default toy-math "
+                   "for --model toy; a real model without --data needs it named (toy rows on a real model "
+                   "only when asked)")
     g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout "
                    "(PAPER.md §5: prompt = chat messages, reward_model.ground_truth)")
     g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (string or chat "
@@ -685,6 +711,13 @@ def resolve_config(overrides: dict | None = None) -> dict:
     if unknown:
         raise ValueError(f"train_grpo: unknown config keys {sorted(unknown)}")
     cfg.update(overrides or {})
+    if cfg["task"] is None:
+        if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
+            from loading import ConfigError
+            raise ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
+                              "parquet/jsonl (PAPER.md §5); pass --task toy-math (or toy-med) to train it "
+                              "on the toy rows on purpose", "data")
+        cfg["task"] = "toy-math"
     if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
         cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
     preset = cfg["preset"]
@@ -893,11 +926,24 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
 
 def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     """Run GRPO; returns a summary dict. `config` holds argparse dests (see build_parser);
-    a preloaded (base) `model`/`tokenizer` may be passed instead of loading `config['model']`."""
-    import loading
-    import peft_methods
+    a preloaded (base) `model`/`tokenizer` may be passed instead of loading `config['model']`.
+    The vLLM sampler engine, if one was built, is shut down before returning (or raising)."""
     if (config or {}).get("dry_run"):
         return dry_run(config)
+    engine: dict = {}
+    try:
+        return _train(config, model=model, tokenizer=tokenizer, engine=engine)
+    finally:
+        llm = engine.pop("llm", None)
+        if llm is not None:
+            import evaluate
+            evaluate.shutdown_vllm(llm)   # vLLM's teardown; the caller's next engine gets the memory
+            del llm
+
+
+def _train(config, *, model, tokenizer, engine: dict) -> dict:
+    import loading
+    import peft_methods
     cfg = resolve_config(config)
     out = Path(cfg["out"])
     resume_from = prepare_out_dir(out, cfg)
@@ -921,6 +967,7 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
                                max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"], seed=cfg["seed"],
                                gpu_memory_utilization=cfg["vllm_gpu_memory_utilization"],
                                sleep_mode=cfg["vllm_sleep"])
+        engine["llm"] = llm
         loading.set_seed(cfg["seed"])  # vLLM (MP = 0) re-seeds the global RNGs (GRPO.md pitfall 2)
 
     # ---- model (+ adapter) ----
@@ -1005,6 +1052,7 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     stats: dict = {}
     B, G = cfg["prompts_per_step"], cfg["group_size"]
     pushed_at = -1
+    asleep = False
     t_start = time.time()
     bar = None
     if not cfg["no_progress"]:
@@ -1024,14 +1072,20 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
         model.eval()
         sampler_logps = None
         if llm is not None:
-            if pushed_at != state["optimizer_steps"]:      # DEVIATION 3: push when stale
-                push_weights_vllm(llm, weights_for_sampler(model, method), cfg["vllm_sleep"])
-                pushed_at = state["optimizer_steps"]
+            stale = pushed_at != state["optimizer_steps"]      # DEVIATION 3: push when stale
+            push = (lambda: push_weights_vllm(llm, model, method)) if stale else None
+            if asleep:
+                wake_vllm(llm, push=push)     # every rollout wakes it, pushed or not
+                asleep = False
+            elif push is not None:
+                push()
+            pushed_at = state["optimizer_steps"]
             completions, finished, sampler_logps = sample_vllm(
                 llm, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
                 eos_token_ids=eos_ids)
             if cfg["vllm_sleep"]:
                 llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (level 2 would drop them)
+                asleep = True
         else:
             gen_model = model
             if sampler_model is not None:
@@ -1256,7 +1310,8 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
     if sampler_logps is not None:   # sync check: ~1e-2 in bf16 when in sync, O(1) when broken
         d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
              for o, sl in zip(old, sampler_logps) if o is not None and len(sl)]
-        acc["sampler_logp_diff"].append(float(torch.cat(d).mean()) if d else 0.0)
+        if d:   # nothing compared (every group skipped): None in the log, never a fake 0.0
+            acc["sampler_logp_diff"].append(float(torch.cat(d).mean()))
     res = {k: (sum(v) / len(v) if v else None) for k, v in acc.items()}
     res["clip_frac"] = (res["clip_low"] or 0) + (res["clip_high"] or 0)
     res["entropy"] = ent_sum / ent_tok if ent_tok else None     # π_old, on the trained completions

@@ -32,3 +32,16 @@ def toy():
     if not (TOY_MODEL_DIR / "config.json").exists():
         pytest.skip("toy_model/ is not built yet (python arena.py pretrain-toy)")
     return load_model("toy", dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def vllm_double(monkeypatch):
+    """`import vllm` returns tests/vllm_double.py (vLLM 0.34.0's API over a transformers model);
+    evaluate.py's CUDA check is bypassed so `--backend vllm` runs on CPU. Yields the double module
+    (`live_engines()`, `CREATED`)."""
+    import vllm_double as vd
+    vd.install(monkeypatch)
+    import evaluate
+    monkeypatch.setattr(evaluate, "vllm_available", lambda: True)
+    yield vd
+    vd.reset()

@@ -556,10 +556,12 @@ def test_vllm_engine_push_and_sample(tmp_path, tiny):       # pragma: no cover -
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     llm = tg.make_vllm_engine(str(tmp_path), max_model_len=64, max_num_seqs=8, seed=0)
-    tg.push_weights_vllm(llm, tg.weights_for_sampler(model, "full"))
+    assert tg.push_weights_vllm(llm, model, "full") == len(dict(model.named_parameters()))
     comps, fin, lps = tg.sample_vllm(llm, [[5, 6, 7]], group_size=4, max_new_tokens=8,
                                      temperature=1.0, eos_token_ids=[tok.eos_token_id])
     assert len(comps) == 4 and all(len(lp) == len(c) for lp, c in zip(lps, comps))
+    import evaluate
+    evaluate.shutdown_vllm(llm)
 
 
 # -----------------------------------------------------------------------------
@@ -644,7 +646,7 @@ def test_cli_smoke_subprocess(tmp_path, tiny):
     model.save_pretrained(mdir)
     tok.save_pretrained(mdir)
     r = subprocess.run([sys.executable, str(REPO / "train_grpo.py"), "--smoke", "--model", str(mdir),
-                        "--method", "full", "--out", str(tmp_path / "cli"), "--no-progress"],
+                        "--task", "toy-math", "--method", "full", "--out", str(tmp_path / "cli"), "--no-progress"],
                        capture_output=True, text=True, timeout=300, cwd=REPO,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
