@@ -241,8 +241,6 @@ def test_item10_cuda_cache_freed_before_the_engine_is_built(vllm_double, tiny_di
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache", len(vllm_double.CREATED))))
     llm = ev.make_vllm_engine(str(tiny_dir), max_model_len=64)
     assert ("empty_cache", 0) in events              # before the engine existed
-    monkeypatch.undo()
-    vllm_double.install(monkeypatch)
     ev.shutdown_vllm(llm)
 
 
