@@ -337,7 +337,7 @@ EVAL_KEYS = {"suite": (str, None), "n_per_family": (int, 100), "batch_size": (in
              "max_new_tokens": (int, None), "seed": (int, 0), "limit": (int, None),
              "data_dir": (str, "data"), "paths": (dict, {}), "bbh_prompt_dir": (str, None),
              "backend": (str, "auto"), "num_samples": (int, None), "temperature": (float, None),
-             "allow_hub": (bool, False)}
+             "allow_hub": (bool, False), "vllm_gpu_memory_utilization": (float, None)}
 BUDGET_KEYS = {"max_minutes": (float, None)}
 # train_sft / train_grpo keys that arena.py sets itself, from model/method/hparams/device/dtype
 ARENA_OWNED = {"model", "method", "out", "resume", "overwrite", "r", "alpha", "block_size", "dropout",
@@ -679,6 +679,9 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
         add("eval.suite", ev["suite"], "must be 'toy' (toy_world items) or 'real' (the paper's benchmarks)")
     if ev["backend"] not in ("auto", "hf", "vllm"):
         add("eval.backend", ev["backend"], "must be auto, hf or vllm")
+    u = ev["vllm_gpu_memory_utilization"]
+    if isinstance(u, (int, float)) and not 0 < u <= 1:
+        add("eval.vllm_gpu_memory_utilization", u, "must be in (0, 1] (vLLM's share of the GPU)")
     for k in ("n_per_family", "batch_size", "max_new_tokens", "limit", "num_samples"):
         if isinstance(ev[k], int) and ev[k] < 1:
             add(f"eval.{k}", ev[k], "must be >= 1 (or null for the default)")
@@ -1020,6 +1023,8 @@ def _eval_argv(spec: str, adapter, suite: str, domain: str | None, ev: dict, cfg
                     ("bbh_prompt_dir", "--bbh-prompt-dir")):
         if ev[k] is not None:
             a += [flag, str(ev[k])]
+    if ev.get("vllm_gpu_memory_utilization") is not None:   # vLLM's share of the GPU (evaluate.py 0.85)
+        a += ["--vllm-gpu-memory-utilization", str(ev["vllm_gpu_memory_utilization"])]
     for name, path in sorted(ev["paths"].items()):
         a += ["--path", f"{name}={path}"]
     return a + (["--allow-hub"] if ev["allow_hub"] else [])

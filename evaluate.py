@@ -18,7 +18,9 @@ Layout (read top to bottom):
   7. Generation: transformers `generate` (batched, left padding, KV cache, explicit
      GenerationConfig, stop strings) with a resumable JSONL cache; for greedy decoding a plain
      KV-cache loop `greedy_decode` is the fast path (tested token-for-token against generate);
-     vLLM backend (GPU only, guarded import; untested on the CPU machine).
+     vLLM backend (GPU; guarded import; API of vLLM 0.34.0, requirements-gpu.txt; CI runs it on
+     CPU through tests/vllm_double.py): one engine per process on the base model's folder, reused
+     across suites and adapters (merged weights pushed in memory), freed by release_engine().
   8. Toy suite `evaluate_toy`; 9. real benchmark loaders + the paper's prompts; 10. suites; 11. CLI.
 
 Run:
@@ -2173,6 +2175,9 @@ def make_vllm_engine(model_path: str, *, seed: int = 0, max_model_len: int | Non
     """A vLLM engine on a dense HF checkpoint directory (bf16). Frees the trainer's cached CUDA
     memory first: vLLM sizes its share from the memory that is free at start-up."""
     free_cuda_cache()
+    # in-process engine core: apply_model (the weight push) runs here on the live model, no pickling
+    # of tensors; set before vLLM reads its environment
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
     kw = dict(model=str(model_path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **extra)

@@ -218,6 +218,17 @@ def test_item10_arena_scores_both_suites_with_one_engine_then_frees_it(vllm_doub
     assert vllm_double.live_engines() == []          # freed with vLLM's teardown at the end
 
 
+def test_item10_arena_passes_the_memory_share(tiny_dir, tmp_path):
+    import arena
+    cfg = _arena_cfg()
+    cfg["eval"]["vllm_gpu_memory_utilization"] = 0.4
+    argv = arena._eval_argv(str(tiny_dir), None, "math", "math", cfg["eval"], cfg, tmp_path)
+    assert argv[argv.index("--vllm-gpu-memory-utilization") + 1] == "0.4"
+    assert ev.build_parser().parse_args(argv).vllm_gpu_memory_utilization == 0.4
+    assert "--vllm-gpu-memory-utilization" not in arena._eval_argv(str(tiny_dir), None, "math", "math",
+                                                                   _arena_cfg()["eval"], cfg, tmp_path)
+
+
 def test_item10_max_model_len_and_memory_share(vllm_double, tiny_dir, tmp_path):
     ev.main(_eval_argv(tiny_dir, tmp_path / "e", "general", "--backend", "vllm",
                        "--vllm-gpu-memory-utilization", "0.4"))
@@ -241,8 +252,6 @@ def test_item10_cuda_cache_freed_before_the_engine_is_built(vllm_double, tiny_di
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache", len(vllm_double.CREATED))))
     llm = ev.make_vllm_engine(str(tiny_dir), max_model_len=64)
     assert ("empty_cache", 0) in events              # before the engine existed
-    monkeypatch.undo()
-    vllm_double.install(monkeypatch)
     ev.shutdown_vllm(llm)
 
 
