@@ -470,6 +470,8 @@ def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, s
     # In-process engine core, so `apply_model` reaches the live model without serialisation
     # (GRPO.md §3.3.1; pitfall 1). Must be set before vLLM is imported.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import evaluate
+    evaluate.free_cuda_cache()      # memory an earlier trainer in this process dropped (arena.py run)
     from vllm import LLM
     # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig.verify_max_model_len),
     # and B x G sequences (paper: 2048) can exceed the prompt + completion length

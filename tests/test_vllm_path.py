@@ -253,6 +253,10 @@ def test_item10_cuda_cache_freed_before_the_engine_is_built(vllm_double, tiny_di
     llm = ev.make_vllm_engine(str(tiny_dir), max_model_len=64)
     assert ("empty_cache", 0) in events              # before the engine existed
     ev.shutdown_vllm(llm)
+    events.clear()
+    llm = tg.make_vllm_engine(str(tiny_dir), max_model_len=64, max_num_seqs=8, seed=0)
+    assert ("empty_cache", 1) in events              # the GRPO sampler's engine likewise
+    ev.shutdown_vllm(llm)
 
 
 # -----------------------------------------------------------------------------
