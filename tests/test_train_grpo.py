@@ -737,3 +737,116 @@ def test_bf16_step_at_paper_lr_moves_weights_as_fp32_does(tmp_path, tiny, monkey
     assert f32 > 0.5, res
     assert fbf > 0.9 * f32, res           # no lost updates
     assert 0.5 < ubf / u32 < 2.0, res     # and the same size of step (~lr per entry for AdamW)
+
+
+def _replay_sampler(monkeypatch):
+    """Record the first run's rollouts and replay them in later runs (same completions for both
+    precision paths, so their updates can be compared entry by entry)."""
+    real, tape = tg.sample_hf, []
+
+    def sample(*a, **k):
+        if sample.replay:
+            return tape[sample.calls.pop(0)]
+        tape.append(real(*a, **k))
+        return tape[-1]
+    sample.replay, sample.calls = False, []
+    monkeypatch.setattr(tg, "sample_hf", sample)
+    return sample, tape
+
+
+def test_optimizer_offload_step_equals_the_fp32_master_path(tmp_path, tiny, monkeypatch):
+    """--optimizer-offload cpu (bf16 weights + grads on the device, fp32 masters + AdamW on the CPU)
+    updates as the fp32-master path (fp32 weights + bf16 autocast) does: at the paper's Full FT LR
+    1e-6 ~every master entry moves (no lost update), the masters agree with the fp32 path's
+    weights, and the bf16 weights are the masters' bf16 cast."""
+    _needs_stack()
+    model0, tok = tiny
+    monkeypatch.setattr(tg, "make_reward_fn", lambda domain: lambda resp, ans: float(sum(map(ord, resp)) % 2))
+    sample, tape = _replay_sampler(monkeypatch)
+    real_optimise = tg._optimise
+    cfg = {"smoke": True, "method": "full", "lr": 1e-6, "no_progress": True, "task": "toy-math",
+           "steps": 1, "group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "grad_clip": 1.0}
+    got = {}
+    for mode in ("none", "cpu"):
+        model = copy.deepcopy(model0).to(torch.bfloat16)          # bf16 compute, bf16-exact start
+        seen = {}
+
+        def spy(m, ref, opt, *a, seen=seen, **k):
+            seen["before"] = {n: p.detach().float().clone() for n, p in m.named_parameters()}
+            seen["opt"] = opt
+            return real_optimise(m, ref, opt, *a, **k)
+        monkeypatch.setattr(tg, "_optimise", spy)
+        if mode == "cpu":
+            sample.replay, sample.calls = True, [0]
+        s = tg.train({**cfg, "optimizer_offload": mode, "out": str(tmp_path / mode)}, model=model, tokenizer=tok)
+        assert s["last"]["grad_norm"] > 0
+        got[mode] = (seen, model, s["last"]["grad_norm"])
+    (s32, m32, gn32), (soff, moff, gnoff) = got["none"], got["cpu"]
+    assert all(p.dtype == torch.float32 for p in m32.parameters())        # the fp32-master path
+    assert all(p.dtype == torch.bfloat16 for p in moff.parameters())      # offload: bf16 on the device
+    opt = soff["opt"]
+    assert isinstance(opt, tg.OffloadAdamW)
+    assert all(m.dtype == torch.float32 and m.device.type == "cpu" for m in opt.masters)
+    assert abs(gnoff - gn32) < 0.02 * gn32                                # the same full-gradient norm
+    names = [n for n, _ in moff.named_parameters()]
+    assert len(names) == len(opt.masters)
+    n = moved = near = same = 0
+    for (name, p), master in zip(moff.named_parameters(), opt.masters):
+        before, ref = s32["before"][name], dict(m32.named_parameters())[name].detach()
+        assert torch.equal(soff["before"][name], before)                  # same start
+        assert torch.equal(p.detach(), master.to(torch.bfloat16))         # device weights = cast masters
+        d_off, d_ref = master - before, ref - before
+        n += d_off.numel()
+        moved += int((d_off != 0).sum())
+        # AdamW's first step is ~lr·sign(g): the two paths agree except where the bf16-noisy
+        # gradient flips the sign of a near-zero entry
+        near += int(((d_off - d_ref).abs() <= 0.05 * 1e-6 + 1e-12).sum())
+        # the bf16 weights: the fp32 path's weights rounded to bf16, within one bf16 rounding step
+        # (+ 2 lr where an update's sign flipped)
+        diff = (p.detach().float() - ref.to(torch.bfloat16).float()).abs()
+        assert bool((diff <= ref.abs() * 2 ** -7 + 2.5e-6).all()), name
+        same += int((diff == 0).sum())
+    print(f"moved {moved / n:.4f} near {near / n:.4f} same-bf16 {same / n:.4f}")
+    assert moved / n > 0.95, moved / n                                    # no lost updates at lr 1e-6
+    assert near / n > 0.9, near / n
+    assert same / n > 0.99, same / n
+
+
+def test_optimizer_offload_resume_restores_the_fp32_masters(tmp_path, tiny, monkeypatch):
+    """Two offload steps in one run == one step + --resume one step: the checkpoint's optimizer.pt
+    carries the fp32 masters and AdamW moments (the saved weights are only their bf16 cast)."""
+    _needs_stack()
+    model0, tok = tiny
+    monkeypatch.setattr(tg, "make_reward_fn", lambda domain: lambda resp, ans: float(len(resp) % 2))
+    cfg = {"smoke": True, "method": "full", "lr": 1e-6, "no_progress": True, "task": "toy-math",
+           "group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "optimizer_offload": "cpu",
+           "save_every_steps": 1}
+    base = copy.deepcopy(model0).to(torch.bfloat16)
+    s = tg.train({**cfg, "steps": 2, "out": str(tmp_path / "a")}, model=copy.deepcopy(base), tokenizer=tok)
+    tg.train({**cfg, "steps": 1, "out": str(tmp_path / "b")}, model=copy.deepcopy(base), tokenizer=tok)
+    sd1 = torch.load(tmp_path / "b" / "global_step_1" / "optimizer.pt", weights_only=False)
+    assert sd1["offload"] == "cpu" and len(sd1["masters"]) == len(list(base.parameters()))
+    s2 = tg.train({**cfg, "steps": 2, "out": str(tmp_path / "b"), "resume": True},
+                  model=copy.deepcopy(base), tokenizer=tok)
+    assert s2["steps"] == s["steps"] == 2
+    a = torch.load(tmp_path / "a" / "global_step_2" / "optimizer.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "global_step_2" / "optimizer.pt", weights_only=False)
+    for x, y in zip(a["masters"], b["masters"], strict=True):
+        assert torch.equal(x, y)
+    for k, st in a["adamw"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], b["adamw"]["state"][k]["exp_avg_sq"])
+    moved = sum(int((x != y).sum()) for x, y in zip(a["masters"], sd1["masters"]))
+    assert moved > 0.9 * sum(x.numel() for x in a["masters"])             # step 2 moved the masters
+    # a checkpoint without the masters (the fp32-master path's) is refused on resume with offload
+    with pytest.raises(ValueError, match="optimizer-offload"):
+        tg.OffloadAdamW(list(base.parameters()), lr=1e-6).load_state_dict(
+            torch.optim.AdamW(list(base.parameters())).state_dict())
+
+
+def test_optimizer_offload_is_for_full_ft_only():
+    from loading import ConfigError
+    with pytest.raises(ConfigError, match="--optimizer-offload cpu is for --method full"):
+        tg.resolve_config({"method": "lora", "optimizer_offload": "cpu"})
+    with pytest.raises(ConfigError, match="param-dtype bf16"):
+        tg.resolve_config({"method": "full", "optimizer_offload": "cpu", "param_dtype": "bf16"})
+    assert tg.resolve_config({"method": "full", "optimizer_offload": "cpu"})["optimizer_offload"] == "cpu"
