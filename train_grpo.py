@@ -67,7 +67,10 @@ Deviations from the paper / release
 11. Precision: with bf16 compute (CUDA default) the trainable tensors are fp32 masters — adapters
    fp32 on the bf16 base, Full FT weights fp32 — and forwards run under bf16 autocast
    (`precision_plan`). The release trains under FSDP mixed precision (fp32 masters too); pure bf16
-   (`--param-dtype bf16`) rounds most updates at the paper's LRs away.
+   (`--param-dtype bf16`) rounds most updates at the paper's LRs away. The release shards Full FT
+   over 8 GPUs (FSDP); this script has one process, so `--optimizer-offload cpu` keeps the Full FT
+   fp32 masters and AdamW moments on the CPU (`OffloadAdamW`; bf16 weights and grads on the GPU;
+   the grads accumulate over micro-batches in bf16): a 7B model then fits one 80 GiB GPU.
 12. Micro-batches are bounded by sequences (--micro-batch-size) and by padded tokens
    (--micro-batch-tokens, default 16384 as the release's 16k tokens per GPU), packed in order
    (verl's dynamic batching also re-balances by length); real models default to gradient

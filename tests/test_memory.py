@@ -257,3 +257,38 @@ def test_grpo_full_ft_7b_dry_run_with_optimizer_offload_fits_one_80_gib_gpu():
     after = float(r.stdout.split("per-GPU peak ")[1].split(" GiB")[0])
     assert "budget 73.6 of 80 GiB: fits" in r.stdout and "CPU RAM" in r.stdout, r.stdout
     assert after < before - 80, (before, after)
+
+
+MINI_GRPO = """
+name: mini-grpo
+model: /nonexistent/model
+shapes: qwen2.5-1.5b
+dtype: bfloat16
+device: cuda
+gpus: 8
+gpu_memory_gib: 60
+domains: [math]
+paradigms: [grpo]
+data: {{math: {{grpo: {{data: data/x.parquet}}}}}}
+train: {{grpo: {{max_new_tokens: 4096}}}}
+methods:
+  - {{label: Full FT, method: full{extra}}}
+"""
+
+
+def test_arena_suggests_and_plans_the_optimizer_offload_for_grpo_full_ft(tmp_path, capsys):
+    """A GRPO Full FT cell that does not fit one GPU is refused with the config key that makes it
+    fit; with `optimizer_offload: cpu` in the method's train settings it is planned offloaded."""
+    import arena
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI_GRPO.format(extra=""))
+    arena.main(["run", "--config", str(cfg), "--validate-only"])
+    out, err = capsys.readouterr()
+    refusal = next(ln for ln in err.splitlines() if "cell grpo/math/Full FT" in ln)
+    assert "DOES NOT FIT" in refusal and "would fit: --optimizer-offload cpu" in refusal, refusal
+    assert "optimizer_offload: cpu" in refusal
+    cfg.write_text(MINI_GRPO.format(extra=", train: {grpo: {optimizer_offload: cpu}}"))
+    arena.main(["run", "--config", str(cfg), "--validate-only"])
+    out, err = capsys.readouterr()
+    full = next(ln for ln in out.splitlines() if "grpo/math/Full FT" in ln)
+    assert " yes " in full and "memory:" not in err, (out, err)
