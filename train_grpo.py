@@ -432,7 +432,7 @@ class OffloadAdamW:
                 p.copy_(buf, non_blocking=True)
             else:
                 p.copy_(m)
-        if any(b is not None for b in self.staging):
+        if any(p.device.type == "cuda" for p in self.params):
             torch.cuda.synchronize()   # the staging buffers are rewritten by the next pull
 
     def zero_grad(self, set_to_none: bool = True) -> None:

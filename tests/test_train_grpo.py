@@ -850,3 +850,40 @@ def test_optimizer_offload_is_for_full_ft_only():
     with pytest.raises(ConfigError, match="param-dtype bf16"):
         tg.resolve_config({"method": "full", "optimizer_offload": "cpu", "param_dtype": "bf16"})
     assert tg.resolve_config({"method": "full", "optimizer_offload": "cpu"})["optimizer_offload"] == "cpu"
+
+
+def test_offload_adamw_staging_path_equals_the_direct_one_and_torch_adamw_on_the_masters():
+    """OffloadAdamW's transfer path through the (on CUDA pinned) staging buffers gives the same
+    masters and weights as the direct one, and the masters follow torch.optim.AdamW on fp32
+    copies exactly (clip on the fp32 grads included); the bf16 weights are their cast."""
+    torch.manual_seed(0)
+    w0 = [torch.randn(5, 3).to(torch.bfloat16), torch.randn(7).to(torch.bfloat16)]
+    grads = [[torch.randn_like(w, dtype=torch.float32).to(torch.bfloat16) for w in w0] for _ in range(3)]
+    ref = [w.float().clone().requires_grad_() for w in w0]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-6, weight_decay=0.01, foreach=False)
+    runs = []
+    for staged in (False, True):
+        ws = [w.clone().requires_grad_() for w in w0]
+        opt = tg.OffloadAdamW(ws, lr=1e-6, weight_decay=0.01)
+        if staged:   # what CUDA does, minus pinning: every transfer through a buffer of the weight's dtype
+            opt.staging = [torch.empty_like(w) for w in ws]
+        for g in grads:
+            for w, gi in zip(ws, g):
+                w.grad = gi.clone()
+            torch.nn.utils.clip_grad_norm_(opt.pull_grads(), 1.0)
+            assert all(w.grad is None for w in ws)                   # freed on the device
+            opt.step()
+            opt.zero_grad()
+        runs.append((ws, opt.masters))
+    for g in grads:
+        for r, gi in zip(ref, g):
+            r.grad = gi.float()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    (w_a, m_a), (w_b, m_b) = runs
+    for a, b, ma, mb, r, w in zip(w_a, w_b, m_a, m_b, ref, w0):
+        assert torch.equal(ma, mb) and torch.equal(a, b)
+        assert torch.equal(ma, r.detach())                            # exact fp32-master AdamW
+        assert torch.equal(a.detach(), ma.to(torch.bfloat16))
+        assert bool((ma != w.float()).all())                          # 3 steps of ~1e-6 kept
