@@ -404,7 +404,8 @@ def hf_config_for(spec: str):
 
 def what_fits(hf_config, plan: Plan, gpu_memory_gib: float, *, max_gpus: int = 8) -> list[str]:
     """Changes of the plan that fit `gpu_memory_gib`, each with its estimate (tried in order:
-    FSDP2 over more GPUs for Full FT SFT, fewer rows per forward, vLLM asleep while training)."""
+    the optimizer offload for GRPO Full FT, FSDP2 over more GPUs for Full FT SFT, fewer rows per
+    forward, vLLM asleep while training)."""
     tries = []
     if plan.method == "full" and plan.paradigm == "grpo" and not plan.offload and plan.compute_bf16:
         tries.append(("--optimizer-offload cpu (fp32 masters + AdamW on the CPU)",
