@@ -938,8 +938,9 @@ def plan_memory(train_cells: list[dict], cfg: dict, hf_config, where: str, add) 
             hint = ("; would fit: " + "; ".join(alts)) if alts else "; nothing tried fits"
             if c["paradigm"] == "sft" and c["method"] == "full" and cfg["gpus"] < 8:
                 hint += " (set `gpus:` to the node's GPU count: Full FT SFT then runs under torchrun, FSDP2)"
-            if c["paradigm"] == "grpo" and c["method"] == "full" and not alts:
-                hint += " (train_grpo.py has no multi-GPU/FSDP path yet: GRPO Full FT of this model needs it)"
+            if c["paradigm"] == "grpo" and c["method"] == "full" and tr.get("optimizer_offload") != "cpu":
+                hint += (" (train_grpo.py has no multi-GPU path; set the method's "
+                         "`train: {grpo: {optimizer_offload: cpu}}`: fp32 masters + AdamW on the CPU)")
             add("memory", _MISSING, f"needs ~{est['peak_gib']:.1f} GiB per GPU on {n} GPU(s) ({memory.format_estimate(est, budget)}; "
                 f"shapes from {where}){hint}", [c["id"]])
 

@@ -22,6 +22,11 @@ What is emulated (each a worst case for the planned settings):
   whole life (its weights + KV cache), unless --vllm-sleep frees it while training.
 - AdamW states exist already (a warm-up step with zero gradients allocates them first), so the
   peak is that of step 2 onwards, not the cheaper first step.
+- --optimizer-offload cpu (GRPO Full FT, train_grpo.OffloadAdamW): the GPU holds the bf16 weights
+  and grads and no optimizer state; the optimiser phase only moves the grads to the CPU (each freed
+  on the GPU) and copies the masters back in place, so its GPU peak is the weights + grads. The
+  CPU's share (fp32 masters, moments and grads + pinned bf16 staging: 18 B/param) is reported
+  beside it, not counted against the GPU.
 - No padding mask (attention_mask None, every row full length): HF's 4-D bool mask for padded
   rows (B·T² bytes) is not counted.
 
@@ -54,6 +59,8 @@ import train_sft
 
 GIB = 2 ** 30
 FULL_DEPTH_MAX = 4        # deeper models: measure 1 and 2 layers and extrapolate
+# --optimizer-offload cpu: fp32 master + 2 AdamW moments + fp32 grad + pinned bf16 staging, per param
+OFFLOAD_CPU_BYTES_PER_PARAM = 4 + 8 + 4 + 2
 USABLE_FRACTION = 0.92    # of a GPU's memory: the rest for the CUDA context, NCCL and fragmentation
 
 
@@ -117,13 +124,16 @@ class Plan:
     gpus: int = 1
     fsdp: bool = False             # Full FT under FSDP2 (extrapolated, see the docstring)
     sampler_gib: float = 0.0       # GRPO: vLLM's share while training
+    offload: bool = False          # GRPO Full FT --optimizer-offload cpu (masters + AdamW on the CPU)
 
     def describe(self) -> str:
         s = (f"{self.paradigm} {self.method} {json.dumps(self.hparams, sort_keys=True)}: {self.rows} x "
              f"{self.seq_len} tokens per forward, {self.n_micro} micro-batch(es)/step, "
              f"{'bf16' if self.compute_bf16 else 'fp32'} compute, "
-             f"{'bf16' if self.param_bf16 else 'fp32'} trainable, grad ckpt {self.grad_checkpointing}, "
-             f"{self.gpus} GPU(s)" + (" FSDP2" if self.fsdp else ""))
+             f"{'bf16' if self.param_bf16 or self.offload else 'fp32'} trainable"
+             f"{' (fp32 masters on CPU)' if self.offload else ''}, grad ckpt {self.grad_checkpointing}, "
+             f"{self.gpus} GPU(s)" + (" FSDP2" if self.fsdp else "")
+             + (", optimizer offloaded to CPU" if self.offload else ""))
         return s
 
 
@@ -160,7 +170,8 @@ def grpo_plan(cfg: dict, *, gpu_memory_gib: float | None = None, cuda: bool = Tr
     return Plan("grpo", cfg["method"], hp, peft_methods.DEFAULT_TARGETS,
                 compute_bf16=dtype in ("bf16", "bfloat16"), param_bf16=cfg["param_dtype"] == "bf16",
                 grad_checkpointing=cfg["grad_checkpointing"], rows=rows, seq_len=width, completion_len=L,
-                n_micro=-(-per_mini // rows), sampler_gib=share)
+                n_micro=-(-per_mini // rows), sampler_gib=share,
+                offload=cfg.get("optimizer_offload", "none") == "cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -171,6 +182,8 @@ def _dtypes(plan: Plan) -> tuple[torch.dtype, torch.dtype | None, bool]:
     """(base load dtype, adapter dtype, autocast) exactly as train_sft / train_grpo.precision_plan."""
     if not plan.compute_bf16:
         return torch.float32, None, False
+    if plan.offload:
+        return torch.bfloat16, None, True           # bf16 GPU weights, fp32 masters on the CPU
     if plan.param_bf16:
         return torch.bfloat16, torch.bfloat16, False
     if plan.method == "full":
@@ -252,15 +265,16 @@ def step_peaks(model, plan: Plan, *, autocast: bool | None = None) -> dict:
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast
            else contextlib.nullcontext)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)      # foreach: CUDA's default
-    for p in params:                      # allocate exp_avg / exp_avg_sq (steady state: step >= 2)
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt = None if plan.offload else torch.optim.AdamW(params, lr=1e-5, foreach=True)  # foreach: CUDA's default
+    if opt is not None:
+        for p in params:                  # allocate exp_avg / exp_avg_sq (steady state: step >= 2)
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     meter = LiveBytes()
     seen = set()
     for t in [*model.parameters(), *model.buffers(),
-              *(v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))]:
+              *(v for s in (opt.state.values() if opt else ()) for v in s.values() if isinstance(v, torch.Tensor))]:
         if id(t) not in seen:
             seen.add(id(t))
             meter.track(t)
@@ -275,9 +289,13 @@ def step_peaks(model, plan: Plan, *, autocast: bool | None = None) -> dict:
                 _grpo_forward_backward(model, plan, amp, fresh=k == 0)
         fb = meter.peak
         meter.reset_peak()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is None:   # offload: each grad leaves for the CPU (freed here); masters copied in place
+            for p in params:
+                p.grad = None
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         opt_peak = meter.peak
     return {"static": static, "fb": fb, "opt": opt_peak,
             "trainable_params": sum(p.numel() for p in params)}
@@ -328,7 +346,8 @@ def estimate(hf_config, plan: Plan) -> dict:
         fb = fb - state - cache + state / plan.gpus + gathered
         opt = opt / plan.gpus + gathered
     train = max(fb, opt)
-    return {"peak_gib": train / GIB + plan.sampler_gib, "train_gib": train / GIB,
+    cpu = OFFLOAD_CPU_BYTES_PER_PARAM * n_train if plan.offload else 0
+    return {"peak_gib": train / GIB + plan.sampler_gib, "train_gib": train / GIB, "cpu_gib": cpu / GIB,
             "sampler_gib": plan.sampler_gib, "static_gib": per["static"] / GIB, "fb_gib": fb / GIB,
             "opt_gib": opt / GIB, "layers": L, "layers_measured": measured, "extrapolated": L > FULL_DEPTH_MAX,
             "fsdp_extrapolated": bool(plan.fsdp and plan.gpus > 1), "trainable_params": n_train,
@@ -347,6 +366,8 @@ def format_estimate(est: dict, gpu_memory_gib: float | None = None) -> str:
         how += "; FSDP2 sharding extrapolated"
     s = (f"peak {est['peak_gib']:.1f} GiB/GPU (training {est['train_gib']:.1f}: forward/backward "
          f"{est['fb_gib']:.1f}, optimiser {est['opt_gib']:.1f}; sampler {est['sampler_gib']:.1f}) [{how}]")
+    if est.get("cpu_gib"):
+        s += f"; CPU RAM {est['cpu_gib']:.1f} GiB (optimizer offload: fp32 masters + AdamW moments + grads)"
     if gpu_memory_gib:
         s += (f"; budget {USABLE_FRACTION * gpu_memory_gib:.1f} of {gpu_memory_gib:g} GiB: "
               + ("fits" if fits(est, gpu_memory_gib) else "DOES NOT FIT"))
@@ -383,8 +404,12 @@ def hf_config_for(spec: str):
 
 def what_fits(hf_config, plan: Plan, gpu_memory_gib: float, *, max_gpus: int = 8) -> list[str]:
     """Changes of the plan that fit `gpu_memory_gib`, each with its estimate (tried in order:
-    FSDP2 over more GPUs for Full FT SFT, fewer rows per forward, vLLM asleep while training)."""
+    the optimizer offload for GRPO Full FT, FSDP2 over more GPUs for Full FT SFT, fewer rows per
+    forward, vLLM asleep while training)."""
     tries = []
+    if plan.method == "full" and plan.paradigm == "grpo" and not plan.offload and plan.compute_bf16:
+        tries.append(("--optimizer-offload cpu (fp32 masters + AdamW on the CPU)",
+                      dataclasses.replace(plan, offload=True, param_bf16=False)))
     if plan.method == "full" and plan.paradigm == "sft":
         n = 2
         while n <= max_gpus:

@@ -67,7 +67,10 @@ Deviations from the paper / release
 11. Precision: with bf16 compute (CUDA default) the trainable tensors are fp32 masters — adapters
    fp32 on the bf16 base, Full FT weights fp32 — and forwards run under bf16 autocast
    (`precision_plan`). The release trains under FSDP mixed precision (fp32 masters too); pure bf16
-   (`--param-dtype bf16`) rounds most updates at the paper's LRs away.
+   (`--param-dtype bf16`) rounds most updates at the paper's LRs away. The release shards Full FT
+   over 8 GPUs (FSDP); this script has one process, so `--optimizer-offload cpu` keeps the Full FT
+   fp32 masters and AdamW moments on the CPU (`OffloadAdamW`; bf16 weights and grads on the GPU;
+   the grads accumulate over micro-batches in bf16): a 7B model then fits one 80 GiB GPU.
 12. Micro-batches are bounded by sequences (--micro-batch-size) and by padded tokens
    (--micro-batch-tokens, default 16384 as the release's 16k tokens per GPU), packed in order
    (verl's dynamic batching also re-balances by length); real models default to gradient
@@ -340,7 +343,8 @@ def token_budget_micros(idx: list[int], prompt_lens: list[int], completion_lens:
     return out
 
 
-def precision_plan(compute_dtype: torch.dtype, method: str, param_dtype: str = "auto") -> dict:
+def precision_plan(compute_dtype: torch.dtype, method: str, param_dtype: str = "auto",
+                   optimizer_offload: str = "none") -> dict:
     """How to hold and run the policy: {load (the base's dtype), adapter (adapter dtype or None =
     the base's), autocast (bf16 autocast around forwards)}.
 
@@ -351,12 +355,105 @@ def precision_plan(compute_dtype: torch.dtype, method: str, param_dtype: str = "
     weights fp32 — and forwards run under bf16 autocast, so the compute stays bf16 (as the paper's
     FSDP mixed precision: bf16 params for compute, fp32 master weights). "bf16" keeps the old
     pure-bf16 behaviour (the release without an fp32 master; not recommended).
+    optimizer_offload "cpu" (Full FT only): the same fp32-master semantics with the masters on the
+    CPU (OffloadAdamW) — the GPU holds the weights in the compute dtype and their grads.
     """
+    if optimizer_offload == "cpu":
+        return {"load": compute_dtype, "adapter": None, "autocast": compute_dtype == torch.bfloat16}
     if compute_dtype != torch.bfloat16 or param_dtype == "bf16":
         return {"load": compute_dtype, "adapter": None, "autocast": False}
     if method == "full":
         return {"load": torch.float32, "adapter": None, "autocast": True}
     return {"load": torch.bfloat16, "adapter": torch.float32, "autocast": True}
+
+
+class OffloadAdamW:
+    """AdamW with its fp32 master weights and moments on the CPU (--optimizer-offload cpu, Full FT).
+
+    Why: the fp32-master path keeps 16 B/param on the GPU (fp32 weight + grad + two moments: 113 GiB
+    for a 7B model), which only FSDP over several GPUs makes fit; train_grpo has one process. Here
+    the GPU holds the weights in the compute dtype (bf16: 2 B/param) and their grads (2 B/param);
+    the CPU holds fp32 masters + two moments + fp32 grads (16 B/param) and, on CUDA, a pinned
+    staging copy of each tensor in the compute dtype (2 B/param) for the transfers.
+    Per optimiser step: pull_grads() moves each grad to the CPU as fp32 (freeing the GPU grad),
+    the caller clips the norm of that full gradient, step() runs torch.optim.AdamW on the masters
+    and copies them, cast to the compute dtype, back into the GPU weights. The update accumulates in
+    the fp32 master, so an lr-sized step below half a bf16 ulp is kept (not rounded away), as in the
+    paper's FSDP mixed precision (bf16 compute params, fp32 masters). Differences from the fp32
+    master path: the grads accumulate over micro-batches in the compute dtype, and the forward
+    reads the master rounded to bf16 once per step instead of autocast's per-op cast (same values).
+    """
+
+    def __init__(self, params, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.01):
+        self.params = list(params)
+        pin = any(p.device.type == "cuda" for p in self.params)
+        self.masters = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        self.staging = [None] * len(self.params)
+        if pin:   # page-locked: the D2H / H2D copies run at full PCIe speed
+            self.masters = [m.pin_memory() for m in self.masters]
+            self.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in self.params]
+        # foreach=False: one parameter's temporaries at a time on the CPU (not a full fp32 copy)
+        self.opt = torch.optim.AdamW(self.masters, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                     foreach=False)
+        self.param_groups = self.opt.param_groups
+        self._pulled = False
+
+    @torch.no_grad()
+    def pull_grads(self) -> list[torch.Tensor]:
+        """Each GPU grad -> its master's fp32 grad on the CPU, the GPU grad freed; returns the masters
+        (clip their grads: the norm of the full gradient, in fp32)."""
+        for p, m, buf in zip(self.params, self.masters, self.staging):
+            g, p.grad = p.grad, None
+            if g is None:
+                m.grad = None
+                continue
+            if buf is not None:
+                buf.copy_(g)          # D2H into pinned memory (synchronous)
+                g = buf
+            m.grad = g.to(torch.float32, copy=True)
+            del g
+        self._pulled = True
+        return self.masters
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self._pulled:
+            self.pull_grads()
+        self.opt.step()
+        self._pulled = False
+        self._push()
+
+    @torch.no_grad()
+    def _push(self) -> None:
+        """fp32 masters -> the GPU weights, cast to their dtype on the CPU (no GPU temporaries)."""
+        for p, m, buf in zip(self.params, self.masters, self.staging):
+            if buf is not None:
+                buf.copy_(m)
+                p.copy_(buf, non_blocking=True)
+            else:
+                p.copy_(m)
+        if any(p.device.type == "cuda" for p in self.params):
+            torch.cuda.synchronize()   # the staging buffers are rewritten by the next pull
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.opt.zero_grad(set_to_none=True)
+        self._pulled = False
+
+    def state_dict(self) -> dict:
+        """AdamW's state plus the fp32 masters (the checkpoint's weights are only their bf16 cast)."""
+        return {"offload": "cpu", "adamw": self.opt.state_dict(), "masters": [m.detach() for m in self.masters]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("offload") != "cpu":
+            raise ValueError("optimizer.pt was written without --optimizer-offload cpu; resume with the "
+                             "setting the run was started with")
+        self.opt.load_state_dict(sd["adamw"])
+        with torch.no_grad():
+            for m, saved in zip(self.masters, sd["masters"], strict=True):
+                m.copy_(saved)
+        self._push()
 
 
 def amp_context(plan: dict, device: torch.device):
@@ -608,6 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
                    help="auto: trainable tensors are fp32 masters under bf16 compute (adapters fp32 on "
                    "the bf16 base; Full FT fp32 weights + bf16 autocast); bf16: release-style pure bf16")
+    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
+                   help="cpu (Full FT): fp32 master weights and AdamW moments on the CPU (16 B/param "
+                   "there), bf16 weights + grads on the GPU (4 B/param): a 7B Full FT fits one 80 GiB "
+                   "GPU; exact fp32-master updates (OffloadAdamW)")
     g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
@@ -761,6 +862,12 @@ def resolve_config(overrides: dict | None = None) -> dict:
         raise ConfigError("--resume and --overwrite exclude each other", "resume")
     if cfg["temperature"] <= 0:
         raise ConfigError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
+    if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
+        raise ConfigError(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
+                          "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
+    if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
+        raise ConfigError("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16",
+                          "optimizer_offload")
     return cfg
 
 
@@ -976,7 +1083,7 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     # precision: fp32 masters for trainable tensors under bf16 compute (precision_plan)
     compute = (next(model.parameters()).dtype if model is not None
                else loading.pick_dtype(cfg["dtype"], device0))
-    prec = precision_plan(compute, method, cfg["param_dtype"])
+    prec = precision_plan(compute, method, cfg["param_dtype"], cfg["optimizer_offload"])
     if model is None:
         model, tokenizer = loading.load_model(cfg["model"], dtype=prec["load"], device=cfg["device"])
     elif method == "full" and prec["load"] != compute:
@@ -1025,8 +1132,11 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     # [PAPER.md §5] AdamW (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                            weight_decay=cfg["weight_decay"])
+    if cfg["optimizer_offload"] == "cpu":   # fp32 masters + moments on the CPU (OffloadAdamW)
+        opt = OffloadAdamW(params, lr=cfg["lr"], betas=cfg["adam_betas"], weight_decay=cfg["weight_decay"])
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                                weight_decay=cfg["weight_decay"])
     if resume_from is not None:
         opt.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
         torch.set_rng_state(torch.load(resume_from / "trainer_state.pt", weights_only=False)["torch_rng"])
@@ -1300,7 +1410,9 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
                     acc[key].append(_masked_mean(info[key].float(), mask))
             if micros:
                 acc["loss"].append(mini_loss)
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+            # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
+            clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
+            gn = torch.nn.utils.clip_grad_norm_(clip_on, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
             if torch.isfinite(gn):
                 opt.step()
                 steps += 1

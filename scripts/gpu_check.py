@@ -13,9 +13,10 @@ the exit code is 1 when any check failed.
    autocast; CPU mode: --param-dtype bf16 against fp32). Adapter dropout 0: the RNG streams differ.
 3. grpo-motion: two GRPO rollout steps at the paper's LRs (LoRA 1e-5, Full FT 1e-6), one optimiser
    step each, with fp32 masters (default) and pure bf16 (--param-dtype bf16): the fraction of the
-   decoder layers' trainable entries that changed per step. Embedding rows of unseen tokens get no
-   gradient, so embeddings and lm_head are left out. The reward is a stand-in (odd response length
-   = 1), so a random model gets non-zero advantages.
+   decoder layers' trainable entries that changed per step; Full FT also with --optimizer-offload
+   cpu (its fp32 masters on the CPU; the device weights checked to be their cast). Embedding rows
+   of unseen tokens get no gradient, so embeddings and lm_head are left out. The reward is a
+   stand-in (odd response length = 1), so a random model gets non-zero advantages.
 4. arena: `arena.py run` of LoRA SFT + GRPO cells and the base, scored on the real suites'
    fixtures (tests/fixtures/eval) in this one process; vLLM (when it imports, on CUDA) or HF
    generate; afterwards no vLLM engine object may be alive and CUDA memory is back near its start.
@@ -155,18 +156,27 @@ def check_sft_losses(dirs: dict, cpu: bool, tmp: Path) -> None:
 # 3. GRPO: do steps move the trainable weights? fp32 masters vs pure bf16
 
 
-def grpo_fractions(model: str, method: str, cpu: bool, param_dtype: str, out: Path) -> list[float]:
+def grpo_fractions(model: str, method: str, cpu: bool, param_dtype: str, out: Path,
+                   offload: str = "none") -> list[float]:
+    """Per rollout step, the fraction of decoder-layer trainable entries that changed: of the
+    model's weights, or with --optimizer-offload cpu of the fp32 masters on the CPU (the device
+    weights being their bf16 cast, checked)."""
     fractions = []
     real_optimise = train_grpo._optimise
 
-    def layers(m):
-        return {n: p.detach().float().clone() for n, p in m.named_parameters()
-                if p.requires_grad and ".layers." in n}
+    def layers(m, opt):
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        if isinstance(opt, train_grpo.OffloadAdamW):
+            for (n, p), master in zip(named, opt.masters, strict=True):
+                if not torch.equal(p.detach().cpu(), master.to(p.dtype)):
+                    raise AssertionError(f"offload: device weight {n} is not its master's cast")
+            named = [(n, master) for (n, _p), master in zip(named, opt.masters)]
+        return {n: p.detach().float().clone() for n, p in named if ".layers." in n}
 
-    def spy(model_, *args, **kw):
-        before = layers(model_)
-        res = real_optimise(model_, *args, **kw)
-        after = layers(model_)
+    def spy(model_, ref_, opt, *args, **kw):
+        before = layers(model_, opt)
+        res = real_optimise(model_, ref_, opt, *args, **kw)
+        after = layers(model_, opt)
         changed = sum(int((after[n] != before[n]).sum()) for n in before)
         fractions.append(changed / max(1, sum(t.numel() for t in before.values())))
         return res
@@ -178,7 +188,7 @@ def grpo_fractions(model: str, method: str, cpu: bool, param_dtype: str, out: Pa
             train_grpo.train(dict(model=model, method=method, task="toy-math", preset="paper", steps=2,
                                   prompts_per_step=4, group_size=4, max_new_tokens=16, mini_batches=1,
                                   num_prompts=16, sampler="hf", device="cpu" if cpu else "cuda", dtype="bf16",
-                                  param_dtype=param_dtype, out=str(out), overwrite=True, no_progress=True,
+                                  param_dtype=param_dtype, optimizer_offload=offload, out=str(out), overwrite=True, no_progress=True,
                                   save_every_steps=0, **({"r": 8, "alpha": 16} if method == "lora" else {})))
     finally:
         train_grpo._optimise, train_grpo.make_reward_fn = saved
@@ -191,9 +201,14 @@ def check_grpo_motion(d: str, cpu: bool, tmp: Path) -> None:
         master = grpo_fractions(d, method, cpu, "auto", tmp / f"grpo-{method}-auto")
         pure = grpo_fractions(d, method, cpu, "bf16", tmp / f"grpo-{method}-bf16")
         ok = len(master) == 2 and master[-1] >= 0.9 and master[-1] >= pure[-1]
+        extra = ""
+        if method == "full":   # --optimizer-offload cpu: the fp32 masters on the CPU move as well
+            off = grpo_fractions(d, method, cpu, "auto", tmp / f"grpo-{method}-offload", offload="cpu")
+            ok = ok and len(off) == 2 and off[-1] >= 0.9
+            extra = f", fp32 masters offloaded to CPU {[round(x, 4) for x in off]}"
         report("grpo-motion", ok, f"{method} at lr {lr:g}: fraction of decoder-layer trainable entries "
                f"changed per step: fp32 master {[round(x, 4) for x in master]}, pure bf16 "
-               f"{[round(x, 4) for x in pure]}")
+               f"{[round(x, 4) for x in pure]}{extra}")
 
 
 # -----------------------------------------------------------------------------

@@ -219,3 +219,76 @@ def test_arena_refuses_the_scripts_dry_run_flags_in_train_settings():
                                 lambda *a: probs.append(a))
     assert [p[0] for p in probs] == ["train.sft.dry_run", "train.sft.gpus"]
     assert "top-level gpus / gpu_memory_gib" in probs[0][2]
+
+
+def test_grpo_full_ft_optimizer_offload_keeps_only_bf16_weights_and_grads_on_the_gpu():
+    """--optimizer-offload cpu: the GPU holds bf16 weights (2 B/param) + bf16 grads (2 B/param) +
+    activations and no AdamW state; the CPU share (18 B/param) is reported beside it."""
+    cfg = tiny_config(2)
+    kw = dict(rows=2, seq_len=192, completion_len=128, n_micro=2)
+    base = memory.estimate(cfg, memory.Plan("grpo", "full", {}, **kw))
+    off = memory.estimate(cfg, memory.Plan("grpo", "full", {}, offload=True, **kw))
+    n = off["trainable_params"]
+    assert n == base["trainable_params"] > 0
+    per = {k: {x: e[x] * memory.GIB / n for x in ("static_gib", "opt_gib", "train_gib")}
+           for k, e in (("base", base), ("off", off))}
+    assert abs(per["base"]["static_gib"] - 12) < 0.01, per   # fp32 weights + 2 moments (+ buffers)
+    assert abs(per["off"]["static_gib"] - 2) < 0.01, per     # bf16 weights only
+    assert abs(per["off"]["opt_gib"] - 4) < 0.01, per        # weights + grads while they leave
+    # forward/backward: fp32 weights + moments + fp32 grads + autocast's bf16 copies (18 B/param)
+    # become bf16 weights + bf16 grads (4 B/param); the activations are the same
+    assert per["base"]["train_gib"] - per["off"]["train_gib"] > 12, per
+    assert off["cpu_gib"] * memory.GIB == 18 * n and base["cpu_gib"] == 0
+    assert "CPU RAM" in memory.format_estimate(off, 80) and "CPU RAM" not in memory.format_estimate(base, 80)
+
+
+def test_grpo_full_ft_7b_dry_run_with_optimizer_offload_fits_one_80_gib_gpu():
+    """Issue 14 acceptance 4: GRPO Full FT of Qwen2.5-7B at the paper's settings (micro-batch 8,
+    16k-token budget, vLLM's 0.3 share) does not fit one 80 GiB GPU with fp32 masters on the GPU;
+    the dry run says offload would, and with --optimizer-offload cpu it does."""
+    args = ["train_grpo.py", "--dry-run", "--model", "qwen2.5-7b", "--method", "full",
+            "--micro-batch-size", "8", "--gpu-memory-gib", "80"]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr
+    assert "DOES NOT FIT" in r.stdout and "would fit: --optimizer-offload cpu" in r.stdout, r.stdout
+    before = float(r.stdout.split("per-GPU peak ")[1].split(" GiB")[0])
+    r = run_cli(args + ["--optimizer-offload", "cpu"])
+    assert r.returncode == 0, r.stderr
+    after = float(r.stdout.split("per-GPU peak ")[1].split(" GiB")[0])
+    assert "budget 73.6 of 80 GiB: fits" in r.stdout and "CPU RAM" in r.stdout, r.stdout
+    assert after < before - 80, (before, after)
+
+
+MINI_GRPO = """
+name: mini-grpo
+model: /nonexistent/model
+shapes: qwen2.5-1.5b
+dtype: bfloat16
+device: cuda
+gpus: 8
+gpu_memory_gib: 60
+domains: [math]
+paradigms: [grpo]
+data: {{math: {{grpo: {{data: data/x.parquet}}}}}}
+train: {{grpo: {{max_new_tokens: 4096}}}}
+methods:
+  - {{label: Full FT, method: full{extra}}}
+"""
+
+
+def test_arena_suggests_and_plans_the_optimizer_offload_for_grpo_full_ft(tmp_path, capsys):
+    """A GRPO Full FT cell that does not fit one GPU is refused with the config key that makes it
+    fit; with `optimizer_offload: cpu` in the method's train settings it is planned offloaded."""
+    import arena
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(MINI_GRPO.format(extra=""))
+    arena.main(["run", "--config", str(cfg), "--validate-only"])
+    out, err = capsys.readouterr()
+    refusal = next(ln for ln in err.splitlines() if "cell grpo/math/Full FT" in ln)
+    assert "DOES NOT FIT" in refusal and "would fit: --optimizer-offload cpu" in refusal, refusal
+    assert "optimizer_offload: cpu" in refusal
+    cfg.write_text(MINI_GRPO.format(extra=", train: {grpo: {optimizer_offload: cpu}}"))
+    arena.main(["run", "--config", str(cfg), "--validate-only"])
+    out, err = capsys.readouterr()
+    full = next(ln for ln in out.splitlines() if "grpo/math/Full FT" in ln)
+    assert " yes " in full and "memory:" not in err, (out, err)

@@ -737,3 +737,153 @@ def test_bf16_step_at_paper_lr_moves_weights_as_fp32_does(tmp_path, tiny, monkey
     assert f32 > 0.5, res
     assert fbf > 0.9 * f32, res           # no lost updates
     assert 0.5 < ubf / u32 < 2.0, res     # and the same size of step (~lr per entry for AdamW)
+
+
+def _replay_sampler(monkeypatch):
+    """Record the first run's rollouts and replay them in later runs (same completions for both
+    precision paths, so their updates can be compared entry by entry)."""
+    real, tape = tg.sample_hf, []
+
+    def sample(*a, **k):
+        if sample.replay:
+            return tape[sample.calls.pop(0)]
+        tape.append(real(*a, **k))
+        return tape[-1]
+    sample.replay, sample.calls = False, []
+    monkeypatch.setattr(tg, "sample_hf", sample)
+    return sample, tape
+
+
+def test_optimizer_offload_step_equals_the_fp32_master_path(tmp_path, tiny, monkeypatch):
+    """--optimizer-offload cpu (bf16 weights + grads on the device, fp32 masters + AdamW on the CPU)
+    updates as the fp32-master path (fp32 weights + bf16 autocast) does: at the paper's Full FT LR
+    1e-6 ~every master entry moves (no lost update), the masters agree with the fp32 path's
+    weights, and the bf16 weights are the masters' bf16 cast."""
+    _needs_stack()
+    model0, tok = tiny
+    monkeypatch.setattr(tg, "make_reward_fn", lambda domain: lambda resp, ans: float(sum(map(ord, resp)) % 2))
+    sample, tape = _replay_sampler(monkeypatch)
+    real_optimise = tg._optimise
+    cfg = {"smoke": True, "method": "full", "lr": 1e-6, "no_progress": True, "task": "toy-math",
+           "steps": 1, "group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "grad_clip": 1.0}
+    got = {}
+    for mode in ("none", "cpu"):
+        model = copy.deepcopy(model0).to(torch.bfloat16)          # bf16 compute, bf16-exact start
+        seen = {}
+
+        def spy(m, ref, opt, *a, seen=seen, **k):
+            seen["before"] = {n: p.detach().float().clone() for n, p in m.named_parameters()}
+            seen["opt"] = opt
+            return real_optimise(m, ref, opt, *a, **k)
+        monkeypatch.setattr(tg, "_optimise", spy)
+        if mode == "cpu":
+            sample.replay, sample.calls = True, [0]
+        s = tg.train({**cfg, "optimizer_offload": mode, "out": str(tmp_path / mode)}, model=model, tokenizer=tok)
+        assert s["last"]["grad_norm"] > 0
+        got[mode] = (seen, model, s["last"]["grad_norm"])
+    (s32, m32, gn32), (soff, moff, gnoff) = got["none"], got["cpu"]
+    assert all(p.dtype == torch.float32 for p in m32.parameters())        # the fp32-master path
+    assert all(p.dtype == torch.bfloat16 for p in moff.parameters())      # offload: bf16 on the device
+    opt = soff["opt"]
+    assert isinstance(opt, tg.OffloadAdamW)
+    assert all(m.dtype == torch.float32 and m.device.type == "cpu" for m in opt.masters)
+    assert abs(gnoff - gn32) < 0.02 * gn32                                # the same full-gradient norm
+    names = [n for n, _ in moff.named_parameters()]
+    assert len(names) == len(opt.masters)
+    n = moved = near = same = 0
+    for (name, p), master in zip(moff.named_parameters(), opt.masters):
+        before, ref = s32["before"][name], dict(m32.named_parameters())[name].detach()
+        assert torch.equal(soff["before"][name], before)                  # same start
+        assert torch.equal(p.detach(), master.to(torch.bfloat16))         # device weights = cast masters
+        d_off, d_ref = master - before, ref - before
+        n += d_off.numel()
+        moved += int((d_off != 0).sum())
+        # AdamW's first step is ~lr·sign(g): the two paths agree except where the bf16-noisy
+        # gradient flips the sign of a near-zero entry
+        near += int(((d_off - d_ref).abs() <= 0.05 * 1e-6 + 1e-12).sum())
+        # the bf16 weights: the fp32 path's weights rounded to bf16, within one bf16 rounding step
+        # (+ 2 lr where an update's sign flipped)
+        diff = (p.detach().float() - ref.to(torch.bfloat16).float()).abs()
+        assert bool((diff <= ref.abs() * 2 ** -7 + 2.5e-6).all()), name
+        same += int((diff == 0).sum())
+    print(f"moved {moved / n:.4f} near {near / n:.4f} same-bf16 {same / n:.4f}")
+    assert moved / n > 0.95, moved / n                                    # no lost updates at lr 1e-6
+    assert near / n > 0.9, near / n
+    assert same / n > 0.99, same / n
+
+
+def test_optimizer_offload_resume_restores_the_fp32_masters(tmp_path, tiny, monkeypatch):
+    """Two offload steps in one run == one step + --resume one step: the checkpoint's optimizer.pt
+    carries the fp32 masters and AdamW moments (the saved weights are only their bf16 cast)."""
+    _needs_stack()
+    model0, tok = tiny
+    monkeypatch.setattr(tg, "make_reward_fn", lambda domain: lambda resp, ans: float(len(resp) % 2))
+    cfg = {"smoke": True, "method": "full", "lr": 1e-6, "no_progress": True, "task": "toy-math",
+           "group_size": 4, "prompts_per_step": 2, "max_new_tokens": 6, "optimizer_offload": "cpu",
+           "save_every_steps": 1}
+    base = copy.deepcopy(model0).to(torch.bfloat16)
+    s = tg.train({**cfg, "steps": 2, "out": str(tmp_path / "a")}, model=copy.deepcopy(base), tokenizer=tok)
+    tg.train({**cfg, "steps": 1, "out": str(tmp_path / "b")}, model=copy.deepcopy(base), tokenizer=tok)
+    sd1 = torch.load(tmp_path / "b" / "global_step_1" / "optimizer.pt", weights_only=False)
+    assert sd1["offload"] == "cpu" and len(sd1["masters"]) == len(list(base.parameters()))
+    s2 = tg.train({**cfg, "steps": 2, "out": str(tmp_path / "b"), "resume": True},
+                  model=copy.deepcopy(base), tokenizer=tok)
+    assert s2["steps"] == s["steps"] == 2
+    a = torch.load(tmp_path / "a" / "global_step_2" / "optimizer.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "global_step_2" / "optimizer.pt", weights_only=False)
+    for x, y in zip(a["masters"], b["masters"], strict=True):
+        assert torch.equal(x, y)
+    for k, st in a["adamw"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], b["adamw"]["state"][k]["exp_avg_sq"])
+    moved = sum(int((x != y).sum()) for x, y in zip(a["masters"], sd1["masters"]))
+    assert moved > 0.9 * sum(x.numel() for x in a["masters"])             # step 2 moved the masters
+    # a checkpoint without the masters (the fp32-master path's) is refused on resume with offload
+    with pytest.raises(ValueError, match="optimizer-offload"):
+        tg.OffloadAdamW(list(base.parameters()), lr=1e-6).load_state_dict(
+            torch.optim.AdamW(list(base.parameters())).state_dict())
+
+
+def test_optimizer_offload_is_for_full_ft_only():
+    from loading import ConfigError
+    with pytest.raises(ConfigError, match="--optimizer-offload cpu is for --method full"):
+        tg.resolve_config({"method": "lora", "optimizer_offload": "cpu"})
+    with pytest.raises(ConfigError, match="param-dtype bf16"):
+        tg.resolve_config({"method": "full", "optimizer_offload": "cpu", "param_dtype": "bf16"})
+    assert tg.resolve_config({"method": "full", "optimizer_offload": "cpu"})["optimizer_offload"] == "cpu"
+
+
+def test_offload_adamw_staging_path_equals_the_direct_one_and_torch_adamw_on_the_masters():
+    """OffloadAdamW's transfer path through the (on CUDA pinned) staging buffers gives the same
+    masters and weights as the direct one, and the masters follow torch.optim.AdamW on fp32
+    copies exactly (clip on the fp32 grads included); the bf16 weights are their cast."""
+    torch.manual_seed(0)
+    w0 = [torch.randn(5, 3).to(torch.bfloat16), torch.randn(7).to(torch.bfloat16)]
+    grads = [[torch.randn_like(w, dtype=torch.float32).to(torch.bfloat16) for w in w0] for _ in range(3)]
+    ref = [w.float().clone().requires_grad_() for w in w0]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-6, weight_decay=0.01, foreach=False)
+    runs = []
+    for staged in (False, True):
+        ws = [w.clone().requires_grad_() for w in w0]
+        opt = tg.OffloadAdamW(ws, lr=1e-6, weight_decay=0.01)
+        if staged:   # what CUDA does, minus pinning: every transfer through a buffer of the weight's dtype
+            opt.staging = [torch.empty_like(w) for w in ws]
+        for g in grads:
+            for w, gi in zip(ws, g):
+                w.grad = gi.clone()
+            torch.nn.utils.clip_grad_norm_(opt.pull_grads(), 1.0)
+            assert all(w.grad is None for w in ws)                   # freed on the device
+            opt.step()
+            opt.zero_grad()
+        runs.append((ws, opt.masters))
+    for g in grads:
+        for r, gi in zip(ref, g):
+            r.grad = gi.float()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    (w_a, m_a), (w_b, m_b) = runs
+    for a, b, ma, mb, r, w in zip(w_a, w_b, m_a, m_b, ref, w0):
+        assert torch.equal(ma, mb) and torch.equal(a, b)
+        assert torch.equal(ma, r.detach())                            # exact fp32-master AdamW
+        assert torch.equal(a.detach(), ma.to(torch.bfloat16))
+        assert bool((ma != w.float()).all())                          # 3 steps of ~1e-6 kept
