@@ -911,12 +911,16 @@ def cell_gpus(cell: dict, cfg: dict) -> int:
     return cfg["gpus"] if cell["paradigm"] == "sft" and cell["method"] == "full" else 1
 
 
+_MEMORY_PLANS: dict[tuple, tuple] = {}
+
+
 def plan_memory(train_cells: list[dict], cfg: dict, hf_config, where: str, add) -> None:
     """memory.py's per-GPU peak for every cell (cached per setting: domains share it); a cell that
     cannot fit the GPUs it will get is a problem naming the estimate and what would fit."""
     import memory
-    cache: dict[str, tuple] = {}
+    cache = _MEMORY_PLANS   # per process: a plan is a pure function of (shapes, settings, budget)
     budget = cfg["gpu_memory_gib"]
+    shapes = hf_config.to_json_string() if hasattr(hf_config, "to_json_string") else repr(hf_config)
     for c in train_cells:
         tr = c.get("train_resolved")
         if tr is None:
@@ -926,7 +930,7 @@ def plan_memory(train_cells: list[dict], cfg: dict, hf_config, where: str, add) 
             plan = memory.sft_plan(tr, gpus=n)
         else:
             plan = memory.grpo_plan(tr, gpu_memory_gib=budget)
-        key = repr(plan)
+        key = (shapes, repr(plan), budget)
         if key not in cache:
             est = memory.estimate(hf_config, plan)
             alts = [] if memory.fits(est, budget) else memory.what_fits(hf_config, plan, budget, max_gpus=8)
