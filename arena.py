@@ -33,7 +33,7 @@ Deviations
    (FSDP; PAPER.md §3.3). With `gpus: N > 1` in the config, Full FT SFT cells are launched through
    `torchrun --nproc_per_node N train_sft.py` (FSDP2 fully_shard); every other cell trains in this
    process on one GPU (PEFT fits one GPU; train_grpo.py has no multi-GPU path, so GRPO Full FT of a
-   7B model does not fit and is refused by the memory plan). A cell trained elsewhere into
+   7B model fits only with `optimizer_offload: cpu`, which the memory plan checks). A cell trained elsewhere into
    RUN/<paradigm>/<domain>/<label> is found finished and only scored.
 9. For a real model, validation also plans memory (memory.py: the model on fake tensors at its real
    shapes, one training step at the cell's settings, 1-2 layers extrapolated to full depth) and
