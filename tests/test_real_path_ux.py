@@ -34,7 +34,7 @@ METAMATHQA = [
      "original_question": "James buys 5 packs of beef that are 4 pounds each. How many pounds?",
      "type": "GSM_Rephrased", "response": "He bought 5 * 4 = 20 pounds of beef.\nThe answer is: 20"},
 ]
-# the release's veRL parquet rows (PAPER.md §4-5): chat prompt, reward_model, extra_info
+# the release's veRL parquet rows (the PEFT-Arena release's SFT/RL data, SphereLab/PEFTArena-data): chat prompt, reward_model, extra_info
 RELEASE_ROWS = [
     {"data_source": "openr1_math", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
      "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
