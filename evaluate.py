@@ -683,7 +683,7 @@ def _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, stop, seed, greedy_impl
     attn = enc["attention_mask"].to(device)  # (B, T)
     T = input_ids.shape[1]
     if gen_cfg.do_sample:
-        # DEVIATION 13: one seed per batch, derived from the seed and the batch's contents
+        # note b: one seed per batch, derived from the seed and the batch's contents
         h = hashlib.sha1(f"{seed}|{[(c[0], c[2]) for c in chunk]}".encode()).hexdigest()
         torch.manual_seed(int(h[:8], 16))
     with torch.no_grad():

@@ -88,11 +88,11 @@ from collections import Counter
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
-# 1. Math grader (EVAL.md §1.2-1.5; PA: third_party/math_eval/{parser,grader}.py)
+# 1. Math grader (PA: third_party/math_eval/{parser,grader}.py)
 
 MAX_ANSWER_CHARS = 2000  # DEVIATION 3: longer extracted answers count as no answer
 MAX_SYMBOLIC_CHARS = 400  # DEVIATION 2: longer strings never reach sympy
-MAX_IFEVAL_CHARS = 200_000  # DEVIATION 18: a longer IFEval response follows no instruction
+MAX_IFEVAL_CHARS = 200_000  # note d: a longer IFEval response follows no instruction
 MAX_PARSE_DEPTH = 60
 MAX_INT_DIGITS = 40
 MAX_EXPONENT = 1000
@@ -117,7 +117,7 @@ def _match_brace(s: str, start: int) -> int:
 def last_boxed_content(text: str) -> str | None:
     """Content of the last \\boxed{...} (brace matched), or None when there is no 'boxed'.
 
-    `\\boxed 5$` (no brace) gives the text up to the next '$' (EVAL.md §1.2 rule 3). An unbalanced
+    `\\boxed 5$` (no brace) gives the text up to the next '$' (parser.py `extract_answer`). An unbalanced
     '{' gives the rest of the text, as the release does.
     """
     k = text.rfind("boxed")
@@ -134,7 +134,7 @@ _LAST_NUMBER = re.compile(r"-?\d*\.?\d+")
 
 
 def extract_math_answer(text: str) -> str:
-    """The model's final answer, normalised (EVAL.md §1.2): first rule that fires of
+    """The model's final answer, normalised (PA: third_party/math_eval/parser.py:extract_answer): first rule that fires of
     Minerva "final answer is $..$. I hope" -> last \\boxed{} -> "he answer is" -> "final answer is"
     -> last number; then newline/colon/period/slash clean-up and `strip_string`."""
     text = str(text).replace("ки", "")
@@ -188,7 +188,7 @@ _NUM_SCALES = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 
 
 def words_to_number(s: str) -> int | None:
     """'twenty-five' -> 25, 'one hundred and five' -> 105; None unless the WHOLE string is
-    English number words (the release uses word2number for this, EVAL.md §1.3 step 5)."""
+    English number words (the release uses word2number for this, `strip_string` step 5)."""
     toks = [t for t in re.split(r"[\s\-]+", s.strip().lower()) if t and t != "and"]
     if not toks or len(toks) > 12:
         return None
@@ -256,7 +256,8 @@ def _fix_a_slash_b(s: str) -> str:
 
 
 def strip_string(s: str) -> str:
-    """Normalise a math answer (EVAL.md §1.3, applied to prediction and gold alike)."""
+    """Normalise a math answer (PA: third_party/math_eval/parser.py:strip_string, applied to
+    prediction and gold alike; the step numbers below follow its order)."""
     s = str(s).strip().replace("\n", "").rstrip(".").replace("\\!", "")
     # step 1: every matrix flavour becomes pmatrix
     s = re.sub(r"\\begin\{array\}\{[^{}]*\}", r"\\begin{pmatrix}", s)
@@ -570,23 +571,8 @@ class _LatexParser:
 
     def command(self, name):
         sp = _sympy()
-        if name == "frac":
-            num, den = self.script(), self.script()
-            if den == 0:
-                raise LatexParseError("division by zero")
-            return num / den
-        if name == "binom":
-            n, k = self.script(), self.script()
-            if not (n.is_Integer and k.is_Integer and 0 <= k <= n <= 1000):
-                raise LatexParseError("binom needs small integers")
-            return sp.binomial(n, k)
-        if name == "sqrt":
-            if self.peek() == ("op", "["):
-                idx = self.group("[", "]")
-                if not (idx.is_Integer and 1 < idx <= 100):
-                    raise LatexParseError("root index must be a small integer")
-                return sp.root(self.script(), idx)
-            return sp.sqrt(self.script())
+        if name in ("frac", "binom", "sqrt"):
+            return getattr(self, name)()
         if name == "pi":
             return sp.pi
         if name == "infty":
@@ -598,26 +584,53 @@ class _LatexParser:
         if name in _SKIP_CMDS:
             return self.atom()
         if name in _FUNCS:
-            base = None
-            if name == "log" and self.peek() == ("op", "_"):
-                self.take()
-                base = self.script()
-            power = None
-            if self.peek() == ("op", "^"):  # \sin^2 x
-                self.take()
-                power = self.script()
-            arg = self.power() if self.peek()[1] not in "([{" else self.atom()
-            f = {"sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "sec": sp.sec, "csc": sp.csc,
-                 "cot": sp.cot, "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan,
-                 "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "ln": sp.log,
-                 "exp": sp.exp}.get(name)
-            if name == "exp":
-                v = arg.evalf(15) if arg.is_number else None
-                if v is not None and v.is_real and abs(v) > MAX_EXPONENT:
-                    raise LatexParseError("exponent too large")
-            out = (sp.log(arg, base) if base is not None else sp.log(arg)) if name == "log" else f(arg)
-            return self.pow(out, power) if power is not None else out
+            return self.function(name)
         raise LatexParseError(f"command \\{name} is not a value")
+
+    def frac(self):
+        num, den = self.script(), self.script()
+        if den == 0:
+            raise LatexParseError("division by zero")
+        return num / den
+
+    def binom(self):
+        n, k = self.script(), self.script()
+        if not (n.is_Integer and k.is_Integer and 0 <= k <= n <= 1000):
+            raise LatexParseError("binom needs small integers")
+        return _sympy().binomial(n, k)
+
+    def sqrt(self):
+        sp = _sympy()
+        if self.peek() == ("op", "["):
+            idx = self.group("[", "]")
+            if not (idx.is_Integer and 1 < idx <= 100):
+                raise LatexParseError("root index must be a small integer")
+            return sp.root(self.script(), idx)
+        return sp.sqrt(self.script())
+
+    def function(self, name):
+        """\\sin x, \\sin^2 x, \\log_b x, \\exp(x), ...: an optional base and power, then the argument."""
+        sp = _sympy()
+        base = None
+        if name == "log" and self.peek() == ("op", "_"):
+            self.take()
+            base = self.script()
+        power = None
+        if self.peek() == ("op", "^"):  # \sin^2 x
+            self.take()
+            power = self.script()
+        arg = self.power() if self.peek()[1] not in "([{" else self.atom()
+        if name == "exp":
+            v = arg.evalf(15) if arg.is_number else None
+            if v is not None and v.is_real and abs(v) > MAX_EXPONENT:
+                raise LatexParseError("exponent too large")
+        if name == "log":
+            out = sp.log(arg, base) if base is not None else sp.log(arg)
+        else:
+            out = {"sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "sec": sp.sec, "csc": sp.csc,
+                   "cot": sp.cot, "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan,
+                   "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "ln": sp.log, "exp": sp.exp}[name](arg)
+        return self.pow(out, power) if power is not None else out
 
 
 def latex_to_sympy(s: str):
@@ -668,7 +681,7 @@ def _sympy_non_finite(e) -> bool:
 
 
 def _sympy_equal(a, b) -> bool:
-    """[EVAL.md §1.4 step 8] a == b; simplify(a - b) == 0; numeric isclose 1e-4; a.equals(b).
+    """[grader.py `symbolic_equal`] a == b; simplify(a - b) == 0; numeric isclose 1e-4; a.equals(b).
 
     Infinite and undefined values (oo, zoo, nan; also numbers beyond float range such as 10^309)
     are equal only to themselves (a == b): `inf <= 1e-4 * inf` once made \infty equal every finite
@@ -699,7 +712,7 @@ def _sympy_equal(a, b) -> bool:
 
 
 def _parse_either(s: str):
-    """latex_to_sympy(s), else of s with '\\\\' -> '\\', else None (EVAL.md §1.4 step 8)."""
+    """latex_to_sympy(s), else of s with '\\\\' -> '\\', else None (grader.py `symbolic_equal`)."""
     for cand in (s, s.replace("\\\\", "\\")):
         try:
             return latex_to_sympy(cand)
@@ -721,13 +734,13 @@ def _symbolic_work(pred: str, gold: str) -> bool:
 
 # --- the hard time limit: a killable worker process (DEVIATION 2) -------------------------------
 #
-# The release runs every comparison in a pebble process pool with a 3 s timeout (EVAL.md §1.4 step
-# 9). A thread cannot be stopped and SIGALRM only works in the main thread and not inside C code,
-# so we keep one persistent child process (plus a warm spare) that does all sympy work. The parent
+# The release runs every comparison in a pebble process pool with a 3 s timeout (grader.py). A
+# thread cannot be stopped and SIGALRM only works in the main thread and not inside C code, so we
+# keep one persistent child process (plus a warm spare) that does all sympy work. The parent
 # writes a JSON request line {"a", "b", "t"} to its stdin and waits for a "1"/"0" line at most t
 # + GRACE_S seconds; on silence it SIGKILLs the child, reaps it and promotes the spare, so no work
 # outlives the call. Only strings cross the pipe (no pickle of model output). Start-up (python +
-# sympy import, ~1-2 s) happens once, outside any comparison's clock, like the release's pool.
+# sympy import) happens once, outside any comparison's clock, like the release's pool.
 
 _WORKER_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import graders; graders._worker_main()"
 
@@ -878,8 +891,8 @@ def shutdown_symbolic_pool() -> None:
 
 def symbolic_equal(pred: str, gold: str, timeout_s: float = 3.0, deadline: float | None = None) -> bool:
     """Are the two LaTeX strings symbolically equal? Decided in the worker process within
-    min(timeout_s, deadline - now) seconds (+ GRACE_S to kill it); a timeout scores 0 (EVAL.md §1.4
-    step 9). timeout_s None or <= 0 runs in this process with no limit (trusted input only)."""
+    min(timeout_s, deadline - now) seconds (+ GRACE_S to kill it); a timeout scores 0 (as in
+    grader.py). timeout_s None or <= 0 runs in this process with no limit (trusted input only)."""
     if timeout_s is None or timeout_s <= 0:
         _warm_sympy()
         return _symbolic_work(pred, gold)
@@ -956,15 +969,80 @@ def _matrix_cells(s: str) -> list[list[str]] | None:
     return [r.split("&") for r in rows]
 
 
+def _plain_match(pred: str, gold: str, release_reward: bool) -> bool:
+    """grader.py steps 1-2: string match (case-sensitive in the RL reward), multiple-choice gold
+    (not in the RL reward)."""
+    if (pred.strip() == gold.strip()) if release_reward else (pred.strip().lower() == gold.strip().lower()):
+        return True
+    return not release_reward and gold in ("A", "B", "C", "D", "E") and _choice_clean(pred) == gold
+
+
+def _numeric_verdict(pred: str, gold: str) -> bool | None:
+    """grader.py step 3: both plain numbers -> compared with the release's /100, x100 leniency and
+    NO symbolic fallback; None when either side is not a plain number."""
+    pn, gn = parse_number(pred), parse_number(gold)
+    if pn is None or gn is None:
+        return None
+    return any(math.isclose(pn, g, rel_tol=1e-4) for g in (gn / 100, gn, gn * 100))
+
+
+def _bracket_free_match(pred: str, gold: str) -> bool:
+    """grader.py step 5: outer brackets and every { } ( ) removed, compared case-insensitively."""
+    p, g = pred, gold
+    if (p.startswith("[") and p.endswith("]") and not g.startswith("(")) or \
+            (p.startswith("(") and p.endswith(")") and not g.startswith("[")):
+        p, g = p[1:-1], g.strip("[]()")
+    for ch in "{}()":
+        p, g = p.replace(ch, ""), g.replace(ch, "")
+    return p.lower() == g.lower()
+
+
+def _parts_verdict(pred: str, gold: str, timeout_s, kw: dict) -> bool | None:
+    """grader.py step 6: tuples / intervals (DEVIATION 4: bracket types must agree) and matrices,
+    compared part by part; None when neither shape applies."""
+    if re.fullmatch(r"[(\[].+[)\]]", pred, flags=re.S) and re.fullmatch(r"[(\[].+[)\]]", gold, flags=re.S):
+        pp, gp = _split_top_level(pred[1:-1], ","), _split_top_level(gold[1:-1], ",")
+        if len(pp) == len(gp) and len(pp) > 1:
+            if pred[0] != gold[0] or pred[-1] != gold[-1]:
+                return False
+            return all(math_equal(a, b, timeout_s, **kw) for a, b in zip(pp, gp))
+    pm, gm = _matrix_cells(pred), _matrix_cells(gold)
+    if pm is None or gm is None:
+        return None
+    if len(pm) != len(gm) or any(len(a) != len(b) for a, b in zip(pm, gm)):
+        return False
+    return all(math_equal(a, b, timeout_s, **kw) for ra, rb in zip(pm, gm) for a, b in zip(ra, rb))
+
+
+def _equation_verdict(pred: str, gold: str, timeout_s, kw: dict) -> bool | None:
+    """grader.py step 7: two equations compare lhs - (rhs) up to sign; an equation against a value
+    compares its right side when its left side is short ("x=3" vs "3"); None: no '=' involved."""
+    n_p, n_g = pred.count("="), gold.count("=")
+    if n_p == 1 and n_g == 1:
+        pl, pr = pred.split("=")
+        gl, gr = gold.split("=")
+        d1, d2 = f"{pl}-({pr})", f"{gl}-({gr})"
+        return (symbolic_equal(d1, d2, timeout_s, kw["_deadline"])
+                or symbolic_equal(d1, f"-({d2})", timeout_s, kw["_deadline"]))
+    if n_p == 1 and n_g == 0:
+        pl, pr = pred.split("=")
+        return len(pl.strip()) <= 2 and math_equal(pr, gold, timeout_s, **kw)
+    if n_g == 1 and n_p == 0:
+        gl, gr = gold.split("=")
+        return len(gl.strip()) <= 2 and math_equal(pred, gr, timeout_s, **kw)
+    return None
+
+
 def math_equal(pred: str, gold: str, timeout_s: float = 3.0, *, release_reward: bool = False,
                _depth: int = 0, _deadline: float | None = None) -> bool:
-    """Is the answer `pred` equivalent to `gold`? (EVAL.md §1.4; both sides are normalised with
-    `strip_string` first, so raw answers such as '\\dfrac12' and '0.5' may be passed.)
+    """Is the answer `pred` equivalent to `gold`? (PA: third_party/math_eval/grader.py:math_equal;
+    both sides are normalised with `strip_string` first, so raw answers such as '\\dfrac12' and
+    '0.5' may be passed.)
 
     `timeout_s` bounds the whole call (all symbolic sub-comparisons of tuples, matrices and
     equations share one deadline), enforced by killing the worker process (DEVIATION 2).
-    `release_reward=True` is the RL reward's variant (EVAL.md §2): case-sensitive first string
-    test and no A-E step."""
+    `release_reward=True` is the RL reward's variant (PA: train/peft_arena_verl/utils/
+    reward_score/math_rlvr.py): case-sensitive first string test and no A-E step."""
     if pred is None or gold is None:
         return False
     pred, gold = str(pred), str(gold)
@@ -974,62 +1052,21 @@ def math_equal(pred: str, gold: str, timeout_s: float = 3.0, *, release_reward: 
         _deadline = time.monotonic() + timeout_s
     kw = {"release_reward": release_reward, "_depth": _depth + 1, "_deadline": _deadline}
     pred, gold = strip_string(pred), strip_string(gold)
-    # step 1: plain string match (case-sensitive in the RL reward)
-    if (pred.strip() == gold.strip()) if release_reward else (pred.strip().lower() == gold.strip().lower()):
+    if _plain_match(pred, gold, release_reward):                       # steps 1-2
         return True
-    # step 2: multiple-choice gold (not in the RL reward)
-    if not release_reward and gold in ("A", "B", "C", "D", "E") and _choice_clean(pred) == gold:
-        return True
-    # step 3: numeric branch, with the release's /100, x100 leniency and NO symbolic fallback
-    pn, gn = parse_number(pred), parse_number(gold)
-    if pn is not None and gn is not None:
-        for g in (gn / 100, gn, gn * 100):
-            if math.isclose(pn, g, rel_tol=1e-4):
-                return True
-        return False
-    # step 4
-    if not pred:
+    verdict = _numeric_verdict(pred, gold)                             # step 3
+    if verdict is not None:
+        return verdict
+    if not pred:                                                       # step 4
         return False
     if "pmatrix" in pred and "pmatrix" not in gold and re.fullmatch(r"\{.*\}", gold):
         gold = "\\begin{pmatrix}" + gold[1:-1].replace(",", "\\\\") + "\\end{pmatrix}"
-    # step 5: bracket-insensitive string match
-    p, g = pred, gold
-    if (p.startswith("[") and p.endswith("]") and not g.startswith("(")) or \
-            (p.startswith("(") and p.endswith(")") and not g.startswith("[")):
-        p, g = p[1:-1], g.strip("[]()")
-    for ch in "{}()":
-        p, g = p.replace(ch, ""), g.replace(ch, "")
-    if p.lower() == g.lower():
+    if _bracket_free_match(pred, gold):                                # step 5
         return True
-    # step 6: tuples / intervals (DEVIATION 4: bracket types must agree) and matrices
-    if re.fullmatch(r"[(\[].+[)\]]", pred, flags=re.S) and re.fullmatch(r"[(\[].+[)\]]", gold, flags=re.S):
-        pp, gp = _split_top_level(pred[1:-1], ","), _split_top_level(gold[1:-1], ",")
-        if len(pp) == len(gp) and len(pp) > 1:
-            if pred[0] != gold[0] or pred[-1] != gold[-1]:
-                return False
-            return all(math_equal(a, b, timeout_s, **kw) for a, b in zip(pp, gp))
-    pm, gm = _matrix_cells(pred), _matrix_cells(gold)
-    if pm is not None and gm is not None:
-        if len(pm) != len(gm) or any(len(a) != len(b) for a, b in zip(pm, gm)):
-            return False
-        return all(math_equal(a, b, timeout_s, **kw) for ra, rb in zip(pm, gm) for a, b in zip(ra, rb))
-    # step 7: equations
-    if pred.count("=") == 1 and gold.count("=") == 1:
-        pl, pr = pred.split("=")
-        gl, gr = gold.split("=")
-        d1, d2 = f"{pl}-({pr})", f"{gl}-({gr})"
-        return (symbolic_equal(d1, d2, timeout_s, _deadline)
-                or symbolic_equal(d1, f"-({d2})", timeout_s, _deadline))
-    if pred.count("=") == 1 and gold.count("=") == 0:
-        pl, pr = pred.split("=")
-        if len(pl.strip()) <= 2:
-            return math_equal(pr, gold, timeout_s, **kw)
-        return False
-    if gold.count("=") == 1 and pred.count("=") == 0:
-        gl, gr = gold.split("=")
-        if len(gl.strip()) <= 2:
-            return math_equal(pred, gr, timeout_s, **kw)
-        return False
+    for step in (_parts_verdict, _equation_verdict):                   # steps 6, 7
+        verdict = step(pred, gold, timeout_s, kw)
+        if verdict is not None:
+            return verdict
     # step 8: symbolic equivalence under a time limit (step 9)
     return symbolic_equal(pred, gold, timeout_s, _deadline)
 
@@ -1044,9 +1081,9 @@ def grade_math(response: str, gold, timeout_s: float = 3.0) -> bool:
 
 
 def extract_reward_answer(text: str) -> str:
-    """The RL reward's extraction (EVAL.md §2; PA: .../reward_score/math_rlvr.py): last boxed{...}
+    """The RL reward's extraction (PA: train/peft_arena_verl/utils/reward_score/math_rlvr.py): last boxed{...}
     -> text after the last "he answer is" -> last number; first line; one leading ':' and one
-    trailing '.' and '/' dropped; then `strip_string` (ours, DEVIATION 16)."""
+    trailing '.' and '/' dropped; then `strip_string` (ours, DEVIATION 9)."""
     text = str(text)
     if "boxed" in text:
         ans = last_boxed_content(text) or ""
@@ -1063,14 +1100,14 @@ def extract_reward_answer(text: str) -> str:
 
 
 def grade_reward(response: str, gold, timeout_s: float = 3.0) -> bool:
-    """The release's binary RL reward (PAPER.md §5 "Reward", EVAL.md §2): `extract_reward_answer`
+    """The release's binary RL reward (PEFT-Arena §RLVR "Reward"; PA: .../reward_score/math_rlvr.py): `extract_reward_answer`
     + `math_equal(release_reward=True)` against reward_model.ground_truth (a number or, for the
     medical data, a letter such as "C"), under the same enforced time limit as `grade_math`."""
     return math_equal(extract_reward_answer(response), str(gold), timeout_s, release_reward=True)
 
 
 # -----------------------------------------------------------------------------
-# 2. Medical letter extraction (EVAL.md §3; PA: third_party/med_eval/utils/extract_answer.py)
+# 2. Medical letter extraction (PA: third_party/med_eval/utils/extract_answer.py)
 
 OPTION_LETTERS = "ABCDEFGHIJKLMN"
 _CJK = "\u4e00-\u9fff"
@@ -1133,7 +1170,7 @@ def grade_choice(response: str, gold: str, options="ABCDE") -> bool:
 
 
 # -----------------------------------------------------------------------------
-# 3. BBH (EVAL.md §4; OC: opencompass/datasets/bbh.py)
+# 3. BBH (OC: opencompass/datasets/bbh.py)
 
 BBH_MCQ_TASKS = (
     "temporal_sequences", "disambiguation_qa", "date_understanding",
@@ -1176,7 +1213,7 @@ def bbh_extract_free(text: str) -> str:
 
 
 def bbh_kind(task: str | None, gold: str | None = None) -> str:
-    """'mcq' or 'free' for a task name (DEVIATION 10: unknown names go by the gold's shape)."""
+    """'mcq' or 'free' for a task name (note b: unknown names go by the gold's shape)."""
     if task in BBH_MCQ_TASKS:
         return "mcq"
     if task in BBH_FREE_TASKS:
@@ -1203,7 +1240,7 @@ def grade_bbh(response: str, gold: str, task: str | None = None) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# 4. NQ-open (EVAL.md §6; OC: opencompass/datasets/natural_question.py + general_postprocess)
+# 4. NQ-open (OC: opencompass/datasets/natural_question.py + general_postprocess)
 
 def nq_normalize(s) -> str:
     """OpenCompass `general_postprocess` + lower-casing: cut at the first newline/'.'/',', drop
@@ -1238,7 +1275,7 @@ def _squad_normalize(s: str) -> str:
 
 
 def nq_exact_match(pred, golds) -> bool:
-    """True exact match (DEVIATION 9): first line, after the last 'answer is', cut at '.'/',',
+    """True exact match (note a): first line, after the last 'answer is', cut at '.'/',',
     SQuAD normalisation, equal to some normalised gold."""
     golds = [golds] if isinstance(golds, str) else list(golds)
     p = re.split(r"[.,]", _nq_prediction(pred), maxsplit=1)[0]
@@ -1247,7 +1284,7 @@ def nq_exact_match(pred, golds) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# 5. IFEval (EVAL.md §5; google-research instruction_following_eval, identical in OC and lm-eval)
+# 5. IFEval (google-research instruction_following_eval, identical in OC and lm-eval)
 
 def _compare(count: int, relation: str, n: int, where: str) -> bool:
     """IFEval's two relations: 'less than' -> count < n, 'at least' -> count >= n."""
@@ -1273,7 +1310,7 @@ def _load_nltk():
 def _load_langdetect():
     try:
         import langdetect
-        langdetect.DetectorFactory.seed = 0  # EVAL.md §7: deterministic detection
+        langdetect.DetectorFactory.seed = 0  # deterministic detection, as the reference harnesses seed it
         return langdetect
     except Exception:  # noqa: BLE001
         return None
@@ -1349,7 +1386,7 @@ def ensure_ifeval_data(download: bool = True) -> list[str]:
     for m in msgs:
         print(f"[evaluate] WARNING: {m}; IFEval uses a built-in fallback there "
               f"(backends: {IFEVAL_BACKENDS}), which differs from the reference on some responses "
-              "(DEVIATION 7); the result file records it as ifeval_fallback_used.", file=sys.stderr)
+              "(graders.py DEVIATION 7); the result file records it as ifeval_fallback_used.", file=sys.stderr)
     return msgs
 
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc",
@@ -1562,7 +1599,7 @@ def _chk_nth_paragraph_first_word(r, num_paragraphs, nth_paragraph, first_word):
     return n_nonblank == num_paragraphs and got == first_word.lower()
 
 
-def count_placeholders(r: str) -> int:  # DEVIATION 15 (same result, linear time)
+def count_placeholders(r: str) -> int:  # note c (same result, linear time)
     """len(re.findall(r"\\[.*?\\]", r)) in linear time (the regex is quadratic on a long line of
     '[' without ']'). Per line: each '[' pairs with the next ']'; once a '[' finds no ']', no
     later '[' of that line can."""
@@ -1578,7 +1615,7 @@ def count_placeholders(r: str) -> int:  # DEVIATION 15 (same result, linear time
     return n
 
 
-def find_titles(r: str) -> list[str]:  # DEVIATION 15 (same result, linear time)
+def find_titles(r: str) -> list[str]:  # note c (same result, linear time)
     """re.findall(r"<<[^\\n]+>>", r) in linear time. Per line at most one match: it starts at the
     first '<<' and, [^\\n]+ being greedy, ends at the line's last '>>' (at least one character
     inside); nothing after that last '>>' can match again."""
@@ -1621,7 +1658,7 @@ def _chk_postscript(r, postscript_marker):
 _NON_SPACE = re.compile(r"\S")
 
 
-def count_line_marks(r: str, mark: str) -> int:  # DEVIATION 15 (same result, linear time)
+def count_line_marks(r: str, mark: str) -> int:  # note c (same result, linear time)
     """len(re.findall(r"^\\s*\\*[^\\*].*$", r, re.M)) for mark '*' and
     len(re.findall(r"^\\s*-.*$", r, re.M)) for mark '-', in linear time.
 
@@ -1793,7 +1830,7 @@ def ifeval_slots(item: dict, response: str) -> list[dict]:
     if len(ids) != len(kws):
         raise ValueError(f"IFEval item {item.get('id', item.get('key'))}: {len(ids)} instruction ids "
                          f"but {len(kws)} kwargs dicts")
-    if len(str(response)) > MAX_IFEVAL_CHARS:                  # DEVIATION 18
+    if len(str(response)) > MAX_IFEVAL_CHARS:                  # note d
         return [{"id": i, "strict": False, "loose": False} for i in ids]
     _BUILTIN_ONLY.on = item.get("checkers") == "builtin"      # toy items: see _BUILTIN_ONLY
     try:

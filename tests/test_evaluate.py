@@ -16,7 +16,7 @@ import graders as gr
 import toy_world as tw
 
 # -----------------------------------------------------------------------------
-# Math: answers (math_equal) and whole responses (grade_math), EVAL.md §1.2-1.4
+# Math: answers (math_equal) and whole responses (grade_math), PA: third_party/math_eval/{parser,grader}.py
 
 MATH_EQUAL_CASES = [
     # (pred, gold, expected)
@@ -74,7 +74,7 @@ def test_math_equal(pred, gold, expected):
 
 
 GRADE_MATH_CASES = [
-    (r"So the answer is $\boxed{\dfrac12}$.", r"\frac{1}{2}", True),   # EVAL.md §10 vector
+    (r"So the answer is $\boxed{\dfrac12}$.", r"\frac{1}{2}", True),   # the release's behaviour
     (r"Thus \boxed{\frac{3}{4}}.", "0.75", True),
     (r"First \boxed{1}, then correcting, \boxed{2}.", "2", True),      # the LAST box counts
     (r"First \boxed{1}, then correcting, \boxed{2}.", "1", False),
@@ -87,7 +87,7 @@ GRADE_MATH_CASES = [
     (r"\boxed{x = 3}", "3", True),
     (r"\boxed{(3,\frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", True),
     ("The answer is 27", 27.0, True),
-    (r"\boxed{756}", "756", True),                                       # PAPER.md §11 vector
+    (r"\boxed{756}", "756", True),                                       # the release's reward test
     (r"\boxed{C}", "C", True),
     (r"\boxed{12}", ["11", "12"], True),                                 # list of golds
 ]
@@ -210,11 +210,12 @@ def test_time_limit_main_thread_and_worker_thread():
 
 
 # -----------------------------------------------------------------------------
-# Medical letter extraction (EVAL.md §3, the release's match_choice, last letter)
+# Medical letter extraction (PA: third_party/med_eval/utils/extract_answer.py:match_choice,
+# last letter)
 
 MED_CASES = [
     # (text, options, expected last letter)
-    (r"so the final answer is \boxed{C}", "ABCD", "C"),             # EVAL.md §10 vector
+    (r"so the final answer is \boxed{C}", "ABCD", "C"),             # the release's behaviour
     ("The answer is B", "ABCD", "B"),                                # strict rule
     ("The answer is (C).", "ABCDE", "C"),                            # toy format
     ("answer is A. Wait, actually the answer is D", "ABCD", "D"),    # last strict match
@@ -249,7 +250,7 @@ def test_extract_choice_letter(text, options, expected):
 
 
 def test_choice_release_quirk_and_grading():
-    # guard off = the release's behaviour: the pronoun becomes option I (EVAL.md §10)
+    # guard off = the release's behaviour: the pronoun becomes option I (the release's quirk)
     assert gr.extract_choice_letter(r"\boxed{B}. I hope this helps", "ABCDEFGHIJ", guard_pronoun_i=False) == "I"
     assert gr.grade_choice("The answer is (C).", "c") is True
     assert gr.grade_choice("The answer is (C).", "D") is False
@@ -257,7 +258,7 @@ def test_choice_release_quirk_and_grading():
 
 
 # -----------------------------------------------------------------------------
-# BBH (EVAL.md §4): multiple-choice and free-form extraction, case-sensitive exact match
+# BBH (OC: opencompass/datasets/bbh.py): multiple-choice and free-form extraction, case-sensitive exact match
 
 BBH_CASES = [
     # (response, gold, task, expected)
@@ -301,7 +302,7 @@ def test_bbh_extractors():
 
 
 # -----------------------------------------------------------------------------
-# NQ-open (EVAL.md §6): containment (the paper's rule) and true exact match
+# NQ-open (OC: opencompass/datasets/natural_question.py): containment (the paper's rule) and true exact match
 
 NQ_CASES = [
     # (prediction, golds, contains, exact_match)
@@ -343,7 +344,7 @@ def test_nq_normalize():
 
 
 # -----------------------------------------------------------------------------
-# IFEval (EVAL.md §5): every checker passes one case and fails one, strict and loose
+# IFEval (google-research instruction_following_eval): every checker passes one case and fails one, strict and loose
 
 IFEVAL_CASES = [
     # (id, kwargs, passing response, failing response)
@@ -413,7 +414,7 @@ def test_ifeval_loose_only(iid, kwargs, response):
 
 
 def test_ifeval_reference_vectors_and_hub_kwargs():
-    # EVAL.md §10 vectors
+    # the reference checkers' behaviour
     assert gr.ifeval_check("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "", "*** a *** b")
     assert gr.ifeval_check("startend:end_checker", {"end_phrase": "Is there anything else I can help with?"},
                            "", '"Sure. Is there anything else I can help with?"')

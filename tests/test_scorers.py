@@ -395,7 +395,7 @@ def test_real_run_writes_and_prints_fallback_use(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("response,gold,expected", [
     (r"The final answer is \boxed{C}. Option A is wrong because of B.", "C", 1.0),
-    (r"\boxed{C}", "C", 1.0),                                    # EVAL.md §10 reward vector
+    (r"\boxed{C}", "C", 1.0),                                    # the release's reward test
     (r"\boxed{756}", "756", 1.0),                                # same reward for math data
     ("X is treated with latol. The answer is (C).", "C", 1.0),   # "he answer is" rule
     (r"The final answer is \boxed{B}. Not C.", "C", 0.0),
