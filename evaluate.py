@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import loading
@@ -751,7 +752,6 @@ def _run_work(todo, done: dict, key: str, *, model, tokenizer, settings: dict, s
         gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=settings["max_new_tokens"],
                                          temperature=settings["temperature"], top_p=settings["top_p"])
     if progress:
-        from tqdm import tqdm
         chunks = tqdm(chunks, desc="generate", unit="batch")
     for chunk in chunks:
         if backend == "vllm":
@@ -1132,12 +1132,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g = ap.add_argument_group("what to score")
-    g.add_argument("--suite", default=None, choices=["toy", "math", "med", "general", "all"],
+    g.add_argument("--suite", default=None, choices=["toy", *SUITES],
                    help="default: toy for --model toy; a real model must name its suite (toy items "
                    "on a real model only when asked: --suite toy)")
     g.add_argument("--domain", default=None, choices=["math", "med"],
                    help="which target counts as target_score (toy default: math; real: the suite's)")
-    g.add_argument("--extra", nargs="*", default=[], choices=["gsm8k"], help="extra benchmarks (not in the paper's mean)")
+    g.add_argument("--extra", nargs="*", default=[], choices=[n for n, r in BENCHMARKS.items() if r["axis"] == "extra"],
+                   help="extra benchmarks (not in the paper's mean)")
     g.add_argument("--limit", type=int, default=None, help="items per benchmark (per BBH task / m1 source); default all")
     g.add_argument("--n-per-family", type=int, default=200, help="toy items per family")
     g.add_argument("--families", nargs="*", default=None, help="toy families (default: all five)")
@@ -1260,7 +1261,8 @@ def _run_real(args, out, base_general, t0: float, context_suites) -> dict:
     backend, model, tok, llm, ainfo = _load_real(args, names, items, paths, context_suites)
     overrides_math = {"n": None if args.num_samples < 0 else args.num_samples,
                       "temperature": None if args.temperature < 0 else args.temperature}
-    if "ifeval" in names:   # first real use: fetch punkt_tab, warn about fallbacks
+    uses_ifeval = any(BENCHMARKS[n]["scorer"] == "ifeval" for n in names)
+    if uses_ifeval:   # first real use: fetch punkt_tab, warn about fallbacks
         ensure_ifeval_data()
         ifeval_fallbacks_used(reset=True)
     bench = {}
@@ -1277,7 +1279,7 @@ def _run_real(args, out, base_general, t0: float, context_suites) -> dict:
            "benchmarks": bench, "backend": backend, "limit": args.limit,
            "total_seconds": round(time.time() - t0, 2)}
     res.update(summarize_suite(bench, domain=domain, base_general=base_general))
-    res["ifeval_fallback_used"] = ifeval_fallbacks_used() if "ifeval" in names else []
+    res["ifeval_fallback_used"] = ifeval_fallbacks_used() if uses_ifeval else []
     if res["ifeval_fallback_used"]:
         print(f"[evaluate] WARNING: IFEval used built-in fallbacks for {res['ifeval_fallback_used']} "
               "(not the reference's nltk/langdetect); see ifeval_fallback_used in results.json",

@@ -319,15 +319,9 @@ class LatexParseError(ValueError):
     """The string is outside the supported LaTeX subset or exceeds a resource bound."""
 
 
-_sympy_mod = None
-
-
 def _sympy():
-    global _sympy_mod
-    if _sympy_mod is None:
-        import sympy
-        _sympy_mod = sympy
-    return _sympy_mod
+    import sympy   # heavy: imported on the first symbolic comparison (in the worker, at start-up)
+    return sympy
 
 
 _GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu "
@@ -572,7 +566,7 @@ class _LatexParser:
     def command(self, name):
         sp = _sympy()
         if name in ("frac", "binom", "sqrt"):
-            return getattr(self, name)()
+            return {"frac": self.frac, "binom": self.binom, "sqrt": self.sqrt}[name]()
         if name == "pi":
             return sp.pi
         if name == "infty":
@@ -859,9 +853,6 @@ class SymbolicPool:
             w.kill()
             self.active = None
             return None
-
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in (self.active, self.spare) if w is not None]
 
     def shutdown(self) -> None:
         with self.lock:
@@ -1481,6 +1472,21 @@ _STOPWORDS = {
 _STOPWORDS = {k: set(v.split()) for k, v in _STOPWORDS.items()}
 
 
+def _by_distinctive_letters(script: str, text: str) -> str:
+    """Cyrillic: Ukrainian / Russian / Bulgarian; Arabic script: Urdu / Persian / Arabic."""
+    if script == "cyrillic":
+        if re.search("[іїєґ]", text.lower()):
+            return "uk"
+        if re.search("[ыэё]", text.lower()):
+            return "ru"
+        return "bg" if text.lower().count("ъ") > 0 else "ru"
+    if re.search("[ٹڈڑںےھ]", text):
+        return "ur"
+    if re.search("[پچژگکی]", text):
+        return "fa"
+    return "ar"
+
+
 def detect_language(text: str) -> str | None:
     """ISO-639-1 code of `text`, or None when undecidable (IFEval then passes the check).
 
@@ -1508,18 +1514,8 @@ def detect_language(text: str) -> str | None:
         return None
     if script == "han":  # kanji without kana: IFEval has no Chinese, so Japanese
         return "ja"
-    if script == "cyrillic":
-        if re.search("[іїєґ]", text.lower()):
-            return "uk"
-        if re.search("[ыэё]", text.lower()):
-            return "ru"
-        return "bg" if text.lower().count("ъ") > 0 else "ru"
-    if script == "arabic":
-        if re.search("[ٹڈڑںےھ]", text):
-            return "ur"
-        if re.search("[پچژگکی]", text):
-            return "fa"
-        return "ar"
+    if script in ("cyrillic", "arabic"):
+        return _by_distinctive_letters(script, text)
     words = re.findall(r"\w+", text.lower())
     if script == "devanagari":
         cands = ["hi", "mr", "ne"]
