@@ -1091,9 +1091,9 @@ def extract_reward_answer(text: str) -> str:
 
 
 def grade_reward(response: str, gold, timeout_s: float = 3.0) -> bool:
-    """The release's binary RL reward (PEFT-Arena §RLVR "Reward"; PA: .../reward_score/math_rlvr.py): `extract_reward_answer`
-    + `math_equal(release_reward=True)` against reward_model.ground_truth (a number or, for the
-    medical data, a letter such as "C"), under the same enforced time limit as `grade_math`."""
+    """The release's binary RL reward (PEFT-Arena §RLVR "Reward"; PA: .../reward_score/math_rlvr.py):
+    `extract_reward_answer` + `math_equal(release_reward=True)` against reward_model.ground_truth
+    (a number or, for the medical data, a letter such as "C"), under `grade_math`'s time limit."""
     return math_equal(extract_reward_answer(response), str(gold), timeout_s, release_reward=True)
 
 
@@ -1852,26 +1852,24 @@ def ifeval_accuracies(slot_lists: list[list[dict]]) -> dict:
 # -----------------------------------------------------------------------------
 # 6. One entry point for every scored item (toy world and real benchmarks)
 
-SCORERS = ("math", "choice", "bbh", "nq", "ifeval")
+def _ifeval_strict_fraction(item: dict, response: str) -> float:
+    slots = ifeval_slots(item, response)
+    return sum(s["strict"] for s in slots) / max(1, len(slots))
+
+
+# item["scorer"] -> (item, response) -> score; a new kind of answer is one entry here
+SCORERS = {
+    "math": lambda item, r: grade_math(r, item.get("gold")),
+    "choice": lambda item, r: grade_choice(r, item.get("gold"), item.get("options", "ABCDE")),  # last letter
+    "bbh": lambda item, r: grade_bbh(r, item.get("gold"), item.get("subtask")),     # extraction + exact match
+    "nq": lambda item, r: nq_contains(r, item.get("gold")),                          # the paper's containment
+    "ifeval": _ifeval_strict_fraction,                   # fraction of instructions followed (strict)
+}
 
 
 def score_item(item: dict, response: str) -> float:
-    """Score one response to one item in [0, 1], dispatching on item["scorer"]:
-    math -> grade_math; choice -> last option letter; bbh -> extraction + exact match;
-    nq -> containment (the paper's rule); ifeval -> fraction of instructions followed (strict)."""
+    """Score one response to one item in [0, 1], dispatching on item["scorer"] (see SCORERS)."""
     scorer = item.get("scorer")
-    gold = item.get("gold")
-    if scorer == "math":
-        return float(grade_math(response, gold))
-    if scorer == "choice":
-        return float(grade_choice(response, gold, item.get("options", "ABCDE")))
-    if scorer == "bbh":
-        return float(grade_bbh(response, gold, item.get("subtask")))
-    if scorer == "nq":
-        return float(nq_contains(response, gold))
-    if scorer == "ifeval":
-        slots = ifeval_slots(item, response)
-        return sum(s["strict"] for s in slots) / max(1, len(slots))
-    raise ValueError(f"item {item.get('id')!r}: unknown scorer {scorer!r}; expected one of {SCORERS}")
-
-
+    if scorer not in SCORERS:
+        raise ValueError(f"item {item.get('id')!r}: unknown scorer {scorer!r}; expected one of {tuple(SCORERS)}")
+    return float(SCORERS[scorer](item, response))
