@@ -133,6 +133,12 @@ def last_boxed_content(text: str) -> str | None:
 _LAST_NUMBER = re.compile(r"-?\d*\.?\d+")
 
 
+def _last_number(text: str) -> str:
+    """The last number of the text with commas removed, or "" (both extractions' last rule)."""
+    nums = _LAST_NUMBER.findall(text.replace(",", ""))
+    return nums[-1] if nums else ""
+
+
 def extract_math_answer(text: str) -> str:
     """The model's final answer, normalised (PA: third_party/math_eval/parser.py:extract_answer): first rule that fires of
     Minerva "final answer is $..$. I hope" -> last \\boxed{} -> "he answer is" -> "final answer is"
@@ -147,17 +153,10 @@ def extract_math_answer(text: str) -> str:
     elif "final answer is" in text:
         ans = text.split("final answer is")[-1].strip()
     else:
-        nums = _LAST_NUMBER.findall(text.replace(",", ""))
-        ans = nums[-1] if nums else ""
+        ans = _last_number(text)
     if len(ans) > MAX_ANSWER_CHARS:
         return ""  # DEVIATION 3
-    ans = re.sub(r"\n\s*", "", ans)
-    if ans.startswith(":"):
-        ans = ans[1:]
-    if ans.endswith("."):
-        ans = ans[:-1]
-    if ans.endswith("/"):
-        ans = ans[:-1]
+    ans = re.sub(r"\n\s*", "", ans).removeprefix(":").removesuffix(".").removesuffix("/")
     return strip_string(ans)
 
 
@@ -1081,8 +1080,7 @@ def extract_reward_answer(text: str) -> str:
     elif "he answer is" in text:
         ans = text.split("he answer is")[-1].strip()
     else:
-        nums = _LAST_NUMBER.findall(text.replace(",", ""))
-        ans = nums[-1] if nums else ""
+        ans = _last_number(text)
     if len(ans) > MAX_ANSWER_CHARS:
         return ""  # DEVIATION 3
     ans = ans.strip().split("\n")[0] if ans.strip() else ""
