@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import evaluate as ev  # noqa: E402
+import graders as gr  # noqa: E402
 
 STRING = [("\\boxed{%d}" % n, str(n)) for n in (3, 17, 204, 1000, 25)] + [
     (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"), (r"\boxed{\sqrt{2}}", r"\sqrt{2}"),
@@ -41,7 +41,7 @@ def _rate(pairs, repeat, timeout_s):
     n = 0
     for _ in range(repeat):
         for pred, gold in pairs:
-            ev.grade_math(pred, gold, timeout_s=timeout_s)
+            gr.grade_math(pred, gold, timeout_s=timeout_s)
             n += 1
     dt = time.perf_counter() - t0
     return n / dt, 1000 * dt / n
@@ -52,9 +52,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    ev.symbolic_pool().start()
+    gr.symbolic_pool().start()
     start_s = time.perf_counter() - t0
-    ev._warm_sympy()
+    gr._warm_sympy()
     mix = STRING + NUMERIC + SYMBOLIC
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, python "
           f"{platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
@@ -65,9 +65,9 @@ def main(argv=None):
             rate, ms = _rate(pairs, args.repeat, t)
             print(f"{name:<10} {len(pairs):>5} {label:<22} {rate:>9.1f} {ms:>8.2f}")
     t1 = time.perf_counter()
-    ev.grade_math(HANG, "1")
+    gr.grade_math(HANG, "1")
     print(f"hanging comparison (sin^999 + cos^999 vs 1): returns after {time.perf_counter() - t1:.2f} s "
-          f"(limit 3 s), pool stats {dict(ev.symbolic_pool().stats)}")
+          f"(limit 3 s), pool stats {dict(gr.symbolic_pool().stats)}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import time
 import pytest
 
 import evaluate as ev
+import graders as gr
+import toy_world as tw
 
 # -----------------------------------------------------------------------------
-# Math: answers (math_equal) and whole responses (grade_math), EVAL.md §1.2-1.4
+# Math: answers (math_equal) and whole responses (grade_math), PA: third_party/math_eval/{parser,grader}.py
 
 MATH_EQUAL_CASES = [
     # (pred, gold, expected)
@@ -68,11 +70,11 @@ MATH_EQUAL_CASES = [
 def test_math_equal(pred, gold, expected):
     # a generous limit: this test checks the equivalence rules, not speed (a loaded CI machine
     # must not turn a slow-but-correct comparison into a False); the time limit has its own test
-    assert ev.math_equal(pred, gold, timeout_s=60.0) is expected
+    assert gr.math_equal(pred, gold, timeout_s=60.0) is expected
 
 
 GRADE_MATH_CASES = [
-    (r"So the answer is $\boxed{\dfrac12}$.", r"\frac{1}{2}", True),   # EVAL.md §10 vector
+    (r"So the answer is $\boxed{\dfrac12}$.", r"\frac{1}{2}", True),   # the release's behaviour
     (r"Thus \boxed{\frac{3}{4}}.", "0.75", True),
     (r"First \boxed{1}, then correcting, \boxed{2}.", "2", True),      # the LAST box counts
     (r"First \boxed{1}, then correcting, \boxed{2}.", "1", False),
@@ -85,7 +87,7 @@ GRADE_MATH_CASES = [
     (r"\boxed{x = 3}", "3", True),
     (r"\boxed{(3,\frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", True),
     ("The answer is 27", 27.0, True),
-    (r"\boxed{756}", "756", True),                                       # PAPER.md §11 vector
+    (r"\boxed{756}", "756", True),                                       # the release's reward test
     (r"\boxed{C}", "C", True),
     (r"\boxed{12}", ["11", "12"], True),                                 # list of golds
 ]
@@ -93,33 +95,33 @@ GRADE_MATH_CASES = [
 
 @pytest.mark.parametrize("response,gold,expected", GRADE_MATH_CASES)
 def test_grade_math(response, gold, expected):
-    assert ev.grade_math(response, gold) is expected
+    assert gr.grade_math(response, gold) is expected
 
 
 def test_strip_string_examples():
-    assert ev.strip_string(r"\dfrac12") == r"\frac{1}{2}"
-    assert ev.strip_string(r"\left( 3, \frac{\pi}{2} \right)") == r"(3,\frac{\pi}{2})"
-    assert ev.strip_string("12.000") == "12"
-    assert ev.strip_string(".5") == "0.5"
-    assert ev.strip_string(r"\sqrt3") == r"\sqrt{3}"
-    assert ev.strip_string("k = 7") == "7"
-    assert ev.words_to_number("one hundred and five") == 105
-    assert ev.words_to_number("twenty-five") == 25
-    assert ev.words_to_number("five apples") is None
+    assert gr.strip_string(r"\dfrac12") == r"\frac{1}{2}"
+    assert gr.strip_string(r"\left( 3, \frac{\pi}{2} \right)") == r"(3,\frac{\pi}{2})"
+    assert gr.strip_string("12.000") == "12"
+    assert gr.strip_string(".5") == "0.5"
+    assert gr.strip_string(r"\sqrt3") == r"\sqrt{3}"
+    assert gr.strip_string("k = 7") == "7"
+    assert gr.words_to_number("one hundred and five") == 105
+    assert gr.words_to_number("twenty-five") == 25
+    assert gr.words_to_number("five apples") is None
 
 
 def test_latex_parser_builds_sympy_without_eval():
     sp = pytest.importorskip("sympy")
-    assert ev.latex_to_sympy(r"\frac{1}{2}") == sp.Rational(1, 2)
-    assert ev.latex_to_sympy(r"2\pi r") == 2 * sp.pi * sp.Symbol("r")
-    assert ev.latex_to_sympy(r"\sqrt[3]{8}") == 2
-    assert ev.latex_to_sympy("x^23") == sp.Symbol("x") ** 2 * 3      # LaTeX: one char superscript
-    assert ev.latex_to_sympy("|-3|") == 3
-    assert ev.latex_to_sympy("5!") == 120
-    assert ev.latex_to_sympy(r"\binom{5}{2}") == 10
+    assert gr.latex_to_sympy(r"\frac{1}{2}") == sp.Rational(1, 2)
+    assert gr.latex_to_sympy(r"2\pi r") == 2 * sp.pi * sp.Symbol("r")
+    assert gr.latex_to_sympy(r"\sqrt[3]{8}") == 2
+    assert gr.latex_to_sympy("x^23") == sp.Symbol("x") ** 2 * 3      # LaTeX: one char superscript
+    assert gr.latex_to_sympy("|-3|") == 3
+    assert gr.latex_to_sympy("5!") == 120
+    assert gr.latex_to_sympy(r"\binom{5}{2}") == 10
     for bad in ["__import__('os')", "1,2", "a=b", r"\frac{1}{0}", r"\unknown{3}", "2^{2000}", "(((1)"]:
-        with pytest.raises(ev.LatexParseError):
-            ev.latex_to_sympy(bad)
+        with pytest.raises(gr.LatexParseError):
+            gr.latex_to_sympy(bad)
 
 
 def test_pass_at_k():
@@ -155,7 +157,7 @@ def test_hostile_math_outputs_are_false_fast_and_inert(tmp_path, monkeypatch):
     import sympy.printing  # noqa: F401
     for a, b in [("\\frac{1}{2}", "0.5"), ("x^2+2x+1", "(x+1)^2"), ("\\sqrt{2}", "2^{1/2}"),
                  ("[1,2)", "[1,2)"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)")]:
-        ev.math_equal(a, b)
+        gr.math_equal(a, b)
     monkeypatch.setattr(builtins, "eval", trap)
     monkeypatch.setattr(builtins, "exec", trap)
     monkeypatch.setattr(sp, "sympify", trap)
@@ -177,7 +179,7 @@ def test_hostile_math_outputs_are_false_fast_and_inert(tmp_path, monkeypatch):
     ]
     for text in hostile:
         t0 = time.time()
-        assert ev.grade_math(text, "1") is False
+        assert gr.grade_math(text, "1") is False
         assert time.time() - t0 < 2.0, text[:60]
     assert not target.exists()
     assert not called
@@ -186,17 +188,17 @@ def test_hostile_math_outputs_are_false_fast_and_inert(tmp_path, monkeypatch):
 def test_time_limit_main_thread_and_worker_thread():
     """The hard limit holds from the main thread and from another thread (the worker process
     does the sympy work, so no thread is left behind; tests/test_scorers.py has the details)."""
-    ev.symbolic_pool().start()
+    gr.symbolic_pool().start()
     hang = r"\boxed{\sin^{999}(x)+\cos^{999}(x)}"
     t0 = time.time()
-    assert ev.grade_math(hang, "1", timeout_s=0.5) is False
+    assert gr.grade_math(hang, "1", timeout_s=0.5) is False
     assert time.time() - t0 < 1.5
-    assert ev.grade_math(r"\boxed{x^2+2x+1}", "(x+1)^2", timeout_s=3.0) is True
+    assert gr.grade_math(r"\boxed{x^2+2x+1}", "(x+1)^2", timeout_s=3.0) is True
     box = {}
 
     def worker():
         t1 = time.time()
-        box["v"] = ev.grade_math(hang, "1", timeout_s=0.5)
+        box["v"] = gr.grade_math(hang, "1", timeout_s=0.5)
         box["t"] = time.time() - t1
 
     n_threads = threading.active_count()
@@ -208,11 +210,12 @@ def test_time_limit_main_thread_and_worker_thread():
 
 
 # -----------------------------------------------------------------------------
-# Medical letter extraction (EVAL.md §3, the release's match_choice, last letter)
+# Medical letter extraction (PA: third_party/med_eval/utils/extract_answer.py:match_choice,
+# last letter)
 
 MED_CASES = [
     # (text, options, expected last letter)
-    (r"so the final answer is \boxed{C}", "ABCD", "C"),             # EVAL.md §10 vector
+    (r"so the final answer is \boxed{C}", "ABCD", "C"),             # the release's behaviour
     ("The answer is B", "ABCD", "B"),                                # strict rule
     ("The answer is (C).", "ABCDE", "C"),                            # toy format
     ("answer is A. Wait, actually the answer is D", "ABCD", "D"),    # last strict match
@@ -243,19 +246,19 @@ MED_CASES = MED_CASES[:-1] + [
 
 @pytest.mark.parametrize("text,options,expected", MED_CASES)
 def test_extract_choice_letter(text, options, expected):
-    assert ev.extract_choice_letter(text, options) == expected
+    assert gr.extract_choice_letter(text, options) == expected
 
 
 def test_choice_release_quirk_and_grading():
-    # guard off = the release's behaviour: the pronoun becomes option I (EVAL.md §10)
-    assert ev.extract_choice_letter(r"\boxed{B}. I hope this helps", "ABCDEFGHIJ", guard_pronoun_i=False) == "I"
-    assert ev.grade_choice("The answer is (C).", "c") is True
-    assert ev.grade_choice("The answer is (C).", "D") is False
-    assert ev.grade_choice("nothing", "A") is False
+    # guard off = the release's behaviour: the pronoun becomes option I (the release's quirk)
+    assert gr.extract_choice_letter(r"\boxed{B}. I hope this helps", "ABCDEFGHIJ", guard_pronoun_i=False) == "I"
+    assert gr.grade_choice("The answer is (C).", "c") is True
+    assert gr.grade_choice("The answer is (C).", "D") is False
+    assert gr.grade_choice("nothing", "A") is False
 
 
 # -----------------------------------------------------------------------------
-# BBH (EVAL.md §4): multiple-choice and free-form extraction, case-sensitive exact match
+# BBH (OC: opencompass/datasets/bbh.py): multiple-choice and free-form extraction, case-sensitive exact match
 
 BBH_CASES = [
     # (response, gold, task, expected)
@@ -286,20 +289,20 @@ BBH_CASES = [
 
 @pytest.mark.parametrize("response,gold,task,expected", BBH_CASES)
 def test_bbh(response, gold, task, expected):
-    assert ev.grade_bbh(response, gold, task) is expected
+    assert gr.grade_bbh(response, gold, task) is expected
 
 
 def test_bbh_extractors():
-    assert ev.bbh_extract_answer("So the answer is (C).", "mcq") == "C"
-    assert ev.bbh_extract_answer("So the answer is **valid**.", "free") == "valid"
-    assert ev.bbh_match("valid", "valid") and not ev.bbh_match("Valid", "valid")
-    assert len(ev.BBH_TASKS) == 27 and len(ev.BBH_MCQ_TASKS) == 17
+    assert gr.bbh_extract_answer("So the answer is (C).", "mcq") == "C"
+    assert gr.bbh_extract_answer("So the answer is **valid**.", "free") == "valid"
+    assert gr.bbh_match("valid", "valid") and not gr.bbh_match("Valid", "valid")
+    assert len(gr.BBH_TASKS) == 27 and len(gr.BBH_MCQ_TASKS) == 17
     with pytest.raises(ValueError):
-        ev.bbh_extract_answer("x", "neither")
+        gr.bbh_extract_answer("x", "neither")
 
 
 # -----------------------------------------------------------------------------
-# NQ-open (EVAL.md §6): containment (the paper's rule) and true exact match
+# NQ-open (OC: opencompass/datasets/natural_question.py): containment (the paper's rule) and true exact match
 
 NQ_CASES = [
     # (prediction, golds, contains, exact_match)
@@ -328,20 +331,20 @@ NQ_CASES = [
 
 @pytest.mark.parametrize("pred,golds,contains,em", NQ_CASES)
 def test_nq(pred, golds, contains, em):
-    assert ev.nq_contains(pred, golds) is contains
-    assert ev.nq_exact_match(pred, golds) is em
+    assert gr.nq_contains(pred, golds) is contains
+    assert gr.nq_exact_match(pred, golds) is em
 
 
 def test_nq_normalize():
-    assert ev.nq_normalize("The  Beatles!") == "beatles"
-    assert ev.nq_normalize("A Tale of Two Cities") == "tale of two cities"
-    assert ev.nq_normalize("U.S.") == "u"
-    assert ev.nq_normalize("Hello, world") == "hello"
-    assert ev.nq_normalize("line one\nline two") == "line one"
+    assert gr.nq_normalize("The  Beatles!") == "beatles"
+    assert gr.nq_normalize("A Tale of Two Cities") == "tale of two cities"
+    assert gr.nq_normalize("U.S.") == "u"
+    assert gr.nq_normalize("Hello, world") == "hello"
+    assert gr.nq_normalize("line one\nline two") == "line one"
 
 
 # -----------------------------------------------------------------------------
-# IFEval (EVAL.md §5): every checker passes one case and fails one, strict and loose
+# IFEval (google-research instruction_following_eval): every checker passes one case and fails one, strict and loose
 
 IFEVAL_CASES = [
     # (id, kwargs, passing response, failing response)
@@ -385,15 +388,15 @@ IFEVAL_CASES = [
 
 
 def test_ifeval_table_covers_all_25_checkers():
-    assert len(ev.IFEVAL_CHECKERS) == 25
-    assert {c[0] for c in IFEVAL_CASES} == set(ev.IFEVAL_CHECKERS)
+    assert len(gr.IFEVAL_CHECKERS) == 25
+    assert {c[0] for c in IFEVAL_CASES} == set(gr.IFEVAL_CHECKERS)
 
 
 @pytest.mark.parametrize("iid,kwargs,good,bad", IFEVAL_CASES)
 @pytest.mark.parametrize("loose", [False, True])
 def test_ifeval_checker(iid, kwargs, good, bad, loose):
-    assert ev.ifeval_check(iid, kwargs, "prompt", good, loose=loose) is True
-    assert ev.ifeval_check(iid, kwargs, "prompt", bad, loose=loose) is False
+    assert gr.ifeval_check(iid, kwargs, "prompt", good, loose=loose) is True
+    assert gr.ifeval_check(iid, kwargs, "prompt", bad, loose=loose) is False
 
 
 LOOSE_ONLY = [  # strict fails, loose passes (first/last line removed, or '*' removed)
@@ -406,33 +409,33 @@ LOOSE_ONLY = [  # strict fails, loose passes (first/last line removed, or '*' re
 
 @pytest.mark.parametrize("iid,kwargs,response", LOOSE_ONLY)
 def test_ifeval_loose_only(iid, kwargs, response):
-    assert ev.ifeval_check(iid, kwargs, "", response) is False
-    assert ev.ifeval_check(iid, kwargs, "", response, loose=True) is True
+    assert gr.ifeval_check(iid, kwargs, "", response) is False
+    assert gr.ifeval_check(iid, kwargs, "", response, loose=True) is True
 
 
 def test_ifeval_reference_vectors_and_hub_kwargs():
-    # EVAL.md §10 vectors
-    assert ev.ifeval_check("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "", "*** a *** b")
-    assert ev.ifeval_check("startend:end_checker", {"end_phrase": "Is there anything else I can help with?"},
+    # the reference checkers' behaviour
+    assert gr.ifeval_check("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "", "*** a *** b")
+    assert gr.ifeval_check("startend:end_checker", {"end_phrase": "Is there anything else I can help with?"},
                            "", '"Sure. Is there anything else I can help with?"')
     # hub rows carry every key with nulls: they are dropped
     kw = {"num_words": None, "relation": None, "end_phrase": "bye", "keywords": None}
-    assert ev.ifeval_check("startend:end_checker", kw, "", "ok bye")
+    assert gr.ifeval_check("startend:end_checker", kw, "", "ok bye")
     # empty responses never pass in strict mode
-    assert ev.ifeval_check("punctuation:no_comma", {}, "", "   ") is False
+    assert gr.ifeval_check("punctuation:no_comma", {}, "", "   ") is False
     with pytest.raises(KeyError):
-        ev.ifeval_check("nope:nothing", {}, "", "x")
+        gr.ifeval_check("nope:nothing", {}, "", "x")
     with pytest.raises(ValueError):
-        ev.ifeval_check("length_constraints:number_words", {"num_words": 3, "relation": "about"}, "", "a b c")
+        gr.ifeval_check("length_constraints:number_words", {"num_words": 3, "relation": "about"}, "", "a b c")
 
 
 def test_ifeval_accuracies():
     item = {"prompt": "p", "instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
             "kwargs": [{}, {}]}
-    slots_a = ev.ifeval_slots(item, '"a b"')        # both pass
-    slots_b = ev.ifeval_slots(item, "a, b")         # both fail
-    slots_c = ev.ifeval_slots(item, 'x:\n"a b"')    # comma ok; quotation loose only
-    acc = ev.ifeval_accuracies([slots_a, slots_b, slots_c])
+    slots_a = gr.ifeval_slots(item, '"a b"')        # both pass
+    slots_b = gr.ifeval_slots(item, "a, b")         # both fail
+    slots_c = gr.ifeval_slots(item, 'x:\n"a b"')    # comma ok; quotation loose only
+    acc = gr.ifeval_accuracies([slots_a, slots_b, slots_c])
     assert acc["n_prompts"] == 3 and acc["n_instructions"] == 6
     assert math.isclose(acc["inst_level_strict"], 100 * 3 / 6)
     assert math.isclose(acc["inst_level_loose"], 100 * 4 / 6)
@@ -440,7 +443,7 @@ def test_ifeval_accuracies():
     assert math.isclose(acc["prompt_level_loose"], 100 * 2 / 3)
 
 
-@pytest.mark.skipif(ev._LANGDETECT is not None, reason="built-in detector only")
+@pytest.mark.skipif(gr._LANGDETECT is not None, reason="built-in detector only")
 @pytest.mark.parametrize("text,lang", [
     ("The cat is on the table and it is happy.", "en"),
     ("El gato está en la mesa y es muy feliz con los niños.", "es"),
@@ -459,7 +462,7 @@ def test_ifeval_accuracies():
     ("12345 !!!", None),
 ])
 def test_builtin_language_detector(text, lang):
-    assert ev.detect_language(text) == lang
+    assert gr.detect_language(text) == lang
 
 
 def test_linear_time_helpers_agree_with_the_reference_regexes():
@@ -468,50 +471,47 @@ def test_linear_time_helpers_agree_with_the_reference_regexes():
     rng = random.Random(0)
     for _ in range(3000):
         s = "".join(rng.choice("[]<> a\n") for _ in range(rng.randint(0, 30)))
-        assert ev.count_placeholders(s) == len(re.findall(r"\[.*?\]", s)), s
-        assert ev.find_titles(s) == re.findall(r"<<[^\n]+>>", s), s
+        assert gr.count_placeholders(s) == len(re.findall(r"\[.*?\]", s)), s
+        assert gr.find_titles(s) == re.findall(r"<<[^\n]+>>", s), s
         for marker, pat in (("P.S.", r"\s*p\.\s?s\..*$"), ("P.P.S", r"\s*p\.\s?p\.\s?s.*$")):
             t = s.replace("<", "p").replace(">", ".").replace("[", "s")
-            assert ev._chk_postscript(t, marker) == bool(re.findall(pat, t.lower(), flags=re.MULTILINE)), t
+            assert gr._chk_postscript(t, marker) == bool(re.findall(pat, t.lower(), flags=re.MULTILINE)), t
     t0 = time.time()
     for iid, kw, text in [("detectable_format:title", {}, "<" * 200_000),
                           ("detectable_content:number_placeholders", {"num_placeholders": 1}, "[" * 200_000),
                           ("detectable_content:postscript", {"postscript_marker": "P.S."}, "x" + " " * 200_000 + "x")]:
-        assert ev.ifeval_check(iid, kw, "", text, loose=True) is False
+        assert gr.ifeval_check(iid, kw, "", text, loose=True) is False
     assert time.time() - t0 < 2.0
 
 
 def test_sentence_and_word_fallbacks():
-    if ev._NLTK is None:
-        assert ev.count_sentences("Hello there. Mr. Smith went to Washington! Did he? Yes.") == 4
-        assert ev.word_tokenize("I DON'T know, it's FINE.") == \
+    if gr._NLTK is None:
+        assert gr.count_sentences("Hello there. Mr. Smith went to Washington! Did he? Yes.") == 4
+        assert gr.word_tokenize("I DON'T know, it's FINE.") == \
             ["I", "DO", "N'T", "know", ",", "it", "'s", "FINE", "."]
-    assert ev.count_sentences("") == 0
+    assert gr.count_sentences("") == 0
 
 
 # -----------------------------------------------------------------------------
 # score_item dispatch (toy and real items)
 
 def test_score_item_dispatch():
-    assert ev.score_item({"scorer": "math", "gold": "12"}, r"so \boxed{12}.") == 1.0
-    assert ev.score_item({"scorer": "choice", "gold": "C", "options": "ABCDE"}, "The answer is (C).") == 1.0
-    assert ev.score_item({"scorer": "choice", "gold": "C", "options": "ABCDE"}, "The answer is (D).") == 0.0
-    assert ev.score_item({"scorer": "bbh", "gold": "False", "subtask": "boolean_expressions"},
+    assert gr.score_item({"scorer": "math", "gold": "12"}, r"so \boxed{12}.") == 1.0
+    assert gr.score_item({"scorer": "choice", "gold": "C", "options": "ABCDE"}, "The answer is (C).") == 1.0
+    assert gr.score_item({"scorer": "choice", "gold": "C", "options": "ABCDE"}, "The answer is (D).") == 0.0
+    assert gr.score_item({"scorer": "bbh", "gold": "False", "subtask": "boolean_expressions"},
                          "So the answer is False.") == 1.0
-    assert ev.score_item({"scorer": "nq", "gold": ["Zorn"]}, "The capital of Elb is Zorn.") == 1.0
+    assert gr.score_item({"scorer": "nq", "gold": ["Zorn"]}, "The capital of Elb is Zorn.") == 1.0
     item = {"scorer": "ifeval", "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
             "kwargs": [{}, {}]}
-    assert ev.score_item(item, "a b") == 0.5
+    assert gr.score_item(item, "a b") == 0.5
     with pytest.raises(ValueError):
-        ev.score_item({"scorer": "nope", "gold": "x"}, "x")
+        gr.score_item({"scorer": "nope", "gold": "x"}, "x")
 
 
 def test_score_item_on_toy_world_canonical_responses():
-    tw = pytest.importorskip("toy_world")
-    if not hasattr(tw, "make_eval_items"):
-        pytest.skip("toy_world.make_eval_items not there yet")
     for fam in ("math", "med", "nq", "bbh"):
         items = tw.make_eval_items(fam, "test", 20, seed=0)
-        assert all(ev.score_item(it, tw.item_response(it)) == 1.0 for it in items), fam
+        assert all(gr.score_item(it, tw.item_response(it)) == 1.0 for it in items), fam
         # a wrong answer scores 0
-        assert ev.score_item(items[0], "I have no idea.") == 0.0
+        assert gr.score_item(items[0], "I have no idea.") == 0.0

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 import evaluate as ev
+import graders as gr
+import peft_methods as pm
+import toy_world as tw
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +30,13 @@ def test_load_math_benchmarks():
     assert [it["gold"] for it in m] == [r"\frac{1}{2}", "3", "[0,1)"]
     assert m[0]["prompt"].startswith("Question: What is") and m[0]["prompt"].endswith("\nAnswer:")
     assert m[0]["subtask"] == "Prealgebra" and m[0]["scorer"] == "math"
-    assert ev.grade_math(r"\boxed{0.5}", m[0]["gold"])
+    assert gr.grade_math(r"\boxed{0.5}", m[0]["gold"])
     aime = ev.load_benchmark("aime24", FIX)
     assert [it["gold"] for it in aime] == ["024", "009"]
-    assert ev.grade_math(r"\boxed{24}", aime[0]["gold"])          # zero-padded gold
+    assert gr.grade_math(r"\boxed{24}", aime[0]["gold"])          # zero-padded gold
     amc = ev.load_benchmark("amc23", FIX)
     assert [it["gold"] for it in amc] == ["27.0", "7.0"]
-    assert ev.grade_math(r"\boxed{27}", amc[0]["gold"])           # float gold
+    assert gr.grade_math(r"\boxed{27}", amc[0]["gold"])           # float gold
     assert len(ev.load_benchmark("math500", FIX, limit=2)) == 2
 
 
@@ -53,18 +56,17 @@ def test_load_m1_ifeval_bbh_nq_tsv():
     assert med[0]["gold"] == "C" and med[0]["options"]["C"] == "Vitamin C"
     assert "\nA. Vitamin A\nB. Vitamin B12" in med[0]["prompt"]
     assert med[0]["prompt"].endswith(ev.BOXED_INSTRUCTION)
-    assert ev.score_item(med[2], r"The final answer is \boxed{J}") == 1.0
+    assert gr.score_item(med[2], r"The final answer is \boxed{J}") == 1.0
     ife = ev.load_benchmark("ifeval", FIX)
     assert len(ife) == 3 and ife[0]["instruction_id_list"] == ["punctuation:no_comma", "startend:end_checker"]
     assert ife[0]["kwargs"][1]["end_phrase"] == "Is there anything else?" and ife[0]["kwargs"][1]["num_words"] is None
-    assert ev.score_item(ife[0], "Tea is warm and calm. Is there anything else?") == 1.0
-    bbh = ev.load_benchmark("bbh", FIX / "bbh", None, bbh_prompt_dir=None) if False else \
-        ev.load_bbh(FIX, prompt_dir=None)
+    assert gr.score_item(ife[0], "Tea is warm and calm. Is there anything else?") == 1.0
+    bbh = ev.load_bbh("bbh", FIX)
     assert sorted({it["subtask"] for it in bbh}) == ["boolean_expressions", "date_understanding"]
     p = bbh[0]["prompt"]
     assert p.startswith("Follow the given examples and answer the question.\nEvaluate the result")
     assert p.endswith("\n\nQ: not ( True and False ) is\nA: Let's think step by step.")
-    assert ev.score_item(bbh[2], "Yesterday was 2020-01-01. So the answer is (A).") == 1.0
+    assert gr.score_item(bbh[2], "Yesterday was 2020-01-01. So the answer is (A).") == 1.0
     assert len(ev.load_benchmark("bbh", FIX, limit=1)) == 2                 # one per task
     nq = ev.load_benchmark("nq", None, FIX / "nq/nq-test.qa.csv")
     assert nq[0]["gold"] == ["Paris"] and nq[0]["prompt"].endswith("Q: what is the capital city of france?")
@@ -92,18 +94,7 @@ def test_missing_dataset_message_names_hub_id_file_and_format(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    tw = pytest.importorskip("toy_world")
-    if hasattr(tw, "build_random_toy_model"):
-        model, tok = tw.build_random_toy_model(seed=0, num_hidden_layers=2)
-    else:  # fall back to a 2-layer Qwen2 with the toy tokenizer
-        import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-        tok = tw.build_toy_tokenizer()
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2)).eval()
-    return model, tok
+    return tw.build_random_toy_model(seed=0, num_hidden_layers=2)
 
 
 def _prompts(tok, k=5):
@@ -212,9 +203,6 @@ def test_cache_reuse_and_resume(tiny, tmp_path, monkeypatch):
 # Toy suite
 
 def test_evaluate_toy_aggregation_with_scripted_responses(monkeypatch):
-    tw = pytest.importorskip("toy_world")
-    if not hasattr(tw, "make_eval_items"):
-        pytest.skip("toy_world.make_eval_items not there yet")
     n = 12
     items = {f: tw.make_eval_items(f, "test", n, seed=0) for f in tw.FAMILIES}
     by_id = {it["id"]: it for its in items.values() for it in its}
@@ -235,14 +223,14 @@ def test_evaluate_toy_aggregation_with_scripted_responses(monkeypatch):
     res = ev.evaluate_toy(None, Tok(), domain="med", n_per_family=n, base_general=90.0)
     expect = {}
     for fam, its in items.items():
-        scores = [ev.score_item(it, tw.item_response(it) if k % 2 == 0 else "no idea") for k, it in enumerate(its)]
+        scores = [gr.score_item(it, tw.item_response(it) if k % 2 == 0 else "no idea") for k, it in enumerate(its)]
         if fam == "bbh":
             subs = {}
             for it, s in zip(its, scores):
                 subs.setdefault(it["subtask"], []).append(s)
             expect[fam] = 100 * sum(sum(v) / len(v) for v in subs.values()) / len(subs)
         elif fam == "ifeval":
-            slots = [ev.ifeval_slots(it, tw.item_response(it) if k % 2 == 0 else "no idea") for k, it in enumerate(its)]
+            slots = [gr.ifeval_slots(it, tw.item_response(it) if k % 2 == 0 else "no idea") for k, it in enumerate(its)]
             expect[fam] = 100 * sum(s["strict"] for ss in slots for s in ss) / sum(map(len, slots))
         else:
             expect[fam] = 100 * sum(scores) / len(scores)
@@ -255,7 +243,6 @@ def test_evaluate_toy_aggregation_with_scripted_responses(monkeypatch):
 
 
 def test_evaluate_toy_runs_a_real_model(tiny):
-    pytest.importorskip("toy_world")
     model, tok = tiny
     res = ev.evaluate_toy(model, tok, n_per_family=2, max_new_tokens=3, batch_size=16)
     assert set(res["families"]) == {"ifeval", "nq", "bbh", "math", "med"}
@@ -268,7 +255,6 @@ def test_evaluate_toy_runs_a_real_model(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny, tmp_path_factory):
-    pytest.importorskip("loading")
     model, tok = tiny
     d = tmp_path_factory.mktemp("tiny_model")
     lt = getattr(model.config, "layer_types", None)
@@ -357,9 +343,6 @@ def test_vllm_greedy_matches_transformers(tiny, tiny_dir):
 
 
 def test_cli_loads_an_adapter(tiny_dir, tmp_path):
-    pm = pytest.importorskip("peft_methods")
-    if not all(hasattr(pm, f) for f in ("apply_peft", "save_adapter", "load_adapter", "read_adapter_config")):
-        pytest.skip("peft_methods adapter API not there yet")
     import torch
     base, tok, _ = ev._load_for_eval(str(tiny_dir), None, dtype="float32", device="cpu")
     pm.apply_peft(base, "lora", r=4, alpha=8)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 import evaluate as ev
+import graders as gr
+import toy_world as tw
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 3.0                                      # the release's per-comparison limit (s)
@@ -28,9 +30,8 @@ HANG = r"\boxed{\sin^{999}(x)+\cos^{999}(x)}"    # ran for ten minutes before th
 
 def _warm():
     """Start the comparison worker outside any measured interval (once per process)."""
-    if hasattr(ev, "symbolic_pool"):
-        ev.symbolic_pool().start()
-    ev.grade_math(r"\boxed{x+1}", "1+x")
+    gr.symbolic_pool().start()
+    gr.grade_math(r"\boxed{x+1}", "1+x")
 
 
 def _children() -> list[int]:
@@ -78,13 +79,13 @@ def _assert_nothing_running(n_threads: int):
     (r"\boxed{\infty}", r"\sqrt{2}"),
 ])
 def test_infinity_never_equals_a_finite_gold(pred, gold):
-    assert ev.grade_math(pred, gold) is False
+    assert gr.grade_math(pred, gold) is False
 
 
 def test_infinity_still_equals_infinity():
-    assert ev.grade_math(r"\boxed{\infty}", r"\infty") is True
-    assert ev.grade_math(r"\boxed{(-\infty, 2)}", r"(-\infty,2)") is True
-    assert ev.grade_math(r"\boxed{\dfrac12}", "0.5") is True
+    assert gr.grade_math(r"\boxed{\infty}", r"\infty") is True
+    assert gr.grade_math(r"\boxed{(-\infty, 2)}", r"(-\infty,2)") is True
+    assert gr.grade_math(r"\boxed{\dfrac12}", "0.5") is True
 
 
 def test_always_infinity_policy_earns_zero_reward():
@@ -101,10 +102,10 @@ def test_hanging_comparison_returns_within_limit_plus_one():
     _warm()
     n_threads = threading.active_count()
     t0 = time.time()
-    assert ev.grade_math(HANG, "1") is False
+    assert gr.grade_math(HANG, "1") is False
     assert time.time() - t0 < LIMIT + 1
     _assert_nothing_running(n_threads)
-    assert ev.grade_math(r"\boxed{x^2+2x+1}", "(x+1)^2") is True   # the grader still works
+    assert gr.grade_math(r"\boxed{x^2+2x+1}", "(x+1)^2") is True   # the grader still works
 
 
 def test_hanging_comparison_in_a_thread_leaves_no_thread_behind():
@@ -114,7 +115,7 @@ def test_hanging_comparison_in_a_thread_leaves_no_thread_behind():
 
     def call():
         t1 = time.time()
-        box["v"] = ev.grade_math(HANG, "1", timeout_s=1.0)
+        box["v"] = gr.grade_math(HANG, "1", timeout_s=1.0)
         box["t"] = time.time() - t1
 
     th = threading.Thread(target=call)
@@ -129,7 +130,7 @@ def test_one_deadline_covers_a_whole_tuple():
     _warm()
     part = r"\sin^{999}(x)+\cos^{999}(x)"
     t0 = time.time()
-    assert ev.grade_math(r"\boxed{(" + ",".join([part] * 8) + ")}", "(" + ",".join(["1"] * 8) + ")",
+    assert gr.grade_math(r"\boxed{(" + ",".join([part] * 8) + ")}", "(" + ",".join(["1"] * 8) + ")",
                          timeout_s=1.0) is False
     assert time.time() - t0 < 1.0 + 1
 
@@ -137,7 +138,7 @@ def test_one_deadline_covers_a_whole_tuple():
 def test_worker_stuck_in_c_code_is_killed_and_reaped():
     """A worker that ignores its own alarm (as inside one long C call) is SIGKILLed at the
     hard limit, reaped (no zombie), and the warm spare takes over."""
-    pool = ev.symbolic_pool()
+    pool = gr.symbolic_pool()
     pool.start()
     victim = pool.active.proc.pid
     t0 = time.time()
@@ -145,16 +146,16 @@ def test_worker_stuck_in_c_code_is_killed_and_reaped():
     assert line is None and time.time() - t0 < 2.0
     assert not Path(f"/proc/{victim}").exists()     # killed and reaped
     assert victim not in _children()
-    assert ev.grade_math(r"\boxed{\frac{2}{4}}", r"\frac12") is True
-    assert ev.grade_math(r"\boxed{x(x+2)}", "x^2+2x") is True
+    assert gr.grade_math(r"\boxed{\frac{2}{4}}", r"\frac12") is True
+    assert gr.grade_math(r"\boxed{x(x+2)}", "x^2+2x") is True
 
 
 def test_shutdown_leaves_no_child_process():
     _warm()
     assert _children()
-    ev.shutdown_symbolic_pool()
+    gr.shutdown_symbolic_pool()
     assert _children() == []
-    assert ev.grade_math(r"\boxed{x(x+2)}", "x^2+2x") is True     # restarts on demand
+    assert gr.grade_math(r"\boxed{x(x+2)}", "x^2+2x") is True     # restarts on demand
 
 
 def test_grpo_reward_path_uses_the_enforced_limit():
@@ -171,10 +172,10 @@ def test_grpo_reward_path_uses_the_enforced_limit():
 # 3. NQ: OpenCompass NQEvaluator strips before taking the first line
 
 def test_nq_strips_before_the_first_line():
-    assert ev.nq_contains("\nThe answer is Paris.", ["Paris"]) is True
-    assert ev.nq_contains("  \n\n The answer is Paris.\nMore text", ["Paris"]) is True
-    assert ev.nq_exact_match("\nThe answer is Paris.", ["Paris"]) is True
-    assert ev.score_item({"scorer": "nq", "gold": ["Paris"]}, "\nThe answer is Paris.") == 1.0
+    assert gr.nq_contains("\nThe answer is Paris.", ["Paris"]) is True
+    assert gr.nq_contains("  \n\n The answer is Paris.\nMore text", ["Paris"]) is True
+    assert gr.nq_exact_match("\nThe answer is Paris.", ["Paris"]) is True
+    assert gr.score_item({"scorer": "nq", "gold": ["Paris"]}, "\nThe answer is Paris.") == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -185,13 +186,13 @@ def test_nq_strips_before_the_first_line():
     (r"\frac{1}{2}\text{ in}^{2}", "0.5"),
 ])
 def test_units_with_an_exponent_are_dropped(pred, gold):
-    assert ev.math_equal(pred, gold) is True
-    assert ev.grade_math(r"so the area is \boxed{" + pred + "}.", gold) is True
+    assert gr.math_equal(pred, gold) is True
+    assert gr.grade_math(r"so the area is \boxed{" + pred + "}.", gold) is True
 
 
 def test_units_with_an_exponent_keep_wrong_numbers_wrong():
-    assert ev.math_equal(r"6\text{ cm}^{2}", "5") is False
-    assert ev.math_equal("5^{2}", "5") is False
+    assert gr.math_equal(r"6\text{ cm}^{2}", "5") is False
+    assert gr.math_equal("5^{2}", "5") is False
 
 
 # -----------------------------------------------------------------------------
@@ -202,21 +203,21 @@ def test_units_with_an_exponent_keep_wrong_numbers_wrong():
     (r"\text{people}", r"\text{ways}"), (r"\text{times}", r"\text{ways}"),
 ])
 def test_ordinary_words_are_not_units(a, b):
-    assert ev.math_equal(a, b) is False
-    assert ev.math_equal(a, a) is True
+    assert gr.math_equal(a, b) is False
+    assert gr.math_equal(a, a) is True
 
 
 def test_unit_list_has_no_ordinary_words():
     for w in ("north", "south", "east", "west", "people", "person", "ways", "way", "times",
               "men", "women", "students", "books", "apples"):
-        assert w not in ev._UNIT_WORDS, w
+        assert w not in gr._UNIT_WORDS, w
 
 
 # -----------------------------------------------------------------------------
 # 6. IFEval argument normalisation (instructions.py build_description / check_following)
 
 def test_ifeval_arguments_are_normalised_as_the_reference():
-    chk = ev.ifeval_check
+    chk = gr.ifeval_check
     # KeywordFrequencyChecker: self._keyword = keyword.strip()
     assert chk("keywords:frequency", {"keyword": "  keyword ", "frequency": 3, "relation": "at least"},
                "", "keyword, Keyword, KEYWORD") is True
@@ -242,7 +243,7 @@ def _old_sentence_count(text):
         before = text[start:m.start()]
         words = before.split()
         last = words[-1].lower().rstrip(".") if words else ""
-        if m.group(0).startswith(".") and (last in ev._ABBREVIATIONS or re.fullmatch(r"[a-z]", last)):
+        if m.group(0).startswith(".") and (last in gr._ABBREVIATIONS or re.fullmatch(r"[a-z]", last)):
             continue
         if before.strip():
             count += 1
@@ -260,17 +261,17 @@ def test_bullet_count_equals_the_reference_regexes():
         ref = (len(re.findall(r"^\s*\*[^\*].*$", s, flags=re.MULTILINE))
                + len(re.findall(r"^\s*-.*$", s, flags=re.MULTILINE)))
         for n in (ref, ref + 1):
-            assert ev._chk_bullets(s, n) is (n == ref), repr(s)
+            assert gr._chk_bullets(s, n) is (n == ref), repr(s)
 
 
 def test_builtin_sentence_count_is_unchanged(monkeypatch):
     import random
-    monkeypatch.setattr(ev, "_NLTK", None)
+    monkeypatch.setattr(gr, "_NLTK", None)
     rng = random.Random(1)
     alphabet = ["Mr", "a", "Dr", "word", "x" * 45, ".", "!", "?", " ", "\n", '"', ")", "..."]
     for _ in range(3000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
-        assert ev.count_sentences(s) == _old_sentence_count(s), repr(s)
+        assert gr.count_sentences(s) == _old_sentence_count(s), repr(s)
 
 
 @pytest.mark.parametrize("text", [
@@ -278,16 +279,16 @@ def test_builtin_sentence_count_is_unchanged(monkeypatch):
 ], ids=["blank-lines", "space-lines", "tab-lines-star", "dash-lines"])
 def test_bullet_checker_is_linear(text):
     t0 = time.time()
-    ev.ifeval_check("detectable_format:number_bullet_lists", {"num_bullets": 3}, "", text, loose=True)
+    gr.ifeval_check("detectable_format:number_bullet_lists", {"num_bullets": 3}, "", text, loose=True)
     assert time.time() - t0 < 2.0
 
 
 @pytest.mark.parametrize("text", ["Mr. " * 100_000, "." * 300_000 + "x", "Dr." * 100_000],
                          ids=["abbreviations", "dots", "abbrev-no-space"])
 def test_builtin_sentence_counter_is_linear(text, monkeypatch):
-    monkeypatch.setattr(ev, "_NLTK", None)
+    monkeypatch.setattr(gr, "_NLTK", None)
     t0 = time.time()
-    ev.ifeval_check("length_constraints:number_sentences", {"num_sentences": 3, "relation": "at least"},
+    gr.ifeval_check("length_constraints:number_sentences", {"num_sentences": 3, "relation": "at least"},
                     "", text, loose=True)
     assert time.time() - t0 < 2.0
 
@@ -304,43 +305,43 @@ def test_requirements_name_nltk_and_langdetect():
 
 def test_missing_punkt_tab_is_announced(monkeypatch, capsys):
     pytest.importorskip("nltk")
-    monkeypatch.setattr(ev, "_NLTK", None)
-    monkeypatch.setattr(ev, "_download_punkt_tab", lambda nltk: False)
+    monkeypatch.setattr(gr, "_NLTK", None)
+    monkeypatch.setattr(gr, "_download_punkt_tab", lambda nltk: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("EVALUATE_OFFLINE", raising=False)
-    msgs = ev.ensure_ifeval_data()
+    msgs = gr.ensure_ifeval_data()
     assert any("punkt_tab" in m for m in msgs)
     assert "punkt_tab" in capsys.readouterr().err
-    assert ev.IFEVAL_BACKENDS["sentences_and_words"] == "builtin-regex"
+    assert gr.IFEVAL_BACKENDS["sentences_and_words"] == "builtin-regex"
 
 
 def test_punkt_tab_fetched_on_first_use(monkeypatch):
     """When the download works, the reference tokenizer is used from then on."""
     pytest.importorskip("nltk")
     calls = []
-    monkeypatch.setattr(ev, "_NLTK", None)
-    monkeypatch.setattr(ev, "_download_punkt_tab", lambda nltk: calls.append(1) or True)
-    monkeypatch.setattr(ev, "_load_nltk", lambda: "nltk-module")
+    monkeypatch.setattr(gr, "_NLTK", None)
+    monkeypatch.setattr(gr, "_download_punkt_tab", lambda nltk: calls.append(1) or True)
+    monkeypatch.setattr(gr, "_load_nltk", lambda: "nltk-module")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("EVALUATE_OFFLINE", raising=False)
-    assert ev.ensure_ifeval_data() == []
-    assert calls == [1] and ev._NLTK == "nltk-module"
-    assert ev.IFEVAL_BACKENDS["sentences_and_words"] == "nltk"
-    monkeypatch.setattr(ev, "_NLTK", None)
-    ev._set_backends()
+    assert gr.ensure_ifeval_data() == []
+    assert calls == [1] and gr._NLTK == "nltk-module"
+    assert gr.IFEVAL_BACKENDS["sentences_and_words"] == "nltk"
+    monkeypatch.setattr(gr, "_NLTK", None)
+    gr._set_backends()
 
 
 def test_fallback_use_is_recorded(monkeypatch):
-    monkeypatch.setattr(ev, "_NLTK", None)
-    monkeypatch.setattr(ev, "_LANGDETECT", None)
-    ev.ifeval_fallbacks_used(reset=True)
+    monkeypatch.setattr(gr, "_NLTK", None)
+    monkeypatch.setattr(gr, "_LANGDETECT", None)
+    gr.ifeval_fallbacks_used(reset=True)
     item = {"scorer": "ifeval", "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
-    ev.score_item(item, "a b")
-    assert ev.ifeval_fallbacks_used() == []
+    gr.score_item(item, "a b")
+    assert gr.ifeval_fallbacks_used() == []
     item = {"scorer": "ifeval", "prompt": "p", "kwargs": [{"num_sentences": 2, "relation": "at least"}, {}],
             "instruction_id_list": ["length_constraints:number_sentences", "change_case:english_lowercase"]}
-    ev.score_item(item, "one. two.")
-    assert ev.ifeval_fallbacks_used(reset=True) == ["language", "sentences_and_words"]
+    gr.score_item(item, "one. two.")
+    assert gr.ifeval_fallbacks_used(reset=True) == ["language", "sentences_and_words"]
 
 
 def test_toy_items_always_use_the_builtin_checkers(monkeypatch):
@@ -356,20 +357,18 @@ def test_toy_items_always_use_the_builtin_checkers(monkeypatch):
             calls.append(text)
             return "de"
 
-    monkeypatch.setattr(ev, "_LANGDETECT", FakeDetector)
+    monkeypatch.setattr(gr, "_LANGDETECT", FakeDetector)
     toy = {"scorer": "ifeval", "prompt": "p", "kwargs": [{}], "checkers": "builtin",
            "instruction_id_list": ["change_case:english_capital"], "gold": "BOX, ZOO, STAR"}
-    ev.ifeval_fallbacks_used(reset=True)
-    assert ev.score_item(toy, "BOX, ZOO, STAR") == 1.0 and calls == []
-    assert ev.ifeval_fallbacks_used() == []          # by design, not a fallback to report
+    gr.ifeval_fallbacks_used(reset=True)
+    assert gr.score_item(toy, "BOX, ZOO, STAR") == 1.0 and calls == []
+    assert gr.ifeval_fallbacks_used() == []          # by design, not a fallback to report
     real = {k: v for k, v in toy.items() if k != "checkers"}
-    assert ev.score_item(real, "BOX, ZOO, STAR") == 0.0 and calls    # the installed detector ran
+    assert gr.score_item(real, "BOX, ZOO, STAR") == 0.0 and calls    # the installed detector ran
 
 
 def test_real_run_writes_and_prints_fallback_use(tmp_path, monkeypatch, capsys):
     """A real-benchmark CLI run that used a fallback says so in results.json and on screen."""
-    tw = pytest.importorskip("toy_world")
-    pytest.importorskip("loading")
     model, tok = tw.build_random_toy_model(seed=0, num_hidden_layers=2)
     lt = getattr(model.config, "layer_types", None)
     if lt is not None and len(lt) != model.config.num_hidden_layers:
@@ -377,8 +376,8 @@ def test_real_run_writes_and_prints_fallback_use(tmp_path, monkeypatch, capsys):
     mdir = tmp_path / "m"
     model.save_pretrained(mdir, safe_serialization=True)
     tok.save_pretrained(mdir)
-    monkeypatch.setattr(ev, "_LANGDETECT", None)
-    monkeypatch.setattr(ev, "_load_langdetect", lambda: None)
+    monkeypatch.setattr(gr, "_LANGDETECT", None)
+    monkeypatch.setattr(gr, "_load_langdetect", lambda: None)
     # every response is non-empty, so english_lowercase (fixture item 2) runs the language fallback
     monkeypatch.setattr(ev, "generate_records", lambda model, tok, prompts, **kw: [
         [{"text": "some words", "num_tokens": 2}] * kw.get("n", 1) for _ in prompts])
@@ -396,7 +395,7 @@ def test_real_run_writes_and_prints_fallback_use(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("response,gold,expected", [
     (r"The final answer is \boxed{C}. Option A is wrong because of B.", "C", 1.0),
-    (r"\boxed{C}", "C", 1.0),                                    # EVAL.md §10 reward vector
+    (r"\boxed{C}", "C", 1.0),                                    # the release's reward test
     (r"\boxed{756}", "756", 1.0),                                # same reward for math data
     ("X is treated with latol. The answer is (C).", "C", 1.0),   # "he answer is" rule
     (r"The final answer is \boxed{B}. Not C.", "C", 0.0),
@@ -458,28 +457,28 @@ class TestRewardHacking:
     def test_five_mb_response_scores_within_limit(self, scorer, gold):
         item = {"scorer": scorer, "gold": gold, "subtask": "date_understanding", "options": "ABCDE"}
         t0 = time.time()
-        ev.score_item(item, "x" * (5 * 1024 * 1024))
+        gr.score_item(item, "x" * (5 * 1024 * 1024))
         assert time.time() - t0 < LIMIT + 1
 
-    @pytest.mark.parametrize("iid", list(ev.IFEVAL_CHECKERS))
+    @pytest.mark.parametrize("iid", list(gr.IFEVAL_CHECKERS))
     def test_five_mb_ifeval_check_within_limit(self, iid):
         """Each IFEval check (strict) of a 5 MB response. (A loose check runs up to 8 variants;
         real IFEval responses are capped at 1025 generated tokens.)"""
         t0 = time.time()
-        ev.ifeval_check(iid, _ifeval_kwargs(iid), "p", FIVE_MB_IFEVAL)
+        gr.ifeval_check(iid, _ifeval_kwargs(iid), "p", FIVE_MB_IFEVAL)
         assert time.time() - t0 < LIMIT + 1, iid
 
     def test_five_mb_ifeval_item_with_every_checker_within_limit(self):
         """A whole IFEval item (all 25 instructions, strict and loose) on a 5 MB response: one
         scoring call within the limit + 1 s (took ~14-27 s before DEVIATION 18)."""
-        ids = list(ev.IFEVAL_CHECKERS)
+        ids = list(gr.IFEVAL_CHECKERS)
         item = {"scorer": "ifeval", "prompt": "p", "instruction_id_list": ids,
                 "kwargs": [_ifeval_kwargs(i) for i in ids]}
         t0 = time.time()
-        assert ev.score_item(item, FIVE_MB_IFEVAL) == 0.0
+        assert gr.score_item(item, FIVE_MB_IFEVAL) == 0.0
         assert time.time() - t0 < LIMIT + 1
-        short = FIVE_MB_IFEVAL[: ev.MAX_IFEVAL_CHARS]        # at the cap: checked as before
-        assert any(s["loose"] for s in ev.ifeval_slots(item, short))
+        short = FIVE_MB_IFEVAL[: gr.MAX_IFEVAL_CHARS]        # at the cap: checked as before
+        assert any(s["loose"] for s in gr.ifeval_slots(item, short))
 
     def test_correct_answers_still_earn_one(self):
         import train_grpo as tg
@@ -519,5 +518,5 @@ def _reference_cases():
 
 @pytest.mark.parametrize("case", _reference_cases())
 def test_ifeval_checkers_agree_with_reference_verdicts(case):
-    fn = ev.IFEVAL_CHECKERS[case["id"]]
+    fn = gr.IFEVAL_CHECKERS[case["id"]]
     assert bool(fn(case["response"], **case["kwargs"])) is case["expected"], case["ref"]
