@@ -43,10 +43,11 @@ Deviations that change a number the paper reports (each marked `# DEVIATION (n)`
 4. AdaLoRA: its rank allocation and orthogonal regulariser (Zhang et al. 2023) are called; the
    release never calls them (fixed-rank SVD-form LoRA); `--adalora-release` mimics that.
 
-Implementation notes (same loss and gradient as the paper's recipe; marked `# NOTE (x)` at the line):
+Implementation notes (no reported number changes with them; marked `# NOTE (x)` at the line):
 a. Each micro-batch is right-padded to its own longest row, not to --max-length; no FlashAttention
-   varlen / Liger kernels. A micro-batch over --micro-batch-tokens (the release's 16k tokens per
-   GPU) runs as row chunks. Gradient checkpointing: on for real models, off for the toy.
+   varlen / Liger kernels. A micro-batch over --micro-batch-tokens (default 16k, the per-GPU token
+   budget of the release's RL recipe) runs as row chunks with the same loss and gradient. Gradient
+   checkpointing (the release's) is on for real models, off for the toy.
 b. `messages` rows: only the final assistant turn is trained (earlier turns are prompt).
 c. Optional `--pack` (the paper does not pack): rows of at most --max-length tokens whose position
    ids restart per example, so packed examples do not attend to each other.
@@ -398,7 +399,7 @@ def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: li
 def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
     """Row chunks of a collated micro-batch whose padded size (rows × longest row) <= max_tokens.
 
-    [PA train/train_sft.sh: the release bounds each forward by tokens, 16k per GPU] A chunk keeps
+    [PA train/train_rl.sh: the release's RL recipe bounds each forward to 16384 tokens per GPU] A chunk keeps
     its rows in order and is re-trimmed to its own longest row (right padding, so trimming drops only
     padding); packed rows (position_ids) keep their width. A row longer than the budget on its own
     gets a chunk of its own. max_tokens <= 0, or a micro-batch that fits: [mb] unchanged.
@@ -647,9 +648,9 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
     totals = {k: state.get(k, v) for k, v in (("tokens_seen", 0), ("n_skipped_steps", 0), ("train_time_s", 0.0),
                                               ("first_loss", None), ("last_loss", None))}
     last_ckpt = run.resume_from
-    with tqdm(total=total_steps, initial=state.get("step", 0), disable=not run.is_main or cfg["no_progress"],
-              desc=f"sft {cfg['method']}", dynamic_ncols=True) as bar, \
-            (open(run.out / "metrics.jsonl", "a", encoding="utf-8") if run.is_main else contextlib.nullcontext()) as log:
+    metrics = open(run.out / "metrics.jsonl", "a", encoding="utf-8") if run.is_main else contextlib.nullcontext()
+    with metrics as log, tqdm(total=total_steps, initial=state.get("step", 0), desc=f"sft {cfg['method']}",
+                              disable=not run.is_main or cfg["no_progress"], dynamic_ncols=True) as bar:
         for step in range(state.get("step", 0), total_steps):
             t0 = time.perf_counter()
             # 1. the step's global batch (a fresh permutation per epoch), this rank's micro-batches
@@ -723,13 +724,11 @@ def start_run(cfg: dict) -> Run:
 
 def load_base_model(cfg: dict, run: Run, model=None, tokenizer=None):
     """The base model and tokenizer on run.device (loaded from cfg["model"] unless given)."""
-    # DEVIATION (2): fp32 trainable masters unless --param-dtype bf16.
-    if cfg["param_dtype"] == "bf16":
-        dtype = torch.bfloat16
-    elif cfg["param_dtype"] == "fp32" or cfg["method"] == "full" or run.device.type != "cuda":
-        dtype = torch.float32
-    else:
-        dtype = torch.bfloat16   # frozen base in bf16, adapters in fp32 (attach_method)
+    # DEVIATION (2): fp32 trainable masters unless --param-dtype bf16. auto: the frozen base loads in
+    # bf16 on CUDA (its adapters are made fp32 in attach_method); Full FT and CPU runs load fp32.
+    fp32 = cfg["param_dtype"] != "bf16" and (cfg["param_dtype"] == "fp32" or cfg["method"] == "full"
+                                            or run.device.type != "cuda")
+    dtype = torch.float32 if fp32 else torch.bfloat16
     if model is None:
         model, tokenizer = loading.load_model(cfg["model"], dtype=dtype, device=run.device,
                                               trust_remote_code=cfg["trust_remote_code"])
@@ -1086,12 +1085,11 @@ def _model_flags(arg) -> None:
     arg("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
     arg("--block-size", type=int, default=None, help="OFT block size b (rows of each rotation block)")
     arg("--dropout", type=float, default=None, help="adapter dropout probability; None = method default")
-    arg("--hp", action="append", default=[], metavar="KEY=VALUE",
-        help="any other make_config field (value parsed as JSON, else a string); repeatable")
+    arg("--hp", action="append", default=[], metavar="KEY=VALUE", help="other make_config field (JSON); repeatable")
     arg("--target-modules", default=None, help="comma-separated module names; None = peft_methods.DEFAULT_TARGETS")
     arg("--adalora-release", action="store_true", help="as the release: no AdaLoRA rank allocation / regulariser")
-    arg("--param-dtype", choices=["auto", "fp32", "bf16"], default="auto",
-        help="auto: fp32 trainable tensors (frozen base bf16 on CUDA); bf16: release-style pure bf16")
+    arg("--param-dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: fp32 trainable tensors, "
+        "frozen base bf16 on CUDA; bf16: all bf16 (the release)")
     arg("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
 
@@ -1102,19 +1100,17 @@ def _data_flags(arg) -> None:
     arg("--prompt-key", default=None, help="row key of the prompt (string or chat messages) for other "
         "layouts; dotted = nested (MetaMathQA: --prompt-key query --response-key response)")
     arg("--response-key", default=None, help="row key of the response (see --prompt-key)")
-    arg("--n-train", type=int, default=-1,
-        help="rows: toy sets generate this many (-1 = 2000); files keep the first n (-1 = all)")
+    arg("--n-train", type=int, default=-1, help="rows: toy sets make n (-1 = 2000); files keep the first n (-1 = all)")
     arg("--data-seed", type=int, default=0, help="seed of the toy-world rows")
     arg("--max-length", type=int, default=8192, help="tokens (prompt + response); longer pairs are dropped")
     arg("--loss-mask", choices=["correct", "release"], default="correct",
-        help="correct: response incl. EOS; release: veRL off-by-one (last prompt token, no EOS)")
+        help="correct: response incl. EOS; release: veRL's (last prompt token, no EOS)")
     arg("--pack", action="store_true", help="pack examples into rows of --max-length tokens (not in the paper)")
     arg("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
 
 
 def _optimisation_flags(arg) -> None:
-    arg("--lr", type=float, default=None,
-        help=f"peak LR; None = {PEFT_DEFAULT_LR} (PEFT) / {FULL_FT_DEFAULT_LR} (full)")
+    arg("--lr", type=float, default=None, help=f"peak LR; None: {PEFT_DEFAULT_LR} PEFT, {FULL_FT_DEFAULT_LR} full")
     arg("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     arg("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW β1 β2")
     arg("--adam-eps", type=float, default=1e-8, help="AdamW ε")
@@ -1122,21 +1118,20 @@ def _optimisation_flags(arg) -> None:
     arg("--max-grad-norm", type=float, default=1.0, help="clip the global L2 grad norm (<= 0: no clip)")
     arg("--warmup-ratio", type=float, default=0.1, help="fraction of optimizer steps of linear warmup")
     arg("--epochs", type=int, default=4, help="passes over the data")
-    arg("--max-steps", type=int, default=-1,
-        help="cap on optimizer steps (-1 = epochs × steps/epoch); sets the schedule length")
+    arg("--max-steps", type=int, default=-1, help="optimizer steps (-1 = epochs × steps/epoch); the schedule's length")
     arg("--global-batch", type=int, default=256, help="sequences per optimizer step, all ranks together")
     arg("--micro-batch", type=int, default=2, help="sequences per forward pass per rank")
     arg("--micro-batch-tokens", type=int, default=16384, help="tokens per forward: a bigger micro-batch "
-        "(rows × longest row) runs in row chunks, same loss and gradient (release: 16k per GPU); 0 = off")
+        "(rows × longest row) runs in row chunks, same loss and gradient (release RL: 16k per GPU); 0 = off")
     arg("--loss-norm", choices=["micro", "token"], default="micro",
-        help="micro: mean of per-micro-batch token means (paper); token: one mean over the global batch")
+        help="micro: mean of per-micro-batch token means (paper); token: one token mean")
 
 
 def _runtime_flags(arg) -> None:
     arg("--device", default=None, help="cpu / cuda / cuda:1; None = cuda if available (torchrun: LOCAL_RANK)")
     arg("--seed", type=int, default=0, help="seed of adapter init, dropout and data order (paper sampler seed 0)")
     arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-        help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
+        help="non-reentrant; None: on for real models, off for the toy")
     arg("--fsdp", choices=["auto", "on", "off"], default="auto",
         help="under torchrun: FSDP2 fully_shard instead of DDP; auto = on for --method full on CUDA")
     arg("--loss-impl", choices=["fast", "reference"], default="fast",
@@ -1145,8 +1140,7 @@ def _runtime_flags(arg) -> None:
 
 def _output_flags(arg) -> None:
     arg("--out", default=None, help="run directory (required unless --smoke)")
-    arg("--save-every-steps", type=int, default=-1,
-        help="optimizer steps between checkpoints; -1 = once per epoch, 0 = only at the end")
+    arg("--save-every-steps", type=int, default=-1, help="steps between checkpoints (-1 = an epoch, 0 = only the end)")
     arg("--keep-optimizer", choices=["last", "all"], default="last", help="which checkpoints keep optimizer.pt")
     arg("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     arg("--overwrite", action="store_true", help="delete a previous run in --out and start again")
@@ -1158,8 +1152,7 @@ def _plan_flags(arg) -> None:
     arg("--dry-run", action="store_true", help="print the per-GPU peak memory of one training step "
         "(memory.py: the model on fake tensors) and exit; --model may be a configs/model_shapes name or .json")
     arg("--gpus", type=int, default=None, help="GPUs of the planned run; default: $WORLD_SIZE or 1 (--dry-run only)")
-    arg("--gpu-memory-gib", type=float, default=80.0,
-        help="GiB of one GPU for the --dry-run verdict (H100 80, H200 141)")
+    arg("--gpu-memory-gib", type=float, default=80.0, help="GiB per GPU for the --dry-run verdict (H100 80, H200 141)")
 
 
 def resolve_config(config=None) -> dict:
