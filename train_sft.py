@@ -374,21 +374,22 @@ def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: li
         group["lr"] = lr
     n_micro = len(micro_batches)
     device = micro_batches[0]["input_ids"].device
+    # --loss-norm token divides by the target count of the whole global batch (all ranks)
     n_global = sum(int(mb["loss_mask"][:, 1:].sum()) for mb in micro_batches)
     if world_size > 1 and loss_norm == "token":
         n_global = all_reduce_int(n_global, device)
-    log_sum = torch.zeros((), dtype=torch.float64, device=device)
+    log_sum = torch.zeros((), dtype=torch.float64, device=device)   # the step's loss, for the log
     for i, mb in enumerate(micro_batches):
         n = int(mb["loss_mask"][:, 1:].sum())            # the whole micro-batch's targets
         parts = split_by_tokens(mb, max_tokens)
-        for j, part in enumerate(parts):
+        for j, part in enumerate(parts):                 # each backward adds into .grad
             last = i == n_micro - 1 and j == len(parts) - 1
             with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
                 ce_sum = micro_batch_backward(loss_module, part, n, n_micro, loss_norm=loss_norm,
                                               n_global=n_global, world_size=world_size, autocast=autocast,
                                               extra_loss=extra_loss if j == 0 else None)
             log_sum += ce_sum / (n + MASK_EPS) / n_micro if loss_norm == "micro" else ce_sum / max(n_global, 1)
-    if world_size > 1:
+    if world_size > 1:   # the loss of every rank's share: a mean of means (micro), a sum (token)
         torch.distributed.all_reduce(log_sum)
         if loss_norm == "micro":
             log_sum /= world_size
@@ -416,13 +417,6 @@ def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
         cur, w = cur + [i], max(w, widths[i])
     chunks.append((cur, w))
     return [{k: v[rows, :width] for k, v in mb.items()} for rows, width in chunks]
-
-
-def all_reduce_int(n: int, device) -> int:
-    """Σ of an int over the ranks."""
-    t = torch.tensor([n], device=device)
-    torch.distributed.all_reduce(t)
-    return int(t.item())
 
 
 # -----------------------------------------------------------------------------
@@ -501,12 +495,11 @@ def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
         prompt, response = extra["question"], extra.get("answer")
     elif "messages" in row:
         msgs = row["messages"]
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                       for m in msgs)):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts")
-        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise ValueError(f"{where}: no response: the last message must be the assistant's "
-                             "and follow at least one prompt message")
+        if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) and "role" in m
+                                                                   and "content" in m for m in msgs)
+                and msgs[-1]["role"] == "assistant"):
+            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} dicts whose last one, "
+                             "the assistant's response, follows at least one prompt message")
         prompt, response = msgs[:-1], msgs[-1]["content"]   # NOTE (b): only the last turn is trained
     else:
         prompt, response = row.get("prompt"), row.get("response")
@@ -882,6 +875,13 @@ def wrap_parallel(model, loss_module, fsdp: bool, world_size: int, device: torch
     ddp = torch.nn.parallel.DistributedDataParallel(
         loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     return ddp, ddp.no_sync, False
+
+
+def all_reduce_int(n: int, device) -> int:
+    """Σ of an int over the ranks."""
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
 
 
 def _barrier(world_size: int) -> None:

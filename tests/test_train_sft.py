@@ -1,10 +1,11 @@
 """Tests for train_sft.py: loss mask and loss by hand, LR schedule, data order vs the release's
-DistributedSampler, packing and fast-vs-reference loss parity, every peft_methods method training a
-few steps (only adapter tensors change, checkpoints reload to identical logits), resume after a
-SIGKILL (and bitwise resume of the stateful methods), each bad input, and the CLI (--help, --smoke).
-Multi-process DDP/FSDP2 cannot run in pytest here; the torchrun check is in the train_sft report.
+DistributedSampler, packing and fast-vs-reference loss parity, the plain optimizer step vs the one
+trained (gradient accumulation, token-budget chunks), every peft_methods method training a few steps
+(only adapter tensors change, checkpoints reload to identical logits), resume after a SIGKILL (and
+bitwise resume of the stateful methods), each bad input, the CLI (--help, --smoke), and per-rank
+dropout streams under torchrun (2 CPU ranks). FSDP2 Full FT under torchrun: tests/test_memory.py.
 
-Run:  python -m pytest tests/test_train_sft.py -x -q        (CPU, about a minute on 2 idle cores)
+Run:  python -m pytest tests/test_train_sft.py -x -q        (CPU)
 
 Also a benchmark (not a test; HF PEFT is used as the reference oracle, which product code may not):
       python tests/test_train_sft.py --bench [--device cuda] [--shape toy|1.5b|7b]  -> /tmp/bench_sft.md
@@ -559,7 +560,7 @@ def bench_main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# memory and seeds (issue 14 items 2, 4, 9)
+# token budget, grad checkpointing default, per-rank seeds; the plain step vs accumulation
 
 def test_token_budget_splits_a_micro_batch_with_the_same_loss_and_gradient(tiny):
     """--micro-batch-tokens: a micro-batch over the budget runs as row chunks whose padded size fits,
@@ -656,7 +657,7 @@ train_sft.train({cfg!r}, hooks={{"after_setup": after_setup}})
 
 @pytest.mark.slow
 def test_ddp_ranks_draw_different_dropout_streams(tiny_dir, tmp_path):
-    """Item 9: under torchrun (2 CPU ranks, gloo) each rank's random stream (dropout masks) is seeded
+    """Under torchrun (2 CPU ranks, gloo) each rank's random stream (dropout masks) is seeded
     seed + rank; with one seed everywhere both ranks drew the same masks."""
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = _cfg(tiny_dir, tmp_path / "run", data, dropout=0.1)
