@@ -595,7 +595,8 @@ def data_fingerprint(examples: list[dict]) -> str:
     return h.hexdigest()
 
 
-def step_micro_batches(examples: list[dict], step: int, cfg: dict, run, pad_id: int) -> tuple[list[dict], int]:
+def step_micro_batches(examples: list[dict], step: int, cfg: dict, run: Run,
+                       pad_id: int) -> tuple[list[dict], int]:
     """This rank's micro-batches of optimizer step `step` (collated, on its device) and the epoch."""
     per_rank = cfg["global_batch"] // run.world_size
     idx, epoch = global_batch_indices(len(examples), cfg["global_batch"], step, cfg["seed"])
@@ -664,9 +665,7 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
                     f"stopped without saving. Last good checkpoint: {last_ckpt or 'none yet'}. Lower --lr, "
                     "check the data, then continue with --resume (or start again with --overwrite)")
             # 4. one metrics row: loss, LR, grad norm, tokens/s, peak memory
-            n_tok = count_tokens(mbs, pad_id, run)
-            row = record_step(totals, res, step=step, epoch=epoch, lr=lr, n_tok=n_tok,
-                              dt=seconds_since(t0, run.device), device=run.device)
+            row = record_step(totals, res, mbs, step=step, epoch=epoch, lr=lr, t0=t0, pad_id=pad_id, run=run)
             if run.is_main:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -783,22 +782,16 @@ def build_optimizer(model, cfg: dict, run: Run) -> SimpleNamespace:
                            ada_alloc=peft_methods.adalora_update_and_allocate if ada else None)
 
 
-def count_tokens(mbs: list[dict], pad_id: int, run: Run) -> int:
-    """Real (non-padding) tokens of the step, all ranks together (for tokens/s)."""
-    n = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else
-            int((mb["input_ids"] != pad_id).sum()) for mb in mbs)
-    return all_reduce_int(n, run.device) if run.world_size > 1 else n
-
-
-def seconds_since(t0: float, device: torch.device) -> float:
-    if device.type == "cuda":   # the step's queued GPU work counts to the step
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def record_step(totals: dict, res: dict, *, step: int, epoch: int, lr: float, n_tok: int, dt: float,
-                device: torch.device) -> dict:
+def record_step(totals: dict, res: dict, mbs: list[dict], *, step: int, epoch: int, lr: float, t0: float,
+                pad_id: int, run: Run) -> dict:
     """Add one step to the run's totals (they go into trainer_state.json) -> its metrics.jsonl row."""
+    n_tok = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else   # real tokens, no padding
+                int((mb["input_ids"] != pad_id).sum()) for mb in mbs)
+    if run.world_size > 1:
+        n_tok = all_reduce_int(n_tok, run.device)
+    if run.device.type == "cuda":   # the step's queued GPU work counts to the step's time
+        torch.cuda.synchronize(run.device)
+    dt = time.perf_counter() - t0
     totals["train_time_s"] += dt
     totals["tokens_seen"] += n_tok
     totals["n_skipped_steps"] += res["skipped"]
@@ -806,7 +799,7 @@ def record_step(totals: dict, res: dict, *, step: int, epoch: int, lr: float, n_
     totals["last_loss"] = res["loss"]
     return {"step": step + 1, "epoch": epoch, "loss": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
             "skipped": res["skipped"], "tokens": n_tok, "tokens_per_s": n_tok / dt,
-            "peak_mem_gib": peak_memory_gib(device)}
+            "peak_mem_gib": peak_memory_gib(run.device)}
 
 
 def peak_memory_gib(device: torch.device) -> float:
