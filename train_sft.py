@@ -1,79 +1,66 @@
 """train_sft.py — supervised finetuning (SFT) of a causal LM with any PEFT method, in plain PyTorch.
 
-Implements the paper's SFT protocol (PAPER.md §3.3 and §4): chat-template prompt + response + EOS,
-loss on response tokens only, over-long pairs dropped (not truncated), AdamW (0.9, 0.95) with weight
-decay 0.01, 10% linear warmup then cosine to 0, gradient clipping at 1.0 with the step skipped on a
-non-finite norm, gradient accumulation to a global batch of sequences, and checkpoints every N steps.
-The saved trajectory (`<out>/global_step_<k>/`) is what rewind.py compares against interpolation
-(PAPER.md §9). Any model from `loading.load_model` and any method from `peft_methods` ("full" = Full FT).
+The paper's SFT protocol (PEFT-Arena, arXiv 2605.28819; its recipe is the official release's
+[PA train/train_sft.sh] and SFT trainer [PA fsdp_sft_trainer.py]): chat-template prompt + response +
+EOS, loss on response tokens only, over-long pairs dropped (not truncated), AdamW (0.9, 0.95) with
+weight decay 0.01, 10% linear warmup then cosine to 0, gradient clipping at 1.0 with the step skipped
+on a non-finite norm, gradient accumulation to a global batch of sequences, checkpoints every N
+steps. The saved trajectory (`<out>/global_step_<k>/`) is what rewind.py compares against
+interpolation toward the base. Any model `loading.load_model` loads, any `peft_methods` method
+("full" = Full FT).
+
+References: "PA <path>" is a file of the official release (github.com/Sphere-AI-Lab/PEFT-Arena at
+e982d19); "PA fsdp_sft_trainer.py" is its `train/peft_arena_verl/trainer/fsdp_sft_trainer.py`.
 
 Run:
     python train_sft.py --model toy --method oft --block-size 16 --task toy-math --out runs/sft-oft-b16
-    python train_sft.py --model toy --method lora --r 8 --alpha 16 --task toy-med --out runs/sft-lora-r8
     python train_sft.py --model /models/Qwen2.5-7B --method lora --r 8 --alpha 16 \
         --data openr1-50k/train.parquet --max-length 8192 --out runs/qwen-math-lora-r8
-    python train_sft.py ... --data MetaMathQA-395K.json --prompt-key query --response-key response
     torchrun --nproc_per_node 8 train_sft.py ...        # DDP; FSDP2 (fully_shard) for --method full
     python train_sft.py --resume --out runs/sft-oft-b16 ...   # continue after a kill (same flags)
-    python train_sft.py --smoke --model toy --out /tmp/sft-smoke   # tiny run, < 1 min on CPU
-From Python (arena.py):  summary = train_sft.train({"model": "toy", "method": "lora", "r": 8,
-                                                   "task": "toy-math", "out": "runs/x"})
+    python train_sft.py --smoke --model toy --out /tmp/sft-smoke   # tiny run on CPU
+From Python (arena.py):  summary = train_sft.train({"model": "toy", "method": "lora", "task": "toy-math",
+                                                   "out": "runs/x"})
 
-Outputs in --out: config.json (resolved config), metrics.jsonl (one line per optimizer step: step,
-loss, lr, grad norm, tokens/s, peak memory), global_step_<k>/ (adapter via peft_methods.save_adapter
-or full weights for Full FT, trainer_state.json, trainer_state.pt, optimizer.pt, config.json; Full FT
-checkpoints also hold the tokenizer files and generation_config.json, so `loading.load_model` and
-`evaluate.py --model <checkpoint>` take them as a model) and summary.json at the end.
-
-Data (--data): the release parquet, {prompt, response} rows, chat {messages}, or any other keys named
-with --prompt-key/--response-key; the file is read and every row checked before the model loads.
-
-Defaults worth knowing (all as in the paper unless listed under Deviations):
-- Loss normalisation `--loss-norm micro`: each micro-batch's loss is Σ masked CE / (n_mask + 1e-8)
-  and the step's loss is the mean over micro-batches (PAPER.md §4), so a token's weight depends on
-  how many targets share its micro-batch; `--loss-norm token` weighs every target token equally.
-- LR: peak × lr_factor(step): linear warmup over int(0.1·total) steps starting from 0 (the first
-  update has LR 0, as in veRL/HF), then cosine to 0. Steps with a non-finite grad norm are skipped
-  but still advance the schedule.
-- Batches: --global-batch sequences per optimizer step (all ranks), split into micro-batches of
-  --micro-batch per forward; steps/epoch = ⌊N/global batch⌋ (drop_last).
-- Resume: checkpoints are whole directories renamed into place, so a kill loses at most the steps
-  since the last save; --resume restores weights, AdamW state, RNG states and the data position and
-  continues bit-for-bit on the same machine (tests/test_train_sft.py checks it against an
-  uninterrupted run).
+Outputs in --out: config.json (resolved config), metrics.jsonl (one line per optimizer step),
+global_step_<k>/ (peft_methods.save_adapter files, or full weights + tokenizer files for Full FT so
+`evaluate.py --model <checkpoint>` takes it; trainer_state.json/.pt, optimizer.pt, config.json) and
+summary.json. Data (--data): the release parquet, {prompt, response} rows, chat {messages}, or other
+keys named with --prompt-key/--response-key; every row is checked before the model loads.
 
 Shape legend: B sequences in a micro-batch, T tokens per (padded) sequence, V vocab size, D model
 width, N trained target tokens in a micro-batch (positions where the loss mask is 1).
 
-Deviations from the paper / release (each also marked `# DEVIATION:` at the line):
-1. Loss mask: by default every response token including the final EOS is a target and no prompt
-   token is. The release's veRL mask trains the last prompt token and not the final EOS (PAPER.md §4,
-   §12.15); `--loss-mask release` reproduces it.
-2. Precision: on CUDA the frozen base weights are bf16 (as in the paper) but trainable tensors
-   (adapters, Full-FT weights) and AdamW states are fp32 masters under bf16 autocast; the release
-   trains bf16 tensors with no fp32 copy (`--param-dtype bf16` mimics that). CPU runs are fp32.
-3. Each micro-batch is right-padded to its own longest sequence, not to --max-length (same loss,
-   less compute); no FlashAttention varlen / Liger kernels. A micro-batch over --micro-batch-tokens
-   (default 16384, the release's 16k tokens per GPU) runs as row chunks with the same loss and
-   gradient. Gradient checkpointing is on by default for real models, off for the toy.
-4. Full FT default LR 5e-5, from the release's example config (PAPER.md §3.3, §12.5); PEFT 2e-4.
-5. AdaLoRA: peft_methods' rank-allocation and orthogonal-regulariser hooks are called when present
-   (what AdaLoRA is meant to do); the release never calls them (`--adalora-release`, METHODS.md §9).
-6. `messages` rows: only the final assistant turn is trained (earlier turns are prompt).
-7. Optional `--pack` (the paper does not pack): examples are concatenated into rows of at most
-   --max-length tokens with position ids restarting per example, which transformers turns into a
-   block-diagonal causal mask, so packed examples do not attend to each other.
-8. Only the newest checkpoint keeps optimizer.pt (`--keep-optimizer all` keeps every one); the
-   trajectory's weights are always kept.
-9. CPU peak memory is the process's peak resident set size (ru_maxrss), not allocator statistics.
-10. Multi-GPU: PEFT methods run under DDP (the frozen base replicated); FSDP2 `fully_shard` is used
-    for Full FT (`--fsdp auto`). The release shards every method with FSDP2. Each rank's dropout
-    stream is seeded seed + rank (loading.set_rank_seed); weights and data order use the seed.
+Deviations that change a number the paper reports (each marked `# DEVIATION (n)` at the line):
+1. Loss mask: every response token including the final EOS is a target and no prompt token is. The
+   release's veRL mask trains the last prompt token and not the final EOS (PA fsdp_sft_trainer.py,
+   off by one); `--loss-mask release` reproduces it.
+2. Precision: on CUDA the frozen base is bf16 (as in the paper) but trainable tensors (adapters,
+   Full-FT weights) and AdamW states are fp32 masters under bf16 autocast; the release trains bf16
+   tensors with no fp32 copy (`--param-dtype bf16` mimics that). CPU runs are fp32.
+3. Full FT default LR 5e-5, from the release's example config (PA configs/train/sft_full_qwen_math.yaml;
+   the paper gives no Full FT SFT LR); PEFT methods 2e-4 as in the paper.
+4. AdaLoRA: its rank allocation and orthogonal regulariser (Zhang et al. 2023) are called; the
+   release never calls them (fixed-rank SVD-form LoRA); `--adalora-release` mimics that.
+
+Implementation notes (no reported number changes with them; marked `# NOTE (x)` at the line):
+a. Each micro-batch is right-padded to its own longest row, not to --max-length; no FlashAttention
+   varlen / Liger kernels. A micro-batch over --micro-batch-tokens (default 16k, the per-GPU token
+   budget of the release's RL recipe) runs as row chunks with the same loss and gradient. Gradient
+   checkpointing (the release's) is on for real models, off for the toy.
+b. `messages` rows: only the final assistant turn is trained (earlier turns are prompt).
+c. Optional `--pack` (the paper does not pack): rows of at most --max-length tokens whose position
+   ids restart per example, so packed examples do not attend to each other.
+d. Only the newest checkpoint keeps optimizer.pt (`--keep-optimizer all` keeps every one).
+e. CPU peak memory is the process's peak resident set size (ru_maxrss).
+f. Multi-GPU: PEFT methods run under DDP (frozen base replicated), Full FT under FSDP2 `fully_shard`
+   (the release shards every method). Each rank's dropout stream is seeded seed + rank.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -85,17 +72,22 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from tqdm import tqdm
 
 import loading
+import peft_methods
+import toy_world
 
-PEFT_DEFAULT_LR = 2e-4     # [PAPER.md §3.3] every PEFT method, SFT
-FULL_FT_DEFAULT_LR = 5e-5  # DEVIATION (4): [PAPER.md §3.3, §12.5] release example config for Full FT
-MASK_EPS = 1e-8            # [PAPER.md §4] loss = Σ masked CE / (n_mask + 1e-8)
+PEFT_DEFAULT_LR = 2e-4     # [PA run.py resolve_train_lr] every PEFT method, SFT
+FULL_FT_DEFAULT_LR = 5e-5  # DEVIATION (3): [PA configs/train/sft_full_qwen_math.yaml]
+MASK_EPS = 1e-8            # [PA fsdp_sft_trainer.py] loss = Σ masked CE / (n_mask + 1e-8)
 CKPT_PREFIX = "global_step_"
 TOY_TASKS = {"toy-math": "math", "toy-med": "med"}
 # flags that may change between a run and its --resume without changing the trajectory
@@ -103,15 +95,15 @@ RESUME_FREE_KEYS = {"resume", "overwrite", "out", "no_progress", "save_every_ste
 
 
 # -----------------------------------------------------------------------------
-# Tokenisation and the loss mask (PAPER.md §4)
+# Tokenisation and the loss mask [PA fsdp_sft_trainer.py, PA sft_dataset.py]
 
 def build_loss_mask(n_prompt: int, n_total: int, mode: str = "correct") -> list[int]:
     """Per-token mask over input_ids: 1 = this token is a trained target (predicted from the token
     before it). Paired with targets input_ids[1:] via mask[1:], exactly as veRL does.
 
     correct: tokens P..L-1 (the whole response incl. the final EOS); no prompt token.
-    release: [PAPER.md §4, veRL off-by-one] the attention mask zeroed on 0..P-2 and at L-1, i.e.
-             tokens P-1..L-2: the last prompt token is trained, the final EOS is not.
+    release: [PA fsdp_sft_trainer.py, veRL off-by-one] the attention mask zeroed on 0..P-2 and at
+             L-1, i.e. tokens P-1..L-2: the last prompt token is trained, the final EOS is not.
     """
     P, L = n_prompt, n_total
     assert 0 < P < L, f"need 0 < prompt length {P} < total length {L}"
@@ -131,9 +123,9 @@ def _prompt_messages(prompt) -> list[dict]:
 def encode_example(tokenizer, prompt, response: str, *, loss_mask: str = "correct") -> dict:
     """One (prompt, response) pair -> {input_ids, loss_mask, n_prompt} (plain lists, length L).
 
-    [PAPER.md §4] prompt = chat template of the user turn(s) with the generation prompt; response =
-    answer + eos_token; both tokenised separately with add_special_tokens=False and concatenated
-    (separately, so no BPE merge crosses the prompt/response boundary).
+    [PA sft_dataset.py] prompt = chat template of the user turn(s) with the generation prompt;
+    response = answer + eos_token; both tokenised separately with add_special_tokens=False and
+    concatenated (separately, so no BPE merge crosses the prompt/response boundary).
     """
     prompt_text = loading.render_chat(tokenizer, _prompt_messages(prompt), add_generation_prompt=True)
     p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -149,7 +141,7 @@ def encode_examples(tokenizer, pairs: list[tuple], *, loss_mask: str = "correct"
         return []
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; SFT appends it "
-                         "to every response (PAPER.md §4)")
+                         "to every response")
     prompts = [loading.render_chat(tokenizer, _prompt_messages(p), add_generation_prompt=True)
                for p, _ in pairs]
     responses = [r + tokenizer.eos_token for _, r in pairs]
@@ -160,19 +152,18 @@ def encode_examples(tokenizer, pairs: list[tuple], *, loss_mask: str = "correct"
 
 
 def drop_overlong(examples: list[dict], max_length: int) -> tuple[list[dict], int]:
-    """[PAPER.md §3.3] pairs longer than max_length are dropped, not truncated. Returns (kept, n_dropped)."""
+    """[PA sft_dataset.py] pairs longer than max_length are dropped, not truncated -> (kept, n_dropped)."""
     kept = [ex for ex in examples if len(ex["input_ids"]) <= max_length]
     return kept, len(examples) - len(kept)
 
 
 def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
-    """Greedy in-order packing into rows of <= max_length tokens (Deviation 7).
+    """Greedy in-order packing into rows of <= max_length tokens (note c; opt-in, the paper never packs).
 
     position_ids restart at 0 for every example; with attention_mask=None transformers derives a
     block-diagonal causal mask from them, so examples never attend to each other. The first token
     of each example is never a target (it would be predicted from the previous example).
     """
-    # DEVIATION (7): the paper never packs; this is opt-in.
     rows, cur = [], None
     for ex in examples:
         n = len(ex["input_ids"])
@@ -191,12 +182,12 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad a micro-batch to its longest row (Deviation 3) -> tensors of shape (B, T).
+    """Right-pad a micro-batch to its longest row -> tensors of shape (B, T).
 
     Unpacked rows get a 0/1 attention_mask. Packed rows get position_ids instead (padding forms its
     own trailing segment with loss mask 0, so it never touches a real token).
     """
-    # DEVIATION (3): pad to the micro-batch's longest row, not to --max-length as veRL does.
+    # NOTE (a): pad to the micro-batch's longest row, not to --max-length as veRL does (same loss).
     T = max(len(ex["input_ids"]) for ex in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)        # (B, T)
@@ -218,7 +209,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Loss (PAPER.md §4)
+# Loss: masked cross-entropy on response tokens [PA fsdp_sft_trainer.py]
 
 def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Σ CE over already-selected target positions: logits (N, V), targets (N,) -> (fp32 sum, N)."""
@@ -230,9 +221,10 @@ def micro_batch_loss(ce_sum: torch.Tensor, n_tokens: int, n_micro: int, *, norm:
                      n_tokens_global: int | None = None, world_size: int = 1) -> torch.Tensor:
     """The quantity whose gradient is accumulated for one micro-batch.
 
-    micro (default, the paper): [PAPER.md §4] per micro-batch Σ CE / (n_mask + 1e-8), averaged over
-        the micro-batches of the global batch (`balance_dp_token=False`), so the step loss is the
-        mean of per-micro-batch token means; DDP's gradient averaging over ranks keeps it a mean.
+    micro (default, the paper): per micro-batch Σ CE / (n_mask + 1e-8), averaged over the
+        micro-batches of the global batch (veRL's `balance_dp_token=False`), so the step loss is the
+        mean of per-micro-batch token means and a token's weight depends on how many targets share
+        its micro-batch; DDP's gradient averaging over ranks keeps it a mean.
     token: every target token of the global batch weighs the same: Σ CE / n_tokens_global, times
         world_size because DDP averages (not sums) gradients over ranks.
     """
@@ -283,19 +275,19 @@ class CausalLMLoss(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Schedule, optimiser, data order
+# Schedule, optimiser, data order [PA fsdp_sft_trainer.py]
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float = 0.1) -> int:
-    """[PAPER.md §4] warmup = int(0.1 · total)."""
+    """warmup = int(0.1 · total)."""
     return int(warmup_ratio * total_steps)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Multiplier of the base LR for the optimizer step taken after `step` completed steps.
 
-    [PAPER.md §4] linear warmup factor step/warmup, then ½(1 + cos πp), p = (step − warmup)/(total −
-    warmup), min ratio 0. As in veRL/HF (LambdaLR stepped after the optimizer), the very first update
-    uses factor 0 when warmup > 0.
+    Linear warmup factor step/warmup, then ½(1 + cos πp), p = (step − warmup)/(total − warmup), min
+    ratio 0. As in veRL/HF (LambdaLR stepped after the optimizer), the very first update uses
+    factor 0 when warmup > 0. Skipped steps (non-finite grad norm) still advance the schedule.
     """
     if step < warmup_steps:
         return step / max(1, warmup_steps)
@@ -304,7 +296,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def make_param_groups(model, weight_decay: float, decay_1d: bool = True) -> list[dict]:
-    """[PAPER.md §4] one group with weight decay on every trainable tensor (adapters included);
+    """One group with weight decay on every trainable tensor (adapters included, as the release);
     decay_1d=False moves 1-D tensors (biases, norms, IA3/VeRA/DoRA vectors) to a wd=0 group."""
     params = [p for p in model.parameters() if p.requires_grad]
     if decay_1d:
@@ -316,17 +308,115 @@ def make_param_groups(model, weight_decay: float, decay_1d: bool = True) -> list
 def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> tuple[list[int], int]:
     """Example indices of optimizer step `step` (0-based) and its epoch.
 
-    [PAPER.md §4] DistributedSampler semantics: a fresh permutation per epoch from (seed + epoch),
-    drop_last, so steps/epoch = ⌊N / global_batch⌋ (= the release's ⌊⌊N/8⌋/32⌋ on 8 GPUs) and the
-    data position is a function of `step` alone (which makes resuming exact). torch.randperm with
-    a generator seeded (seed + epoch) is what DistributedSampler draws, and rank r taking perm[r::W]
-    in per-rank batches of G/W puts the same SET of examples into step k as perm[kG:(k+1)G]; only
-    their split into micro-batches differs (which matters only to the per-micro-batch mean).
+    DistributedSampler semantics: a fresh permutation per epoch from (seed + epoch), drop_last, so
+    steps/epoch = ⌊N / global_batch⌋ (= the release's ⌊⌊N/8⌋/32⌋ on 8 GPUs) and the data position
+    is a function of `step` alone (which makes resuming exact). torch.randperm with a generator
+    seeded (seed + epoch) is what DistributedSampler draws, and rank r taking perm[r::W] in per-rank
+    batches of G/W puts the same SET of examples into step k as perm[kG:(k+1)G]; only their split
+    into micro-batches differs (which matters only to the per-micro-batch mean).
     """
     steps_per_epoch = n_examples // global_batch
     epoch, k = divmod(step, steps_per_epoch)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))  # (N,)
     return perm[k * global_batch:(k + 1) * global_batch].tolist(), epoch
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step. The plain path: one micro-batch's loss and backward, then the update. Then
+# the step as trained: accumulation over micro-batches, each split to a token budget (speed-up).
+
+def micro_batch_backward(loss_module, mb: dict, n_targets: int, n_micro: int, *, loss_norm: str = "micro",
+                         n_global: int = 0, world_size: int = 1, autocast=contextlib.nullcontext,
+                         extra_loss=None) -> torch.Tensor:
+    """Forward, loss and backward of one micro-batch (or one row chunk of it); returns Σ CE, detached.
+
+    n_targets is the whole micro-batch's target count, so a chunk's gradient is its share of the
+    micro-batch's. extra_loss (AdaLoRA's orthogonal regulariser) is averaged like the CE."""
+    with autocast():
+        ce_sum, _ = loss_module(**mb)
+    loss = micro_batch_loss(ce_sum, n_targets, n_micro, norm=loss_norm, n_tokens_global=n_global,
+                            world_size=world_size)
+    if extra_loss is not None:
+        loss = loss + extra_loss() / n_micro
+    loss.backward()
+    return ce_sum.detach()
+
+
+def clip_and_step(optimizer, params: list, max_grad_norm: float, post_step=None) -> tuple[float, bool]:
+    """Clip the global L2 grad norm, take the AdamW step unless the norm is non-finite (then the
+    step is skipped [PA fsdp_sft_trainer.py]), zero the grads -> (grad_norm, skipped)."""
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if hasattr(grad_norm, "full_tensor"):   # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+        if post_step is not None:   # AdaLoRA's rank allocation reads the gradients: before zero_grad
+            post_step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: list, *, lr: float,
+                   max_grad_norm: float, loss_norm: str = "micro", world_size: int = 1,
+                   autocast=contextlib.nullcontext, no_sync=None, extra_loss=None, post_step=None,
+                   max_tokens: int = 0) -> dict:
+    """Accumulate gradients over `micro_batches`, clip, and take one AdamW step.
+
+    max_tokens > 0: a micro-batch over the token budget runs as row chunks (`split_by_tokens`) with
+    the loss and gradient of the unsplit micro-batch. no_sync (DDP/FSDP2) defers the gradient
+    all-reduce to the last backward. Returns {loss, grad_norm, skipped, n_targets}; loss is the
+    global-batch loss (all ranks); a non-finite loss is the caller's to report.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_micro = len(micro_batches)
+    device = micro_batches[0]["input_ids"].device
+    # --loss-norm token divides by the target count of the whole global batch (all ranks)
+    n_global = sum(int(mb["loss_mask"][:, 1:].sum()) for mb in micro_batches)
+    if world_size > 1 and loss_norm == "token":
+        n_global = all_reduce_int(n_global, device)
+    log_sum = torch.zeros((), dtype=torch.float64, device=device)   # the step's loss, for the log
+    for i, mb in enumerate(micro_batches):
+        n = int(mb["loss_mask"][:, 1:].sum())            # the whole micro-batch's targets
+        parts = split_by_tokens(mb, max_tokens)
+        for j, part in enumerate(parts):                 # each backward adds into .grad
+            last = i == n_micro - 1 and j == len(parts) - 1
+            with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                ce_sum = micro_batch_backward(loss_module, part, n, n_micro, loss_norm=loss_norm,
+                                              n_global=n_global, world_size=world_size, autocast=autocast,
+                                              extra_loss=extra_loss if j == 0 else None)
+            log_sum += ce_sum / (n + MASK_EPS) / n_micro if loss_norm == "micro" else ce_sum / max(n_global, 1)
+    if world_size > 1:   # the loss of every rank's share: a mean of means (micro), a sum (token)
+        torch.distributed.all_reduce(log_sum)
+        if loss_norm == "micro":
+            log_sum /= world_size
+    grad_norm, skipped = clip_and_step(optimizer, params, max_grad_norm, post_step)
+    return {"loss": float(log_sum), "grad_norm": grad_norm, "skipped": skipped, "n_targets": n_global}
+
+
+def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
+    """Row chunks of a collated micro-batch whose padded size (rows × longest row) <= max_tokens.
+
+    [PA train/train_rl.sh: the release's RL recipe bounds each forward to 16384 tokens per GPU] A chunk keeps
+    its rows in order and is re-trimmed to its own longest row (right padding, so trimming drops only
+    padding); packed rows (position_ids) keep their width. A row longer than the budget on its own
+    gets a chunk of its own. max_tokens <= 0, or a micro-batch that fits: [mb] unchanged.
+    """
+    B, T = mb["input_ids"].shape
+    if max_tokens <= 0 or B * T <= max_tokens:
+        return [mb]
+    widths = [int(w) for w in mb["attention_mask"].sum(1)] if "attention_mask" in mb else [T] * B
+    chunks, cur, w = [], [], 0
+    for i in range(B):
+        if cur and (len(cur) + 1) * max(w, widths[i]) > max_tokens:
+            chunks.append((cur, w))
+            cur, w = [], 0
+        cur, w = cur + [i], max(w, widths[i])
+    chunks.append((cur, w))
+    return [{k: v[rows, :width] for k, v in mb.items()} for rows, width in chunks]
 
 
 # -----------------------------------------------------------------------------
@@ -339,36 +429,40 @@ def read_rows(path, *, skip_bad_rows: bool = False) -> tuple[list[tuple[dict, st
         raise loading.DataFileNotFound(f"--data {path}: data file not found")
     if path.is_dir() or path.stat().st_size == 0:
         raise loading.DataError(f"--data {path}: data file is {'a directory' if path.is_dir() else 'empty'}")
+    rows, bad = [], 0
     if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
         rows = [(r, f"{path}: row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
-        bad = 0
     else:
-        rows, bad = [], 0
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if path.suffix == ".json" and text.lstrip().startswith("["):   # e.g. MetaMathQA-395K.json
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (MetaMathQA-395K.json)
             try:
                 items = json.loads(text)
             except ValueError as e:
                 raise loading.DataError(f"{path}: not valid JSON ({e})") from None
             rows = [(r, f"{path}: item {i}") for i, r in enumerate(items)]
         else:
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                except ValueError as e:  # json.JSONDecodeError is a ValueError
-                    if skip_bad_rows:
-                        bad += 1
-                        continue
-                    raise loading.DataError(f"{path}:{lineno}: malformed JSONL line ({e}); fix it or pass "
-                                            "--skip-bad-rows to skip and count such lines") from None
-                rows.append((row, f"{path}:{lineno}"))
+            rows, bad = _jsonl_rows(text, path, skip_bad_rows)
     if not rows:
         raise loading.DataError(f"--data {path}: holds no usable rows ({bad} malformed)")
+    return rows, bad
+
+
+def _jsonl_rows(text: str, path: Path, skip_bad_rows: bool) -> tuple[list[tuple[dict, str]], int]:
+    rows, bad = [], 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if skip_bad_rows:
+                bad += 1
+                continue
+            raise loading.DataError(f"{path}:{lineno}: malformed JSONL line ({e}); fix it or pass "
+                                    "--skip-bad-rows to skip and count such lines") from None
+        rows.append((row, f"{path}:{lineno}"))
     return rows, bad
 
 
@@ -388,10 +482,9 @@ def _mapped_pair(row: dict, where: str, keys: tuple) -> tuple:
 def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
     """A row -> (prompt, response); prompt is a string or a list of chat messages.
 
-    Accepted layouts: the release parquet {extra_info: {question, answer}} (PAPER.md §4);
-    {prompt, response}; chat {messages: [..., {role: assistant, content}]} (Deviation 6); any other
-    with keys = (prompt_key, response_key) from --prompt-key/--response-key (e.g. MetaMathQA's
-    ("query", "response")).
+    Layouts: the release parquet {extra_info: {question, answer}} [PA train/train_sft.sh: prompt_key
+    extra_info]; {prompt, response}; chat {messages: [..., {role: assistant, content}]} (note b);
+    any other with keys = (prompt_key, response_key), e.g. MetaMathQA's ("query", "response").
     """
     if keys is not None:
         return _mapped_pair(row, where, keys)
@@ -402,13 +495,12 @@ def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
         prompt, response = extra["question"], extra.get("answer")
     elif "messages" in row:
         msgs = row["messages"]
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                       for m in msgs)):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts")
-        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise ValueError(f"{where}: no response: the last message must be the assistant's "
-                             "and follow at least one prompt message")
-        prompt, response = msgs[:-1], msgs[-1]["content"]   # DEVIATION (6): only the last turn is trained
+        if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) and "role" in m
+                                                                   and "content" in m for m in msgs)
+                and msgs[-1]["role"] == "assistant"):
+            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} dicts whose last one, "
+                             "the assistant's response, follows at least one prompt message")
+        prompt, response = msgs[:-1], msgs[-1]["content"]   # NOTE (b): only the last turn is trained
     else:
         prompt, response = row.get("prompt"), row.get("response")
     hint = (f"row keys: {sorted(row)}; name other keys with --prompt-key/--response-key, "
@@ -427,7 +519,6 @@ def fetch_hub_file(repo_id: str, filename: str | None) -> Path:
     if not filename:
         raise ValueError(f"--data {repo_id} looks like a hub dataset id: also pass --hub-file, the file "
                          "inside it (e.g. --hub-file openr1-50k/train.parquet)")
-    from huggingface_hub import hf_hub_download
     try:   # the local cache first: no network, no retries
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: one quick probe, then the download
@@ -441,29 +532,19 @@ def fetch_hub_file(repo_id: str, filename: str | None) -> Path:
                            "network, download the file elsewhere and pass --data /path/to/file") from None
 
 
-def data_keys(cfg: dict) -> tuple | None:
-    """(prompt_key, response_key) when --prompt-key/--response-key are given (the other one
-    defaults to 'prompt' / 'response'), else None (the built-in layouts)."""
-    pk, rk = cfg.get("prompt_key"), cfg.get("response_key")
-    if pk is None and rk is None:
-        return None
-    return pk or "prompt", rk or "response"
-
-
 def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
     """The configured SFT set -> ([(prompt, response)], stats)."""
     if cfg["task"]:
-        import toy_world
         rows = toy_world.make_sft_rows(TOY_TASKS[cfg["task"]], cfg["n_train"], seed=cfg["data_seed"])
-        rows = [(r, f"{cfg['task']} row {i}") for i, r in enumerate(rows)]
-        bad = 0
+        rows, bad = [(r, f"{cfg['task']} row {i}") for i, r in enumerate(rows)], 0
     else:
         path = Path(cfg["data"])
         looks_hub = (not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", cfg["data"]) is not None
                      and path.suffix not in (".jsonl", ".json", ".parquet"))
         rows, bad = read_rows(fetch_hub_file(cfg["data"], cfg["hub_file"]) if looks_hub else path,
                               skip_bad_rows=cfg["skip_bad_rows"])
-    keys = data_keys(cfg)
+    pk, rk = cfg.get("prompt_key"), cfg.get("response_key")   # either one given: the other defaults
+    keys = None if pk is None and rk is None else (pk or "prompt", rk or "response")
     pairs = []
     for row, where in rows:
         try:
@@ -479,151 +560,350 @@ def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
     return pairs, {"n_rows": len(pairs), "n_bad_rows": bad}
 
 
+def prepare_examples(cfg: dict, tokenizer, pairs: list[tuple], stats: dict, world_size: int) -> list[dict]:
+    """Pairs -> encoded examples, over-long ones dropped, optionally packed; the step plan
+    (steps/epoch = ⌊N / global batch⌋, total steps, warmup steps) and counts are added to stats."""
+    examples = encode_examples(tokenizer, pairs, loss_mask=cfg["loss_mask"])
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    examples, n_dropped = drop_overlong(examples, cfg["max_length"])
+    if not examples:
+        raise ValueError(f"every one of the {len(lengths)} examples is longer than --max-length "
+                         f"{cfg['max_length']} tokens (shortest {min(lengths)}, longest {max(lengths)}); "
+                         "raise --max-length")
+    if cfg["pack"]:
+        examples = pack_examples(examples, cfg["max_length"])
+    n_ex, G = len(examples), cfg["global_batch"]
+    if n_ex < G:
+        raise ValueError(f"{n_ex} training {'rows' if cfg['pack'] else 'examples'} < --global-batch {G}: "
+                         "not even one optimizer step; lower --global-batch or add data")
+    steps_per_epoch = n_ex // G
+    total_steps = cfg["epochs"] * steps_per_epoch
+    if cfg["max_steps"] > 0:
+        total_steps = min(total_steps, cfg["max_steps"])
+    stats.update(n_examples_encoded=len(lengths), n_dropped_too_long=n_dropped, n_train_rows=n_ex,
+                 steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                 warmup_steps=warmup_steps_for(total_steps, cfg["warmup_ratio"]),
+                 world_size=world_size, data_fingerprint=data_fingerprint(examples))
+    return examples
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """Cheap hash of the encoded set (lengths, masks, token sums) to detect changed data on resume."""
+    h = hashlib.sha1()
+    for ex in examples:
+        h.update(f"{len(ex['input_ids'])},{sum(ex['input_ids'])},{sum(ex['loss_mask'])};".encode())
+    return h.hexdigest()
+
+
+def step_micro_batches(examples: list[dict], step: int, cfg: dict, run: Run,
+                       pad_id: int) -> tuple[list[dict], int]:
+    """This rank's micro-batches of optimizer step `step` (collated, on its device) and the epoch."""
+    per_rank = cfg["global_batch"] // run.world_size
+    idx, epoch = global_batch_indices(len(examples), cfg["global_batch"], step, cfg["seed"])
+    mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
+    mbs = [collate([examples[i] for i in mine[j:j + cfg["micro_batch"]]], pad_id)
+           for j in range(0, per_rank, cfg["micro_batch"])]
+    return [{k: v.to(run.device) for k, v in mb.items()} for mb in mbs], epoch
+
+
 # -----------------------------------------------------------------------------
-# Configuration (argparse; `train` also takes a dict)
+# The training routine: set-up, then the loop
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="SFT with any PEFT method (PAPER.md §4).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", default="toy", help="'toy' (the committed toy base), a local HF model dir, or a hub id")
-    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = full finetuning")
-    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
-    g.add_argument("--block-size", type=int, default=None, help="OFT block size b (rows of each rotation block)")
-    g.add_argument("--dropout", type=float, default=None, help="adapter dropout probability; None = method default")
-    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
-    g.add_argument("--target-modules", default=None, help="comma-separated module names; None = peft_methods.DEFAULT_TARGETS")
-    g.add_argument("--adalora-release", action="store_true",
-                   help="mimic the release: never call AdaLoRA's rank allocation / orthogonal regulariser")
-    g.add_argument("--param-dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: fp32 trainable tensors (frozen base bf16 on CUDA); bf16: release-style pure bf16")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    g = p.add_argument_group("data")
-    g.add_argument("--task", choices=sorted(TOY_TASKS), default=None, help="toy-world SFT set (toy_world.make_sft_rows)")
-    g.add_argument("--data", default=None, help="JSONL/JSON/Parquet file, or a hub dataset id (with --hub-file)")
-    g.add_argument("--hub-file", default=None, help="file inside the hub dataset, e.g. openr1-50k/train.parquet")
-    g.add_argument("--prompt-key", default=None, help="row key of the prompt (string or chat messages) when "
-                   "the file uses neither the release layout nor prompt/response/messages; dotted for nested "
-                   "fields (MetaMathQA: --prompt-key query --response-key response)")
-    g.add_argument("--response-key", default=None, help="row key of the response (see --prompt-key)")
-    g.add_argument("--n-train", type=int, default=-1,
-                   help="rows: toy sets generate this many (-1 = 2000); files keep the first n (-1 = all)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy-world rows")
-    g.add_argument("--max-length", type=int, default=8192, help="tokens (prompt + response); longer pairs are dropped")
-    g.add_argument("--loss-mask", choices=["correct", "release"], default="correct",
-                   help="correct: response incl. EOS; release: veRL off-by-one (last prompt token, no EOS)")
-    g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-length tokens (not in the paper)")
-    g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"peak LR; None = {PEFT_DEFAULT_LR} (PEFT) / {FULL_FT_DEFAULT_LR} (full)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW β1 β2")
-    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW ε")
-    g.add_argument("--no-decay-1d", action="store_true", help="no weight decay on 1-D tensors (paper: decay all)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global L2 grad norm (<= 0: no clip)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of optimizer steps of linear warmup")
-    g.add_argument("--epochs", type=int, default=4, help="passes over the data")
-    g.add_argument("--max-steps", type=int, default=-1,
-                   help="cap on optimizer steps (-1 = epochs × steps/epoch); sets the schedule length")
-    g.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step, all ranks together")
-    g.add_argument("--micro-batch", type=int, default=2, help="sequences per forward pass per rank")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="token budget per forward: a micro-batch whose padded size (rows x longest row) "
-                   "exceeds it is run in row chunks that each fit, with the same loss and gradient "
-                   "(release: 16k tokens per GPU); 0 = off")
-    g.add_argument("--loss-norm", choices=["micro", "token"], default="micro",
-                   help="micro: mean of per-micro-batch token means (paper); token: one mean over the global batch")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; None = cuda if available (torchrun: LOCAL_RANK)")
-    g.add_argument("--seed", type=int, default=0, help="seed of adapter init, dropout and data order (paper sampler seed 0)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
-    g.add_argument("--fsdp", choices=["auto", "on", "off"], default="auto",
-                   help="under torchrun: FSDP2 fully_shard instead of DDP; auto = on for --method full on CUDA")
-    g.add_argument("--loss-impl", choices=["fast", "reference"], default="fast",
-                   help="fast: lm_head only on trained positions; reference: full logits")
-    g = p.add_argument_group("checkpoints and output")
-    g.add_argument("--out", default=None, help="run directory (required unless --smoke)")
-    g.add_argument("--save-every-steps", type=int, default=-1,
-                   help="optimizer steps between checkpoints; -1 = once per epoch, 0 = only at the end")
-    g.add_argument("--keep-optimizer", choices=["last", "all"], default="last", help="which checkpoints keep optimizer.pt")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start again")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    g.add_argument("--smoke", action="store_true", help="tiny run (<= 4 steps, 32 rows) to check the plumbing on CPU")
-    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
-    g.add_argument("--dry-run", action="store_true", help="print the per-GPU peak memory of one training "
-                   "step at the planned settings (memory.py: the model on fake tensors) and exit; --model "
-                   "may be a configs/model_shapes name or .json file")
-    g.add_argument("--gpus", type=int, default=None, help="GPUs of the planned run (torchrun "
-                   "--nproc_per_node); default: $WORLD_SIZE or 1. Only --dry-run reads it")
-    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="memory of one GPU for the --dry-run verdict (H100 80, H200 141)")
-    return p
+def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None) -> dict:
+    """Run (or resume) one SFT run and return its summary dict (also written to <out>/summary.json).
+
+    config: argv list, argparse.Namespace or dict of flag names (dashes -> underscores).
+    model, tokenizer: an already loaded base model (not yet wrapped) to train instead of loading
+        cfg["model"] (cfg["model"] is still recorded, and used to reload on --resume).
+    hooks: optional {"after_setup": f(model)} (after wrapping, before the first step) and
+        {"after_step": f(step, metrics_row)} (after each optimizer step and its checkpoint, if any).
+    """
+    hooks = hooks or {}
+    cfg = resolve_config(config)
+    if cfg["dry_run"]:
+        return dry_run(cfg)
+    run = start_run(cfg)                        # ranks, device, --out, the checkpoint to resume from
+    pairs, stats = load_pairs(cfg)              # data errors come in seconds, before the model
+    model, tokenizer = load_base_model(cfg, run, model, tokenizer)
+    examples = prepare_examples(cfg, tokenizer, pairs, stats, run.world_size)
+    total_steps, warmup_steps, steps_per_epoch = stats["total_steps"], stats["warmup_steps"], stats["steps_per_epoch"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches_for = lambda step: step_micro_batches(examples, step, cfg, run, pad_id)  # noqa: E731
+    hp = attach_method(model, cfg, run, total_steps, batches_for)
+    n_trainable = peft_methods.count_trainable(model)
+    if "after_setup" in hooks:
+        hooks["after_setup"](model)
+    opt = build_optimizer(model, cfg, run)      # loss module (DDP/FSDP2), AdamW, autocast, AdaLoRA hooks
+    state = restore_state(run, model, opt, stats["data_fingerprint"], total_steps)   # {} unless --resume
+    cfg_out = dict(cfg, derived=dict(stats, n_trainable=n_trainable, method_hparams=hp))
+    if run.is_main:
+        write_run_config(run.out, cfg_out, state.get("step", 0))
+    save_every = steps_per_epoch if cfg["save_every_steps"] < 0 else cfg["save_every_steps"]
+    totals = {k: state.get(k, v) for k, v in (("tokens_seen", 0), ("n_skipped_steps", 0), ("train_time_s", 0.0),
+                                              ("first_loss", None), ("last_loss", None))}
+    last_ckpt = run.resume_from
+    metrics = open(run.out / "metrics.jsonl", "a", encoding="utf-8") if run.is_main else contextlib.nullcontext()
+    with metrics as log, tqdm(total=total_steps, initial=state.get("step", 0), desc=f"sft {cfg['method']}",
+                              disable=not run.is_main or cfg["no_progress"], dynamic_ncols=True) as bar:
+        for step in range(state.get("step", 0), total_steps):
+            t0 = time.perf_counter()
+            # 1. the step's global batch (a fresh permutation per epoch), this rank's micro-batches
+            mbs, epoch = batches_for(step)
+            # 2. the LR: linear warmup, then cosine to 0
+            lr = cfg["lr"] * lr_factor(step, total_steps, warmup_steps)
+            # 3. masked CE on the response tokens, backward, accumulated over the micro-batches;
+            #    clip the grad norm; the AdamW step (skipped on a non-finite norm)
+            res = optimizer_step(
+                opt.runner, mbs, opt.optimizer, opt.params, lr=lr, max_grad_norm=cfg["max_grad_norm"],
+                loss_norm=cfg["loss_norm"], world_size=run.world_size, autocast=opt.autocast,
+                no_sync=opt.no_sync, extra_loss=(lambda: opt.ada_reg(model)) if opt.ada_reg else None,
+                post_step=(lambda: opt.ada_alloc(model, step, total_steps)) if opt.ada_alloc else None,
+                max_tokens=cfg["micro_batch_tokens"])
+            if not math.isfinite(res["loss"]):
+                raise FloatingPointError(
+                    f"non-finite training loss ({res['loss']}) at optimizer step {step + 1} (epoch {epoch}); "
+                    f"stopped without saving. Last good checkpoint: {last_ckpt or 'none yet'}. Lower --lr, "
+                    "check the data, then continue with --resume (or start again with --overwrite)")
+            # 4. one metrics row: loss, LR, grad norm, tokens/s, peak memory
+            row = record_step(totals, res, mbs, step=step, epoch=epoch, lr=lr, t0=t0, pad_id=pad_id, run=run)
+            if run.is_main:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{res['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            # 5. a checkpoint every --save-every-steps steps and at the end
+            done = step + 1
+            if (save_every > 0 and done % save_every == 0) or done == total_steps:
+                last_ckpt = save_checkpoint(run.out, done, model, opt.optimizer,
+                                            trainer_state(done, totals, stats, cfg), cfg_out, rank=run.rank,
+                                            world_size=run.world_size, fsdp=opt.fsdp, base_spec=cfg["model"])
+            if "after_step" in hooks:   # after the step's checkpoint (if any) is on disk
+                hooks["after_step"](done, row)
+    return write_summary(run, cfg, totals, stats, n_trainable)
 
 
-def resolve_config(config=None) -> dict:
-    """argv list / Namespace / dict / None -> the resolved config dict (defaults filled, checked)."""
-    parser = build_parser()
-    if config is None or isinstance(config, (list, tuple)):
-        cfg = vars(parser.parse_args(list(config) if config is not None else []))
+@dataclasses.dataclass
+class Run:
+    """Where this process trains: its rank of world_size, its device, the run directory, and the
+    checkpoint --resume continues from (None: a fresh start)."""
+    rank: int
+    world_size: int
+    device: torch.device
+    out: Path
+    resume_from: Path | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(cfg: dict) -> Run:
+    """Processes (torchrun or one), the run directory (refused if occupied, unless --resume or
+    --overwrite) and the global seed."""
+    if cfg["method"] not in peft_methods.METHODS:
+        raise ValueError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}")
+    rank, world_size, device = init_distributed(cfg)
+    if cfg["global_batch"] % (cfg["micro_batch"] * world_size):
+        raise ValueError(f"--global-batch {cfg['global_batch']} must be a multiple of --micro-batch "
+                         f"{cfg['micro_batch']} × world size {world_size}")
+    out = Path(cfg["out"])
+    resume_from = prepare_out_dir(out, cfg, rank == 0)
+    _barrier(world_size)
+    out.mkdir(parents=True, exist_ok=True)
+    loading.set_seed(cfg["seed"])
+    return Run(rank, world_size, device, out, resume_from)
+
+
+def load_base_model(cfg: dict, run: Run, model=None, tokenizer=None):
+    """The base model and tokenizer on run.device (loaded from cfg["model"] unless given)."""
+    # DEVIATION (2): fp32 trainable masters unless --param-dtype bf16. auto: the frozen base loads in
+    # bf16 on CUDA (its adapters are made fp32 in attach_method); Full FT and CPU runs load fp32.
+    fp32 = cfg["param_dtype"] != "bf16" and (cfg["param_dtype"] == "fp32" or cfg["method"] == "full"
+                                            or run.device.type != "cuda")
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    if model is None:
+        model, tokenizer = loading.load_model(cfg["model"], dtype=dtype, device=run.device,
+                                              trust_remote_code=cfg["trust_remote_code"])
+    elif tokenizer is None:
+        raise ValueError("train(model=...) also needs tokenizer=...")
+    model.to(run.device)
+    if run.is_main:
+        print(f"[train_sft] device {run.device} (world size {run.world_size}); base dtype "
+              f"{next(model.parameters()).dtype}; autocast bf16: {run.device.type == 'cuda'}")
+    return model, tokenizer
+
+
+def attach_method(model, cfg: dict, run: Run, total_steps: int, batches_for) -> dict:
+    """Wrap the base with cfg's method: fresh, or re-applied and loaded from the checkpoint on
+    --resume. Returns the method's hyperparameters (make_config kwargs)."""
+    targets = tuple(cfg["target_modules"].split(",")) if cfg["target_modules"] else peft_methods.DEFAULT_TARGETS
+    hp = peft_methods.hparams_from_flags(cfg["method"], cfg, cfg["hp"], total_steps)
+    adapter_dtype = torch.bfloat16 if cfg["param_dtype"] == "bf16" else torch.float32
+    if run.resume_from is not None:
+        peft_methods.load_adapter(model, run.resume_from)
     else:
-        cfg = vars(parser.parse_args([]))
-        given = vars(config) if isinstance(config, argparse.Namespace) else dict(config)
-        unknown = sorted(set(given) - set(cfg) - {"derived"})
-        if unknown:
-            raise ValueError(f"unknown train_sft config keys {unknown}; see python train_sft.py --help")
-        cfg.update({k: v for k, v in given.items() if k != "derived"})
-    if cfg["smoke"]:
-        cfg.update(max_steps=min(cfg["max_steps"], 4) if cfg["max_steps"] > 0 else 4, n_train=32,
-                   global_batch=4, micro_batch=2, max_length=min(cfg["max_length"], 512), save_every_steps=2)
-        if not cfg["task"] and not cfg["data"]:
-            cfg["task"] = "toy-math"
-        cfg["out"] = cfg["out"] or f"runs/smoke-sft-{cfg['method']}"
-    if cfg["task"] and cfg["n_train"] <= 0:
-        cfg["n_train"] = 2000
-    if cfg["lr"] is None:
-        cfg["lr"] = FULL_FT_DEFAULT_LR if cfg["method"] == "full" else PEFT_DEFAULT_LR
-    if cfg["grad_checkpointing"] is None:
-        # [PAPER.md §4 Systems] on for real models: without it LoRA at 8192 tokens needs ~216 GiB on
-        # a 7B model; off for the toy (tiny activations; the demo's numbers and speed stay as they were)
-        cfg["grad_checkpointing"] = cfg["model"] != "toy"
-    cfg["adam_betas"] = list(cfg["adam_betas"])
-    dry = cfg["dry_run"]   # a memory plan needs neither a run directory nor data
-    checks = [   # (holds, config key at fault, message)
-        (dry or bool(cfg["out"]), "out", "--out is required (the run directory)"),
-        (dry or (cfg["task"] is None) != (cfg["data"] is None), "task", "pass exactly one of --task and --data"),
-        (cfg["gpus"] is None or cfg["gpus"] >= 1, "gpus", f"--gpus {cfg['gpus']} must be >= 1"),
-        (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"], "micro_batch",
-         f"need 1 <= --micro-batch {cfg['micro_batch']} <= --global-batch {cfg['global_batch']}"),
-        (cfg["max_length"] >= 2, "max_length", f"--max-length {cfg['max_length']} must be >= 2 tokens"),
-        (cfg["micro_batch_tokens"] >= 0, "micro_batch_tokens",
-         f"--micro-batch-tokens {cfg['micro_batch_tokens']} must be >= 0 (0 = off)"),
-        (cfg["lr"] > 0, "lr", f"--lr {cfg['lr']} must be > 0"),
-        (0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", f"--warmup-ratio {cfg['warmup_ratio']} must be in [0, 1)"),
-        (cfg["epochs"] >= 1, "epochs", f"--epochs {cfg['epochs']} must be >= 1"),
-        (not (cfg["resume"] and cfg["overwrite"]), "resume", "--resume and --overwrite exclude each other"),
-    ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise loading.ConfigError(msg, key)
-    return cfg
+        init_batch = None
+        if cfg["method"] == "keeplora":   # seed gradient from the first micro-batch [PA keeplora.py]
+            mb = batches_for(0)[0][0]
+            # labels = input_ids on trained tokens (HF shifts them inside model(labels=...)), so the
+            # seed loss is this file's masked token-mean CE; loss_mask itself is not a model kwarg.
+            init_batch = {k: v for k, v in mb.items() if k != "loss_mask"}
+            init_batch["labels"] = torch.where(mb["loss_mask"].bool(), mb["input_ids"], -100)
+        peft_methods.apply_peft(model, cfg["method"], peft_methods.make_config(cfg["method"], **hp),
+                                target_modules=targets, adapter_dtype=adapter_dtype, init_batch=init_batch)
+    model.to(run.device)
+    if cfg["grad_checkpointing"]:   # speed-up (memory): same gradients, test-checked
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    if run.world_size > 1:   # weights are built from `seed` on every rank; dropout streams per rank
+        loading.set_rank_seed(cfg["seed"], run.rank)
+    return hp
 
 
-def method_hparams(cfg: dict, peft_methods, total_steps: int) -> dict:
-    """CLI hyperparameter flags -> make_config kwargs, checked against the method's dataclass fields."""
-    return peft_methods.hparams_from_flags(cfg["method"], cfg, cfg["hp"], total_steps)
+def build_optimizer(model, cfg: dict, run: Run) -> SimpleNamespace:
+    """The loss module (wrapped in DDP or FSDP2 under torchrun), AdamW over the trainable tensors,
+    the autocast context, and AdaLoRA's hooks (None unless used)."""
+    # DEVIATION (4): AdaLoRA's regulariser and rank allocation are called (the release never does).
+    ada = cfg["method"] == "adalora" and not cfg["adalora_release"]
+    full = cfg["method"] == "full"
+    loss_module = CausalLMLoss(model, fast=cfg["loss_impl"] == "fast" and supports_fast_loss(model))
+    use_fsdp = cfg["fsdp"] == "on" or (cfg["fsdp"] == "auto" and full and run.device.type == "cuda")
+    if use_fsdp and not full and run.world_size > 1:   # NOTE (f): PEFT methods use DDP
+        raise ValueError("--fsdp on is for --method full (PEFT methods use DDP: the frozen base is replicated)")
+    runner, no_sync, fsdp = wrap_parallel(model, loss_module, use_fsdp, run.world_size, run.device)
+    optimizer = torch.optim.AdamW(make_param_groups(loss_module, cfg["weight_decay"], not cfg["no_decay_1d"]),
+                                  lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if run.device.type == "cuda" and not fsdp
+                else contextlib.nullcontext)
+    return SimpleNamespace(runner=runner, no_sync=no_sync, fsdp=fsdp, optimizer=optimizer, autocast=autocast,
+                           params=[p for p in loss_module.parameters() if p.requires_grad],
+                           ada_reg=peft_methods.adalora_regularizer if ada else None,
+                           ada_alloc=peft_methods.adalora_update_and_allocate if ada else None)
+
+
+def record_step(totals: dict, res: dict, mbs: list[dict], *, step: int, epoch: int, lr: float, t0: float,
+                pad_id: int, run: Run) -> dict:
+    """Add one step to the run's totals (they go into trainer_state.json) -> its metrics.jsonl row."""
+    n_tok = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else   # real tokens, no padding
+                int((mb["input_ids"] != pad_id).sum()) for mb in mbs)
+    if run.world_size > 1:
+        n_tok = all_reduce_int(n_tok, run.device)
+    if run.device.type == "cuda":   # the step's queued GPU work counts to the step's time
+        torch.cuda.synchronize(run.device)
+    dt = time.perf_counter() - t0
+    totals["train_time_s"] += dt
+    totals["tokens_seen"] += n_tok
+    totals["n_skipped_steps"] += res["skipped"]
+    totals["first_loss"] = res["loss"] if totals["first_loss"] is None else totals["first_loss"]
+    totals["last_loss"] = res["loss"]
+    return {"step": step + 1, "epoch": epoch, "loss": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
+            "skipped": res["skipped"], "tokens": n_tok, "tokens_per_s": n_tok / dt,
+            "peak_mem_gib": peak_memory_gib(run.device)}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # NOTE (e): CPU has no allocator statistics; report the peak RSS (KiB on Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write_summary(run: Run, cfg: dict, totals: dict, stats: dict, n_trainable: int) -> dict:
+    """summary.json: the run's totals and data counts."""
+    t = totals["train_time_s"]
+    summary = {"out": str(run.out), "method": cfg["method"], "model": cfg["model"], "steps": stats["total_steps"],
+               "final_checkpoint": str(latest_checkpoint(run.out)), "first_loss": totals["first_loss"],
+               "last_loss": totals["last_loss"], "n_trainable": n_trainable, "tokens_seen": totals["tokens_seen"],
+               "train_time_s": t, "tokens_per_s": totals["tokens_seen"] / t if t else None,
+               "peak_mem_gib": peak_memory_gib(run.device), "n_skipped_steps": totals["n_skipped_steps"],
+               "resumed_from": str(run.resume_from) if run.resume_from else None, **stats}
+    if run.is_main:
+        loading.atomic_write_json(run.out / "summary.json", summary)
+        print(f"[train_sft] done: {json.dumps(summary, default=str)}")
+    return summary
 
 
 # -----------------------------------------------------------------------------
-# Output directory, checkpoints, resume
+# Multi-GPU (torchrun): DDP, or FSDP2 for Full FT. Single GPU and CPU need no launcher.
 
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+def init_distributed(cfg: dict) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). Under torchrun with WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, loading.pick_device(cfg["device"])
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.distributed.get_rank(), world_size, torch.device("cuda", local_rank)
+    return torch.distributed.get_rank(), world_size, torch.device("cpu")
+
+
+def wrap_parallel(model, loss_module, fsdp: bool, world_size: int, device: torch.device):
+    """DDP, or FSDP2 fully_shard (per decoder layer, then the root) for Full FT of big models.
+
+    Returns (module to call, no_sync context factory or None, is_fsdp).
+    """
+    if world_size == 1:
+        return loss_module, None, False
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # [PA fsdp_sft_trainer.py] FSDP2 with bf16 compute and fp32 gradient reduction (CPU: fp32).
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device.type == "cuda" else MixedPrecisionPolicy())
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(loss_module, mp_policy=mp)   # root: embeddings, final norm, lm_head
+
+        @contextlib.contextmanager
+        def no_sync():   # accumulate without reduce-scatter until the last micro-batch
+            loss_module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                loss_module.set_requires_gradient_sync(True)
+        return loss_module, no_sync, True
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, ddp.no_sync, False
+
+
+def all_reduce_int(n: int, device) -> int:
+    """Σ of an int over the ranks."""
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def dry_run(cfg: dict) -> dict:
+    """--dry-run: print the per-GPU peak memory of one step at cfg's settings on `--gpus` CUDA GPUs;
+    returns memory.estimate's dict. Nothing real is built: the model lives on fake tensors."""
+    import memory   # here, not at the top: memory.py imports this file (an import cycle)
+    if cfg["method"] not in peft_methods.METHODS:
+        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
+    gpus = cfg["gpus"] or int(os.environ.get("WORLD_SIZE", "1"))
+    hf_config = memory.hf_config_for(cfg["model"])
+    plan = memory.sft_plan(cfg, gpus=gpus, cuda=True)
+    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
+                        tool="train_sft"))
+    return memory.estimate(hf_config, plan)
+
+
+# -----------------------------------------------------------------------------
+# The run directory: prepare / resume, checkpoints (trainer_state.json written last marks one
+# complete), the resolved config. train_grpo.py keeps the same layout.
+
+def checkpoints(out) -> list[tuple[int, Path]]:
+    """Complete checkpoints (global_step_<k>/ with trainer_state.json), oldest first."""
     found = []
-    for d in out.glob(CKPT_PREFIX + "*"):
+    for d in Path(out).glob(CKPT_PREFIX + "*"):
         m = re.fullmatch(CKPT_PREFIX + r"(\d+)", d.name)
         if m and (d / "trainer_state.json").exists():
             found.append((int(m.group(1)), d))
@@ -632,8 +912,8 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(out) -> Path | None:
     """Newest complete checkpoint (directories appear by atomic rename, so each one is whole)."""
-    ckpts = _checkpoints(Path(out))
-    return ckpts[-1][1] if ckpts else None
+    found = checkpoints(out)
+    return found[-1][1] if found else None
 
 
 def config_diff(old: dict, new: dict) -> dict:
@@ -664,13 +944,33 @@ def prepare_out_dir(out: Path, cfg: dict, is_main: bool) -> Path | None:
             raise FileExistsError(f"output directory {out} already holds {what}; pass --resume to continue "
                                   "it or --overwrite to delete it and start again")
         if is_main:  # delete only what train_sft writes, never unrelated files
-            for d in out.glob(CKPT_PREFIX + "*"):
-                shutil.rmtree(d)
-            for d in out.glob(".tmp-" + CKPT_PREFIX + "*"):
+            for d in [*out.glob(CKPT_PREFIX + "*"), *out.glob(".tmp-" + CKPT_PREFIX + "*")]:
                 shutil.rmtree(d)
             for name in ("config.json", "metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
     return None
+
+
+def write_run_config(out: Path, cfg_out: dict, start_step: int) -> None:
+    """config.json (the resolved config) and metrics.jsonl cut to the steps the resumed checkpoint
+    holds (the steps after it are trained and logged again)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    loading.atomic_write_json(out / "config.json", cfg_out)
+    print(f"[train_sft] config: {json.dumps(cfg_out, default=str)}")
+
+
+def trainer_state(done: int, totals: dict, stats: dict, cfg: dict) -> dict:
+    """trainer_state.json of the checkpoint after `done` steps (written last: marks it complete)."""
+    steps_per_epoch, total_steps, warmup = stats["steps_per_epoch"], stats["total_steps"], stats["warmup_steps"]
+    return {"step": done, "epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
+            "examples_seen": done * cfg["global_batch"], **totals,
+            "data_fingerprint": stats["data_fingerprint"], "data_seed": cfg["seed"],
+            "scheduler": {"base_lr": cfg["lr"], "warmup_steps": warmup, "total_steps": total_steps,
+                          "next_lr_factor": lr_factor(done, total_steps, warmup)},
+            "files": {"optimizer": "optimizer.pt (AdamW state_dict)", "rng": "trainer_state.pt"}}
 
 
 def rng_state() -> dict:
@@ -686,17 +986,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def adapter_aux_state(model) -> dict:
-    """Adapter training state kept outside the adapter tensors: AdaLoRA's sensitivity EMAs (`_ipt`,
-    peft_methods internals), needed for an exact resume of a run with rank allocation on."""
-    import peft_methods
-    return {n: l._ipt for n, l in peft_methods.adapter_layers(model).items() if getattr(l, "_ipt", None)}
-
-
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: dict, *, rank: int,
                     world_size: int, fsdp: bool, base_spec: str) -> Path:
     """Write global_step_<step>/ into a temp dir, then rename it into place (atomic per checkpoint)."""
-    import peft_methods
     final = out / f"{CKPT_PREFIX}{step}"
     tmp = out / f".tmp-{CKPT_PREFIX}{step}"
     if rank == 0:
@@ -725,14 +1017,16 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: di
     if rank == 0:
         if cfg["method"] == "full":   # a usable model folder: evaluate.py --model <checkpoint>
             loading.save_tokenizer_files(base_spec, tmp, model)
-        torch.save({"rng": rng_state(), "adapter_aux": adapter_aux_state(model)}, tmp / "trainer_state.pt")
+        # AdaLoRA's sensitivity EMAs (`_ipt`) live outside the adapter tensors: kept for an exact resume
+        aux = {n: l._ipt for n, l in peft_methods.adapter_layers(model).items() if getattr(l, "_ipt", None)}
+        torch.save({"rng": rng_state(), "adapter_aux": aux}, tmp / "trainer_state.pt")
         loading.atomic_write_json(tmp / "config.json", cfg)
         loading.atomic_write_json(tmp / "trainer_state.json", state)   # written last: marks completeness
     _barrier(world_size)
     if rank == 0:
         loading.atomic_replace_dir(tmp, final)
-        if cfg["keep_optimizer"] == "last":   # DEVIATION (8): older checkpoints keep weights only
-            for k, d in _checkpoints(out):
+        if cfg["keep_optimizer"] == "last":   # NOTE (d): older checkpoints keep weights only
+            for k, d in checkpoints(out):
                 if k < step:
                     for f in d.glob("optimizer*.pt"):
                         f.unlink()
@@ -740,418 +1034,183 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: di
     return final
 
 
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # DEVIATION (9): CPU has no allocator statistics; report the peak RSS (KiB on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def data_fingerprint(examples: list[dict]) -> str:
-    """Cheap hash of the encoded set (lengths, masks, token sums) to detect changed data on resume."""
-    h = hashlib.sha1()
-    for ex in examples:
-        h.update(f"{len(ex['input_ids'])},{sum(ex['input_ids'])},{sum(ex['loss_mask'])};".encode())
-    return h.hexdigest()
-
-
-# -----------------------------------------------------------------------------
-# One optimizer step (shared with the benchmark in tests/test_train_sft.py)
-
-def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
-    """Row chunks of a collated micro-batch whose padded size (rows × longest row) <= max_tokens.
-
-    [PAPER.md §5 "Systems": the release bounds each forward by tokens, 16k per GPU] A chunk keeps
-    its rows in order and is re-trimmed to its own longest row (right padding, so trimming drops only
-    padding); packed rows (position_ids) keep their width. A row longer than the budget on its own
-    gets a chunk of its own. max_tokens <= 0, or a micro-batch that fits: [mb] unchanged.
-    """
-    B, T = mb["input_ids"].shape
-    if max_tokens <= 0 or B * T <= max_tokens:
-        return [mb]
-    if "attention_mask" in mb:
-        widths = [int(w) for w in mb["attention_mask"].sum(1)]              # real tokens per row
-    else:
-        widths = [T] * B
-    chunks, cur, w = [], [], 0
-    for i in range(B):
-        if cur and (len(cur) + 1) * max(w, widths[i]) > max_tokens:
-            chunks.append((cur, w))
-            cur, w = [], 0
-        cur, w = cur + [i], max(w, widths[i])
-    chunks.append((cur, w))
-    return [{k: v[rows, :width] for k, v in mb.items()} for rows, width in chunks]
-
-
-
-def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: list, *, lr: float,
-                   max_grad_norm: float, loss_norm: str = "micro", world_size: int = 1,
-                   autocast=contextlib.nullcontext, no_sync=None, extra_loss=None, post_step=None,
-                   max_tokens: int = 0) -> dict:
-    """Accumulate gradients over `micro_batches`, clip, and take one AdamW step.
-
-    max_tokens > 0: a micro-batch over the token budget runs as row chunks (`split_by_tokens`), each
-    chunk's Σ CE normalised by its whole micro-batch's target count, so the loss and the gradient are
-    those of the unsplit micro-batch (the paper's per-micro-batch mean is kept).
-
-    Returns {loss, grad_norm, skipped, n_targets}. loss is the global-batch loss (all ranks). A
-    non-finite grad norm skips the update [PAPER.md §4]; a non-finite loss is reported to the caller.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    n_micro = len(micro_batches)
-    n_local = sum(int(mb["loss_mask"][:, 1:].sum()) for mb in micro_batches)
-    n_global = n_local
-    if world_size > 1 and loss_norm == "token":
-        t = torch.tensor([n_local], device=micro_batches[0]["input_ids"].device)
-        torch.distributed.all_reduce(t)
-        n_global = int(t.item())
-    log_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["input_ids"].device)
-    for i, mb in enumerate(micro_batches):
-        n = int(mb["loss_mask"][:, 1:].sum())            # the whole micro-batch's targets
-        parts = split_by_tokens(mb, max_tokens)
-        for j, part in enumerate(parts):
-            last = i == n_micro - 1 and j == len(parts) - 1
-            sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-            with sync_ctx:
-                with autocast():
-                    ce_sum, _ = loss_module(**part)
-                loss = micro_batch_loss(ce_sum, n, n_micro, norm=loss_norm, n_tokens_global=n_global,
-                                        world_size=world_size)
-                if extra_loss is not None and j == 0:   # e.g. AdaLoRA's orthogonal regulariser, averaged likewise
-                    loss = loss + extra_loss() / n_micro
-                loss.backward()
-            log_sum += (ce_sum.detach() / (n + MASK_EPS) / n_micro if loss_norm == "micro"
-                        else ce_sum.detach() / max(n_global, 1))
-    if world_size > 1:
-        torch.distributed.all_reduce(log_sum)
-        if loss_norm == "micro":
-            log_sum /= world_size
-    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if hasattr(grad_norm, "full_tensor"):   # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = float(grad_norm)
-    skipped = not math.isfinite(grad_norm)
-    if not skipped:
-        optimizer.step()
-        if post_step is not None:   # AdaLoRA's rank allocation reads the gradients: before zero_grad
-            post_step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(log_sum), "grad_norm": grad_norm, "skipped": skipped, "n_targets": n_global}
+def restore_state(run: Run, model, opt: SimpleNamespace, fingerprint: str, total_steps: int) -> dict:
+    """--resume: trainer_state.json of run.resume_from, with AdamW's state, the RNG streams and
+    AdaLoRA's allocation state restored in place, so the run continues bit for bit. {} if fresh."""
+    ckpt = run.resume_from
+    if ckpt is None:
+        return {}
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["data_fingerprint"] != fingerprint:
+        raise ValueError(f"--resume: the encoded data differs from the run in {run.out} (fingerprint "
+                         f"{fingerprint[:12]} vs {state['data_fingerprint'][:12]})")
+    opt_file = ckpt / (f"optimizer.rank{run.rank}.pt" if opt.fsdp else "optimizer.pt")
+    opt.optimizer.load_state_dict(torch.load(opt_file, map_location=run.device, weights_only=False))
+    extra = torch.load(ckpt / "trainer_state.pt", map_location=run.device, weights_only=False)
+    own = ckpt / f"rng.rank{run.rank}.pt"   # each rank's own streams (seed + rank)
+    set_rng_state(torch.load(own, weights_only=False) if (run.world_size > 1 and own.exists()) else extra["rng"])
+    layers = peft_methods.adapter_layers(model)
+    for name, aux in extra.get("adapter_aux", {}).items():
+        layers[name]._ipt = aux
+    if run.is_main:
+        print(f"[train_sft] resuming from {ckpt} (step {state['step']}/{total_steps})")
+    return state
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup (torchrun). Single GPU and CPU need no launcher.
+# Configuration (argparse; `train` also takes a dict)
 
-def init_distributed(cfg: dict) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Under torchrun with WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, loading.pick_device(cfg["device"])
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return dist.get_rank(), world_size, torch.device("cuda", local_rank)
-    return dist.get_rank(), world_size, torch.device("cpu")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="SFT with any PEFT method (the PEFT-Arena SFT protocol).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for title, add_flags in (("model and method", _model_flags), ("data", _data_flags),
+                             ("optimisation", _optimisation_flags), ("runtime", _runtime_flags),
+                             ("checkpoints and output", _output_flags),
+                             ("memory plan (--dry-run: nothing is built, no data or weights are read)", _plan_flags)):
+        add_flags(p.add_argument_group(title).add_argument)
+    return p
 
 
-def wrap_parallel(model, loss_module, fsdp: bool, world_size: int, device: torch.device):
-    """DDP, or FSDP2 fully_shard (per decoder layer, then the root) for Full FT of big models.
-
-    Returns (module to call, no_sync context factory or None, is_fsdp).
-    """
-    if world_size == 1:
-        return loss_module, None, False
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # [PAPER.md §4] FSDP2 with bf16 compute and fp32 gradient reduction (CUDA; CPU stays fp32).
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device.type == "cuda" else MixedPrecisionPolicy())
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(loss_module, mp_policy=mp)   # root: embeddings, final norm, lm_head
-        # accumulate without reduce-scatter until the last micro-batch
-        @contextlib.contextmanager
-        def no_sync():
-            loss_module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                loss_module.set_requires_gradient_sync(True)
-        return loss_module, no_sync, True
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, ddp.no_sync, False
+def _model_flags(arg) -> None:
+    arg("--model", default="toy", help="'toy' (the committed toy base), a local HF model dir, or a hub id")
+    arg("--method", default="lora", help="peft_methods.METHODS name; 'full' = full finetuning")
+    arg("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
+    arg("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
+    arg("--block-size", type=int, default=None, help="OFT block size b (rows of each rotation block)")
+    arg("--dropout", type=float, default=None, help="adapter dropout probability; None = method default")
+    arg("--hp", action="append", default=[], metavar="KEY=VALUE", help="other make_config field (JSON); repeatable")
+    arg("--target-modules", default=None, help="comma-separated module names; None = peft_methods.DEFAULT_TARGETS")
+    arg("--adalora-release", action="store_true", help="as the release: no AdaLoRA rank allocation / regulariser")
+    arg("--param-dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: fp32 trainable tensors, "
+        "frozen base bf16 on CUDA; bf16: all bf16 (the release)")
+    arg("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
 
-# -----------------------------------------------------------------------------
-# --dry-run: the memory plan (memory.py), before anything is built
-
-def dry_run(cfg: dict) -> dict:
-    """Print the per-GPU peak memory of one step at cfg's settings on `--gpus` CUDA GPUs; returns
-    memory.estimate's dict. Nothing real is built: the model lives on fake tensors."""
-    import memory   # imported here: memory.py imports this file
-    import peft_methods
-    if cfg["method"] not in peft_methods.METHODS:
-        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
-    gpus = cfg["gpus"] or int(os.environ.get("WORLD_SIZE", "1"))
-    hf_config = memory.hf_config_for(cfg["model"])
-    plan = memory.sft_plan(cfg, gpus=gpus, cuda=True)
-    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
-                        tool="train_sft"))
-    return memory.estimate(hf_config, plan)
+def _data_flags(arg) -> None:
+    arg("--task", choices=sorted(TOY_TASKS), default=None, help="toy-world SFT set (toy_world.make_sft_rows)")
+    arg("--data", default=None, help="JSONL/JSON/Parquet file, or a hub dataset id (with --hub-file)")
+    arg("--hub-file", default=None, help="file inside the hub dataset, e.g. openr1-50k/train.parquet")
+    arg("--prompt-key", default=None, help="row key of the prompt (string or chat messages) for other "
+        "layouts; dotted = nested (MetaMathQA: --prompt-key query --response-key response)")
+    arg("--response-key", default=None, help="row key of the response (see --prompt-key)")
+    arg("--n-train", type=int, default=-1, help="rows: toy sets make n (-1 = 2000); files keep the first n (-1 = all)")
+    arg("--data-seed", type=int, default=0, help="seed of the toy-world rows")
+    arg("--max-length", type=int, default=8192, help="tokens (prompt + response); longer pairs are dropped")
+    arg("--loss-mask", choices=["correct", "release"], default="correct",
+        help="correct: response incl. EOS; release: veRL's (last prompt token, no EOS)")
+    arg("--pack", action="store_true", help="pack examples into rows of --max-length tokens (not in the paper)")
+    arg("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
 
 
-# -----------------------------------------------------------------------------
-# The training routine
+def _optimisation_flags(arg) -> None:
+    arg("--lr", type=float, default=None, help=f"peak LR; None: {PEFT_DEFAULT_LR} PEFT, {FULL_FT_DEFAULT_LR} full")
+    arg("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
+    arg("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW β1 β2")
+    arg("--adam-eps", type=float, default=1e-8, help="AdamW ε")
+    arg("--no-decay-1d", action="store_true", help="no weight decay on 1-D tensors (paper: decay all)")
+    arg("--max-grad-norm", type=float, default=1.0, help="clip the global L2 grad norm (<= 0: no clip)")
+    arg("--warmup-ratio", type=float, default=0.1, help="fraction of optimizer steps of linear warmup")
+    arg("--epochs", type=int, default=4, help="passes over the data")
+    arg("--max-steps", type=int, default=-1, help="optimizer steps (-1 = epochs × steps/epoch); the schedule's length")
+    arg("--global-batch", type=int, default=256, help="sequences per optimizer step, all ranks together")
+    arg("--micro-batch", type=int, default=2, help="sequences per forward pass per rank")
+    arg("--micro-batch-tokens", type=int, default=16384, help="tokens per forward: a bigger micro-batch "
+        "(rows × longest row) runs in row chunks, same loss and gradient (release RL: 16k per GPU); 0 = off")
+    arg("--loss-norm", choices=["micro", "token"], default="micro",
+        help="micro: mean of per-micro-batch token means (paper); token: one token mean")
 
-def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None) -> dict:
-    """Run (or resume) one SFT run and return its summary dict (also written to <out>/summary.json).
 
-    config: argv list, argparse.Namespace or dict of flag names (dashes -> underscores).
-    model, tokenizer: an already loaded base model (not yet wrapped) to train instead of loading
-        cfg["model"] (cfg["model"] is still recorded, and used to reload on --resume).
-    hooks: optional callables {"after_setup": f(model)} (after wrapping, before the first step) and
-        {"after_step": f(step, metrics_row)} (after each optimizer step and its checkpoint, if any).
-    """
-    import peft_methods
-    hooks = hooks or {}
-    cfg = resolve_config(config)
-    if cfg["dry_run"]:
-        return dry_run(cfg)
-    if cfg["method"] not in peft_methods.METHODS:
-        raise ValueError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}")
-    rank, world_size, device = init_distributed(cfg)
-    is_main = rank == 0
-    if cfg["global_batch"] % (cfg["micro_batch"] * world_size):
-        raise ValueError(f"--global-batch {cfg['global_batch']} must be a multiple of --micro-batch "
-                         f"{cfg['micro_batch']} × world size {world_size}")
-    out = Path(cfg["out"])
-    resume_from = prepare_out_dir(out, cfg, is_main)
-    _barrier(world_size)
-    out.mkdir(parents=True, exist_ok=True)
-    loading.set_seed(cfg["seed"])
-    # ---- data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the model
-    pairs, stats = load_pairs(cfg)
+def _runtime_flags(arg) -> None:
+    arg("--device", default=None, help="cpu / cuda / cuda:1; None = cuda if available (torchrun: LOCAL_RANK)")
+    arg("--seed", type=int, default=0, help="seed of adapter init, dropout and data order (paper sampler seed 0)")
+    arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="non-reentrant; None: on for real models, off for the toy")
+    arg("--fsdp", choices=["auto", "on", "off"], default="auto",
+        help="under torchrun: FSDP2 fully_shard instead of DDP; auto = on for --method full on CUDA")
+    arg("--loss-impl", choices=["fast", "reference"], default="fast",
+        help="fast: lm_head only on trained positions; reference: full logits")
 
-    # ---- model and tokenizer. DEVIATION (2): fp32 trainable masters unless --param-dtype bf16.
-    full = cfg["method"] == "full"
-    if cfg["param_dtype"] == "bf16":
-        dtype = torch.bfloat16
-    elif cfg["param_dtype"] == "fp32" or full or device.type != "cuda":
-        dtype = torch.float32
-    else:
-        dtype = torch.bfloat16   # frozen base in bf16, adapters in fp32 (adapter_dtype below)
-    if model is None:
-        model, tokenizer = loading.load_model(cfg["model"], dtype=dtype, device=device,
-                                              trust_remote_code=cfg["trust_remote_code"])
-    elif tokenizer is None:
-        raise ValueError("train(model=...) also needs tokenizer=...")
-    model.to(device)
-    if is_main:
-        print(f"[train_sft] device {device} (world size {world_size}); base dtype "
-              f"{next(model.parameters()).dtype}; autocast bf16: {device.type == 'cuda'}")
 
-    # ---- data: (rows read above) -> encoded examples -> drop over-long -> (pack)
-    examples = encode_examples(tokenizer, pairs, loss_mask=cfg["loss_mask"])
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    examples, n_dropped = drop_overlong(examples, cfg["max_length"])
-    if not examples:
-        raise ValueError(f"every one of the {len(lengths)} examples is longer than --max-length "
-                         f"{cfg['max_length']} tokens (shortest {min(lengths)}, longest {max(lengths)}); "
-                         "raise --max-length")
-    if cfg["pack"]:
-        examples = pack_examples(examples, cfg["max_length"])
-    n_ex, G = len(examples), cfg["global_batch"]
-    if n_ex < G:
-        raise ValueError(f"{n_ex} training {'rows' if cfg['pack'] else 'examples'} < --global-batch {G}: "
-                         "not even one optimizer step; lower --global-batch or add data")
-    steps_per_epoch = n_ex // G
-    total_steps = cfg["epochs"] * steps_per_epoch
-    if cfg["max_steps"] > 0:
-        total_steps = min(total_steps, cfg["max_steps"])
-    warmup_steps = warmup_steps_for(total_steps, cfg["warmup_ratio"])
-    save_every = steps_per_epoch if cfg["save_every_steps"] < 0 else cfg["save_every_steps"]
-    fingerprint = data_fingerprint(examples)
-    stats.update(n_examples_encoded=len(lengths), n_dropped_too_long=n_dropped, n_train_rows=n_ex,
-                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
-                 world_size=world_size, data_fingerprint=fingerprint)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_rank = G // world_size
+def _output_flags(arg) -> None:
+    arg("--out", default=None, help="run directory (required unless --smoke)")
+    arg("--save-every-steps", type=int, default=-1, help="steps between checkpoints (-1 = an epoch, 0 = only the end)")
+    arg("--keep-optimizer", choices=["last", "all"], default="last", help="which checkpoints keep optimizer.pt")
+    arg("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    arg("--overwrite", action="store_true", help="delete a previous run in --out and start again")
+    arg("--no-progress", action="store_true", help="no tqdm bar")
+    arg("--smoke", action="store_true", help="tiny run (<= 4 steps, 32 rows) to check the plumbing on CPU")
 
-    def micro_batches_for(step: int) -> tuple[list[dict], int]:
-        idx, epoch = global_batch_indices(n_ex, G, step, cfg["seed"])
-        mine = idx[rank * per_rank:(rank + 1) * per_rank]
-        mbs = [collate([examples[i] for i in mine[j:j + cfg["micro_batch"]]], pad_id)
-               for j in range(0, per_rank, cfg["micro_batch"])]
-        return [{k: v.to(device) for k, v in mb.items()} for mb in mbs], epoch
 
-    # ---- PEFT: fresh wrap, or re-apply + load from the checkpoint
-    targets = tuple(cfg["target_modules"].split(",")) if cfg["target_modules"] else peft_methods.DEFAULT_TARGETS
-    hp = method_hparams(cfg, peft_methods, total_steps)
-    adapter_dtype = torch.bfloat16 if cfg["param_dtype"] == "bf16" else torch.float32
-    if resume_from is not None:
-        peft_methods.load_adapter(model, resume_from)
-    else:
-        init_batch = None
-        if cfg["method"] == "keeplora":   # seed gradient from the first micro-batch (METHODS.md §8)
-            mb = micro_batches_for(0)[0][0]
-            # labels = input_ids on trained tokens (HF shifts them inside model(labels=...)), so the
-            # seed loss is this file's masked token-mean CE; loss_mask itself is not a model kwarg.
-            init_batch = {k: v for k, v in mb.items() if k != "loss_mask"}
-            init_batch["labels"] = torch.where(mb["loss_mask"].bool(), mb["input_ids"], -100)
-        peft_methods.apply_peft(model, cfg["method"], peft_methods.make_config(cfg["method"], **hp),
-                                target_modules=targets, adapter_dtype=adapter_dtype, init_batch=init_batch)
-    model.to(device)
-    n_trainable = peft_methods.count_trainable(model)
-    if cfg["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    if world_size > 1:   # weights are built from `seed` on every rank; dropout streams per rank
-        loading.set_rank_seed(cfg["seed"], rank)
-    if "after_setup" in hooks:
-        hooks["after_setup"](model)
+def _plan_flags(arg) -> None:
+    arg("--dry-run", action="store_true", help="print the per-GPU peak memory of one training step "
+        "(memory.py: the model on fake tensors) and exit; --model may be a configs/model_shapes name or .json")
+    arg("--gpus", type=int, default=None, help="GPUs of the planned run; default: $WORLD_SIZE or 1 (--dry-run only)")
+    arg("--gpu-memory-gib", type=float, default=80.0, help="GiB per GPU for the --dry-run verdict (H100 80, H200 141)")
 
-    # DEVIATION (5): AdaLoRA's hooks are called (the release never does); looked up with getattr
-    # because CONTRACTS.md leaves them optional.
-    ada_reg = ada_alloc = None
-    if cfg["method"] == "adalora" and not cfg["adalora_release"]:
-        ada_reg = getattr(peft_methods, "adalora_regularizer", None)
-        ada_alloc = getattr(peft_methods, "adalora_update_and_allocate", None)
-        if is_main and (ada_reg is None or ada_alloc is None):
-            print("[train_sft] note: peft_methods has no AdaLoRA regulariser/allocation hook; "
-                  "training as the release does (fixed-rank SVD-form LoRA)")
 
-    loss_module = CausalLMLoss(model, fast=cfg["loss_impl"] == "fast" and supports_fast_loss(model))
-    use_fsdp = cfg["fsdp"] == "on" or (cfg["fsdp"] == "auto" and full and device.type == "cuda")
-    if use_fsdp and not full and world_size > 1:   # DEVIATION (10): PEFT methods use DDP
-        raise ValueError("--fsdp on is for --method full (PEFT methods use DDP: the frozen base is replicated)")
-    runner, no_sync, fsdp = wrap_parallel(model, loss_module, use_fsdp, world_size, device)
-    params = [p for p in loss_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(make_param_groups(loss_module, cfg["weight_decay"], not cfg["no_decay_1d"]),
-                                  lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and not fsdp
-                else contextlib.nullcontext)
+def resolve_config(config=None) -> dict:
+    """argv list / Namespace / dict / None -> the resolved config dict (defaults filled, checked)."""
+    cfg = _parse_config(config)
+    _fill_defaults(cfg)
+    check_config(cfg)
+    return cfg
 
-    # ---- resume state
-    start_step, state = 0, {}
-    metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        if state["data_fingerprint"] != fingerprint:
-            raise ValueError(f"--resume: the encoded data differs from the run in {out} (fingerprint "
-                             f"{fingerprint[:12]} vs {state['data_fingerprint'][:12]})")
-        opt_file = resume_from / (f"optimizer.rank{rank}.pt" if fsdp else "optimizer.pt")
-        optimizer.load_state_dict(torch.load(opt_file, map_location=device, weights_only=False))
-        extra = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
-        own = resume_from / f"rng.rank{rank}.pt"   # each rank's own streams (seed + rank)
-        set_rng_state(torch.load(own, weights_only=False) if (world_size > 1 and own.exists()) else extra["rng"])
-        layers = peft_methods.adapter_layers(model)
-        for name, aux in extra.get("adapter_aux", {}).items():
-            layers[name]._ipt = aux
-        start_step = state["step"]
-        if is_main:
-            print(f"[train_sft] resuming from {resume_from} (step {start_step}/{total_steps})")
-    cfg_out = dict(cfg, derived=dict(stats, n_trainable=n_trainable, method_hparams=hp))
-    if is_main:
-        old = metrics_path.read_text().splitlines() if (resume_from and metrics_path.exists()) else []
-        keep = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= start_step]
-        loading.atomic_write_text(metrics_path, "".join(ln + "\n" for ln in keep))  # drop lost steps
-        loading.atomic_write_json(out / "config.json", cfg_out)
-        print(f"[train_sft] config: {json.dumps(cfg_out, default=str)}")
 
-    # ---- the loop
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main or cfg["no_progress"],
-               desc=f"sft {cfg['method']}", dynamic_ncols=True)
-    tokens_seen = state.get("tokens_seen", 0)
-    n_skipped = state.get("n_skipped_steps", 0)
-    train_time = state.get("train_time_s", 0.0)
-    first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
-    last_ckpt = resume_from
-    metrics_f = open(metrics_path, "a", encoding="utf-8") if is_main else None
-    try:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            mbs, epoch = micro_batches_for(step)
-            n_tok = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else
-                        int((mb["input_ids"] != pad_id).sum()) for mb in mbs)
-            lr = cfg["lr"] * lr_factor(step, total_steps, warmup_steps)
-            res = optimizer_step(
-                runner, mbs, optimizer, params, lr=lr, max_grad_norm=cfg["max_grad_norm"],
-                loss_norm=cfg["loss_norm"], world_size=world_size, autocast=autocast, no_sync=no_sync,
-                extra_loss=(lambda: ada_reg(model)) if ada_reg else None,
-                post_step=(lambda: ada_alloc(model, step, total_steps)) if ada_alloc else None,
-                max_tokens=cfg["micro_batch_tokens"])
-            if not math.isfinite(res["loss"]):
-                raise FloatingPointError(
-                    f"non-finite training loss ({res['loss']}) at optimizer step {step + 1} (epoch {epoch}); "
-                    f"stopped without saving. Last good checkpoint: {last_ckpt or 'none yet'}. Lower --lr, "
-                    "check the data, then continue with --resume (or start again with --overwrite)")
-            if world_size > 1:
-                t = torch.tensor([n_tok], device=device)
-                torch.distributed.all_reduce(t)
-                n_tok = int(t.item())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            tokens_seen += n_tok
-            n_skipped += res["skipped"]
-            first_loss = res["loss"] if first_loss is None else first_loss
-            last_loss = res["loss"]
-            row = {"step": step + 1, "epoch": epoch, "loss": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
-                   "skipped": res["skipped"], "tokens": n_tok, "tokens_per_s": n_tok / dt,
-                   "peak_mem_gib": peak_memory_gib(device)}
-            if is_main:
-                metrics_f.write(json.dumps(row) + "\n")
-                metrics_f.flush()
-                bar.set_postfix(loss=f"{res['loss']:.4f}", tok_s=f"{n_tok / dt:.0f}", lr=f"{lr:.2e}")
-                bar.update(1)
-            done = step + 1
-            if (save_every > 0 and done % save_every == 0) or done == total_steps:
-                state = {"step": done, "epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
-                         "examples_seen": done * G, "tokens_seen": tokens_seen, "n_skipped_steps": n_skipped,
-                         "train_time_s": train_time, "first_loss": first_loss, "last_loss": last_loss,
-                         "data_fingerprint": fingerprint, "data_seed": cfg["seed"],
-                         "scheduler": {"base_lr": cfg["lr"], "warmup_steps": warmup_steps, "total_steps": total_steps,
-                                       "next_lr_factor": lr_factor(done, total_steps, warmup_steps)},
-                         "files": {"optimizer": "optimizer.pt (AdamW state_dict)", "rng": "trainer_state.pt"}}
-                last_ckpt = save_checkpoint(out, done, model, optimizer, state, cfg_out, rank=rank,
-                                            world_size=world_size, fsdp=fsdp, base_spec=cfg["model"])
-            if "after_step" in hooks:   # after the step's checkpoint (if any) is on disk
-                hooks["after_step"](done, row)
-    finally:
-        bar.close()
-        if metrics_f is not None:
-            metrics_f.close()
+def _parse_config(config) -> dict:
+    parser = build_parser()
+    if config is None or isinstance(config, (list, tuple)):
+        return vars(parser.parse_args(list(config) if config is not None else []))
+    cfg = vars(parser.parse_args([]))
+    given = vars(config) if isinstance(config, argparse.Namespace) else dict(config)
+    unknown = sorted(set(given) - set(cfg) - {"derived"})
+    if unknown:
+        raise ValueError(f"unknown train_sft config keys {unknown}; see python train_sft.py --help")
+    cfg.update({k: v for k, v in given.items() if k != "derived"})
+    return cfg
 
-    summary = {"out": str(out), "method": cfg["method"], "model": cfg["model"], "steps": total_steps,
-               "final_checkpoint": str(latest_checkpoint(out)), "first_loss": first_loss, "last_loss": last_loss,
-               "n_trainable": n_trainable, "tokens_seen": tokens_seen, "train_time_s": train_time,
-               "tokens_per_s": tokens_seen / train_time if train_time else None,
-               "peak_mem_gib": peak_memory_gib(device), "n_skipped_steps": n_skipped,
-               "resumed_from": str(resume_from) if resume_from else None, **stats}
-    if is_main:
-        loading.atomic_write_json(out / "summary.json", summary)
-        print(f"[train_sft] done: {json.dumps(summary, default=str)}")
-    return summary
+
+def _fill_defaults(cfg: dict) -> None:
+    """--smoke's tiny run, the toy set size, the LR by method, gradient checkpointing by model."""
+    if cfg["smoke"]:
+        cfg.update(max_steps=min(cfg["max_steps"], 4) if cfg["max_steps"] > 0 else 4, n_train=32,
+                   global_batch=4, micro_batch=2, max_length=min(cfg["max_length"], 512), save_every_steps=2)
+        if not cfg["task"] and not cfg["data"]:
+            cfg["task"] = "toy-math"
+        cfg["out"] = cfg["out"] or f"runs/smoke-sft-{cfg['method']}"
+    if cfg["task"] and cfg["n_train"] <= 0:
+        cfg["n_train"] = 2000
+    if cfg["lr"] is None:
+        cfg["lr"] = FULL_FT_DEFAULT_LR if cfg["method"] == "full" else PEFT_DEFAULT_LR
+    if cfg["grad_checkpointing"] is None:
+        # [PA fsdp_sft_trainer.py] on for real models (LoRA at 8192 tokens on a 7B model does not
+        # fit one GPU without it); off for the toy (tiny activations; the demo stays as it was)
+        cfg["grad_checkpointing"] = cfg["model"] != "toy"
+    cfg["adam_betas"] = list(cfg["adam_betas"])
+
+
+def check_config(cfg: dict) -> None:
+    """Each bad setting raises loading.ConfigError naming its key (arena.py points at it)."""
+    dry = cfg["dry_run"]   # a memory plan needs neither a run directory nor data
+    checks = [   # (holds, config key at fault, message)
+        (dry or bool(cfg["out"]), "out", "--out is required (the run directory)"),
+        (dry or (cfg["task"] is None) != (cfg["data"] is None), "task", "pass exactly one of --task and --data"),
+        (cfg["gpus"] is None or cfg["gpus"] >= 1, "gpus", f"--gpus {cfg['gpus']} must be >= 1"),
+        (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"], "micro_batch",
+         f"need 1 <= --micro-batch {cfg['micro_batch']} <= --global-batch {cfg['global_batch']}"),
+        (cfg["max_length"] >= 2, "max_length", f"--max-length {cfg['max_length']} must be >= 2 tokens"),
+        (cfg["micro_batch_tokens"] >= 0, "micro_batch_tokens",
+         f"--micro-batch-tokens {cfg['micro_batch_tokens']} must be >= 0 (0 = off)"),
+        (cfg["lr"] > 0, "lr", f"--lr {cfg['lr']} must be > 0"),
+        (0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", f"--warmup-ratio {cfg['warmup_ratio']} must be in [0, 1)"),
+        (cfg["epochs"] >= 1, "epochs", f"--epochs {cfg['epochs']} must be >= 1"),
+        (not (cfg["resume"] and cfg["overwrite"]), "resume", "--resume and --overwrite exclude each other"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise loading.ConfigError(msg, key)
 
 
 if __name__ == "__main__":
-    try:
-        loading.run_cli("train_sft.py", lambda: train(sys.argv[1:]), resume_hint="rerun the same "
-                        "command with --resume to continue from the last checkpoint")
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as err:
-        print(f"train_sft.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    loading.run_cli("train_sft.py", lambda: train(sys.argv[1:]), one_line=(
+        ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError),
+        resume_hint="rerun the same command with --resume to continue from the last checkpoint")

@@ -1,16 +1,20 @@
 """Tests for train_sft.py: loss mask and loss by hand, LR schedule, data order vs the release's
-DistributedSampler, packing and fast-vs-reference loss parity, every peft_methods method training a
-few steps (only adapter tensors change, checkpoints reload to identical logits), resume after a
-SIGKILL (and bitwise resume of the stateful methods), each bad input, and the CLI (--help, --smoke).
-Multi-process DDP/FSDP2 cannot run in pytest here; the torchrun check is in the train_sft report.
+DistributedSampler, packing and fast-vs-reference loss parity, the plain optimizer step vs the one
+trained (gradient accumulation, token-budget chunks), every peft_methods method training a few steps
+(only adapter tensors change, checkpoints reload to identical logits), resume after a SIGKILL (and
+bitwise resume of the stateful methods), each bad input, the CLI (--help, --smoke), and per-rank
+dropout streams under torchrun (2 CPU ranks). FSDP2 Full FT under torchrun: tests/test_memory.py.
 
-Run:  python -m pytest tests/test_train_sft.py -x -q        (CPU, about a minute on 2 idle cores)
+Run:  python -m pytest tests/test_train_sft.py -x -q        (CPU)
 
 Also a benchmark (not a test; HF PEFT is used as the reference oracle, which product code may not):
       python tests/test_train_sft.py --bench [--device cuda] [--shape toy|1.5b|7b]  -> /tmp/bench_sft.md
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -22,17 +26,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import loading  # noqa: E402
+import peft_methods  # noqa: E402
+import toy_world  # noqa: E402
 import train_sft as ts  # noqa: E402
-
-try:
-    import peft_methods  # noqa: E402
-except Exception:  # noqa: BLE001 - being written by another developer: those tests skip
-    peft_methods = None
-needs_peft = pytest.mark.skipif(peft_methods is None, reason="peft_methods.py not importable yet")
 
 ROWS = [{"prompt": f"{a}+{b}?", "response": f"{a + b}"} for a, b in [(1, 2), (3, 4), (5, 1), (2, 2),
                                                                           (7, 1), (4, 4), (6, 3), (0, 9)]]
@@ -43,7 +45,6 @@ ROWS = [{"prompt": f"{a}+{b}?", "response": f"{a + b}"} for a, b in [(1, 2), (3,
 
 def _build_tiny():
     """The toy architecture with random weights (what conftest's `tiny_random` returns)."""
-    import toy_world
     return toy_world.build_random_toy_model(seed=0)
 
 
@@ -98,7 +99,7 @@ def test_encode_example_on_toy_tokenizer(tiny):
     assert trained(ex) == "ok<|im_end|>"                 # response + EOS, nothing of the prompt
     rel = ts.encode_example(tok, "hi", "ok", loss_mask="release")
     last_prompt_token = tok.decode(ex["input_ids"][P - 1:P])
-    assert trained(rel) == last_prompt_token + "ok"       # last prompt token, no EOS (PAPER.md §4)
+    assert trained(rel) == last_prompt_token + "ok"       # last prompt token, no EOS (the release's veRL mask)
     # the batched encoder gives the same examples, also for chat-message prompts
     pairs = [("hi", "ok"), ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                              {"role": "user", "content": "c"}], "d")]
@@ -216,12 +217,11 @@ def test_row_layouts(tmp_path):
 # every method trains; only adapter tensors change; checkpoints reload to identical logits
 
 def _small_hparams(method):
-    fields = {f.name for f in __import__("dataclasses").fields(peft_methods.make_config(method))}
+    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(method))}
     return {"r": 4} if "r" in fields and method not in ("vera",) else {}
 
 
-@needs_peft
-@pytest.mark.parametrize("method", sorted(peft_methods.METHODS) if peft_methods else ["none"])
+@pytest.mark.parametrize("method", sorted(peft_methods.METHODS))
 def test_every_method_trains_and_reloads(method, tiny, tiny_dir, tmp_path):
     model, tok = tiny
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
@@ -246,7 +246,7 @@ def test_every_method_trains_and_reloads(method, tiny, tiny_dir, tmp_path):
     # reload the final checkpoint onto a fresh copy of the base
     ckpt = Path(s["final_checkpoint"])
     assert ckpt.name == "global_step_6" and (ckpt / "adapter_config.json").exists()
-    fresh, _ = ts.loading.load_model(tiny_dir)
+    fresh, _ = loading.load_model(tiny_dir)
     peft_methods.load_adapter(fresh, ckpt)
     batch = ts.collate(ts.encode_examples(tok, [(r["prompt"], r["response"]) for r in ROWS[4:]]), tok.pad_token_id)
     model.eval()
@@ -256,7 +256,6 @@ def test_every_method_trains_and_reloads(method, tiny, tiny_dir, tmp_path):
         torch.testing.assert_close(fresh(**kw).logits, model(**kw).logits, rtol=0, atol=1e-5)
 
 
-@needs_peft
 def test_train_options_end_to_end(tiny, tiny_dir, tmp_path):
     """--grad-checkpointing changes nothing numerically; --pack and --loss-mask release run and are recorded."""
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
@@ -275,9 +274,7 @@ def test_train_options_end_to_end(tiny, tiny_dir, tmp_path):
 # resume after a kill
 
 @pytest.mark.slow
-@needs_peft
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     common = dict(method="lora", global_batch=4, micro_batch=2, epochs=15, max_steps=30, save_every_steps=3, lr=5e-3)
     ref = ts.train(_cfg(tiny_dir, tmp_path / "ref", data, **common))
@@ -317,12 +314,10 @@ class _Killed(Exception):
     pass
 
 
-@needs_peft
 @pytest.mark.parametrize("method", ["adalora", "keeplora", "dora", "full"])
 def test_resume_is_exact_for_stateful_methods(method, tiny_dir, tmp_path):
     """In-process 'kill' (an exception after step 5; checkpoints every 2 steps) then --resume:
     the final tensors equal an uninterrupted run's (AdaLoRA's allocation EMAs and masks included)."""
-    from safetensors.torch import load_file
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     common = dict(method=method, epochs=4, max_steps=8, save_every_steps=2, lr=1e-3 if method == "full" else 3e-3)
     ref = ts.train(_cfg(tiny_dir, tmp_path / "ref", data, **common))
@@ -364,7 +359,6 @@ def test_malformed_jsonl_line_named_and_skippable(tmp_path):
     assert len(rows) == 2 and bad == 2 and rows[1][1].endswith("bad.jsonl:3")
 
 
-@needs_peft
 def test_rows_without_response(tiny_dir, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:4] + [{"prompt": "no answer"}, {"prompt": "x", "response": "  "}])
     with pytest.raises(ValueError, match=r"d\.jsonl:5: row has no response"):
@@ -373,14 +367,12 @@ def test_rows_without_response(tiny_dir, tmp_path):
     assert s["n_bad_rows"] == 2 and s["n_rows"] == 4
 
 
-@needs_peft
 def test_every_sample_too_long(tiny_dir, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
     with pytest.raises(ValueError, match=r"every one of the 4 examples is longer than --max-length 10"):
         ts.train(_cfg(tiny_dir, tmp_path / "a", data, max_length=10))
 
 
-@needs_peft
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tiny_dir, tmp_path):
     model, tok = tiny
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
@@ -397,12 +389,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tiny_dir, tmp
         ts.train(_cfg(tiny_dir, out, data, save_every_steps=1), model=model, tokenizer=tok,
                  hooks={"after_step": poison})
     assert ts.latest_checkpoint(out).name == "global_step_2"
-    from safetensors.torch import load_file
     for f in ts.latest_checkpoint(out).glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(str(f)).values())
 
 
-@needs_peft
 def test_occupied_output_dir(tiny_dir, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
     out = tmp_path / "run"
@@ -452,7 +442,6 @@ def test_cli_help():
 
 
 @pytest.mark.slow
-@needs_peft
 def test_cli_smoke(tiny_dir, tmp_path):
     out = tmp_path / "smoke"
     r = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--smoke", "--model", tiny_dir, "--task",
@@ -481,7 +470,6 @@ BENCH_HP = {"lora": {"r": 8, "alpha": 16}, "dora": {"r": 8, "alpha": 16}, "oft":
 
 def _bench_model(shape, method, dev):
     """bf16 frozen base on CUDA (fp32 for Full FT masters), fp32 on CPU; random init except 'toy'."""
-    import loading
     dtype = torch.float32 if (method == "full" or dev.type == "cpu") else torch.bfloat16
     if shape == "toy":
         if (loading.TOY_MODEL_DIR / "config.json").exists():
@@ -496,23 +484,20 @@ def _bench_model(shape, method, dev):
 
 def _bench_one(shape, method, impl, device, seq_len, micro_batch, steps):
     """One row: (label, trainable, tokens/s, peak GiB) of `steps` timed optimizer steps after 2 warm-up."""
-    import contextlib
-    import loading
-    import peft_methods as pm
     dev = loading.pick_device(device)
     model, label = _bench_model(shape, method, dev)
     if method != "full":
         if impl == "ours":
-            pm.apply_peft(model, method, pm.make_config(method, **BENCH_HP[method]), adapter_dtype=torch.float32)
+            peft_methods.apply_peft(model, method, peft_methods.make_config(method, **BENCH_HP[method]), adapter_dtype=torch.float32)
         else:   # HF PEFT oracle, adapters upcast to fp32 (its default), same targets
             import peft
-            t = list(pm.DEFAULT_TARGETS)
+            t = list(peft_methods.DEFAULT_TARGETS)
             cfg = {"lora": lambda: peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=t),
                    "dora": lambda: peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, use_dora=True, target_modules=t),
                    "oft": lambda: peft.OFTConfig(oft_block_size=32, r=0, target_modules=t)}[method]()
             model = peft.get_peft_model(model, cfg).base_model.model
     else:
-        pm.apply_peft(model, "full")
+        peft_methods.apply_peft(model, "full")
     model.train()
     model.config.use_cache = False
     g = torch.Generator().manual_seed(0)
@@ -574,18 +559,13 @@ def bench_main(argv=None):
     print(f"wrote {a.out}")
 
 
-if __name__ == "__main__":
-    bench_main(sys.argv[1:])
-
-
 # -----------------------------------------------------------------------------
-# memory and seeds (issue 14 items 2, 4, 9)
+# token budget, grad checkpointing default, per-rank seeds; the plain step vs accumulation
 
 def test_token_budget_splits_a_micro_batch_with_the_same_loss_and_gradient(tiny):
     """--micro-batch-tokens: a micro-batch over the budget runs as row chunks whose padded size fits,
     and the step's loss and update equal the one-shot micro-batch's (the paper's per-micro-batch
     token mean is kept: each chunk is normalised by its whole micro-batch's target count)."""
-    import copy
     model0, tok = tiny
     pairs = [("a", "b c d e f g"), ("a much longer prompt here", "x"), ("hi", "ok there"), ("q", "r s")]
     mbs = [ts.collate(ts.encode_examples(tok, pairs[:3]), tok.pad_token_id),
@@ -610,6 +590,51 @@ def test_token_budget_splits_a_micro_batch_with_the_same_loss_and_gradient(tiny)
         assert torch.allclose(a, b, atol=1e-6), n
 
 
+def _step_params(model0, step_fn, make_opt=lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95))):
+    """A copy of model0 (all tensors trainable) after one step_fn(loss_module, params, optimizer)
+    -> (its result, the updated tensors)."""
+    model = copy.deepcopy(model0).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = step_fn(ts.CausalLMLoss(model), params, make_opt(params))
+    return res, [p.detach().clone() for p in params]
+
+
+def test_one_micro_batch_step_is_the_plain_step(tiny):
+    """The plain path, written out (Σ masked CE / (N + 1e-8), backward, clip at 1.0, AdamW), equals
+    optimizer_step on one micro-batch bit for bit."""
+    model0, tok = tiny
+    mb = ts.collate(ts.encode_examples(tok, [("a", "b c d"), ("a longer prompt", "x y")]), tok.pad_token_id)
+
+    def plain(lm, params, opt):
+        ce_sum, n = lm(**mb)
+        (ce_sum / (n + 1e-8)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return ce_sum.item() / (n + 1e-8)
+
+    ref_loss, ref = _step_params(model0, plain)
+    res, got = _step_params(model0, lambda lm, params, opt: ts.optimizer_step(lm, [mb], opt, params, lr=1e-2,
+                                                                               max_grad_norm=1.0))
+    assert res["loss"] == pytest.approx(ref_loss, rel=1e-6) and not res["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_grad_accumulation_equals_one_big_micro_batch(tiny):
+    """--loss-norm token: two micro-batches of 2 rows accumulate the gradient of one micro-batch of 4
+    (with --loss-norm micro they differ by design: the paper's mean of per-micro-batch means). SGD
+    with lr 1, as in the token-budget test: the update is the gradient itself."""
+    model0, tok = tiny
+    exs = ts.encode_examples(tok, [("a", "b c d"), ("a longer prompt", "x"), ("hi", "ok there"), ("q", "r s")])
+    one = [ts.collate(exs, tok.pad_token_id)]
+    two = [ts.collate(exs[:2], tok.pad_token_id), ts.collate(exs[2:], tok.pad_token_id)]
+    step = lambda mbs: lambda lm, params, opt: ts.optimizer_step(  # noqa: E731
+        lm, mbs, opt, params, lr=1.0, max_grad_norm=0.0, loss_norm="token")
+    sgd = lambda ps: torch.optim.SGD(ps, lr=1.0)  # noqa: E731
+    (r1, p1), (r2, p2) = _step_params(model0, step(one), sgd), _step_params(model0, step(two), sgd)
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6) and r1["n_targets"] == r2["n_targets"]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p2))
+
+
 def test_grad_checkpointing_defaults_on_for_real_models():
     base = {"out": "/tmp/x", "data": "d.jsonl"}
     assert ts.resolve_config({**base, "model": "/models/Qwen2.5-7B"})["grad_checkpointing"] is True
@@ -632,7 +657,7 @@ train_sft.train({cfg!r}, hooks={{"after_setup": after_setup}})
 
 @pytest.mark.slow
 def test_ddp_ranks_draw_different_dropout_streams(tiny_dir, tmp_path):
-    """Item 9: under torchrun (2 CPU ranks, gloo) each rank's random stream (dropout masks) is seeded
+    """Under torchrun (2 CPU ranks, gloo) each rank's random stream (dropout masks) is seeded
     seed + rank; with one seed everywhere both ranks drew the same masks."""
     data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = _cfg(tiny_dir, tmp_path / "run", data, dropout=0.1)
@@ -645,3 +670,7 @@ def test_ddp_ranks_draw_different_dropout_streams(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 != r1
+
+
+if __name__ == "__main__":
+    bench_main(sys.argv[1:])
