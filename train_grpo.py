@@ -79,11 +79,14 @@ Deviations from the paper / release
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -91,6 +94,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import evaluate
+import loading
+import peft_methods
+import toy_world
 
 # -----------------------------------------------------------------------------
 # Pure math (tests import these). Paper symbols: r rewards, A advantages, ℓ log-probs,
@@ -259,7 +267,6 @@ def make_reward_fn(domain: str):
     release's reward (PAPER.md §5 "Reward"): boxed-answer extraction + `math_equal` against the
     gold letter (`evaluate.grade_reward`), not the evaluation's A-N letter extractor, so "The final
     answer is \\boxed{C}. Option A is wrong because of B." earns 1 for gold C."""
-    import evaluate  # lazily: the trainer's pure parts must import without it
     if domain == "math":
         return lambda response, answer: float(bool(evaluate.grade_math(response, str(answer))))
     if domain == "med":
@@ -458,7 +465,6 @@ class OffloadAdamW:
 
 def amp_context(plan: dict, device: torch.device):
     """A zero-argument factory of the forward's autocast context (bf16 on `device`, or none)."""
-    import contextlib
     if not plan["autocast"]:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -553,7 +559,6 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
 
 
 def vllm_usable() -> bool:
-    import importlib.util
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
@@ -567,7 +572,6 @@ def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, s
     # In-process engine core, so `apply_model` reaches the live model without serialisation
     # (GRPO.md §3.3.1; pitfall 1). Must be set before vLLM is imported.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import evaluate
     evaluate.free_cuda_cache()      # memory an earlier trainer in this process dropped (arena.py run)
     from vllm import LLM
     # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig.verify_max_model_len),
@@ -619,14 +623,12 @@ def weights_for_sampler(model, method: str) -> dict:
     # DEVIATION 2: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
     if method == "full":
         return {n: p.detach() for n, p in model.named_parameters()}
-    import peft_methods
     return peft_methods.merged_state_dict(model)
 
 
 def sampler_weight_groups(model, method: str):
     """weights_for_sampler one decoder layer at a time (peft_methods.iter_merged_state): a push
     holds one layer's merged copies, not all of them (~13 GiB at 7B)."""
-    import peft_methods
     if method == "full":
         groups: dict[str, dict] = {}
         for n, p in model.named_parameters():
@@ -640,7 +642,6 @@ def sampler_weight_groups(model, method: str):
 def push_weights_vllm(llm, model, method: str) -> int:
     """Copy the trainer's effective weights into the live (awake) vLLM model, layer by layer, and
     check that vLLM loaded every pushed name (evaluate.push_weights)."""
-    import evaluate
     # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place
     # (casting to bf16), so CUDA-graph pointers stay valid (GRPO.md §3.3.5).
     return evaluate.push_weights(llm, sampler_weight_groups(model, method),
@@ -816,8 +817,7 @@ def resolve_config(overrides: dict | None = None) -> dict:
     cfg.update(overrides or {})
     if cfg["task"] is None:
         if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
-            from loading import ConfigError
-            raise ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
+            raise loading.ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
                               "parquet/jsonl (PAPER.md §5); pass --task toy-math (or toy-med) to train it "
                               "on the toy rows on purpose", "data")
         cfg["task"] = "toy-math"
@@ -839,34 +839,33 @@ def resolve_config(overrides: dict | None = None) -> dict:
         # toy (tiny activations; keeps the demo's numbers and speed as they were)
         cfg["grad_checkpointing"] = cfg["model"] != "toy"
     # invariants, each error carrying the config key at fault (loading.ConfigError.field)
-    from loading import ConfigError
     if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
-        raise ConfigError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
+        raise loading.ConfigError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
     for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
               "ppo_epochs", "micro_batch_size"):
         if cfg[k] < 1:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
+            raise loading.ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
     if cfg["micro_batch_tokens"] < 0:
-        raise ConfigError(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
+        raise loading.ConfigError(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
                           "micro_batch_tokens")
     if cfg["prompts_per_step"] % cfg["mini_batches"]:
-        raise ConfigError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
+        raise loading.ConfigError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
                           f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)",
                           "prompts_per_step")
     if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
-        raise ConfigError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
+        raise loading.ConfigError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
                           f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
     if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
-        raise ConfigError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
+        raise loading.ConfigError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
     if cfg["resume"] and cfg["overwrite"]:
-        raise ConfigError("--resume and --overwrite exclude each other", "resume")
+        raise loading.ConfigError("--resume and --overwrite exclude each other", "resume")
     if cfg["temperature"] <= 0:
-        raise ConfigError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
+        raise loading.ConfigError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
     if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
-        raise ConfigError(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
+        raise loading.ConfigError(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
                           "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
     if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
-        raise ConfigError("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16",
+        raise loading.ConfigError("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16",
                           "optimizer_offload")
     return cfg
 
@@ -877,22 +876,21 @@ def resolve_config(overrides: dict | None = None) -> dict:
 
 def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
     """[(record, where)] of an RL .parquet / .jsonl file; `where` names the file and line/row."""
-    from loading import DataError, DataFileNotFound, read_parquet_rows
     if not path.is_file():
-        raise DataFileNotFound(f"--data {path}: file not found")
+        raise loading.DataFileNotFound(f"--data {path}: file not found")
     if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
-        return [(r, f"--data {path} row {i}") for i, r in enumerate(read_parquet_rows(path))]
+        return [(r, f"--data {path} row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
     if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"--data {path}: expected .parquet, .jsonl or .json")
+        raise loading.DataError(f"--data {path}: expected .parquet, .jsonl or .json")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (e.g. deepscaler.json)
         try:
             items = json.loads(text)
         except ValueError as err:
-            raise DataError(f"--data {path}: not valid JSON ({err})") from None
+            raise loading.DataError(f"--data {path}: not valid JSON ({err})") from None
         bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
         if bad is not None:
-            raise DataError(f"--data {path} item {bad}: not a JSON object")
+            raise loading.DataError(f"--data {path} item {bad}: not a JSON object")
         return [(r, f"--data {path} item {i}") for i, r in enumerate(items)]
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -900,26 +898,25 @@ def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
+                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
             if not isinstance(rec, dict):
-                raise DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
+                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
             records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
     return records
 
 
 def _rl_row(rec: dict, where: str, cfg) -> dict:
     """One record -> {'prompt', 'answer', 'data_source'}; --prompt-key/--answer-key name other keys."""
-    from loading import DataError, get_key
     pk, ak = cfg.get("prompt_key"), cfg.get("answer_key")
-    prompt = get_key(rec, pk) if pk else rec.get("prompt")
+    prompt = loading.get_key(rec, pk) if pk else rec.get("prompt")
     if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()               # list columns read by other parquet readers come back as arrays
-    gold = get_key(rec, ak) if ak else (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
+    gold = loading.get_key(rec, ak) if ak else (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
     if prompt is None or gold is None:
         wanted = (f"--prompt-key {pk or 'prompt'!r} and --answer-key {ak!r}" if (pk or ak) else
                   "'prompt' and reward_model.ground_truth (or 'answer'); name other keys with "
                   "--prompt-key/--answer-key")
-        raise DataError(f"{where}: needs {wanted}; has keys {sorted(rec)}")
+        raise loading.DataError(f"{where}: needs {wanted}; has keys {sorted(rec)}")
     return {"prompt": prompt, "answer": str(gold), "data_source": rec.get("data_source")}
 
 
@@ -927,14 +924,12 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
     """[{'prompt': str | list[messages], 'answer': str}], domain. train() calls it before any model
     or sampler engine is built, so data errors cost seconds."""
     if cfg["data"] is None:
-        import toy_world
         domain = cfg["task"].split("-", 1)[1]
         return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
     path = Path(cfg["data"])
     rows = [_rl_row(rec, where, cfg) for rec, where in _read_rl_records(path)]
     if not rows:
-        from loading import DataError
-        raise DataError(f"--data {path}: holds no rows")
+        raise loading.DataError(f"--data {path}: holds no rows")
     domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
     return rows, domain
 
@@ -942,11 +937,10 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
 def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
     """Chat-render and tokenise once (the sampler and the trainer see identical ids); drop
     overlong prompts with one warning (DEVIATION 8). Returns kept rows with 'prompt_ids'."""
-    from loading import render_chat
     limit = min(max_prompt_tokens, context - 1)   # at least one generated token must fit
     kept, dropped = [], []
     for row in rows:
-        ids = tokenizer(render_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(loading.render_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
         (kept if 0 < len(ids) <= limit else dropped).append({**row, "prompt_ids": ids})
     if dropped:
         warnings.warn(f"train_grpo: dropped {len(dropped)}/{len(rows)} prompts longer than {limit} "
@@ -997,7 +991,6 @@ def prepare_out_dir(out: Path, cfg: dict) -> Path | None:
         if not cfg["overwrite"]:
             raise FileExistsError(f"output directory {out} is not empty; pass --resume to continue the "
                                   "run in it or --overwrite to delete it and start again")
-        import shutil
         for d in list(out.glob(CKPT_PREFIX + "*")) + list(out.glob(".tmp-" + CKPT_PREFIX + "*")):
             shutil.rmtree(d)          # delete only what this script writes
         for name in ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json"):
@@ -1009,9 +1002,6 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     """global_step_<k>/: save_adapter files + optimizer.pt + trainer_state.{pt,json} + config.json,
     written into a temp dir and renamed into place. Older checkpoints keep their weights (the
     trajectory) but drop optimizer.pt."""
-    import shutil
-    import loading
-    import peft_methods
     step = state["step"]
     final, tmp = out / f"{CKPT_PREFIX}{step}", out / f".tmp-{CKPT_PREFIX}{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1045,14 +1035,11 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     finally:
         llm = engine.pop("llm", None)
         if llm is not None:
-            import evaluate
             evaluate.shutdown_vllm(llm)   # vLLM's teardown; the caller's next engine gets the memory
             del llm
 
 
 def _train(config, *, model, tokenizer, engine: dict) -> dict:
-    import loading
-    import peft_methods
     cfg = resolve_config(config)
     out = Path(cfg["out"])
     resume_from = prepare_out_dir(out, cfg)
@@ -1281,14 +1268,12 @@ def dry_run(overrides: dict) -> dict:
     """--dry-run: print the planned per-GPU peak memory (training step + vLLM's share; memory.py)
     and return memory.estimate's dict. A real model without --data is planned at the paper preset."""
     import memory   # imported here: memory.py imports this file
-    import peft_methods
-    from loading import ConfigError
     overrides = dict(overrides)
     if overrides.get("model", "toy") != "toy" and overrides.get("preset", "auto") == "auto":
         overrides["preset"] = "paper"
     cfg = resolve_config(overrides)
     if cfg["method"] not in peft_methods.METHODS:
-        raise ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
+        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
     hf_config = memory.hf_config_for(cfg["model"])
     plan = memory.grpo_plan(cfg, gpu_memory_gib=cfg["gpu_memory_gib"], cuda=True)
     print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
@@ -1300,78 +1285,39 @@ def dry_run(overrides: dict) -> dict:
 
 def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
               pad_id, max_new, method, sampler_logps, amp=None) -> dict:
-    """All optimiser steps on one rollout batch (GRPO.md §1.9 steps 4-7); returns its metrics.
-    `amp`: factory of the forwards' autocast context (precision_plan); None = none."""
-    import contextlib
-    amp = amp or contextlib.nullcontext
-    device = next(model.parameters()).device
-    N, mb, T = len(completions), cfg["micro_batch_size"], cfg["temperature"]
-    p_lens, c_lens = [len(p) for p in prompts], [len(c) for c in completions]
+    """All optimiser steps on one rollout batch ([Shao+24 DeepSeekMath, Alg. 1] inner loop);
+    returns its metrics. `amp`: factory of the forwards' autocast context (precision_plan).
 
-    def chunks(idx):   # micro-batches under --micro-batch-size and the --micro-batch-tokens budget
-        return token_budget_micros(idx, p_lens, c_lens, mb, cfg["micro_batch_tokens"])
-    n_mini = cfg["mini_batches"]
+    The algorithm: (a) ℓ_old of every completion under the sampling policy (and ℓ_ref if β > 0),
+    no grad; (b) for each of --mini-batches slices of whole groups: per-token clipped loss,
+    aggregated over the mini-batch, backward, clip, AdamW step. Two speed-ups change no number
+    (tests/test_train_grpo.py compares with a plain one-shot loss): `trained_rows` skips the
+    forward of A = 0 completions, and `_RolloutBatch.chunks` cuts a mini-batch into micro-batches
+    under a token budget (gradient accumulation, exact by the mini-batch-wide normalisers).
+    """
+    amp = amp or contextlib.nullcontext
+    batch = _RolloutBatch(prompts, completions, finished, eos_ids, pad_id, cfg,
+                          next(model.parameters()).device)
+    N, n_mini = len(completions), cfg["mini_batches"]
     per_mini = N // n_mini                      # whole groups: B/n_mini prompts x G completions
     minis = [list(range(k * per_mini, (k + 1) * per_mini)) for k in range(n_mini)]
-
-    def micro(idx):
-        ids, attn, lens, P, L = pack_batch([prompts[i] for i in idx], [completions[i] for i in idx],
-                                           pad_id, device)
-        mask = completion_mask(ids[:, P:], eos_ids, lens)                 # (n, L)
-        if cfg["mask_truncated"]:   # DAPO overlong filter: no loss on cut-off completions
-            mask *= torch.tensor([float(finished[i]) for i in idx], device=device).unsqueeze(1)
-        return ids, attn, P, L, mask
-
-    # ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
-    # stored, because mini-batches 2..k of a rollout are off-policy (GRPO.md pitfall 20). The first
-    # mini-batch of a single epoch needs no separate pass: nothing has been updated yet when its
-    # training forward runs, so ℓ_old = sg(ℓ_θ) there (TRL skips the pass on-policy likewise).
-    first_fresh = cfg["ppo_epochs"] == 1
-    # Completions with A = 0 (all-equal groups) add nothing to the loss's numerator, only their
-    # tokens to the normaliser, which is passed in separately: with β = 0 they need no forward
-    # at all (exact for dapo/grpo/dr_grpo, whose normalisers are mini-batch-wide; not for bnpo).
-    skip_zero = cfg["beta"] == 0 and cfg["loss_agg"] != "bnpo"
-    active = [not skip_zero or bool(adv[i] != 0) for i in range(N)]
-    need_old = [i for i in range(N) if active[i] and not (first_fresh and i in set(minis[0]))]
-    old, ref = [None] * N, [None] * N
-    n_masked = [0.0] * N
-    ent_sum, ent_tok = 0.0, 0.0
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, N, mb):                # token counts for the mini-batch normalisers
-            for j, row in enumerate(micro(list(range(s, min(N, s + mb))))[4]):
-                n_masked[s + j] = float(row.sum())
-        for idx in chunks(need_old):
-            ids, attn, P, L, mask = micro(idx)
-            with amp():
-                lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
-            for j, i in enumerate(idx):
-                old[i] = lp[j]
-            ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
-        if cfg["beta"] > 0:                      # ℓ_ref only when the KL term is on
-            for idx in chunks(list(range(N))):
-                ids, attn, P, L, mask = micro(idx)
-                if ref_model is not None:        # Full FT: the frozen copy
-                    with amp():
-                        rlp, _ = sequence_logprobs(ref_model, ids, attn, P, L, T)
-                else:                            # PEFT: the same model with the adapters off
-                    import peft_methods
-                    with peft_methods.disable_adapters(model), amp():
-                        rlp, _ = sequence_logprobs(model, ids, attn, P, L, T)
-                for j, i in enumerate(idx):
-                    ref[i] = rlp[j]
-
+    # ℓ_old of mini-batch 1 in a single epoch comes from its own training forward (reuse_first)
+    reuse_first = cfg["ppo_epochs"] == 1
+    active = trained_rows(adv, cfg)
+    n_masked = batch.token_counts()
+    ent = [0.0, 0.0]                            # Σ entropy, Σ tokens of π_old on trained rows
+    # (a) ℓ_old (and ℓ_ref), no grad
+    old, ref = _old_and_ref_logprobs(model, ref_model, batch, active, set(minis[0]) if reuse_first
+                                     else set(), cfg, ent, amp)
     acc = {"loss": [], "kl": [], "approx_kl_old": [], "clip_low": [], "clip_high": [],
            "clip_dual": [], "grad_norm": [], "sampler_logp_diff": []}
     model.train()
     steps = 0
     for epoch in range(cfg["ppo_epochs"]):
         for k, mini in enumerate(minis):
-            fresh = first_fresh and k == 0
-            # DEVIATION 1: mini-batch-wide normalisers make micro-batch accumulation exact
+            # (b) one optimiser step per mini-batch. DEVIATION 1: mini-batch-wide normalisers.
             n_tok = sum(n_masked[i] for i in mini)
-            train_idx = [i for i in mini if active[i]]
-            micros = chunks(train_idx)
+            micros = batch.chunks([i for i in mini if active[i]])
             opt.zero_grad(set_to_none=True)
             if not micros:
                 # every group of this mini-batch had equal rewards: the gradient is exactly 0, so
@@ -1380,58 +1326,153 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
                 for p in params:
                     p.grad = torch.zeros_like(p)
                 acc["loss"].append(0.0)
-            mini_loss = 0.0
-            for idx in micros:
-                ids, attn, P, L, mask = micro(idx)
-                with amp():
-                    lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=fresh)
-                if fresh:
-                    old_lp = lp.detach()                                                  # (n, L)
-                    for j, i in enumerate(idx):
-                        old[i] = old_lp[j]
-                    ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
-                else:
-                    old_lp = _pad_stack([old[i] for i in idx], L, device)                 # (n, L)
-                a = adv[idx].to(device)                                                   # (n,)
-                loss_tok, info = policy_loss_per_token(
-                    lp, old_lp, a, eps_low=cfg["clip_eps_low"], eps_high=cfg["clip_eps_high"],
-                    dual_clip=cfg["dual_clip"] or None)
-                if cfg["beta"] > 0:
-                    kl = kl_k3(lp, _pad_stack([ref[i] for i in idx], L, device))
-                    loss_tok = loss_tok + cfg["beta"] * kl                # + β·D per token (§1.5)
-                    acc["kl"].append(_masked_mean(kl.detach(), mask))
-                loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok,
-                                      num_seqs=len(mini), max_len=cfg["max_new_tokens"],
-                                      num_micro=len(micros))              # mini = all, trained or not
-                loss.backward()
-                mini_loss += loss.item()          # micro losses sum to the mini-batch loss
-                acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
-                for key in ("clip_low", "clip_high", "clip_dual"):
-                    acc[key].append(_masked_mean(info[key].float(), mask))
-            if micros:
-                acc["loss"].append(mini_loss)
-            # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
-            clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
-            gn = torch.nn.utils.clip_grad_norm_(clip_on, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-            if torch.isfinite(gn):
-                opt.step()
-                steps += 1
-            else:   # as the release's trainer: skip a step whose gradient is not finite
-                warnings.warn(f"train_grpo: non-finite grad norm {gn}; optimiser step skipped", RuntimeWarning)
-            opt.zero_grad(set_to_none=True)
-            acc["grad_norm"].append(float(gn))
+            else:
+                acc["loss"].append(_mini_batch_backward(
+                    model, batch, micros, old, ref, adv, cfg, n_tok, len(mini),
+                    reuse_first and k == 0, ent, acc, amp))
+            steps += _clip_and_step(opt, params, cfg["grad_clip"], acc)
     model.eval()
-    if sampler_logps is not None:   # sync check: ~1e-2 in bf16 when in sync, O(1) when broken
-        d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
-             for o, sl in zip(old, sampler_logps) if o is not None and len(sl)]
-        if d:   # nothing compared (every group skipped): None in the log, never a fake 0.0
-            acc["sampler_logp_diff"].append(float(torch.cat(d).mean()))
+    gap = _sampler_logp_gap(old, sampler_logps, batch.device)
+    if gap is not None:
+        acc["sampler_logp_diff"].append(gap)
     res = {k: (sum(v) / len(v) if v else None) for k, v in acc.items()}
     res["clip_frac"] = (res["clip_low"] or 0) + (res["clip_high"] or 0)
-    res["entropy"] = ent_sum / ent_tok if ent_tok else None     # π_old, on the trained completions
+    res["entropy"] = ent[0] / ent[1] if ent[1] else None     # π_old, on the trained completions
     res["trained_frac"] = sum(active) / N
     res["optimizer_steps"] = steps
     return res
+
+
+def _mini_batch_backward(model, batch, micros, old, ref, adv, cfg, n_tok, n_seq, first, ent, acc,
+                         amp) -> float:
+    """Accumulate one mini-batch's gradient over its micro-batches; returns its loss.
+
+    [Shao+24 DeepSeekMath, Eq. 3] per token: clipped surrogate (+ β·D_KL), aggregated with the
+    normalisers of the WHOLE mini-batch (n_tok tokens, n_seq sequences), so the micro losses sum
+    to the mini-batch loss. `first`: no update has happened yet, so ℓ_old = sg(ℓ_θ) of this
+    forward (TRL skips the separate pass on-policy likewise)."""
+    mini_loss = 0.0
+    for idx in micros:
+        ids, attn, P, L, mask = batch.micro(idx)
+        with amp():
+            lp, H = sequence_logprobs(model, ids, attn, P, L, cfg["temperature"], with_entropy=first)
+        if first:
+            old_lp = lp.detach()                                                  # (n, L)
+            for j, i in enumerate(idx):
+                old[i] = old_lp[j]
+            ent[0], ent[1] = ent[0] + float((H * mask).sum()), ent[1] + float(mask.sum())
+        else:
+            old_lp = _pad_stack([old[i] for i in idx], L, batch.device)           # (n, L)
+        a = adv[idx].to(batch.device)                                             # (n,)
+        loss_tok, info = policy_loss_per_token(
+            lp, old_lp, a, eps_low=cfg["clip_eps_low"], eps_high=cfg["clip_eps_high"],
+            dual_clip=cfg["dual_clip"] or None)
+        if cfg["beta"] > 0:
+            kl = kl_k3(lp, _pad_stack([ref[i] for i in idx], L, batch.device))
+            loss_tok = loss_tok + cfg["beta"] * kl                                # + β·D per token
+            acc["kl"].append(_masked_mean(kl.detach(), mask))
+        loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok, num_seqs=n_seq,
+                              max_len=cfg["max_new_tokens"], num_micro=len(micros))
+        loss.backward()
+        mini_loss += loss.item()
+        acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
+        for key in ("clip_low", "clip_high", "clip_dual"):
+            acc[key].append(_masked_mean(info[key].float(), mask))
+    return mini_loss
+
+
+def _clip_and_step(opt, params, grad_clip: float, acc: dict) -> int:
+    """Clip the gradient's global norm and step ([PEFT-Arena, RLVR setup] clip 1.0); a step whose
+    norm is not finite is skipped, as the release's trainer does. Returns 1 if it stepped."""
+    # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
+    clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
+    gn = torch.nn.utils.clip_grad_norm_(clip_on, grad_clip if grad_clip > 0 else float("inf"))
+    stepped = 0
+    if torch.isfinite(gn):
+        opt.step()
+        stepped = 1
+    else:
+        warnings.warn(f"train_grpo: non-finite grad norm {gn}; optimiser step skipped", RuntimeWarning)
+    opt.zero_grad(set_to_none=True)
+    acc["grad_norm"].append(float(gn))
+    return stepped
+
+
+class _RolloutBatch:
+    """The N completions of one rollout, cut and packed for the trainer's forwards."""
+
+    def __init__(self, prompts, completions, finished, eos_ids, pad_id, cfg, device):
+        self.prompts, self.completions, self.finished = prompts, completions, finished
+        self.eos_ids, self.pad_id, self.cfg, self.device = eos_ids, pad_id, cfg, device
+        self.p_lens, self.c_lens = [len(p) for p in prompts], [len(c) for c in completions]
+
+    def micro(self, idx):
+        """Rows `idx` packed: ids, attn, P, L and the (n, L) loss mask."""
+        ids, attn, lens, P, L = pack_batch([self.prompts[i] for i in idx],
+                                           [self.completions[i] for i in idx], self.pad_id, self.device)
+        mask = completion_mask(ids[:, P:], self.eos_ids, lens)                  # (n, L)
+        if self.cfg["mask_truncated"]:   # DAPO overlong filter: no loss on cut-off completions
+            mask *= torch.tensor([float(self.finished[i]) for i in idx], device=self.device).unsqueeze(1)
+        return ids, attn, P, L, mask
+
+    def token_counts(self) -> list[float]:
+        """Loss tokens per completion (for the mini-batch normalisers), trained or not."""
+        N, mb, n = len(self.completions), self.cfg["micro_batch_size"], []
+        for s in range(0, N, mb):
+            n += [float(row.sum()) for row in self.micro(list(range(s, min(N, s + mb))))[4]]
+        return n
+
+    def chunks(self, idx):
+        """Speed-up 2: micro-batches under --micro-batch-size and --micro-batch-tokens."""
+        return token_budget_micros(idx, self.p_lens, self.c_lens, self.cfg["micro_batch_size"],
+                                   self.cfg["micro_batch_tokens"])
+
+
+def trained_rows(adv, cfg) -> list[bool]:
+    """Speed-up 1: which completions need a forward. With A = 0 (all-equal groups) a completion
+    adds nothing to the loss's numerator, only its tokens to the normaliser, which is passed in
+    separately: with β = 0 it needs no forward at all (exact for dapo/grpo/dr_grpo, whose
+    normalisers are mini-batch-wide; not for bnpo, whose normaliser is the micro-batch's)."""
+    skip_zero = cfg["beta"] == 0 and cfg["loss_agg"] != "bnpo"
+    return [not skip_zero or bool(adv[i] != 0) for i in range(len(adv))]
+
+
+@torch.no_grad()
+def _old_and_ref_logprobs(model, ref_model, batch, active, reused, cfg, ent, amp):
+    """ℓ_old of the trained completions outside `reused` (and ℓ_ref of all when β > 0), per row.
+
+    ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
+    stored, because mini-batches 2..k of a rollout are off-policy. Reference for the KL: Full FT =
+    the frozen copy `ref_model`; PEFT = the same model with its adapters off."""
+    N, T = len(batch.completions), cfg["temperature"]
+    old, ref = [None] * N, [None] * N
+    model.eval()
+    for idx in batch.chunks([i for i in range(N) if active[i] and i not in reused]):
+        ids, attn, P, L, mask = batch.micro(idx)
+        with amp():
+            lp, H = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
+        for j, i in enumerate(idx):
+            old[i] = lp[j]
+        ent[0], ent[1] = ent[0] + float((H * mask).sum()), ent[1] + float(mask.sum())
+    if cfg["beta"] > 0:
+        for idx in batch.chunks(list(range(N))):
+            ids, attn, P, L, mask = batch.micro(idx)
+            off = peft_methods.disable_adapters(model) if ref_model is None else contextlib.nullcontext()
+            with off, amp():
+                rlp, _ = sequence_logprobs(model if ref_model is None else ref_model, ids, attn, P, L, T)
+            for j, i in enumerate(idx):
+                ref[i] = rlp[j]
+    return old, ref
+
+
+def _sampler_logp_gap(old, sampler_logps, device):
+    """Mean |ℓ_old - ℓ_sampler| (vLLM): ~1e-2 in bf16 when the weights are in sync, O(1) when
+    broken; None when nothing was compared (every group skipped), never a fake 0.0."""
+    if sampler_logps is None:
+        return None
+    d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
+         for o, sl in zip(old, sampler_logps) if o is not None and len(sl)]
+    return float(torch.cat(d).mean()) if d else None
 
 
 def _pad_stack(rows, L, device):
@@ -1449,14 +1490,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume keep only the log lines of steps already in the checkpoint (atomic rewrite)."""
     if not path.exists():
         return
-    import loading
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
     loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _evaluate(model, tokenizer, domain, cfg, path: Path) -> dict:
-    import evaluate
-    import loading
     res = evaluate.evaluate_toy(model, tokenizer, domain=domain, n_per_family=cfg["eval_n"])
     loading.atomic_write_json(path, res)
     print(f"[grpo] eval {path.name}: target {res['target_score']:.1f} general "
@@ -1468,7 +1506,6 @@ if __name__ == "__main__":
     parser = build_parser()
     # only the flags given on the command line count as overrides (so --smoke/presets fill the rest)
     given = {k: v for k, v in vars(parser.parse_args()).items() if v != parser.get_default(k)}
-    import loading
     if given.get("dry_run"):
         sys.exit(loading.run_cli("train_grpo.py", lambda: (dry_run(given), 0)[1],
                                  one_line=(ValueError, FileNotFoundError)))
