@@ -89,6 +89,7 @@ import os
 import shutil
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -1040,52 +1041,143 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
 
 
 def _train(config, *, model, tokenizer, engine: dict) -> dict:
+    """Set-up (`_set_up`), then the GRPO loop of [Shao+24 DeepSeekMath, Alg. 1], one rollout step
+    per iteration; see `train`."""
     cfg = resolve_config(config)
     out = Path(cfg["out"])
     resume_from = prepare_out_dir(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
-    method = cfg["method"]
     # data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the
     # sampler engine and the model are built
     rows, domain = load_rl_rows(cfg)
+    run = _set_up(cfg, model, tokenizer, engine, resume_from, rows, domain)
+    state, rows, sampler = run.state, run.rows, run.sampler
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, state["step"])
+    stats: dict = {}
+    B, G = cfg["prompts_per_step"], cfg["group_size"]
+    t_start = time.time()
+    bar = None
+    if not cfg["no_progress"]:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
+    last = {}
+    while state["step"] < cfg["steps"]:
+        step = state["step"]
+        t0 = time.time()
+        batch = [rows[(state["cursor"] + i) % len(rows)] for i in range(B)]   # shuffle=False (release)
+        state["cursor"] = (state["cursor"] + B) % len(rows)
+        prompts = [r["prompt_ids"] for r in batch]
+        # cap generation so prompt + completion fits the context (DEVIATION 8)
+        max_new = max(1, min(cfg["max_new_tokens"], run.context - max(len(p) for p in prompts)))
 
-    # ---- sampler engine first: vLLM wants its memory share free at start-up (GRPO.md §3.3.2) ----
+        # 1) sample G completions per prompt from π_old (the current weights, pushed if stale)
+        run.model.eval()
+        completions, finished, sampler_logps = sampler.sample(prompts, max_new, step,
+                                                              state["optimizer_steps"])
+        t_gen = time.time() - t0
+
+        # 2) verifiable reward r ∈ {0, 1} per completion
+        responses = [run.tokenizer.decode([t for t in c if t not in run.eos_ids], skip_special_tokens=True)
+                     for c in completions]
+        answers = [r["answer"] for r in batch for _ in range(G)]
+        rewards = torch.tensor(safe_rewards(run.reward_fn, responses, answers, stats))   # (N,)
+        # 3) group-normalised advantages [Shao+24, §4.1.2]
+        adv = group_advantages(rewards, G, scale=cfg["adv_scale"], eps=cfg["adv_eps"])  # (N,)
+
+        # 4-6) per-token log-probs, clipped ratio objective (+ β KL), AdamW step per mini-batch
+        flat_prompts = [p for p in prompts for _ in range(G)]
+        m = _optimise(run.model, run.ref_model, run.opt, run.params, cfg, flat_prompts, completions,
+                      finished, adv, run.eos_ids, run.pad_id, max_new, cfg["method"], sampler_logps,
+                      amp=run.amp)
+        state["optimizer_steps"] += m.pop("optimizer_steps")
+        state["step"] = step + 1
+        # (7) the weights reach the sampler at the next step's sample() (DEVIATION 3)
+
+        # 8) log and checkpoint
+        last = _step_metrics(step + 1, rewards, G, completions, finished, m, t0, t_gen, cfg, stats)
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(last) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", pass_=f"{last['pass_rate']:.2f}",
+                            len=f"{last['response_len_mean']:.0f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        every = cfg["save_every_steps"]
+        if (every > 0 and state["step"] % every == 0) or state["step"] == cfg["steps"]:
+            save_checkpoint(out, run.model, run.opt, run.cfg_to_save, state)
+    if bar is not None:
+        bar.close()
+    return _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path)
+
+
+def _set_up(cfg, model, tokenizer, engine, resume_from, rows, domain):
+    """Sampler engine, policy (+ adapter), optimiser, tokenised prompts, reward, eval before and
+    the resolved config, in this order (vLLM needs its memory share free; RNG order is fixed)."""
     device0 = loading.pick_device(cfg["device"]) if model is None else next(model.parameters()).device
     use_vllm = cfg["sampler"] == "vllm" or (cfg["sampler"] == "auto" and vllm_usable()
                                             and device0.type == "cuda")
-    llm = None
-    if use_vllm:
-        model_dir = loading.TOY_MODEL_DIR if cfg["model"] == "toy" else cfg["model"]
-        from transformers import AutoConfig
-        ctx = AutoConfig.from_pretrained(model_dir).max_position_embeddings
-        llm = make_vllm_engine(str(model_dir), max_model_len=min(ctx, cfg["max_prompt_tokens"] + cfg["max_new_tokens"]),
-                               max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"], seed=cfg["seed"],
-                               gpu_memory_utilization=cfg["vllm_gpu_memory_utilization"],
-                               sleep_mode=cfg["vllm_sleep"])
-        engine["llm"] = llm
-        loading.set_seed(cfg["seed"])  # vLLM (MP = 0) re-seeds the global RNGs (GRPO.md pitfall 2)
-
-    # ---- model (+ adapter) ----
+    llm = _start_vllm(cfg, engine) if use_vllm else None
     # precision: fp32 masters for trainable tensors under bf16 compute (precision_plan)
     compute = (next(model.parameters()).dtype if model is not None
                else loading.pick_dtype(cfg["dtype"], device0))
-    prec = precision_plan(compute, method, cfg["param_dtype"], cfg["optimizer_offload"])
+    prec = precision_plan(compute, cfg["method"], cfg["param_dtype"], cfg["optimizer_offload"])
     if model is None:
         model, tokenizer = loading.load_model(cfg["model"], dtype=prec["load"], device=cfg["device"])
-    elif method == "full" and prec["load"] != compute:
+    elif cfg["method"] == "full" and prec["load"] != compute:
         model.to(prec["load"])      # a preloaded bf16 base: its trainable weights become fp32 masters
     device = next(model.parameters()).device
     amp = amp_context(prec, device)
     print(f"[grpo] model {cfg['model']} on {device} ({next(model.parameters()).dtype}); "
-          f"method {method}; preset {cfg['resolved_preset']}", file=sys.stderr)
+          f"method {cfg['method']}; preset {cfg['resolved_preset']}", file=sys.stderr)
     # A plain copy to sample from (hf path): decoding through the adapter wrappers recomputes every
-    # adapter each token (OFT: the rotations), which made CPU sampling 1.5-2x slower than a dense
-    # model. It receives the merged weights exactly like vLLM does (weights_for_sampler).
-    hf_merged = not use_vllm and method != "full" and (
+    # adapter each token (OFT: the rotations). It receives the merged weights exactly like vLLM.
+    hf_merged = not use_vllm and cfg["method"] != "full" and (
         cfg["hf_sampler"] == "merged" or (cfg["hf_sampler"] == "auto" and device.type == "cpu"))
     sampler_model = copy.deepcopy(model).eval().requires_grad_(False) if hf_merged else None
     state = {"step": 0, "cursor": 0, "optimizer_steps": 0}
+    n_train = _attach_method(model, cfg, prec, resume_from, state)
+    ref_model, params, opt = _make_optimizer(model, cfg, resume_from)
+    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    rows = tokenize_prompts(rows, tokenizer, max_prompt_tokens=cfg["max_prompt_tokens"], context=context)
+    reward_fn = make_reward_fn(domain)
+    # stop ids: the tokenizer's EOS plus any extra ones of generation_config.json (Qwen: 2 of them)
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    summary = {"out": str(Path(cfg["out"])), "method": cfg["method"], "model": cfg["model"], "domain": domain,
+               "trainable_params": n_train}
+    if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
+        summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, Path(cfg["out"]) / "eval_before.json")
+    cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
+    loading.atomic_write_json(Path(cfg["out"]) / "config.json", cfg_to_save)
+    sampler = _Sampler(model, cfg, amp, llm, sampler_model, eos_ids, pad_id)
+    return types.SimpleNamespace(model=model, tokenizer=tokenizer, ref_model=ref_model, params=params,
+                                 opt=opt, amp=amp, state=state, rows=rows, domain=domain, context=context,
+                                 reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id, sampler=sampler,
+                                 summary=summary, cfg_to_save=cfg_to_save)
+
+
+def _start_vllm(cfg, engine: dict):
+    """The in-process vLLM engine over the base model's directory, built before the trainer takes
+    GPU memory (vLLM wants its memory share free at start-up)."""
+    model_dir = loading.TOY_MODEL_DIR if cfg["model"] == "toy" else cfg["model"]
+    from transformers import AutoConfig
+    ctx = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    llm = make_vllm_engine(str(model_dir), max_model_len=min(ctx, cfg["max_prompt_tokens"] + cfg["max_new_tokens"]),
+                           max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"], seed=cfg["seed"],
+                           gpu_memory_utilization=cfg["vllm_gpu_memory_utilization"],
+                           sleep_mode=cfg["vllm_sleep"])
+    engine["llm"] = llm
+    loading.set_seed(cfg["seed"])  # vLLM (in-process) re-seeds the global RNGs: seed them again
+    return llm
+
+
+def _attach_method(model, cfg, prec, resume_from, state) -> int:
+    """The PEFT method on the base (fresh, --init-from an SFT checkpoint, or the resumed one);
+    dropout off. Returns the number of trainable parameters."""
+    method = cfg["method"]
     if resume_from is not None:
         peft_methods.load_adapter(model, resume_from)
         state.update(json.loads((resume_from / "trainer_state.json").read_text()))
@@ -1110,15 +1202,21 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_train == 0:
         raise RuntimeError(f"method {method!r}: no trainable parameters after setup")
-    # Reference policy for the optional KL (β > 0): PEFT = same model with adapters off (no copy);
-    # Full FT = a frozen copy of the start weights.
+    return n_train
+
+
+def _make_optimizer(model, cfg, resume_from):
+    """(reference policy or None, trainable params, AdamW), restored on --resume.
+
+    Reference policy for the optional KL (β > 0): PEFT = the same model with adapters off (no
+    copy, so None here); Full FT = a frozen copy of the start weights."""
     ref_model = None
-    if cfg["beta"] > 0 and method == "full":
+    if cfg["beta"] > 0 and cfg["method"] == "full":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    # [PAPER.md §5] AdamW (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0
+    # [PEFT-Arena, RLVR setup] AdamW (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0
     if cfg["optimizer_offload"] == "cpu":   # fp32 masters + moments on the CPU (OffloadAdamW)
         opt = OffloadAdamW(params, lr=cfg["lr"], betas=cfg["adam_betas"], weight_decay=cfg["weight_decay"])
     else:
@@ -1127,125 +1225,78 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     if resume_from is not None:
         opt.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
         torch.set_rng_state(torch.load(resume_from / "trainer_state.pt", weights_only=False)["torch_rng"])
+    return ref_model, params, opt
 
-    # ---- data (rows read above) and reward ----
-    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-    rows = tokenize_prompts(rows, tokenizer, max_prompt_tokens=cfg["max_prompt_tokens"], context=context)
-    reward_fn = make_reward_fn(domain)
-    # stop ids: the tokenizer's EOS plus any extra ones of generation_config.json (Qwen: 2 of them)
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-    eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
-    # ---- evaluation before (toy only) ----
-    summary = {"out": str(out), "method": method, "model": cfg["model"], "domain": domain,
-               "trainable_params": n_train}
-    if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
-        summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, out / "eval_before.json")
+class _Sampler:
+    """Step 1 of the loop: G completions per prompt from the current policy, by vLLM or by
+    transformers `generate` (the live model, or a plain copy that receives merged weights)."""
 
-    cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
-    loading.atomic_write_json(out / "config.json", cfg_to_save)
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, state["step"])
-    stats: dict = {}
-    B, G = cfg["prompts_per_step"], cfg["group_size"]
-    pushed_at = -1
-    asleep = False
-    t_start = time.time()
-    bar = None
-    if not cfg["no_progress"]:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
-    last = {}
-    while state["step"] < cfg["steps"]:
-        step = state["step"]
-        t0 = time.time()
-        batch = [rows[(state["cursor"] + i) % len(rows)] for i in range(B)]   # shuffle=False (release)
-        state["cursor"] = (state["cursor"] + B) % len(rows)
-        prompts = [r["prompt_ids"] for r in batch]
-        # cap generation so prompt + completion fits the context (DEVIATION 8)
-        max_new = max(1, min(cfg["max_new_tokens"], context - max(len(p) for p in prompts)))
+    def __init__(self, model, cfg, amp, llm, merged_copy, eos_ids, pad_id):
+        self.model, self.cfg, self.amp, self.llm, self.copy = model, cfg, amp, llm, merged_copy
+        self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.pushed_at, self.asleep = -1, False    # optimiser step the sampler's weights are from
 
-        # 1) sample G completions per prompt from π_old (the current weights)
-        model.eval()
-        sampler_logps = None
-        if llm is not None:
-            stale = pushed_at != state["optimizer_steps"]      # DEVIATION 3: push when stale
-            push = (lambda: push_weights_vllm(llm, model, method)) if stale else None
-            if asleep:
-                wake_vllm(llm, push=push)     # every rollout wakes it, pushed or not
-                asleep = False
+    def sample(self, prompts, max_new: int, step: int, optimizer_steps: int):
+        """(completions, finished, sampler log-probs or None) for this rollout step."""
+        cfg, G, method = self.cfg, self.cfg["group_size"], self.cfg["method"]
+        stale = self.pushed_at != optimizer_steps          # DEVIATION 3: push only when stale
+        if self.llm is not None:
+            push = (lambda: push_weights_vllm(self.llm, self.model, method)) if stale else None
+            if self.asleep:
+                wake_vllm(self.llm, push=push)     # every rollout wakes it, pushed or not
+                self.asleep = False
             elif push is not None:
                 push()
-            pushed_at = state["optimizer_steps"]
-            completions, finished, sampler_logps = sample_vllm(
-                llm, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
-                eos_token_ids=eos_ids)
+            self.pushed_at = optimizer_steps
+            out = sample_vllm(self.llm, prompts, group_size=G, max_new_tokens=max_new,
+                              temperature=cfg["temperature"], eos_token_ids=self.eos_ids)
             if cfg["vllm_sleep"]:
-                llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (level 2 would drop them)
-                asleep = True
-        else:
-            gen_model = model
-            if sampler_model is not None:
-                if pushed_at != state["optimizer_steps"]:
-                    res = sampler_model.load_state_dict(weights_for_sampler(model, method), strict=False)
-                    if res.unexpected_keys or res.missing_keys:
-                        raise RuntimeError(f"merged weights do not fit the sampler copy: missing "
-                                           f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
-                    pushed_at = state["optimizer_steps"]
-                gen_model = sampler_model
-            with amp():   # the fp32-master policy samples with bf16 compute, as it trains
-                completions, finished = sample_hf(
+                self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (2 would drop them)
+                self.asleep = True
+            return out
+        gen_model = self.model
+        if self.copy is not None:
+            if stale:
+                res = self.copy.load_state_dict(weights_for_sampler(self.model, method), strict=False)
+                if res.unexpected_keys or res.missing_keys:
+                    raise RuntimeError(f"merged weights do not fit the sampler copy: missing "
+                                       f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
+                self.pushed_at = optimizer_steps
+            gen_model = self.copy
+        with self.amp():   # the fp32-master policy samples with bf16 compute, as it trains
+            completions, finished = sample_hf(
                 gen_model, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
-                    pad_id=pad_id, eos_token_ids=eos_ids, batch_size=cfg["gen_batch_size"],
-                    seed=cfg["seed"] * 100003 + step)
-        t_gen = time.time() - t0
-        n_gen_tokens = sum(len(c) for c in completions)
+                pad_id=self.pad_id, eos_token_ids=self.eos_ids, batch_size=cfg["gen_batch_size"],
+                seed=cfg["seed"] * 100003 + step)
+        return completions, finished, None
 
-        # 2) verifiable reward -> group-relative advantages
-        responses = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True)
-                     for c in completions]
-        answers = [r["answer"] for r in batch for _ in range(G)]
-        rewards = torch.tensor(safe_rewards(reward_fn, responses, answers, stats))   # (N,)
-        adv = group_advantages(rewards, G, scale=cfg["adv_scale"], eps=cfg["adv_eps"])  # (N,)
 
-        # 3) optimise: --ppo-epochs passes x --mini-batches optimiser steps over this rollout
-        flat_prompts = [p for p in prompts for _ in range(G)]
-        m = _optimise(model, ref_model, opt, params, cfg, flat_prompts, completions, finished,
-                      adv, eos_ids, pad_id, max_new, method, sampler_logps, amp=amp)
-        state["optimizer_steps"] += m.pop("optimizer_steps")
-        state["step"] = step + 1
+def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, stats) -> dict:
+    """One metrics.jsonl line: reward, pass@G, zero-std groups, the optimiser's metrics, lengths,
+    truncation, throughput."""
+    r_groups = rewards.view(-1, G)                                                   # (B, G)
+    lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
+    n_gen_tokens = sum(len(c) for c in completions)
+    dt = time.time() - t0
+    return {"step": step, "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # DEVIATION 10: pass@G
+            "frac_reward_zero_std": (r_groups.max(1).values == r_groups.min(1).values).float().mean().item(),
+            **m, "response_len_mean": lens.mean().item(), "response_len_max": lens.max().item(),
+            "truncated_frac": 1.0 - sum(finished) / len(finished),
+            "gen_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
+            "tokens_per_s": n_gen_tokens / max(dt, 1e-9), "step_time_s": dt, "lr": cfg["lr"],
+            "reward_errors": sum(stats.get("reward_errors", {}).values())}
 
-        # 4) log
-        r_groups = rewards.view(B, G)
-        lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
-        dt = time.time() - t0
-        last = {"step": step + 1, "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-                "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # DEVIATION 10: pass@G
-                "frac_reward_zero_std": (r_groups.max(1).values == r_groups.min(1).values).float().mean().item(),
-                **m, "response_len_mean": lens.mean().item(), "response_len_max": lens.max().item(),
-                "truncated_frac": 1.0 - sum(finished) / len(finished),
-                "gen_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
-                "tokens_per_s": n_gen_tokens / max(dt, 1e-9), "step_time_s": dt, "lr": cfg["lr"],
-                "reward_errors": sum(stats.get("reward_errors", {}).values())}
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(last) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", pass_=f"{last['pass_rate']:.2f}",
-                            len=f"{last['response_len_mean']:.0f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        every = cfg["save_every_steps"]
-        if (every > 0 and state["step"] % every == 0) or state["step"] == cfg["steps"]:
-            save_checkpoint(out, model, opt, cfg_to_save, state)
-    if bar is not None:
-        bar.close()
 
+def _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path) -> dict:
+    """Final checkpoint (if the last step was not saved), eval after, summary.json."""
     found = checkpoints(out)
     if not found or found[-1][0] != state["step"]:
-        save_checkpoint(out, model, opt, cfg_to_save, state)
+        save_checkpoint(out, run.model, run.opt, run.cfg_to_save, state)
         found = checkpoints(out)
+    summary = run.summary
     summary.update({"final_checkpoint": str(found[-1][1]), "steps": state["step"],
                     "optimizer_steps": state["optimizer_steps"], "train_time_s": time.time() - t_start,
                     "last": last, "reward_errors": stats.get("reward_errors", {})})
@@ -1255,7 +1306,7 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
         summary["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
         summary["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
     if cfg["eval_n"] and cfg["data"] is None:
-        summary["eval_after"] = _evaluate(model, tokenizer, domain, cfg, out / "eval_after.json")
+        summary["eval_after"] = _evaluate(run.model, run.tokenizer, run.domain, cfg, out / "eval_after.json")
         if "eval_before" in summary:
             b, a = summary["eval_before"], summary["eval_after"]
             summary["target_gain"] = a["target_score"] - b["target_score"]
