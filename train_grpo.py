@@ -688,8 +688,16 @@ SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one helper per flag group (model, data, rollout, objective, optimiser, run, plan)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_group in (_model_flags, _data_flags, _rollout_flags, _objective_flags, _optimiser_flags,
+                      _run_flags, _plan_flags):
+        add_group(p)
+    return p
+
+
+def _model_flags(p) -> None:
     g = p.add_argument_group("model and method")
     g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
     g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
@@ -698,38 +706,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
     g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
     g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
-                   "(PAPER.md §2 table 'RL adapter config': LoRA dropout 0)")
+                   "(the release's RL LoRA config has no dropout)")
     g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="any other make_config field (value parsed as JSON, else a string); repeatable")
-    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from "
-                   "(adapter_config.json + weights; its method must equal --method)")
+    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from (same --method)")
     g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
-                   help="auto: trainable tensors are fp32 masters under bf16 compute (adapters fp32 on "
-                   "the bf16 base; Full FT fp32 weights + bf16 autocast); bf16: release-style pure bf16")
+                   help="auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16")
     g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
-                   help="cpu (Full FT): fp32 master weights and AdamW moments on the CPU (16 B/param "
-                   "there), bf16 weights + grads on the GPU (4 B/param): a 7B Full FT fits one 80 GiB "
-                   "GPU; exact fp32-master updates (OffloadAdamW)")
+                   help="cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param there), "
+                   "bf16 weights + grads on the GPU (4 B/param)")
     g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
+
+
+def _data_flags(p) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default toy-math "
-                   "for --model toy; a real model without --data needs it named (toy rows on a real model "
-                   "only when asked)")
-    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout "
-                   "(PAPER.md §5: prompt = chat messages, reward_model.ground_truth)")
-    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (string or chat "
-                   "messages; dotted for nested fields); default 'prompt'")
-    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted for "
-                   "nested fields); default reward_model.ground_truth, else 'answer'")
+    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default "
+                   "toy-math for --model toy (a real model needs --data or an explicit --task)")
+    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout (prompt = "
+                   "chat messages, reward_model.ground_truth)")
+    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (dotted for "
+                   "nested fields); default 'prompt'")
+    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted "
+                   "for nested fields); default reward_model.ground_truth, else 'answer'")
     g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
                    "data_source, 'med_23k_think' -> med, else math)")
     g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
     g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
                    "dropped (tokens; release: 1024)")
+
+
+def _rollout_flags(p) -> None:
     g = p.add_argument_group("rollout")
     g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
                    help="fills unset values below (auto: toy for toy-* tasks, else paper)")
@@ -741,11 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: vLLM if installed and on CUDA, else transformers generate")
     g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
     g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
-                   help="hf sampler: live = generate with the adapted model; merged = a plain copy "
-                   "that receives merged weights like vLLM (1.5-2x faster decoding; one more copy "
-                   "of the model); auto = merged for PEFT on CPU")
+                   help="hf sampler: live = the adapted model; merged = a plain copy that receives "
+                   "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
     g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
+
+
+def _objective_flags(p) -> None:
     g = p.add_argument_group("objective")
     g.add_argument("--adv-scale", default="group", choices=["group", "none"],
                    help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
@@ -762,9 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
     g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="token budget per forward/backward: a micro-batch's padded size (sequences x "
-                   "(prompt + completion) width) stays <= this (release: dynamic batching, 16k tokens "
-                   "per GPU); 0 = off (only --micro-batch-size bounds it)")
+                   help="padded tokens (sequences x width) per forward/backward (release: 16k per "
+                   "GPU); 0 = off")
+
+
+def _optimiser_flags(p) -> None:
     g = p.add_argument_group("optimiser")
     g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
                    f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
@@ -773,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
     g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
                    "optimiser steps)")
+
+
+def _run_flags(p) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/grpo", help="output directory")
     g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
@@ -784,15 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "before and after training (0 = off)")
     g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _plan_flags(p) -> None:
     g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
-    g.add_argument("--dry-run", action="store_true", help="print the GPU's peak memory of one rollout "
-                   "step's training at the planned settings plus the vLLM sampler's share (memory.py: "
-                   "the model on fake tensors) and exit; --model may be a configs/model_shapes name or "
-                   ".json file; without --data the paper preset applies")
+    g.add_argument("--dry-run", action="store_true", help="print the planned GPU peak memory of one "
+                   "rollout step (training + the vLLM share; memory.py) and exit; --model may be a "
+                   "configs/model_shapes name or .json file")
     g.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="memory of the GPU (H100 80, H200 141): the --dry-run verdict and vLLM's share "
-                   "(--vllm-gpu-memory-utilization of it)")
-    return p
+                   help="GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")
 
 
 def method_hparams(cfg: dict, peft_methods) -> dict:
@@ -819,8 +836,8 @@ def resolve_config(overrides: dict | None = None) -> dict:
     if cfg["task"] is None:
         if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
             raise loading.ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
-                              "parquet/jsonl (PAPER.md §5); pass --task toy-math (or toy-med) to train it "
-                              "on the toy rows on purpose", "data")
+                                      "parquet/jsonl; pass --task toy-math (or toy-med) to train it "
+                                      "on the toy rows on purpose", "data")
         cfg["task"] = "toy-math"
     if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
         cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
@@ -839,36 +856,41 @@ def resolve_config(overrides: dict | None = None) -> dict:
         # on for real models (responses of thousands of tokens: activations dominate), off for the
         # toy (tiny activations; keeps the demo's numbers and speed as they were)
         cfg["grad_checkpointing"] = cfg["model"] != "toy"
-    # invariants, each error carrying the config key at fault (loading.ConfigError.field)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: dict) -> None:
+    """The resolved config's invariants; each error names the key at fault (ConfigError.field)."""
+    def fail(msg, key):
+        raise loading.ConfigError(msg, key)
     if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
-        raise loading.ConfigError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
+        fail(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
     for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
               "ppo_epochs", "micro_batch_size"):
         if cfg[k] < 1:
-            raise loading.ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
+            fail(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
     if cfg["micro_batch_tokens"] < 0:
-        raise loading.ConfigError(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
-                          "micro_batch_tokens")
+        fail(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
+             "micro_batch_tokens")
     if cfg["prompts_per_step"] % cfg["mini_batches"]:
-        raise loading.ConfigError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
-                          f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)",
-                          "prompts_per_step")
+        fail(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by --mini-batches "
+             f"{cfg['mini_batches']} (mini-batches split whole groups)", "prompts_per_step")
     if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
-        raise loading.ConfigError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
-                          f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
+        fail(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
+             f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
     if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
-        raise loading.ConfigError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
+        fail(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
     if cfg["resume"] and cfg["overwrite"]:
-        raise loading.ConfigError("--resume and --overwrite exclude each other", "resume")
+        fail("--resume and --overwrite exclude each other", "resume")
     if cfg["temperature"] <= 0:
-        raise loading.ConfigError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
+        fail(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
     if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
-        raise loading.ConfigError(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
-                          "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
+        fail(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
+             "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
     if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
-        raise loading.ConfigError("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16",
-                          "optimizer_offload")
-    return cfg
+        fail("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16", "optimizer_offload")
+
 
 
 # -----------------------------------------------------------------------------
