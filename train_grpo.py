@@ -1,80 +1,60 @@
-"""train_grpo.py — RLVR with GRPO, written out by hand in plain PyTorch (PAPER.md §5, GRPO.md).
+"""train_grpo.py — RLVR with GRPO, written out by hand in plain PyTorch.
 
-What it does: for each step, take B prompts, sample G completions per prompt from the current
-policy, score them with a binary verifiable reward (evaluate.py's graders: boxed-answer equivalence
-for math, and for medical MCQ the release's boxed-answer `math_equal` against the gold letter),
-turn the rewards into group-relative advantages, and take `--mini-batches` AdamW steps on the
-PPO-style clipped surrogate (with the release's dual clip), over any PEFT method of peft_methods.py
-or Full FT. Sampling uses vLLM in the same process and on the same GPU when it is installed and a
-GPU is present, else transformers `generate`.
+Paper: PEFT-Arena (arXiv 2605.28819), the RLVR (GRPO) setting; the official release's verl recipe
+(`train/train_rl.sh`, `train/peft_arena_verl/trainer/main_ppo.py`). Algorithm: [Shao+24 DeepSeekMath,
+§4.1, Alg. 1] GRPO, with the release's PPO clip [Schulman+17 PPO, Eq. 7] and dual clip [Ye+20],
+token-mean aggregation [Yu+25 DAPO, token-level loss] and the Dr. GRPO variants [Liu+25 Dr. GRPO] as flags;
+verl's `trainer/ppo/core_algos.py` and TRL's `GRPOTrainer` are the reference implementations.
 
-Paper anchor: PAPER.md §5 (the release's verl recipe, `PA: train/train_rl.sh`); formulas in
-GRPO.md §1 (advantages §1.2, log-probs §1.3, clip §1.4, k3 KL §1.5, aggregation §1.7, masks §1.8).
+What it does, per rollout step: take B prompts, sample G completions per prompt from the current
+policy (vLLM in the same process on the same GPU when installed, else transformers `generate`),
+score them with a binary verifiable reward (evaluate.py's graders), turn the rewards into
+group-normalised advantages, and take `--mini-batches` AdamW steps on the clipped surrogate over
+any PEFT method of peft_methods.py or Full FT; then push the new weights to the sampler.
 
 Run:
     python train_grpo.py --model toy --method lora --r 8 --alpha 16 --task toy-math --out runs/grpo-lora-r8
-    python train_grpo.py --model toy --method oft --block-size 16 --task toy-math --eval-n 200 --out runs/grpo-oft
     python train_grpo.py --smoke --out /tmp/grpo-smoke          # a few seconds on CPU
     python train_grpo.py --resume --out runs/grpo-lora-r8 ...   # continue after a kill (same flags)
     python train_grpo.py --model /models/Qwen2.5-7B --method oft --block-size 32 \
         --data data/openr1_rl.parquet --domain math --preset paper --out runs/grpo-math-oft
-    python train_grpo.py ... --data deepscaler.parquet --prompt-key problem --answer-key answer   # other layouts
-(--data is read and every row checked before the sampler engine and the model are built.)
-In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`
-(summary: out, method, model, steps, final_checkpoint, reward_first/last, last-step metrics, and with
---eval-n the toy scores before/after, target_gain, general_change).
+In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`.
 
-Outputs in --out: config.json, metrics.jsonl (one line per rollout step: reward mean/std, pass@G,
-zero-std groups, loss, k3 KL (β > 0), approx KL to π_old, clip fractions, entropy, response length,
-truncation, tokens/s), global_step_<k>/ (peft_methods.save_adapter files + trainer_state.json +
-optimizer.pt in the newest one; Full FT ones also the tokenizer files and generation_config.json, so
-they load as models), summary.json, eval_before/after.json with --eval-n.
+Outputs in --out: config.json, metrics.jsonl (one line per rollout step), global_step_<k>/
+(peft_methods.save_adapter files + trainer_state.json, + optimizer.pt in the newest; Full FT ones
+also tokenizer files, so they load as models), summary.json, eval_before/after.json with --eval-n.
 
 Shape legend: N = B*G completions of a step, B prompts, G completions per prompt, P prompt
 tokens (left-padded), L completion tokens (right-padded), V vocabulary.
 
-Deviations from the paper / release
-1. Token-mean ("dapo") is computed over the whole optimiser mini-batch exactly, also when it is
-   split into micro-batches (normaliser = the mini-batch's token count, as TRL's `dapo`). The
-   release (verl) averages micro-batch token means, which differs only when micro-batches hold
-   different numbers of tokens.
-2. Weight sync to vLLM: every method (LoRA included) is pushed as merged dense weights under HF
-   names (`peft_methods.merged_state_dict`). The release uses vLLM's native LoRA for LoRA and
-   merge-then-`load_weights` only for OFT/Full; merged weights are exact for every method and keep
-   decoding at full speed (GRPO.md §4.2, §4.4).
-3. The weights are pushed once before each generation when the optimiser has stepped since the
-   last push (equivalently: after every optimiser step, with the pushes that nothing would ever
-   sample from elided). verl also syncs once per rollout.
-4. Per-token loss vs TRL (`GRPOTrainer._compute_loss`, compared in tests): identical except for
-   the two release features TRL lacks: the dual clip (for A < 0 the loss is capped at -A*c,
-   c = 3) and the log-ratio clamp to [-20, 20] before exp. With `--dual-clip 0` and |log ratio| < 20
-   the per-token losses agree to float precision.
-5. Group of 1: mean 0, std 1 as in verl (so A = r / (1 + eps)); groups with all-equal rewards get
-   exactly A = 0 (checked with max == min, not left to (r - mean) rounding, which can leave
-   ~1e-8 / eps = 1e-2 of noise for non-binary rewards).
-6. A reward function that raises scores 0 (counted and warned once per exception type); the release
+Deviations (change a number the paper reports)
+1. Token-mean ("dapo") is exact over the whole optimiser mini-batch, also when it is split into
+   micro-batches (normaliser = the mini-batch's token count, as TRL's `dapo`). The release (verl)
+   averages micro-batch token means, which differs when micro-batches hold different token counts.
+2. With `--optimizer-offload cpu` (Full FT on one GPU; the release shards over 8 GPUs with FSDP)
+   the grads accumulate over micro-batches in bf16 before they reach the fp32 masters.
+
+Implementation notes (same numbers as the release, up to float rounding)
+1. Weight sync: every method (LoRA included) is pushed as merged dense weights under HF names
+   (`peft_methods.merged_state_dict`); the release uses vLLM's native LoRA for LoRA.
+2. The weights are pushed once before each generation when the optimiser has stepped since the
+   last push (verl also syncs once per rollout).
+3. Per-token loss equals TRL's (`GRPOTrainer._compute_loss`, compared in tests) except for the two
+   release features TRL lacks: the dual clip (c = 3) and the log-ratio clamp to [-20, 20].
+4. Group of 1: mean 0, std 1 as in verl; all-equal groups get exactly A = 0 (max == min), not
+   the rounding noise of (r - mean) / (std + eps).
+5. A reward function that raises scores 0 (counted, warned once per exception type); the release
    would crash the run.
-7. CPU toy world: the toy preset raises the LR (the paper's 1e-5 / 1e-6 barely moves a 1M-parameter
-   model in a few dozen steps) and shrinks batch, G and lengths; see TOY_PRESET. `--preset paper`
-   gives the paper's values.
-8. Prompts longer than `--max-prompt-tokens` (or than the context minus one generated token) are
-   dropped with a warning, as the release filters overlong prompts; generation is capped so that
-   prompt + completion fits the context.
-9. Dropout is switched off in every module (TRL's `disable_dropout`); RL adapters are created with
-   dropout 0 as in the release, but an SFT checkpoint continued with --init-from may carry 0.05.
-10. Metrics "pass_rate" is pass@G over the step's prompts (at least one correct completion);
-   "reward_mean" is the per-completion accuracy.
-11. Precision: with bf16 compute (CUDA default) the trainable tensors are fp32 masters — adapters
-   fp32 on the bf16 base, Full FT weights fp32 — and forwards run under bf16 autocast
-   (`precision_plan`). The release trains under FSDP mixed precision (fp32 masters too); pure bf16
-   (`--param-dtype bf16`) rounds most updates at the paper's LRs away. The release shards Full FT
-   over 8 GPUs (FSDP); this script has one process, so `--optimizer-offload cpu` keeps the Full FT
-   fp32 masters and AdamW moments on the CPU (`OffloadAdamW`; bf16 weights and grads on the GPU;
-   the grads accumulate over micro-batches in bf16): a 7B model then fits one 80 GiB GPU.
-12. Micro-batches are bounded by sequences (--micro-batch-size) and by padded tokens
-   (--micro-batch-tokens, default 16384 as the release's 16k tokens per GPU), packed in order
-   (verl's dynamic batching also re-balances by length); real models default to gradient
-   checkpointing (the toy does not).
+6. The toy preset (TOY_PRESET) raises the LR and shrinks batch, G and lengths so a 1M-parameter
+   model moves on CPU; `--preset paper` gives the paper's values.
+7. Prompts longer than `--max-prompt-tokens` are dropped with a warning, as the release filters
+   overlong prompts; generation is capped so that prompt + completion fits the context.
+8. Dropout is off in every module (TRL's `disable_dropout`; the release's RL adapters have none).
+9. Metric "pass_rate" is pass@G over the step's prompts; "reward_mean" is per-completion accuracy.
+10. Precision: under bf16 compute the trainable tensors are fp32 masters and forwards run under
+   bf16 autocast (`precision_plan`), as the release's FSDP mixed precision.
+11. Micro-batches are bounded by sequences and padded tokens (release: 16k tokens per GPU), packed
+   in order (verl also re-balances by length); real models use gradient checkpointing.
 """
 from __future__ import annotations
 
@@ -112,7 +92,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
     [Shao+24 DeepSeekMath, GRPO] A_i = (r_i - mean_g r) / (std_g r + eps)   (scale="group")
     [Liu+25 Dr. GRPO]            A_i =  r_i - mean_g r                       (scale="none")
-    std is torch's unbiased (Bessel) std as in verl (PAPER.md §5, eps 1e-6); a group of one gets
+    std is torch's unbiased (Bessel) std as in verl (PEFT-Arena RLVR setup, eps 1e-6); a group of one gets
     mean 0 and std 1 (verl's rule). Completions are group-contiguous: rewards[g*G:(g+1)*G] share
     a prompt.
     """
@@ -128,7 +108,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     A = r - mean
     if scale == "group":
         A = A / (std + eps)
-    # DEVIATION 5: all-equal groups carry no signal -> exactly 0 (never NaN, never rounding noise).
+    # Implementation note 4: all-equal groups carry no signal -> exactly 0 (never NaN, never rounding noise).
     if group_size > 1:
         flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
         A = torch.where(flat.expand_as(A), torch.zeros_like(A), A)
@@ -136,7 +116,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """ℓ(t) = log softmax(z_t / T)[token_t], in fp32 (GRPO.md §1.3).
+    """ℓ(t) = log softmax(z_t / T)[token_t], in fp32 (TRL `selective_log_softmax`).
 
     Fast path: gather the chosen logit and subtract the row's logsumexp, so the (.., V) log-softmax
     is never materialised. `logits` (B, L, V) must already be aligned so that row t predicts
@@ -165,7 +145,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids, lengths=None) -
 
     Built from the first-EOS index and the true lengths, never from `token == pad_id`: when pad ==
     EOS (Qwen2.5 base) that would drop the real EOS and the model would never learn to stop
-    (GRPO.md §1.8). `lengths` (B,) are the unpadded completion lengths (None = full width).
+    (TRL's `completion_mask` is built the same way). `lengths` (B,) are the unpadded completion lengths (None = full width).
     """
     Bn, L = completion_ids.shape
     pos = torch.arange(L, device=completion_ids.device).expand(Bn, L)   # (B, L)
@@ -183,14 +163,14 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids, lengths=None) -
 
 def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, eps_high: float = 0.2,
                           dual_clip: float | None = 3.0, log_ratio_clamp: float | None = 20.0):
-    """Per-token clipped surrogate with the release's dual clip (PAPER.md §5; verl `vanilla`).
+    """Per-token clipped surrogate with the release's dual clip (verl `core_algos.py`, `vanilla`).
 
     [Schulman+17 PPO, Eq. 7]  L = -min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A) = max(-ρA, -clip(ρ)A)
     [Ye+20 dual-clip PPO]     for A < 0:  L = min(L, -c A)   (c = 3): a huge ρ on a bad sample
                               cannot blow the loss up.
     ρ = exp(clamp(ℓ - ℓ_old, -20, 20)) (the clamp is verl's; exp(20) is already absurd).
     `advantages` is (N,) per sequence and is broadcast to every token. Returns the (N, L) loss and a
-    dict of (N, L) bool flags for the clip metrics (GRPO.md §1.4).
+    dict of (N, L) bool flags for the clip metrics.
     """
     A = advantages.reshape(-1, 1).to(logp.dtype)                         # (N, 1)
     log_ratio = logp - old_logp.detach()                                 # (N, L)
@@ -202,7 +182,7 @@ def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, e
     loss = torch.maximum(loss_unclipped, loss_clipped)                   # (N, L)
     flags = {"clip_low": (ratio < 1.0 - eps_low) & (A < 0),              # the clip branch is active
              "clip_high": (ratio > 1.0 + eps_high) & (A > 0)}
-    # DEVIATION 4: TRL has neither the dual clip nor the log-ratio clamp (tests compare the two).
+    # Implementation note 3: TRL has neither the dual clip nor the log-ratio clamp (tests compare the two).
     if dual_clip is not None and dual_clip > 0:
         assert dual_clip > 1.0, f"dual-clip constant must exceed 1, got {dual_clip}"
         capped = torch.minimum(loss, -A * dual_clip)
@@ -216,7 +196,7 @@ def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, e
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """[Schulman 2020, k3] D = exp(Δ) - Δ - 1 with Δ = ℓ_ref - ℓ_θ; unbiased for KL(π_θ||π_ref) and ≥ 0.
 
-    Added to the per-token loss as +β·D (GRPO.md §1.5). Paper: β = 0 (no reference forward at all).
+    Added to the per-token loss as +β·D [Shao+24 DeepSeekMath, Eq. 4]. Paper: β = 0 (no reference forward at all).
     """
     delta = ref_logp.detach() - logp                                     # (N, L)
     return torch.exp(delta) - delta - 1.0
@@ -228,7 +208,7 @@ LOSS_AGG = ("dapo", "grpo", "bnpo", "dr_grpo")
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "dapo", *,
                    num_tokens: float | None = None, num_seqs: float | None = None,
                    max_len: int | None = None, num_micro: int = 1) -> torch.Tensor:
-    """Reduce the (N, L) per-token loss to a scalar (GRPO.md §1.7).
+    """Reduce the (N, L) per-token loss to a scalar (verl `core_algos.agg_loss`; TRL `loss_type`).
 
     dapo    (verl `token-mean`, the PAPER's default): Σ m·ℓ / N_tok, N_tok = tokens of the whole
             optimiser mini-batch (`num_tokens`; default this micro-batch).
@@ -257,7 +237,7 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
 
 
 # -----------------------------------------------------------------------------
-# Rewards: binary verifiable reward from evaluate.py's graders (PAPER.md §5 "Reward")
+# Rewards: binary verifiable reward from evaluate.py's graders (release `reward_score/shared_reward.py`)
 
 
 def make_reward_fn(domain: str):
@@ -265,7 +245,7 @@ def make_reward_fn(domain: str):
 
     Both graders compare in evaluate.py's worker process under a hard 3 s limit per call (a
     hanging sympy comparison is killed, never stalls the step). Math: `grade_math`. Medical: the
-    release's reward (PAPER.md §5 "Reward"): boxed-answer extraction + `math_equal` against the
+    release's reward (`reward_score/shared_reward.py`, `math_rlvr.py`): boxed-answer extraction + `math_equal` against the
     gold letter (`evaluate.grade_reward`), not the evaluation's A-N letter extractor, so "The final
     answer is \\boxed{C}. Option A is wrong because of B." earns 1 for gold C."""
     if domain == "math":
@@ -278,7 +258,7 @@ def make_reward_fn(domain: str):
 def safe_rewards(reward_fn, responses: list[str], answers: list, stats: dict) -> list[float]:
     """Score every completion; a grader that raises (or returns NaN/None) scores 0.
 
-    DEVIATION 6: the error is counted in stats["reward_errors"][kind] and warned once per kind, so
+    Implementation note 5: the error is counted in stats["reward_errors"][kind] and warned once per kind, so
     one bad item cannot kill a long run, and a systematic grader bug is still loud.
     """
     out = []
@@ -332,7 +312,7 @@ def token_budget_micros(idx: list[int], prompt_lens: list[int], completion_lens:
 
     Each holds <= max_seqs sequences and, with max_tokens > 0, a padded size n × (longest prompt +
     longest completion) <= max_tokens — the release's dynamic batching bounds each forward by tokens
-    (16k per GPU, PAPER.md §5 "Systems") rather than by sequences, so 64 responses of 8k tokens never
+    (16k per GPU, release `train/train_rl.sh`) rather than by sequences, so 64 responses of 8k tokens never
     share one forward. A sequence longer than the budget on its own gets a micro-batch of its own.
     The loss is unchanged: the mini-batch-wide normalisers (Deviation 1) make the accumulated
     gradient independent of how a mini-batch is cut (tests/test_train_grpo.py checks it).
@@ -358,7 +338,7 @@ def precision_plan(compute_dtype: torch.dtype, method: str, param_dtype: str = "
 
     bf16 compute with bf16 trainable tensors loses small updates: at the paper's LRs (1e-5 adapters,
     1e-6 Full FT) an AdamW step of ~lr is below half a bf16 ulp of most weights (2^-9 relative), so
-    it rounds away (measured: ~1-2% of Full FT weights and few lora_A entries changed per step).
+    it rounds away.
     Default ("auto"): trainable tensors are fp32 masters — adapters fp32 on the bf16 base, Full FT
     weights fp32 — and forwards run under bf16 autocast, so the compute stays bf16 (as the paper's
     FSDP mixed precision: bf16 params for compute, fp32 master weights). "bf16" keeps the old
@@ -388,7 +368,7 @@ class OffloadAdamW:
     and copies them, cast to the compute dtype, back into the GPU weights. The update accumulates in
     the fp32 master, so an lr-sized step below half a bf16 ulp is kept (not rounded away), as in the
     paper's FSDP mixed precision (bf16 compute params, fp32 masters). Differences from the fp32
-    master path: the grads accumulate over micro-batches in the compute dtype, and the forward
+    master path: DEVIATION 2: the grads accumulate over micro-batches in the compute dtype, and the forward
     reads the master rounded to bf16 once per step instead of autocast's per-op cast (same values).
     """
 
@@ -486,7 +466,7 @@ def sequence_logprobs(model, input_ids, attn, P: int, L: int, temperature: float
 
 
 # -----------------------------------------------------------------------------
-# Sampling (1): transformers `generate` fallback (GRPO.md §5) — CPU, or whenever vLLM is absent
+# Sampling (1): transformers `generate` fallback — CPU, or whenever vLLM is absent
 
 
 def make_generation_config(*, max_new_tokens: int, temperature: float, pad_token_id: int, eos_token_ids):
@@ -555,7 +535,7 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
 
 
 # -----------------------------------------------------------------------------
-# Sampling (2): vLLM in the same process, on the same GPU (GRPO.md §3.3-3.5). Needs CUDA; it cannot
+# Sampling (2): vLLM in the same process, on the same GPU (vLLM's `examples/offline_inference/rlhf_colocate.py`). Needs CUDA; it cannot
 # run on the CPU machine this repo is developed on, so keep it small and check it on a GPU box.
 
 
@@ -568,10 +548,10 @@ def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, s
     """Build an in-process vLLM engine over the base model's HF directory.
 
     Build it BEFORE the trainer takes GPU memory: vLLM asserts that `gpu_memory_utilization` of
-    the total is free at start-up (GRPO.md §3.3.2, vllm #20305).
+    the total is free at start-up (vllm #20305).
     """
     # In-process engine core, so `apply_model` reaches the live model without serialisation
-    # (GRPO.md §3.3.1; pitfall 1). Must be set before vLLM is imported.
+    # (`VLLM_ENABLE_V1_MULTIPROCESSING`). Must be set before vLLM is imported.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     evaluate.free_cuda_cache()      # memory an earlier trainer in this process dropped (arena.py run)
     from vllm import LLM
@@ -603,7 +583,7 @@ def sample_vllm(llm, prompts: list[list[int]], *, group_size: int, max_new_token
             ids = list(c.token_ids)
             lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] if c.logprobs else []
             # UNSURE: vLLM keeps the stop token in token_ids; if a version drops it, put the EOS
-            # back, since it is trained (GRPO.md §1.8).
+            # back, since it is trained.
             if c.finish_reason == "stop" and (not ids or ids[-1] not in eos_token_ids):
                 ids.append(eos_token_ids[0])
             completions.append(ids)
@@ -617,11 +597,11 @@ def weights_for_sampler(model, method: str) -> dict:
     """The dense weights the sampler must hold, under HF parameter names.
 
     PEFT: each wrapped module's effective weight computed out of place in fp32 (never an in-place
-    merge, which drifts in bf16; GRPO.md §4.2) by `peft_methods.merged_state_dict`. Full FT: the
+    merge, which drifts in bf16) by `peft_methods.merged_state_dict`. Full FT: the
     parameters themselves. Tied embeddings appear once (`model.embed_tokens.weight`), which is the
-    name vLLM loads (GRPO.md §4.3). The vLLM push streams `sampler_weight_groups` instead.
+    name vLLM loads (vLLM `models/qwen2.py`). The vLLM push streams `sampler_weight_groups` instead.
     """
-    # DEVIATION 2: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
+    # Implementation note 1: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
     if method == "full":
         return {n: p.detach() for n, p in model.named_parameters()}
     return peft_methods.merged_state_dict(model)
@@ -629,7 +609,7 @@ def weights_for_sampler(model, method: str) -> dict:
 
 def sampler_weight_groups(model, method: str):
     """weights_for_sampler one decoder layer at a time (peft_methods.iter_merged_state): a push
-    holds one layer's merged copies, not all of them (~13 GiB at 7B)."""
+    holds one layer's merged copies, not all of them."""
     if method == "full":
         groups: dict[str, dict] = {}
         for n, p in model.named_parameters():
@@ -644,7 +624,7 @@ def push_weights_vllm(llm, model, method: str) -> int:
     """Copy the trainer's effective weights into the live (awake) vLLM model, layer by layer, and
     check that vLLM loaded every pushed name (evaluate.push_weights)."""
     # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place
-    # (casting to bf16), so CUDA-graph pointers stay valid (GRPO.md §3.3.5).
+    # (casting to bf16), so CUDA-graph pointers stay valid.
     return evaluate.push_weights(llm, sampler_weight_groups(model, method),
                                  tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))
 
@@ -659,238 +639,6 @@ def wake_vllm(llm, *, push=None) -> None:
     if push is not None:
         push()
     llm.wake_up(tags=["kv_cache"])
-
-
-# -----------------------------------------------------------------------------
-# Configuration
-
-PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
-                    steps=200, lr={"full": 1e-6, "*": 1e-5})
-# DEVIATION 7: the toy preset, measured on the committed toy base (math 41.0% greedy, 200 held-out
-# items; one binomial std ~ 3.5 points) on the idle 2-core VM, 12 rollout steps of 64 prompts x
-# G = 8 (~90-110 s per method): LoRA r8 at 1.5e-3 +39.0, Full FT at 1e-4 +42.0, OFT b16 at 6e-4
-# +38.0, general change -0.4 to 0.0. Higher LRs collapsed on the earlier base (LoRA 4e-3: -11;
-# OFT 3e-3: -13.5). The gain comes from what sampling already finds (PAPER.md §2.2): the base
-# answers 41% of test prompts greedily in a bare "The answer is" mode that is 10% right and works
-# the rest out (62% right); T = 1 samples take the worked mode ~57% of the time, so GRPO learns to
-# work every problem and then also sharpens the chain's arithmetic (toy_world.py Deviation 4). On
-# the earlier one-mode base (math 29.5%, confidently wrong in-chain facts at ~0.1 nat/token), the
-# same preset gave only +6.5 / +6.0 / +3.5 and 24 LoRA steps no more than 12 (+6.5).
-TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
-                  steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
-def _lr_text(preset: dict) -> str:
-    """'full 1e-4, oft 6e-4, other 1.5e-3': a preset's LRs for --help (written once, in the preset)."""
-    return ", ".join(f"{'other' if k == '*' else k} {v:.1e}".replace(".0e", "e") for k, v in preset["lr"].items())
-
-
-SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
-             num_prompts=8, eval_n=0, save_every_steps=1)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI: one helper per flag group (model, data, rollout, objective, optimiser, run, plan)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add_group in (_model_flags, _data_flags, _rollout_flags, _objective_flags, _optimiser_flags,
-                      _run_flags, _plan_flags):
-        add_group(p)
-    return p
-
-
-def _model_flags(p) -> None:
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
-    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
-    # the same method flags as train_sft.py, so arena.py can pass one dict to both
-    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
-    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
-    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
-                   "(the release's RL LoRA config has no dropout)")
-    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
-    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from (same --method)")
-    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
-                   help="auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16")
-    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
-                   help="cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param there), "
-                   "bf16 weights + grads on the GPU (4 B/param)")
-    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
-
-
-def _data_flags(p) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default "
-                   "toy-math for --model toy (a real model needs --data or an explicit --task)")
-    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout (prompt = "
-                   "chat messages, reward_model.ground_truth)")
-    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (dotted for "
-                   "nested fields); default 'prompt'")
-    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted "
-                   "for nested fields); default reward_model.ground_truth, else 'answer'")
-    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
-                   "data_source, 'med_23k_think' -> med, else math)")
-    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
-    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
-                   "dropped (tokens; release: 1024)")
-
-
-def _rollout_flags(p) -> None:
-    g = p.add_argument_group("rollout")
-    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
-                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
-    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
-    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
-    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
-                   help="auto: vLLM if installed and on CUDA, else transformers generate")
-    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
-    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
-                   help="hf sampler: live = the adapted model; merged = a plain copy that receives "
-                   "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
-    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
-
-
-def _objective_flags(p) -> None:
-    g = p.add_argument_group("objective")
-    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
-                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
-    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
-    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
-                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
-    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
-    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
-    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
-                   "--max-new-tokens (DAPO overlong filter; paper: off)")
-    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
-    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="padded tokens (sequences x width) per forward/backward (release: 16k per "
-                   "GPU); 0 = off")
-
-
-def _optimiser_flags(p) -> None:
-    g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
-                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
-    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
-                   "optimiser steps)")
-
-
-def _run_flags(p) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/grpo", help="output directory")
-    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
-    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
-                   "checkpoints (release save_freq 50; 0 = only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
-    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
-                   "before and after training (0 = off)")
-    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def _plan_flags(p) -> None:
-    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
-    g.add_argument("--dry-run", action="store_true", help="print the planned GPU peak memory of one "
-                   "rollout step (training + the vLLM share; memory.py) and exit; --model may be a "
-                   "configs/model_shapes name or .json file")
-    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")
-
-
-def method_hparams(cfg: dict, peft_methods) -> dict:
-    """CLI method flags -> make_config kwargs, checked against the method's dataclass fields.
-
-    RL differs from SFT in one default: adapter dropout 0 (the release passes LoRA only r, alpha,
-    targets; PAPER.md §2). Dropout would also make ℓ_old (no dropout) and ℓ_θ (dropout) disagree.
-    """
-    hp = peft_methods.hparams_from_flags(
-        cfg["method"], cfg, cfg["hp"], cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"])
-    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
-    if "dropout" in fields and "dropout" not in hp:   # neither --dropout nor --hp dropout=...
-        hp["dropout"] = 0.0
-    return hp
-
-
-def resolve_config(overrides: dict | None = None) -> dict:
-    """Parser defaults <- overrides <- preset (only unset values) <- --smoke; then validate."""
-    cfg = vars(build_parser().parse_args([]))
-    unknown = set(overrides or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"train_grpo: unknown config keys {sorted(unknown)}")
-    cfg.update(overrides or {})
-    if cfg["task"] is None:
-        if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
-            raise loading.ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
-                                      "parquet/jsonl; pass --task toy-math (or toy-med) to train it "
-                                      "on the toy rows on purpose", "data")
-        cfg["task"] = "toy-math"
-    if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
-        cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
-    preset = cfg["preset"]
-    if preset == "auto":
-        preset = "toy" if cfg["data"] is None and cfg["task"].startswith("toy") else "paper"
-    pre = TOY_PRESET if preset == "toy" else PAPER_PRESET
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps"):
-        if cfg[k] is None:
-            cfg[k] = pre[k]
-    if cfg["lr"] is None:
-        cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
-    cfg["resolved_preset"] = preset
-    cfg["adam_betas"] = list(cfg["adam_betas"])
-    if cfg["grad_checkpointing"] is None:
-        # on for real models (responses of thousands of tokens: activations dominate), off for the
-        # toy (tiny activations; keeps the demo's numbers and speed as they were)
-        cfg["grad_checkpointing"] = cfg["model"] != "toy"
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg: dict) -> None:
-    """The resolved config's invariants; each error names the key at fault (ConfigError.field)."""
-    def fail(msg, key):
-        raise loading.ConfigError(msg, key)
-    if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
-        fail(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
-              "ppo_epochs", "micro_batch_size"):
-        if cfg[k] < 1:
-            fail(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
-    if cfg["micro_batch_tokens"] < 0:
-        fail(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
-             "micro_batch_tokens")
-    if cfg["prompts_per_step"] % cfg["mini_batches"]:
-        fail(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by --mini-batches "
-             f"{cfg['mini_batches']} (mini-batches split whole groups)", "prompts_per_step")
-    if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
-        fail(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
-             f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
-    if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
-        fail(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
-    if cfg["resume"] and cfg["overwrite"]:
-        fail("--resume and --overwrite exclude each other", "resume")
-    if cfg["temperature"] <= 0:
-        fail(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
-    if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
-        fail(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
-             "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
-    if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
-        fail("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16", "optimizer_offload")
-
 
 
 # -----------------------------------------------------------------------------
@@ -959,7 +707,7 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
 
 def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
     """Chat-render and tokenise once (the sampler and the trainer see identical ids); drop
-    overlong prompts with one warning (DEVIATION 8). Returns kept rows with 'prompt_ids'."""
+    overlong prompts with one warning (implementation note 7). Returns kept rows with 'prompt_ids'."""
     limit = min(max_prompt_tokens, context - 1)   # at least one generated token must fit
     kept, dropped = [], []
     for row in rows:
@@ -976,7 +724,8 @@ def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: adapter (peft_methods.save_adapter) + optimiser + trainer_state.json, atomically
+# Run directory: --out, resume, checkpoint listing (complete = trainer_state.json written),
+# checkpoints (adapter + optimiser + trainer_state, atomically), metrics log
 
 
 CKPT_PREFIX = "global_step_"   # as train_sft.py: rewind.py reads both trajectories the same way
@@ -1042,6 +791,14 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     return final
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume keep only the log lines of steps already in the checkpoint (atomic rewrite)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
 # -----------------------------------------------------------------------------
 # The training loop
 
@@ -1091,7 +848,7 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
         batch = [rows[(state["cursor"] + i) % len(rows)] for i in range(B)]   # shuffle=False (release)
         state["cursor"] = (state["cursor"] + B) % len(rows)
         prompts = [r["prompt_ids"] for r in batch]
-        # cap generation so prompt + completion fits the context (DEVIATION 8)
+        # cap generation so prompt + completion fits the context (implementation note 7)
         max_new = max(1, min(cfg["max_new_tokens"], run.context - max(len(p) for p in prompts)))
 
         # 1) sample G completions per prompt from π_old (the current weights, pushed if stale)
@@ -1115,7 +872,7 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
                       amp=run.amp)
         state["optimizer_steps"] += m.pop("optimizer_steps")
         state["step"] = step + 1
-        # (7) the weights reach the sampler at the next step's sample() (DEVIATION 3)
+        # (7) the weights reach the sampler at the next step's sample() (implementation note 2)
 
         # 8) log and checkpoint
         last = _step_metrics(step + 1, rewards, G, completions, finished, m, t0, t_gen, cfg, stats)
@@ -1216,7 +973,7 @@ def _attach_method(model, cfg, prec, resume_from, state) -> int:
                              "train it with train_sft.py and start GRPO with --init-from <checkpoint>")
         peft_methods.apply_peft(model, method, adapter_dtype=prec["adapter"], **method_hparams(cfg, peft_methods))
     if not cfg["dropout"]:
-        # DEVIATION 9: dropout off in every module (TRL `disable_dropout`): ℓ_old is computed without dropout, so
+        # Implementation note 8: dropout off in every module (TRL `disable_dropout`): ℓ_old is computed without dropout, so
         # with it the ratio would not be 1 on-policy. An SFT checkpoint may carry LoRA dropout 0.05.
         for mod in model.modules():
             if isinstance(mod, torch.nn.Dropout):
@@ -1262,7 +1019,7 @@ class _Sampler:
     def sample(self, prompts, max_new: int, step: int, optimizer_steps: int):
         """(completions, finished, sampler log-probs or None) for this rollout step."""
         cfg, G, method = self.cfg, self.cfg["group_size"], self.cfg["method"]
-        stale = self.pushed_at != optimizer_steps          # DEVIATION 3: push only when stale
+        stale = self.pushed_at != optimizer_steps          # implementation note 2: push when stale
         if self.llm is not None:
             push = (lambda: push_weights_vllm(self.llm, self.model, method)) if stale else None
             if self.asleep:
@@ -1303,7 +1060,7 @@ def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, st
     dt = time.time() - t0
     return {"step": step, "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # DEVIATION 10: pass@G
+            "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # implementation note 9: pass@G
             "frac_reward_zero_std": (r_groups.max(1).values == r_groups.min(1).values).float().mean().item(),
             **m, "response_len_mean": lens.mean().item(), "response_len_max": lens.max().item(),
             "truncated_frac": 1.0 - sum(finished) / len(finished),
@@ -1337,23 +1094,8 @@ def _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path) -> dic
     return summary
 
 
-def dry_run(overrides: dict) -> dict:
-    """--dry-run: print the planned per-GPU peak memory (training step + vLLM's share; memory.py)
-    and return memory.estimate's dict. A real model without --data is planned at the paper preset."""
-    import memory   # imported here: memory.py imports this file
-    overrides = dict(overrides)
-    if overrides.get("model", "toy") != "toy" and overrides.get("preset", "auto") == "auto":
-        overrides["preset"] = "paper"
-    cfg = resolve_config(overrides)
-    if cfg["method"] not in peft_methods.METHODS:
-        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
-    hf_config = memory.hf_config_for(cfg["model"])
-    plan = memory.grpo_plan(cfg, gpu_memory_gib=cfg["gpu_memory_gib"], cuda=True)
-    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
-                        tool="train_grpo"))
-    print("[train_grpo] one process on one GPU (train_grpo has no multi-GPU path); vLLM shares that GPU",
-          file=sys.stderr)
-    return memory.estimate(hf_config, plan)
+# -----------------------------------------------------------------------------
+# Optimising on one rollout batch: the plain algorithm, then the two speed-ups
 
 
 def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
@@ -1388,7 +1130,8 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
     steps = 0
     for epoch in range(cfg["ppo_epochs"]):
         for k, mini in enumerate(minis):
-            # (b) one optimiser step per mini-batch. DEVIATION 1: mini-batch-wide normalisers.
+            # (b) one optimiser step per mini-batch.
+            # DEVIATION 1: mini-batch-wide normalisers (exact under micro-batching)
             n_tok = sum(n_masked[i] for i in mini)
             micros = batch.chunks([i for i in mini if active[i]])
             opt.zero_grad(set_to_none=True)
@@ -1539,8 +1282,8 @@ def _old_and_ref_logprobs(model, ref_model, batch, active, reused, cfg, ent, amp
 
 
 def _sampler_logp_gap(old, sampler_logps, device):
-    """Mean |ℓ_old - ℓ_sampler| (vLLM): ~1e-2 in bf16 when the weights are in sync, O(1) when
-    broken; None when nothing was compared (every group skipped), never a fake 0.0."""
+    """Mean |ℓ_old - ℓ_sampler| (vLLM): small (bf16 rounding) when the weights are in sync, O(1)
+    when broken; None when nothing was compared (every group skipped), never a fake 0.0."""
     if sampler_logps is None:
         return None
     d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
@@ -1559,20 +1302,260 @@ def _masked_mean(x, mask) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1.0))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume keep only the log lines of steps already in the checkpoint (atomic rewrite)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
 def _evaluate(model, tokenizer, domain, cfg, path: Path) -> dict:
     res = evaluate.evaluate_toy(model, tokenizer, domain=domain, n_per_family=cfg["eval_n"])
     loading.atomic_write_json(path, res)
     print(f"[grpo] eval {path.name}: target {res['target_score']:.1f} general "
           f"{res['general_score']:.1f}", file=sys.stderr)
     return res
+
+
+# -----------------------------------------------------------------------------
+# Configuration and CLI: presets, flags, resolution and checks, --dry-run
+
+# [PEFT-Arena, RLVR setup] B = 256 prompts x G = 8, <= 8192 new tokens, 4 mini-batches of 64
+# prompts, constant LR 1e-5 (PEFT) / 1e-6 (Full FT)
+PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
+                    steps=200, lr={"full": 1e-6, "*": 1e-5})
+# Implementation note 6: the toy preset. At the paper's LRs a 1M-parameter model barely moves in a
+# few dozen steps, so the toy takes larger LRs (below the ones that collapsed; the README's Results have the
+# runs) and a smaller batch, G and length. It gains for the paper's reason: GRPO makes
+# greedy what sampling already finds (toy_world.py Deviation 4).
+TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
+                  steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
+
+
+def _lr_text(preset: dict) -> str:
+    """'full 1e-4, oft 6e-4, other 1.5e-3': a preset's LRs for --help (written once, in the preset)."""
+    return ", ".join(f"{'other' if k == '*' else k} {v:.1e}".replace(".0e", "e") for k, v in preset["lr"].items())
+
+
+SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
+             num_prompts=8, eval_n=0, save_every_steps=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one helper per flag group (model, data, rollout, objective, optimiser, run, plan)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_group in (_model_flags, _data_flags, _rollout_flags, _objective_flags, _optimiser_flags,
+                      _run_flags, _plan_flags):
+        add_group(p)
+    return p
+
+
+def _model_flags(p) -> None:
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
+    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
+    # the same method flags as train_sft.py, so arena.py can pass one dict to both
+    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
+    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
+    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
+                   "(the release's RL LoRA config has no dropout)")
+    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
+    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from (same --method)")
+    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
+                   help="auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16")
+    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
+                   help="cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param there), "
+                   "bf16 weights + grads on the GPU (4 B/param)")
+    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
+
+
+def _data_flags(p) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default "
+                   "toy-math for --model toy (a real model needs --data or an explicit --task)")
+    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout (prompt = "
+                   "chat messages, reward_model.ground_truth)")
+    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (dotted for "
+                   "nested fields); default 'prompt'")
+    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted "
+                   "for nested fields); default reward_model.ground_truth, else 'answer'")
+    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
+                   "data_source, 'med_23k_think' -> med, else math)")
+    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
+    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
+                   "dropped (tokens; release: 1024)")
+
+
+def _rollout_flags(p) -> None:
+    g = p.add_argument_group("rollout")
+    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
+                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
+    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
+    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
+    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
+                   help="auto: vLLM if installed and on CUDA, else transformers generate")
+    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
+    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
+                   help="hf sampler: live = the adapted model; merged = a plain copy that receives "
+                   "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
+    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
+
+
+def _objective_flags(p) -> None:
+    g = p.add_argument_group("objective")
+    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
+                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
+    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
+    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
+                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
+    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
+    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
+                   "--max-new-tokens (DAPO overlong filter; paper: off)")
+    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
+    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="padded tokens (sequences x width) per forward/backward (release: 16k per "
+                   "GPU); 0 = off")
+
+
+def _optimiser_flags(p) -> None:
+    g = p.add_argument_group("optimiser")
+    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
+                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
+                   "optimiser steps)")
+
+
+def _run_flags(p) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/grpo", help="output directory")
+    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
+    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
+                   "checkpoints (release save_freq 50; 0 = only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
+    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
+                   "before and after training (0 = off)")
+    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _plan_flags(p) -> None:
+    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
+    g.add_argument("--dry-run", action="store_true", help="print the planned GPU peak memory of one "
+                   "rollout step (training + the vLLM share; memory.py) and exit; --model may be a "
+                   "configs/model_shapes name or .json file")
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")
+
+
+def method_hparams(cfg: dict, peft_methods) -> dict:
+    """CLI method flags -> make_config kwargs, checked against the method's dataclass fields.
+
+    RL differs from SFT in one default: adapter dropout 0 (the release passes LoRA only r, alpha,
+    targets in `fsdp_sft_trainer.py` `_build_lora_config`). Dropout would also make ℓ_old (no dropout) and ℓ_θ (dropout) disagree.
+    """
+    hp = peft_methods.hparams_from_flags(
+        cfg["method"], cfg, cfg["hp"], cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"])
+    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
+    if "dropout" in fields and "dropout" not in hp:   # neither --dropout nor --hp dropout=...
+        hp["dropout"] = 0.0
+    return hp
+
+
+def resolve_config(overrides: dict | None = None) -> dict:
+    """Parser defaults <- overrides <- preset (only unset values) <- --smoke; then validate."""
+    cfg = vars(build_parser().parse_args([]))
+    unknown = set(overrides or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"train_grpo: unknown config keys {sorted(unknown)}")
+    cfg.update(overrides or {})
+    if cfg["task"] is None:
+        if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
+            raise loading.ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
+                                      "parquet/jsonl; pass --task toy-math (or toy-med) to train it "
+                                      "on the toy rows on purpose", "data")
+        cfg["task"] = "toy-math"
+    if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
+        cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
+    preset = cfg["preset"]
+    if preset == "auto":
+        preset = "toy" if cfg["data"] is None and cfg["task"].startswith("toy") else "paper"
+    pre = TOY_PRESET if preset == "toy" else PAPER_PRESET
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps"):
+        if cfg[k] is None:
+            cfg[k] = pre[k]
+    if cfg["lr"] is None:
+        cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
+    cfg["resolved_preset"] = preset
+    cfg["adam_betas"] = list(cfg["adam_betas"])
+    if cfg["grad_checkpointing"] is None:
+        # on for real models (responses of thousands of tokens: activations dominate), off for the
+        # toy (tiny activations; keeps the demo's numbers and speed as they were)
+        cfg["grad_checkpointing"] = cfg["model"] != "toy"
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: dict) -> None:
+    """The resolved config's invariants; each error names the key at fault (ConfigError.field)."""
+    def fail(msg, key):
+        raise loading.ConfigError(msg, key)
+    if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
+        fail(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
+              "ppo_epochs", "micro_batch_size"):
+        if cfg[k] < 1:
+            fail(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
+    if cfg["micro_batch_tokens"] < 0:
+        fail(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
+             "micro_batch_tokens")
+    if cfg["prompts_per_step"] % cfg["mini_batches"]:
+        fail(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by --mini-batches "
+             f"{cfg['mini_batches']} (mini-batches split whole groups)", "prompts_per_step")
+    if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
+        fail(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
+             f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
+    if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
+        fail(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
+    if cfg["resume"] and cfg["overwrite"]:
+        fail("--resume and --overwrite exclude each other", "resume")
+    if cfg["temperature"] <= 0:
+        fail(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
+    if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
+        fail(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
+             "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
+    if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
+        fail("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16", "optimizer_offload")
+
+
+def dry_run(overrides: dict) -> dict:
+    """--dry-run: print the planned per-GPU peak memory (training step + vLLM's share; memory.py)
+    and return memory.estimate's dict. A real model without --data is planned at the paper preset."""
+    import memory   # imported here: memory.py imports this file
+    overrides = dict(overrides)
+    if overrides.get("model", "toy") != "toy" and overrides.get("preset", "auto") == "auto":
+        overrides["preset"] = "paper"
+    cfg = resolve_config(overrides)
+    if cfg["method"] not in peft_methods.METHODS:
+        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
+    hf_config = memory.hf_config_for(cfg["model"])
+    plan = memory.grpo_plan(cfg, gpu_memory_gib=cfg["gpu_memory_gib"], cuda=True)
+    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
+                        tool="train_grpo"))
+    print("[train_grpo] one process on one GPU (train_grpo has no multi-GPU path); vLLM shares that GPU",
+          file=sys.stderr)
+    return memory.estimate(hf_config, plan)
 
 
 if __name__ == "__main__":
