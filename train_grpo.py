@@ -1098,6 +1098,22 @@ def _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path) -> dic
 # Optimising on one rollout batch: the plain algorithm, then the two speed-ups
 
 
+def grpo_loss_plain(model, prompts, completions, adv, *, cfg, eos_ids, pad_id, old_logp=None):
+    """The plain algorithm's loss on one mini-batch: one forward over all its completions, then
+    [Shao+24 DeepSeekMath, Eq. 3] with the release's clip and `cfg['loss_agg']` aggregation.
+
+    On-policy (old_logp None) ℓ_old = sg(ℓ_θ), so ρ = 1 and the gradient is the policy gradient
+    Σ A ∇ℓ_θ / normaliser. `_optimise` computes the same gradient faster (tests check equality)."""
+    device = next(model.parameters()).device
+    ids, attn, lens, P, L = pack_batch(prompts, completions, pad_id, device)   # (N, P+L)
+    logp, _ = sequence_logprobs(model, ids, attn, P, L, cfg["temperature"])    # (N, L) ℓ_θ
+    mask = completion_mask(ids[:, P:], eos_ids, lens)                          # (N, L)
+    old = logp.detach() if old_logp is None else old_logp
+    per_token, _ = policy_loss_per_token(logp, old, adv.to(device), eps_low=cfg["clip_eps_low"],
+                                         eps_high=cfg["clip_eps_high"], dual_clip=cfg["dual_clip"] or None)
+    return aggregate_loss(per_token, mask, cfg["loss_agg"], max_len=cfg["max_new_tokens"])
+
+
 def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
               pad_id, max_new, method, sampler_logps, amp=None) -> dict:
     """All optimiser steps on one rollout batch ([Shao+24 DeepSeekMath, Alg. 1] inner loop);
@@ -1105,8 +1121,8 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
 
     The algorithm: (a) ℓ_old of every completion under the sampling policy (and ℓ_ref if β > 0),
     no grad; (b) for each of --mini-batches slices of whole groups: per-token clipped loss,
-    aggregated over the mini-batch, backward, clip, AdamW step. Two speed-ups change no number
-    (tests/test_train_grpo.py compares with a plain one-shot loss): `trained_rows` skips the
+    aggregated over the mini-batch, backward, clip, AdamW step: `grpo_loss_plain` per mini-batch.
+    Two speed-ups change no number (tests compare with `grpo_loss_plain`): `trained_rows` skips the
     forward of A = 0 completions, and `_RolloutBatch.chunks` cuts a mini-batch into micro-batches
     under a token budget (gradient accumulation, exact by the mini-batch-wide normalisers).
     """
