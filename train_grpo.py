@@ -241,7 +241,7 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
 
 
 def make_reward_fn(domain: str):
-    """Return reward(response, answer) -> 1.0 / 0.0. evaluate.py is imported lazily.
+    """Return reward(response, answer) -> 1.0 / 0.0 (evaluate.py's graders).
 
     Both graders compare in evaluate.py's worker process under a hard 3 s limit per call (a
     hanging sympy comparison is killed, never stalls the step). Math: `grade_math`. Medical: the
