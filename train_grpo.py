@@ -535,7 +535,8 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
 
 
 # -----------------------------------------------------------------------------
-# Sampling (2): vLLM in the same process, on the same GPU (vLLM's `examples/offline_inference/rlhf_colocate.py`). Needs CUDA; it cannot
+# Sampling (2): vLLM in the same process, on the same GPU (as vLLM's
+# `examples/offline_inference/rlhf_colocate.py`). Needs CUDA; it cannot
 # run on the CPU machine this repo is developed on, so keep it small and check it on a GPU box.
 
 
