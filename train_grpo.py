@@ -1,96 +1,85 @@
-"""train_grpo.py — RLVR with GRPO, written out by hand in plain PyTorch (PAPER.md §5, GRPO.md).
+"""train_grpo.py — RLVR with GRPO, written out by hand in plain PyTorch.
 
-What it does: for each step, take B prompts, sample G completions per prompt from the current
-policy, score them with a binary verifiable reward (evaluate.py's graders: boxed-answer equivalence
-for math, and for medical MCQ the release's boxed-answer `math_equal` against the gold letter),
-turn the rewards into group-relative advantages, and take `--mini-batches` AdamW steps on the
-PPO-style clipped surrogate (with the release's dual clip), over any PEFT method of peft_methods.py
-or Full FT. Sampling uses vLLM in the same process and on the same GPU when it is installed and a
-GPU is present, else transformers `generate`.
+Paper: PEFT-Arena (arXiv 2605.28819), the RLVR (GRPO) setting; the official release's verl recipe
+(`train/train_rl.sh`, `train/peft_arena_verl/trainer/main_ppo.py`). Algorithm: [Shao+24 DeepSeekMath,
+§4.1, Alg. 1] GRPO, with the release's PPO clip [Schulman+17 PPO, Eq. 7] and dual clip [Ye+20],
+token-mean aggregation [Yu+25 DAPO, token-level loss] and the Dr. GRPO variants [Liu+25 Dr. GRPO] as flags;
+verl's `trainer/ppo/core_algos.py` and TRL's `GRPOTrainer` are the reference implementations.
 
-Paper anchor: PAPER.md §5 (the release's verl recipe, `PA: train/train_rl.sh`); formulas in
-GRPO.md §1 (advantages §1.2, log-probs §1.3, clip §1.4, k3 KL §1.5, aggregation §1.7, masks §1.8).
+What it does, per rollout step: take B prompts, sample G completions per prompt from the current
+policy (vLLM in the same process on the same GPU when installed, else transformers `generate`),
+score them with a binary verifiable reward (evaluate.py's graders), turn the rewards into
+group-normalised advantages, and take `--mini-batches` AdamW steps on the clipped surrogate over
+any PEFT method of peft_methods.py or Full FT; then push the new weights to the sampler.
 
 Run:
     python train_grpo.py --model toy --method lora --r 8 --alpha 16 --task toy-math --out runs/grpo-lora-r8
-    python train_grpo.py --model toy --method oft --block-size 16 --task toy-math --eval-n 200 --out runs/grpo-oft
     python train_grpo.py --smoke --out /tmp/grpo-smoke          # a few seconds on CPU
     python train_grpo.py --resume --out runs/grpo-lora-r8 ...   # continue after a kill (same flags)
     python train_grpo.py --model /models/Qwen2.5-7B --method oft --block-size 32 \
         --data data/openr1_rl.parquet --domain math --preset paper --out runs/grpo-math-oft
-    python train_grpo.py ... --data deepscaler.parquet --prompt-key problem --answer-key answer   # other layouts
-(--data is read and every row checked before the sampler engine and the model are built.)
-In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`
-(summary: out, method, model, steps, final_checkpoint, reward_first/last, last-step metrics, and with
---eval-n the toy scores before/after, target_gain, general_change).
+In Python (arena.py): `train_grpo.train({"model": "toy", "method": "lora", "r": 8, ...}) -> summary`.
 
-Outputs in --out: config.json, metrics.jsonl (one line per rollout step: reward mean/std, pass@G,
-zero-std groups, loss, k3 KL (β > 0), approx KL to π_old, clip fractions, entropy, response length,
-truncation, tokens/s), global_step_<k>/ (peft_methods.save_adapter files + trainer_state.json +
-optimizer.pt in the newest one; Full FT ones also the tokenizer files and generation_config.json, so
-they load as models), summary.json, eval_before/after.json with --eval-n.
+Outputs in --out: config.json, metrics.jsonl (one line per rollout step), global_step_<k>/
+(peft_methods.save_adapter files + trainer_state.json, + optimizer.pt in the newest; Full FT ones
+also tokenizer files, so they load as models), summary.json, eval_before/after.json with --eval-n.
 
 Shape legend: N = B*G completions of a step, B prompts, G completions per prompt, P prompt
 tokens (left-padded), L completion tokens (right-padded), V vocabulary.
 
-Deviations from the paper / release
-1. Token-mean ("dapo") is computed over the whole optimiser mini-batch exactly, also when it is
-   split into micro-batches (normaliser = the mini-batch's token count, as TRL's `dapo`). The
-   release (verl) averages micro-batch token means, which differs only when micro-batches hold
-   different numbers of tokens.
-2. Weight sync to vLLM: every method (LoRA included) is pushed as merged dense weights under HF
-   names (`peft_methods.merged_state_dict`). The release uses vLLM's native LoRA for LoRA and
-   merge-then-`load_weights` only for OFT/Full; merged weights are exact for every method and keep
-   decoding at full speed (GRPO.md §4.2, §4.4).
-3. The weights are pushed once before each generation when the optimiser has stepped since the
-   last push (equivalently: after every optimiser step, with the pushes that nothing would ever
-   sample from elided). verl also syncs once per rollout.
-4. Per-token loss vs TRL (`GRPOTrainer._compute_loss`, compared in tests): identical except for
-   the two release features TRL lacks: the dual clip (for A < 0 the loss is capped at -A*c,
-   c = 3) and the log-ratio clamp to [-20, 20] before exp. With `--dual-clip 0` and |log ratio| < 20
-   the per-token losses agree to float precision.
-5. Group of 1: mean 0, std 1 as in verl (so A = r / (1 + eps)); groups with all-equal rewards get
-   exactly A = 0 (checked with max == min, not left to (r - mean) rounding, which can leave
-   ~1e-8 / eps = 1e-2 of noise for non-binary rewards).
-6. A reward function that raises scores 0 (counted and warned once per exception type); the release
+Deviations (change a number the paper reports)
+1. Token-mean ("dapo") is exact over the whole optimiser mini-batch, also when it is split into
+   micro-batches (normaliser = the mini-batch's token count, as TRL's `dapo`). The release (verl)
+   averages micro-batch token means, which differs when micro-batches hold different token counts.
+2. With `--optimizer-offload cpu` (Full FT on one GPU; the release shards over 8 GPUs with FSDP)
+   the grads accumulate over micro-batches in bf16 before they reach the fp32 masters.
+
+Implementation notes (same numbers as the release, up to float rounding)
+1. Weight sync: every method (LoRA included) is pushed as merged dense weights under HF names
+   (`peft_methods.merged_state_dict`); the release uses vLLM's native LoRA for LoRA.
+2. The weights are pushed once before each generation when the optimiser has stepped since the
+   last push (verl also syncs once per rollout).
+3. Per-token loss equals TRL's (`GRPOTrainer._compute_loss`, compared in tests) except for the two
+   release features TRL lacks: the dual clip (c = 3) and the log-ratio clamp to [-20, 20].
+4. Group of 1: mean 0, std 1 as in verl; all-equal groups get exactly A = 0 (max == min), not
+   the rounding noise of (r - mean) / (std + eps).
+5. A reward function that raises scores 0 (counted, warned once per exception type); the release
    would crash the run.
-7. CPU toy world: the toy preset raises the LR (the paper's 1e-5 / 1e-6 barely moves a 1M-parameter
-   model in a few dozen steps) and shrinks batch, G and lengths; see TOY_PRESET. `--preset paper`
-   gives the paper's values.
-8. Prompts longer than `--max-prompt-tokens` (or than the context minus one generated token) are
-   dropped with a warning, as the release filters overlong prompts; generation is capped so that
-   prompt + completion fits the context.
-9. Dropout is switched off in every module (TRL's `disable_dropout`); RL adapters are created with
-   dropout 0 as in the release, but an SFT checkpoint continued with --init-from may carry 0.05.
-10. Metrics "pass_rate" is pass@G over the step's prompts (at least one correct completion);
-   "reward_mean" is the per-completion accuracy.
-11. Precision: with bf16 compute (CUDA default) the trainable tensors are fp32 masters — adapters
-   fp32 on the bf16 base, Full FT weights fp32 — and forwards run under bf16 autocast
-   (`precision_plan`). The release trains under FSDP mixed precision (fp32 masters too); pure bf16
-   (`--param-dtype bf16`) rounds most updates at the paper's LRs away. The release shards Full FT
-   over 8 GPUs (FSDP); this script has one process, so `--optimizer-offload cpu` keeps the Full FT
-   fp32 masters and AdamW moments on the CPU (`OffloadAdamW`; bf16 weights and grads on the GPU;
-   the grads accumulate over micro-batches in bf16): a 7B model then fits one 80 GiB GPU.
-12. Micro-batches are bounded by sequences (--micro-batch-size) and by padded tokens
-   (--micro-batch-tokens, default 16384 as the release's 16k tokens per GPU), packed in order
-   (verl's dynamic batching also re-balances by length); real models default to gradient
-   checkpointing (the toy does not).
+6. The toy preset (TOY_PRESET) raises the LR and shrinks batch, G and lengths so a 1M-parameter
+   model moves on CPU; `--preset paper` gives the paper's values.
+7. Prompts longer than `--max-prompt-tokens` are dropped with a warning, as the release filters
+   overlong prompts; generation is capped so that prompt + completion fits the context.
+8. Dropout is off in every module (TRL's `disable_dropout`; the release's RL adapters have none).
+9. Metric "pass_rate" is pass@G over the step's prompts; "reward_mean" is per-completion accuracy.
+10. Precision: under bf16 compute the trainable tensors are fp32 masters and forwards run under
+   bf16 autocast (`precision_plan`), as the release's FSDP mixed precision.
+11. Micro-batches are bounded by sequences and padded tokens (release: 16k tokens per GPU), packed
+   in order (verl also re-balances by length); real models use gradient checkpointing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import evaluate
+import loading
+import peft_methods
+import toy_world
 
 # -----------------------------------------------------------------------------
 # Pure math (tests import these). Paper symbols: r rewards, A advantages, ℓ log-probs,
@@ -103,7 +92,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
     [Shao+24 DeepSeekMath, GRPO] A_i = (r_i - mean_g r) / (std_g r + eps)   (scale="group")
     [Liu+25 Dr. GRPO]            A_i =  r_i - mean_g r                       (scale="none")
-    std is torch's unbiased (Bessel) std as in verl (PAPER.md §5, eps 1e-6); a group of one gets
+    std is torch's unbiased (Bessel) std as in verl (PEFT-Arena RLVR setup, eps 1e-6); a group of one gets
     mean 0 and std 1 (verl's rule). Completions are group-contiguous: rewards[g*G:(g+1)*G] share
     a prompt.
     """
@@ -119,7 +108,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     A = r - mean
     if scale == "group":
         A = A / (std + eps)
-    # DEVIATION 5: all-equal groups carry no signal -> exactly 0 (never NaN, never rounding noise).
+    # Implementation note 4: all-equal groups carry no signal -> exactly 0 (never NaN, never rounding noise).
     if group_size > 1:
         flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
         A = torch.where(flat.expand_as(A), torch.zeros_like(A), A)
@@ -127,7 +116,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """ℓ(t) = log softmax(z_t / T)[token_t], in fp32 (GRPO.md §1.3).
+    """ℓ(t) = log softmax(z_t / T)[token_t], in fp32 (TRL `selective_log_softmax`).
 
     Fast path: gather the chosen logit and subtract the row's logsumexp, so the (.., V) log-softmax
     is never materialised. `logits` (B, L, V) must already be aligned so that row t predicts
@@ -156,7 +145,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids, lengths=None) -
 
     Built from the first-EOS index and the true lengths, never from `token == pad_id`: when pad ==
     EOS (Qwen2.5 base) that would drop the real EOS and the model would never learn to stop
-    (GRPO.md §1.8). `lengths` (B,) are the unpadded completion lengths (None = full width).
+    (TRL's `completion_mask` is built the same way). `lengths` (B,) are the unpadded completion lengths (None = full width).
     """
     Bn, L = completion_ids.shape
     pos = torch.arange(L, device=completion_ids.device).expand(Bn, L)   # (B, L)
@@ -174,14 +163,14 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids, lengths=None) -
 
 def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, eps_high: float = 0.2,
                           dual_clip: float | None = 3.0, log_ratio_clamp: float | None = 20.0):
-    """Per-token clipped surrogate with the release's dual clip (PAPER.md §5; verl `vanilla`).
+    """Per-token clipped surrogate with the release's dual clip (verl `core_algos.py`, `vanilla`).
 
     [Schulman+17 PPO, Eq. 7]  L = -min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A) = max(-ρA, -clip(ρ)A)
     [Ye+20 dual-clip PPO]     for A < 0:  L = min(L, -c A)   (c = 3): a huge ρ on a bad sample
                               cannot blow the loss up.
     ρ = exp(clamp(ℓ - ℓ_old, -20, 20)) (the clamp is verl's; exp(20) is already absurd).
     `advantages` is (N,) per sequence and is broadcast to every token. Returns the (N, L) loss and a
-    dict of (N, L) bool flags for the clip metrics (GRPO.md §1.4).
+    dict of (N, L) bool flags for the clip metrics.
     """
     A = advantages.reshape(-1, 1).to(logp.dtype)                         # (N, 1)
     log_ratio = logp - old_logp.detach()                                 # (N, L)
@@ -193,7 +182,7 @@ def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, e
     loss = torch.maximum(loss_unclipped, loss_clipped)                   # (N, L)
     flags = {"clip_low": (ratio < 1.0 - eps_low) & (A < 0),              # the clip branch is active
              "clip_high": (ratio > 1.0 + eps_high) & (A > 0)}
-    # DEVIATION 4: TRL has neither the dual clip nor the log-ratio clamp (tests compare the two).
+    # Implementation note 3: TRL has neither the dual clip nor the log-ratio clamp (tests compare the two).
     if dual_clip is not None and dual_clip > 0:
         assert dual_clip > 1.0, f"dual-clip constant must exceed 1, got {dual_clip}"
         capped = torch.minimum(loss, -A * dual_clip)
@@ -207,7 +196,7 @@ def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, e
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """[Schulman 2020, k3] D = exp(Δ) - Δ - 1 with Δ = ℓ_ref - ℓ_θ; unbiased for KL(π_θ||π_ref) and ≥ 0.
 
-    Added to the per-token loss as +β·D (GRPO.md §1.5). Paper: β = 0 (no reference forward at all).
+    Added to the per-token loss as +β·D [Shao+24 DeepSeekMath, Eq. 4]. Paper: β = 0 (no reference forward at all).
     """
     delta = ref_logp.detach() - logp                                     # (N, L)
     return torch.exp(delta) - delta - 1.0
@@ -219,7 +208,7 @@ LOSS_AGG = ("dapo", "grpo", "bnpo", "dr_grpo")
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "dapo", *,
                    num_tokens: float | None = None, num_seqs: float | None = None,
                    max_len: int | None = None, num_micro: int = 1) -> torch.Tensor:
-    """Reduce the (N, L) per-token loss to a scalar (GRPO.md §1.7).
+    """Reduce the (N, L) per-token loss to a scalar (verl `core_algos.agg_loss`; TRL `loss_type`).
 
     dapo    (verl `token-mean`, the PAPER's default): Σ m·ℓ / N_tok, N_tok = tokens of the whole
             optimiser mini-batch (`num_tokens`; default this micro-batch).
@@ -248,18 +237,17 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
 
 
 # -----------------------------------------------------------------------------
-# Rewards: binary verifiable reward from evaluate.py's graders (PAPER.md §5 "Reward")
+# Rewards: binary verifiable reward from evaluate.py's graders (release `reward_score/shared_reward.py`)
 
 
 def make_reward_fn(domain: str):
-    """Return reward(response, answer) -> 1.0 / 0.0. evaluate.py is imported lazily.
+    """Return reward(response, answer) -> 1.0 / 0.0 (evaluate.py's graders).
 
     Both graders compare in evaluate.py's worker process under a hard 3 s limit per call (a
     hanging sympy comparison is killed, never stalls the step). Math: `grade_math`. Medical: the
-    release's reward (PAPER.md §5 "Reward"): boxed-answer extraction + `math_equal` against the
+    release's reward (`reward_score/shared_reward.py`, `math_rlvr.py`): boxed-answer extraction + `math_equal` against the
     gold letter (`evaluate.grade_reward`), not the evaluation's A-N letter extractor, so "The final
     answer is \\boxed{C}. Option A is wrong because of B." earns 1 for gold C."""
-    import evaluate  # lazily: the trainer's pure parts must import without it
     if domain == "math":
         return lambda response, answer: float(bool(evaluate.grade_math(response, str(answer))))
     if domain == "med":
@@ -270,7 +258,7 @@ def make_reward_fn(domain: str):
 def safe_rewards(reward_fn, responses: list[str], answers: list, stats: dict) -> list[float]:
     """Score every completion; a grader that raises (or returns NaN/None) scores 0.
 
-    DEVIATION 6: the error is counted in stats["reward_errors"][kind] and warned once per kind, so
+    Implementation note 5: the error is counted in stats["reward_errors"][kind] and warned once per kind, so
     one bad item cannot kill a long run, and a systematic grader bug is still loud.
     """
     out = []
@@ -324,7 +312,7 @@ def token_budget_micros(idx: list[int], prompt_lens: list[int], completion_lens:
 
     Each holds <= max_seqs sequences and, with max_tokens > 0, a padded size n × (longest prompt +
     longest completion) <= max_tokens — the release's dynamic batching bounds each forward by tokens
-    (16k per GPU, PAPER.md §5 "Systems") rather than by sequences, so 64 responses of 8k tokens never
+    (16k per GPU, release `train/train_rl.sh`) rather than by sequences, so 64 responses of 8k tokens never
     share one forward. A sequence longer than the budget on its own gets a micro-batch of its own.
     The loss is unchanged: the mini-batch-wide normalisers (Deviation 1) make the accumulated
     gradient independent of how a mini-batch is cut (tests/test_train_grpo.py checks it).
@@ -350,7 +338,7 @@ def precision_plan(compute_dtype: torch.dtype, method: str, param_dtype: str = "
 
     bf16 compute with bf16 trainable tensors loses small updates: at the paper's LRs (1e-5 adapters,
     1e-6 Full FT) an AdamW step of ~lr is below half a bf16 ulp of most weights (2^-9 relative), so
-    it rounds away (measured: ~1-2% of Full FT weights and few lora_A entries changed per step).
+    it rounds away.
     Default ("auto"): trainable tensors are fp32 masters — adapters fp32 on the bf16 base, Full FT
     weights fp32 — and forwards run under bf16 autocast, so the compute stays bf16 (as the paper's
     FSDP mixed precision: bf16 params for compute, fp32 master weights). "bf16" keeps the old
@@ -380,7 +368,7 @@ class OffloadAdamW:
     and copies them, cast to the compute dtype, back into the GPU weights. The update accumulates in
     the fp32 master, so an lr-sized step below half a bf16 ulp is kept (not rounded away), as in the
     paper's FSDP mixed precision (bf16 compute params, fp32 masters). Differences from the fp32
-    master path: the grads accumulate over micro-batches in the compute dtype, and the forward
+    master path: DEVIATION 2: the grads accumulate over micro-batches in the compute dtype, and the forward
     reads the master rounded to bf16 once per step instead of autocast's per-op cast (same values).
     """
 
@@ -458,7 +446,6 @@ class OffloadAdamW:
 
 def amp_context(plan: dict, device: torch.device):
     """A zero-argument factory of the forward's autocast context (bf16 on `device`, or none)."""
-    import contextlib
     if not plan["autocast"]:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -479,7 +466,7 @@ def sequence_logprobs(model, input_ids, attn, P: int, L: int, temperature: float
 
 
 # -----------------------------------------------------------------------------
-# Sampling (1): transformers `generate` fallback (GRPO.md §5) — CPU, or whenever vLLM is absent
+# Sampling (1): transformers `generate` fallback — CPU, or whenever vLLM is absent
 
 
 def make_generation_config(*, max_new_tokens: int, temperature: float, pad_token_id: int, eos_token_ids):
@@ -548,12 +535,12 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
 
 
 # -----------------------------------------------------------------------------
-# Sampling (2): vLLM in the same process, on the same GPU (GRPO.md §3.3-3.5). Needs CUDA; it cannot
+# Sampling (2): vLLM in the same process, on the same GPU (as vLLM's
+# `examples/offline_inference/rlhf_colocate.py`). Needs CUDA; it cannot
 # run on the CPU machine this repo is developed on, so keep it small and check it on a GPU box.
 
 
 def vllm_usable() -> bool:
-    import importlib.util
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
@@ -562,12 +549,11 @@ def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, s
     """Build an in-process vLLM engine over the base model's HF directory.
 
     Build it BEFORE the trainer takes GPU memory: vLLM asserts that `gpu_memory_utilization` of
-    the total is free at start-up (GRPO.md §3.3.2, vllm #20305).
+    the total is free at start-up (vllm #20305).
     """
     # In-process engine core, so `apply_model` reaches the live model without serialisation
-    # (GRPO.md §3.3.1; pitfall 1). Must be set before vLLM is imported.
+    # (`VLLM_ENABLE_V1_MULTIPROCESSING`). Must be set before vLLM is imported.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import evaluate
     evaluate.free_cuda_cache()      # memory an earlier trainer in this process dropped (arena.py run)
     from vllm import LLM
     # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig.verify_max_model_len),
@@ -598,7 +584,7 @@ def sample_vllm(llm, prompts: list[list[int]], *, group_size: int, max_new_token
             ids = list(c.token_ids)
             lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] if c.logprobs else []
             # UNSURE: vLLM keeps the stop token in token_ids; if a version drops it, put the EOS
-            # back, since it is trained (GRPO.md §1.8).
+            # back, since it is trained.
             if c.finish_reason == "stop" and (not ids or ids[-1] not in eos_token_ids):
                 ids.append(eos_token_ids[0])
             completions.append(ids)
@@ -612,21 +598,19 @@ def weights_for_sampler(model, method: str) -> dict:
     """The dense weights the sampler must hold, under HF parameter names.
 
     PEFT: each wrapped module's effective weight computed out of place in fp32 (never an in-place
-    merge, which drifts in bf16; GRPO.md §4.2) by `peft_methods.merged_state_dict`. Full FT: the
+    merge, which drifts in bf16) by `peft_methods.merged_state_dict`. Full FT: the
     parameters themselves. Tied embeddings appear once (`model.embed_tokens.weight`), which is the
-    name vLLM loads (GRPO.md §4.3). The vLLM push streams `sampler_weight_groups` instead.
+    name vLLM loads (vLLM `models/qwen2.py`). The vLLM push streams `sampler_weight_groups` instead.
     """
-    # DEVIATION 2: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
+    # Implementation note 1: merged dense weights for every method, LoRA included (release: vLLM native LoRA).
     if method == "full":
         return {n: p.detach() for n, p in model.named_parameters()}
-    import peft_methods
     return peft_methods.merged_state_dict(model)
 
 
 def sampler_weight_groups(model, method: str):
     """weights_for_sampler one decoder layer at a time (peft_methods.iter_merged_state): a push
-    holds one layer's merged copies, not all of them (~13 GiB at 7B)."""
-    import peft_methods
+    holds one layer's merged copies, not all of them."""
     if method == "full":
         groups: dict[str, dict] = {}
         for n, p in model.named_parameters():
@@ -640,9 +624,8 @@ def sampler_weight_groups(model, method: str):
 def push_weights_vllm(llm, model, method: str) -> int:
     """Copy the trainer's effective weights into the live (awake) vLLM model, layer by layer, and
     check that vLLM loaded every pushed name (evaluate.push_weights)."""
-    import evaluate
     # `load_weights` maps HF names onto vLLM's fused qkv/gate_up params and copies in place
-    # (casting to bf16), so CUDA-graph pointers stay valid (GRPO.md §3.3.5).
+    # (casting to bf16), so CUDA-graph pointers stay valid.
     return evaluate.push_weights(llm, sampler_weight_groups(model, method),
                                  tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))
 
@@ -660,239 +643,26 @@ def wake_vllm(llm, *, push=None) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Configuration
-
-PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
-                    steps=200, lr={"full": 1e-6, "*": 1e-5})
-# DEVIATION 7: the toy preset, measured on the committed toy base (math 41.0% greedy, 200 held-out
-# items; one binomial std ~ 3.5 points) on the idle 2-core VM, 12 rollout steps of 64 prompts x
-# G = 8 (~90-110 s per method): LoRA r8 at 1.5e-3 +39.0, Full FT at 1e-4 +42.0, OFT b16 at 6e-4
-# +38.0, general change -0.4 to 0.0. Higher LRs collapsed on the earlier base (LoRA 4e-3: -11;
-# OFT 3e-3: -13.5). The gain comes from what sampling already finds (PAPER.md §2.2): the base
-# answers 41% of test prompts greedily in a bare "The answer is" mode that is 10% right and works
-# the rest out (62% right); T = 1 samples take the worked mode ~57% of the time, so GRPO learns to
-# work every problem and then also sharpens the chain's arithmetic (toy_world.py Deviation 4). On
-# the earlier one-mode base (math 29.5%, confidently wrong in-chain facts at ~0.1 nat/token), the
-# same preset gave only +6.5 / +6.0 / +3.5 and 24 LoRA steps no more than 12 (+6.5).
-TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
-                  steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
-def _lr_text(preset: dict) -> str:
-    """'full 1e-4, oft 6e-4, other 1.5e-3': a preset's LRs for --help (written once, in the preset)."""
-    return ", ".join(f"{'other' if k == '*' else k} {v:.1e}".replace(".0e", "e") for k, v in preset["lr"].items())
-
-
-SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
-             num_prompts=8, eval_n=0, save_every_steps=1)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
-    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
-    # the same method flags as train_sft.py, so arena.py can pass one dict to both
-    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
-    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
-    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
-                   "(PAPER.md §2 table 'RL adapter config': LoRA dropout 0)")
-    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
-    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from "
-                   "(adapter_config.json + weights; its method must equal --method)")
-    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
-                   help="auto: trainable tensors are fp32 masters under bf16 compute (adapters fp32 on "
-                   "the bf16 base; Full FT fp32 weights + bf16 autocast); bf16: release-style pure bf16")
-    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
-                   help="cpu (Full FT): fp32 master weights and AdamW moments on the CPU (16 B/param "
-                   "there), bf16 weights + grads on the GPU (4 B/param): a 7B Full FT fits one 80 GiB "
-                   "GPU; exact fp32-master updates (OffloadAdamW)")
-    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
-    g = p.add_argument_group("data")
-    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default toy-math "
-                   "for --model toy; a real model without --data needs it named (toy rows on a real model "
-                   "only when asked)")
-    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout "
-                   "(PAPER.md §5: prompt = chat messages, reward_model.ground_truth)")
-    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (string or chat "
-                   "messages; dotted for nested fields); default 'prompt'")
-    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted for "
-                   "nested fields); default reward_model.ground_truth, else 'answer'")
-    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
-                   "data_source, 'med_23k_think' -> med, else math)")
-    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
-    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
-                   "dropped (tokens; release: 1024)")
-    g = p.add_argument_group("rollout")
-    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
-                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
-    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
-    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
-    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
-                   help="auto: vLLM if installed and on CUDA, else transformers generate")
-    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
-    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
-                   help="hf sampler: live = generate with the adapted model; merged = a plain copy "
-                   "that receives merged weights like vLLM (1.5-2x faster decoding; one more copy "
-                   "of the model); auto = merged for PEFT on CPU")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
-    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
-    g = p.add_argument_group("objective")
-    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
-                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
-    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
-    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
-                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
-    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
-    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
-    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
-                   "--max-new-tokens (DAPO overlong filter; paper: off)")
-    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
-    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="token budget per forward/backward: a micro-batch's padded size (sequences x "
-                   "(prompt + completion) width) stays <= this (release: dynamic batching, 16k tokens "
-                   "per GPU); 0 = off (only --micro-batch-size bounds it)")
-    g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
-                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
-    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
-                   "optimiser steps)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/grpo", help="output directory")
-    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
-    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
-                   "checkpoints (release save_freq 50; 0 = only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
-    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
-                   "before and after training (0 = off)")
-    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
-    g.add_argument("--dry-run", action="store_true", help="print the GPU's peak memory of one rollout "
-                   "step's training at the planned settings plus the vLLM sampler's share (memory.py: "
-                   "the model on fake tensors) and exit; --model may be a configs/model_shapes name or "
-                   ".json file; without --data the paper preset applies")
-    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="memory of the GPU (H100 80, H200 141): the --dry-run verdict and vLLM's share "
-                   "(--vllm-gpu-memory-utilization of it)")
-    return p
-
-
-def method_hparams(cfg: dict, peft_methods) -> dict:
-    """CLI method flags -> make_config kwargs, checked against the method's dataclass fields.
-
-    RL differs from SFT in one default: adapter dropout 0 (the release passes LoRA only r, alpha,
-    targets; PAPER.md §2). Dropout would also make ℓ_old (no dropout) and ℓ_θ (dropout) disagree.
-    """
-    hp = peft_methods.hparams_from_flags(
-        cfg["method"], cfg, cfg["hp"], cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"])
-    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
-    if "dropout" in fields and "dropout" not in hp:   # neither --dropout nor --hp dropout=...
-        hp["dropout"] = 0.0
-    return hp
-
-
-def resolve_config(overrides: dict | None = None) -> dict:
-    """Parser defaults <- overrides <- preset (only unset values) <- --smoke; then validate."""
-    cfg = vars(build_parser().parse_args([]))
-    unknown = set(overrides or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"train_grpo: unknown config keys {sorted(unknown)}")
-    cfg.update(overrides or {})
-    if cfg["task"] is None:
-        if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
-            from loading import ConfigError
-            raise ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
-                              "parquet/jsonl (PAPER.md §5); pass --task toy-math (or toy-med) to train it "
-                              "on the toy rows on purpose", "data")
-        cfg["task"] = "toy-math"
-    if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
-        cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
-    preset = cfg["preset"]
-    if preset == "auto":
-        preset = "toy" if cfg["data"] is None and cfg["task"].startswith("toy") else "paper"
-    pre = TOY_PRESET if preset == "toy" else PAPER_PRESET
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps"):
-        if cfg[k] is None:
-            cfg[k] = pre[k]
-    if cfg["lr"] is None:
-        cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
-    cfg["resolved_preset"] = preset
-    cfg["adam_betas"] = list(cfg["adam_betas"])
-    if cfg["grad_checkpointing"] is None:
-        # on for real models (responses of thousands of tokens: activations dominate), off for the
-        # toy (tiny activations; keeps the demo's numbers and speed as they were)
-        cfg["grad_checkpointing"] = cfg["model"] != "toy"
-    # invariants, each error carrying the config key at fault (loading.ConfigError.field)
-    from loading import ConfigError
-    if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
-        raise ConfigError(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
-              "ppo_epochs", "micro_batch_size"):
-        if cfg[k] < 1:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
-    if cfg["micro_batch_tokens"] < 0:
-        raise ConfigError(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
-                          "micro_batch_tokens")
-    if cfg["prompts_per_step"] % cfg["mini_batches"]:
-        raise ConfigError(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by "
-                          f"--mini-batches {cfg['mini_batches']} (mini-batches split whole groups)",
-                          "prompts_per_step")
-    if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
-        raise ConfigError(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
-                          f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
-    if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
-        raise ConfigError(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
-    if cfg["resume"] and cfg["overwrite"]:
-        raise ConfigError("--resume and --overwrite exclude each other", "resume")
-    if cfg["temperature"] <= 0:
-        raise ConfigError(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
-    if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
-        raise ConfigError(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
-                          "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
-    if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
-        raise ConfigError("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16",
-                          "optimizer_offload")
-    return cfg
-
-
-# -----------------------------------------------------------------------------
 # Data: toy rows or the release's RL parquet/JSONL, tokenised once
 
 
 def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
     """[(record, where)] of an RL .parquet / .jsonl file; `where` names the file and line/row."""
-    from loading import DataError, DataFileNotFound, read_parquet_rows
     if not path.is_file():
-        raise DataFileNotFound(f"--data {path}: file not found")
+        raise loading.DataFileNotFound(f"--data {path}: file not found")
     if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
-        return [(r, f"--data {path} row {i}") for i, r in enumerate(read_parquet_rows(path))]
+        return [(r, f"--data {path} row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
     if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"--data {path}: expected .parquet, .jsonl or .json")
+        raise loading.DataError(f"--data {path}: expected .parquet, .jsonl or .json")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (e.g. deepscaler.json)
         try:
             items = json.loads(text)
         except ValueError as err:
-            raise DataError(f"--data {path}: not valid JSON ({err})") from None
+            raise loading.DataError(f"--data {path}: not valid JSON ({err})") from None
         bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
         if bad is not None:
-            raise DataError(f"--data {path} item {bad}: not a JSON object")
+            raise loading.DataError(f"--data {path} item {bad}: not a JSON object")
         return [(r, f"--data {path} item {i}") for i, r in enumerate(items)]
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -900,26 +670,25 @@ def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
+                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
             if not isinstance(rec, dict):
-                raise DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
+                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
             records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
     return records
 
 
 def _rl_row(rec: dict, where: str, cfg) -> dict:
     """One record -> {'prompt', 'answer', 'data_source'}; --prompt-key/--answer-key name other keys."""
-    from loading import DataError, get_key
     pk, ak = cfg.get("prompt_key"), cfg.get("answer_key")
-    prompt = get_key(rec, pk) if pk else rec.get("prompt")
+    prompt = loading.get_key(rec, pk) if pk else rec.get("prompt")
     if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()               # list columns read by other parquet readers come back as arrays
-    gold = get_key(rec, ak) if ak else (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
+    gold = loading.get_key(rec, ak) if ak else (rec.get("reward_model") or {}).get("ground_truth", rec.get("answer"))
     if prompt is None or gold is None:
         wanted = (f"--prompt-key {pk or 'prompt'!r} and --answer-key {ak!r}" if (pk or ak) else
                   "'prompt' and reward_model.ground_truth (or 'answer'); name other keys with "
                   "--prompt-key/--answer-key")
-        raise DataError(f"{where}: needs {wanted}; has keys {sorted(rec)}")
+        raise loading.DataError(f"{where}: needs {wanted}; has keys {sorted(rec)}")
     return {"prompt": prompt, "answer": str(gold), "data_source": rec.get("data_source")}
 
 
@@ -927,26 +696,23 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
     """[{'prompt': str | list[messages], 'answer': str}], domain. train() calls it before any model
     or sampler engine is built, so data errors cost seconds."""
     if cfg["data"] is None:
-        import toy_world
         domain = cfg["task"].split("-", 1)[1]
         return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
     path = Path(cfg["data"])
     rows = [_rl_row(rec, where, cfg) for rec, where in _read_rl_records(path)]
     if not rows:
-        from loading import DataError
-        raise DataError(f"--data {path}: holds no rows")
+        raise loading.DataError(f"--data {path}: holds no rows")
     domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
     return rows, domain
 
 
 def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
     """Chat-render and tokenise once (the sampler and the trainer see identical ids); drop
-    overlong prompts with one warning (DEVIATION 8). Returns kept rows with 'prompt_ids'."""
-    from loading import render_chat
+    overlong prompts with one warning (implementation note 7). Returns kept rows with 'prompt_ids'."""
     limit = min(max_prompt_tokens, context - 1)   # at least one generated token must fit
     kept, dropped = [], []
     for row in rows:
-        ids = tokenizer(render_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(loading.render_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
         (kept if 0 < len(ids) <= limit else dropped).append({**row, "prompt_ids": ids})
     if dropped:
         warnings.warn(f"train_grpo: dropped {len(dropped)}/{len(rows)} prompts longer than {limit} "
@@ -959,7 +725,8 @@ def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: adapter (peft_methods.save_adapter) + optimiser + trainer_state.json, atomically
+# Run directory: --out, resume, checkpoint listing (complete = trainer_state.json written),
+# checkpoints (adapter + optimiser + trainer_state, atomically), metrics log
 
 
 CKPT_PREFIX = "global_step_"   # as train_sft.py: rewind.py reads both trajectories the same way
@@ -997,7 +764,6 @@ def prepare_out_dir(out: Path, cfg: dict) -> Path | None:
         if not cfg["overwrite"]:
             raise FileExistsError(f"output directory {out} is not empty; pass --resume to continue the "
                                   "run in it or --overwrite to delete it and start again")
-        import shutil
         for d in list(out.glob(CKPT_PREFIX + "*")) + list(out.glob(".tmp-" + CKPT_PREFIX + "*")):
             shutil.rmtree(d)          # delete only what this script writes
         for name in ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json"):
@@ -1009,9 +775,6 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     """global_step_<k>/: save_adapter files + optimizer.pt + trainer_state.{pt,json} + config.json,
     written into a temp dir and renamed into place. Older checkpoints keep their weights (the
     trajectory) but drop optimizer.pt."""
-    import shutil
-    import loading
-    import peft_methods
     step = state["step"]
     final, tmp = out / f"{CKPT_PREFIX}{step}", out / f".tmp-{CKPT_PREFIX}{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1027,6 +790,14 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
         if k < step:
             (d / "optimizer.pt").unlink(missing_ok=True)
     return final
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume keep only the log lines of steps already in the checkpoint (atomic rewrite)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 # -----------------------------------------------------------------------------
@@ -1045,60 +816,148 @@ def train(config: dict | None = None, *, model=None, tokenizer=None) -> dict:
     finally:
         llm = engine.pop("llm", None)
         if llm is not None:
-            import evaluate
             evaluate.shutdown_vllm(llm)   # vLLM's teardown; the caller's next engine gets the memory
             del llm
 
 
 def _train(config, *, model, tokenizer, engine: dict) -> dict:
-    import loading
-    import peft_methods
+    """Set-up (`_set_up`), then the GRPO loop of [Shao+24 DeepSeekMath, Alg. 1], one rollout step
+    per iteration; see `train`."""
     cfg = resolve_config(config)
     out = Path(cfg["out"])
     resume_from = prepare_out_dir(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
-    method = cfg["method"]
     # data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the
     # sampler engine and the model are built
     rows, domain = load_rl_rows(cfg)
+    run = _set_up(cfg, model, tokenizer, engine, resume_from, rows, domain)
+    state, rows, sampler = run.state, run.rows, run.sampler
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, state["step"])
+    stats: dict = {}
+    B, G = cfg["prompts_per_step"], cfg["group_size"]
+    t_start = time.time()
+    bar = None
+    if not cfg["no_progress"]:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
+    last = {}
+    while state["step"] < cfg["steps"]:
+        step = state["step"]
+        t0 = time.time()
+        batch = [rows[(state["cursor"] + i) % len(rows)] for i in range(B)]   # shuffle=False (release)
+        state["cursor"] = (state["cursor"] + B) % len(rows)
+        prompts = [r["prompt_ids"] for r in batch]
+        # cap generation so prompt + completion fits the context (implementation note 7)
+        max_new = max(1, min(cfg["max_new_tokens"], run.context - max(len(p) for p in prompts)))
 
-    # ---- sampler engine first: vLLM wants its memory share free at start-up (GRPO.md §3.3.2) ----
+        # 1) sample G completions per prompt from π_old (the current weights, pushed if stale)
+        run.model.eval()
+        completions, finished, sampler_logps = sampler.sample(prompts, max_new, step,
+                                                              state["optimizer_steps"])
+        t_gen = time.time() - t0
+
+        # 2) verifiable reward r ∈ {0, 1} per completion
+        responses = [run.tokenizer.decode([t for t in c if t not in run.eos_ids], skip_special_tokens=True)
+                     for c in completions]
+        answers = [r["answer"] for r in batch for _ in range(G)]
+        rewards = torch.tensor(safe_rewards(run.reward_fn, responses, answers, stats))   # (N,)
+        # 3) group-normalised advantages [Shao+24, §4.1.2]
+        adv = group_advantages(rewards, G, scale=cfg["adv_scale"], eps=cfg["adv_eps"])  # (N,)
+
+        # 4-6) per-token log-probs, clipped ratio objective (+ β KL), AdamW step per mini-batch
+        flat_prompts = [p for p in prompts for _ in range(G)]
+        m = _optimise(run.model, run.ref_model, run.opt, run.params, cfg, flat_prompts, completions,
+                      finished, adv, run.eos_ids, run.pad_id, max_new, cfg["method"], sampler_logps,
+                      amp=run.amp)
+        state["optimizer_steps"] += m.pop("optimizer_steps")
+        state["step"] = step + 1
+        # (7) the weights reach the sampler at the next step's sample() (implementation note 2)
+
+        # 8) log and checkpoint
+        last = _step_metrics(step + 1, rewards, G, completions, finished, m, t0, t_gen, cfg, stats)
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(last) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", pass_=f"{last['pass_rate']:.2f}",
+                            len=f"{last['response_len_mean']:.0f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        every = cfg["save_every_steps"]
+        if (every > 0 and state["step"] % every == 0) or state["step"] == cfg["steps"]:
+            save_checkpoint(out, run.model, run.opt, run.cfg_to_save, state)
+    if bar is not None:
+        bar.close()
+    return _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path)
+
+
+def _set_up(cfg, model, tokenizer, engine, resume_from, rows, domain):
+    """Sampler engine, policy (+ adapter), optimiser, tokenised prompts, reward, eval before and
+    the resolved config, in this order (vLLM needs its memory share free; RNG order is fixed)."""
     device0 = loading.pick_device(cfg["device"]) if model is None else next(model.parameters()).device
     use_vllm = cfg["sampler"] == "vllm" or (cfg["sampler"] == "auto" and vllm_usable()
                                             and device0.type == "cuda")
-    llm = None
-    if use_vllm:
-        model_dir = loading.TOY_MODEL_DIR if cfg["model"] == "toy" else cfg["model"]
-        from transformers import AutoConfig
-        ctx = AutoConfig.from_pretrained(model_dir).max_position_embeddings
-        llm = make_vllm_engine(str(model_dir), max_model_len=min(ctx, cfg["max_prompt_tokens"] + cfg["max_new_tokens"]),
-                               max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"], seed=cfg["seed"],
-                               gpu_memory_utilization=cfg["vllm_gpu_memory_utilization"],
-                               sleep_mode=cfg["vllm_sleep"])
-        engine["llm"] = llm
-        loading.set_seed(cfg["seed"])  # vLLM (MP = 0) re-seeds the global RNGs (GRPO.md pitfall 2)
-
-    # ---- model (+ adapter) ----
+    llm = _start_vllm(cfg, engine) if use_vllm else None
     # precision: fp32 masters for trainable tensors under bf16 compute (precision_plan)
     compute = (next(model.parameters()).dtype if model is not None
                else loading.pick_dtype(cfg["dtype"], device0))
-    prec = precision_plan(compute, method, cfg["param_dtype"], cfg["optimizer_offload"])
+    prec = precision_plan(compute, cfg["method"], cfg["param_dtype"], cfg["optimizer_offload"])
     if model is None:
         model, tokenizer = loading.load_model(cfg["model"], dtype=prec["load"], device=cfg["device"])
-    elif method == "full" and prec["load"] != compute:
+    elif cfg["method"] == "full" and prec["load"] != compute:
         model.to(prec["load"])      # a preloaded bf16 base: its trainable weights become fp32 masters
     device = next(model.parameters()).device
     amp = amp_context(prec, device)
     print(f"[grpo] model {cfg['model']} on {device} ({next(model.parameters()).dtype}); "
-          f"method {method}; preset {cfg['resolved_preset']}", file=sys.stderr)
+          f"method {cfg['method']}; preset {cfg['resolved_preset']}", file=sys.stderr)
     # A plain copy to sample from (hf path): decoding through the adapter wrappers recomputes every
-    # adapter each token (OFT: the rotations), which made CPU sampling 1.5-2x slower than a dense
-    # model. It receives the merged weights exactly like vLLM does (weights_for_sampler).
-    hf_merged = not use_vllm and method != "full" and (
+    # adapter each token (OFT: the rotations). It receives the merged weights exactly like vLLM.
+    hf_merged = not use_vllm and cfg["method"] != "full" and (
         cfg["hf_sampler"] == "merged" or (cfg["hf_sampler"] == "auto" and device.type == "cpu"))
     sampler_model = copy.deepcopy(model).eval().requires_grad_(False) if hf_merged else None
     state = {"step": 0, "cursor": 0, "optimizer_steps": 0}
+    n_train = _attach_method(model, cfg, prec, resume_from, state)
+    ref_model, params, opt = _make_optimizer(model, cfg, resume_from)
+    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    rows = tokenize_prompts(rows, tokenizer, max_prompt_tokens=cfg["max_prompt_tokens"], context=context)
+    reward_fn = make_reward_fn(domain)
+    # stop ids: the tokenizer's EOS plus any extra ones of generation_config.json (Qwen: 2 of them)
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    summary = {"out": str(Path(cfg["out"])), "method": cfg["method"], "model": cfg["model"], "domain": domain,
+               "trainable_params": n_train}
+    if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
+        summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, Path(cfg["out"]) / "eval_before.json")
+    cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
+    loading.atomic_write_json(Path(cfg["out"]) / "config.json", cfg_to_save)
+    sampler = _Sampler(model, cfg, amp, llm, sampler_model, eos_ids, pad_id)
+    return types.SimpleNamespace(model=model, tokenizer=tokenizer, ref_model=ref_model, params=params,
+                                 opt=opt, amp=amp, state=state, rows=rows, domain=domain, context=context,
+                                 reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id, sampler=sampler,
+                                 summary=summary, cfg_to_save=cfg_to_save)
+
+
+def _start_vllm(cfg, engine: dict):
+    """The in-process vLLM engine over the base model's directory, built before the trainer takes
+    GPU memory (vLLM wants its memory share free at start-up)."""
+    model_dir = loading.TOY_MODEL_DIR if cfg["model"] == "toy" else cfg["model"]
+    from transformers import AutoConfig
+    ctx = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    llm = make_vllm_engine(str(model_dir), max_model_len=min(ctx, cfg["max_prompt_tokens"] + cfg["max_new_tokens"]),
+                           max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"], seed=cfg["seed"],
+                           gpu_memory_utilization=cfg["vllm_gpu_memory_utilization"],
+                           sleep_mode=cfg["vllm_sleep"])
+    engine["llm"] = llm
+    loading.set_seed(cfg["seed"])  # vLLM (in-process) re-seeds the global RNGs: seed them again
+    return llm
+
+
+def _attach_method(model, cfg, prec, resume_from, state) -> int:
+    """The PEFT method on the base (fresh, --init-from an SFT checkpoint, or the resumed one);
+    dropout off. Returns the number of trainable parameters."""
+    method = cfg["method"]
     if resume_from is not None:
         peft_methods.load_adapter(model, resume_from)
         state.update(json.loads((resume_from / "trainer_state.json").read_text()))
@@ -1115,7 +974,7 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
                              "train it with train_sft.py and start GRPO with --init-from <checkpoint>")
         peft_methods.apply_peft(model, method, adapter_dtype=prec["adapter"], **method_hparams(cfg, peft_methods))
     if not cfg["dropout"]:
-        # DEVIATION 9: dropout off in every module (TRL `disable_dropout`): ℓ_old is computed without dropout, so
+        # Implementation note 8: dropout off in every module (TRL `disable_dropout`): ℓ_old is computed without dropout, so
         # with it the ratio would not be 1 on-policy. An SFT checkpoint may carry LoRA dropout 0.05.
         for mod in model.modules():
             if isinstance(mod, torch.nn.Dropout):
@@ -1123,15 +982,21 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_train == 0:
         raise RuntimeError(f"method {method!r}: no trainable parameters after setup")
-    # Reference policy for the optional KL (β > 0): PEFT = same model with adapters off (no copy);
-    # Full FT = a frozen copy of the start weights.
+    return n_train
+
+
+def _make_optimizer(model, cfg, resume_from):
+    """(reference policy or None, trainable params, AdamW), restored on --resume.
+
+    Reference policy for the optional KL (β > 0): PEFT = the same model with adapters off (no
+    copy, so None here); Full FT = a frozen copy of the start weights."""
     ref_model = None
-    if cfg["beta"] > 0 and method == "full":
+    if cfg["beta"] > 0 and cfg["method"] == "full":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    # [PAPER.md §5] AdamW (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0
+    # [PEFT-Arena, RLVR setup] AdamW (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0
     if cfg["optimizer_offload"] == "cpu":   # fp32 masters + moments on the CPU (OffloadAdamW)
         opt = OffloadAdamW(params, lr=cfg["lr"], betas=cfg["adam_betas"], weight_decay=cfg["weight_decay"])
     else:
@@ -1140,125 +1005,78 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     if resume_from is not None:
         opt.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
         torch.set_rng_state(torch.load(resume_from / "trainer_state.pt", weights_only=False)["torch_rng"])
+    return ref_model, params, opt
 
-    # ---- data (rows read above) and reward ----
-    context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-    rows = tokenize_prompts(rows, tokenizer, max_prompt_tokens=cfg["max_prompt_tokens"], context=context)
-    reward_fn = make_reward_fn(domain)
-    # stop ids: the tokenizer's EOS plus any extra ones of generation_config.json (Qwen: 2 of them)
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-    eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
-    # ---- evaluation before (toy only) ----
-    summary = {"out": str(out), "method": method, "model": cfg["model"], "domain": domain,
-               "trainable_params": n_train}
-    if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
-        summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, out / "eval_before.json")
+class _Sampler:
+    """Step 1 of the loop: G completions per prompt from the current policy, by vLLM or by
+    transformers `generate` (the live model, or a plain copy that receives merged weights)."""
 
-    cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
-    loading.atomic_write_json(out / "config.json", cfg_to_save)
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, state["step"])
-    stats: dict = {}
-    B, G = cfg["prompts_per_step"], cfg["group_size"]
-    pushed_at = -1
-    asleep = False
-    t_start = time.time()
-    bar = None
-    if not cfg["no_progress"]:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
-    last = {}
-    while state["step"] < cfg["steps"]:
-        step = state["step"]
-        t0 = time.time()
-        batch = [rows[(state["cursor"] + i) % len(rows)] for i in range(B)]   # shuffle=False (release)
-        state["cursor"] = (state["cursor"] + B) % len(rows)
-        prompts = [r["prompt_ids"] for r in batch]
-        # cap generation so prompt + completion fits the context (DEVIATION 8)
-        max_new = max(1, min(cfg["max_new_tokens"], context - max(len(p) for p in prompts)))
+    def __init__(self, model, cfg, amp, llm, merged_copy, eos_ids, pad_id):
+        self.model, self.cfg, self.amp, self.llm, self.copy = model, cfg, amp, llm, merged_copy
+        self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.pushed_at, self.asleep = -1, False    # optimiser step the sampler's weights are from
 
-        # 1) sample G completions per prompt from π_old (the current weights)
-        model.eval()
-        sampler_logps = None
-        if llm is not None:
-            stale = pushed_at != state["optimizer_steps"]      # DEVIATION 3: push when stale
-            push = (lambda: push_weights_vllm(llm, model, method)) if stale else None
-            if asleep:
-                wake_vllm(llm, push=push)     # every rollout wakes it, pushed or not
-                asleep = False
+    def sample(self, prompts, max_new: int, step: int, optimizer_steps: int):
+        """(completions, finished, sampler log-probs or None) for this rollout step."""
+        cfg, G, method = self.cfg, self.cfg["group_size"], self.cfg["method"]
+        stale = self.pushed_at != optimizer_steps          # implementation note 2: push when stale
+        if self.llm is not None:
+            push = (lambda: push_weights_vllm(self.llm, self.model, method)) if stale else None
+            if self.asleep:
+                wake_vllm(self.llm, push=push)     # every rollout wakes it, pushed or not
+                self.asleep = False
             elif push is not None:
                 push()
-            pushed_at = state["optimizer_steps"]
-            completions, finished, sampler_logps = sample_vllm(
-                llm, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
-                eos_token_ids=eos_ids)
+            self.pushed_at = optimizer_steps
+            out = sample_vllm(self.llm, prompts, group_size=G, max_new_tokens=max_new,
+                              temperature=cfg["temperature"], eos_token_ids=self.eos_ids)
             if cfg["vllm_sleep"]:
-                llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (level 2 would drop them)
-                asleep = True
-        else:
-            gen_model = model
-            if sampler_model is not None:
-                if pushed_at != state["optimizer_steps"]:
-                    res = sampler_model.load_state_dict(weights_for_sampler(model, method), strict=False)
-                    if res.unexpected_keys or res.missing_keys:
-                        raise RuntimeError(f"merged weights do not fit the sampler copy: missing "
-                                           f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
-                    pushed_at = state["optimizer_steps"]
-                gen_model = sampler_model
-            with amp():   # the fp32-master policy samples with bf16 compute, as it trains
-                completions, finished = sample_hf(
+                self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights (2 would drop them)
+                self.asleep = True
+            return out
+        gen_model = self.model
+        if self.copy is not None:
+            if stale:
+                res = self.copy.load_state_dict(weights_for_sampler(self.model, method), strict=False)
+                if res.unexpected_keys or res.missing_keys:
+                    raise RuntimeError(f"merged weights do not fit the sampler copy: missing "
+                                       f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
+                self.pushed_at = optimizer_steps
+            gen_model = self.copy
+        with self.amp():   # the fp32-master policy samples with bf16 compute, as it trains
+            completions, finished = sample_hf(
                 gen_model, prompts, group_size=G, max_new_tokens=max_new, temperature=cfg["temperature"],
-                    pad_id=pad_id, eos_token_ids=eos_ids, batch_size=cfg["gen_batch_size"],
-                    seed=cfg["seed"] * 100003 + step)
-        t_gen = time.time() - t0
-        n_gen_tokens = sum(len(c) for c in completions)
+                pad_id=self.pad_id, eos_token_ids=self.eos_ids, batch_size=cfg["gen_batch_size"],
+                seed=cfg["seed"] * 100003 + step)
+        return completions, finished, None
 
-        # 2) verifiable reward -> group-relative advantages
-        responses = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True)
-                     for c in completions]
-        answers = [r["answer"] for r in batch for _ in range(G)]
-        rewards = torch.tensor(safe_rewards(reward_fn, responses, answers, stats))   # (N,)
-        adv = group_advantages(rewards, G, scale=cfg["adv_scale"], eps=cfg["adv_eps"])  # (N,)
 
-        # 3) optimise: --ppo-epochs passes x --mini-batches optimiser steps over this rollout
-        flat_prompts = [p for p in prompts for _ in range(G)]
-        m = _optimise(model, ref_model, opt, params, cfg, flat_prompts, completions, finished,
-                      adv, eos_ids, pad_id, max_new, method, sampler_logps, amp=amp)
-        state["optimizer_steps"] += m.pop("optimizer_steps")
-        state["step"] = step + 1
+def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, stats) -> dict:
+    """One metrics.jsonl line: reward, pass@G, zero-std groups, the optimiser's metrics, lengths,
+    truncation, throughput."""
+    r_groups = rewards.view(-1, G)                                                   # (B, G)
+    lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
+    n_gen_tokens = sum(len(c) for c in completions)
+    dt = time.time() - t0
+    return {"step": step, "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # implementation note 9: pass@G
+            "frac_reward_zero_std": (r_groups.max(1).values == r_groups.min(1).values).float().mean().item(),
+            **m, "response_len_mean": lens.mean().item(), "response_len_max": lens.max().item(),
+            "truncated_frac": 1.0 - sum(finished) / len(finished),
+            "gen_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
+            "tokens_per_s": n_gen_tokens / max(dt, 1e-9), "step_time_s": dt, "lr": cfg["lr"],
+            "reward_errors": sum(stats.get("reward_errors", {}).values())}
 
-        # 4) log
-        r_groups = rewards.view(B, G)
-        lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
-        dt = time.time() - t0
-        last = {"step": step + 1, "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-                "pass_rate": (r_groups.max(1).values > 0).float().mean().item(),   # DEVIATION 10: pass@G
-                "frac_reward_zero_std": (r_groups.max(1).values == r_groups.min(1).values).float().mean().item(),
-                **m, "response_len_mean": lens.mean().item(), "response_len_max": lens.max().item(),
-                "truncated_frac": 1.0 - sum(finished) / len(finished),
-                "gen_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
-                "tokens_per_s": n_gen_tokens / max(dt, 1e-9), "step_time_s": dt, "lr": cfg["lr"],
-                "reward_errors": sum(stats.get("reward_errors", {}).values())}
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(last) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", pass_=f"{last['pass_rate']:.2f}",
-                            len=f"{last['response_len_mean']:.0f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        every = cfg["save_every_steps"]
-        if (every > 0 and state["step"] % every == 0) or state["step"] == cfg["steps"]:
-            save_checkpoint(out, model, opt, cfg_to_save, state)
-    if bar is not None:
-        bar.close()
 
+def _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path) -> dict:
+    """Final checkpoint (if the last step was not saved), eval after, summary.json."""
     found = checkpoints(out)
     if not found or found[-1][0] != state["step"]:
-        save_checkpoint(out, model, opt, cfg_to_save, state)
+        save_checkpoint(out, run.model, run.opt, run.cfg_to_save, state)
         found = checkpoints(out)
+    summary = run.summary
     summary.update({"final_checkpoint": str(found[-1][1]), "steps": state["step"],
                     "optimizer_steps": state["optimizer_steps"], "train_time_s": time.time() - t_start,
                     "last": last, "reward_errors": stats.get("reward_errors", {})})
@@ -1268,7 +1086,7 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
         summary["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
         summary["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
     if cfg["eval_n"] and cfg["data"] is None:
-        summary["eval_after"] = _evaluate(model, tokenizer, domain, cfg, out / "eval_after.json")
+        summary["eval_after"] = _evaluate(run.model, run.tokenizer, run.domain, cfg, out / "eval_after.json")
         if "eval_before" in summary:
             b, a = summary["eval_before"], summary["eval_after"]
             summary["target_gain"] = a["target_score"] - b["target_score"]
@@ -1277,101 +1095,62 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     return summary
 
 
-def dry_run(overrides: dict) -> dict:
-    """--dry-run: print the planned per-GPU peak memory (training step + vLLM's share; memory.py)
-    and return memory.estimate's dict. A real model without --data is planned at the paper preset."""
-    import memory   # imported here: memory.py imports this file
-    import peft_methods
-    from loading import ConfigError
-    overrides = dict(overrides)
-    if overrides.get("model", "toy") != "toy" and overrides.get("preset", "auto") == "auto":
-        overrides["preset"] = "paper"
-    cfg = resolve_config(overrides)
-    if cfg["method"] not in peft_methods.METHODS:
-        raise ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
-    hf_config = memory.hf_config_for(cfg["model"])
-    plan = memory.grpo_plan(cfg, gpu_memory_gib=cfg["gpu_memory_gib"], cuda=True)
-    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
-                        tool="train_grpo"))
-    print("[train_grpo] one process on one GPU (train_grpo has no multi-GPU path); vLLM shares that GPU",
-          file=sys.stderr)
-    return memory.estimate(hf_config, plan)
+# -----------------------------------------------------------------------------
+# Optimising on one rollout batch: the plain algorithm, then the two speed-ups
+
+
+def grpo_loss_plain(model, prompts, completions, adv, *, cfg, eos_ids, pad_id, old_logp=None):
+    """The plain algorithm's loss on one mini-batch: one forward over all its completions, then
+    [Shao+24 DeepSeekMath, Eq. 3] with the release's clip and `cfg['loss_agg']` aggregation.
+
+    On-policy (old_logp None) ℓ_old = sg(ℓ_θ), so ρ = 1 and the gradient is the policy gradient
+    Σ A ∇ℓ_θ / normaliser. `_optimise` computes the same gradient faster (tests check equality)."""
+    device = next(model.parameters()).device
+    ids, attn, lens, P, L = pack_batch(prompts, completions, pad_id, device)   # (N, P+L)
+    logp, _ = sequence_logprobs(model, ids, attn, P, L, cfg["temperature"])    # (N, L) ℓ_θ
+    mask = completion_mask(ids[:, P:], eos_ids, lens)                          # (N, L)
+    old = logp.detach() if old_logp is None else old_logp
+    per_token, _ = policy_loss_per_token(logp, old, adv.to(device), eps_low=cfg["clip_eps_low"],
+                                         eps_high=cfg["clip_eps_high"], dual_clip=cfg["dual_clip"] or None)
+    return aggregate_loss(per_token, mask, cfg["loss_agg"], max_len=cfg["max_new_tokens"])
 
 
 def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished, adv, eos_ids,
               pad_id, max_new, method, sampler_logps, amp=None) -> dict:
-    """All optimiser steps on one rollout batch (GRPO.md §1.9 steps 4-7); returns its metrics.
-    `amp`: factory of the forwards' autocast context (precision_plan); None = none."""
-    import contextlib
-    amp = amp or contextlib.nullcontext
-    device = next(model.parameters()).device
-    N, mb, T = len(completions), cfg["micro_batch_size"], cfg["temperature"]
-    p_lens, c_lens = [len(p) for p in prompts], [len(c) for c in completions]
+    """All optimiser steps on one rollout batch ([Shao+24 DeepSeekMath, Alg. 1] inner loop);
+    returns its metrics. `amp`: factory of the forwards' autocast context (precision_plan).
 
-    def chunks(idx):   # micro-batches under --micro-batch-size and the --micro-batch-tokens budget
-        return token_budget_micros(idx, p_lens, c_lens, mb, cfg["micro_batch_tokens"])
-    n_mini = cfg["mini_batches"]
+    The algorithm: (a) ℓ_old of every completion under the sampling policy (and ℓ_ref if β > 0),
+    no grad; (b) for each of --mini-batches slices of whole groups: per-token clipped loss,
+    aggregated over the mini-batch, backward, clip, AdamW step: `grpo_loss_plain` per mini-batch.
+    Two speed-ups change no number (tests compare with `grpo_loss_plain`): `trained_rows` skips the
+    forward of A = 0 completions, and `_RolloutBatch.chunks` cuts a mini-batch into micro-batches
+    under a token budget (gradient accumulation, exact by the mini-batch-wide normalisers).
+    """
+    amp = amp or contextlib.nullcontext
+    batch = _RolloutBatch(prompts, completions, finished, eos_ids, pad_id, cfg,
+                          next(model.parameters()).device)
+    N, n_mini = len(completions), cfg["mini_batches"]
     per_mini = N // n_mini                      # whole groups: B/n_mini prompts x G completions
     minis = [list(range(k * per_mini, (k + 1) * per_mini)) for k in range(n_mini)]
-
-    def micro(idx):
-        ids, attn, lens, P, L = pack_batch([prompts[i] for i in idx], [completions[i] for i in idx],
-                                           pad_id, device)
-        mask = completion_mask(ids[:, P:], eos_ids, lens)                 # (n, L)
-        if cfg["mask_truncated"]:   # DAPO overlong filter: no loss on cut-off completions
-            mask *= torch.tensor([float(finished[i]) for i in idx], device=device).unsqueeze(1)
-        return ids, attn, P, L, mask
-
-    # ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
-    # stored, because mini-batches 2..k of a rollout are off-policy (GRPO.md pitfall 20). The first
-    # mini-batch of a single epoch needs no separate pass: nothing has been updated yet when its
-    # training forward runs, so ℓ_old = sg(ℓ_θ) there (TRL skips the pass on-policy likewise).
-    first_fresh = cfg["ppo_epochs"] == 1
-    # Completions with A = 0 (all-equal groups) add nothing to the loss's numerator, only their
-    # tokens to the normaliser, which is passed in separately: with β = 0 they need no forward
-    # at all (exact for dapo/grpo/dr_grpo, whose normalisers are mini-batch-wide; not for bnpo).
-    skip_zero = cfg["beta"] == 0 and cfg["loss_agg"] != "bnpo"
-    active = [not skip_zero or bool(adv[i] != 0) for i in range(N)]
-    need_old = [i for i in range(N) if active[i] and not (first_fresh and i in set(minis[0]))]
-    old, ref = [None] * N, [None] * N
-    n_masked = [0.0] * N
-    ent_sum, ent_tok = 0.0, 0.0
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, N, mb):                # token counts for the mini-batch normalisers
-            for j, row in enumerate(micro(list(range(s, min(N, s + mb))))[4]):
-                n_masked[s + j] = float(row.sum())
-        for idx in chunks(need_old):
-            ids, attn, P, L, mask = micro(idx)
-            with amp():
-                lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
-            for j, i in enumerate(idx):
-                old[i] = lp[j]
-            ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
-        if cfg["beta"] > 0:                      # ℓ_ref only when the KL term is on
-            for idx in chunks(list(range(N))):
-                ids, attn, P, L, mask = micro(idx)
-                if ref_model is not None:        # Full FT: the frozen copy
-                    with amp():
-                        rlp, _ = sequence_logprobs(ref_model, ids, attn, P, L, T)
-                else:                            # PEFT: the same model with the adapters off
-                    import peft_methods
-                    with peft_methods.disable_adapters(model), amp():
-                        rlp, _ = sequence_logprobs(model, ids, attn, P, L, T)
-                for j, i in enumerate(idx):
-                    ref[i] = rlp[j]
-
+    # ℓ_old of mini-batch 1 in a single epoch comes from its own training forward (reuse_first)
+    reuse_first = cfg["ppo_epochs"] == 1
+    active = trained_rows(adv, cfg)
+    n_masked = batch.token_counts()
+    ent = [0.0, 0.0]                            # Σ entropy, Σ tokens of π_old on trained rows
+    # (a) ℓ_old (and ℓ_ref), no grad
+    old, ref = _old_and_ref_logprobs(model, ref_model, batch, active, set(minis[0]) if reuse_first
+                                     else set(), cfg, ent, amp)
     acc = {"loss": [], "kl": [], "approx_kl_old": [], "clip_low": [], "clip_high": [],
            "clip_dual": [], "grad_norm": [], "sampler_logp_diff": []}
     model.train()
     steps = 0
     for epoch in range(cfg["ppo_epochs"]):
         for k, mini in enumerate(minis):
-            fresh = first_fresh and k == 0
-            # DEVIATION 1: mini-batch-wide normalisers make micro-batch accumulation exact
+            # (b) one optimiser step per mini-batch.
+            # DEVIATION 1: mini-batch-wide normalisers (exact under micro-batching)
             n_tok = sum(n_masked[i] for i in mini)
-            train_idx = [i for i in mini if active[i]]
-            micros = chunks(train_idx)
+            micros = batch.chunks([i for i in mini if active[i]])
             opt.zero_grad(set_to_none=True)
             if not micros:
                 # every group of this mini-batch had equal rewards: the gradient is exactly 0, so
@@ -1380,58 +1159,153 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
                 for p in params:
                     p.grad = torch.zeros_like(p)
                 acc["loss"].append(0.0)
-            mini_loss = 0.0
-            for idx in micros:
-                ids, attn, P, L, mask = micro(idx)
-                with amp():
-                    lp, ent = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=fresh)
-                if fresh:
-                    old_lp = lp.detach()                                                  # (n, L)
-                    for j, i in enumerate(idx):
-                        old[i] = old_lp[j]
-                    ent_sum, ent_tok = ent_sum + float((ent * mask).sum()), ent_tok + float(mask.sum())
-                else:
-                    old_lp = _pad_stack([old[i] for i in idx], L, device)                 # (n, L)
-                a = adv[idx].to(device)                                                   # (n,)
-                loss_tok, info = policy_loss_per_token(
-                    lp, old_lp, a, eps_low=cfg["clip_eps_low"], eps_high=cfg["clip_eps_high"],
-                    dual_clip=cfg["dual_clip"] or None)
-                if cfg["beta"] > 0:
-                    kl = kl_k3(lp, _pad_stack([ref[i] for i in idx], L, device))
-                    loss_tok = loss_tok + cfg["beta"] * kl                # + β·D per token (§1.5)
-                    acc["kl"].append(_masked_mean(kl.detach(), mask))
-                loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok,
-                                      num_seqs=len(mini), max_len=cfg["max_new_tokens"],
-                                      num_micro=len(micros))              # mini = all, trained or not
-                loss.backward()
-                mini_loss += loss.item()          # micro losses sum to the mini-batch loss
-                acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
-                for key in ("clip_low", "clip_high", "clip_dual"):
-                    acc[key].append(_masked_mean(info[key].float(), mask))
-            if micros:
-                acc["loss"].append(mini_loss)
-            # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
-            clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
-            gn = torch.nn.utils.clip_grad_norm_(clip_on, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-            if torch.isfinite(gn):
-                opt.step()
-                steps += 1
-            else:   # as the release's trainer: skip a step whose gradient is not finite
-                warnings.warn(f"train_grpo: non-finite grad norm {gn}; optimiser step skipped", RuntimeWarning)
-            opt.zero_grad(set_to_none=True)
-            acc["grad_norm"].append(float(gn))
+            else:
+                acc["loss"].append(_mini_batch_backward(
+                    model, batch, micros, old, ref, adv, cfg, n_tok, len(mini),
+                    reuse_first and k == 0, ent, acc, amp))
+            steps += _clip_and_step(opt, params, cfg["grad_clip"], acc)
     model.eval()
-    if sampler_logps is not None:   # sync check: ~1e-2 in bf16 when in sync, O(1) when broken
-        d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
-             for o, sl in zip(old, sampler_logps) if o is not None and len(sl)]
-        if d:   # nothing compared (every group skipped): None in the log, never a fake 0.0
-            acc["sampler_logp_diff"].append(float(torch.cat(d).mean()))
+    gap = _sampler_logp_gap(old, sampler_logps, batch.device)
+    if gap is not None:
+        acc["sampler_logp_diff"].append(gap)
     res = {k: (sum(v) / len(v) if v else None) for k, v in acc.items()}
     res["clip_frac"] = (res["clip_low"] or 0) + (res["clip_high"] or 0)
-    res["entropy"] = ent_sum / ent_tok if ent_tok else None     # π_old, on the trained completions
+    res["entropy"] = ent[0] / ent[1] if ent[1] else None     # π_old, on the trained completions
     res["trained_frac"] = sum(active) / N
     res["optimizer_steps"] = steps
     return res
+
+
+def _mini_batch_backward(model, batch, micros, old, ref, adv, cfg, n_tok, n_seq, first, ent, acc,
+                         amp) -> float:
+    """Accumulate one mini-batch's gradient over its micro-batches; returns its loss.
+
+    [Shao+24 DeepSeekMath, Eq. 3] per token: clipped surrogate (+ β·D_KL), aggregated with the
+    normalisers of the WHOLE mini-batch (n_tok tokens, n_seq sequences), so the micro losses sum
+    to the mini-batch loss. `first`: no update has happened yet, so ℓ_old = sg(ℓ_θ) of this
+    forward (TRL skips the separate pass on-policy likewise)."""
+    mini_loss = 0.0
+    for idx in micros:
+        ids, attn, P, L, mask = batch.micro(idx)
+        with amp():
+            lp, H = sequence_logprobs(model, ids, attn, P, L, cfg["temperature"], with_entropy=first)
+        if first:
+            old_lp = lp.detach()                                                  # (n, L)
+            for j, i in enumerate(idx):
+                old[i] = old_lp[j]
+            ent[0], ent[1] = ent[0] + float((H * mask).sum()), ent[1] + float(mask.sum())
+        else:
+            old_lp = _pad_stack([old[i] for i in idx], L, batch.device)           # (n, L)
+        a = adv[idx].to(batch.device)                                             # (n,)
+        loss_tok, info = policy_loss_per_token(
+            lp, old_lp, a, eps_low=cfg["clip_eps_low"], eps_high=cfg["clip_eps_high"],
+            dual_clip=cfg["dual_clip"] or None)
+        if cfg["beta"] > 0:
+            kl = kl_k3(lp, _pad_stack([ref[i] for i in idx], L, batch.device))
+            loss_tok = loss_tok + cfg["beta"] * kl                                # + β·D per token
+            acc["kl"].append(_masked_mean(kl.detach(), mask))
+        loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok, num_seqs=n_seq,
+                              max_len=cfg["max_new_tokens"], num_micro=len(micros))
+        loss.backward()
+        mini_loss += loss.item()
+        acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
+        for key in ("clip_low", "clip_high", "clip_dual"):
+            acc[key].append(_masked_mean(info[key].float(), mask))
+    return mini_loss
+
+
+def _clip_and_step(opt, params, grad_clip: float, acc: dict) -> int:
+    """Clip the gradient's global norm and step ([PEFT-Arena, RLVR setup] clip 1.0); a step whose
+    norm is not finite is skipped, as the release's trainer does. Returns 1 if it stepped."""
+    # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
+    clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
+    gn = torch.nn.utils.clip_grad_norm_(clip_on, grad_clip if grad_clip > 0 else float("inf"))
+    stepped = 0
+    if torch.isfinite(gn):
+        opt.step()
+        stepped = 1
+    else:
+        warnings.warn(f"train_grpo: non-finite grad norm {gn}; optimiser step skipped", RuntimeWarning)
+    opt.zero_grad(set_to_none=True)
+    acc["grad_norm"].append(float(gn))
+    return stepped
+
+
+class _RolloutBatch:
+    """The N completions of one rollout, cut and packed for the trainer's forwards."""
+
+    def __init__(self, prompts, completions, finished, eos_ids, pad_id, cfg, device):
+        self.prompts, self.completions, self.finished = prompts, completions, finished
+        self.eos_ids, self.pad_id, self.cfg, self.device = eos_ids, pad_id, cfg, device
+        self.p_lens, self.c_lens = [len(p) for p in prompts], [len(c) for c in completions]
+
+    def micro(self, idx):
+        """Rows `idx` packed: ids, attn, P, L and the (n, L) loss mask."""
+        ids, attn, lens, P, L = pack_batch([self.prompts[i] for i in idx],
+                                           [self.completions[i] for i in idx], self.pad_id, self.device)
+        mask = completion_mask(ids[:, P:], self.eos_ids, lens)                  # (n, L)
+        if self.cfg["mask_truncated"]:   # DAPO overlong filter: no loss on cut-off completions
+            mask *= torch.tensor([float(self.finished[i]) for i in idx], device=self.device).unsqueeze(1)
+        return ids, attn, P, L, mask
+
+    def token_counts(self) -> list[float]:
+        """Loss tokens per completion (for the mini-batch normalisers), trained or not."""
+        N, mb, n = len(self.completions), self.cfg["micro_batch_size"], []
+        for s in range(0, N, mb):
+            n += [float(row.sum()) for row in self.micro(list(range(s, min(N, s + mb))))[4]]
+        return n
+
+    def chunks(self, idx):
+        """Speed-up 2: micro-batches under --micro-batch-size and --micro-batch-tokens."""
+        return token_budget_micros(idx, self.p_lens, self.c_lens, self.cfg["micro_batch_size"],
+                                   self.cfg["micro_batch_tokens"])
+
+
+def trained_rows(adv, cfg) -> list[bool]:
+    """Speed-up 1: which completions need a forward. With A = 0 (all-equal groups) a completion
+    adds nothing to the loss's numerator, only its tokens to the normaliser, which is passed in
+    separately: with β = 0 it needs no forward at all (exact for dapo/grpo/dr_grpo, whose
+    normalisers are mini-batch-wide; not for bnpo, whose normaliser is the micro-batch's)."""
+    skip_zero = cfg["beta"] == 0 and cfg["loss_agg"] != "bnpo"
+    return [not skip_zero or bool(adv[i] != 0) for i in range(len(adv))]
+
+
+@torch.no_grad()
+def _old_and_ref_logprobs(model, ref_model, batch, active, reused, cfg, ent, amp):
+    """ℓ_old of the trained completions outside `reused` (and ℓ_ref of all when β > 0), per row.
+
+    ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
+    stored, because mini-batches 2..k of a rollout are off-policy. Reference for the KL: Full FT =
+    the frozen copy `ref_model`; PEFT = the same model with its adapters off."""
+    N, T = len(batch.completions), cfg["temperature"]
+    old, ref = [None] * N, [None] * N
+    model.eval()
+    for idx in batch.chunks([i for i in range(N) if active[i] and i not in reused]):
+        ids, attn, P, L, mask = batch.micro(idx)
+        with amp():
+            lp, H = sequence_logprobs(model, ids, attn, P, L, T, with_entropy=True)
+        for j, i in enumerate(idx):
+            old[i] = lp[j]
+        ent[0], ent[1] = ent[0] + float((H * mask).sum()), ent[1] + float(mask.sum())
+    if cfg["beta"] > 0:
+        for idx in batch.chunks(list(range(N))):
+            ids, attn, P, L, mask = batch.micro(idx)
+            off = peft_methods.disable_adapters(model) if ref_model is None else contextlib.nullcontext()
+            with off, amp():
+                rlp, _ = sequence_logprobs(model if ref_model is None else ref_model, ids, attn, P, L, T)
+            for j, i in enumerate(idx):
+                ref[i] = rlp[j]
+    return old, ref
+
+
+def _sampler_logp_gap(old, sampler_logps, device):
+    """Mean |ℓ_old - ℓ_sampler| (vLLM): small (bf16 rounding) when the weights are in sync, O(1)
+    when broken; None when nothing was compared (every group skipped), never a fake 0.0."""
+    if sampler_logps is None:
+        return None
+    d = [(o[:len(sl)] - torch.tensor(sl[:len(o)], device=device)).abs()
+         for o, sl in zip(old, sampler_logps) if o is not None and len(sl)]
+    return float(torch.cat(d).mean()) if d else None
 
 
 def _pad_stack(rows, L, device):
@@ -1445,18 +1319,7 @@ def _masked_mean(x, mask) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1.0))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume keep only the log lines of steps already in the checkpoint (atomic rewrite)."""
-    if not path.exists():
-        return
-    import loading
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
 def _evaluate(model, tokenizer, domain, cfg, path: Path) -> dict:
-    import evaluate
-    import loading
     res = evaluate.evaluate_toy(model, tokenizer, domain=domain, n_per_family=cfg["eval_n"])
     loading.atomic_write_json(path, res)
     print(f"[grpo] eval {path.name}: target {res['target_score']:.1f} general "
@@ -1464,11 +1327,258 @@ def _evaluate(model, tokenizer, domain, cfg, path: Path) -> dict:
     return res
 
 
+# -----------------------------------------------------------------------------
+# Configuration and CLI: presets, flags, resolution and checks, --dry-run
+
+# [PEFT-Arena, RLVR setup] B = 256 prompts x G = 8, <= 8192 new tokens, 4 mini-batches of 64
+# prompts, constant LR 1e-5 (PEFT) / 1e-6 (Full FT)
+PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, mini_batches=4,
+                    steps=200, lr={"full": 1e-6, "*": 1e-5})
+# Implementation note 6: the toy preset. At the paper's LRs a 1M-parameter model barely moves in a
+# few dozen steps, so the toy takes larger LRs (below the ones that collapsed; the README's Results have the
+# runs) and a smaller batch, G and length. It gains for the paper's reason: GRPO makes
+# greedy what sampling already finds (toy_world.py Deviation 4).
+TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
+                  steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
+
+
+def _lr_text(preset: dict) -> str:
+    """'full 1e-4, oft 6e-4, other 1.5e-3': a preset's LRs for --help (written once, in the preset)."""
+    return ", ".join(f"{'other' if k == '*' else k} {v:.1e}".replace(".0e", "e") for k, v in preset["lr"].items())
+
+
+SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, steps=2,
+             num_prompts=8, eval_n=0, save_every_steps=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one helper per flag group (model, data, rollout, objective, optimiser, run, plan)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_group in (_model_flags, _data_flags, _rollout_flags, _objective_flags, _optimiser_flags,
+                      _run_flags, _plan_flags):
+        add_group(p)
+    return p
+
+
+def _model_flags(p) -> None:
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
+    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
+    # the same method flags as train_sft.py, so arena.py can pass one dict to both
+    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
+    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
+    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
+                   "(the release's RL LoRA config has no dropout)")
+    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
+    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from (same --method)")
+    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
+                   help="auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16")
+    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
+                   help="cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param there), "
+                   "bf16 weights + grads on the GPU (4 B/param)")
+    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
+
+
+def _data_flags(p) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default "
+                   "toy-math for --model toy (a real model needs --data or an explicit --task)")
+    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout (prompt = "
+                   "chat messages, reward_model.ground_truth)")
+    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (dotted for "
+                   "nested fields); default 'prompt'")
+    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted "
+                   "for nested fields); default reward_model.ground_truth, else 'answer'")
+    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
+                   "data_source, 'med_23k_think' -> med, else math)")
+    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
+    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
+                   "dropped (tokens; release: 1024)")
+
+
+def _rollout_flags(p) -> None:
+    g = p.add_argument_group("rollout")
+    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
+                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
+    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
+    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
+    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
+                   help="auto: vLLM if installed and on CUDA, else transformers generate")
+    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
+    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
+                   help="hf sampler: live = the adapted model; merged = a plain copy that receives "
+                   "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
+    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
+
+
+def _objective_flags(p) -> None:
+    g = p.add_argument_group("objective")
+    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
+                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
+    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
+    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
+                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
+    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
+    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
+                   "--max-new-tokens (DAPO overlong filter; paper: off)")
+    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
+    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="padded tokens (sequences x width) per forward/backward (release: 16k per "
+                   "GPU); 0 = off")
+
+
+def _optimiser_flags(p) -> None:
+    g = p.add_argument_group("optimiser")
+    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
+                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
+                   "optimiser steps)")
+
+
+def _run_flags(p) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/grpo", help="output directory")
+    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
+    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
+                   "checkpoints (release save_freq 50; 0 = only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
+    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
+                   "before and after training (0 = off)")
+    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _plan_flags(p) -> None:
+    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
+    g.add_argument("--dry-run", action="store_true", help="print the planned GPU peak memory of one "
+                   "rollout step (training + the vLLM share; memory.py) and exit; --model may be a "
+                   "configs/model_shapes name or .json file")
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")
+
+
+def method_hparams(cfg: dict, peft_methods) -> dict:
+    """CLI method flags -> make_config kwargs, checked against the method's dataclass fields.
+
+    RL differs from SFT in one default: adapter dropout 0 (the release passes LoRA only r, alpha,
+    targets in `fsdp_sft_trainer.py` `_build_lora_config`). Dropout would also make ℓ_old (no dropout) and ℓ_θ (dropout) disagree.
+    """
+    hp = peft_methods.hparams_from_flags(
+        cfg["method"], cfg, cfg["hp"], cfg["steps"] * cfg["mini_batches"] * cfg["ppo_epochs"])
+    fields = {f.name for f in dataclasses.fields(peft_methods.make_config(cfg["method"]))}
+    if "dropout" in fields and "dropout" not in hp:   # neither --dropout nor --hp dropout=...
+        hp["dropout"] = 0.0
+    return hp
+
+
+def resolve_config(overrides: dict | None = None) -> dict:
+    """Parser defaults <- overrides <- preset (only unset values) <- --smoke; then validate."""
+    cfg = vars(build_parser().parse_args([]))
+    unknown = set(overrides or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"train_grpo: unknown config keys {sorted(unknown)}")
+    cfg.update(overrides or {})
+    if cfg["task"] is None:
+        if cfg["data"] is None and cfg["model"] != "toy" and not cfg.get("dry_run"):
+            raise loading.ConfigError(f"--data is required for a real model ({cfg['model']}): the release's RL "
+                                      "parquet/jsonl; pass --task toy-math (or toy-med) to train it "
+                                      "on the toy rows on purpose", "data")
+        cfg["task"] = "toy-math"
+    if cfg["smoke"]:   # smoke sizes, except where the caller set a value explicitly
+        cfg.update({k: v for k, v in SMOKE.items() if k not in (overrides or {})})
+    preset = cfg["preset"]
+    if preset == "auto":
+        preset = "toy" if cfg["data"] is None and cfg["task"].startswith("toy") else "paper"
+    pre = TOY_PRESET if preset == "toy" else PAPER_PRESET
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps"):
+        if cfg[k] is None:
+            cfg[k] = pre[k]
+    if cfg["lr"] is None:
+        cfg["lr"] = pre["lr"].get(cfg["method"], pre["lr"]["*"])
+    cfg["resolved_preset"] = preset
+    cfg["adam_betas"] = list(cfg["adam_betas"])
+    if cfg["grad_checkpointing"] is None:
+        # on for real models (responses of thousands of tokens: activations dominate), off for the
+        # toy (tiny activations; keeps the demo's numbers and speed as they were)
+        cfg["grad_checkpointing"] = cfg["model"] != "toy"
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: dict) -> None:
+    """The resolved config's invariants; each error names the key at fault (ConfigError.field)."""
+    def fail(msg, key):
+        raise loading.ConfigError(msg, key)
+    if cfg["data"] is None and cfg["task"] not in ("toy-math", "toy-med"):
+        fail(f"--task must be toy-math or toy-med (or pass --data), got {cfg['task']!r}", "task")
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batches", "steps",
+              "ppo_epochs", "micro_batch_size"):
+        if cfg[k] < 1:
+            fail(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}", k)
+    if cfg["micro_batch_tokens"] < 0:
+        fail(f"--micro-batch-tokens must be >= 0 (0 = off), got {cfg['micro_batch_tokens']}",
+             "micro_batch_tokens")
+    if cfg["prompts_per_step"] % cfg["mini_batches"]:
+        fail(f"--prompts-per-step {cfg['prompts_per_step']} must be divisible by --mini-batches "
+             f"{cfg['mini_batches']} (mini-batches split whole groups)", "prompts_per_step")
+    if not (0 < cfg["clip_eps_low"] < 1 and cfg["clip_eps_high"] > 0):
+        fail(f"clip range must be 0 < --clip-eps-low < 1 and --clip-eps-high > 0, got "
+             f"{cfg['clip_eps_low']}, {cfg['clip_eps_high']}", "clip_eps_low")
+    if cfg["dual_clip"] and cfg["dual_clip"] <= 1:
+        fail(f"--dual-clip must be > 1 (or 0 = off), got {cfg['dual_clip']}", "dual_clip")
+    if cfg["resume"] and cfg["overwrite"]:
+        fail("--resume and --overwrite exclude each other", "resume")
+    if cfg["temperature"] <= 0:
+        fail(f"--temperature must be > 0 for sampling, got {cfg['temperature']}", "temperature")
+    if cfg["optimizer_offload"] == "cpu" and cfg["method"] != "full":
+        fail(f"--optimizer-offload cpu is for --method full (Full FT); {cfg['method']!r} "
+             "trains small adapters whose optimizer state fits the GPU", "optimizer_offload")
+    if cfg["optimizer_offload"] == "cpu" and cfg["param_dtype"] == "bf16":
+        fail("--optimizer-offload cpu keeps fp32 masters; it excludes --param-dtype bf16", "optimizer_offload")
+
+
+def dry_run(overrides: dict) -> dict:
+    """--dry-run: print the planned per-GPU peak memory (training step + vLLM's share; memory.py)
+    and return memory.estimate's dict. A real model without --data is planned at the paper preset."""
+    import memory   # imported here: memory.py imports this file
+    overrides = dict(overrides)
+    if overrides.get("model", "toy") != "toy" and overrides.get("preset", "auto") == "auto":
+        overrides["preset"] = "paper"
+    cfg = resolve_config(overrides)
+    if cfg["method"] not in peft_methods.METHODS:
+        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
+    hf_config = memory.hf_config_for(cfg["model"])
+    plan = memory.grpo_plan(cfg, gpu_memory_gib=cfg["gpu_memory_gib"], cuda=True)
+    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
+                        tool="train_grpo"))
+    print("[train_grpo] one process on one GPU (train_grpo has no multi-GPU path); vLLM shares that GPU",
+          file=sys.stderr)
+    return memory.estimate(hf_config, plan)
+
+
 if __name__ == "__main__":
     parser = build_parser()
     # only the flags given on the command line count as overrides (so --smoke/presets fill the rest)
     given = {k: v for k, v in vars(parser.parse_args()).items() if v != parser.get_default(k)}
-    import loading
     if given.get("dry_run"):
         sys.exit(loading.run_cli("train_grpo.py", lambda: (dry_run(given), 0)[1],
                                  one_line=(ValueError, FileNotFoundError)))

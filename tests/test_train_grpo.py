@@ -19,6 +19,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluate  # noqa: E402
+import loading  # noqa: E402
+from loading import ConfigError  # noqa: E402
+import peft_methods as pm  # noqa: E402
+import toy_world  # noqa: E402
 import train_grpo as tg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +35,7 @@ def tiny(request):
     try:
         return request.getfixturevalue("tiny_random")
     except pytest.FixtureLookupError:
-        toy_world = pytest.importorskip("toy_world")
         return toy_world.build_random_toy_model(seed=0)
-
-
-def _need(mod, *attrs):
-    m = pytest.importorskip(mod)
-    for a in attrs:
-        if not hasattr(m, a):
-            pytest.skip(f"{mod}.{a} not written yet")
-    return m
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +274,6 @@ def test_safe_rewards_counts_and_warns_once_per_kind():
 
 
 def test_reward_functions_math_and_med():
-    _need("evaluate", "grade_math", "extract_choice_letter")
     rm, rd = tg.make_reward_fn("math"), tg.make_reward_fn("med")
     assert rm("3 + 4 = 7. The answer is \\boxed{7}.", "7") == 1.0
     assert rm("The answer is \\boxed{8}.", "7") == 0.0
@@ -290,7 +285,6 @@ def test_reward_functions_math_and_med():
 
 
 def test_overlong_prompts_dropped_or_refused(tiny):
-    pytest.importorskip("loading")
     _, tok = tiny
     rows = [{"prompt": "hi", "answer": "1"}, {"prompt": "x" * 400, "answer": "2"}]
     with pytest.warns(RuntimeWarning, match="dropped 1/2 prompts longer than 60"):
@@ -327,7 +321,6 @@ def test_config_validation_names_flags():
     c = tg.resolve_config({"method": "full", "preset": "paper"})
     assert c["lr"] == 1e-6 and c["group_size"] == 8 and c["mini_batches"] == 4
     assert tg.resolve_config({"preset": "paper"})["lr"] == 1e-5
-    pm = pytest.importorskip("peft_methods")
     hp = tg.method_hparams(tg.resolve_config({"method": "lora", "r": 8, "hp": ["use_rslora=true"]}), pm)
     assert hp == {"r": 8, "dropout": 0.0, "use_rslora": True}
     with pytest.raises(ValueError, match="--block-size does not apply to --method lora"):
@@ -452,6 +445,30 @@ def test_optimise_equals_a_plain_full_batch_reference(tiny, agg):
         assert torch.allclose(a, b, atol=1e-6), n
 
 
+@pytest.mark.parametrize("agg", ["dapo", "grpo", "dr_grpo"])
+def test_plain_loss_is_the_reference_and_optimise_equals_it(tiny, agg):
+    """grpo_loss_plain (the algorithm in one forward) equals the hand-written loss, and one SGD
+    step on it equals _optimise with both speed-ups on (A = 0 skip, micro-batches of 1)."""
+    adv = torch.tensor([0.0, 0.0, 1.3, -0.4])
+    cfg = _opt_cfg(micro_batch_size=1, loss_agg=agg)
+    plain = copy.deepcopy(tiny[0])
+    loss = tg.grpo_loss_plain(plain, _PROMPTS, _COMPS, adv, cfg=cfg, eos_ids=[2], pad_id=0)
+    ids, attn, lens, P, L = tg.pack_batch(_PROMPTS, _COMPS, 0, "cpu")
+    lp, _ = tg.sequence_logprobs(copy.deepcopy(tiny[0]), ids, attn, P, L, 1.0)
+    per_tok, _ = tg.policy_loss_per_token(lp, lp.detach(), adv)
+    ref = tg.aggregate_loss(per_tok, tg.completion_mask(ids[:, P:], [2], lens), agg, max_len=8)
+    assert torch.equal(loss, ref)
+    loss.backward()
+    with torch.no_grad():
+        for p in plain.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    fast = copy.deepcopy(tiny[0])
+    _run_opt(fast, cfg, adv)
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
 def test_zero_advantage_and_empty_completions_leave_weights_unchanged_and_finite(tiny):
     model = copy.deepcopy(tiny[0])
     before = [p.detach().clone() for p in model.parameters()]
@@ -471,7 +488,6 @@ def test_zero_advantage_and_empty_completions_leave_weights_unchanged_and_finite
 
 
 def test_kl_to_reference_with_adapters_off_and_frozen_copy(tiny):
-    pm = _need("peft_methods", "apply_peft", "disable_adapters")
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     # PEFT: the reference is the same model with its adapters off -> KL 0 at the identity init
     model = copy.deepcopy(tiny[0])
@@ -505,7 +521,6 @@ def test_kl_to_reference_with_adapters_off_and_frozen_copy(tiny):
 
 @pytest.mark.parametrize("method,hp", [("lora", {"r": 4}), ("oft", {})])
 def test_pushed_merged_weights_give_the_adapted_logits(tiny, method, hp):
-    pm = _need("peft_methods", "apply_peft", "merged_state_dict")
     if method not in getattr(pm, "METHODS", {method: 0}):
         pytest.skip(f"{method} not in peft_methods.METHODS yet")
     base = copy.deepcopy(tiny[0])
@@ -528,7 +543,6 @@ def test_pushed_merged_weights_give_the_adapted_logits(tiny, method, hp):
 
 
 def test_sampling_from_the_merged_copy_equals_sampling_from_the_adapted_model(tiny):
-    pm = _need("peft_methods", "apply_peft", "merged_state_dict")
     model = copy.deepcopy(tiny[0])
     plain = copy.deepcopy(model)
     pm.apply_peft(model, "lora", r=4, dropout=0.0)
@@ -560,7 +574,6 @@ def test_vllm_engine_push_and_sample(tmp_path, tiny):       # pragma: no cover -
     comps, fin, lps = tg.sample_vllm(llm, [[5, 6, 7]], group_size=4, max_new_tokens=8,
                                      temperature=1.0, eos_token_ids=[tok.eos_token_id])
     assert len(comps) == 4 and all(len(lp) == len(c) for lp, c in zip(lps, comps))
-    import evaluate
     evaluate.shutdown_vllm(llm)
 
 
@@ -568,16 +581,8 @@ def test_vllm_engine_push_and_sample(tmp_path, tiny):       # pragma: no cover -
 # end to end: train() in process (+ resume) and the CLI --smoke
 
 
-def _needs_stack():
-    _need("peft_methods", "apply_peft", "save_adapter", "load_adapter", "merged_state_dict")
-    _need("toy_world", "make_rl_rows")
-    _need("evaluate", "grade_math", "extract_choice_letter")
-    _need("loading", "load_model")
-
-
 @pytest.mark.slow
 def test_train_in_process_and_resume(tmp_path, tiny, monkeypatch):
-    _needs_stack()
     model, tok = tiny
     # a random model never answers right: a length-parity reward gives mixed groups, so the
     # whole update path runs (the real graders are tested above)
@@ -614,8 +619,6 @@ def test_train_in_process_and_resume(tmp_path, tiny, monkeypatch):
 
 @pytest.mark.slow
 def test_start_from_an_sft_checkpoint(tmp_path, tiny):
-    _needs_stack()
-    pm = pytest.importorskip("peft_methods")
     model, tok = tiny
     sft = copy.deepcopy(model)
     pm.apply_peft(sft, "lora", r=4)                      # an "SFT" adapter with dropout 0.05
@@ -640,7 +643,6 @@ def test_start_from_an_sft_checkpoint(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_cli_smoke_subprocess(tmp_path, tiny):
-    _needs_stack()
     model, tok = tiny
     mdir = tmp_path / "tiny_model"
     model.save_pretrained(mdir)
@@ -707,7 +709,6 @@ def _changed(before: dict, model, names) -> tuple[float, float]:
 def test_bf16_step_at_paper_lr_moves_weights_as_fp32_does(tmp_path, tiny, monkeypatch, method, lr, pick):
     """Acceptance 3: a GRPO step at the paper's LR with bf16 compute changes the trainable weights as
     the fp32 run does (fp32 masters; pure bf16 rounded ~98% of Full FT updates and most of lora_A's away)."""
-    _needs_stack()
     model0, tok = tiny
     monkeypatch.setattr(tg, "make_reward_fn",
                         lambda domain: lambda resp, ans: float(sum(map(ord, resp)) % 2))
@@ -759,7 +760,6 @@ def test_optimizer_offload_step_equals_the_fp32_master_path(tmp_path, tiny, monk
     updates as the fp32-master path (fp32 weights + bf16 autocast) does: at the paper's Full FT LR
     1e-6 ~every master entry moves (no lost update), the masters agree with the fp32 path's
     weights, and the bf16 weights are the masters' bf16 cast."""
-    _needs_stack()
     model0, tok = tiny
     monkeypatch.setattr(tg, "make_reward_fn", lambda domain: lambda resp, ans: float(sum(map(ord, resp)) % 2))
     sample, tape = _replay_sampler(monkeypatch)
@@ -815,7 +815,6 @@ def test_optimizer_offload_step_equals_the_fp32_master_path(tmp_path, tiny, monk
 def test_optimizer_offload_resume_restores_the_fp32_masters(tmp_path, tiny, monkeypatch):
     """Two offload steps in one run == one step + --resume one step: the checkpoint's optimizer.pt
     carries the fp32 masters and AdamW moments (the saved weights are only their bf16 cast)."""
-    _needs_stack()
     model0, tok = tiny
     monkeypatch.setattr(tg, "make_reward_fn", lambda domain: lambda resp, ans: float(len(resp) % 2))
     cfg = {"smoke": True, "method": "full", "lr": 1e-6, "no_progress": True, "task": "toy-math",
@@ -844,7 +843,6 @@ def test_optimizer_offload_resume_restores_the_fp32_masters(tmp_path, tiny, monk
 
 
 def test_optimizer_offload_is_for_full_ft_only():
-    from loading import ConfigError
     with pytest.raises(ConfigError, match="--optimizer-offload cpu is for --method full"):
         tg.resolve_config({"method": "lora", "optimizer_offload": "cpu"})
     with pytest.raises(ConfigError, match="param-dtype bf16"):

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import arena
 import evaluate as ev
+from loading import ConfigError, load_model, load_tokenizer
+import peft_methods as pm
+import rewind
 import train_grpo as tg
+from toy_world import build_random_toy_model
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 NQ = f"nq={FIX / 'nq' / 'nq-test.qa.csv'}"
@@ -21,7 +26,6 @@ NQ = f"nq={FIX / 'nq' / 'nq-test.qa.csv'}"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A random-init Qwen2-shaped model (the toy architecture, 2 layers, tied embeddings) on disk."""
-    from toy_world import build_random_toy_model
     model, tok = build_random_toy_model(seed=0, num_hidden_layers=2)
     d = tmp_path_factory.mktemp("tiny_qwen2")
     model.save_pretrained(d, safe_serialization=True)
@@ -31,7 +35,6 @@ def tiny_dir(tmp_path_factory):
 
 def _adapter(tiny_dir, out: Path) -> Path:
     """A LoRA adapter on tiny_dir with visibly non-zero weights."""
-    import peft_methods as pm
     base, _, _ = ev._load_for_eval(str(tiny_dir), None, dtype="float32", device="cpu")
     pm.apply_peft(base, "lora", r=4, alpha=8)
     torch.manual_seed(1)
@@ -88,7 +91,6 @@ def test_double_rejects_what_vllm_rejects(vllm_double, tiny_dir):
 
 def test_double_greedy_matches_transformers(vllm_double, tiny_dir):
     """The double decodes like the HF backend (greedy, fp32): the same texts for the same prompts."""
-    from loading import load_model
     model, tok = load_model(str(tiny_dir), dtype="float32", device="cpu")
     prompts = [tok.apply_chat_template([{"role": "user", "content": "word " * (i + 1)}], tokenize=False,
                                        add_generation_prompt=True) for i in range(3)]
@@ -182,7 +184,6 @@ def test_item8_evaluate_real_model_needs_a_suite(tiny_dir, tmp_path):
 
 
 def test_item8_train_grpo_real_model_needs_data(tiny_dir, tmp_path):
-    from loading import ConfigError
     with pytest.raises(ConfigError, match="--data is required for a real model") as e:
         tg.resolve_config({"model": str(tiny_dir), "out": str(tmp_path / "g")})
     assert e.value.field == "data"
@@ -191,7 +192,6 @@ def test_item8_train_grpo_real_model_needs_data(tiny_dir, tmp_path):
 
 
 def test_item8_rewind_toy_eval_refused_for_a_real_base(tmp_path):
-    import rewind
     base, run = rewind.make_smoke_run(tmp_path / "smoke")      # a real (non-'toy') --base folder
     with pytest.raises(SystemExit, match="real model"):
         rewind.main(["--base", str(base), "--checkpoint", str(run), "--eval", "toy", "--grid", "0,1",
@@ -211,7 +211,6 @@ def _arena_cfg(backend="vllm"):
 
 
 def test_item10_arena_scores_both_suites_with_one_engine_then_frees_it(vllm_double, tiny_dir, tmp_path):
-    import arena
     r = arena.evaluate_model(str(tiny_dir), None, "math", _arena_cfg(), tmp_path / "cell")
     assert r["target"] is not None and r["general"] is not None
     assert len(vllm_double.CREATED) == 1            # math and general suites: one engine
@@ -219,7 +218,6 @@ def test_item10_arena_scores_both_suites_with_one_engine_then_frees_it(vllm_doub
 
 
 def test_item10_arena_passes_the_memory_share(tiny_dir, tmp_path):
-    import arena
     cfg = _arena_cfg()
     cfg["eval"]["vllm_gpu_memory_utilization"] = 0.4
     argv = arena._eval_argv(str(tiny_dir), None, "math", "math", cfg["eval"], cfg, tmp_path)
@@ -235,7 +233,6 @@ def test_item10_max_model_len_and_memory_share(vllm_double, tiny_dir, tmp_path):
     llm = vllm_double.CREATED[0]
     assert llm.kwargs["gpu_memory_utilization"] == 0.4
     # the longest rendered prompt + 3 new tokens, not the model's 512
-    from loading import load_tokenizer
     tok = load_tokenizer(str(tiny_dir))
     longest = 0
     for n in ("ifeval", "bbh", "nq"):
@@ -322,7 +319,6 @@ def test_item13_no_vllm_lora_request_path():
 # item 14: rewind.py scores real suites, one engine across points
 
 def test_item14_rewind_scores_real_suites_with_one_engine(vllm_double, tmp_path):
-    import rewind
     base, run = rewind.make_smoke_run(tmp_path / "smoke")
     res = rewind.main(["--base", str(base), "--checkpoint", str(run), "--eval", "real", "--suite", "all",
                        "--data-dir", str(FIX), "--path", NQ, "--limit", "1", "--max-new-tokens", "2",
