@@ -2,10 +2,10 @@
 run the arena's grids (toy demo, or any model from a config file) and rebuild their reports.
 
     python arena.py --help
-    python arena.py pretrain-toy              # re-create the committed toy base (<= 10 min, 2 cores)
+    python arena.py pretrain-toy              # re-create the committed toy base (CPU)
     python arena.py calibrate                 # both-axis scores of the toy base (README table)
     python arena.py demo                      # the paper's story on the toy world
-    python arena.py run --config configs/toy_grid.yaml                      # a config grid (CPU, < 1 min)
+    python arena.py run --config configs/toy_grid.yaml                      # a config grid (CPU)
     python arena.py run --config configs/paper_qwen2.5-7b.yaml --validate-only   # plan + checks only
     python arena.py run --config configs/paper_qwen2.5-7b.yaml              # the paper's grid (GPU)
     python arena.py report runs/toy-grid [--paper]   # tables + scatter again, from cells/*.json alone
@@ -89,6 +89,8 @@ from loading import REPO_DIR, TOY_MODEL_DIR, atomic_write_csv, atomic_write_json
 
 
 def cmd_pretrain_toy(args) -> int:
+    d = toy_world.PRETRAIN_DEFAULTS
+    args.steps, args.batch_size, args.lr = args.steps or d["steps"], args.batch_size or d["batch_size"], args.lr or d["lr"]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -164,9 +166,8 @@ QUICK_SFT = {"Full FT", "OFT b16", "LoRA r8"}
 INTERP_CELLS = ["Full FT", "LoRA r8", "OFT b16"]
 
 # Toy-world budgets (DEVIATION 3: larger learning rates and far fewer steps than the paper's
-# 2e-4 x 4 epochs of 50k samples), sized so the full demo fits 15 minutes on 2 CPU cores:
-# 14 SFT cells x 120 steps, 3 GRPO cells x 12 rollout steps, 100 test items per family,
-# interpolation grid 0, 0.2, ..., 1.
+# 2e-4 x 4 epochs of 50k samples), sized for a laptop CPU (README: timings): 14 SFT cells x 120
+# steps, 3 GRPO cells x 12 rollout steps, 100 test items per family, interpolation grid 0:1:0.2.
 DEMO = {
     "full": dict(sft_steps=120, quick_sft_steps=60, n_per_family=100, quick_n=50,
                  grpo_steps=12, quick_grpo_steps=0, grid="0:1:0.2", quick_grid="0:1:0.5"),
@@ -472,6 +473,8 @@ def _check_train_settings(paradigm: str, settings, field: str, add) -> None:
     if not isinstance(settings, dict):
         add(field, settings, f"expected a mapping of {script} settings")
         return
+    # the scripts take a config dict as it is (argparse converts only command-line strings), so a
+    # YAML value of the wrong type would surface mid-training: check it against the flag here
     actions = {a.dest: a for a in _train_parser(paradigm)._actions if a.dest != "help"}
     for k, v in settings.items():
         f = f"{field}.{k}"
@@ -1054,11 +1057,6 @@ def cell_fingerprint(cell: dict, cfg: dict) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def memory_budget_text(cfg: dict) -> str:
-    g = cfg["gpu_memory_gib"]
-    return f"{memory.USABLE_FRACTION * g:.1f} usable of {g:g} GiB per GPU ({cfg['gpus']} GPU(s))"
-
-
 def print_plan(plan: dict, source: str, log=print) -> None:
     cfg = plan["config"]
     cells = [c for c in plan["cells"] if c["paradigm"] != "base"]
@@ -1076,8 +1074,10 @@ def print_plan(plan: dict, source: str, log=print) -> None:
         log(f"  {i:>3}  {c['id']:<{w}}  {str(c['method']):<8}  {_fmt_count(c.get('trainable_params')):>10}{cols}  "
             f"{json.dumps(c['hparams'])}")
     if mem:
+        g = cfg["gpu_memory_gib"]
         log(f"  memory plan (memory.py; fake tensors, 1-2 layers extrapolated to {plan['n_layers']}): peak "
-            f"GiB per GPU of one training step (+ vLLM's share for GRPO) against {memory_budget_text(cfg)}"
+            f"GiB per GPU of one training step (+ vLLM's share for GRPO) against "
+            f"{memory.USABLE_FRACTION * g:.1f} usable of {g:g} GiB per GPU ({cfg['gpus']} GPU(s))"
             + (f"; Full FT SFT on {cfg['gpus']} GPUs via torchrun (FSDP2), the other cells on 1 GPU"
                if cfg["gpus"] > 1 else "; every cell on 1 GPU"))
 
@@ -1123,6 +1123,8 @@ def _score_suites(spec, adapter, domain, cfg, out_root: Path, suites, res: dict)
         if (out / "results.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
             res[s] = json.loads((out / "results.json").read_text())    # scored earlier, same flags
             continue
+        # keep_engine: the next suite of the same model reuses the loaded vLLM engine;
+        # context_suites: the engine is sized for every suite it will serve
         res[s] = evaluate.main(argv, keep_engine=True,
                                context_suites=[x for x in suites if x != "toy"])
         atomic_write_json(stamp, argv)
@@ -1132,6 +1134,8 @@ def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -
     """Both axes for one model (+ adapter) through evaluate.py: the toy suite (all five families),
     or the real target suite of `domain` plus the general suite. Each suite run is cached in
     out_root/<suite>/ (results.json + generations), reused when its evaluate.py flags are unchanged."""
+    # Target = the domain's suite score, General = the general suite's score (the paper's mean of
+    # BBH, IFEval and NQ; evaluate.py computes both)
     suites = ["toy"] if cfg["eval"]["suite"] == "toy" else [domain, "general"]
     res = {}
     try:
@@ -1209,7 +1213,7 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
     cfg = plan["config"]
     ckpt_root = run / cell["ckpt_dir"]
     t0 = time.time()
-    final = _finished(ckpt_root)
+    final = _finished(ckpt_root)     # trained earlier (or on another node): only score it
     if final is None:
         # a half-trained cell resumes through the training file's own --resume (same config, checked
         # there); a directory with files but no run config in it is cleared by --overwrite
@@ -1233,6 +1237,7 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
     t1 = time.time()
     res = evaluate_model(cfg["model"], final, cell["domain"], cfg, run / "evals" / Path(cell["file"]).stem)
     target, general = round(res["target"], 2), round(res["general"], 2)
+    # both axes are read against this domain's base model; without one (it failed) they stay None
     ok_base = base is not None and base.get("status") == "ok"
     # SFT and GRPO summaries name two fields differently (n_trainable / trainable_params,
     # last_loss / reward_last): the row reads whichever the script wrote
@@ -1311,6 +1316,8 @@ def run_grid(plan: dict, run: Path, *, progress: bool = False, log=print) -> int
 
 def stale_cells(plan: dict, run: Path) -> list[str]:
     """Cells finished earlier with different settings (their numbers would be silently reused)."""
+    # a rerun skips every cell whose file says ok, so an edited config must not meet old results:
+    # the fingerprint saved with each row tells them apart (rows from before fingerprints pass)
     out = []
     for cell in plan["cells"]:
         path = run / cell["file"]
@@ -1661,6 +1668,8 @@ def _domain_report(run: Path, rows: list[dict], d: str, model: str, png: Path, p
 def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
     """results.json, results.csv, leaderboard.md and one scatter per domain, from cells/*.json.
     `run` writes these after every cell; `python arena.py report RUN` calls the same function."""
+    # everything is rebuilt from the cell files, so a report never depends on the process that ran
+    # the cells (`report` after a crash, or after cells were trained on another node, is the same)
     rows = read_run_rows(run)
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     model = next((r["model"] for r in rows if r.get("model")), "?")
@@ -1758,7 +1767,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     threads = dict(type=int, default=0, help="torch CPU threads (0 = torch default)")
 
-    s = sub.add_parser("pretrain-toy", help="pretrain the miniature toy base model (<= 10 min on 2 CPU cores)")
+    s = sub.add_parser("pretrain-toy", help="pretrain the miniature toy base model (CPU)")
     g = s.add_argument_group("output")
     g.add_argument("--out", default=str(TOY_MODEL_DIR), help="directory to write (default: the committed toy_model/)")
     g = s.add_argument_group("training")
@@ -1783,7 +1792,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the paper's story on the toy world (CPU, minutes)")
     s.add_argument("--domain", choices=["math", "med"], default="math", help="target domain")
-    s.add_argument("--quick", action="store_true", help="3 methods, fewer steps and items (<= 3 min)")
+    s.add_argument("--quick", action="store_true", help="3 methods, fewer steps and items")
     s.add_argument("--out", default=None, help="run directory (default runs/demo-<domain>[-quick])")
     s.add_argument("--threads", **threads)
     s.set_defaults(func=cmd_demo)
@@ -1817,11 +1826,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd == "pretrain-toy":
-        d = toy_world.PRETRAIN_DEFAULTS
-        args.steps = args.steps or d["steps"]
-        args.batch_size = args.batch_size or d["batch_size"]
-        args.lr = args.lr or d["lr"]
     return args.func(args)
 
 
