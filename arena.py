@@ -1645,7 +1645,7 @@ def config_paper_model(run: Path) -> str | None:
     return cfg.get("paper_model") if isinstance(cfg, dict) else None
 
 
-def _domain_report(run: Path, rows: list[dict], d: str, model: str, png: Path, paper_key) -> tuple[list, str]:
+def _domain_report(rows: list[dict], d: str, model: str, png: Path, paper_key) -> tuple[list, str]:
     """One target domain's part of a run's leaderboard.md (its table, the paper's columns when
     `paper_key` is not False, the failed cells) and its scatter; returns (markdown lines, note)."""
     ok = [r for r in rows if r["domain"] == d and r["status"] == "ok"]
@@ -1683,7 +1683,7 @@ def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None 
     md, notes = [f"# {run.name}: {model}", ""], []
     for d in domains:
         png = run / ("stability_plasticity.png" if len(domains) == 1 else f"stability_plasticity-{d}.png")
-        section, note = _domain_report(run, rows, d, model, png, key)
+        section, note = _domain_report(rows, d, model, png, key)
         md += section
         notes += [note] if note is not None else []
     atomic_write_text(run / "leaderboard.md", "\n".join(md).rstrip() + "\n")
