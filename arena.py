@@ -2,73 +2,95 @@
 run the arena's grids (toy demo, or any model from a config file) and rebuild their reports.
 
     python arena.py --help
-    python arena.py pretrain-toy              # re-create the committed toy base (<= 10 min, 2 cores)
+    python arena.py pretrain-toy              # re-create the committed toy base (CPU)
     python arena.py calibrate                 # both-axis scores of the toy base (README table)
     python arena.py demo                      # the paper's story on the toy world
-    python arena.py run --config configs/toy_grid.yaml                      # a config grid (CPU, < 1 min)
+    python arena.py run --config configs/toy_grid.yaml                      # a config grid (CPU)
     python arena.py run --config configs/paper_qwen2.5-7b.yaml --validate-only   # plan + checks only
     python arena.py run --config configs/paper_qwen2.5-7b.yaml              # the paper's grid (GPU)
     python arena.py report runs/toy-grid [--paper]   # tables + scatter again, from cells/*.json alone
 
-Paper: PAPER.md §2 (the stability-plasticity thesis: every model gets a Target and a General score;
-the grid is models x {math, medical} x {SFT, RLVR} x methods). Nothing imports this file: training,
+Paper: PEFT-Arena (Huang et al. 2026, arXiv 2605.28819), its thesis that PEFT is a stability-
+plasticity trade-off: every model gets a Target score (plasticity) and a General score (stability,
+the mean of BBH, IFEval and NQ), over the grid {Qwen2.5-7B, Llama-3.2-3B-Instruct} x {math, medical}
+x {SFT, RLVR} x methods of its main table (the release's poster, docs/static/pdfs/peft-arena-poster.pdf;
+"the release" = github.com/Sphere-AI-Lab/PEFT-Arena). Nothing imports this file: training,
 evaluation and analysis files stand on their own, and this file only calls them.
 
 `run` reads one YAML/JSON config (model, domains, paradigms, methods with hyperparameters,
 train_sft/train_grpo settings, evaluation suite, budget; keys documented in configs/toy_grid.yaml),
-checks all of it before anything trains (unknown keys, methods and hyperparameters, ranks and block
-sizes against the model's layer shapes read from its config on the meta device, the training scripts'
-own config checks), then runs the cells in order. Each cell writes RUN/cells/<paradigm>-<domain>-
-<label>.json (status ok with the scores, or failed with the error and a traceback file); a rerun
-skips finished cells, resumes half-trained ones through the training file's --resume, and retries
-failed ones. Exit code: 0 all cells done, 1 a cell failed (the grid went on), 2 the config is
-invalid (nothing trained), 3 budget.max_minutes reached (rerun to continue).
+checks all of it before anything trains, then runs the cells in order. Each cell writes
+RUN/cells/<paradigm>-<domain>-<label>.json (status ok with the scores, or failed with the error and
+a traceback file); a rerun skips finished cells, resumes half-trained ones through the training
+file's --resume, and retries failed ones. Exit code: 0 all cells done, 1 a cell failed (the grid
+went on), 2 the config is invalid (nothing trained), 3 budget.max_minutes reached (rerun to continue).
 
-Deviations
+Deviations (they change a number the paper reports)
 1. The toy world (toy_world.py) stands in for the paper's benchmarks on CPU; see its docstring.
 2. Demo: VeRA's paper rank 256 exceeds the toy's 128-wide layers, so the toy uses r = 64.
 3. Demo: the toy needs larger learning rates and far fewer steps than the paper's 2e-4 x 4 epochs
-   (DEMO holds the measured toy budgets).
-4. `run` trains its cells one after another; the paper trains every cell on one 8-GPU node
-   (FSDP; PAPER.md §3.3). With `gpus: N > 1` in the config, Full FT SFT cells are launched through
-   `torchrun --nproc_per_node N train_sft.py` (FSDP2 fully_shard); every other cell trains in this
-   process on one GPU (PEFT fits one GPU; train_grpo.py has no multi-GPU path, so GRPO Full FT of a
-   7B model fits only with `optimizer_offload: cpu`, which the memory plan checks). A cell trained elsewhere into
+   (DEMO holds the toy budgets).
+
+Implementation notes
+1. `run` trains its cells one after another; the paper trains every cell on one 8-GPU node with
+   FSDP (the release's train/train_sft.sh, train/train_rl.sh). With `gpus: N > 1`, Full FT SFT cells
+   run under `torchrun --nproc_per_node N train_sft.py` (FSDP2); every other cell trains in this
+   process on one GPU (train_grpo.py has no multi-GPU path: GRPO Full FT of a 7B model fits only with
+   `optimizer_offload: cpu`, which the memory plan checks). A cell trained elsewhere into
    RUN/<paradigm>/<domain>/<label> is found finished and only scored.
-9. For a real model, validation also plans memory (memory.py: the model on fake tensors at its real
-   shapes, one training step at the cell's settings, 1-2 layers extrapolated to full depth) and
-   refuses a cell whose per-GPU peak (+ vLLM's share for GRPO) exceeds 92% of `gpu_memory_gib`,
-   naming the estimate and what would fit. The toy grid is not planned.
-5. `run` scores each checkpoint with one evaluate.py call per suite (the domain's target suite,
+2. Validation is the training scripts' own config checks (their parsers, resolve_config, and
+   peft_methods.apply_peft on the meta device) plus what only a grid has (cells, labels, domains).
+   Ranks and block sizes are checked on a 1-layer copy of the architecture (every decoder layer of
+   Qwen2 / Llama has the same Linear shapes); weights are never loaded. For a real model it also
+   plans memory (memory.py: fake tensors at the real shapes, one training step, 1-2 layers
+   extrapolated) and refuses a cell whose per-GPU peak (+ vLLM's share for GRPO) exceeds 92% of
+   `gpu_memory_gib`. Missing training-data or benchmark files are warnings: they are read only when
+   a cell trains or is scored, and a cell that then fails is recorded as failed.
+3. `run` scores each checkpoint with one evaluate.py call per suite (the domain's target suite,
    then the general suite), so a real model is loaded twice per cell; the base model's general
    suite is scored once and shared by both domains. The toy suite scores everything in one pass.
-6. Validation checks ranks and block sizes on a 1-layer copy of the architecture on the meta device
-   (every decoder layer of Qwen2 / Llama has the same Linear shapes) and never loads weights; a
-   model with heterogeneous layers would need the full-depth skeleton.
-7. Missing training-data or benchmark files are warnings at validation, not errors (they are read
-   only when a cell trains or is scored, and the paper's data cannot be fetched offline); a cell
-   that then fails is recorded as failed and the grid goes on.
-8. `report --paper` compares with the poster's main table (PAPER.md §10.1; KeepLoRA from the web
-   version, §10.2); the poster's own anomalies (e.g. RLVR "OFT b32" listing the b16 count) are kept.
+4. `report --paper` compares with the poster's main table (KeepLoRA from the web version,
+   docs/index.html); the poster's own anomalies (e.g. RLVR "OFT b32" listing the b16 count) are kept.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
+import gc
+import hashlib
 import json
+import re
+import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from loading import REPO_DIR, TOY_MODEL_DIR, atomic_write_json
+import torch
+import transformers
+import yaml
+from huggingface_hub import try_to_load_from_cache
+
+import evaluate
+import geometry
+import loading
+import memory
+import peft_methods
+import rewind
+import toy_world
+import train_grpo
+import train_sft
+from loading import REPO_DIR, TOY_MODEL_DIR, atomic_write_csv, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
-# pretrain-toy
+# pretrain-toy and calibrate: the toy base and its both-axis scores
 
 
 def cmd_pretrain_toy(args) -> int:
-    import torch
-    import toy_world
+    d = toy_world.PRETRAIN_DEFAULTS
+    args.steps, args.batch_size, args.lr = args.steps or d["steps"], args.batch_size or d["batch_size"], args.lr or d["lr"]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -84,10 +106,6 @@ def cmd_pretrain_toy(args) -> int:
     return 0
 
 
-# -----------------------------------------------------------------------------
-# calibrate: score a model on every toy family (both targets and the general suite)
-
-
 def calibration_table(res_math: dict, res_med: dict) -> str:
     fam = res_math["families"]
     rows = [("general (mean of 3)", res_math["general_score"])]
@@ -98,13 +116,11 @@ def calibration_table(res_math: dict, res_med: dict) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    import torch
-    import evaluate
-    from loading import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    model, tok = loading.load_model(args.model, device="cpu", dtype="float32")
     t0 = time.time()
+    # one pass scores all five toy families; the med target is read off the same result
     res = evaluate.evaluate_toy(model, tok, domain="math", n_per_family=args.n,
                                 batch_size=args.batch_size)
     res_med = dict(res)
@@ -113,6 +129,7 @@ def cmd_calibrate(args) -> int:
     print(f"toy calibration of {args.model} ({args.n} held-out test items per family, greedy; "
           f"{dt:.0f} s):")
     print(calibration_table(res, res_med))
+    # the toy base must know the general families and leave room to learn on both targets
     ok = (res["general_score"] >= 85 and 15 <= res["families"]["math"]["score"] <= 50
           and 15 <= res["families"]["med"]["score"] <= 50)
     print("calibration bar (general >= 85, each target in [15, 50]):", "met" if ok else "NOT met")
@@ -123,9 +140,9 @@ def cmd_calibrate(args) -> int:
 
 
 # -----------------------------------------------------------------------------
-# demo: the paper's grid in miniature (PAPER.md §10.1 layout), every cell resumable
+# demo: the paper's main table in miniature (the poster's layout), every cell resumable
 
-# (label, method, hyperparameters) — the paper's SFT rows (PAPER.md §3.1) on the toy base.
+# (label, method, hyperparameters): the main table's SFT rows on the toy base.
 # VeRA's paper rank 256 exceeds the toy's 128-wide layers, so the toy uses r = 64 (DEVIATION 2).
 SFT_CELLS = [
     ("Full FT", "full", {}),
@@ -148,10 +165,9 @@ GRPO_CELLS = [("Full FT", "full", {}), ("OFT b16", "oft", {"block_size": 16}),
 QUICK_SFT = {"Full FT", "OFT b16", "LoRA r8"}
 INTERP_CELLS = ["Full FT", "LoRA r8", "OFT b16"]
 
-# Toy-world budgets (DEVIATION 3: the toy needs larger learning rates and far fewer steps than the
-# paper's 2e-4 x 4 epochs of 50k samples; measured in the README). Sized so the full demo fits
-# 15 minutes on 2 CPU cores: 14 SFT cells x 120 steps, 3 GRPO cells x 12 rollout steps, 100 test
-# items per family, interpolation grid 0, 0.2, ..., 1.
+# Toy-world budgets (DEVIATION 3: larger learning rates and far fewer steps than the paper's
+# 2e-4 x 4 epochs of 50k samples), sized for a laptop CPU (README: timings): 14 SFT cells x 120
+# steps, 3 GRPO cells x 12 rollout steps, 100 test items per family, interpolation grid 0:1:0.2.
 DEMO = {
     "full": dict(sft_steps=120, quick_sft_steps=60, n_per_family=100, quick_n=50,
                  grpo_steps=12, quick_grpo_steps=0, grid="0:1:0.2", quick_grid="0:1:0.5"),
@@ -176,12 +192,9 @@ def _finished(ckpt_root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _score_checkpoint(ckpt: Path | None, *, domain, n, base_general, threads):
+def _score_checkpoint(ckpt: Path | None, *, domain, n, base_general):
     """Load the toy base (+ adapter or full weights in `ckpt`) and score it on both axes."""
-    import evaluate
-    import peft_methods
-    from loading import load_model
-    model, tok = load_model("toy", device="cpu", dtype="float32")
+    model, tok = loading.load_model("toy", device="cpu", dtype="float32")
     if ckpt is not None:
         peft_methods.load_adapter(model, ckpt)
     return evaluate.evaluate_toy(model, tok, domain=domain, n_per_family=n,
@@ -189,6 +202,8 @@ def _score_checkpoint(ckpt: Path | None, *, domain, n, base_general, threads):
 
 
 def _row(paradigm, label, method, hp, res, base, params, seconds):
+    """One leaderboard row: the two axes, and both measured against the base model (the paper's
+    Target gain = plasticity, Forgetting = base General - General = lost stability)."""
     return {"paradigm": paradigm, "method": label, "peft_method": method, "hparams": hp,
             "trainable_params": params, "target": round(res["target_score"], 2),
             "general": round(res["general_score"], 2),
@@ -198,32 +213,77 @@ def _row(paradigm, label, method, hp, res, base, params, seconds):
             "train_seconds": seconds}
 
 
+def _train_demo_cell(paradigm: str, method: str, hp: dict, ckpt_root: Path, *, domain: str,
+                     quick: bool) -> None:
+    """train_sft.train / train_grpo.train of one demo cell into ckpt_root (resumed if started)."""
+    P = DEMO["full"]
+    resume = ckpt_root.exists() and any(ckpt_root.glob("global_step_*"))
+    if paradigm == "SFT":
+        S = DEMO["sft"]
+        steps = P["quick_sft_steps"] if quick else P["sft_steps"]
+        cfg = dict(model="toy", method=method, task=f"toy-{domain}", out=str(ckpt_root),
+                   n_train=S["n_train"], global_batch=S["global_batch"],
+                   micro_batch=S["micro_batch"], epochs=8, max_steps=steps,
+                   lr=S["lr_full"] if method == "full" else S["lr_peft"],
+                   save_every_steps=max(1, steps // 5),
+                   resume=resume, overwrite=not resume and ckpt_root.exists(),
+                   no_progress=False, **hp)
+        train_sft.train(cfg)
+    else:
+        steps = P["quick_grpo_steps"] if quick else P["grpo_steps"]
+        cfg = dict(model="toy", method=method, task=f"toy-{domain}", out=str(ckpt_root),
+                   preset="toy", steps=steps, save_every_steps=steps, resume=resume,
+                   overwrite=not resume and ckpt_root.exists(), no_progress=False, **hp)
+        train_grpo.train(cfg)
+
+
+def _demo_cell(run: Path, paradigm: str, label: str, method: str, hp: dict, base: dict, *,
+               domain: str, n: int, quick: bool, tag: str, log) -> dict:
+    """Train (unless a finished run is there) and score one demo cell; writes its cell files."""
+    cell = _cell_path(run, paradigm, label)
+    ckpt_root = run / paradigm.lower() / slug(label)
+    t0 = time.time()
+    final = _finished(ckpt_root)
+    if final is None:
+        log(f"[demo] {tag} {paradigm} {label}: training")
+        _train_demo_cell(paradigm, method, hp, ckpt_root, domain=domain, quick=quick)
+        final = _finished(ckpt_root)
+        if final is None:
+            raise RuntimeError(f"{paradigm} {label}: training ended without a final checkpoint in {ckpt_root}")
+    seconds = round(time.time() - t0, 1)
+    res = _score_checkpoint(final, domain=domain, n=n, base_general=base["general_score"])
+    m, _ = loading.load_model("toy", device="cpu", dtype="float32")
+    peft_methods.load_adapter(m, final)
+    row = _row(paradigm, label, method, hp, res, base, peft_methods.count_trainable(m), seconds)
+    row["checkpoint"] = str(final)
+    atomic_write_json(cell.with_suffix(".eval.json"), res)   # evaluate.py results (geometry reads it)
+    atomic_write_json(cell, row)
+    log(f"[demo] {paradigm} {label}: target {row['target']:.1f} ({row['target_gain']:+.1f})  "
+        f"general {row['general']:.1f} (forgetting {row['forgetting']:+.1f})  [{seconds:.0f}s]")
+    return row
+
+
 def run_demo(run: Path, *, domain: str = "math", quick: bool = False, log=print) -> list[dict]:
     """Train, score and analyse every demo cell under `run`; a rerun skips finished cells."""
-    import train_grpo
-    import train_sft
-    from loading import load_model
-    import peft_methods
     P = DEMO["full"]
     n = P["quick_n"] if quick else P["n_per_family"]
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", {"domain": domain, "quick": quick, "demo": DEMO,
                                             "sft_cells": SFT_CELLS, "grpo_cells": GRPO_CELLS})
-    rows: list[dict] = []
-
-    # ---- the base model: the reference point of both axes
+    # 1. the base model: the reference point of both axes
     base_path = run / "cells" / "base.json"
     if base_path.exists():
         base = json.loads(base_path.read_text())
     else:
         log("[demo] scoring the toy base model")
-        base = _score_checkpoint(None, domain=domain, n=n, base_general=None, threads=None)
+        base = _score_checkpoint(None, domain=domain, n=n, base_general=None)
         atomic_write_json(base_path, base)
-    model, _ = load_model("toy", device="cpu", dtype="float32")
+    model, _ = loading.load_model("toy", device="cpu", dtype="float32")
     n_base = sum(p.numel() for p in model.parameters())
-    rows.append(_row("Base", "Base", "base", {}, base, base, n_base, 0.0))
+    rows = [_row("Base", "Base", "base", {}, base, base, n_base, 0.0)]
     log(f"[demo] base: target {base['target_score']:.1f}  general {base['general_score']:.1f}")
 
+    # 2. the grid: SFT rows, then the RLVR (GRPO) rows; a finished cell is read back, not rerun
     sft_cells = [c for c in SFT_CELLS if not quick or c[0] in QUICK_SFT]
     grpo_cells = [] if quick and not P["quick_grpo_steps"] else GRPO_CELLS
     plan = [("SFT", c) for c in sft_cells] + [("GRPO", c) for c in grpo_cells]
@@ -233,43 +293,9 @@ def run_demo(run: Path, *, domain: str = "math", quick: bool = False, log=print)
             rows.append(json.loads(cell.read_text()))
             log(f"[demo] {i}/{len(plan)} {paradigm} {label}: done earlier (skipped)")
             continue
-        ckpt_root = run / paradigm.lower() / slug(label)
-        t0 = time.time()
-        final = _finished(ckpt_root)
-        if final is None:
-            log(f"[demo] {i}/{len(plan)} {paradigm} {label}: training")
-            resume = ckpt_root.exists() and any(ckpt_root.glob("global_step_*"))
-            if paradigm == "SFT":
-                S = DEMO["sft"]
-                cfg = dict(model="toy", method=method, task=f"toy-{domain}", out=str(ckpt_root),
-                           n_train=S["n_train"], global_batch=S["global_batch"],
-                           micro_batch=S["micro_batch"], epochs=8,
-                           max_steps=P["quick_sft_steps"] if quick else P["sft_steps"],
-                           lr=S["lr_full"] if method == "full" else S["lr_peft"],
-                           save_every_steps=max(1, (P["quick_sft_steps"] if quick else P["sft_steps"]) // 5),
-                           resume=resume, overwrite=not resume and ckpt_root.exists(),
-                           no_progress=False, **hp)
-                train_sft.train(cfg)
-            else:
-                steps = P["quick_grpo_steps"] if quick else P["grpo_steps"]
-                cfg = dict(model="toy", method=method, task=f"toy-{domain}", out=str(ckpt_root),
-                           preset="toy", steps=steps, save_every_steps=steps, resume=resume,
-                           overwrite=not resume and ckpt_root.exists(), no_progress=False, **hp)
-                train_grpo.train(cfg)
-            final = _finished(ckpt_root)
-            if final is None:
-                raise RuntimeError(f"{paradigm} {label}: training ended without a final checkpoint in {ckpt_root}")
-        seconds = round(time.time() - t0, 1)
-        res = _score_checkpoint(final, domain=domain, n=n, base_general=base["general_score"], threads=None)
-        m, _ = load_model("toy", device="cpu", dtype="float32")
-        peft_methods.load_adapter(m, final)
-        row = _row(paradigm, label, method, hp, res, base, peft_methods.count_trainable(m), seconds)
-        row["checkpoint"] = str(final)
-        atomic_write_json(cell.with_suffix(".eval.json"), res)   # evaluate.py results (geometry reads it)
-        atomic_write_json(cell, row)
-        rows.append(row)
-        log(f"[demo] {paradigm} {label}: target {row['target']:.1f} ({row['target_gain']:+.1f})  "
-            f"general {row['general']:.1f} (forgetting {row['forgetting']:+.1f})  [{seconds:.0f}s]")
+        rows.append(_demo_cell(run, paradigm, label, method, hp, base, domain=domain, n=n, quick=quick,
+                               tag=f"{i}/{len(plan)}", log=log))
+    # 3. the tables and the scatter, then the analyses of the SFT checkpoints
     write_report(run, rows, base)
     if not quick:
         run_geometry(run, rows, domain=domain, log=log)
@@ -279,7 +305,6 @@ def run_demo(run: Path, *, domain: str = "math", quick: bool = False, log=print)
 
 def run_geometry(run: Path, rows: list[dict], *, domain: str, log=print) -> None:
     """geometry.py on every SFT checkpoint: spectra, CSD, activation geometry, correlations."""
-    import geometry
     out = run / "geometry"
     if (out / "correlations.md").exists():
         log("[demo] geometry: done earlier (skipped)")
@@ -298,7 +323,6 @@ def run_geometry(run: Path, rows: list[dict], *, domain: str, log=print) -> None
 def run_interpolation(run: Path, rows: list[dict], *, domain: str, n: int, grid: str, log=print) -> None:
     """rewind.py: interpolation paths back to the base for Full FT, LoRA r8 and OFT b16 (with
     OFT's generator path beside its dense path, and SafeRho/MinRho rewinding)."""
-    import rewind
     out = run / "interpolation"
     if (out / "results.json").exists():
         log("[demo] interpolation: done earlier (skipped)")
@@ -316,10 +340,10 @@ def run_interpolation(run: Path, rows: list[dict], *, domain: str, n: int, grid:
 # -----------------------------------------------------------------------------
 # run: a config-driven grid (domains x paradigms x methods) on the toy or a real model
 #
-# PAPER.md §2: the paper's grid is {Qwen2.5-7B, Llama-3.2-3B-Instruct} x {math, medical} x
-# {SFT, RLVR} x methods, each cell scored on Target and General. One config file describes one
-# model's grid (configs/paper_qwen2.5-7b.yaml, configs/paper_llama-3.2-3b-instruct.yaml, and the
-# CPU-sized configs/toy_grid.yaml). Everything in the file is checked BEFORE anything trains
+# The paper's grid is {Qwen2.5-7B, Llama-3.2-3B-Instruct} x {math, medical} x {SFT, RLVR} x methods,
+# each cell scored on Target and General. One config file describes one model's grid
+# (configs/paper_qwen2.5-7b.yaml, configs/paper_llama-3.2-3b-instruct.yaml, and the CPU-sized
+# configs/toy_grid.yaml). Everything in the file is checked BEFORE anything trains
 # (`validate_config`), every problem is reported at once, naming the cell and the field:
 #     toy.yaml: cell sft/math/LoRA r0: methods[1].hparams.r = 0: rank must be >= 1
 # Then the cells run in order; each is resumable and writes RUN/cells/<cell>.json when done.
@@ -330,6 +354,7 @@ DOMAINS = ("math", "med")
 DOMAIN_ALIASES = {"medical": "med"}
 RUN_KEYS = ("name", "out", "model", "shapes", "paper_model", "dtype", "device", "gpus", "gpu_memory_gib",
             "domains", "paradigms", "data", "train", "methods", "eval", "budget")
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEFAULT_GPU_MEMORY_GIB = 80.0    # an H100 (H200: 141); the node's GPUs for the memory plan
 METHOD_KEYS = ("label", "method", "hparams", "paradigms", "train")
 # eval settings -> (type, default); they become evaluate.py flags (see _eval_argv)
@@ -344,6 +369,7 @@ ARENA_OWNED = {"model", "method", "out", "resume", "overwrite", "r", "alpha", "b
                "hp", "smoke", "device", "dtype"}
 DRY_RUN_KEYS = {"dry_run", "gpus", "gpu_memory_gib"}   # the scripts' memory-plan flags (memory.py)
 HPARAM_FLAGS = ("r", "alpha", "block_size", "dropout")     # peft_methods.hparams_from_flags flags
+# Ranges no layer shape decides (make_config takes any value; apply_peft checks only against shapes)
 HPARAM_RANGES = {"r": (lambda v: v >= 1, "rank must be >= 1"),
                  "init_r": (lambda v: v >= 1, "rank must be >= 1"),
                  "alpha": (lambda v: v > 0, "alpha must be > 0"),
@@ -355,37 +381,34 @@ METHOD_NAMES = {"full": "Full FT", "lora": "LoRA", "dora": "DoRA", "pissa": "PiS
 _MISSING = object()
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-4` as a STRING (PyYAML wants `2.0e-4`); this loader also resolves the
+    dot-less exponent form as a float, as YAML 1.2 does."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
 def read_config(path: Path) -> dict:
-    """A run config from YAML (.yaml/.yml) or JSON. PyYAML is installed with transformers (its
-    dependency), so no new requirement. YAML 1.1 reads `2e-4` as a STRING (PyYAML wants `2.0e-4`);
-    the loader below also resolves the dot-less exponent form as a float, as YAML 1.2 does."""
-    import re
+    """A run config from YAML (.yaml/.yml) or JSON (PyYAML comes with transformers)."""
     text = path.read_text()
     if path.suffix.lower() == ".json":
         return json.loads(text)
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
-    return yaml.load(text, Loader=Loader) or {}
+    return yaml.load(text, Loader=_YamlLoader) or {}
 
 
 def paper_hp(method: str, hp: dict) -> str:
-    """The paper's H.P. column for a method's hyperparameters (PAPER.md §10.1): r8a16, b32, r64, -."""
-    import peft_methods
+    """The main table's H.P. column for a method's hyperparameters: r8a16, b32, r64, -."""
     try:
         c = peft_methods.make_config(method, **hp)
     except Exception:  # noqa: BLE001 - an unknown method / field: no canonical form
-        c = None
-    if method in ("lora", "dora", "pissa", "milora", "adalora") and c is not None:
+        return "-"
+    if method in ("lora", "dora", "pissa", "milora", "adalora"):
         return f"r{c.r}a{c.alpha:g}"
-    if method in ("miss", "vera", "keeplora") and c is not None:
+    if method in ("miss", "vera", "keeplora"):
         return f"r{c.r}"
-    if method == "oft" and c is not None:
-        return f"b{c.block_size}"
-    return "-"
+    return f"b{c.block_size}" if method == "oft" else "-"
 
 
 def default_label(method: str, hp: dict) -> str:
@@ -393,70 +416,92 @@ def default_label(method: str, hp: dict) -> str:
     return METHOD_NAMES.get(method, method) + ("" if h == "-" else f" {h}")
 
 
+# value test and message per expected type (bools are not numbers; ints are floats)
+_TYPE_TESTS = {bool: (lambda v: isinstance(v, bool), "expected true/false"),
+               int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "expected an integer"),
+               float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "expected a number"),
+               str: (lambda v: isinstance(v, str), "expected a string"),
+               dict: (lambda v: isinstance(v, dict), "expected a mapping"),
+               list: (lambda v: isinstance(v, (list, tuple)), "expected a list")}
+_TYPE_TESTS[tuple] = _TYPE_TESTS[list]
+
+
 def _type_problem(v, typ, allow_none: bool) -> str | None:
-    """None if v fits typ (bools are not numbers; ints are floats), else what was expected."""
+    """None if v fits typ, else what was expected (a type without a test accepts anything)."""
     if v is None:
         return None if allow_none else "a value is required here (null given)"
-    if typ is bool:
-        return None if isinstance(v, bool) else "expected true/false"
-    if typ is int:
-        return None if isinstance(v, int) and not isinstance(v, bool) else "expected an integer"
-    if typ is float:
-        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "expected a number"
-    if typ is str:
-        return None if isinstance(v, str) else "expected a string"
-    if typ is dict:
-        return None if isinstance(v, dict) else "expected a mapping"
-    if typ in (list, tuple):
-        return None if isinstance(v, (list, tuple)) else "expected a list"
-    return None
+    test, msg = _TYPE_TESTS.get(typ, (lambda v: True, None))
+    return None if test(v) else msg
+
+
+class _Findings:
+    """What validation found: problems (each naming its cells, field and value) and warnings.
+    Calling it adds a problem, so each check takes it as `add(field, value, msg, cells)`."""
+
+    def __init__(self):
+        self.problems: list[dict] = []
+        self.warnings: list[str] = []
+
+    def __call__(self, field, value, msg, cells=()):
+        self.problems.append({"cells": list(cells), "field": field, "value": value, "msg": msg})
 
 
 def _train_parser(paradigm: str):
-    import train_grpo
-    import train_sft
     return (train_sft if paradigm == "sft" else train_grpo).build_parser()
+
+
+def _action_problem(a: argparse.Action, v) -> str | None:
+    """What is wrong with config value v for the script's argparse action a (None if it fits)."""
+    if isinstance(a, argparse._StoreTrueAction):
+        prob = _type_problem(v, bool, False)
+    elif isinstance(a, argparse.BooleanOptionalAction):   # --x / --no-x, None = the script's auto rule
+        prob = _type_problem(v, bool, True)
+    elif a.nargs not in (None, "?"):
+        prob = _type_problem(v, list, False)
+        if prob is None and isinstance(a.nargs, int) and len(v) != a.nargs:
+            prob = f"expected a list of {a.nargs} values"
+    else:
+        prob = _type_problem(v, a.type or str, a.default is None)
+    if prob is None and a.choices is not None and v is not None and v not in a.choices:
+        prob = f"must be one of {list(a.choices)}"
+    return prob
 
 
 def _check_train_settings(paradigm: str, settings, field: str, add) -> None:
     """Each key must be a train_sft.py / train_grpo.py config key (argparse dest) of the right type."""
-    import difflib
     script = "train_sft.py" if paradigm == "sft" else "train_grpo.py"
     if not isinstance(settings, dict):
         add(field, settings, f"expected a mapping of {script} settings")
         return
+    # the scripts take a config dict as it is (argparse converts only command-line strings), so a
+    # YAML value of the wrong type would surface mid-training: check it against the flag here
     actions = {a.dest: a for a in _train_parser(paradigm)._actions if a.dest != "help"}
     for k, v in settings.items():
         f = f"{field}.{k}"
         if k in ARENA_OWNED:
             add(f, v, "set by arena.py from model / method / hparams / device / dtype; remove it here")
-            continue
-        if k in DRY_RUN_KEYS:
+        elif k in DRY_RUN_KEYS:
             add(f, v, "a --dry-run setting of the script; arena.py plans memory itself (--validate-only) "
                 "from the config's top-level gpus / gpu_memory_gib")
-            continue
-        if k not in actions:
+        elif k not in actions:
             close = difflib.get_close_matches(k, [a for a in actions if a not in ARENA_OWNED], n=1)
             add(f, v, f"unknown {script} setting" + (f" (did you mean {close[0]!r}?)" if close else "")
                 + f"; see `python {script} --help` (flag --x-y = key x_y)")
-            continue
-        a = actions[k]
-        if isinstance(a, argparse._StoreTrueAction):
-            prob = _type_problem(v, bool, False)
-        elif isinstance(a, argparse.BooleanOptionalAction):   # --x / --no-x, None = the script's auto rule
-            prob = _type_problem(v, bool, True)
-        elif a.nargs not in (None, "?"):
-            prob = _type_problem(v, list, False)
-            if prob is None and isinstance(a.nargs, int) and len(v) != a.nargs:
-                prob = f"expected a list of {a.nargs} values"
         else:
-            prob = _type_problem(v, a.type or str, a.default is None)
-        if prob is None and a.choices is not None and v is not None and v not in a.choices:
-            prob = f"must be one of {list(a.choices)}"
-        if prob is None and k == "lr" and v is not None and v <= 0:
-            prob = "learning rate must be > 0"
-        if prob:
-            add(f, v, prob)
+            prob = _action_problem(actions[k], v)
+            if prob is None and k == "lr" and v is not None and v <= 0:
+                prob = "learning rate must be > 0"
+            if prob:
+                add(f, v, prob)
+
+
+def _check_paradigm_blocks(blocks: dict, field: str, add) -> None:
+    """{paradigm: script settings} (train.*, data.<domain>.*, methods[i].train.*)."""
+    for p, settings in blocks.items():
+        if p not in PARADIGMS:
+            add(f"{field}.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
+        else:
+            _check_train_settings(p, settings, f"{field}.{p}", add)
 
 
 def resolve_model(spec: str, shapes: str | None, *, allow_hub: bool = False):
@@ -465,26 +510,20 @@ def resolve_model(spec: str, shapes: str | None, *, allow_hub: bool = False):
     Offline by construction: 'toy' and local directories are read from disk, a hub id only from
     the local Hugging Face cache (huggingface_hub.try_to_load_from_cache never opens a connection).
     """
-    from transformers import AutoConfig
-    import loading
-    warn = []
-    err = None
-    cfg = where = None
+    warn, err, cfg, where = [], None, None, None
     try:
         path, local = loading.resolve_spec(spec)
     except Exception as e:  # noqa: BLE001 - a missing directory, a file instead of a directory
         path, local, err = None, False, f"{e} (a local path: nothing is downloaded)"
     if path is not None and local:
-        cfg, where = AutoConfig.from_pretrained(path), f"{path}/config.json"
+        cfg, where = transformers.AutoConfig.from_pretrained(path), f"{path}/config.json"
     elif path is not None:
-        cached = None
         try:
-            from huggingface_hub import try_to_load_from_cache
             cached = try_to_load_from_cache(spec, "config.json")
         except Exception:  # noqa: BLE001 - not even a valid repo id
             cached = None
         if isinstance(cached, str):
-            cfg, where = AutoConfig.from_pretrained(str(Path(cached).parent)), f"HF cache {cached}"
+            cfg, where = transformers.AutoConfig.from_pretrained(str(Path(cached).parent)), f"HF cache {cached}"
         else:
             msg = (f"not a local directory and not in the Hugging Face cache (checked offline; nothing "
                    "is downloaded). Download it on a machine with network access (e.g. `hf download "
@@ -494,7 +533,6 @@ def resolve_model(spec: str, shapes: str | None, *, allow_hub: bool = False):
             else:
                 err = msg + "; or pass --allow-hub to let load_model download it at run time"
     if cfg is None and shapes:
-        import peft_methods
         try:
             cfg, where = peft_methods.load_shape_config(shapes), f"configs/model_shapes/{shapes}.json"
         except Exception as e:  # noqa: BLE001 - reported as a field error by the caller
@@ -506,9 +544,6 @@ def model_skeleton(hf_config):
     """A 1-layer copy of the architecture on the meta device (no memory, no weights) and the real
     layer count: every decoder layer of these models has the same Linear shapes, so one layer is
     enough to check ranks and block sizes and to count trainable parameters."""
-    import copy
-    import torch
-    import transformers
     c = copy.deepcopy(hf_config)
     n_layers = int(c.num_hidden_layers)
     c.num_hidden_layers = 1
@@ -534,8 +569,6 @@ def _scaled_count(model, n_layers: int, trainable_only: bool = True) -> int:
 def check_on_skeleton(skeleton, n_layers: int, method: str, hp: dict, targets):
     """apply_peft on a copy of the meta skeleton (no data-dependent init): (trainable count, error,
     the config field at fault: peft_methods.HparamError.field, "" when the error names none)."""
-    import copy
-    import peft_methods
     m = copy.deepcopy(skeleton)
     try:
         peft_methods.apply_peft(m, method, target_modules=targets, _init=False, **hp)
@@ -548,22 +581,11 @@ def _fmt_count(n) -> str:
     return "-" if n is None else _fmt_params(n)
 
 
-def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> dict:
-    """Check a run config without training or loading weights; returns the plan:
-    {"config": normalised config, "cells": [...], "errors": [str], "warnings": [str],
-     "model_where", "n_params", "n_layers"}. Every error names its cell(s) and field."""
-    import peft_methods
-    import train_grpo
-    import train_sft
-    problems: list[dict] = []      # {"cells": [...], "field", "value", "msg"}
-    warnings: list[str] = []
+# ---- validation, one step per config section; each step adds to `add` (a _Findings)
 
-    def add(field, value, msg, cells=()):
-        problems.append({"cells": list(cells), "field": field, "value": value, "msg": msg})
 
-    if not isinstance(raw, dict):
-        return {"config": {}, "cells": [], "warnings": [],
-                "errors": [f"{source}: the file must hold a mapping of settings (got {type(raw).__name__})"]}
+def _check_top_level(raw: dict, source: str, add) -> dict:
+    """Unknown top-level keys; the four sections default to {}; name and out default from the file."""
     for k in raw:
         if k not in RUN_KEYS:
             add(k, raw[k], f"unknown key; known: {', '.join(RUN_KEYS)}")
@@ -575,39 +597,42 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
             cfg[k] = {}
     cfg["name"] = cfg["name"] or Path(source).stem
     cfg["out"] = cfg["out"] or f"runs/{cfg['name']}"
+    return cfg
 
-    # ---- model: resolved offline, config only (never weights)
-    hf_config, where, skeleton, n_layers, n_params = None, None, None, 0, None
+
+def _check_model(cfg: dict, add, allow_hub: bool) -> dict:
+    """The model's config, resolved offline (never its weights), and its 1-layer meta skeleton."""
+    model = {"hf_config": None, "where": None, "skeleton": None, "n_layers": 0, "n_params": None}
     if not isinstance(cfg["model"], str) or not cfg["model"]:
         add("model", cfg["model"], "required: 'toy', a local HF model directory, or a hub id")
-    else:
-        hf_config, where, err, w = resolve_model(cfg["model"], cfg["shapes"], allow_hub=allow_hub)
-        warnings += w
-        if err:
-            add("model", cfg["model"], err)
-        if cfg["shapes"] and not (peft_methods.SHAPES_DIR / f"{cfg['shapes']}.json").exists():
-            add("shapes", cfg["shapes"], "no such file configs/model_shapes/<shapes>.json; available: "
-                + ", ".join(sorted(p.stem for p in peft_methods.SHAPES_DIR.glob("*.json"))))
-        if hf_config is not None:
-            skeleton, n_layers = model_skeleton(hf_config)
-            n_params = _scaled_count(skeleton, n_layers, trainable_only=False)
-        else:
-            warnings.append("hyperparameters were NOT checked against layer shapes (no model config "
+        return model
+    hf_config, model["where"], err, w = resolve_model(cfg["model"], cfg["shapes"], allow_hub=allow_hub)
+    add.warnings += w
+    if err:
+        add("model", cfg["model"], err)
+    if cfg["shapes"] and not (peft_methods.SHAPES_DIR / f"{cfg['shapes']}.json").exists():
+        add("shapes", cfg["shapes"], "no such file configs/model_shapes/<shapes>.json; available: "
+            + ", ".join(sorted(p.stem for p in peft_methods.SHAPES_DIR.glob("*.json"))))
+    if hf_config is None:
+        add.warnings.append("hyperparameters were NOT checked against layer shapes (no model config "
                             "available; set `shapes:` to a configs/model_shapes/*.json name)")
-    toy = cfg["model"] == "toy"
-    dtypes = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-    if cfg["dtype"] is not None and cfg["dtype"] not in dtypes:
-        add("dtype", cfg["dtype"], f"must be one of {list(dtypes)} (or null = bf16 on CUDA, fp32 on CPU)")
+        return model
+    skeleton, n_layers = model_skeleton(hf_config)
+    model.update(hf_config=hf_config, skeleton=skeleton, n_layers=n_layers,
+                 n_params=_scaled_count(skeleton, n_layers, trainable_only=False))
+    return model
+
+
+def _check_node(cfg: dict, add) -> None:
+    """dtype and device, then the node: GPUs per node and memory per GPU (for the memory plan)."""
+    if cfg["dtype"] is not None and cfg["dtype"] not in DTYPES:
+        add("dtype", cfg["dtype"], f"must be one of {list(DTYPES)} (or null = bf16 on CUDA, fp32 on CPU)")
     if cfg["device"] is not None:
         if not isinstance(cfg["device"], str) or cfg["device"].split(":")[0] not in ("cpu", "cuda"):
             add("device", cfg["device"], "must be cpu, cuda or cuda:N (or null = cuda if available)")
-        elif cfg["device"].startswith("cuda"):
-            import torch
-            if not torch.cuda.is_available():
-                warnings.append(f"device {cfg['device']!r}: no CUDA device on this machine (fine for "
+        elif cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+            add.warnings.append(f"device {cfg['device']!r}: no CUDA device on this machine (fine for "
                                 "--validate-only; the run itself needs one)")
-
-    # ---- the node: GPUs per node and memory per GPU (the memory plan, real models only)
     if cfg["gpus"] is None:
         cfg["gpus"] = 1
     elif _type_problem(cfg["gpus"], int, False) or cfg["gpus"] < 1:
@@ -619,62 +644,52 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
         add("gpu_memory_gib", cfg["gpu_memory_gib"], "expected the memory of one GPU in GiB (H100 80, H200 141)")
         cfg["gpu_memory_gib"] = DEFAULT_GPU_MEMORY_GIB
 
-    # ---- domains and paradigms
-    def _names(key, known, aliases):
-        vals = cfg[key]
-        if not isinstance(vals, list) or not vals:
-            add(key, vals, f"required: a non-empty list from {list(known)}")
-            return []
-        out = []
-        for i, v in enumerate(vals):
-            v2 = aliases.get(v, v)
-            if v2 not in known:
-                add(f"{key}[{i}]", v, f"unknown; known: {', '.join(known)}"
-                    + (" (aliases: " + ", ".join(f"{a}={b}" for a, b in aliases.items()) + ")" if aliases else ""))
-            elif v2 in out:
-                add(f"{key}[{i}]", v, "listed twice")
-            else:
-                out.append(v2)
-        return out
-    domains = _names("domains", DOMAINS, DOMAIN_ALIASES)
-    paradigms = _names("paradigms", tuple(PARADIGMS), PARADIGM_ALIASES)
-    cfg["domains"], cfg["paradigms"] = domains, paradigms
 
-    # ---- train / data sections (keys checked against the training scripts' parsers)
+def _check_names(vals, key: str, known, aliases: dict, add) -> list[str]:
+    """domains / paradigms: a non-empty list of known names (aliases mapped), none twice."""
+    if not isinstance(vals, list) or not vals:
+        add(key, vals, f"required: a non-empty list from {list(known)}")
+        return []
+    out = []
+    for i, v in enumerate(vals):
+        v2 = aliases.get(v, v)
+        if v2 not in known:
+            add(f"{key}[{i}]", v, f"unknown; known: {', '.join(known)}"
+                + (" (aliases: " + ", ".join(f"{a}={b}" for a, b in aliases.items()) + ")" if aliases else ""))
+        elif v2 in out:
+            add(f"{key}[{i}]", v, "listed twice")
+        else:
+            out.append(v2)
+    return out
+
+
+def _check_train_and_data(cfg: dict, add) -> None:
+    """train.<paradigm> and data.<domain>.<paradigm>: keys checked against the scripts' parsers."""
     cfg["train"] = {PARADIGM_ALIASES.get(p, p): v for p, v in cfg["train"].items()}
     cfg["data"] = {DOMAIN_ALIASES.get(d, d): ({PARADIGM_ALIASES.get(p, p): x for p, x in v.items()}
                                               if isinstance(v, dict) else v) for d, v in cfg["data"].items()}
-    for p, settings in cfg["train"].items():
-        if p not in PARADIGMS:
-            add(f"train.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
-        else:
-            _check_train_settings(p, settings, f"train.{p}", add)
+    _check_paradigm_blocks(cfg["train"], "train", add)
     for d, per in cfg["data"].items():
         if d not in DOMAINS:
             add(f"data.{d}", per, f"unknown domain; known: {', '.join(DOMAINS)}")
         elif not isinstance(per, dict):
             add(f"data.{d}", per, "expected a mapping {sft: {...}, grpo: {...}}")
         else:
-            for p, settings in per.items():
-                if p not in PARADIGMS:
-                    add(f"data.{d}.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
-                else:
-                    _check_train_settings(p, settings, f"data.{d}.{p}", add)
+            _check_paradigm_blocks(per, f"data.{d}", add)
 
-    # ---- eval and budget
-    ev = {}
+
+def _check_eval(cfg: dict, add) -> dict:
+    """The eval section with its defaults filled (they become evaluate.py flags)."""
     for k, v in cfg["eval"].items():
         if k not in EVAL_KEYS:
             add(f"eval.{k}", v, f"unknown key; known: {', '.join(EVAL_KEYS)}")
-            continue
-        typ, default = EVAL_KEYS[k]
-        prob = _type_problem(v, typ, default is None)
-        if prob:
+        elif prob := _type_problem(v, EVAL_KEYS[k][0], EVAL_KEYS[k][1] is None):
             add(f"eval.{k}", v, prob)
+    ev = {}
     for k, (typ, default) in EVAL_KEYS.items():
         v = cfg["eval"].get(k, default)
         ev[k] = v if _type_problem(v, typ, default is None) is None else default
-    ev["suite"] = ev["suite"] or ("toy" if toy else "real")
+    ev["suite"] = ev["suite"] or ("toy" if cfg["model"] == "toy" else "real")
     if ev["suite"] not in ("toy", "real"):
         add("eval.suite", ev["suite"], "must be 'toy' (toy_world items) or 'real' (the paper's benchmarks)")
     if ev["backend"] not in ("auto", "hf", "vllm"):
@@ -685,208 +700,248 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
     for k in ("n_per_family", "batch_size", "max_new_tokens", "limit", "num_samples"):
         if isinstance(ev[k], int) and ev[k] < 1:
             add(f"eval.{k}", ev[k], "must be >= 1 (or null for the default)")
-    import evaluate
     for name in ev["paths"]:
         if name not in evaluate.BENCHMARKS:
             add(f"eval.paths.{name}", ev["paths"][name], f"unknown benchmark; known: {', '.join(evaluate.BENCHMARKS)}")
     if ev["suite"] == "real":
-        missing = []
-        for name in sorted({b for d in domains for b in evaluate.SUITES[d]} | set(evaluate.SUITES["general"])):
-            try:
-                evaluate.find_dataset(name, ev["data_dir"], ev["paths"].get(name), allow_hub=ev["allow_hub"])
-            except Exception:  # noqa: BLE001 - needed at evaluation time, not now
-                missing.append(name)
-        if missing:
-            warnings.append(f"eval: no local files for benchmark(s) {', '.join(missing)} under data_dir "
+        _warn_missing_benchmarks(ev, cfg["domains"], add)
+    return ev
+
+
+def _warn_missing_benchmarks(ev: dict, domains: list[str], add) -> None:
+    """Benchmark files are read only when a model is scored: missing ones are a warning now."""
+    missing = []
+    for name in sorted({b for d in domains for b in evaluate.SUITES[d]} | set(evaluate.SUITES["general"])):
+        try:
+            evaluate.find_dataset(name, ev["data_dir"], ev["paths"].get(name), allow_hub=ev["allow_hub"])
+        except Exception:  # noqa: BLE001 - needed at evaluation time, not now
+            missing.append(name)
+    if missing:
+        add.warnings.append(f"eval: no local files for benchmark(s) {', '.join(missing)} under data_dir "
                             f"{ev['data_dir']!r} (needed when the base model is scored; file layouts: "
                             "evaluate.BENCHMARKS, tests/fixtures/eval/README.md)")
-    cfg["eval"] = ev
+
+
+def _check_budget(budget_cfg: dict, add) -> dict:
     budget = {}
-    for k, v in cfg["budget"].items():
+    for k, v in budget_cfg.items():
         if k not in BUDGET_KEYS:
             add(f"budget.{k}", v, f"unknown key; known: {', '.join(BUDGET_KEYS)}")
         elif _type_problem(v, BUDGET_KEYS[k][0], True) or (v is not None and v <= 0):
             add(f"budget.{k}", v, "expected a positive number of minutes (or null = no limit)")
         else:
             budget[k] = v
-    cfg["budget"] = {k: budget.get(k, d) for k, (_, d) in BUDGET_KEYS.items()}
+    return {k: budget.get(k, d) for k, (_, d) in BUDGET_KEYS.items()}
 
-    # ---- methods
+
+def _check_method_entry(i: int, m, paradigms: list[str], labels: dict, add) -> dict | None:
+    """One `methods` entry -> {index, field, label, method, hparams, paradigms, train}. Labels name
+    the cell files, so they must be file-safe and differ after slug() (`labels`: slug -> index)."""
+    f = f"methods[{i}]"
+    if not isinstance(m, dict):
+        add(f, m, "expected a mapping {label, method, hparams, paradigms, train}")
+        return None
+    for k in m:
+        if k not in METHOD_KEYS:
+            add(f"{f}.{k}", m[k], f"unknown key; known: {', '.join(METHOD_KEYS)}")
+    name, hp = m.get("method"), m.get("hparams") or {}
+    if not isinstance(hp, dict):
+        add(f"{f}.hparams", hp, "expected a mapping of hyperparameters")
+        hp = {}
+    label = m.get("label") or default_label(str(name), hp)
+    if not isinstance(label, str):
+        add(f"{f}.label", label, "expected a string")
+        label = str(label)
+    if re.search(r"[^\w .+()\-]", label):
+        add(f"{f}.label", label, "labels name files: use letters, digits, spaces and . _ + - ( ) only")
+    if slug(label) in labels:
+        add(f"{f}.label", label, f"same file name as methods[{labels[slug(label)]}]'s label (case and "
+            "spaces aside); labels name the cells, so they must differ")
+    labels.setdefault(slug(label), i)
+    mp = m.get("paradigms", paradigms)
+    if not isinstance(mp, list):
+        add(f"{f}.paradigms", mp, "expected a list")
+        mp = []
+    mp2 = []
+    for j, p in enumerate(mp):
+        p2 = PARADIGM_ALIASES.get(p, p)
+        if p2 not in PARADIGMS:
+            add(f"{f}.paradigms[{j}]", p, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
+        elif p2 in paradigms:
+            mp2.append(p2)
+    mtrain = m.get("train") or {}
+    if not isinstance(mtrain, dict):
+        add(f"{f}.train", mtrain, "expected a mapping {sft: {...}, grpo: {...}}")
+        mtrain = {}
+    mtrain = {PARADIGM_ALIASES.get(p, p): v for p, v in mtrain.items()}
+    _check_paradigm_blocks(mtrain, f"{f}.train", add)
+    return dict(index=i, field=f, label=label, method=name, hparams=hp,
+                paradigms=[p for p in paradigms if p in mp2], train=mtrain)
+
+
+def _check_methods(cfg: dict, add) -> list[dict]:
     methods = cfg["methods"]
-    entries = []
     if not isinstance(methods, list) or not methods:
         add("methods", methods, "required: a non-empty list of {label, method, hparams, paradigms, train}")
-        methods = []
-    labels = {}
-    for i, m in enumerate(methods):
-        f = f"methods[{i}]"
-        if not isinstance(m, dict):
-            add(f, m, "expected a mapping {label, method, hparams, paradigms, train}")
-            continue
-        for k in m:
-            if k not in METHOD_KEYS:
-                add(f"{f}.{k}", m[k], f"unknown key; known: {', '.join(METHOD_KEYS)}")
-        name = m.get("method")
-        hp = m.get("hparams") or {}
-        if not isinstance(hp, dict):
-            add(f"{f}.hparams", hp, "expected a mapping of hyperparameters")
-            hp = {}
-        label = m.get("label") or default_label(str(name), hp)
-        if not isinstance(label, str):
-            add(f"{f}.label", label, "expected a string")
-            label = str(label)
-        import re
-        if re.search(r"[^\w .+()\-]", label):
-            add(f"{f}.label", label, "labels name files: use letters, digits, spaces and . _ + - ( ) only")
-        if slug(label) in labels:
-            add(f"{f}.label", label, f"same file name as methods[{labels[slug(label)]}]'s label (case and "
-                "spaces aside); labels name the cells, so they must differ")
-        labels.setdefault(slug(label), i)
-        mp = m.get("paradigms", paradigms)
-        if not isinstance(mp, list):
-            add(f"{f}.paradigms", mp, "expected a list")
-            mp = []
-        mp2 = []
-        for j, p in enumerate(mp):
-            p2 = PARADIGM_ALIASES.get(p, p)
-            if p2 not in PARADIGMS:
-                add(f"{f}.paradigms[{j}]", p, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
-            elif p2 in paradigms:
-                mp2.append(p2)
-        mtrain = m.get("train") or {}
-        if not isinstance(mtrain, dict):
-            add(f"{f}.train", mtrain, "expected a mapping {sft: {...}, grpo: {...}}")
-            mtrain = {}
-        mtrain = {PARADIGM_ALIASES.get(p, p): v for p, v in mtrain.items()}
-        for p, settings in mtrain.items():
-            if p not in PARADIGMS:
-                add(f"{f}.train.{p}", settings, f"unknown paradigm; known: {', '.join(PARADIGMS)}")
-            else:
-                _check_train_settings(p, settings, f"{f}.train.{p}", add)
-        entries.append(dict(index=i, field=f, label=label, method=name, hparams=hp,
-                            paradigms=[p for p in paradigms if p in mp2], train=mtrain))
+        return []
+    labels: dict[str, int] = {}
+    entries = [_check_method_entry(i, m, cfg["paradigms"], labels, add) for i, m in enumerate(methods)]
+    return [e for e in entries if e is not None]
 
-    # ---- the grid: domains x paradigms x methods, in that order
+
+def _grid_cells(cfg: dict, entries: list[dict], add) -> list[dict]:
+    """The grid in run order: per domain, its base model, then paradigms x methods."""
     cells = []
-    idx = 0
-    for d in domains:
-        cells.append({"id": f"base/{d}", "index": idx, "domain": d, "paradigm": "base", "label": "Base",
+    for d in cfg["domains"]:
+        cells.append({"id": f"base/{d}", "index": len(cells), "domain": d, "paradigm": "base", "label": "Base",
                       "method": "base", "hparams": {}, "file": f"cells/base-{d}.json"})
-        idx += 1
-        for p in paradigms:
+        for p in cfg["paradigms"]:
             for e in entries:
                 if p not in e["paradigms"]:
                     continue
-                cells.append({"id": f"{p}/{d}/{e['label']}", "index": idx, "domain": d, "paradigm": p,
+                cells.append({"id": f"{p}/{d}/{e['label']}", "index": len(cells), "domain": d, "paradigm": p,
                               "label": e["label"], "method": e["method"], "hparams": e["hparams"],
                               "entry": e["index"], "file": f"cells/{p}-{d}-{slug(e['label'])}.json",
                               "ckpt_dir": f"{p}/{d}/{slug(e['label'])}"})
-                idx += 1
-    train_cells = [c for c in cells if c["paradigm"] != "base"]
+    paradigms = cfg["paradigms"]
     for e in entries:
         if not e["paradigms"] and paradigms:
-            warnings.append(f"{e['field']} ({e['label']}): no cell: none of its paradigms is in the "
-                            f"config's paradigms {paradigms}")
-    if entries and domains and paradigms and not train_cells:
+            add.warnings.append(f"{e['field']} ({e['label']}): no cell: none of its paradigms is in the "
+                                f"config's paradigms {paradigms}")
+    if entries and cfg["domains"] and paradigms and all(c["paradigm"] == "base" for c in cells):
         add("methods", None, "no cell to run: every method's `paradigms` excludes the config's paradigms")
+    return cells
 
-    # ---- per method: name, hyperparameter types and ranges, then the shapes (meta skeleton)
-    shape_cache = {}
+
+def _check_hparam_values(e: dict, ids: list[str], add) -> bool:
+    """Names, types and ranges of one method's hyperparameters (its make_config dataclass fields)."""
+    f, name, hp = e["field"], e["method"], e["hparams"]
+    fields = {x.name: x for x in dataclasses.fields(peft_methods.make_config(name))}
+    ok = True
+    for k, v in hp.items():
+        if k not in fields:
+            add(f"{f}.hparams.{k}", v, f"not a hyperparameter of {name}; valid: {sorted(fields) or 'none'}", ids)
+            ok = False
+            continue
+        default = fields[k].default
+        typ = type(default) if default is not None and default is not dataclasses.MISSING else None
+        prob = _type_problem(v, typ, default is None) if typ else None
+        if prob is None and k in HPARAM_RANGES and v is not None and not HPARAM_RANGES[k][0](v):
+            prob = HPARAM_RANGES[k][1]
+        if prob:
+            add(f"{f}.hparams.{k}", v, prob, ids)
+            ok = False
+    return ok
+
+
+def _check_shapes(e: dict, ids: list[str], cfg: dict, model: dict, train_cells: list[dict], cache: dict,
+                  add) -> None:
+    """apply_peft on the meta skeleton per paradigm (SFT may target other modules): ranks and block
+    sizes against the real layer shapes, and each cell's trainable-parameter count."""
+    f, name, hp = e["field"], e["method"], e["hparams"]
+    for p in e["paradigms"]:
+        tm = None    # train_sft.py's --target-modules; train_grpo.py always uses the defaults
+        if p == "sft":
+            tm = {**(cfg["train"].get(p) or {}), **(e["train"].get(p) or {})}.get("target_modules")
+        targets = tuple(tm.split(",")) if isinstance(tm, str) and tm else peft_methods.DEFAULT_TARGETS
+        key = (name, json.dumps(hp, sort_keys=True), targets)
+        if key not in cache:
+            cache[key] = check_on_skeleton(model["skeleton"], model["n_layers"], name, hp, targets)
+        n, err, hf = cache[key]
+        pids = [i for i in ids if i.startswith(p + "/")]
+        if err and hf == "target_modules":
+            add(f"train.{p}.target_modules", tm, err, pids)
+        elif err and hf:
+            add(f"{f}.hparams.{hf}", hp.get(hf, _MISSING), f"{err} [layer shapes from {model['where']}]", pids)
+        elif err:
+            add(f"{f}.hparams", hp, f"{err} [layer shapes from {model['where']}]", pids)
+        for c in train_cells:
+            if c["id"] in pids:
+                c["trainable_params"] = n
+
+
+def _check_hparams(entries: list[dict], train_cells: list[dict], cfg: dict, model: dict, add) -> None:
+    """Per method: its name, its hyperparameters, then their fit to the model's layer shapes."""
+    cache: dict[tuple, tuple] = {}    # (method, hparams, targets) -> check_on_skeleton result
     for e in entries:
         ids = [c["id"] for c in train_cells if c["entry"] == e["index"]]
-        f, name, hp = e["field"], e["method"], e["hparams"]
-        if name not in peft_methods.METHODS:
-            add(f"{f}.method", name, f"unknown PEFT method; known: {', '.join(peft_methods.METHODS)}", ids)
+        if e["method"] not in peft_methods.METHODS:
+            add(f"{e['field']}.method", e["method"],
+                f"unknown PEFT method; known: {', '.join(peft_methods.METHODS)}", ids)
             continue
-        fields = {x.name: x for x in dataclasses.fields(peft_methods.make_config(name))}
-        ok = True
-        for k, v in hp.items():
-            if k not in fields:
-                add(f"{f}.hparams.{k}", v, f"not a hyperparameter of {name}; valid: {sorted(fields) or 'none'}", ids)
-                ok = False
-                continue
-            default = fields[k].default
-            typ = type(default) if default is not None and default is not dataclasses.MISSING else None
-            prob = _type_problem(v, typ, default is None) if typ else None
-            if prob is None and k in HPARAM_RANGES and v is not None and not HPARAM_RANGES[k][0](v):
-                prob = HPARAM_RANGES[k][1]
-            if prob:
-                add(f"{f}.hparams.{k}", v, prob, ids)
-                ok = False
-        if name == "keeplora" and "grpo" in e["paradigms"]:
+        ok = _check_hparam_values(e, ids, add)
+        if e["method"] == "keeplora" and "grpo" in e["paradigms"]:
             inits = [s.get("init_from") for s in (cfg["train"].get("grpo") or {}, e["train"].get("grpo") or {})
                      if isinstance(s, dict)]
             if not any(inits):
-                add(f"{f}.paradigms", e["paradigms"], "keeplora cannot start GRPO from the base model "
+                add(f"{e['field']}.paradigms", e["paradigms"], "keeplora cannot start GRPO from the base model "
                     "(train_grpo needs an SFT checkpoint: train.grpo.init_from); use paradigms: [sft]",
                     [i for i in ids if i.startswith("grpo/")])
-        if not ok or skeleton is None:
-            continue
-        for p in e["paradigms"]:
-            tm = None    # train_sft.py's --target-modules; train_grpo.py always uses the defaults
-            if p == "sft":
-                tm = {**(cfg["train"].get(p) or {}), **(e["train"].get(p) or {})}.get("target_modules")
-            targets = tuple(tm.split(",")) if isinstance(tm, str) and tm else peft_methods.DEFAULT_TARGETS
-            key = (name, json.dumps(hp, sort_keys=True), targets)
-            if key not in shape_cache:
-                shape_cache[key] = check_on_skeleton(skeleton, n_layers, name, hp, targets)
-            n, err, hf = shape_cache[key]
-            pids = [i for i in ids if i.startswith(p + "/")]
-            if err:
-                if hf == "target_modules":
-                    add(f"train.{p}.target_modules", tm, err, pids)
-                elif hf:
-                    add(f"{f}.hparams.{hf}", hp.get(hf, _MISSING), f"{err} [layer shapes from {where}]", pids)
-                else:
-                    add(f"{f}.hparams", hp, f"{err} [layer shapes from {where}]", pids)
-            for c in train_cells:
-                if c["id"] in pids:
-                    c["trainable_params"] = n
+        if ok and model["skeleton"] is not None:
+            _check_shapes(e, ids, cfg, model, train_cells, cache, add)
 
-    # ---- per cell: the exact train_sft / train_grpo config, resolved by the script's own rules
+
+def _cell_layers(c: dict, e: dict, cfg: dict) -> list[tuple[str, dict]]:
+    """(field, settings) of one cell; later layers win: train.<paradigm> <- data.<domain>.<paradigm>
+    <- methods[i].train.<paradigm>."""
+    d, p = c["domain"], c["paradigm"]
+    per_domain = cfg["data"].get(d) if isinstance(cfg["data"].get(d), dict) else {}
+    return [(f"train.{p}", cfg["train"].get(p) or {}), (f"data.{d}.{p}", per_domain.get(p) or {}),
+            (f"{e['field']}.train.{p}", e["train"].get(p) or {})]
+
+
+def _hparam_args(hp: dict) -> dict:
+    """A method's hyperparameters as training-script keys: the four flags, the rest as --hp K=V."""
+    return {"hp": [f"{k}={json.dumps(v)}" for k, v in hp.items() if k not in HPARAM_FLAGS],
+            **{k: v for k, v in hp.items() if k in HPARAM_FLAGS}}
+
+
+def _cell_train_config(c: dict, e: dict, cfg: dict, add) -> tuple[dict, dict] | None:
+    """The train_sft / train_grpo config of one cell and the config field each key came from."""
+    d, p = c["domain"], c["paradigm"]
+    layers = _cell_layers(c, e, cfg)
+    tc, origin = {}, {}
+    if not any("task" in s or "data" in s for _, s in layers if isinstance(s, dict)):
+        if cfg["model"] != "toy" and cfg["eval"]["suite"] != "toy":
+            extra = ", hub_file" if p == "sft" else ", domain"
+            add(f"data.{d}.{p}", _MISSING, "required for a real model: the training file "
+                f"(data: path.jsonl|parquet{extra}) or task: toy-{d}", [c["id"]])
+            return None
+        tc["task"] = f"toy-{d}"     # the toy world's SFT / RL rows for this domain
+    dests = {a.dest for a in _train_parser(p)._actions}
+    for fld, s in layers:
+        for k, v in (s.items() if isinstance(s, dict) else ()):
+            if k not in ARENA_OWNED and k in dests:    # the others are reported above
+                tc[k], origin[k] = v, f"{fld}.{k}"
+    tc.update(model=cfg["model"], method=e["method"], **_hparam_args(c["hparams"]))
+    if cfg["device"]:
+        tc["device"] = cfg["device"]
+    if p == "grpo" and cfg["dtype"]:
+        tc["dtype"] = cfg["dtype"]
+    if p == "grpo" and tc.get("data") and not tc.get("domain"):
+        tc["domain"] = d
+    tc["out"] = str(Path(cfg["out"]) / c["ckpt_dir"])
+    return tc, origin
+
+
+def _resolve_cells(train_cells: list[dict], entries: list[dict], cfg: dict, add) -> None:
+    """Each cell's exact training config, resolved and checked by the training script's own
+    resolve_config (the one path: its errors carry the key at fault, loading.ConfigError.field)."""
+    by_index = {e["index"]: e for e in entries}
     missing_data: dict[tuple, list] = {}
     for c in train_cells:
-        e = entries[[x["index"] for x in entries].index(c["entry"])]
+        e = by_index[c["entry"]]
         if e["method"] not in peft_methods.METHODS:
             continue
-        d, p = c["domain"], c["paradigm"]
-        per_domain = cfg["data"].get(d) if isinstance(cfg["data"].get(d), dict) else {}
-        # later layers win: train.<paradigm> <- data.<domain>.<paradigm> <- methods[i].train.<paradigm>
-        layers = [(f"train.{p}", cfg["train"].get(p) or {}),
-                  (f"data.{d}.{p}", per_domain.get(p) or {}),
-                  (f"{e['field']}.train.{p}", e["train"].get(p) or {})]
-        tc, origin = {}, {}
-        if not any("task" in s or "data" in s for _, s in layers if isinstance(s, dict)):
-            if toy or ev["suite"] == "toy":
-                tc["task"] = f"toy-{d}"     # the toy world's SFT / RL rows for this domain
-            else:
-                extra = ", hub_file" if p == "sft" else ", domain"
-                add(f"data.{d}.{p}", _MISSING, "required for a real model: the training file "
-                    f"(data: path.jsonl|parquet{extra}) or task: toy-{d}", [c["id"]])
-                continue
-        dests = {a.dest for a in _train_parser(p)._actions}
-        for fld, s in layers:
-            if isinstance(s, dict):
-                for k, v in s.items():
-                    if k not in ARENA_OWNED and k in dests:    # the others are reported above
-                        tc[k], origin[k] = v, f"{fld}.{k}"
-        flags = {k: v for k, v in c["hparams"].items() if k in HPARAM_FLAGS}
-        hp_items = [f"{k}={json.dumps(v)}" for k, v in c["hparams"].items() if k not in HPARAM_FLAGS]
-        tc.update(model=cfg["model"], method=e["method"], hp=hp_items, **flags)
-        if cfg["device"]:
-            tc["device"] = cfg["device"]
-        if p == "grpo" and cfg["dtype"]:
-            tc["dtype"] = cfg["dtype"]
-        if p == "grpo" and tc.get("data") and not tc.get("domain"):
-            tc["domain"] = d
-        tc["out"] = str(Path(cfg["out"]) / c["ckpt_dir"])
+        made = _cell_train_config(c, e, cfg, add)
+        if made is None:
+            continue
+        tc, origin = made
         c["train"] = tc
+        p = c["paradigm"]
         try:
-            if p == "sft":
-                c["train_resolved"] = train_sft.resolve_config(dict(tc))
-            else:
-                c["train_resolved"] = train_grpo.resolve_config(dict(tc))
-        except Exception as err:  # noqa: BLE001 - the scripts' own checks (loading.ConfigError.field)
+            c["train_resolved"] = (train_sft if p == "sft" else train_grpo).resolve_config(dict(tc))
+        except Exception as err:  # noqa: BLE001 - the scripts' own checks
             key = getattr(err, "field", None)
             fld = origin.get(key, f"train.{p}.{key}" if key else f"train.{p}")
             add(fld, tc.get(key, _MISSING) if key else _MISSING, str(err), [c["id"]])
@@ -896,29 +951,65 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
         if isinstance(v, str) and not looks_hub and not Path(v).exists():
             missing_data.setdefault((origin.get("data", "data"), v), []).append(c["id"])
     for (fld, v), ids in missing_data.items():
-        warnings.append(f"{fld} = {v!r}: file not found (needed when cell {ids[0]}"
-                        + (f" and {len(ids) - 1} more" if len(ids) > 1 else "") + " train)")
-    if not toy and hf_config is not None:
-        plan_memory(train_cells, cfg, hf_config, where, add)
-    warnings = list(dict.fromkeys(warnings))   # dedupe, keep order
-    return {"config": cfg, "cells": cells, "errors": format_problems(problems, source),
-            "warnings": warnings, "model_where": where, "n_params": n_params, "n_layers": n_layers}
+        add.warnings.append(f"{fld} = {v!r}: file not found (needed when cell {ids[0]}"
+                            + (f" and {len(ids) - 1} more" if len(ids) > 1 else "") + " train)")
+
+
+def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> dict:
+    """Check a run config without training or loading weights; returns the plan:
+    {"config": normalised config, "cells": [...], "errors": [str], "warnings": [str],
+     "model_where", "n_params", "n_layers"}. Every error names its cell(s) and field."""
+    if not isinstance(raw, dict):
+        return {"config": {}, "cells": [], "warnings": [],
+                "errors": [f"{source}: the file must hold a mapping of settings (got {type(raw).__name__})"]}
+    add = _Findings()
+    # 1. the sections on their own (every problem is collected; the checks go on after one)
+    cfg = _check_top_level(raw, source, add)
+    model = _check_model(cfg, add, allow_hub)
+    _check_node(cfg, add)
+    cfg["domains"] = _check_names(cfg["domains"], "domains", DOMAINS, DOMAIN_ALIASES, add)
+    cfg["paradigms"] = _check_names(cfg["paradigms"], "paradigms", tuple(PARADIGMS), PARADIGM_ALIASES, add)
+    _check_train_and_data(cfg, add)
+    cfg["eval"] = _check_eval(cfg, add)
+    cfg["budget"] = _check_budget(cfg["budget"], add)
+    entries = _check_methods(cfg, add)
+    # 2. the grid, then each cell as its training script will see it (on the meta device)
+    cells = _grid_cells(cfg, entries, add)
+    train_cells = [c for c in cells if c["paradigm"] != "base"]
+    _check_hparams(entries, train_cells, cfg, model, add)
+    _resolve_cells(train_cells, entries, cfg, add)
+    # 3. will each cell fit the GPUs it gets? (the toy needs no plan)
+    if cfg["model"] != "toy" and model["hf_config"] is not None:
+        plan_memory(train_cells, cfg, model["hf_config"], model["where"], add)
+    return {"config": cfg, "cells": cells, "errors": format_problems(add.problems, source),
+            "warnings": list(dict.fromkeys(add.warnings)), "model_where": model["where"],
+            "n_params": model["n_params"], "n_layers": model["n_layers"]}
 
 
 def cell_gpus(cell: dict, cfg: dict) -> int:
-    """GPUs a cell trains on: Full FT SFT takes the node's `gpus` through torchrun (FSDP2, PAPER.md
-    §3.3: one 8-GPU node); every other cell trains in this process on one GPU (Deviation 4)."""
+    """GPUs a cell trains on: Full FT SFT takes the node's `gpus` through torchrun (FSDP2; the paper
+    trains on one 8-GPU node); every other cell trains in this process on one GPU (Implementation
+    note 1)."""
     return cfg["gpus"] if cell["paradigm"] == "sft" and cell["method"] == "full" else 1
 
 
-_MEMORY_PLANS: dict[tuple, tuple] = {}
+_MEMORY_PLANS: dict[tuple, tuple] = {}   # per process: a plan is a pure function of (shapes, settings, budget)
+
+
+def _memory_hint(c: dict, cfg: dict, tr: dict, alts: list[str]) -> str:
+    """What would make a cell fit: memory.what_fits' alternatives, and the config key to set."""
+    hint = ("; would fit: " + "; ".join(alts)) if alts else "; nothing tried fits"
+    if c["paradigm"] == "sft" and c["method"] == "full" and cfg["gpus"] < 8:
+        hint += " (set `gpus:` to the node's GPU count: Full FT SFT then runs under torchrun, FSDP2)"
+    if c["paradigm"] == "grpo" and c["method"] == "full" and tr.get("optimizer_offload") != "cpu":
+        hint += (" (train_grpo.py has no multi-GPU path; set the method's "
+                 "`train: {grpo: {optimizer_offload: cpu}}`: fp32 masters + AdamW on the CPU)")
+    return hint
 
 
 def plan_memory(train_cells: list[dict], cfg: dict, hf_config, where: str, add) -> None:
     """memory.py's per-GPU peak for every cell (cached per setting: domains share it); a cell that
     cannot fit the GPUs it will get is a problem naming the estimate and what would fit."""
-    import memory
-    cache = _MEMORY_PLANS   # per process: a plan is a pure function of (shapes, settings, budget)
     budget = cfg["gpu_memory_gib"]
     shapes = hf_config.to_json_string() if hasattr(hf_config, "to_json_string") else repr(hf_config)
     for c in train_cells:
@@ -926,27 +1017,19 @@ def plan_memory(train_cells: list[dict], cfg: dict, hf_config, where: str, add) 
         if tr is None:
             continue
         n = cell_gpus(c, cfg)
-        if c["paradigm"] == "sft":
-            plan = memory.sft_plan(tr, gpus=n)
-        else:
-            plan = memory.grpo_plan(tr, gpu_memory_gib=budget)
+        plan = memory.sft_plan(tr, gpus=n) if c["paradigm"] == "sft" else memory.grpo_plan(tr, gpu_memory_gib=budget)
         key = (shapes, repr(plan), budget)
-        if key not in cache:
+        if key not in _MEMORY_PLANS:
             est = memory.estimate(hf_config, plan)
             alts = [] if memory.fits(est, budget) else memory.what_fits(hf_config, plan, budget, max_gpus=8)
-            cache[key] = (est, alts)
-        est, alts = cache[key]
+            _MEMORY_PLANS[key] = (est, alts)
+        est, alts = _MEMORY_PLANS[key]
+        how = memory.format_estimate(est, budget)
         c["memory"] = {"gib_per_gpu": round(est["peak_gib"], 1), "gpus": n, "fits": memory.fits(est, budget),
-                       "sampler_gib": round(est["sampler_gib"], 1), "how": memory.format_estimate(est, budget)}
+                       "sampler_gib": round(est["sampler_gib"], 1), "how": how}
         if not c["memory"]["fits"]:
-            hint = ("; would fit: " + "; ".join(alts)) if alts else "; nothing tried fits"
-            if c["paradigm"] == "sft" and c["method"] == "full" and cfg["gpus"] < 8:
-                hint += " (set `gpus:` to the node's GPU count: Full FT SFT then runs under torchrun, FSDP2)"
-            if c["paradigm"] == "grpo" and c["method"] == "full" and tr.get("optimizer_offload") != "cpu":
-                hint += (" (train_grpo.py has no multi-GPU path; set the method's "
-                         "`train: {grpo: {optimizer_offload: cpu}}`: fp32 masters + AdamW on the CPU)")
-            add("memory", _MISSING, f"needs ~{est['peak_gib']:.1f} GiB per GPU on {n} GPU(s) ({memory.format_estimate(est, budget)}; "
-                f"shapes from {where}){hint}", [c["id"]])
+            add("memory", _MISSING, f"needs ~{est['peak_gib']:.1f} GiB per GPU on {n} GPU(s) ({how}; "
+                f"shapes from {where}){_memory_hint(c, cfg, tr, alts)}", [c["id"]])
 
 
 def format_problems(problems: list[dict], source: str) -> list[str]:
@@ -967,18 +1050,11 @@ def format_problems(problems: list[dict], source: str) -> list[str]:
 
 def cell_fingerprint(cell: dict, cfg: dict) -> str:
     """A short hash of everything that decides a cell's numbers (model, train config, eval)."""
-    import hashlib
     # where and how fast it runs does not change the numbers: out dir, device, eval batch size
     what = {"model": cfg["model"], "dtype": cfg["dtype"],
             "eval": {k: v for k, v in cfg["eval"].items() if k != "batch_size"},
             "train": {k: v for k, v in (cell.get("train") or {}).items() if k not in ("out", "device")}}
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def memory_budget_text(cfg: dict) -> str:
-    import memory
-    g = cfg["gpu_memory_gib"]
-    return f"{memory.USABLE_FRACTION * g:.1f} usable of {g:g} GiB per GPU ({cfg['gpus']} GPU(s))"
 
 
 def print_plan(plan: dict, source: str, log=print) -> None:
@@ -998,8 +1074,10 @@ def print_plan(plan: dict, source: str, log=print) -> None:
         log(f"  {i:>3}  {c['id']:<{w}}  {str(c['method']):<8}  {_fmt_count(c.get('trainable_params')):>10}{cols}  "
             f"{json.dumps(c['hparams'])}")
     if mem:
+        g = cfg["gpu_memory_gib"]
         log(f"  memory plan (memory.py; fake tensors, 1-2 layers extrapolated to {plan['n_layers']}): peak "
-            f"GiB per GPU of one training step (+ vLLM's share for GRPO) against {memory_budget_text(cfg)}"
+            f"GiB per GPU of one training step (+ vLLM's share for GRPO) against "
+            f"{memory.USABLE_FRACTION * g:.1f} usable of {g:g} GiB per GPU ({cfg['gpus']} GPU(s))"
             + (f"; Full FT SFT on {cfg['gpus']} GPUs via torchrun (FSDP2), the other cells on 1 GPU"
                if cfg["gpus"] > 1 else "; every cell on 1 GPU"))
 
@@ -1025,11 +1103,10 @@ def _eval_argv(spec: str, adapter, suite: str, domain: str | None, ev: dict, cfg
         return a + ["--n-per-family", str(ev["n_per_family"])]
     a += ["--data-dir", ev["data_dir"], "--backend", ev["backend"]]
     for k, flag in (("limit", "--limit"), ("num_samples", "--num-samples"), ("temperature", "--temperature"),
-                    ("bbh_prompt_dir", "--bbh-prompt-dir")):
-        if ev[k] is not None:
+                    ("bbh_prompt_dir", "--bbh-prompt-dir"),
+                    ("vllm_gpu_memory_utilization", "--vllm-gpu-memory-utilization")):  # evaluate.py: 0.85
+        if ev.get(k) is not None:
             a += [flag, str(ev[k])]
-    if ev.get("vllm_gpu_memory_utilization") is not None:   # vLLM's share of the GPU (evaluate.py 0.85)
-        a += ["--vllm-gpu-memory-utilization", str(ev["vllm_gpu_memory_utilization"])]
     for name, path in sorted(ev["paths"].items()):
         a += ["--path", f"{name}={path}"]
     return a + (["--allow-hub"] if ev["allow_hub"] else [])
@@ -1037,17 +1114,17 @@ def _eval_argv(spec: str, adapter, suite: str, domain: str | None, ev: dict, cfg
 
 def _score_suites(spec, adapter, domain, cfg, out_root: Path, suites, res: dict) -> None:
     """evaluate.main per suite into res (cached runs reused); the vLLM engine is kept between them."""
-    import evaluate
-    ev = cfg["eval"]
     for s in suites:
         out = out_root / s
         # the toy suite scores both targets in one pass and the general suite has no target, so
         # neither gets --domain: the base model's runs are then shared by every domain
-        argv = _eval_argv(spec, adapter, s, domain if s in DOMAINS else None, ev, cfg, out)
+        argv = _eval_argv(spec, adapter, s, domain if s in DOMAINS else None, cfg["eval"], cfg, out)
         stamp = out / "arena_eval.json"
         if (out / "results.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
             res[s] = json.loads((out / "results.json").read_text())    # scored earlier, same flags
             continue
+        # keep_engine: the next suite of the same model reuses the loaded vLLM engine;
+        # context_suites: the engine is sized for every suite it will serve
         res[s] = evaluate.main(argv, keep_engine=True,
                                context_suites=[x for x in suites if x != "toy"])
         atomic_write_json(stamp, argv)
@@ -1057,15 +1134,15 @@ def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -
     """Both axes for one model (+ adapter) through evaluate.py: the toy suite (all five families),
     or the real target suite of `domain` plus the general suite. Each suite run is cached in
     out_root/<suite>/ (results.json + generations), reused when its evaluate.py flags are unchanged."""
-    import evaluate
-    ev = cfg["eval"]
-    suites = ["toy"] if ev["suite"] == "toy" else [domain, "general"]
+    # Target = the domain's suite score, General = the general suite's score (the paper's mean of
+    # BBH, IFEval and NQ; evaluate.py computes both)
+    suites = ["toy"] if cfg["eval"]["suite"] == "toy" else [domain, "general"]
     res = {}
     try:
         _score_suites(spec, adapter, domain, cfg, out_root, suites, res)
     finally:
         evaluate.release_engine()   # one vLLM engine served every suite of this model; free it
-    if ev["suite"] == "toy":
+    if suites == ["toy"]:
         r = res["toy"]
         fam = {f: round(v["score"], 2) for f, v in r["families"].items()}
         return {"target": r["families"][domain]["score"], "general": r["general_score"], "families": fam}
@@ -1073,19 +1150,14 @@ def evaluate_model(spec: str, adapter, domain: str, cfg: dict, out_root: Path) -
     return {"target": res[domain]["target_score"], "general": res["general"]["general_score"], "families": fam}
 
 
-def _write_traceback(run: Path, cell: dict, err: BaseException) -> str:
-    import traceback
-    from loading import atomic_write_text
+def _failed_row(cell: dict, err: BaseException, run: Path, fp: str, seconds: float) -> dict:
+    """The cell file of a failed cell; the traceback goes to a text file beside it."""
     rel = cell["file"].replace(".json", ".traceback.txt")
     atomic_write_text(run / rel, "".join(traceback.format_exception(type(err), err, err.__traceback__)))
-    return rel
-
-
-def _failed_row(cell: dict, err: BaseException, run: Path, fp: str, seconds: float) -> dict:
     return {"cell": cell["id"], "index": cell["index"], "status": "failed", "domain": cell["domain"],
             "paradigm": PARADIGMS.get(cell["paradigm"], "Base"), "method": cell["label"],
             "peft_method": cell["method"], "hparams": cell["hparams"],
-            "error": f"{type(err).__name__}: {err}", "traceback": _write_traceback(run, cell, err),
+            "error": f"{type(err).__name__}: {err}", "traceback": rel,
             "fingerprint": fp, "seconds": round(seconds, 1)}
 
 
@@ -1127,9 +1199,7 @@ def train_argv(settings: dict, parser) -> list[str]:
 
 def launch_torchrun(n_gpus: int, settings: dict) -> None:
     """Train a Full FT SFT cell on `n_gpus` GPUs of this node: `torchrun --standalone` of
-    train_sft.py (FSDP2 fully_shard for --method full, train_sft.py Deviation 10). Raises on failure."""
-    import subprocess
-    import train_sft
+    train_sft.py (FSDP2 fully_shard for --method full). Raises on failure."""
     settings = {k: v for k, v in settings.items() if k != "device"}   # torchrun: LOCAL_RANK picks it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
            str(REPO_DIR / "train_sft.py"), *train_argv(settings, train_sft.build_parser())]
@@ -1140,12 +1210,10 @@ def launch_torchrun(n_gpus: int, settings: dict) -> None:
 
 def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: bool = False, log=print) -> dict:
     """Train (or resume, or reuse a finished run of) one cell, then score it on both axes."""
-    import train_grpo
-    import train_sft
     cfg = plan["config"]
     ckpt_root = run / cell["ckpt_dir"]
     t0 = time.time()
-    final = _finished(ckpt_root)
+    final = _finished(ckpt_root)     # trained earlier (or on another node): only score it
     if final is None:
         # a half-trained cell resumes through the training file's own --resume (same config, checked
         # there); a directory with files but no run config in it is cleared by --overwrite
@@ -1169,7 +1237,10 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
     t1 = time.time()
     res = evaluate_model(cfg["model"], final, cell["domain"], cfg, run / "evals" / Path(cell["file"]).stem)
     target, general = round(res["target"], 2), round(res["general"], 2)
+    # both axes are read against this domain's base model; without one (it failed) they stay None
     ok_base = base is not None and base.get("status") == "ok"
+    # SFT and GRPO summaries name two fields differently (n_trainable / trainable_params,
+    # last_loss / reward_last): the row reads whichever the script wrote
     return {"cell": cell["id"], "index": cell["index"], "status": "ok", "domain": cell["domain"],
             "paradigm": PARADIGMS[cell["paradigm"]], "method": cell["label"], "peft_method": cell["method"],
             "hparams": cell["hparams"], "model": cfg["model"],
@@ -1183,67 +1254,60 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
             "train_last": summary.get("last_loss", summary.get("reward_last"))}
 
 
+def _run_grid_cell(cell: dict, plan: dict, run: Path, bases: dict, tag: str, *, progress, log) -> dict:
+    """One cell's row, ok or failed: a failure is recorded and the grid goes on."""
+    fp = cell_fingerprint(cell, plan["config"])
+    is_base = cell["paradigm"] == "base"
+    t1 = time.time()
+    try:
+        if is_base:
+            log(f"[run] {tag}: scoring the base model")
+            row = bases[cell["domain"]] = run_base(cell, plan, run)
+        else:
+            row = run_cell(cell, plan, run, bases.get(cell["domain"]), progress=progress, log=log)
+        row["fingerprint"] = fp
+    except Exception as err:  # noqa: BLE001 - record it, go on with the grid
+        row = _failed_row(cell, err, run, fp, time.time() - t1)
+        if is_base:
+            bases[cell["domain"]] = row
+        log(f"[run] {tag}: FAILED: {row['error'].splitlines()[0][:300]} (traceback: {run / row['traceback']})")
+        return row
+    times = "" if is_base else f"  [{row['train_seconds']:.0f}s train, {row['eval_seconds']:.0f}s eval]"
+    log(f"[run] {tag}: target {row['target']:.1f}  general {row['general']:.1f}{times}")
+    return row
+
+
 def run_grid(plan: dict, run: Path, *, progress: bool = False, log=print) -> int:
     """Every cell in order; finished cells are skipped, failed ones retried. Returns the exit code:
     0 all done, 1 some cell failed (recorded, the grid went on), 3 stopped by budget.max_minutes."""
-    import gc
-    cfg = plan["config"]
     t0 = time.time()
-    budget = cfg["budget"]["max_minutes"]
-    cells = plan["cells"]
-    n_train = sum(c["paradigm"] != "base" for c in cells)
-    k = 0
-    stopped = False
-    bases: dict[str, dict] = {}
-    for cell in cells:
+    budget = plan["config"]["budget"]["max_minutes"]
+    n_train = sum(c["paradigm"] != "base" for c in plan["cells"])
+    k, stopped = 0, False
+    bases: dict[str, dict] = {}      # domain -> the base row its cells are measured against
+    for cell in plan["cells"]:
+        is_base = cell["paradigm"] == "base"
+        k += not is_base
+        tag = cell["id"] if is_base else f"{k}/{n_train} {cell['id']}"
         path = run / cell["file"]
-        fp = cell_fingerprint(cell, cfg)
         old = json.loads(path.read_text()) if path.exists() else None
-        if cell["paradigm"] != "base":
-            k += 1
-        tag = f"{k}/{n_train} {cell['id']}" if cell["paradigm"] != "base" else cell["id"]
         if old is not None and old.get("status") == "ok":
             log(f"[run] {tag}: done earlier (skipped)")
-            if cell["paradigm"] == "base":
+            if is_base:
                 bases[cell["domain"]] = old
             continue
-        if cell["paradigm"] != "base" and budget and time.time() - t0 > budget * 60:
+        if not is_base and budget and time.time() - t0 > budget * 60:
             log(f"[run] budget of {budget} min spent: stopping before {cell['id']}; rerun to continue")
             stopped = True
             break
         if old is not None:
             log(f"[run] {tag}: failed earlier ({old.get('error', '?')}); retrying")
-        t1 = time.time()
-        try:
-            if cell["paradigm"] == "base":
-                log(f"[run] {tag}: scoring the base model")
-                row = run_base(cell, plan, run)
-                bases[cell["domain"]] = row
-            else:
-                row = run_cell(cell, plan, run, bases.get(cell["domain"]), progress=progress, log=log)
-            row["fingerprint"] = fp
-        except Exception as err:  # noqa: BLE001 - record it, go on with the grid
-            row = _failed_row(cell, err, run, fp, time.time() - t1)
-            if cell["paradigm"] == "base":
-                bases[cell["domain"]] = row
-            log(f"[run] {tag}: FAILED: {row['error'].splitlines()[0][:300]} (traceback: {run / row['traceback']})")
-        else:
-            if row["paradigm"] != "Base":
-                log(f"[run] {tag}: target {row['target']:.1f}  general {row['general']:.1f}  "
-                    f"[{row['train_seconds']:.0f}s train, {row['eval_seconds']:.0f}s eval]")
-            else:
-                log(f"[run] {tag}: target {row['target']:.1f}  general {row['general']:.1f}")
-        atomic_write_json(path, row)
-        write_run_report(run)
-        gc.collect()
-        try:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001
-            pass
-    rows = read_run_rows(run)
-    failed = [r["cell"] for r in rows if r.get("status") != "ok"]
+        atomic_write_json(path, _run_grid_cell(cell, plan, run, bases, tag, progress=progress, log=log))
+        write_run_report(run)     # the tables are current after every cell
+        gc.collect()              # the next cell loads its own model: free this one's memory first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    failed = [r["cell"] for r in read_run_rows(run) if r.get("status") != "ok"]
     if failed:
         log(f"[run] {len(failed)} failed cell(s): {', '.join(failed)} (tracebacks under {run / 'cells'})")
         return 1
@@ -1252,6 +1316,8 @@ def run_grid(plan: dict, run: Path, *, progress: bool = False, log=print) -> int
 
 def stale_cells(plan: dict, run: Path) -> list[str]:
     """Cells finished earlier with different settings (their numbers would be silently reused)."""
+    # a rerun skips every cell whose file says ok, so an edited config must not meet old results:
+    # the fingerprint saved with each row tells them apart (rows from before fingerprints pass)
     out = []
     for cell in plan["cells"]:
         path = run / cell["file"]
@@ -1267,7 +1333,6 @@ def stale_cells(plan: dict, run: Path) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.config)
@@ -1310,19 +1375,12 @@ def cmd_run(args) -> int:
 # reports: tables and figures from results alone
 
 
-def write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
-    """One CSV row per dict (missing or None values as empty cells), written atomically."""
-    from loading import atomic_write_csv
-    atomic_write_csv(path, cols, rows)
-
-
 def write_report(run: Path, rows: list[dict], base: dict) -> None:
     atomic_write_json(run / "results.json", {"base": {"target": base["target_score"],
                                                       "general": base["general_score"]},
                                              "rows": rows})
-    write_csv(run / "results.csv", ["paradigm", "method", "trainable_params", "target", "general",
-                                    "target_gain", "forgetting"], rows)
-    from loading import atomic_write_text
+    atomic_write_csv(run / "results.csv", ["paradigm", "method", "trainable_params", "target", "general",
+                                           "target_gain", "forgetting"], rows)
     atomic_write_text(run / "leaderboard.md", leaderboard_markdown(rows))
     plot_scatter(rows, run / "stability_plasticity.png")
 
@@ -1335,8 +1393,13 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def _num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
 def leaderboard_markdown(rows: list[dict], paper: list[dict | None] | None = None) -> str:
-    """The paper's main-table layout (PAPER.md §10.1): Train | Method | Tr. | Target | General.
+    """The main table's layout (poster): Train | Method | Tr. | Target | General, plus our
+    Target gain and Forgetting against the base model.
 
     `paper` (one entry per row, None where the paper has no such cell) adds the published
     trainable-parameter count, Target and General beside ours (`report --paper`)."""
@@ -1357,7 +1420,8 @@ def leaderboard_markdown(rows: list[dict], paper: list[dict | None] | None = Non
 
 
 def pareto_indices(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated in (x, y), both to be maximised."""
+    """Indices of points not dominated in (x, y), both to be maximised (the paper's Pareto frontier
+    of plasticity x stability), sorted by x."""
     keep = []
     for i, (x, y) in enumerate(points):
         if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
@@ -1369,10 +1433,14 @@ def _label(r: dict) -> str:
     return ("GRPO " if r["paradigm"] == "GRPO" else "") + r["method"]
 
 
-def _draw_points(ax, rows, pts, colours, size=1.0) -> None:
+_COLOURS = {"Base": "black", "SFT": "tab:blue", "GRPO": "tab:red"}
+_MARKERS = {"Base": "*", "SFT": "o", "GRPO": "s"}
+
+
+def _draw_points(ax, rows, pts, size=1.0) -> None:
     for r, (x, y) in zip(rows, pts):
-        mk = "*" if r["paradigm"] == "Base" else ("o" if r["paradigm"] == "SFT" else "s")
-        ax.scatter(x, y, c=colours[r["paradigm"]], marker=mk, s=(140 if mk == "*" else 50) * size, zorder=3)
+        mk = _MARKERS[r["paradigm"]]
+        ax.scatter(x, y, c=_COLOURS[r["paradigm"]], marker=mk, s=(140 if mk == "*" else 50) * size, zorder=3)
 
 
 def _annotate(fig, ax, rows, pts) -> None:
@@ -1400,23 +1468,45 @@ def crowded_cluster(pts: list[tuple[float, float]], frac: float = 0.1) -> list[i
     return best
 
 
+def _draw_inset(fig, ax, rows, pts, cluster, front) -> None:
+    """The crowded points again in a zoomed inset, placed in whichever of four candidate boxes
+    (axes fractions) holds the fewest points; the main plot keeps their markers and a zoom box."""
+    boxes = [(0.12, 0.22, 0.36, 0.36), (0.55, 0.22, 0.36, 0.36), (0.12, 0.5, 0.36, 0.36), (0.55, 0.5, 0.36, 0.36)]
+    to_ax = ax.transAxes.inverted()
+    axfrac = [to_ax.transform(ax.transData.transform(p)) for p in pts]
+    box = min(boxes, key=lambda b: sum(b[0] - 0.05 <= fx <= b[0] + b[2] + 0.05 and b[1] - 0.05 <= fy <= b[1] + b[3] + 0.05
+                                       for fx, fy in axfrac))
+    ins = ax.inset_axes(box)
+    cp = [pts[i] for i in cluster]
+    _draw_points(ins, [rows[i] for i in cluster], cp, size=0.8)
+    cx, cy = [p[0] for p in cp], [p[1] for p in cp]
+    px, py = max(1.0, 0.35 * (max(cx) - min(cx))), max(0.5, 0.6 * (max(cy) - min(cy)))
+    ins.set_xlim(min(cx) - px, max(cx) + px)
+    ins.set_ylim(min(cy) - py, max(cy) + py)
+    ins.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", zorder=2)
+    ins.axhline(0, c="lightgrey", lw=0.8, zorder=1)
+    ins.axvline(0, c="lightgrey", lw=0.8, zorder=1)
+    ins.tick_params(labelsize=7)
+    ins.set_title("crowded region (zoom)", fontsize=8)
+    ax.indicate_inset_zoom(ins, edgecolor="grey")
+    _annotate(fig, ins, [rows[i] for i in cluster], cp)
+
+
 def plot_scatter(rows: list[dict], png: Path, title: str = "Stability-plasticity trade-off on the toy arena") -> None:
-    """Stability-plasticity plane: target gain (x) vs general retention (y), Pareto frontier drawn.
-    When four or more methods crowd one spot (`crowded_cluster`), they are labelled in a zoomed
-    inset placed in the emptiest quarter of the plot (the main plot keeps their markers and a zoom
-    box)."""
+    """Stability-plasticity plane (the paper's trade-off figure): target gain (x) vs general change
+    (y), Pareto frontier drawn. When four or more methods crowd one spot (`crowded_cluster`), they
+    are labelled in a zoomed inset placed in the emptiest quarter of the plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6.5), dpi=120)
-    colours = {"Base": "black", "SFT": "tab:blue", "GRPO": "tab:red"}
     pts = [(r["target_gain"], -r["forgetting"]) for r in rows]
-    _draw_points(ax, rows, pts, colours)
+    _draw_points(ax, rows, pts)
     front = pareto_indices(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", zorder=2,
             label="Pareto frontier")
-    for p, c in colours.items():
-        ax.scatter([], [], c=c, marker="*" if p == "Base" else ("o" if p == "SFT" else "s"), label=p)
+    for p, c in _COLOURS.items():
+        ax.scatter([], [], c=c, marker=_MARKERS[p], label=p)
     ys = [p[1] for p in pts]
     ax.set_ylim(min(ys) - 2, max(ys) + 0.15 * (max(ys) - min(ys) + 1))   # room for labels on top
     ax.axhline(0, c="lightgrey", lw=0.8, zorder=1)
@@ -1431,26 +1521,7 @@ def plot_scatter(rows: list[dict], png: Path, title: str = "Stability-plasticity
     outer = [i for i in range(len(rows)) if i not in cluster]
     _annotate(fig, ax, [rows[i] for i in outer], [pts[i] for i in outer])
     if cluster:
-        # the inset goes where the fewest points are: one of four candidate boxes (axes fractions)
-        boxes = [(0.12, 0.22, 0.36, 0.36), (0.55, 0.22, 0.36, 0.36), (0.12, 0.5, 0.36, 0.36), (0.55, 0.5, 0.36, 0.36)]
-        to_ax = ax.transAxes.inverted()
-        axfrac = [to_ax.transform(ax.transData.transform(p)) for p in pts]
-        box = min(boxes, key=lambda b: sum(b[0] - 0.05 <= fx <= b[0] + b[2] + 0.05 and b[1] - 0.05 <= fy <= b[1] + b[3] + 0.05
-                                           for fx, fy in axfrac))
-        ins = ax.inset_axes(box)
-        cp = [pts[i] for i in cluster]
-        _draw_points(ins, [rows[i] for i in cluster], cp, colours, size=0.8)
-        cx, cy = [p[0] for p in cp], [p[1] for p in cp]
-        px, py = max(1.0, 0.35 * (max(cx) - min(cx))), max(0.5, 0.6 * (max(cy) - min(cy)))
-        ins.set_xlim(min(cx) - px, max(cx) + px)
-        ins.set_ylim(min(cy) - py, max(cy) + py)
-        ins.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", zorder=2)
-        ins.axhline(0, c="lightgrey", lw=0.8, zorder=1)
-        ins.axvline(0, c="lightgrey", lw=0.8, zorder=1)
-        ins.tick_params(labelsize=7)
-        ins.set_title("crowded region (zoom)", fontsize=8)
-        ax.indicate_inset_zoom(ins, edgecolor="grey")
-        _annotate(fig, ins, [rows[i] for i in cluster], cp)
+        _draw_inset(fig, ax, rows, pts, cluster, front)
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -1478,13 +1549,16 @@ def _declutter(fig, ax, texts) -> None:
         h = min(a.y1, b.y1) - max(a.y0, b.y0)
         return w * h if w > 0 and h > 0 else 0.0
 
+    def place(t, dx, dy):
+        t.xyann = (dx, dy)
+        t.set_horizontalalignment("left" if dx > 0 else ("center" if dx == 0 else "right"))
+        return t.get_window_extent(r)
+
     placed = []
     for k, t in enumerate(texts):
         best = None
         for dx, dy in offsets:
-            t.xyann = (dx, dy)
-            t.set_horizontalalignment("left" if dx > 0 else ("center" if dx == 0 else "right"))
-            bb = t.get_window_extent(r)
+            bb = place(t, dx, dy)
             outside = not (bb.x0 >= inside.x0 and bb.x1 <= inside.x1 and bb.y0 >= inside.y0 and bb.y1 <= inside.y1)
             cost = (sum(overlap(bb, p) for p in placed)
                     + sum(overlap(bb, m) for i, m in enumerate(markers) if i != k) + (1e9 if outside else 0.0))
@@ -1493,8 +1567,7 @@ def _declutter(fig, ax, texts) -> None:
             if cost == 0:
                 break
         _, dx, dy = best
-        t.xyann = (dx, dy)
-        t.set_horizontalalignment("left" if dx > 0 else ("center" if dx == 0 else "right"))
+        place(t, dx, dy)
         if t.arrow_patch is not None:
             t.arrow_patch.set_visible((dx, dy) not in near)
         placed.append(t.get_window_extent(r))
@@ -1502,7 +1575,8 @@ def _declutter(fig, ax, texts) -> None:
 
 # ---- reports of `run` and `demo` directories, rebuilt from RUN/cells/*.json alone
 
-PAPER_RESULTS = REPO_DIR / "configs" / "paper_results.json"   # PAPER.md §10.1 / §10.2, transcribed
+# the published numbers: the poster's main table, KeepLoRA from the web version (docs/index.html)
+PAPER_RESULTS = REPO_DIR / "configs" / "paper_results.json"
 RUN_CSV_COLS = ["domain", "paradigm", "method", "status", "trainable_params", "target", "general",
                 "target_gain", "forgetting"]
 
@@ -1540,16 +1614,12 @@ def paper_columns(rows: list[dict], model_key: str | None, domain: str, model_sp
     n = sum(c is not None for c in cols)
     if n == 0:   # no empty columns: the note says why
         return None, (f"--paper: no row of this run matches a published PEFT-Arena cell. The paper reports "
-                      f"{' and '.join(table['models'].values())} only (PAPER.md §10.1); this run's model is "
+                      f"{' and '.join(table['models'].values())} only (its main table); this run's model is "
                       f"{model_spec!r}" + (f" (matched as {model_key})" if model_key else "") + ".")
     tables = sorted({c["table"] for c in cols if c})
     return cols, (f"Paper columns: published Target / General (%) and trainable parameters of "
                   f"{table['models'][model_key]}, target {domain}, from configs/paper_results.json "
                   f"({'; '.join(tables)}); {n} of {len(rows)} rows matched.")
-
-
-def _num(v, fmt: str) -> str:
-    return "–" if v is None else format(v, fmt)
 
 
 def read_run_rows(run: Path) -> list[dict]:
@@ -1575,76 +1645,82 @@ def config_paper_model(run: Path) -> str | None:
     return cfg.get("paper_model") if isinstance(cfg, dict) else None
 
 
+def _domain_report(rows: list[dict], d: str, model: str, png: Path, paper_key) -> tuple[list, str]:
+    """One target domain's part of a run's leaderboard.md (its table, the paper's columns when
+    `paper_key` is not False, the failed cells) and its scatter; returns (markdown lines, note)."""
+    ok = [r for r in rows if r["domain"] == d and r["status"] == "ok"]
+    md, cols, note = [f"## Target: {d}", ""], None, None
+    if paper_key is not False:
+        cols, note = paper_columns(ok, paper_key, d, model)
+    md.append(leaderboard_markdown(ok, paper=cols) if ok else "(no finished cell yet)\n")
+    if note is not None:
+        md += [note, ""]
+    bad = [r for r in rows if r["domain"] == d and r["status"] != "ok"]
+    if bad:
+        md += ["Failed cells (tracebacks next to the cell files):", ""]
+        md += [f"- {r['cell']}: {r['error'].splitlines()[0][:200]} (`{r['traceback']}`)" for r in bad] + [""]
+    plottable = [r for r in ok if r["target_gain"] is not None and r["forgetting"] is not None]
+    if plottable:
+        plot_scatter(plottable, png, title=f"Stability-plasticity trade-off: {model}, target {d}")
+    return md, note
+
+
 def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
     """results.json, results.csv, leaderboard.md and one scatter per domain, from cells/*.json.
     `run` writes these after every cell; `python arena.py report RUN` calls the same function."""
-    from loading import atomic_write_text
+    # everything is rebuilt from the cell files, so a report never depends on the process that ran
+    # the cells (`report` after a crash, or after cells were trained on another node, is the same)
     rows = read_run_rows(run)
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     model = next((r["model"] for r in rows if r.get("model")), "?")
-    key = paper_model or config_paper_model(run) or infer_paper_model(model)
+    key = (paper_model or config_paper_model(run) or infer_paper_model(model)) if paper else False
     bases = {r["domain"]: {"target": r["target"], "general": r["general"]}
              for r in rows if r["paradigm"] == "Base" and r["status"] == "ok"}
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r["cell"] for r in rows if r["status"] != "ok"]
     atomic_write_json(run / "results.json", {"kind": "arena-run", "name": run.name, "model": model,
-                                             "base": bases, "rows": rows, "failed": [r["cell"] for r in failed]})
-    write_csv(run / "results.csv", RUN_CSV_COLS, rows)
-    md = [f"# {run.name}: {model}", ""]
-    notes = []
+                                             "base": bases, "rows": rows, "failed": failed})
+    atomic_write_csv(run / "results.csv", RUN_CSV_COLS, rows)
+    md, notes = [f"# {run.name}: {model}", ""], []
     for d in domains:
-        ok = [r for r in rows if r["domain"] == d and r["status"] == "ok"]
-        md += [f"## Target: {d}", ""]
-        cols = None
-        if paper:
-            cols, note = paper_columns(ok, key, d, model)
-            notes.append(note)
-        md.append(leaderboard_markdown(ok, paper=cols) if ok else "(no finished cell yet)\n")
-        if paper:
-            md += [note, ""]
-        bad = [r for r in failed if r["domain"] == d]
-        if bad:
-            md += ["Failed cells (tracebacks next to the cell files):", ""]
-            md += [f"- {r['cell']}: {r['error'].splitlines()[0][:200]} (`{r['traceback']}`)" for r in bad] + [""]
         png = run / ("stability_plasticity.png" if len(domains) == 1 else f"stability_plasticity-{d}.png")
-        plottable = [r for r in ok if r["target_gain"] is not None and r["forgetting"] is not None]
-        if plottable:
-            plot_scatter(plottable, png, title=f"Stability-plasticity trade-off: {model}, target {d}")
+        section, note = _domain_report(rows, d, model, png, key)
+        md += section
+        notes += [note] if note is not None else []
     atomic_write_text(run / "leaderboard.md", "\n".join(md).rstrip() + "\n")
     return notes
 
 
 def _toy_param_count() -> int:
     """Parameters of the toy base from its config alone (meta device; no weights read)."""
-    from transformers import AutoConfig
-    skel, n_layers = model_skeleton(AutoConfig.from_pretrained(TOY_MODEL_DIR))
+    skel, n_layers = model_skeleton(transformers.AutoConfig.from_pretrained(TOY_MODEL_DIR))
     return _scaled_count(skel, n_layers, trainable_only=False)
 
 
 def write_demo_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
     """The demo's results.json / results.csv / leaderboard.md / scatter, rebuilt from cells/*.json
     (base.json = the base model's evaluate.py result; <PARADIGM>-<label>.json = one row each)."""
-    from loading import atomic_write_text
     base = json.loads((run / "cells" / "base.json").read_text())
     found = {}
     for p in (run / "cells").glob("*.json"):
         if p.name != "base.json" and not p.name.endswith(".eval.json"):
             r = json.loads(p.read_text())
             found[(r["paradigm"], r["method"])] = r
-    order = [("SFT", c[0]) for c in SFT_CELLS] + [("GRPO", c[0]) for c in GRPO_CELLS]
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    if cfg.get("sft_cells") is not None:   # the exact lists the demo ran with
-        order = [("SFT", c[0]) for c in cfg["sft_cells"]] + [("GRPO", c[0]) for c in cfg.get("grpo_cells", [])]
+    # rows in the order the demo ran them (its config.json holds the exact lists)
+    sft_cells, grpo_cells = SFT_CELLS, GRPO_CELLS
+    if cfg.get("sft_cells") is not None:
+        sft_cells, grpo_cells = cfg["sft_cells"], cfg.get("grpo_cells", [])
+    order = [("SFT", c[0]) for c in sft_cells] + [("GRPO", c[0]) for c in grpo_cells]
     rank = {k: i for i, k in enumerate(order)}
     keys = sorted(found, key=lambda k: (rank.get(k, len(rank)), k[0] != "SFT", k[1]))
     rows = [_row("Base", "Base", "base", {}, base, base, _toy_param_count(), 0.0)] + [found[k] for k in keys]
     write_report(run, rows, base)
-    notes = []
-    if paper:
-        domain = cfg.get("domain", base.get("domain", "math"))
-        cols, note = paper_columns(rows, paper_model, domain, "toy")
-        atomic_write_text(run / "leaderboard.md", leaderboard_markdown(rows, paper=cols) + "\n" + note + "\n")
-        notes.append(note)
-    return notes
+    if not paper:
+        return []
+    domain = cfg.get("domain", base.get("domain", "math"))
+    cols, note = paper_columns(rows, paper_model, domain, "toy")
+    atomic_write_text(run / "leaderboard.md", leaderboard_markdown(rows, paper=cols) + "\n" + note + "\n")
+    return [note]
 
 
 def cmd_report(args) -> int:
@@ -1669,7 +1745,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out or f"runs/demo-{args.domain}{'-quick' if args.quick else ''}")
@@ -1683,14 +1758,16 @@ def cmd_demo(args) -> int:
 
 
 # -----------------------------------------------------------------------------
+# the command line
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arena.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    threads = dict(type=int, default=0, help="torch CPU threads (0 = torch default)")
 
-    s = sub.add_parser("pretrain-toy", help="pretrain the miniature toy base model (<= 10 min on 2 CPU cores)")
+    s = sub.add_parser("pretrain-toy", help="pretrain the miniature toy base model (CPU)")
     g = s.add_argument_group("output")
     g.add_argument("--out", default=str(TOY_MODEL_DIR), help="directory to write (default: the committed toy_model/)")
     g = s.add_argument_group("training")
@@ -1698,7 +1775,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: toy_world.PRETRAIN_DEFAULTS)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    g.add_argument("--threads", **threads)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = s.add_argument_group("calibration")
     g.add_argument("--skip-calibration", action="store_true", help="do not score the result")
@@ -1709,15 +1786,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="toy", help="model spec: toy | local HF dir | hub id")
     s.add_argument("--n", type=int, default=200, help="held-out test items per family")
     s.add_argument("--batch-size", type=int, default=128, help="generation batch size (prompts)")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    s.add_argument("--threads", **threads)
     s.add_argument("--out", default=None, help="optional JSON file for the full results")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("demo", help="the paper's story on the toy world (CPU, minutes)")
     s.add_argument("--domain", choices=["math", "med"], default="math", help="target domain")
-    s.add_argument("--quick", action="store_true", help="3 methods, fewer steps and items (<= 3 min)")
+    s.add_argument("--quick", action="store_true", help="3 methods, fewer steps and items")
     s.add_argument("--out", default=None, help="run directory (default runs/demo-<domain>[-quick])")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    s.add_argument("--threads", **threads)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("run", help="a config-driven grid (domains x paradigms x methods) on the toy or a "
@@ -1732,7 +1809,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a hub model id missing from the local HF cache is a warning, not an error "
                    "(load_model then downloads it when the first cell starts)")
     g = s.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    g.add_argument("--threads", **threads)
     g.add_argument("--progress", action="store_true", help="training progress bars (tqdm)")
     s.set_defaults(func=cmd_run)
 
@@ -1740,7 +1817,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or `demo` directory from its cells/*.json")
     s.add_argument("run_dir", help="a directory written by `arena.py run` or `arena.py demo`")
     s.add_argument("--paper", action="store_true", help="put the paper's published Target/General "
-                   "(configs/paper_results.json, PAPER.md §10.1-10.2) beside ours where the cell matches")
+                   "(configs/paper_results.json: the poster's main table) beside ours where the cell matches")
     s.add_argument("--paper-model", choices=["qwen2.5-7b", "llama-3.2-3b-instruct"], default=None,
                    help="which published model to compare with (default: inferred from the model spec)")
     s.set_defaults(func=cmd_report)
@@ -1749,16 +1826,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd == "pretrain-toy":
-        import toy_world
-        d = toy_world.PRETRAIN_DEFAULTS
-        args.steps = args.steps or d["steps"]
-        args.batch_size = args.batch_size or d["batch_size"]
-        args.lr = args.lr or d["lr"]
     return args.func(args)
 
 
 if __name__ == "__main__":
-    import loading
     sys.exit(loading.run_cli("arena.py", main, resume_hint="rerun the same command: finished cells are "
                              "kept and an interrupted cell resumes from its last checkpoint"))

@@ -100,6 +100,6 @@ def test_report_paper_model_comes_from_the_run_config(tmp_path, capsys):
                                                                                  "paper_model": "qwen2.5-7b"}}))
     assert arena.main(["report", str(run), "--paper"]) == 0
     md = (run / "leaderboard.md").read_text()
-    assert "2 of 2 rows matched" in md and "| 20.19M | 42.47 | 39.22 |" in md     # PAPER.md §10.1, Qwen column
+    assert "2 of 2 rows matched" in md and "| 20.19M | 42.47 | 39.22 |" in md     # the poster's main table, Qwen column
     assert arena.main(["report", str(run), "--paper", "--paper-model", "llama-3.2-3b-instruct"]) == 0
     assert "Llama" in (run / "leaderboard.md").read_text()

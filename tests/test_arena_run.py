@@ -104,7 +104,7 @@ def test_paper_configs_validate_offline_up_to_model_availability(name, lora_r8, 
     assert offload == (["grpo/math/Full FT", "grpo/med/Full FT"] if "qwen2.5-7b" in name else []), offload
     assert all("CPU RAM" in c["memory"]["how"] for c in plan["cells"] if c["id"] in offload)
     cells = [c for c in plan["cells"] if c["paradigm"] != "base"]
-    assert len(cells) == 2 * (18 + 3)                 # {math, med} x (18 SFT + 3 RLVR methods), PAPER.md §3.1
+    assert len(cells) == 2 * (18 + 3)                 # {math, med} x (18 SFT + 3 RLVR rows of the main table)
     counts = {c["id"]: arena._fmt_count(c["trainable_params"]) for c in cells}
     assert counts["sft/math/LoRA r8a16"] == lora_r8 and counts["grpo/med/LoRA r8a16"] == lora_r8
     code = arena.main(["run", "--config", str(CONFIGS / name), "--validate-only", "--threads", "1"])
@@ -252,12 +252,12 @@ def test_report_paper_columns_match_published_numbers(tmp_path):
         (run / "cells" / (r["cell"].replace("/", "-") + ".json")).write_text(json.dumps(r))
     assert arena.main(["report", str(run), "--paper"]) == 0
     md = (run / "leaderboard.md").read_text()
-    assert "| Base | Base | 7.62B |" in md and "| 7.61B | 35.30 | 46.97 |" in md      # PAPER.md §10.1
+    assert "| Base | Base | 7.62B |" in md and "| 7.61B | 35.30 | 46.97 |" in md      # the poster's main table
     assert "| SFT | LoRA r8a16 |" in md and "| 20.19M | 42.47 | 39.22 |" in md
     assert "| GRPO | OFT b32 |" in md and "| 8.49M | 48.37 | 48.90 |" in md           # RLVR row, poster count
     vera = [ln for ln in md.splitlines() if "VeRA r64" in ln][0]
     assert vera.endswith("| – | – | – |")                                             # the paper has r256 only
-    assert "3 of 4 rows matched" in md and "PAPER.md §10.1" in md
+    assert "3 of 4 rows matched" in md and "poster main table (docs/static/pdfs/peft-arena-poster.pdf)" in md
 
 
 def test_report_rebuilds_a_demo_directory(tmp_path):
