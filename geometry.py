@@ -84,6 +84,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import loading
+import peft_methods
+import toy_world
+
 EPS = 1e-12          # the release's epsilon in every ratio (PAPER.md §7, §8)
 PAPER_NUM_LAYERS = 28  # Qwen2.5-7B and Llama-3.2-3B both have 28 decoder layers
 PAPER8_LAYERS = (9, 18)
@@ -649,7 +653,6 @@ _NOTED: set[str] = set()   # run dirs already reported (main checks every --chec
 def resolve_checkpoint(ckpt: str | Path) -> Path:
     """A checkpoint dir as given, or for a training run dir (train_sft.py's / the release's
     global_step_<k>/, TRL's checkpoint-<k>/) its last checkpoint (peft_methods.run_checkpoints)."""
-    import peft_methods
     ckpt = Path(ckpt)
     if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file() or not ckpt.is_dir():
         return ckpt
@@ -665,7 +668,6 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
 def read_checkpoint_info(ckpt: str | Path) -> dict:
     """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory
     (ours or an HF PEFT adapter dir, read by peft_methods.read_adapter_config)."""
-    import peft_methods
     ckpt = resolve_checkpoint(ckpt)
     if peft_methods.find_adapter_dir(ckpt) is not None:
         cfg = peft_methods.read_adapter_config(ckpt)
@@ -680,11 +682,9 @@ def read_checkpoint_info(ckpt: str | Path) -> dict:
 def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
     """(model, info): the base with the adapter loaded (peft_methods.load_adapter), or the full
     HF model of the checkpoint. Imports lazily: loading.py / peft_methods.py are separate files."""
-    import loading
     info = read_checkpoint_info(ckpt)
     ckpt = info["path"]
     if info["kind"] == "adapter":
-        import peft_methods
         model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
         wanted = info["config"].get("base_model")
         if wanted and str(wanted) != str(base_spec):
@@ -714,7 +714,6 @@ def module_update(base_model, ft_model, adapters: dict, name: str) -> tuple[torc
     W0 = base_model.get_submodule(name).weight.detach().float()             # (m,n)
     layer = _find_adapter(adapters, name)
     if layer is not None:
-        import peft_methods
         dW = peft_methods.delta_weight(layer).detach().to(W0.device, torch.float32)   # (m,n)
     else:
         mod = ft_model.get_submodule(name)
@@ -732,7 +731,6 @@ def merge_check(base_model, adapters: dict, name: str, dW: torch.Tensor) -> floa
     layer = _find_adapter(adapters, name)
     if layer is None:
         return None
-    import peft_methods
     W0 = base_model.get_submodule(name).weight.detach().float()
     W_ft = peft_methods.merged_weight(layer).detach().to(W0.device, torch.float32)
     return float((W_ft - W0 - dW).abs().max() / (W0.abs().max() + EPS))
@@ -875,7 +873,6 @@ def correlation_markdown(table: list[dict], rows: list[dict]) -> str:
 
 def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
     """correlations.json/.csv/.md (atomic). Needs >= 3 checkpoints with scores."""
-    import loading
     with_scores = [r for r in rows if r.get("forgetting") is not None]
     if len(with_scores) < 3:
         print(f"[geometry] correlations skipped: {len(with_scores)} checkpoint(s) with a forgetting "
@@ -968,7 +965,6 @@ def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
 
 def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:
     """summary.json, correlations and plots from per-checkpoint metrics."""
-    import loading
     rows = [summary_row(m) for m in metrics_list]
     loading.atomic_write_json(out_dir / "summary.json", rows)
     write_correlations(rows, out_dir)
@@ -1107,49 +1103,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+def check_inputs(args) -> None:
+    """The checks that fail before a device is picked: caps and --results files."""
     assert args.max_tokens > 1 and args.max_prompts >= 1 and args.max_length >= 1, "caps must be positive"
     assert args.fluct_window >= 1 and args.gram_rows >= 2 and all(k >= 1 for k in args.pca_k)
     if args.results is not None and len(args.results) != len(args.checkpoint):
         raise SystemExit(f"--results given {len(args.results)} times for {len(args.checkpoint)} --checkpoint")
     for res in (args.results or []) + ([args.base_results] if args.base_results else []):
         merge_results(res)                 # a missing or clashing results file fails before any model loads
-    import loading
-    device = loading.pick_device(args.device)
-    dtype = loading.pick_dtype(args.dtype, device)
-    # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = unique_labels(args.checkpoint, args.label)
-    for c in args.checkpoint:
-        read_checkpoint_info(c)            # fail before any model is loaded
-    print(f"[geometry] device={device} dtype={dtype} "
-          f"({'bf16 forwards on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; metrics in fp32)")
 
-    # ---- prompts
-    if args.general_prompts is None or args.target_prompts is None:
-        if args.base != "toy":
-            raise SystemExit(f"--base {args.base}: pass --general-prompts and --target-prompts (only "
-                             "--base toy has built-in prompts, from toy_world.py)")
-        import toy_world
+
+def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(all general, all target, sampled general, sampled target) prompts [PA §8.1]; the toy base
+    brings its own from toy_world.py."""
+    if (args.general_prompts is None or args.target_prompts is None) and args.base != "toy":
+        raise SystemExit(f"--base {args.base}: pass --general-prompts and --target-prompts (only "
+                         "--base toy has built-in prompts, from toy_world.py)")
     G_all = (read_prompts(args.general_prompts) if args.general_prompts
              else toy_world.general_prompts(args.max_prompts, seed=args.seed))
     T_all = (read_prompts(args.target_prompts) if args.target_prompts
              else toy_world.target_prompts(args.domain, args.max_prompts, seed=args.seed))
-    G = sample_prompts(G_all, args.max_prompts, args.seed)
-    T = sample_prompts(T_all, args.max_prompts, args.seed)
+    return (G_all, T_all, sample_prompts(G_all, args.max_prompts, args.seed),
+            sample_prompts(T_all, args.max_prompts, args.seed))
 
-    # ---- base model, module names, base activations (once)
-    # DEVIATION 8: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
-    base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
-    mods = {"weight": resolve_modules(base_model, args.weight_modules),
+
+def resolve_module_sets(base_model, args) -> dict:
+    """Module names per measurement: weight (§7), erank (plot), csd (§8.1), act (§8.2), norms."""
+    return {"weight": resolve_modules(base_model, args.weight_modules),
             "erank": resolve_modules(base_model, args.erank_modules),
             "csd": resolve_modules(base_model, args.csd_modules),
             "act": resolve_modules(base_model, args.act_modules),
             "norms": [] if args.no_global_norms else decoder_linear_names(base_model)}
+
+
+def collect_base_activations(args, base_model, tok, G, T, mods) -> dict:
+    """The base model's activations, once per run: CSD inputs on G and T, activation outputs on G."""
     t0 = time.time()
     acts_G = collect_activations(base_model, tok, G, [(n, "input") for n in mods["csd"]] +
                                  [(n, "output") for n in mods["act"]],
@@ -1166,34 +1154,61 @@ def main(argv=None) -> list[dict]:
             if min(k, n_G - 1, width) < k:
                 print(f"[geometry] note: PCA k={k} clipped to {min(k, n_G - 1, width)} for {name} "
                       f"(width {width}, {n_G} rows)")
-    base_acts = {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {}}
+    return {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {},
+            "n_G": n_G, "n_T": n_T}
 
+
+def print_checkpoint_line(label: str, m: dict) -> None:
+    """One line per measured checkpoint: the headline number of each section."""
+    w = next(iter(m["weight"].values()), None)
+    a = m["activation"]
+    print(f"[geometry] {label}: "
+          + (f"erank={w['erank']:.2f} F_ret={w['fluct_retention']:.2e} "
+             f"F_ada={w['fluct_adaptation']:.2e} " if w else "")
+          + (f"CSD_G,rel={next(iter(m['csd'].values()))['G']['rel']:.3e} " if m["csd"] else "")
+          + (f"Proc={np.mean([v['proc_residual'] for v in a.values()]):.4f} "
+             f"CKA={np.mean([v['cka'] for v in a.values()]):.4f} " if a else "")
+          + f"({m['seconds']}s)")
+
+
+def main(argv=None) -> list[dict]:
+    """Prompts -> base model and its activations (once) -> each checkpoint's metrics -> tables."""
+    args = build_parser().parse_args(argv)
+    check_inputs(args)
+    device = loading.pick_device(args.device)
+    dtype = loading.pick_dtype(args.dtype, device)
+    # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = unique_labels(args.checkpoint, args.label)
+    for c in args.checkpoint:
+        read_checkpoint_info(c)            # fail before any model is loaded
+    print(f"[geometry] device={device} dtype={dtype} "
+          f"({'bf16 forwards on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; metrics in fp32)")
+    G_all, T_all, G, T = load_prompt_sets(args)
+    # DEVIATION 8: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
+    base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
+    mods = resolve_module_sets(base_model, args)
+    base_acts = collect_base_activations(args, base_model, tok, G, T, mods)
+    acts_G, acts_T = base_acts["G"], base_acts["T"]
     config = {**vars(args), "device": str(device), "dtype": str(dtype), "labels": labels,
               "modules": {k: v for k, v in mods.items() if k != "norms"},
               "n_global_norm_modules": len(mods["norms"]),
               "prompts": {"general_available": len(G_all), "target_available": len(T_all),
                           "general_sampled": len(G), "target_sampled": len(T),
-                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": n_G,
-                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": n_T},
+                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": base_acts["n_G"],
+                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": base_acts["n_T"]},
               "torch": torch.__version__, "argv": sys.argv if argv is None else ["geometry.py", *argv]}
     loading.atomic_write_json(out_dir / "config.json", config)
-
-    # ---- each checkpoint
     metrics_list = []
     for i, (ckpt, label) in enumerate(zip(args.checkpoint, labels)):
         res = args.results[i] if args.results else str(Path(ckpt) / "results.json")
         scores = read_scores(res, args.base_results, required=bool(args.results))
         m = measure_checkpoint(args, base_model, base_acts, ckpt, label, mods, scores, device, dtype)
         loading.atomic_write_json(out_dir / label / "metrics.json", m)
-        w = next(iter(m["weight"].values()), None)
-        a = m["activation"]
-        print(f"[geometry] {label}: "
-              + (f"erank={w['erank']:.2f} F_ret={w['fluct_retention']:.2e} "
-                 f"F_ada={w['fluct_adaptation']:.2e} " if w else "")
-              + (f"CSD_G,rel={next(iter(m['csd'].values()))['G']['rel']:.3e} " if m["csd"] else "")
-              + (f"Proc={np.mean([v['proc_residual'] for v in a.values()]):.4f} "
-                 f"CKA={np.mean([v['cka'] for v in a.values()]):.4f} " if a else "")
-              + f"({m['seconds']}s)")
+        print_checkpoint_line(label, m)
         metrics_list.append(m)
     return finish(metrics_list, out_dir, plots=not args.no_plots)
 
@@ -1261,13 +1276,11 @@ def main_bench_svd(argv) -> dict:
         res["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     print(json.dumps(res, indent=2))
     if args.out:
-        import loading
         loading.atomic_write_json(args.out, res)
     return res
 
 
 if __name__ == "__main__":
-    import loading
     if len(sys.argv) > 1 and sys.argv[1] == "correlate":
         loading.run_cli("geometry.py", lambda: main_correlate(sys.argv[2:]))
     elif len(sys.argv) > 1 and sys.argv[1] == "bench-svd":
