@@ -1,10 +1,19 @@
 """geometry.py — why methods forget: weight-space spectra, capability-conditioned drift (CSD) and
 activation geometry of finetuned checkpoints, and their correlation with measured forgetting.
 
-Implements PAPER.md §7 (weight-space geometry), §8.1 (CSD), §8.2 (activation geometry) and the
-correlation tables of §10.3-10.4 (spectral figure: §10.7). Everything that is mathematics is a
-small pure function at the top (tensors in, numbers out, fp32 maths, CPU-capable), so that
-tests/test_geometry.py can check each one against an independent numpy/scipy computation.
+Implements PEFT-Arena's weight-space geometry [PA-W], CSD [PA-CSD], activation geometry [PA-ACT]
+and their correlation tables with forgetting [PA-T]. Pure maths first (tensors in, numbers out,
+fp32, CPU-capable; tests/test_geometry.py checks each against numpy/scipy), then the loop over
+checkpoints, then the CLI.
+
+References (tags used at the formulas below)
+  [PA-W]   PEFT-Arena (Huang et al. 2026, arXiv 2605.28819), weight-space geometry; release files
+           tools/spectral_analysis.py and tools/compare_model_norms.py.
+  [PA-CSD] PEFT-Arena, Capability-Conditioned Drift; release tools/csd_single_checkpoint.py.
+  [PA-ACT] PEFT-Arena, activation-space geometry; release tools/activation_geometry_single_checkpoint.py
+           and tools/diagnostic_utils.py.
+  [PA-T]   PEFT-Arena's CSD and activation correlation tables (release docs/index.html) and its
+           spectral figure (docs/static/images/spectral-analysis.png).
 
 Run (toy world; the toy supplies its own general/target prompts):
     python geometry.py --base toy --checkpoint runs/sft_toy-math_lora --checkpoint runs/sft_toy-math_oft \
@@ -19,15 +28,14 @@ checkpoint, comma-joined, and they are merged (target gain needs the base's targ
         --base-results ev/base/math/results.json,ev/base/general/results.json
 Correlation table again from finished runs (no model needed):
     python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
-Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):
+Paper-size SVD timing (3584 x 18944 fp32):
     python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
 
-Each --checkpoint is either an adapter checkpoint of peft_methods.py (adapter_config.json +
-weights; method "full" included) or an HF PEFT adapter dir (a TRL `checkpoint-<k>/`, a release
-`global_step_<k>/`, a hub download), loaded onto --base with `peft_methods.load_adapter`; or a full
-Hugging Face model directory (config.json + weights), in which case dW = W_ft - W0 is the difference
-of the two checkpoints; or a training run dir of such checkpoints (its last one is measured). The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
-(adapters are never merged into the stored weights; PiSSA's dW is taken against the original W0).
+Each --checkpoint is an adapter dir (peft_methods.py's, method "full" included, or HF PEFT: TRL's
+`checkpoint-<k>/`, the release's `global_step_<k>/`), loaded onto --base; or a full HF model dir
+(dW = W_ft - W0); or a training run dir of such checkpoints (its last one is measured). An adapter's
+dense update is `peft_methods.delta_weight(layer)` in fp32 (never merged; PiSSA's dW is against the
+original W0).
 
 Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
 every metric), summary.json (one flat row of scalars per checkpoint), correlations.{json,csv,md},
@@ -41,32 +49,34 @@ Shape legend: m = d_out, n = d_in of a Linear (W is (m, n), y = W x); k = min(m,
 triplets; N = token rows of activations; D = width of an activation (d_in or d_out);
 K = rank of a PCA subspace.
 
-Deviations from the paper / release
+Deviations from the paper / release (each changes a reported number, if only slightly)
 1. Retention profile: P_diag(i) - sigma_i is computed as u_i^T dW v_i (equal in exact arithmetic,
    because u_i^T W0 v_i = sigma_i) instead of subtracting sigma_i from u_i^T W_ft v_i. The release's
    form adds the fp32 SVD reconstruction error (~1e-6 sigma_1) as a noise floor; ours is exactly 0
    for dW = 0. `spectral_profiles_reference` keeps the literal formula; a test shows they agree.
 2. PCA subspace distance uses an exact SVD, not the randomised `torch.pca_lowrank` of the release
    (which only falls back to a full SVD on failure): exact and deterministic, slower on wide layers.
-3. The angle of the cosine drift is computed as 2*asin(||z1 - z0|| / 2) rather than arccos(cos):
-   the same angle in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
-4. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
+3. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
    on the host (release: fp16); rows are capped at --max-tokens per distribution, so memory is
    bounded by the cap, never by the dataset.
-5. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
+4. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
    (one point per checkpoint in the correlations); the release does not say how modules and
-   checkpoints are pooled (PAPER.md §12.12).
-6. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
+   checkpoints are pooled.
+5. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
    Linear weights of the decoder layers only (embeddings, norms and biases are left out), because
    adapters only ever touch those.
-7. Toy module mapping: the issue names "the middle layer" for the toy's weight-space module; we use
-   the paper-proportional layer round(18 * 4 / 28) = 3 so that the CSD/weight module stays inside
-   the paper8 analogue (layers 1 and 3), as it is on Qwen2.5-7B.
-8. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
+6. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
    base and finetuned models are loaded once in the forward dtype (bf16 on GPU): W0 is the stored
    bf16 value upcast to fp32 (exact for bf16 checkpoints such as Qwen2.5-7B), and dW is
    `delta_weight` computed in fp32 from the adapter tensors in their saved dtype. `--dtype fp32`
-   loads everything in fp32 (two 7B models = 61 GB, which fits one 80 GB GPU).
+   loads everything in fp32 (two 7B models in fp32 need one 80 GB GPU).
+
+Implementation notes
+N1. The angle of the cosine drift is 2*asin(||z1 - z0|| / 2) rather than arccos(cos): the same angle
+    in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
+N2. Toy module mapping: the toy's weight-space module is the paper-proportional layer
+    round(18 * 4 / 28) = 3 (not "the middle layer"), so it stays inside the paper8 analogue
+    (layers 1 and 3), as it is on Qwen2.5-7B.
 """
 from __future__ import annotations
 
@@ -88,7 +98,7 @@ import loading
 import peft_methods
 import toy_world
 
-EPS = 1e-12          # the release's epsilon in every ratio (PAPER.md §7, §8)
+EPS = 1e-12          # the release's epsilon in every ratio ([PA-W], [PA-CSD])
 PAPER_NUM_LAYERS = 28  # Qwen2.5-7B and Llama-3.2-3B both have 28 decoder layers
 PAPER8_LAYERS = (9, 18)
 PAPER_LAYER = 18     # CSD and spectral module: layer 18 mlp.down_proj
@@ -97,7 +107,7 @@ PROMPT_KEYS = ("prompt", "input", "question", "query", "problem", "instruction",
 
 
 # -----------------------------------------------------------------------------
-# Weight space (PAPER.md §7)
+# Weight space [PA-W]
 
 def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD W = U diag(S) Vh in fp32: U (m, k), S (k,) descending, Vh (k, n), k = min(m, n)."""
@@ -107,7 +117,7 @@ def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def spectral_profiles(W0: torch.Tensor, dW: torch.Tensor, svd=None) -> dict:
     """Retention and adaptation profiles of an update dW along W0's singular directions.
 
-    [PAPER §7] W0 = U Sigma V^T;  P_diag(i) = u_i^T W_ft v_i;  dP_diag(i) = |P_diag(i) - sigma_i|;
+    [PA-W] W0 = U Sigma V^T;  P_diag(i) = u_i^T W_ft v_i;  dP_diag(i) = |P_diag(i) - sigma_i|;
                E_dW(i) = ||dW v_i||_2  (update energy along the i-th input direction).
     Returns tensors of shape (k,): sigma, P_diag, dP_diag, E_delta.
 
@@ -146,7 +156,7 @@ def spectral_profiles_reference(W0: torch.Tensor, W_ft: torch.Tensor) -> dict:
 
 
 def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
-    """[PAPER §7] erank(dW) = ||dW||_F^2 / ||dW||_2^2 = sum_j s_j^2 / s_1^2 (0 if s_1 = 0).
+    """[PA-W] erank(dW) = ||dW||_F^2 / ||dW||_2^2 = sum_j s_j^2 / s_1^2 (0 if s_1 = 0).
 
     The "effective rank" of the paper's figure is this stable rank: it is <= rank(dW) and equals r
     for r equal singular values. Also returns the top-`top` singular values of dW.
@@ -158,7 +168,7 @@ def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
 
 
 def fluctuation_score(x: torch.Tensor, window: int = 5) -> float:
-    """[PAPER §7] F(x) = (1/k) sum_i |x_i - m_i|, m = conv1d(reflect_pad(x), ones(w)/w).
+    """[PA-W] F(x) = (1/k) sum_i |x_i - m_i|, m = conv1d(reflect_pad(x), ones(w)/w).
 
     Higher = spikier profile. Applied to the RAW dP_diag and E_delta (not the plot-normalised
     curves). 0 if k < w (the release's convention; reflect padding needs k > w // 2 anyway).
@@ -175,7 +185,7 @@ def fluctuation_score(x: torch.Tensor, window: int = 5) -> float:
 
 
 def sva(W0: torch.Tensor, W_ft: torch.Tensor, svd0=None) -> dict:
-    """[PAPER §7] Singular-vector alignment (the paper reports it for OFT only).
+    """[PA-W] Singular-vector alignment (the paper reports it for OFT only).
 
     cos_i = |<v_i^pre, v_i^ft>| / (||v_i^pre|| ||v_i^ft|| + 1e-10), index by index (no matching of
     singular values), v = right singular vectors. Returns cos (k,), mean, min.
@@ -188,7 +198,7 @@ def sva(W0: torch.Tensor, W_ft: torch.Tensor, svd0=None) -> dict:
 
 
 def weight_norms(dW: torch.Tensor, W0: torch.Tensor) -> dict:
-    """[PAPER §7, compare_model_norms.py] L1, L2 (flattened = Frobenius), relative ||dW|| / (||W0|| +
+    """[PA-W, compare_model_norms.py] L1, L2 (flattened = Frobenius), relative ||dW|| / (||W0|| +
     1e-12) for both, mean |dW| and RMSE. Sums accumulate in fp64 (68M entries on Qwen down_proj)."""
     dW, W0 = dW.float(), W0.float()
     numel = dW.numel()
@@ -208,7 +218,7 @@ def global_norms(per_module: list[dict]) -> dict:
 
 def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool = False,
                          window: int = 5, top: int = 5, svd0=None) -> dict:
-    """All §7 quantities of one module: profiles (k,), fluctuation scores, stable rank, norms, SVA.
+    """All [PA-W] quantities of one module: profiles (k,), fluctuation scores, stable rank, norms, SVA.
     svd0: a cached thin_svd(W0) (the same for every checkpoint of one base)."""
     W0, dW = W0.float(), dW.float()
     svd0 = thin_svd(W0) if svd0 is None else svd0
@@ -232,7 +242,7 @@ def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool =
 
 
 # -----------------------------------------------------------------------------
-# Capability-conditioned drift (PAPER.md §8.1)
+# Capability-conditioned drift [PA-CSD]
 
 def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
     """Sufficient statistics of CSD over a block of token rows h (N, n): sums of ||dW h||^2,
@@ -246,7 +256,7 @@ def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
 
 
 def csd_from_sums(s: dict, dW_fro2: float) -> dict:
-    """[PAPER §8.1] E over tokens, eps = 1e-12:
+    """[PA-CSD] E over tokens, eps = 1e-12:
     CSD_abs = E||dW h||^2;  CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
     CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm)."""
     n = max(s["n"], 1)
@@ -268,12 +278,12 @@ def csd_metrics(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor, chunk_rows:
 
 
 def csd_ratios(general: dict, target: dict) -> dict:
-    """[PAPER §8.1] ratio = CSD_G / (CSD_T + eps) for rel and un (abs added for completeness)."""
+    """[PA-CSD] ratio = CSD_G / (CSD_T + eps) for rel and un (abs added for completeness)."""
     return {f"ratio_{k}": general[k] / (target[k] + EPS) for k in ("abs", "rel", "un")}
 
 
 # -----------------------------------------------------------------------------
-# Activation geometry (PAPER.md §8.2); X0 = base, X1 = finetuned outputs on the same tokens
+# Activation geometry [PA-ACT]; X0 = base, X1 = finetuned outputs on the same tokens
 
 def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate to a common row count n and cast to fp32 (paper: 'truncated to a common n')."""
@@ -282,20 +292,20 @@ def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def cosine_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
-    """[PAPER §8.2] z = x/||x||; cos_t = clamp(<z0_t, z1_t>, -1, 1); mean cos, mean(1 - cos),
+    """[PA-ACT] z = x/||x||; cos_t = clamp(<z0_t, z1_t>, -1, 1); mean cos, mean(1 - cos),
     mean and median angle (radians)."""
     X0, X1 = _pair(X0, X1)
     Z0 = X0 / X0.norm(dim=1, keepdim=True).clamp_min(EPS)          # (N,D)
     Z1 = X1 / X1.norm(dim=1, keepdim=True).clamp_min(EPS)          # (N,D)
     cos = (Z0 * Z1).sum(1).clamp(-1.0, 1.0)                        # (N,)
-    # DEVIATION 3: angle = 2 asin(||z1 - z0|| / 2), exact for unit vectors and stable near 0.
+    # NOTE N1: angle = 2 asin(||z1 - z0|| / 2), exact for unit vectors and stable near 0.
     ang = 2 * torch.asin(((Z1 - Z0).norm(dim=1) / 2).clamp(0.0, 1.0))   # (N,)
     return {"cos_mean": float(cos.mean()), "cos_drift": float((1 - cos).mean()),
             "angle_mean": float(ang.mean()), "angle_median": float(ang.quantile(0.5))}
 
 
 def norm_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
-    """[PAPER §8.2] rho_t = ||x1_t|| / (||x0_t|| + 1e-12); mean |log(rho + 1e-12)|, mean rho,
+    """[PA-ACT] rho_t = ||x1_t|| / (||x0_t|| + 1e-12); mean |log(rho + 1e-12)|, mean rho,
     population std of rho."""
     X0, X1 = _pair(X0, X1)
     rho = X1.norm(dim=1) / (X0.norm(dim=1) + EPS)                  # (N,)
@@ -311,7 +321,7 @@ def gram_rows(n: int, max_rows: int = 1024, seed: int = 0) -> np.ndarray:
 
 
 def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, seed: int = 0) -> float:
-    """[PAPER §8.2] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
+    """[PA-ACT] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
     d_gram = ||K1 - K0||_F / (||K0||_F + 1e-12). Invariant to any rotation of the features."""
     X0, X1 = _pair(X0, X1)
     idx = torch.as_tensor(gram_rows(X0.shape[0], max_rows, seed), device=X0.device)
@@ -322,7 +332,7 @@ def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, se
 
 
 def procrustes_residuals(X0: torch.Tensor, X1: torch.Tensor) -> dict:
-    """[PAPER §8.2] Column-centre X~ = X - mean_rows(X);  d_raw = ||X~1 - X~0||_F / (||X~0||_F + eps);
+    """[PA-ACT] Column-centre X~ = X - mean_rows(X);  d_raw = ||X~1 - X~0||_F / (||X~0||_F + eps);
     SVD X~1^T X~0 = U S V^T, R* = U V^T = argmin_{R orthogonal} ||X~1 R - X~0||_F;
     d_proc = ||X~1 R* - X~0||_F / (||X~0||_F + eps);  improvement = d_raw - d_proc.
     d_proc ~ 0 means the finetuned features are a rotation of the base features (isometric drift)."""
@@ -337,7 +347,7 @@ def procrustes_residuals(X0: torch.Tensor, X1: torch.Tensor) -> dict:
 
 
 def linear_cka(X0: torch.Tensor, X1: torch.Tensor) -> float:
-    """[PAPER §8.2] CKA = ||X~0^T X~1||_F^2 / (||X~0^T X~0||_F ||X~1^T X~1||_F + eps), centred X~.
+    """[PA-ACT] CKA = ||X~0^T X~1||_F^2 / (||X~0^T X~0||_F ||X~1^T X~1||_F + eps), centred X~.
     (Feature-space form of HSIC(K,L)/sqrt(HSIC(K,K) HSIC(L,L)) with linear kernels; a test checks
     it against the HSIC formula on n x n Gram matrices.)"""
     X0, X1 = _pair(X0, X1)
@@ -363,7 +373,7 @@ def _subspace_distance(V0: torch.Tensor, V1: torch.Tensor) -> float:
 
 
 def pca_subspace_distance(X0: torch.Tensor, X1: torch.Tensor, k: int) -> dict:
-    """[PAPER §8.2] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
+    """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
     d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1].
     Returns the distance and k_eff (k is clipped when the width or the row count is smaller)."""
     X0, X1 = _pair(X0, X1)
@@ -386,7 +396,7 @@ def pca_subspace_distance_reference(X0: torch.Tensor, X1: torch.Tensor, k: int) 
 
 def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: int = 1024,
                         seed: int = 0, pca_ks=(32, 64)) -> dict:
-    """All §8.2 metrics for one module's outputs X0 (base) and X1 (finetuned), rows = same tokens."""
+    """All [PA-ACT] metrics for one module's outputs X0 (base) and X1 (finetuned), rows = same tokens."""
     X0, X1 = _pair(X0, X1)
     out = {"n_rows": X0.shape[0], "width": X0.shape[1]}
     out.update(cosine_drift(X0, X1))
@@ -407,7 +417,7 @@ def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: in
 
 
 # -----------------------------------------------------------------------------
-# Correlations (PAPER.md §10.3-10.4), hand-written; tests compare with scipy.stats
+# Correlations [PA-T], hand-written; tests compare with scipy.stats
 
 def pearson(x, y) -> float:
     """Pearson r in fp64; nan for fewer than 2 points or a constant input (as scipy)."""
@@ -544,7 +554,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def sample_prompts(prompts: list[str], max_prompts: int, seed: int = 0) -> list[str]:
-    """[PAPER §8.1] <= max_prompts sampled without replacement by random.Random(seed), indices sorted."""
+    """[PA-CSD] <= max_prompts sampled without replacement by random.Random(seed), indices sorted."""
     if len(prompts) <= max_prompts:
         return list(prompts)
     idx = sorted(random.Random(seed).sample(range(len(prompts)), max_prompts))
@@ -578,7 +588,7 @@ def resolve_modules(model, spec: str) -> list[str]:
     for tok in [t.strip() for t in spec.split(",") if t.strip()]:
         if tok == "none":
             continue
-        elif tok == "paper":   # DEVIATION 7: layer round(18 L / 28) (toy: 3), not "the middle"
+        elif tok == "paper":   # NOTE N2: layer round(18 L / 28) (toy: 3), not "the middle"
             names.append(f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj")
         elif tok == "paper8":
             names += [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES]
@@ -601,7 +611,7 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
                         max_tokens: int = 4096, max_length: int = 1024) -> dict:
     """Token-row activations of modules during full forward passes, streamed and capped.
 
-    taps: (module name, "input" | "output"). [PAPER §8] raw text, no chat template,
+    taps: (module name, "input" | "output"). [PA-CSD] raw text, no chat template,
     add_special_tokens=True, truncation to max_length, batch 1 (no padding, so every row is a real
     token); prompts in the given order until max_tokens rows. Rows are moved to the host in fp32 as
     they come (the model may run in bf16 on GPU), and only the capped count is ever kept.
@@ -620,7 +630,7 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
         def hook(_mod, args, out, key=(name, kind)):
             x = args[0] if key[1] == "input" else out
             rows = x.reshape(-1, x.shape[-1])[: state["need"]]      # (1,T,D) -> (T,D), capped
-            # DEVIATION 4: fp32 host copy (release: fp16); exact for bf16/fp16 activations
+            # DEVIATION 3: fp32 host copy (release: fp16); exact for bf16/fp16 activations
             store[key].append(rows.detach().to("cpu", torch.float32))
         handles.append(mod.register_forward_hook(hook))
     n_rows, n_prompts = 0, 0
@@ -737,9 +747,9 @@ def merge_check(base_model, adapters: dict, name: str, dW: torch.Tensor) -> floa
 
 
 def decoder_linear_names(model) -> list[str]:
-    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 6)."""
+    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 5)."""
     prefix, _ = decoder_layout(model)
-    # DEVIATION 6: embeddings, norms and biases are not in the global norms
+    # DEVIATION 5: embeddings, norms and biases are not in the global norms
     return [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
 
@@ -837,7 +847,7 @@ def summary_row(metrics: dict) -> dict:
         keys = ["proc_residual", "raw_residual", "proc_improvement", "gram_distortion", "cka",
                 "cos_drift", "angle_mean", "norm_logratio"]
         keys += [k for k in next(iter(act.values())) if k.startswith("pca_dist_k")]
-        for k in keys:   # DEVIATION 5: mean over the activation modules, one point per checkpoint
+        for k in keys:   # DEVIATION 4: mean over the activation modules, one point per checkpoint
             row[f"act_{k}"] = float(np.mean([a[k] for a in act.values()]))
     return row
 
@@ -896,7 +906,7 @@ def _positive(a) -> np.ndarray:
 def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
     """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
     a log y-axis against the pretrained spectrum reference, with the release's normalisation
-    (PAPER §7): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
+    ([PA-W]): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -935,7 +945,7 @@ def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
 
 
 def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
-    """erank(dW) of mlp.down_proj across layers, one line per checkpoint (PAPER §7, §10.7)."""
+    """erank(dW) of mlp.down_proj across layers, one line per checkpoint ([PA-W], [PA-T])."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1004,7 +1014,7 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
     metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
                "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
                "activation": {}, "merge_check": {}}
-    # --- weight space (§7)
+    # --- weight space [PA-W]
     with_sva = info["method"] == "oft" or args.sva_all
     for name in mods["weight"]:
         W0, dW = module_update(base_model, ft, adapters, name)
@@ -1023,14 +1033,14 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
         W0, dW = module_update(base_model, ft, adapters, name)
         norms.append(weight_norms(dW, W0))
     metrics["global_norms"] = global_norms(norms) if norms else None
-    # --- CSD (§8.1): base-model inputs, this checkpoint's dW
+    # --- CSD [PA-CSD]: base-model inputs, this checkpoint's dW
     for name in mods["csd"]:
         W0, dW = module_update(base_model, ft, adapters, name)
         c = {"G": csd_metrics(dW, W0, base_acts["G"][(name, "input")].to(W0.device)),
              "T": csd_metrics(dW, W0, base_acts["T"][(name, "input")].to(W0.device))}
         c.update(csd_ratios(c["G"], c["T"]))
         metrics["csd"][name] = c
-    # --- activation geometry (§8.2): outputs of base and finetuned on the same general tokens
+    # --- activation geometry [PA-ACT]: outputs of base and finetuned on the same general tokens
     if mods["act"]:
         ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
                                       [(n, "output") for n in mods["act"]],
@@ -1051,7 +1061,7 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
-                    "(PAPER.md §7-8), and their correlation with forgetting (§10.3-10.4). "
+                    "(PEFT-Arena), and their correlation with forgetting. "
                     "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
@@ -1064,7 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None,
                    help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
-    g = p.add_argument_group("prompts (PAPER §8.1)")
+    g = p.add_argument_group("prompts (PEFT-Arena CSD protocol)")
     g.add_argument("--general-prompts", default=None,
                    help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
     g.add_argument("--target-prompts", default=None,
@@ -1077,10 +1087,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
     g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
     g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
-    g.add_argument("--weight-modules", default="paper", help="spectral profiles (§7), comma list")
+    g.add_argument("--weight-modules", default="paper", help="spectral profiles, comma list")
     g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
-    g.add_argument("--csd-modules", default="paper", help="CSD modules (§8.1); the first is tabled")
-    g.add_argument("--act-modules", default="paper8", help="activation geometry modules (§8.2)")
+    g.add_argument("--csd-modules", default="paper", help="CSD modules; the first is tabled")
+    g.add_argument("--act-modules", default="paper8", help="activation geometry modules")
     g.add_argument("--no-global-norms", action="store_true",
                    help="skip the global L1/L2 of dW over all decoder Linear weights")
     g = p.add_argument_group("metrics")
@@ -1114,7 +1124,7 @@ def check_inputs(args) -> None:
 
 
 def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(all general, all target, sampled general, sampled target) prompts [PA §8.1]; the toy base
+    """(all general, all target, sampled general, sampled target) prompts [PA-CSD]; the toy base
     brings its own from toy_world.py."""
     if (args.general_prompts is None or args.target_prompts is None) and args.base != "toy":
         raise SystemExit(f"--base {args.base}: pass --general-prompts and --target-prompts (only "
@@ -1128,7 +1138,7 @@ def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
 
 
 def resolve_module_sets(base_model, args) -> dict:
-    """Module names per measurement: weight (§7), erank (plot), csd (§8.1), act (§8.2), norms."""
+    """Module names per measurement: weight [PA-W], erank (plot), csd [PA-CSD], act [PA-ACT], norms."""
     return {"weight": resolve_modules(base_model, args.weight_modules),
             "erank": resolve_modules(base_model, args.erank_modules),
             "csd": resolve_modules(base_model, args.csd_modules),
@@ -1188,7 +1198,7 @@ def main(argv=None) -> list[dict]:
     print(f"[geometry] device={device} dtype={dtype} "
           f"({'bf16 forwards on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; metrics in fp32)")
     G_all, T_all, G, T = load_prompt_sets(args)
-    # DEVIATION 8: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
+    # DEVIATION 6: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
     base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
     mods = resolve_module_sets(base_model, args)
     base_acts = collect_base_activations(args, base_model, tok, G, T, mods)
