@@ -690,8 +690,8 @@ def read_checkpoint_info(ckpt: str | Path) -> dict:
 
 
 def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
-    """(model, info): the base with the adapter loaded (peft_methods.load_adapter), or the full
-    HF model of the checkpoint. Imports lazily: loading.py / peft_methods.py are separate files."""
+    """(model, info, adapters): the base with the adapter loaded (peft_methods.load_adapter), or the
+    full HF model of the checkpoint (no adapters)."""
     info = read_checkpoint_info(ckpt)
     ckpt = info["path"]
     if info["kind"] == "adapter":
@@ -903,13 +903,19 @@ def _positive(a) -> np.ndarray:
     return np.where(a > 0, a, np.nan)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (optional package: imported when plotting)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
     """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
     a log y-axis against the pretrained spectrum reference, with the release's normalisation
     ([PA-W]): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     items = [(m["label"], m["method"], next(iter(m["weight"].items()))) for m in metrics_list if m.get("weight")]
     if not items:
         return False
@@ -946,9 +952,7 @@ def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
 
 def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
     """erank(dW) of mlp.down_proj across layers, one line per checkpoint ([PA-W], [PA-T])."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib import ticker
     series = [(m["label"], m["erank_layers"]) for m in metrics_list if m.get("erank_layers")]
     if not series:
@@ -1067,8 +1071,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
     g.add_argument("--checkpoint", action="append", required=True,
-                   help="finetuned checkpoint dir (adapter dir of peft_methods.py or HF PEFT, or a full HF "
-                        "model dir) or a run dir of checkpoint-<k>/ / global_step_<k>/ (its last one); repeat")
+                   help="adapter dir (ours or HF PEFT), full HF model dir, or run dir (its last "
+                        "checkpoint); repeat")
     g.add_argument("--label", action="append", default=None,
                    help="display name per --checkpoint (same order); default: the dir name")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
@@ -1101,12 +1105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
     g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
     g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
-                   help="results.json per --checkpoint (same order); default CKPT/results.json. A real "
-                   "evaluation writes target and general suites separately: pass both, comma-joined "
-                   "(e.g. ev/math/results.json,ev/general/results.json); their scores are merged")
+                   help="results.json per --checkpoint (same order; default CKPT/results.json); "
+                   "target and general suite files comma-joined are merged")
     g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="results.json of the base model (for target gain, and forgetting if absent); "
-                   "target and general files comma-joined as for --results")
+                   help="the base model's results.json (target gain; forgetting if absent), as --results")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")

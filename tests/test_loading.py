@@ -3,9 +3,11 @@
     python -m pytest tests/test_loading.py -q
 """
 import json
+import platform
 
 import pytest
 import torch
+import transformers
 
 import loading
 
@@ -169,8 +171,6 @@ def test_resume_or_overwrite(tmp_path):
 
 
 def test_environment_block():
-    import platform
-    import transformers
     env = loading.environment()
     assert env == {"python": platform.python_version(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
