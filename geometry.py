@@ -372,17 +372,28 @@ def _subspace_distance(V0: torch.Tensor, V1: torch.Tensor) -> float:
     return float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * K + EPS))
 
 
-def pca_subspace_distance(X0: torch.Tensor, X1: torch.Tensor, k: int) -> dict:
+def pca_subspace_distances(X0: torch.Tensor, X1: torch.Tensor, ks) -> dict:
     """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
     d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1].
-    Returns the distance and k_eff (k is clipped when the width or the row count is smaller)."""
+    Returns {k: (distance, k_eff)} for every k in ks (k is clipped when the width or the row count
+    is smaller; nan when k_eff < 1). One SVD per side serves every k: the top-k vectors are the
+    first k columns of the top-k_max ones."""
     X0, X1 = _pair(X0, X1)
-    k_eff = min(k, X0.shape[0] - 1, X0.shape[1], X1.shape[1])
-    if k_eff < 1:
-        return {"dist": float("nan"), "k_eff": k_eff}
-    V0 = _top_right_vectors(X0 - X0.mean(0), k_eff)                 # (D,K)
-    V1 = _top_right_vectors(X1 - X1.mean(0), k_eff)                 # (D,K)
-    return {"dist": _subspace_distance(V0, V1), "k_eff": k_eff}
+    k_max = min(max(ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if ks else 0
+    if k_max >= 1:
+        V0 = _top_right_vectors(X0 - X0.mean(0), k_max)              # (D,k_max)
+        V1 = _top_right_vectors(X1 - X1.mean(0), k_max)              # (D,k_max)
+    out = {}
+    for k in ks:
+        k_eff = min(k, k_max)
+        out[k] = (_subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan"), k_eff)
+    return out
+
+
+def pca_subspace_distance(X0: torch.Tensor, X1: torch.Tensor, k: int) -> dict:
+    """{dist, k_eff} of `pca_subspace_distances` for one k."""
+    dist, k_eff = pca_subspace_distances(X0, X1, [k])[k]
+    return {"dist": dist, "k_eff": k_eff}
 
 
 def pca_subspace_distance_reference(X0: torch.Tensor, X1: torch.Tensor, k: int) -> float:
@@ -404,15 +415,9 @@ def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: in
     out["gram_distortion"] = gram_distortion(X0, X1, gram_max_rows, seed)
     out.update(procrustes_residuals(X0, X1))
     out["cka"] = linear_cka(X0, X1)
-    # one SVD per side serves every k (same numbers as pca_subspace_distance, which tests check)
-    k_max = min(max(pca_ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if pca_ks else 0
-    if k_max >= 1:
-        V0 = _top_right_vectors(X0 - X0.mean(0), k_max)              # (D,k_max)
-        V1 = _top_right_vectors(X1 - X1.mean(0), k_max)              # (D,k_max)
-    for k in pca_ks:
-        k_eff = min(k, k_max)
+    for k, (dist, k_eff) in pca_subspace_distances(X0, X1, pca_ks).items():
         out[f"pca_k{k}_eff"] = k_eff
-        out[f"pca_dist_k{k}"] = _subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan")
+        out[f"pca_dist_k{k}"] = dist
     return out
 
 
