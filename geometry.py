@@ -510,6 +510,26 @@ def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
 # -----------------------------------------------------------------------------
 # Prompts, module names, activation collection (needs a model; runs on CPU or GPU)
 
+def _prompt_of(obj, where: str) -> str:
+    """The prompt of one JSON record: a string, or an object's first PROMPT_KEYS value."""
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
+    for key in PROMPT_KEYS:
+        if isinstance(obj.get(key), str) and obj[key].strip():
+            return obj[key]
+    raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
+                     f"string value (its keys: {sorted(obj)[:12]})")
+
+
+def _json(text: str, where: str, lineno: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}:{lineno or err.lineno}: not valid JSON ({err.msg})") from err
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from .txt (one per non-empty line), .jsonl (one JSON object or string per line) or
     .json (a list of objects or strings). An object's prompt is the value of the first key present
@@ -517,38 +537,16 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-
-    def pick(obj, where: str) -> str:
-        if isinstance(obj, str):
-            return obj
-        if isinstance(obj, dict):
-            for key in PROMPT_KEYS:
-                if isinstance(obj.get(key), str) and obj[key].strip():
-                    return obj[key]
-            raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
-                             f"string value (its keys: {sorted(obj)[:12]})")
-        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
-
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        prompts = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            prompts.append(pick(obj, f"{path}:{lineno}"))
+        prompts = [_prompt_of(_json(line, str(path), i), f"{path}:{i}")
+                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        data = _json(text, str(path))
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
-        prompts = [pick(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
+        prompts = [_prompt_of(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
     elif suffix in (".txt", ""):
         prompts = [line for line in text.splitlines() if line.strip()]
     else:
