@@ -1065,59 +1065,6 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
-                    "(PEFT-Arena), and their correlation with forgetting. "
-                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
-    g.add_argument("--checkpoint", action="append", required=True,
-                   help="adapter dir (ours or HF PEFT), full HF model dir, or run dir (its last "
-                        "checkpoint); repeat")
-    g.add_argument("--label", action="append", default=None,
-                   help="display name per --checkpoint (same order); default: the dir name")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None,
-                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
-    g = p.add_argument_group("prompts (PEFT-Arena CSD protocol)")
-    g.add_argument("--general-prompts", default=None,
-                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
-    g.add_argument("--target-prompts", default=None,
-                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
-    g.add_argument("--domain", default="math", choices=("math", "med"),
-                   help="toy target domain when --target-prompts is not given")
-    g.add_argument("--max-prompts", type=int, default=300,
-                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
-    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
-    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
-    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
-    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
-    g.add_argument("--weight-modules", default="paper", help="spectral profiles, comma list")
-    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
-    g.add_argument("--csd-modules", default="paper", help="CSD modules; the first is tabled")
-    g.add_argument("--act-modules", default="paper8", help="activation geometry modules")
-    g.add_argument("--no-global-norms", action="store_true",
-                   help="skip the global L1/L2 of dW over all decoder Linear weights")
-    g = p.add_argument_group("metrics")
-    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
-    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
-    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
-    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
-    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
-    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
-    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
-                   help="results.json per --checkpoint (same order; default CKPT/results.json); "
-                   "target and general suite files comma-joined are merged")
-    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="the base model's results.json (target gain; forgetting if absent), as --results")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    return p
-
-
 def check_inputs(args) -> None:
     """The checks that fail before a device is picked: caps and --results files."""
     assert args.max_tokens > 1 and args.max_prompts >= 1 and args.max_length >= 1, "caps must be positive"
@@ -1184,6 +1131,62 @@ def print_checkpoint_line(label: str, m: dict) -> None:
           + (f"Proc={np.mean([v['proc_residual'] for v in a.values()]):.4f} "
              f"CKA={np.mean([v['cka'] for v in a.values()]):.4f} " if a else "")
           + f"({m['seconds']}s)")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
+                    "(PEFT-Arena), and their correlation with forgetting. "
+                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
+    g.add_argument("--checkpoint", action="append", required=True,
+                   help="adapter dir (ours or HF PEFT), full HF model dir, or run dir (its last "
+                        "checkpoint); repeat")
+    g.add_argument("--label", action="append", default=None,
+                   help="display name per --checkpoint (same order); default: the dir name")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None,
+                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
+    g = p.add_argument_group("prompts (PEFT-Arena CSD protocol)")
+    g.add_argument("--general-prompts", default=None,
+                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
+    g.add_argument("--target-prompts", default=None,
+                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
+    g.add_argument("--domain", default="math", choices=("math", "med"),
+                   help="toy target domain when --target-prompts is not given")
+    g.add_argument("--max-prompts", type=int, default=300,
+                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
+    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
+    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
+    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
+    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
+    g.add_argument("--weight-modules", default="paper", help="spectral profiles, comma list")
+    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
+    g.add_argument("--csd-modules", default="paper", help="CSD modules; the first is tabled")
+    g.add_argument("--act-modules", default="paper8", help="activation geometry modules")
+    g.add_argument("--no-global-norms", action="store_true",
+                   help="skip the global L1/L2 of dW over all decoder Linear weights")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
+    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
+    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
+    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
+    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
+    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
+    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
+                   help="results.json per --checkpoint (same order; default CKPT/results.json); "
+                   "target and general suite files comma-joined are merged")
+    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
+                   help="the base model's results.json (target gain; forgetting if absent), as --results")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    return p
 
 
 def main(argv=None) -> list[dict]:
