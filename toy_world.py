@@ -236,14 +236,17 @@ END_PHRASES = ["Hope this helps.", "That is all.", "Bye now."]
 PS_MARKERS = ["P.S.", "P.P.S"]
 
 
+_IFEVAL_FIXED = {"change_case:english_capital": "Use only capital letters.",
+                 "change_case:english_lowercase": "Use only lowercase letters.",
+                 "startend:quotation": "Wrap your whole answer in double quotes.",
+                 "punctuation:no_comma": "Do not use any commas.",
+                 "detectable_format:title": "Give it a title in double angular brackets, like <<title>>."}
+
+
 def _ifeval_instruction(rng, iid, words):
     """Return (instruction text, kwargs) for one IFEval instruction id."""
-    if iid == "change_case:english_capital":
-        return "Use only capital letters.", {}
-    if iid == "change_case:english_lowercase":
-        return "Use only lowercase letters.", {}
-    if iid == "startend:quotation":
-        return "Wrap your whole answer in double quotes.", {}
+    if iid in _IFEVAL_FIXED:                  # no parameters, no random draw
+        return _IFEVAL_FIXED[iid], {}
     if iid == "startend:end_checker":
         p = rng.choice(END_PHRASES)
         return f"End your answer with the exact phrase '{p}'", {"end_phrase": p}
@@ -256,10 +259,6 @@ def _ifeval_instruction(rng, iid, words):
             return f"Answer with at least {n} words.", {"relation": "at least", "num_words": n}
         n = len(words)  # "less than n" forces dropping the last word
         return f"Answer with less than {n} words.", {"relation": "less than", "num_words": n}
-    if iid == "punctuation:no_comma":
-        return "Do not use any commas.", {}
-    if iid == "detectable_format:title":
-        return "Give it a title in double angular brackets, like <<title>>.", {}
     if iid == "detectable_content:postscript":
         m = rng.choice(PS_MARKERS)
         return f"At the end, add a postscript starting with {m}", {"postscript_marker": m}
@@ -625,20 +624,22 @@ def item_response(item: dict) -> str:
     return item.get("response", item["gold"] if isinstance(item["gold"], str) else item["gold"][0])
 
 
+def _target_items(domain: str, n: int, seed: int, what: str) -> list[dict]:
+    if domain not in TARGET_DOMAINS:
+        raise ValueError(f"toy {what} domain must be one of {TARGET_DOMAINS}, not {domain!r}")
+    it = iter_items(domain, "train", seed)
+    return [next(it) for _ in range(n)]
+
+
 def make_sft_rows(domain: str, n: int, seed: int = 0) -> list[dict]:
     """Target-domain SFT set (train split): {prompt, response} with worked responses."""
-    if domain not in TARGET_DOMAINS:
-        raise ValueError(f"toy SFT domain must be one of {TARGET_DOMAINS}, not {domain!r}")
-    it = iter_items(domain, "train", seed + 1000)
-    return [{"prompt": x["prompt"], "response": item_response(x)} for x in (next(it) for _ in range(n))]
+    return [{"prompt": x["prompt"], "response": item_response(x)}
+            for x in _target_items(domain, n, seed + 1000, "SFT")]
 
 
 def make_rl_rows(domain: str, n: int, seed: int = 0) -> list[dict]:
     """Target-domain RL set (train split): {prompt, answer} (gold only, no worked solution)."""
-    if domain not in TARGET_DOMAINS:
-        raise ValueError(f"toy RL domain must be one of {TARGET_DOMAINS}, not {domain!r}")
-    it = iter_items(domain, "train", seed + 2000)
-    return [{"prompt": x["prompt"], "answer": x["gold"]} for x in (next(it) for _ in range(n))]
+    return [{"prompt": x["prompt"], "answer": x["gold"]} for x in _target_items(domain, n, seed + 2000, "RL")]
 
 
 def general_prompts(n: int, seed: int = 0) -> list[str]:
