@@ -673,8 +673,8 @@ MATH_DIRECT_FRAC = 0.5
 
 def _encode_chat(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """ids and labels (-100 on the prompt) for one chat example; the response ends with EOS."""
-    # the chat template rendered by hand (tests check it equals apply_chat_template): jinja per
-    # example was a quarter of the pretraining step time
+    # the chat template rendered by hand (tests check it equals apply_chat_template): rendering
+    # jinja per example is slow in the pretraining loop
     p = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     p_ids = tok(p, add_special_tokens=False).input_ids
     r_ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
