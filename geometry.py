@@ -1,10 +1,19 @@
 """geometry.py — why methods forget: weight-space spectra, capability-conditioned drift (CSD) and
 activation geometry of finetuned checkpoints, and their correlation with measured forgetting.
 
-Implements PAPER.md §7 (weight-space geometry), §8.1 (CSD), §8.2 (activation geometry) and the
-correlation tables of §10.3-10.4 (spectral figure: §10.7). Everything that is mathematics is a
-small pure function at the top (tensors in, numbers out, fp32 maths, CPU-capable), so that
-tests/test_geometry.py can check each one against an independent numpy/scipy computation.
+Implements PEFT-Arena's weight-space geometry [PA-W], CSD [PA-CSD], activation geometry [PA-ACT]
+and their correlation tables with forgetting [PA-T]. Pure maths first (tensors in, numbers out,
+fp32, CPU-capable; tests/test_geometry.py checks each against numpy/scipy), then the loop over
+checkpoints, then the CLI.
+
+References (tags used at the formulas below)
+  [PA-W]   PEFT-Arena (Huang et al. 2026, arXiv 2605.28819), weight-space geometry; release files
+           tools/spectral_analysis.py and tools/compare_model_norms.py.
+  [PA-CSD] PEFT-Arena, Capability-Conditioned Drift; release tools/csd_single_checkpoint.py.
+  [PA-ACT] PEFT-Arena, activation-space geometry; release tools/activation_geometry_single_checkpoint.py
+           and tools/diagnostic_utils.py.
+  [PA-T]   PEFT-Arena's CSD and activation correlation tables (release docs/index.html) and its
+           spectral figure (docs/static/images/spectral-analysis.png).
 
 Run (toy world; the toy supplies its own general/target prompts):
     python geometry.py --base toy --checkpoint runs/sft_toy-math_lora --checkpoint runs/sft_toy-math_oft \
@@ -19,15 +28,14 @@ checkpoint, comma-joined, and they are merged (target gain needs the base's targ
         --base-results ev/base/math/results.json,ev/base/general/results.json
 Correlation table again from finished runs (no model needed):
     python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
-Paper-size SVD timing (3584 x 18944 fp32, needs a GPU to be quick):
+Paper-size SVD timing (3584 x 18944 fp32):
     python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
 
-Each --checkpoint is either an adapter checkpoint of peft_methods.py (adapter_config.json +
-weights; method "full" included) or an HF PEFT adapter dir (a TRL `checkpoint-<k>/`, a release
-`global_step_<k>/`, a hub download), loaded onto --base with `peft_methods.load_adapter`; or a full
-Hugging Face model directory (config.json + weights), in which case dW = W_ft - W0 is the difference
-of the two checkpoints; or a training run dir of such checkpoints (its last one is measured). The dense update of an adapter is `peft_methods.delta_weight(layer)` in fp32
-(adapters are never merged into the stored weights; PiSSA's dW is taken against the original W0).
+Each --checkpoint is an adapter dir (peft_methods.py's, method "full" included, or HF PEFT: TRL's
+`checkpoint-<k>/`, the release's `global_step_<k>/`), loaded onto --base; or a full HF model dir
+(dW = W_ft - W0); or a training run dir of such checkpoints (its last one is measured). An adapter's
+dense update is `peft_methods.delta_weight(layer)` in fp32 (never merged; PiSSA's dW is against the
+original W0).
 
 Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
 every metric), summary.json (one flat row of scalars per checkpoint), correlations.{json,csv,md},
@@ -41,32 +49,34 @@ Shape legend: m = d_out, n = d_in of a Linear (W is (m, n), y = W x); k = min(m,
 triplets; N = token rows of activations; D = width of an activation (d_in or d_out);
 K = rank of a PCA subspace.
 
-Deviations from the paper / release
+Deviations from the paper / release (each changes a reported number, if only slightly)
 1. Retention profile: P_diag(i) - sigma_i is computed as u_i^T dW v_i (equal in exact arithmetic,
    because u_i^T W0 v_i = sigma_i) instead of subtracting sigma_i from u_i^T W_ft v_i. The release's
    form adds the fp32 SVD reconstruction error (~1e-6 sigma_1) as a noise floor; ours is exactly 0
    for dW = 0. `spectral_profiles_reference` keeps the literal formula; a test shows they agree.
 2. PCA subspace distance uses an exact SVD, not the randomised `torch.pca_lowrank` of the release
    (which only falls back to a full SVD on failure): exact and deterministic, slower on wide layers.
-3. The angle of the cosine drift is computed as 2*asin(||z1 - z0|| / 2) rather than arccos(cos):
-   the same angle in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
-4. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
+3. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
    on the host (release: fp16); rows are capped at --max-tokens per distribution, so memory is
    bounded by the cap, never by the dataset.
-5. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
+4. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
    (one point per checkpoint in the correlations); the release does not say how modules and
-   checkpoints are pooled (PAPER.md §12.12).
-6. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
+   checkpoints are pooled.
+5. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
    Linear weights of the decoder layers only (embeddings, norms and biases are left out), because
    adapters only ever touch those.
-7. Toy module mapping: the issue names "the middle layer" for the toy's weight-space module; we use
-   the paper-proportional layer round(18 * 4 / 28) = 3 so that the CSD/weight module stays inside
-   the paper8 analogue (layers 1 and 3), as it is on Qwen2.5-7B.
-8. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
+6. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
    base and finetuned models are loaded once in the forward dtype (bf16 on GPU): W0 is the stored
    bf16 value upcast to fp32 (exact for bf16 checkpoints such as Qwen2.5-7B), and dW is
    `delta_weight` computed in fp32 from the adapter tensors in their saved dtype. `--dtype fp32`
-   loads everything in fp32 (two 7B models = 61 GB, which fits one 80 GB GPU).
+   loads everything in fp32 (two 7B models in fp32 need one 80 GB GPU).
+
+Implementation notes
+N1. The angle of the cosine drift is 2*asin(||z1 - z0|| / 2) rather than arccos(cos): the same angle
+    in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
+N2. Toy module mapping: the toy's weight-space module is the paper-proportional layer
+    round(18 * 4 / 28) = 3 (not "the middle layer"), so it stays inside the paper8 analogue
+    (layers 1 and 3), as it is on Qwen2.5-7B.
 """
 from __future__ import annotations
 
@@ -84,7 +94,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12          # the release's epsilon in every ratio (PAPER.md §7, §8)
+import loading
+import peft_methods
+import toy_world
+
+EPS = 1e-12          # the release's epsilon in every ratio ([PA-W], [PA-CSD])
 PAPER_NUM_LAYERS = 28  # Qwen2.5-7B and Llama-3.2-3B both have 28 decoder layers
 PAPER8_LAYERS = (9, 18)
 PAPER_LAYER = 18     # CSD and spectral module: layer 18 mlp.down_proj
@@ -93,7 +107,7 @@ PROMPT_KEYS = ("prompt", "input", "question", "query", "problem", "instruction",
 
 
 # -----------------------------------------------------------------------------
-# Weight space (PAPER.md §7)
+# Weight space [PA-W]
 
 def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD W = U diag(S) Vh in fp32: U (m, k), S (k,) descending, Vh (k, n), k = min(m, n)."""
@@ -103,7 +117,7 @@ def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def spectral_profiles(W0: torch.Tensor, dW: torch.Tensor, svd=None) -> dict:
     """Retention and adaptation profiles of an update dW along W0's singular directions.
 
-    [PAPER §7] W0 = U Sigma V^T;  P_diag(i) = u_i^T W_ft v_i;  dP_diag(i) = |P_diag(i) - sigma_i|;
+    [PA-W] W0 = U Sigma V^T;  P_diag(i) = u_i^T W_ft v_i;  dP_diag(i) = |P_diag(i) - sigma_i|;
                E_dW(i) = ||dW v_i||_2  (update energy along the i-th input direction).
     Returns tensors of shape (k,): sigma, P_diag, dP_diag, E_delta.
 
@@ -142,7 +156,7 @@ def spectral_profiles_reference(W0: torch.Tensor, W_ft: torch.Tensor) -> dict:
 
 
 def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
-    """[PAPER §7] erank(dW) = ||dW||_F^2 / ||dW||_2^2 = sum_j s_j^2 / s_1^2 (0 if s_1 = 0).
+    """[PA-W] erank(dW) = ||dW||_F^2 / ||dW||_2^2 = sum_j s_j^2 / s_1^2 (0 if s_1 = 0).
 
     The "effective rank" of the paper's figure is this stable rank: it is <= rank(dW) and equals r
     for r equal singular values. Also returns the top-`top` singular values of dW.
@@ -154,7 +168,7 @@ def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
 
 
 def fluctuation_score(x: torch.Tensor, window: int = 5) -> float:
-    """[PAPER §7] F(x) = (1/k) sum_i |x_i - m_i|, m = conv1d(reflect_pad(x), ones(w)/w).
+    """[PA-W] F(x) = (1/k) sum_i |x_i - m_i|, m = conv1d(reflect_pad(x), ones(w)/w).
 
     Higher = spikier profile. Applied to the RAW dP_diag and E_delta (not the plot-normalised
     curves). 0 if k < w (the release's convention; reflect padding needs k > w // 2 anyway).
@@ -171,7 +185,7 @@ def fluctuation_score(x: torch.Tensor, window: int = 5) -> float:
 
 
 def sva(W0: torch.Tensor, W_ft: torch.Tensor, svd0=None) -> dict:
-    """[PAPER §7] Singular-vector alignment (the paper reports it for OFT only).
+    """[PA-W] Singular-vector alignment (the paper reports it for OFT only).
 
     cos_i = |<v_i^pre, v_i^ft>| / (||v_i^pre|| ||v_i^ft|| + 1e-10), index by index (no matching of
     singular values), v = right singular vectors. Returns cos (k,), mean, min.
@@ -184,7 +198,7 @@ def sva(W0: torch.Tensor, W_ft: torch.Tensor, svd0=None) -> dict:
 
 
 def weight_norms(dW: torch.Tensor, W0: torch.Tensor) -> dict:
-    """[PAPER §7, compare_model_norms.py] L1, L2 (flattened = Frobenius), relative ||dW|| / (||W0|| +
+    """[PA-W, compare_model_norms.py] L1, L2 (flattened = Frobenius), relative ||dW|| / (||W0|| +
     1e-12) for both, mean |dW| and RMSE. Sums accumulate in fp64 (68M entries on Qwen down_proj)."""
     dW, W0 = dW.float(), W0.float()
     numel = dW.numel()
@@ -204,7 +218,7 @@ def global_norms(per_module: list[dict]) -> dict:
 
 def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool = False,
                          window: int = 5, top: int = 5, svd0=None) -> dict:
-    """All §7 quantities of one module: profiles (k,), fluctuation scores, stable rank, norms, SVA.
+    """All [PA-W] quantities of one module: profiles (k,), fluctuation scores, stable rank, norms, SVA.
     svd0: a cached thin_svd(W0) (the same for every checkpoint of one base)."""
     W0, dW = W0.float(), dW.float()
     svd0 = thin_svd(W0) if svd0 is None else svd0
@@ -228,7 +242,7 @@ def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool =
 
 
 # -----------------------------------------------------------------------------
-# Capability-conditioned drift (PAPER.md §8.1)
+# Capability-conditioned drift [PA-CSD]
 
 def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
     """Sufficient statistics of CSD over a block of token rows h (N, n): sums of ||dW h||^2,
@@ -242,7 +256,7 @@ def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
 
 
 def csd_from_sums(s: dict, dW_fro2: float) -> dict:
-    """[PAPER §8.1] E over tokens, eps = 1e-12:
+    """[PA-CSD] E over tokens, eps = 1e-12:
     CSD_abs = E||dW h||^2;  CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
     CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm)."""
     n = max(s["n"], 1)
@@ -264,12 +278,12 @@ def csd_metrics(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor, chunk_rows:
 
 
 def csd_ratios(general: dict, target: dict) -> dict:
-    """[PAPER §8.1] ratio = CSD_G / (CSD_T + eps) for rel and un (abs added for completeness)."""
+    """[PA-CSD] ratio = CSD_G / (CSD_T + eps) for rel and un (abs added for completeness)."""
     return {f"ratio_{k}": general[k] / (target[k] + EPS) for k in ("abs", "rel", "un")}
 
 
 # -----------------------------------------------------------------------------
-# Activation geometry (PAPER.md §8.2); X0 = base, X1 = finetuned outputs on the same tokens
+# Activation geometry [PA-ACT]; X0 = base, X1 = finetuned outputs on the same tokens
 
 def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate to a common row count n and cast to fp32 (paper: 'truncated to a common n')."""
@@ -278,20 +292,20 @@ def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def cosine_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
-    """[PAPER §8.2] z = x/||x||; cos_t = clamp(<z0_t, z1_t>, -1, 1); mean cos, mean(1 - cos),
+    """[PA-ACT] z = x/||x||; cos_t = clamp(<z0_t, z1_t>, -1, 1); mean cos, mean(1 - cos),
     mean and median angle (radians)."""
     X0, X1 = _pair(X0, X1)
     Z0 = X0 / X0.norm(dim=1, keepdim=True).clamp_min(EPS)          # (N,D)
     Z1 = X1 / X1.norm(dim=1, keepdim=True).clamp_min(EPS)          # (N,D)
     cos = (Z0 * Z1).sum(1).clamp(-1.0, 1.0)                        # (N,)
-    # DEVIATION 3: angle = 2 asin(||z1 - z0|| / 2), exact for unit vectors and stable near 0.
+    # NOTE N1: angle = 2 asin(||z1 - z0|| / 2), exact for unit vectors and stable near 0.
     ang = 2 * torch.asin(((Z1 - Z0).norm(dim=1) / 2).clamp(0.0, 1.0))   # (N,)
     return {"cos_mean": float(cos.mean()), "cos_drift": float((1 - cos).mean()),
             "angle_mean": float(ang.mean()), "angle_median": float(ang.quantile(0.5))}
 
 
 def norm_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
-    """[PAPER §8.2] rho_t = ||x1_t|| / (||x0_t|| + 1e-12); mean |log(rho + 1e-12)|, mean rho,
+    """[PA-ACT] rho_t = ||x1_t|| / (||x0_t|| + 1e-12); mean |log(rho + 1e-12)|, mean rho,
     population std of rho."""
     X0, X1 = _pair(X0, X1)
     rho = X1.norm(dim=1) / (X0.norm(dim=1) + EPS)                  # (N,)
@@ -307,7 +321,7 @@ def gram_rows(n: int, max_rows: int = 1024, seed: int = 0) -> np.ndarray:
 
 
 def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, seed: int = 0) -> float:
-    """[PAPER §8.2] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
+    """[PA-ACT] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
     d_gram = ||K1 - K0||_F / (||K0||_F + 1e-12). Invariant to any rotation of the features."""
     X0, X1 = _pair(X0, X1)
     idx = torch.as_tensor(gram_rows(X0.shape[0], max_rows, seed), device=X0.device)
@@ -318,7 +332,7 @@ def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, se
 
 
 def procrustes_residuals(X0: torch.Tensor, X1: torch.Tensor) -> dict:
-    """[PAPER §8.2] Column-centre X~ = X - mean_rows(X);  d_raw = ||X~1 - X~0||_F / (||X~0||_F + eps);
+    """[PA-ACT] Column-centre X~ = X - mean_rows(X);  d_raw = ||X~1 - X~0||_F / (||X~0||_F + eps);
     SVD X~1^T X~0 = U S V^T, R* = U V^T = argmin_{R orthogonal} ||X~1 R - X~0||_F;
     d_proc = ||X~1 R* - X~0||_F / (||X~0||_F + eps);  improvement = d_raw - d_proc.
     d_proc ~ 0 means the finetuned features are a rotation of the base features (isometric drift)."""
@@ -333,7 +347,7 @@ def procrustes_residuals(X0: torch.Tensor, X1: torch.Tensor) -> dict:
 
 
 def linear_cka(X0: torch.Tensor, X1: torch.Tensor) -> float:
-    """[PAPER §8.2] CKA = ||X~0^T X~1||_F^2 / (||X~0^T X~0||_F ||X~1^T X~1||_F + eps), centred X~.
+    """[PA-ACT] CKA = ||X~0^T X~1||_F^2 / (||X~0^T X~0||_F ||X~1^T X~1||_F + eps), centred X~.
     (Feature-space form of HSIC(K,L)/sqrt(HSIC(K,K) HSIC(L,L)) with linear kernels; a test checks
     it against the HSIC formula on n x n Gram matrices.)"""
     X0, X1 = _pair(X0, X1)
@@ -358,17 +372,28 @@ def _subspace_distance(V0: torch.Tensor, V1: torch.Tensor) -> float:
     return float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * K + EPS))
 
 
-def pca_subspace_distance(X0: torch.Tensor, X1: torch.Tensor, k: int) -> dict:
-    """[PAPER §8.2] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
+def pca_subspace_distances(X0: torch.Tensor, X1: torch.Tensor, ks) -> dict:
+    """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
     d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1].
-    Returns the distance and k_eff (k is clipped when the width or the row count is smaller)."""
+    Returns {k: (distance, k_eff)} for every k in ks (k is clipped when the width or the row count
+    is smaller; nan when k_eff < 1). One SVD per side serves every k: the top-k vectors are the
+    first k columns of the top-k_max ones."""
     X0, X1 = _pair(X0, X1)
-    k_eff = min(k, X0.shape[0] - 1, X0.shape[1], X1.shape[1])
-    if k_eff < 1:
-        return {"dist": float("nan"), "k_eff": k_eff}
-    V0 = _top_right_vectors(X0 - X0.mean(0), k_eff)                 # (D,K)
-    V1 = _top_right_vectors(X1 - X1.mean(0), k_eff)                 # (D,K)
-    return {"dist": _subspace_distance(V0, V1), "k_eff": k_eff}
+    k_max = min(max(ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if ks else 0
+    if k_max >= 1:
+        V0 = _top_right_vectors(X0 - X0.mean(0), k_max)              # (D,k_max)
+        V1 = _top_right_vectors(X1 - X1.mean(0), k_max)              # (D,k_max)
+    out = {}
+    for k in ks:
+        k_eff = min(k, k_max)
+        out[k] = (_subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan"), k_eff)
+    return out
+
+
+def pca_subspace_distance(X0: torch.Tensor, X1: torch.Tensor, k: int) -> dict:
+    """{dist, k_eff} of `pca_subspace_distances` for one k."""
+    dist, k_eff = pca_subspace_distances(X0, X1, [k])[k]
+    return {"dist": dist, "k_eff": k_eff}
 
 
 def pca_subspace_distance_reference(X0: torch.Tensor, X1: torch.Tensor, k: int) -> float:
@@ -382,7 +407,7 @@ def pca_subspace_distance_reference(X0: torch.Tensor, X1: torch.Tensor, k: int) 
 
 def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: int = 1024,
                         seed: int = 0, pca_ks=(32, 64)) -> dict:
-    """All §8.2 metrics for one module's outputs X0 (base) and X1 (finetuned), rows = same tokens."""
+    """All [PA-ACT] metrics for one module's outputs X0 (base) and X1 (finetuned), rows = same tokens."""
     X0, X1 = _pair(X0, X1)
     out = {"n_rows": X0.shape[0], "width": X0.shape[1]}
     out.update(cosine_drift(X0, X1))
@@ -390,20 +415,14 @@ def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: in
     out["gram_distortion"] = gram_distortion(X0, X1, gram_max_rows, seed)
     out.update(procrustes_residuals(X0, X1))
     out["cka"] = linear_cka(X0, X1)
-    # one SVD per side serves every k (same numbers as pca_subspace_distance, which tests check)
-    k_max = min(max(pca_ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if pca_ks else 0
-    if k_max >= 1:
-        V0 = _top_right_vectors(X0 - X0.mean(0), k_max)              # (D,k_max)
-        V1 = _top_right_vectors(X1 - X1.mean(0), k_max)              # (D,k_max)
-    for k in pca_ks:
-        k_eff = min(k, k_max)
+    for k, (dist, k_eff) in pca_subspace_distances(X0, X1, pca_ks).items():
         out[f"pca_k{k}_eff"] = k_eff
-        out[f"pca_dist_k{k}"] = _subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan")
+        out[f"pca_dist_k{k}"] = dist
     return out
 
 
 # -----------------------------------------------------------------------------
-# Correlations (PAPER.md §10.3-10.4), hand-written; tests compare with scipy.stats
+# Correlations [PA-T], hand-written; tests compare with scipy.stats
 
 def pearson(x, y) -> float:
     """Pearson r in fp64; nan for fewer than 2 points or a constant input (as scipy)."""
@@ -491,6 +510,26 @@ def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
 # -----------------------------------------------------------------------------
 # Prompts, module names, activation collection (needs a model; runs on CPU or GPU)
 
+def _prompt_of(obj, where: str) -> str:
+    """The prompt of one JSON record: a string, or an object's first PROMPT_KEYS value."""
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
+    for key in PROMPT_KEYS:
+        if isinstance(obj.get(key), str) and obj[key].strip():
+            return obj[key]
+    raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
+                     f"string value (its keys: {sorted(obj)[:12]})")
+
+
+def _json(text: str, where: str, lineno: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}:{lineno or err.lineno}: not valid JSON ({err.msg})") from err
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from .txt (one per non-empty line), .jsonl (one JSON object or string per line) or
     .json (a list of objects or strings). An object's prompt is the value of the first key present
@@ -498,38 +537,16 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-
-    def pick(obj, where: str) -> str:
-        if isinstance(obj, str):
-            return obj
-        if isinstance(obj, dict):
-            for key in PROMPT_KEYS:
-                if isinstance(obj.get(key), str) and obj[key].strip():
-                    return obj[key]
-            raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
-                             f"string value (its keys: {sorted(obj)[:12]})")
-        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
-
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        prompts = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            prompts.append(pick(obj, f"{path}:{lineno}"))
+        prompts = [_prompt_of(_json(line, str(path), i), f"{path}:{i}")
+                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        data = _json(text, str(path))
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
-        prompts = [pick(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
+        prompts = [_prompt_of(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
     elif suffix in (".txt", ""):
         prompts = [line for line in text.splitlines() if line.strip()]
     else:
@@ -540,7 +557,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def sample_prompts(prompts: list[str], max_prompts: int, seed: int = 0) -> list[str]:
-    """[PAPER §8.1] <= max_prompts sampled without replacement by random.Random(seed), indices sorted."""
+    """[PA-CSD] <= max_prompts sampled without replacement by random.Random(seed), indices sorted."""
     if len(prompts) <= max_prompts:
         return list(prompts)
     idx = sorted(random.Random(seed).sample(range(len(prompts)), max_prompts))
@@ -574,7 +591,7 @@ def resolve_modules(model, spec: str) -> list[str]:
     for tok in [t.strip() for t in spec.split(",") if t.strip()]:
         if tok == "none":
             continue
-        elif tok == "paper":   # DEVIATION 7: layer round(18 L / 28) (toy: 3), not "the middle"
+        elif tok == "paper":   # NOTE N2: layer round(18 L / 28) (toy: 3), not "the middle"
             names.append(f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj")
         elif tok == "paper8":
             names += [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES]
@@ -597,7 +614,7 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
                         max_tokens: int = 4096, max_length: int = 1024) -> dict:
     """Token-row activations of modules during full forward passes, streamed and capped.
 
-    taps: (module name, "input" | "output"). [PAPER §8] raw text, no chat template,
+    taps: (module name, "input" | "output"). [PA-CSD] raw text, no chat template,
     add_special_tokens=True, truncation to max_length, batch 1 (no padding, so every row is a real
     token); prompts in the given order until max_tokens rows. Rows are moved to the host in fp32 as
     they come (the model may run in bf16 on GPU), and only the capped count is ever kept.
@@ -616,7 +633,7 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
         def hook(_mod, args, out, key=(name, kind)):
             x = args[0] if key[1] == "input" else out
             rows = x.reshape(-1, x.shape[-1])[: state["need"]]      # (1,T,D) -> (T,D), capped
-            # DEVIATION 4: fp32 host copy (release: fp16); exact for bf16/fp16 activations
+            # DEVIATION 3: fp32 host copy (release: fp16); exact for bf16/fp16 activations
             store[key].append(rows.detach().to("cpu", torch.float32))
         handles.append(mod.register_forward_hook(hook))
     n_rows, n_prompts = 0, 0
@@ -649,7 +666,6 @@ _NOTED: set[str] = set()   # run dirs already reported (main checks every --chec
 def resolve_checkpoint(ckpt: str | Path) -> Path:
     """A checkpoint dir as given, or for a training run dir (train_sft.py's / the release's
     global_step_<k>/, TRL's checkpoint-<k>/) its last checkpoint (peft_methods.run_checkpoints)."""
-    import peft_methods
     ckpt = Path(ckpt)
     if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file() or not ckpt.is_dir():
         return ckpt
@@ -665,7 +681,6 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
 def read_checkpoint_info(ckpt: str | Path) -> dict:
     """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory
     (ours or an HF PEFT adapter dir, read by peft_methods.read_adapter_config)."""
-    import peft_methods
     ckpt = resolve_checkpoint(ckpt)
     if peft_methods.find_adapter_dir(ckpt) is not None:
         cfg = peft_methods.read_adapter_config(ckpt)
@@ -678,13 +693,11 @@ def read_checkpoint_info(ckpt: str | Path) -> dict:
 
 
 def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
-    """(model, info): the base with the adapter loaded (peft_methods.load_adapter), or the full
-    HF model of the checkpoint. Imports lazily: loading.py / peft_methods.py are separate files."""
-    import loading
+    """(model, info, adapters): the base with the adapter loaded (peft_methods.load_adapter), or the
+    full HF model of the checkpoint (no adapters)."""
     info = read_checkpoint_info(ckpt)
     ckpt = info["path"]
     if info["kind"] == "adapter":
-        import peft_methods
         model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
         wanted = info["config"].get("base_model")
         if wanted and str(wanted) != str(base_spec):
@@ -714,7 +727,6 @@ def module_update(base_model, ft_model, adapters: dict, name: str) -> tuple[torc
     W0 = base_model.get_submodule(name).weight.detach().float()             # (m,n)
     layer = _find_adapter(adapters, name)
     if layer is not None:
-        import peft_methods
         dW = peft_methods.delta_weight(layer).detach().to(W0.device, torch.float32)   # (m,n)
     else:
         mod = ft_model.get_submodule(name)
@@ -732,16 +744,15 @@ def merge_check(base_model, adapters: dict, name: str, dW: torch.Tensor) -> floa
     layer = _find_adapter(adapters, name)
     if layer is None:
         return None
-    import peft_methods
     W0 = base_model.get_submodule(name).weight.detach().float()
     W_ft = peft_methods.merged_weight(layer).detach().to(W0.device, torch.float32)
     return float((W_ft - W0 - dW).abs().max() / (W0.abs().max() + EPS))
 
 
 def decoder_linear_names(model) -> list[str]:
-    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 6)."""
+    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 5)."""
     prefix, _ = decoder_layout(model)
-    # DEVIATION 6: embeddings, norms and biases are not in the global norms
+    # DEVIATION 5: embeddings, norms and biases are not in the global norms
     return [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
 
@@ -839,7 +850,7 @@ def summary_row(metrics: dict) -> dict:
         keys = ["proc_residual", "raw_residual", "proc_improvement", "gram_distortion", "cka",
                 "cos_drift", "angle_mean", "norm_logratio"]
         keys += [k for k in next(iter(act.values())) if k.startswith("pca_dist_k")]
-        for k in keys:   # DEVIATION 5: mean over the activation modules, one point per checkpoint
+        for k in keys:   # DEVIATION 4: mean over the activation modules, one point per checkpoint
             row[f"act_{k}"] = float(np.mean([a[k] for a in act.values()]))
     return row
 
@@ -875,7 +886,6 @@ def correlation_markdown(table: list[dict], rows: list[dict]) -> str:
 
 def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
     """correlations.json/.csv/.md (atomic). Needs >= 3 checkpoints with scores."""
-    import loading
     with_scores = [r for r in rows if r.get("forgetting") is not None]
     if len(with_scores) < 3:
         print(f"[geometry] correlations skipped: {len(with_scores)} checkpoint(s) with a forgetting "
@@ -896,13 +906,19 @@ def _positive(a) -> np.ndarray:
     return np.where(a > 0, a, np.nan)
 
 
-def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
-    """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
-    a log y-axis against the pretrained spectrum reference, with the release's normalisation
-    (PAPER §7): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (optional package: imported when plotting)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
+    """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
+    a log y-axis against the pretrained spectrum reference, with the release's normalisation
+    ([PA-W]): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
+    plt = _pyplot()
     items = [(m["label"], m["method"], next(iter(m["weight"].items()))) for m in metrics_list if m.get("weight")]
     if not items:
         return False
@@ -938,10 +954,8 @@ def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
 
 
 def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
-    """erank(dW) of mlp.down_proj across layers, one line per checkpoint (PAPER §7, §10.7)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """erank(dW) of mlp.down_proj across layers, one line per checkpoint ([PA-W], [PA-T])."""
+    plt = _pyplot()
     from matplotlib import ticker
     series = [(m["label"], m["erank_layers"]) for m in metrics_list if m.get("erank_layers")]
     if not series:
@@ -968,7 +982,6 @@ def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
 
 def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:
     """summary.json, correlations and plots from per-checkpoint metrics."""
-    import loading
     rows = [summary_row(m) for m in metrics_list]
     loading.atomic_write_json(out_dir / "summary.json", rows)
     write_correlations(rows, out_dir)
@@ -1008,7 +1021,7 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
     metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
                "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
                "activation": {}, "merge_check": {}}
-    # --- weight space (§7)
+    # --- weight space [PA-W]
     with_sva = info["method"] == "oft" or args.sva_all
     for name in mods["weight"]:
         W0, dW = module_update(base_model, ft, adapters, name)
@@ -1027,14 +1040,14 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
         W0, dW = module_update(base_model, ft, adapters, name)
         norms.append(weight_norms(dW, W0))
     metrics["global_norms"] = global_norms(norms) if norms else None
-    # --- CSD (§8.1): base-model inputs, this checkpoint's dW
+    # --- CSD [PA-CSD]: base-model inputs, this checkpoint's dW
     for name in mods["csd"]:
         W0, dW = module_update(base_model, ft, adapters, name)
         c = {"G": csd_metrics(dW, W0, base_acts["G"][(name, "input")].to(W0.device)),
              "T": csd_metrics(dW, W0, base_acts["T"][(name, "input")].to(W0.device))}
         c.update(csd_ratios(c["G"], c["T"]))
         metrics["csd"][name] = c
-    # --- activation geometry (§8.2): outputs of base and finetuned on the same general tokens
+    # --- activation geometry [PA-ACT]: outputs of base and finetuned on the same general tokens
     if mods["act"]:
         ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
                                       [(n, "output") for n in mods["act"]],
@@ -1052,104 +1065,41 @@ def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str,
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
-                    "(PAPER.md §7-8), and their correlation with forgetting (§10.3-10.4). "
-                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
-    g.add_argument("--checkpoint", action="append", required=True,
-                   help="finetuned checkpoint dir (adapter dir of peft_methods.py or HF PEFT, or a full HF "
-                        "model dir) or a run dir of checkpoint-<k>/ / global_step_<k>/ (its last one); repeat")
-    g.add_argument("--label", action="append", default=None,
-                   help="display name per --checkpoint (same order); default: the dir name")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None,
-                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
-    g = p.add_argument_group("prompts (PAPER §8.1)")
-    g.add_argument("--general-prompts", default=None,
-                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
-    g.add_argument("--target-prompts", default=None,
-                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
-    g.add_argument("--domain", default="math", choices=("math", "med"),
-                   help="toy target domain when --target-prompts is not given")
-    g.add_argument("--max-prompts", type=int, default=300,
-                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
-    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
-    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
-    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
-    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
-    g.add_argument("--weight-modules", default="paper", help="spectral profiles (§7), comma list")
-    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
-    g.add_argument("--csd-modules", default="paper", help="CSD modules (§8.1); the first is tabled")
-    g.add_argument("--act-modules", default="paper8", help="activation geometry modules (§8.2)")
-    g.add_argument("--no-global-norms", action="store_true",
-                   help="skip the global L1/L2 of dW over all decoder Linear weights")
-    g = p.add_argument_group("metrics")
-    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
-    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
-    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
-    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
-    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
-    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
-    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
-                   help="results.json per --checkpoint (same order); default CKPT/results.json. A real "
-                   "evaluation writes target and general suites separately: pass both, comma-joined "
-                   "(e.g. ev/math/results.json,ev/general/results.json); their scores are merged")
-    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="results.json of the base model (for target gain, and forgetting if absent); "
-                   "target and general files comma-joined as for --results")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    return p
-
-
-def main(argv=None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+def check_inputs(args) -> None:
+    """The checks that fail before a device is picked: caps and --results files."""
     assert args.max_tokens > 1 and args.max_prompts >= 1 and args.max_length >= 1, "caps must be positive"
     assert args.fluct_window >= 1 and args.gram_rows >= 2 and all(k >= 1 for k in args.pca_k)
     if args.results is not None and len(args.results) != len(args.checkpoint):
         raise SystemExit(f"--results given {len(args.results)} times for {len(args.checkpoint)} --checkpoint")
     for res in (args.results or []) + ([args.base_results] if args.base_results else []):
         merge_results(res)                 # a missing or clashing results file fails before any model loads
-    import loading
-    device = loading.pick_device(args.device)
-    dtype = loading.pick_dtype(args.dtype, device)
-    # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = unique_labels(args.checkpoint, args.label)
-    for c in args.checkpoint:
-        read_checkpoint_info(c)            # fail before any model is loaded
-    print(f"[geometry] device={device} dtype={dtype} "
-          f"({'bf16 forwards on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; metrics in fp32)")
 
-    # ---- prompts
-    if args.general_prompts is None or args.target_prompts is None:
-        if args.base != "toy":
-            raise SystemExit(f"--base {args.base}: pass --general-prompts and --target-prompts (only "
-                             "--base toy has built-in prompts, from toy_world.py)")
-        import toy_world
+
+def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(all general, all target, sampled general, sampled target) prompts [PA-CSD]; the toy base
+    brings its own from toy_world.py."""
+    if (args.general_prompts is None or args.target_prompts is None) and args.base != "toy":
+        raise SystemExit(f"--base {args.base}: pass --general-prompts and --target-prompts (only "
+                         "--base toy has built-in prompts, from toy_world.py)")
     G_all = (read_prompts(args.general_prompts) if args.general_prompts
              else toy_world.general_prompts(args.max_prompts, seed=args.seed))
     T_all = (read_prompts(args.target_prompts) if args.target_prompts
              else toy_world.target_prompts(args.domain, args.max_prompts, seed=args.seed))
-    G = sample_prompts(G_all, args.max_prompts, args.seed)
-    T = sample_prompts(T_all, args.max_prompts, args.seed)
+    return (G_all, T_all, sample_prompts(G_all, args.max_prompts, args.seed),
+            sample_prompts(T_all, args.max_prompts, args.seed))
 
-    # ---- base model, module names, base activations (once)
-    # DEVIATION 8: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
-    base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
-    mods = {"weight": resolve_modules(base_model, args.weight_modules),
+
+def resolve_module_sets(base_model, args) -> dict:
+    """Module names per measurement: weight [PA-W], erank (plot), csd [PA-CSD], act [PA-ACT], norms."""
+    return {"weight": resolve_modules(base_model, args.weight_modules),
             "erank": resolve_modules(base_model, args.erank_modules),
             "csd": resolve_modules(base_model, args.csd_modules),
             "act": resolve_modules(base_model, args.act_modules),
             "norms": [] if args.no_global_norms else decoder_linear_names(base_model)}
+
+
+def collect_base_activations(args, base_model, tok, G, T, mods) -> dict:
+    """The base model's activations, once per run: CSD inputs on G and T, activation outputs on G."""
     t0 = time.time()
     acts_G = collect_activations(base_model, tok, G, [(n, "input") for n in mods["csd"]] +
                                  [(n, "output") for n in mods["act"]],
@@ -1166,34 +1116,117 @@ def main(argv=None) -> list[dict]:
             if min(k, n_G - 1, width) < k:
                 print(f"[geometry] note: PCA k={k} clipped to {min(k, n_G - 1, width)} for {name} "
                       f"(width {width}, {n_G} rows)")
-    base_acts = {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {}}
+    return {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {},
+            "n_G": n_G, "n_T": n_T}
 
+
+def print_checkpoint_line(label: str, m: dict) -> None:
+    """One line per measured checkpoint: the headline number of each section."""
+    w = next(iter(m["weight"].values()), None)
+    a = m["activation"]
+    print(f"[geometry] {label}: "
+          + (f"erank={w['erank']:.2f} F_ret={w['fluct_retention']:.2e} "
+             f"F_ada={w['fluct_adaptation']:.2e} " if w else "")
+          + (f"CSD_G,rel={next(iter(m['csd'].values()))['G']['rel']:.3e} " if m["csd"] else "")
+          + (f"Proc={np.mean([v['proc_residual'] for v in a.values()]):.4f} "
+             f"CKA={np.mean([v['cka'] for v in a.values()]):.4f} " if a else "")
+          + f"({m['seconds']}s)")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
+                    "(PEFT-Arena), and their correlation with forgetting. "
+                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
+    g.add_argument("--checkpoint", action="append", required=True,
+                   help="adapter dir (ours or HF PEFT), full HF model dir, or run dir (its last "
+                        "checkpoint); repeat")
+    g.add_argument("--label", action="append", default=None,
+                   help="display name per --checkpoint (same order); default: the dir name")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None,
+                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
+    g = p.add_argument_group("prompts (PEFT-Arena CSD protocol)")
+    g.add_argument("--general-prompts", default=None,
+                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
+    g.add_argument("--target-prompts", default=None,
+                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
+    g.add_argument("--domain", default="math", choices=("math", "med"),
+                   help="toy target domain when --target-prompts is not given")
+    g.add_argument("--max-prompts", type=int, default=300,
+                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
+    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
+    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
+    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
+    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
+    g.add_argument("--weight-modules", default="paper", help="spectral profiles, comma list")
+    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
+    g.add_argument("--csd-modules", default="paper", help="CSD modules; the first is tabled")
+    g.add_argument("--act-modules", default="paper8", help="activation geometry modules")
+    g.add_argument("--no-global-norms", action="store_true",
+                   help="skip the global L1/L2 of dW over all decoder Linear weights")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
+    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
+    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
+    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
+    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
+    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
+    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
+                   help="results.json per --checkpoint (same order; default CKPT/results.json); "
+                   "target and general suite files comma-joined are merged")
+    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
+                   help="the base model's results.json (target gain; forgetting if absent), as --results")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    """Prompts -> base model and its activations (once) -> each checkpoint's metrics -> tables."""
+    args = build_parser().parse_args(argv)
+    check_inputs(args)
+    device = loading.pick_device(args.device)
+    dtype = loading.pick_dtype(args.dtype, device)
+    # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = unique_labels(args.checkpoint, args.label)
+    for c in args.checkpoint:
+        read_checkpoint_info(c)            # fail before any model is loaded
+    print(f"[geometry] device={device} dtype={dtype} "
+          f"({'bf16 forwards on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; metrics in fp32)")
+    G_all, T_all, G, T = load_prompt_sets(args)
+    # DEVIATION 6: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
+    base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
+    mods = resolve_module_sets(base_model, args)
+    base_acts = collect_base_activations(args, base_model, tok, G, T, mods)
+    acts_G, acts_T = base_acts["G"], base_acts["T"]
     config = {**vars(args), "device": str(device), "dtype": str(dtype), "labels": labels,
               "modules": {k: v for k, v in mods.items() if k != "norms"},
               "n_global_norm_modules": len(mods["norms"]),
               "prompts": {"general_available": len(G_all), "target_available": len(T_all),
                           "general_sampled": len(G), "target_sampled": len(T),
-                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": n_G,
-                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": n_T},
+                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": base_acts["n_G"],
+                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": base_acts["n_T"]},
               "torch": torch.__version__, "argv": sys.argv if argv is None else ["geometry.py", *argv]}
     loading.atomic_write_json(out_dir / "config.json", config)
-
-    # ---- each checkpoint
     metrics_list = []
     for i, (ckpt, label) in enumerate(zip(args.checkpoint, labels)):
         res = args.results[i] if args.results else str(Path(ckpt) / "results.json")
         scores = read_scores(res, args.base_results, required=bool(args.results))
         m = measure_checkpoint(args, base_model, base_acts, ckpt, label, mods, scores, device, dtype)
         loading.atomic_write_json(out_dir / label / "metrics.json", m)
-        w = next(iter(m["weight"].values()), None)
-        a = m["activation"]
-        print(f"[geometry] {label}: "
-              + (f"erank={w['erank']:.2f} F_ret={w['fluct_retention']:.2e} "
-                 f"F_ada={w['fluct_adaptation']:.2e} " if w else "")
-              + (f"CSD_G,rel={next(iter(m['csd'].values()))['G']['rel']:.3e} " if m["csd"] else "")
-              + (f"Proc={np.mean([v['proc_residual'] for v in a.values()]):.4f} "
-                 f"CKA={np.mean([v['cka'] for v in a.values()]):.4f} " if a else "")
-              + f"({m['seconds']}s)")
+        print_checkpoint_line(label, m)
         metrics_list.append(m)
     return finish(metrics_list, out_dir, plots=not args.no_plots)
 
@@ -1261,13 +1294,11 @@ def main_bench_svd(argv) -> dict:
         res["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     print(json.dumps(res, indent=2))
     if args.out:
-        import loading
         loading.atomic_write_json(args.out, res)
     return res
 
 
 if __name__ == "__main__":
-    import loading
     if len(sys.argv) > 1 and sys.argv[1] == "correlate":
         loading.run_cli("geometry.py", lambda: main_correlate(sys.argv[2:]))
     elif len(sys.argv) > 1 and sys.argv[1] == "bench-svd":

@@ -1,12 +1,10 @@
-"""loading.py — the one entry point for base models, tokenizers, devices, seeds and atomic writes.
+"""loading.py — the one entry point for base models, tokenizers, devices, seeds, atomic writes and
+run directories.
 
 Every other file (training, evaluation, geometry, rewinding, the arena CLI) loads its base model
 through `load_model(spec)`, so that the miniature toy world and real Hugging Face checkpoints go
-through exactly the same code path (DEVELOPERS.md: "two scales, one code path").
-
-This module exists beside the seven files of the design card because it owns a responsibility none
-of them has: shared plumbing that `train_*.py`, `evaluate.py`, `geometry.py` and `rewind.py` all
-need, and that must not live in `arena.py` (those files never import `arena.py`).
+through exactly the same code path. It holds the plumbing that `train_*.py`, `evaluate.py`,
+`geometry.py` and `rewind.py` all need and that must not live in `arena.py` (they never import it).
 
     spec = "toy"            -> the committed miniature base model in toy_model/ (see toy_world.py)
     spec = "/path/to/dir"   -> any local HF-format directory (config.json + weights + tokenizer)
@@ -19,31 +17,39 @@ Writes (atomic_*) raise OutputWriteError, one line naming the path and the fix, 
 a read-only/forbidden folder; `run_cli` is every script's entry point (one line for those, for
 data and hub errors, and for Ctrl-C, which exits 130 with how to continue).
 
-Paper anchors: PAPER.md §6 and EVAL.md §7 (chat template with no system message; base models
-without a template are prompted with raw text, as OpenCompass does for base checkpoints).
+Paper anchors: PEFT-Arena's SFT data formatting (release train/peft_arena_verl/utils/dataset/
+sft_dataset.py) and evaluation (OpenCompass `VLLMwithChatTemplate`) render prompts with the chat
+template and no system message; base models without a template are prompted with raw text, as
+OpenCompass's `opencompass.models.VLLM` does for base checkpoints.
 
-Deviations
-1. Chat-template fallback: a tokenizer without `chat_template` gets the raw-text rendering that
-   OpenCompass uses for base models (`opencompass.models.VLLM`): the message contents joined by a
-   blank line, no role markers. The paper only uses it for BBH on Qwen2.5-7B base (which does ship
-   a template); we apply it to any template-less tokenizer so every caller has one rendering rule.
-2. Default dtype: bf16 on CUDA (the paper's training and evaluation precision) but fp32 on CPU,
-   because CPU bf16 matmuls are slow and the toy world's tests compare logits at fp32 tolerances.
+Implementation notes (neither changes a number the paper reports)
+N1. Chat-template fallback: a tokenizer without `chat_template` gets the raw-text rendering that
+    OpenCompass uses for base models: the message contents joined by a blank line, no role markers.
+    The paper only uses it for BBH on Qwen2.5-7B base (which does ship a template); we apply it to
+    any template-less tokenizer so every caller has one rendering rule.
+N2. Default dtype: bf16 on CUDA (the paper's training and evaluation precision) but fp32 on CPU,
+    because CPU bf16 matmuls are slow and the toy world's tests compare logits at fp32 tolerances.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import functools
+import io
 import json
 import os
-import sys
+import platform
 import random
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import peft_methods
 
 REPO_DIR = Path(__file__).resolve().parent
 TOY_MODEL_DIR = REPO_DIR / "toy_model"
@@ -63,7 +69,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """bf16 on CUDA (paper precision), fp32 on CPU (Deviation 2). Accepts names like 'bf16'."""
+    """bf16 on CUDA (paper precision), fp32 on CPU (note N2). Accepts names like 'bf16'."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None:
@@ -156,8 +162,6 @@ class ConfigError(ValueError):
 def atomic_write_csv(path: str | Path, fieldnames, rows, *, lineterminator: str = "\r\n") -> None:
     """A header row, then one row per dict (missing or None values as empty cells, keys outside
     `fieldnames` ignored), written atomically. The default line ending is the csv module's."""
-    import csv
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator=lineterminator)
     w.writeheader()
@@ -209,6 +213,105 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+# -----------------------------------------------------------------------------
+# Run directories: the one layout every training run is written in, and read back by
+#
+#   <out>/config.json          the resolved config, written at the start; --resume compares with it
+#   <out>/global_step_<k>/     checkpoint k. It is written as .tmp-global_step_<k>/ and renamed into
+#                              place (atomic_replace_dir), and its trainer_state.json is the last
+#                              file written inside it: the one completeness marker of a checkpoint
+#   <out>/summary.json         written last of all: the run finished
+#
+# Scripts decide which of their config keys may change on --resume (`free_keys`) and which files in
+# --out they own (`owned_files`, deleted by --overwrite; nothing else in --out is ever deleted).
+
+CKPT_PREFIX = "global_step_"
+RUN_CONFIG, RUN_SUMMARY, CKPT_COMPLETE = "config.json", "summary.json", "trainer_state.json"
+
+
+def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """[(k, dir)] of the complete global_step_<k>/ checkpoints in run dir `out`, oldest first."""
+    found = []
+    for d in Path(out).glob(CKPT_PREFIX + "*"):
+        m = re.fullmatch(CKPT_PREFIX + r"(\d+)", d.name)
+        if m and (d / CKPT_COMPLETE).exists():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint of run dir `out`, or None (what --resume continues from)."""
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def finished_checkpoint(out: str | Path) -> Path | None:
+    """The final checkpoint of a finished run (summary.json written), else None."""
+    return latest_checkpoint(out) if (Path(out) / RUN_SUMMARY).exists() else None
+
+
+def config_diff(old: dict, new: dict, free_keys, *, new_keys_only: bool = False) -> dict:
+    """{key: (old value, new value)} for every setting that differs between a run's stored config
+    and the new one, except `free_keys`. Keys of both configs, sorted; with `new_keys_only`, the
+    keys of `new` in its order (a stored config may then carry extra recorded keys)."""
+    keys = list(new) if new_keys_only else sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if k not in free_keys and old.get(k) != new.get(k)}
+
+
+def clear_run_dir(out: Path, owned_files) -> None:
+    """--overwrite: delete the checkpoints (and half-written ones) and the `owned_files` of a run."""
+    for d in list(out.glob(CKPT_PREFIX + "*")) + list(out.glob(".tmp-" + CKPT_PREFIX + "*")):
+        shutil.rmtree(d)
+    for name in owned_files:
+        (out / name).unlink(missing_ok=True)
+
+
+def prepare_run_dir(out: Path, cfg: dict, *, script: str, free_keys, owned_files,
+                    new_keys_only: bool = False, is_main: bool = True) -> Path | None:
+    """Refuse an occupied --out unless cfg["resume"] / cfg["overwrite"]; return the checkpoint to
+    resume from (None: start from step 0). --resume checks that the stored config is the same run
+    (config_diff); --overwrite clears what `script` writes (on the main rank only)."""
+    cfg_path = out / RUN_CONFIG
+    occupied = out.exists() and any(out.iterdir())
+    if cfg["resume"]:
+        if not cfg_path.exists():
+            if occupied:
+                raise FileExistsError(f"--resume: {out} holds files but no config.json, so it is not a "
+                                      f"{script} run; pick another --out")
+            return None
+        diff = config_diff(json.loads(cfg_path.read_text()), cfg, free_keys, new_keys_only=new_keys_only)
+        if diff:
+            raise ValueError(f"--resume: {out} holds a different run; differing settings (old, new): {diff}")
+        return latest_checkpoint(out)
+    if occupied:
+        if not cfg["overwrite"]:
+            what = "files"
+            if cfg_path.exists():
+                diff = config_diff(json.loads(cfg_path.read_text()), cfg, free_keys, new_keys_only=new_keys_only)
+                what = f"a different run (differing settings (old, new): {diff})" if diff else "this run already"
+            raise FileExistsError(f"output directory {out} already holds {what}; pass --resume to continue "
+                                  "it or --overwrite to delete it and start again")
+        if is_main:
+            clear_run_dir(out, owned_files)
+    return None
+
+
+def resume_or_overwrite(out: Path) -> tuple[bool, bool]:
+    """(resume, overwrite) for re-running a training run into `out` (arena.py's cells): resume a run
+    that wrote its config; clear a dir that holds files but no run config."""
+    resume = (out / RUN_CONFIG).exists()
+    occupied = out.exists() and any(out.iterdir())
+    return resume, occupied and not resume
+
+
+def environment() -> dict:
+    """The software a run's numbers depend on, for its resolved config: the python, torch and
+    transformers versions and torch's intra-op thread count (a CPU reduction's order depends on it)."""
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
 
 
 # -----------------------------------------------------------------------------
@@ -264,15 +367,16 @@ def get_key(row: dict, key: str):
 def render_chat(tokenizer, messages: list[dict] | str, add_generation_prompt: bool = True) -> str:
     """Render a conversation to the exact string the model sees.
 
-    A plain string is a single user turn. No system message is added (PAPER.md §4, EVAL.md §7): a
-    template's own default system line (Qwen2.5's "You are Qwen...") applies as in the paper.
+    A plain string is a single user turn. No system message is added (as the release's SFT data and OpenCompass's
+    `VLLMwithChatTemplate`): a template's own default system line (Qwen2.5's "You are Qwen...")
+    applies as in the paper.
     """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    # DEVIATION 1: raw-text fallback for template-less (base) tokenizers, as OpenCompass does.
+    # NOTE N1: raw-text fallback for template-less (base) tokenizers, as OpenCompass does.
     return "\n\n".join(m["content"] for m in messages)
 
 
@@ -445,7 +549,6 @@ def save_tokenizer_files(base_spec: str, out_dir: str | Path, model=None) -> Non
 def _load_full_checkpoint(path: str, ck: dict, **kw):
     """A Full FT checkpoint directory (peft_methods.save_adapter, method "full"): the base model's
     architecture with the checkpoint's weights (peft_methods.load_adapter checks every tensor)."""
-    import peft_methods
     model, _ = load_model(_checkpoint_base(path, ck), **kw)
     peft_methods.load_adapter(model, path)
     return model

@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+import loading
 import peft_methods
 import train_grpo
 import train_sft
@@ -387,7 +388,6 @@ def hf_config_for(spec: str):
     if (peft_methods.SHAPES_DIR / f"{spec}.json").exists():
         return peft_methods.load_shape_config(spec)
     if spec == "toy":
-        import loading
         p = Path(loading.TOY_MODEL_DIR)
     import arena
     cfg, _where, err, _w = arena.resolve_model(str(p), None)

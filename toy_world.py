@@ -1,13 +1,13 @@
 """toy_world.py — the miniature arena: a tiny Qwen2 pretrained here on synthetic stand-ins for the
 paper's benchmarks, so the whole arena runs on a 2-core CPU in minutes.
 
-This module exists beside the seven files of the design card because it owns a responsibility none
-of them has: the synthetic world itself (tokenizer, model config, task generators, pretraining).
+It owns the synthetic world itself (tokenizer, model config, task generators, pretraining).
 Scoring is NOT here: every toy item names the scorer of `evaluate.py` it is graded with, the same
 grader the real benchmarks use (math: last \\boxed{}; medical: last option letter; BBH: text after
 "answer is"; NQ: normalised gold contained in the prediction; IFEval: the instruction checkers).
 
-The paper's design (PAPER.md §2, §6) and its miniature here:
+PEFT-Arena's two axes (target = math or medical, general = mean of BBH, IFEval, NQ) and their
+miniature here:
 
     paper benchmark              toy family   what it is here
     IFEval (general)             ifeval       copy a word list under 1-2 verifiable format instructions
@@ -27,28 +27,29 @@ train generator rejects test keys and vice versa, whatever the seed.
 Pretraining (`pretrain`, run by `python arena.py pretrain-toy`) mixes the general families (the
 bulk), arithmetic drills (single facts and story-free chains), atlas facts, and only a trickle of
 the two target domains, so the base model starts low but not at zero on the targets, like
-Qwen2.5-7B at 35% on math. Half of the pretraining math examples give the bare answer without the
-working (Deviation 4).
+Qwen2.5-7B on math. Half of the pretraining math examples give the bare answer without the
+working (note N4).
 
 Deviations
 1. Stand-ins, not the benchmarks: the toy families share the real benchmarks' answer formats and
    scorers, not their content. Numbers from the toy world illustrate the paper's trade-off; they are
    not comparable with the paper's tables.
-2. The toy tokenizer is a 1024-symbol byte-level BPE learned offline from a fixed sample of the
-   toy world (digits kept as single tokens), not Qwen2's 151k vocabulary. A character-level
-   tokenizer made sequences ~3x longer, which did not fit the 10-minute CPU pretraining budget. It
-   is wrapped as a normal `transformers` fast tokenizer with a ChatML template and no system prompt.
-3. Pretraining loss is on assistant tokens only for chat examples (a chat "instruct" base) and on
-   every token of plain documents (atlas and pharmacopoeia statements).
-4. Two answer modes for math. Half of the pretraining math examples (`MATH_DIRECT_FRAC`) are
-   written as "The answer is \\boxed{N}." with no working. The base therefore answers some test
-   prompts directly (measured on 200 test items: 41% of greedy answers, 10% of them right) and
-   works the others out (62% right); at T = 1 it picks the worked mode for about 57% of samples.
-   This is the stand-in for a real base model that often answers a math prompt without reasoning,
-   and it gives RLVR what it has on Qwen2.5: right answers that sampling already finds, to be
-   made the greedy answer (PAPER.md §2.2). Without it (all examples worked, one mode) the base's
-   errors were confident wrong facts that T = 1 samples rarely avoided, and 12 GRPO steps raised
-   the target by only 3.5-6.5 points (train_grpo.py Deviation 7).
+
+Implementation notes (of the miniature; no paper number depends on them)
+N2. The toy tokenizer is a 1024-symbol byte-level BPE learned offline from a fixed sample of the
+    toy world (digits kept as single tokens), not Qwen2's 151k vocabulary: a character-level
+    tokenizer made sequences ~3x longer. It is wrapped as a normal `transformers` fast tokenizer
+    with a ChatML template and no system prompt.
+N3. Pretraining loss is on assistant tokens only for chat examples (a chat "instruct" base) and on
+    every token of plain documents (atlas and pharmacopoeia statements).
+N4. Two answer modes for math. Half of the pretraining math examples (`MATH_DIRECT_FRAC`) are
+    written as "The answer is \\boxed{N}." with no working, so the base answers some test prompts
+    directly (rarely right) and works the others out (mostly right), and T = 1 samples often take
+    the worked mode where the greedy answer does not. This is the stand-in for a real base model
+    that often answers a math prompt without reasoning, and it gives RLVR what it has on Qwen2.5:
+    right answers that sampling already finds, to be made the greedy answer. With one mode only,
+    the base's errors were confident wrong facts that T = 1 samples rarely avoided, and GRPO had
+    little to reinforce (train_grpo.py's toy-preset notes).
 
 Shapes: B batch, T tokens.
 """
@@ -58,10 +59,13 @@ import functools
 import hashlib
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
+
+import loading
 
 # -----------------------------------------------------------------------------
 # Tokenizer and model config
@@ -111,7 +115,7 @@ def _trained_bpe_json() -> str:
 
 
 def build_toy_tokenizer():
-    """Byte-level BPE (1024 symbols) learned from a fixed sample of the toy world (Deviation 2).
+    """Byte-level BPE (1024 symbols) learned from a fixed sample of the toy world (note N2).
 
     Digits are always single tokens (so arithmetic is done digit by digit, as in Qwen2's
     tokenizer); the specials are ChatML's. Built deterministically: same merges on every machine.
@@ -232,14 +236,17 @@ END_PHRASES = ["Hope this helps.", "That is all.", "Bye now."]
 PS_MARKERS = ["P.S.", "P.P.S"]
 
 
+_IFEVAL_FIXED = {"change_case:english_capital": "Use only capital letters.",
+                 "change_case:english_lowercase": "Use only lowercase letters.",
+                 "startend:quotation": "Wrap your whole answer in double quotes.",
+                 "punctuation:no_comma": "Do not use any commas.",
+                 "detectable_format:title": "Give it a title in double angular brackets, like <<title>>."}
+
+
 def _ifeval_instruction(rng, iid, words):
     """Return (instruction text, kwargs) for one IFEval instruction id."""
-    if iid == "change_case:english_capital":
-        return "Use only capital letters.", {}
-    if iid == "change_case:english_lowercase":
-        return "Use only lowercase letters.", {}
-    if iid == "startend:quotation":
-        return "Wrap your whole answer in double quotes.", {}
+    if iid in _IFEVAL_FIXED:                  # no parameters, no random draw
+        return _IFEVAL_FIXED[iid], {}
     if iid == "startend:end_checker":
         p = rng.choice(END_PHRASES)
         return f"End your answer with the exact phrase '{p}'", {"end_phrase": p}
@@ -252,10 +259,6 @@ def _ifeval_instruction(rng, iid, words):
             return f"Answer with at least {n} words.", {"relation": "at least", "num_words": n}
         n = len(words)  # "less than n" forces dropping the last word
         return f"Answer with less than {n} words.", {"relation": "less than", "num_words": n}
-    if iid == "punctuation:no_comma":
-        return "Do not use any commas.", {}
-    if iid == "detectable_format:title":
-        return "Give it a title in double angular brackets, like <<title>>.", {}
     if iid == "detectable_content:postscript":
         m = rng.choice(PS_MARKERS)
         return f"At the end, add a postscript starting with {m}", {"postscript_marker": m}
@@ -559,7 +562,7 @@ def pharma_documents() -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# Public item API (CONTRACTS.md)
+# Public item API: items, SFT/RL rows, prompt sets
 
 FAMILIES = {"ifeval": "general", "nq": "general", "bbh": "general", "math": "target", "med": "target"}
 GENERAL_FAMILIES = [f for f, k in FAMILIES.items() if k == "general"]
@@ -571,6 +574,25 @@ _GENERATORS = {"ifeval": lambda rng, split: _gen_ifeval(rng), "nq": _gen_nq,
 _SPLIT_SALT = {"train": 0, "test": 7919}
 
 
+def _distinct(draw, split: str, dedup: bool, what: str):
+    """Endless stream of the items `draw()` returns that belong to `split`, deduplicated by
+    canonical key unless `dedup=False`; each gets its stable id and key."""
+    seen: set[str] = set()
+    misses = 0
+    while True:
+        key, item = draw()
+        if split_of(key) != split or (dedup and key in seen):
+            misses += 1
+            if misses > 200_000:
+                raise RuntimeError(f"{what} ran out of distinct {split} items")
+            continue
+        if dedup:
+            seen.add(key)
+        item["id"] = f"{item['family']}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+        item["key"] = key
+        yield item
+
+
 def iter_items(family: str, split: str, seed: int = 0, dedup: bool = True):
     """Endless stream of items of `family` in `split`, deduplicated by canonical key unless
     `dedup=False` (pretraining samples with replacement: the nq train split has only 640 items)."""
@@ -579,41 +601,19 @@ def iter_items(family: str, split: str, seed: int = 0, dedup: bool = True):
     if split not in _SPLIT_SALT:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     rng = random.Random(f"{family}|{split}|{seed}")
-    seen: set[str] = set()
-    misses = 0
-    while True:
-        key, item = _GENERATORS[family](rng, split)
-        if split_of(key) != split or (dedup and key in seen):
-            misses += 1
-            if misses > 200_000:
-                raise RuntimeError(f"toy family {family!r} ran out of distinct {split} items")
-            continue
-        if dedup:
-            seen.add(key)
-        item["id"] = f"{family}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-        item["key"] = key
-        yield item
+    yield from _distinct(lambda: _GENERATORS[family](rng, split), split, dedup, f"toy family {family!r}")
 
 
 def make_eval_items(family: str, split: str = "test", n: int = 200, seed: int = 0) -> list[dict]:
-    """`n` distinct scored items (see CONTRACTS.md for the item fields). BBH is balanced over its
-    sub-tasks so that its score (a mean over sub-tasks) is not dominated by one of them."""
+    """`n` distinct scored items (dicts with id, key, family, subtask, prompt, scorer and gold,
+    plus what the scorer needs). BBH is balanced over its sub-tasks so that its score (a mean over
+    sub-tasks) is not dominated by one of them."""
     if family == "bbh":
         per, items = math.ceil(n / len(BBH_SUBTASKS)), []
         for sub in sorted(BBH_SUBTASKS):
             rng = random.Random(f"bbh|{sub}|{split}|{seed}")
-            seen, misses = set(), 0
-            while sum(1 for it in items if it["subtask"] == sub) < per:
-                key, item = _gen_bbh(rng, sub)
-                if split_of(key) != split or key in seen:
-                    misses += 1
-                    if misses > 200_000:
-                        raise RuntimeError(f"toy bbh/{sub} ran out of distinct {split} items")
-                    continue
-                seen.add(key)
-                item["id"] = f"bbh-{split}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-                item["key"] = key
-                items.append(item)
+            stream = _distinct(lambda: _gen_bbh(rng, sub), split, True, f"toy bbh/{sub}")
+            items += [next(stream) for _ in range(per)]
         return items[:n] if n % len(BBH_SUBTASKS) == 0 else items
     it = iter_items(family, split, seed)
     return [next(it) for _ in range(n)]
@@ -624,25 +624,27 @@ def item_response(item: dict) -> str:
     return item.get("response", item["gold"] if isinstance(item["gold"], str) else item["gold"][0])
 
 
+def _target_items(domain: str, n: int, seed: int, what: str) -> list[dict]:
+    if domain not in TARGET_DOMAINS:
+        raise ValueError(f"toy {what} domain must be one of {TARGET_DOMAINS}, not {domain!r}")
+    it = iter_items(domain, "train", seed)
+    return [next(it) for _ in range(n)]
+
+
 def make_sft_rows(domain: str, n: int, seed: int = 0) -> list[dict]:
     """Target-domain SFT set (train split): {prompt, response} with worked responses."""
-    if domain not in TARGET_DOMAINS:
-        raise ValueError(f"toy SFT domain must be one of {TARGET_DOMAINS}, not {domain!r}")
-    it = iter_items(domain, "train", seed + 1000)
-    return [{"prompt": x["prompt"], "response": item_response(x)} for x in (next(it) for _ in range(n))]
+    return [{"prompt": x["prompt"], "response": item_response(x)}
+            for x in _target_items(domain, n, seed + 1000, "SFT")]
 
 
 def make_rl_rows(domain: str, n: int, seed: int = 0) -> list[dict]:
     """Target-domain RL set (train split): {prompt, answer} (gold only, no worked solution)."""
-    if domain not in TARGET_DOMAINS:
-        raise ValueError(f"toy RL domain must be one of {TARGET_DOMAINS}, not {domain!r}")
-    it = iter_items(domain, "train", seed + 2000)
-    return [{"prompt": x["prompt"], "answer": x["gold"]} for x in (next(it) for _ in range(n))]
+    return [{"prompt": x["prompt"], "answer": x["gold"]} for x in _target_items(domain, n, seed + 2000, "RL")]
 
 
 def general_prompts(n: int, seed: int = 0) -> list[str]:
     """General-capability prompts (train split, round robin over the general families): the
-    'general' distribution D_G for capability-conditioned drift (PAPER.md §8)."""
+    'general' distribution D_G of PEFT-Arena's capability-conditioned drift (geometry.py)."""
     its = [iter_items(f, "train", seed + 3000) for f in GENERAL_FAMILIES]
     return [next(its[i % len(its)])["prompt"] for i in range(n)]
 
@@ -655,7 +657,7 @@ def target_prompts(domain: str, n: int, seed: int = 0) -> list[str]:
 # -----------------------------------------------------------------------------
 # Pretraining
 
-# mixture weights of the pretraining stream (Deviation 3 for the loss): the general families
+# mixture weights of the pretraining stream (note N3 for the loss): the general families
 # dominate, the targets are a trickle.
 PRETRAIN_MIX = {"ifeval": 0.25, "nq": 0.20, "bbh": 0.25, "drill": 0.06, "chain": 0.06,
                 "atlas": 0.08, "math": 0.015, "med": 0.03, "pharma": 0.04}
@@ -663,16 +665,16 @@ PRETRAIN_MIX = {"ifeval": 0.25, "nq": 0.20, "bbh": 0.25, "drill": 0.06, "chain":
 # instead of the worked chain. Web text states many answers without the working, and base models
 # such as Qwen2.5 often answer a math prompt directly, which is far less accurate than working it
 # out; most of what RLVR adds on such a base is choosing the worked mode every time ("sharpening"
-# what sampling already finds, PAPER.md §2.2). Here the base's greedy answer starts in the direct
+# what sampling already finds). Here the base's greedy answer starts in the direct
 # mode for many prompts while T = 1 samples often work the problem, so GRPO has that signal to
-# reinforce. See Deviation 4.
+# reinforce. See note N4.
 MATH_DIRECT_FRAC = 0.5
 
 
 def _encode_chat(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """ids and labels (-100 on the prompt) for one chat example; the response ends with EOS."""
-    # the chat template rendered by hand (tests check it equals apply_chat_template): jinja per
-    # example was a quarter of the pretraining step time
+    # the chat template rendered by hand (tests check it equals apply_chat_template): rendering
+    # jinja per example is slow in the pretraining loop
     p = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     p_ids = tok(p, add_special_tokens=False).input_ids
     r_ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -728,10 +730,9 @@ def pretrain(out_dir: str | Path, *, seed: int = 0, steps: int = PRETRAIN_DEFAUL
     """
     from tqdm import tqdm
     from transformers import Qwen2ForCausalLM
-    from loading import atomic_write_json, set_seed
     if threads:
         torch.set_num_threads(threads)
-    set_seed(seed)
+    loading.set_seed(seed)
     tok = build_toy_tokenizer()
     cfg = toy_config(tok)
     cfg._attn_implementation = "sdpa"
@@ -777,14 +778,12 @@ def pretrain(out_dir: str | Path, *, seed: int = 0, steps: int = PRETRAIN_DEFAUL
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     summary = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                "mix": PRETRAIN_MIX, "params": sum(p.numel() for p in model.parameters()),
                "train_seconds": round(time.time() - t0, 1), "log": log}
-    atomic_write_json(tmp / "pretrain_summary.json", summary)
-    from loading import atomic_replace_dir
-    atomic_replace_dir(tmp, out)
+    loading.atomic_write_json(tmp / "pretrain_summary.json", summary)
+    loading.atomic_replace_dir(tmp, out)
     return summary

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import arena  # noqa: E402
+import loading  # noqa: E402
 import memory  # noqa: E402
 import peft_methods  # noqa: E402
 import train_grpo  # noqa: E402
@@ -69,7 +70,6 @@ def report(check: str, ok: bool | None, detail: str) -> None:
 def model_dir(shape: str, overrides: dict, out: Path) -> str:
     """A random-initialised model directory at `shape` (+ overrides) with the toy tokenizer."""
     import transformers
-    import loading
     cfg = peft_methods.load_shape_config(shape, **overrides)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = None, 2, 0    # the toy tokenizer's ids
     torch.manual_seed(0)

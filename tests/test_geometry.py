@@ -1,6 +1,7 @@
-"""Tests for geometry.py (PAPER.md §7-8): every metric on synthetic matrices with a known answer, and
-against an independent numpy/scipy computation; activation collection on a tiny random model; a CLI
-smoke run on full-model checkpoints (and on adapter checkpoints once peft_methods.py exists).
+"""Tests for geometry.py (PEFT-Arena weight-space, CSD and activation geometry; release
+tools/spectral_analysis.py, tools/csd_single_checkpoint.py, tools/activation_geometry_single_checkpoint.py):
+every metric on synthetic matrices with a known answer, and against an independent numpy/scipy
+computation; activation collection on a tiny random model; a CLI smoke run on full-model and on adapter checkpoints.
 
 Run: python -m pytest tests/test_geometry.py -x -q
 """
@@ -17,7 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate as ev
 import geometry as geo
+import loading
+import peft_methods as pm
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -319,13 +323,9 @@ def test_paper_layer_mapping():
 # Model-level: collection and the CLI
 
 @pytest.fixture
-def tiny(request):
+def tiny(tiny_random):
     """(model, tokenizer) of the tiny random toy architecture (conftest `tiny_random`)."""
-    try:
-        return request.getfixturevalue("tiny_random")
-    except pytest.FixtureLookupError:
-        toy_world = pytest.importorskip("toy_world")
-        return toy_world.build_random_toy_model(seed=0)
+    return tiny_random
 
 
 def test_resolve_modules_and_collect_activations_capped(tiny):
@@ -364,7 +364,6 @@ def _save_model(model, tok, path):
 def test_cli_full_checkpoints_end_to_end(tiny, tmp_path):
     """Three 'full FT' checkpoints with rank-1 updates of growing size on every down_proj: erank is 1,
     the update norm tracks the (planted) forgetting perfectly, and every output file is written."""
-    pytest.importorskip("loading")
     model, tok = tiny
     base = _save_model(model, tok, tmp_path / "base")
     ckpts, base_sd = [], {k: v.clone() for k, v in model.state_dict().items()}
@@ -414,11 +413,6 @@ def test_cli_full_checkpoints_end_to_end(tiny, tmp_path):
 def test_cli_adapter_checkpoints(tiny, tmp_path):
     """LoRA and OFT adapter checkpoints (peft_methods.py): dW comes from delta_weight and agrees with
     merged_weight - W0; LoRA r4 has erank <= 4; OFT keeps the spectrum of W0."""
-    loading = pytest.importorskip("loading")
-    pm = pytest.importorskip("peft_methods")
-    for fn in ("apply_peft", "save_adapter", "load_adapter", "delta_weight", "merged_weight", "adapter_layers"):
-        if not hasattr(pm, fn):
-            pytest.skip(f"peft_methods.{fn} not written yet")
     model, tok = tiny
     paper_mod = f"model.layers.{geo.paper_layer(18, model.config.num_hidden_layers)}.mlp.down_proj"
     base = _save_model(model, tok, tmp_path / "base")
@@ -455,7 +449,6 @@ def test_cli_help_and_prompt_files_required_off_toy(tmp_path):
     out = subprocess.run([sys.executable, "geometry.py", "--help"], cwd=root, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--general-prompts" in out.stdout and "--max-tokens" in out.stdout
-    pytest.importorskip("loading")
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="--general-prompts"):
@@ -483,7 +476,6 @@ def test_collect_activations_bf16_cuda_matches_fp32_cpu(tiny):
 def _real_results(path, suite, scores, base_general=None):
     """A results.json as `evaluate.py --suite SUITE --out DIR` writes it (evaluate.main's dict and
     evaluate.summarize_suite's aggregates; per-benchmark details trimmed to the scores)."""
-    ev = pytest.importorskip("evaluate")
     bench = {b: {"score": s, "n_items": 10, "n_samples": 1} for b, s in scores.items()}
     res = {"model": "/models/Qwen2.5-7B", "adapter": "ck", "adapter_config": None, "suite": suite,
            "benchmarks": bench, "backend": "vllm", "limit": None, "total_seconds": 1.0}

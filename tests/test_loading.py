@@ -3,9 +3,11 @@
     python -m pytest tests/test_loading.py -q
 """
 import json
+import platform
 
 import pytest
 import torch
+import transformers
 
 import loading
 
@@ -88,3 +90,88 @@ def test_atomic_writes(tmp_path):
     assert (tmp_path / "final" / "f").read_text() == "new"
     assert not (tmp_path / "new").exists() and not (tmp_path / "final.old").exists()
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# Run directories (loading.prepare_run_dir and friends)
+
+def _ckpt(out, k, complete=True):
+    d = out / f"global_step_{k}"
+    d.mkdir(parents=True)
+    if complete:
+        (d / "trainer_state.json").write_text(json.dumps({"step": k}))
+    return d
+
+
+def test_list_checkpoints_complete_only_numeric_order(tmp_path):
+    out = tmp_path / "run"
+    for k in (10, 2):
+        _ckpt(out, k)
+    _ckpt(out, 11, complete=False)                     # no completeness marker: not a checkpoint
+    (out / ".tmp-global_step_12").mkdir()             # half-written
+    (out / "global_step_3.old").mkdir()               # atomic_replace_dir's aside copy
+    (out / "global_step_x").mkdir()
+    assert loading.list_checkpoints(out) == [(2, out / "global_step_2"), (10, out / "global_step_10")]
+    assert loading.latest_checkpoint(out) == out / "global_step_10"
+    assert loading.latest_checkpoint(tmp_path / "absent") is None
+    assert loading.finished_checkpoint(out) is None    # no summary.json yet
+    (out / "summary.json").write_text("{}")
+    assert loading.finished_checkpoint(out) == out / "global_step_10"
+
+
+def test_config_diff_union_sorted_or_new_keys_in_order():
+    old = {"lr": 1.0, "steps": 5, "out": "a", "recorded": 7}
+    new = {"steps": 6, "lr": 2.0, "out": "b"}
+    assert loading.config_diff(old, new, {"out"}) == {"lr": (1.0, 2.0), "recorded": (7, None), "steps": (5, 6)}
+    assert list(loading.config_diff(old, new, {"out"})) == ["lr", "recorded", "steps"]
+    d = loading.config_diff(old, new, {"out"}, new_keys_only=True)
+    assert list(d) == ["steps", "lr"] and d["lr"] == (1.0, 2.0)
+    assert loading.config_diff(old, old, set()) == {}
+
+
+def test_prepare_run_dir_refuses_resumes_and_overwrites(tmp_path):
+    out = tmp_path / "run"
+    kw = dict(script="train_x", free_keys={"resume", "overwrite"}, owned_files=("config.json", "summary.json"))
+    cfg = {"lr": 1.0, "resume": False, "overwrite": False}
+    assert loading.prepare_run_dir(out, cfg, **kw) is None              # absent dir: fresh run
+    out.mkdir()
+    assert loading.prepare_run_dir(out, cfg, **kw) is None              # empty dir: fresh run
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already holds files; pass --resume"):
+        loading.prepare_run_dir(out, cfg, **kw)
+    with pytest.raises(FileExistsError, match="no config.json, so it is not a train_x run"):
+        loading.prepare_run_dir(out, dict(cfg, resume=True), **kw)
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileExistsError, match="already holds this run already"):
+        loading.prepare_run_dir(out, cfg, **kw)
+    with pytest.raises(FileExistsError, match=r"a different run \(differing settings .*'lr': \(1.0, 2.0\)"):
+        loading.prepare_run_dir(out, dict(cfg, lr=2.0), **kw)
+    with pytest.raises(ValueError, match="holds a different run; differing settings"):
+        loading.prepare_run_dir(out, dict(cfg, lr=2.0, resume=True), **kw)
+    assert loading.prepare_run_dir(out, dict(cfg, resume=True), **kw) is None   # no checkpoint yet
+    _ckpt(out, 1)
+    _ckpt(out, 2)
+    assert loading.prepare_run_dir(out, dict(cfg, resume=True), **kw) == out / "global_step_2"
+    (out / ".tmp-global_step_3").mkdir()
+    assert loading.prepare_run_dir(out, dict(cfg, overwrite=True), is_main=False, **kw) is None
+    assert (out / "global_step_2").exists()                             # other ranks delete nothing
+    assert loading.prepare_run_dir(out, dict(cfg, lr=2.0, overwrite=True), **kw) is None
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]      # only what the script owns went
+
+
+def test_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert loading.resume_or_overwrite(out) == (False, False)
+    out.mkdir()
+    assert loading.resume_or_overwrite(out) == (False, False)
+    (out / "stray.txt").write_text("")
+    assert loading.resume_or_overwrite(out) == (False, True)
+    (out / "config.json").write_text("{}")
+    assert loading.resume_or_overwrite(out) == (True, False)
+
+
+def test_environment_block():
+    env = loading.environment()
+    assert env == {"python": platform.python_version(), "torch": torch.__version__,
+                   "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+    json.dumps(env)

