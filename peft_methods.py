@@ -160,6 +160,35 @@ def row_norm(W: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(W, dim=1)                      # (d_out,)
 
 
+def lerp_exact(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) start + alpha end in fp32: the interpolation of PEFT-Arena Sec. 5 (rewinding).
+
+    torch.lerp computes start + a (end - start) for a < 0.5 and end - (1 - a)(end - start)
+    otherwise, so it returns `start` bit-exactly at a = 0 and `end` bit-exactly at a = 1; the naive
+    W0 + 1 * (W_ft - W0) is off by an ulp.
+    """
+    return torch.lerp(start.float(), end.float(), float(alpha))
+
+
+def generator_coefficient(alpha: float, gen_map: str = "sqrt") -> float:
+    """The factor s(alpha) applied to an OFT generator: Q(alpha) = s(alpha) Q.
+
+    sqrt by default (the paper's iOFT caption "Q_m(alpha) = sqrt(alpha) Q_m"); linear = alpha.
+    """
+    if gen_map == "sqrt":
+        if alpha < 0:
+            raise ValueError(f"generator map sqrt needs alpha >= 0, got {alpha}")
+        return math.sqrt(alpha)
+    if gen_map == "linear":
+        return float(alpha)
+    raise ValueError(f"generator map must be 'sqrt' or 'linear', not {gen_map!r}")
+
+
+def scaled(t: torch.Tensor, c: float) -> torch.Tensor:
+    """c t as an fp32 product cast back: c = 1 returns t exactly, c = 0 returns zeros exactly."""
+    return (t.float() * c).to(t.dtype)
+
+
 def triu_index(b: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.triu_indices(b, b, 1)                        # strict upper triangle, row-major (built on CPU)
     return idx[0].to(device), idx[1].to(device)
@@ -416,6 +445,40 @@ class AdapterLinear(nn.Module):
             f"{self.method}: dW is not linear in one adapter tensor, so it cannot be scaled in factor form; "
             f"use W0 + c * delta_weight(layer) (module '{self.name}')")
 
+    # ---- rewinding (rewind.py asks the class, never a table of method names) -------------------
+    # The factor path moves the adapter's own tensors with alpha: alpha = 0 is the identity adapter
+    # (the base model), alpha = 1 the final tensors exactly. Default: dW is linear in the tensors
+    # named in `factor_tensors`, so scaling them by alpha walks the dense path W0 + alpha dW
+    # (`factor_is_dense`). A method that names none has the dense path W0 + alpha (W_ft - W0) only,
+    # which every method has; a method whose path is not a scaling overrides `factor_point`.
+    factor_tensors: tuple[str, ...] = ()
+    factor_is_dense = True            # False: the factor path is a different model between the endpoints
+    factor_label = "adapter factor path"   # plot/CSV label; "{gen}" is replaced by the generator map
+    dense_label = "dense W0+a*dW"
+    rho_measures = ("dw",)            # rewinding strength measures this method defines; [0] is the default
+
+    @classmethod
+    def factor_point(cls, tensors: dict[str, torch.Tensor], alpha: float, *, W0: torch.Tensor | None = None,
+                     gen_map: str = "sqrt") -> dict[str, torch.Tensor] | None:
+        """The tensors that change at factor-path point alpha, from the FINAL `tensors` (by their
+        wrapper names); None when the method has no factor path. W0 (base weight): DoRA only."""
+        if not cls.factor_tensors:
+            return None
+        return {k: scaled(tensors[k], float(alpha)) for k in cls.factor_tensors}
+
+    @torch.no_grad()
+    def merged_weight_at(self, new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 merged weight with the adapter tensors `new` in place of the current ones (restored after)."""
+        own = {k: v for k, v in self.named_parameters(recurse=False)}
+        own.update((k, v) for k, v in self.named_buffers(recurse=False) if k not in self._non_persistent_buffers_set)
+        saved = {k: own[k].detach().clone() for k in new}
+        for k, v in new.items():
+            own[k].copy_(v)
+        W = self.merged_weight()
+        for k, v in saved.items():
+            own[k].copy_(v)
+        return W
+
     def finalize_init(self) -> None:
         """Called by apply_peft once every wrapper is built (PiSSA writes its residual base here)."""
 
@@ -454,6 +517,9 @@ class LoraConfig:
 class LoraLinear(AdapterLinear):
     """[Hu+21 LoRA, Eq. 3] h = W0 x + s B A x; A (r, d_in) Kaiming-uniform, B (d_out, r) = 0."""
     method = "lora"
+    # [Hu+21 LoRA, Eq. 3] dW = s B A is linear in B: B <- alpha B (the paper's "LoRA B <- alpha B")
+    factor_tensors = ("lora_B",)
+    factor_label = "adapter B<-aB"
 
     def __init__(self, base_layer, cfg: LoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -498,6 +564,18 @@ class DoraConfig(LoraConfig):
 class DoraLinear(LoraLinear):
     """[Liu+24 DoRA, Eq. 5] W' = m * (W + sBA) / ||W + sBA||_row, the norm detached (DoRA §4.3)."""
     method = "dora"
+    factor_is_dense = False
+    factor_label = "DoRA B<-aB, m lerp"
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # [Liu+24 DoRA, Eq. 5] W' = m (W + s B A) / ||W + s B A||_row. Scale the direction update
+        # (B <- alpha B) and move the magnitude from its init ||W0||_row to m. Not additive (Deviation 3).
+        if W0 is None:
+            raise ValueError("factor_point(dora) needs W0 (the base weight) for the initial magnitude ||W0||_row")
+        a, m = float(alpha), tensors["magnitude"]
+        m0 = row_norm(W0.to(m.dtype)).to(m.dtype)                       # (d_out,) as DoRA's init computes it
+        return {"lora_B": scaled(tensors["lora_B"], a), "magnitude": lerp_exact(m0, m, a).to(m.dtype)}
 
     def __init__(self, base_layer, cfg: DoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -564,6 +642,16 @@ class PissaLinear(LoraLinear):
     time and delta_weight is relative to W0: dW = s (B A - B0 A0).
     """
     method = "pissa"
+    factor_is_dense = False
+    factor_label = "PiSSA factor lerp"
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # dW = s (B A - B0 A0): no single linear tensor. Interpolate both factors from their init
+        # (A0, B0) (rewind Deviation 3): s B(a) A(a) = s B0 A0 + a (...) + a^2 s (B - B0)(A - A0).
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        return {"lora_A": lerp_exact(tensors["lora_A0"], A, alpha).to(A.dtype),
+                "lora_B": lerp_exact(tensors["lora_B0"], B, alpha).to(B.dtype)}
     minor = False
 
     def __init__(self, base_layer, cfg, *, name, dtype, ctx=None, init=True):
@@ -618,6 +706,7 @@ class MiloraLinear(PissaLinear):
     DEVIATION 9: not in PEFT; PiSSA's 1/s factor convention (METHODS.md §6, unverified vs the arena).
     """
     method = "milora"
+    factor_label = "MiLoRA factor lerp"
     minor = True
 
 
@@ -720,6 +809,9 @@ class AdaLoraConfig:
 class AdaLoraLinear(AdapterLinear):
     """[Zhang+23 AdaLoRA, Eq. 3] dW = B (A * E) alpha / (ranknum + 1e-5), P=B, Lambda=E, Q=A."""
     method = "adalora"
+    # [Zhang+23 AdaLoRA, Eq. 3] dW = B (A * E) alpha/(ranknum + 1e-5): linear in E
+    factor_tensors = ("lora_E",)
+    factor_label = "AdaLoRA E<-aE"
 
     def __init__(self, base_layer, cfg: AdaLoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -795,6 +887,9 @@ def _vera_prepare(model, cfg, targets, init_batch, init):
 class VeraLinear(AdapterLinear):
     """[Kopiczko+24 VeRA, Eq. 1] h = W0 x + Lambda_b B Lambda_d A x, A and B frozen and shared."""
     method = "vera"
+    # [Kopiczko+24 VeRA, Eq. 1] dW = diag(lambda_b) B diag(lambda_d) A: linear in lambda_b
+    factor_tensors = ("lambda_b",)
+    factor_label = "VeRA lb<-a*lb"
 
     def __init__(self, base_layer, cfg: VeraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -852,6 +947,13 @@ class Ia3Config:
 class Ia3Linear(AdapterLinear):
     """[Liu+22 (IA)^3] non-FF: y = l * (W x + b); FF: y = W (l * x) + b; l = 1 at init."""
     method = "ia3"
+    factor_label = "IA3 l<-1+a(l-1)"
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # W' = diag(l) W (or W diag(l)): dW linear in (l - 1); lerp(1, l) is exact at alpha = 1
+        l = tensors["ia3_l"]
+        return {"ia3_l": lerp_exact(torch.ones_like(l), l, alpha).to(l.dtype)}
 
     def __init__(self, base_layer, cfg: Ia3Config, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -895,6 +997,9 @@ class MissConfig:
 class MissLinear(AdapterLinear):
     """MiSS default ("balance") mode: dW = D^T tiled along d_in, D (r, d_out) = 0 at init."""
     method = "miss"
+    # dW = tile(D^T) is linear in D (the paper's "MiSS D <- alpha D")
+    factor_tensors = ("miss_D",)
+    factor_label = "MiSS D<-aD"
 
     def __init__(self, base_layer, cfg: MissConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -947,6 +1052,20 @@ class OftLinear(AdapterLinear):
     `merged_weight` is the weight-centric reference. Bias is untouched.
     """
     method = "oft"
+    factor_is_dense = False
+    factor_label = "OFT generator (iOFT, {gen}*Q)"
+    dense_label = "OFT dense-delta W0+a(W_ft-W0)"
+    rho_measures = ("q", "r_minus_i", "dw")   # rewind Deviation 4: rho = ||Q||_F by default
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # [iOFT, PEFT-Arena Sec. 5] Q_m(alpha) = sqrt(alpha) Q_m for every block generator; the
+        # wrapper then builds R = Cayley(-Neumann)(Q(alpha)) and W = W0 blockdiag(R)^T. q holds Q's
+        # upper triangle, so scaling q scales Q.
+        return {"oft_q": scaled(tensors["oft_q"], generator_coefficient(float(alpha), gen_map))}
+
+    def merged_weight_at(self, new):
+        return self.merged_weight_from(new["oft_q"])
 
     def __init__(self, base_layer, cfg: OftConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)

@@ -124,10 +124,6 @@ import loading
 import peft_methods as pm
 
 PATH_NAMES = ("factor", "dense")
-# methods whose dW is linear in the one tensor the factor path scales: factor path == dense path
-LINEAR_FACTOR_METHODS = ("lora", "keeplora", "adalora", "vera", "ia3", "miss")
-# methods whose factor path is a different model from the dense path between the endpoints
-NONLINEAR_FACTOR_METHODS = ("dora", "pissa", "milora", "oft")
 RHO_MEASURES = ("q", "r_minus_i", "dw")
 SAFE_RHO_LAYERS = 5          # PAPER.md §9: "SafeRho matches the first-five-layer average"
 CKPT_RE = re.compile(r"(?:global_step_|checkpoint-|step[_-]?)(\d+)$")
@@ -169,14 +165,9 @@ def parse_grid(spec: str) -> list[float]:
     return sorted(set(values))
 
 
-def lerp_exact(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[PAPER.md §9] (1 - alpha) start + alpha end, in fp32.
-
-    DEVIATION 12: torch.lerp computes start + a (end - start) for a < 0.5 and end - (1 - a)(end - start)
-    otherwise, so it returns `start` bit-exactly at a = 0 and `end` bit-exactly at a = 1; the naive
-    W0 + 1 * (W_ft - W0) is off by an ulp.
-    """
-    return torch.lerp(start.float(), end.float(), float(alpha))
+# the interpolation primitives live beside the adapter classes that use them (peft_methods)
+lerp_exact = pm.lerp_exact
+generator_coefficient = pm.generator_coefficient
 
 
 def additive_point(W0: torch.Tensor, dW: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -198,59 +189,35 @@ def generator_coefficient(alpha: float, gen_map: str = "sqrt") -> float:
     raise ValueError(f"generator map must be 'sqrt' or 'linear', not {gen_map!r}")
 
 
-def _scaled(t: torch.Tensor, c: float) -> torch.Tensor:
-    # fp32 product, cast back: c = 1 returns t exactly, c = 0 returns zeros exactly
-    return (t.float() * c).to(t.dtype)
+def layer_class(method: str) -> type | None:
+    """The method's AdapterLinear subclass (None for Full FT): what rewinding needs to know about a
+    method (its factor path, labels, strength measures) lives on it."""
+    if method not in pm.METHODS:
+        raise ValueError(f"unknown PEFT method '{method}'; known: {', '.join(pm.METHODS)}")
+    return pm.METHODS[method].layer
+
+
+def has_factor_path(method: str) -> bool:
+    """True when the method's adapter tensors define a factor path (AdapterLinear.factor_point)."""
+    cls = layer_class(method)
+    return cls is not None and (bool(cls.factor_tensors) or
+                                cls.factor_point.__func__ is not pm.AdapterLinear.factor_point.__func__)
 
 
 def factor_point(method: str, tensors: dict[str, torch.Tensor], alpha: float, *,
                  W0: torch.Tensor | None = None, gen_map: str = "sqrt") -> dict[str, torch.Tensor]:
-    """The adapter tensors of one module at point `alpha` of the factor path (PAPER.md §9).
+    """The adapter tensors of one module at point `alpha` of the factor path (PEFT-Arena Sec. 5).
 
-    `tensors` are the module's FINAL tensors by their wrapper names (peft_methods internals:
-    lora_A/lora_B, magnitude, lora_A0/lora_B0, lora_E, lambda_b, ia3_l, miss_D, oft_q). Returns only
-    the tensors that change along the path. alpha = 0 gives the identity adapter (the base model),
-    alpha = 1 returns the final tensors exactly. W0 (the base weight) is needed by DoRA only.
+    `tensors` are the module's FINAL tensors by their wrapper names. Returns only the tensors that
+    change along the path: alpha = 0 gives the identity adapter (the base model), alpha = 1 the
+    final tensors exactly. The formula is the method's own (`AdapterLinear.factor_point`).
     """
-    a = float(alpha)
-    if method in ("lora", "keeplora"):
-        # [Hu+21 LoRA, Eq. 3] dW = s B A is linear in B: B <- alpha B  (PAPER.md §9 "LoRA B <- alpha B")
-        return {"lora_B": _scaled(tensors["lora_B"], a)}
-    if method == "dora":
-        # [Liu+24 DoRA, Eq. 5] W' = m (W + s B A) / ||W + s B A||_row. Scale the direction update
-        # (B <- alpha B) and move the magnitude from its init ||W0||_row to m. Not additive (Deviation 3).
-        if W0 is None:
-            raise ValueError("factor_point(dora) needs W0 (the base weight) for the initial magnitude ||W0||_row")
-        m = tensors["magnitude"]
-        m0 = pm.row_norm(W0.to(m.dtype)).to(m.dtype)                    # (d_out,) as DoRA's init computes it
-        return {"lora_B": _scaled(tensors["lora_B"], a), "magnitude": lerp_exact(m0, m, a).to(m.dtype)}
-    if method in ("pissa", "milora"):
-        # dW = s (B A - B0 A0): no single linear tensor. Interpolate both factors from their init
-        # (A0, B0) (DEVIATION 3): s B(a) A(a) = s B0 A0 + a (...) + a^2 s (B - B0)(A - A0).
-        A, B = tensors["lora_A"], tensors["lora_B"]
-        return {"lora_A": lerp_exact(tensors["lora_A0"], A, a).to(A.dtype),
-                "lora_B": lerp_exact(tensors["lora_B0"], B, a).to(B.dtype)}
-    if method == "adalora":
-        # [Zhang+23 AdaLoRA, Eq. 3] dW = B (A * E) alpha/(ranknum + 1e-5): linear in E
-        return {"lora_E": _scaled(tensors["lora_E"], a)}
-    if method == "vera":
-        # [Kopiczko+24 VeRA, Eq. 1] dW = diag(lambda_b) B diag(lambda_d) A: linear in lambda_b
-        return {"lambda_b": _scaled(tensors["lambda_b"], a)}
-    if method == "ia3":
-        # [Liu+22 (IA)^3] W' = diag(l) W (or W diag(l)): dW linear in (l - 1); lerp(1, l) is exact at 1
-        l = tensors["ia3_l"]
-        return {"ia3_l": lerp_exact(torch.ones_like(l), l, a).to(l.dtype)}
-    if method == "miss":
-        # [MiSS] dW = tile(D^T) is linear in D (PAPER.md §9 "MiSS D <- alpha D")
-        return {"miss_D": _scaled(tensors["miss_D"], a)}
-    if method == "oft":
-        # [PAPER.md §9, iOFT] Q_m(alpha) = sqrt(alpha) Q_m for every block generator; the wrapper then
-        # builds R = Cayley(-Neumann)(Q(alpha)) and W = W0 blockdiag(R)^T. q holds Q's upper triangle,
-        # so scaling q scales Q.
-        return {"oft_q": _scaled(tensors["oft_q"], generator_coefficient(a, gen_map))}
     if method == "full":
         raise ValueError("full fine-tuning has no adapter factors: its only path is the dense one (--paths dense)")
-    raise ValueError(f"no factor path is defined for method {method!r}; use --paths dense")
+    new = layer_class(method).factor_point(tensors, alpha, W0=W0, gen_map=gen_map)
+    if new is None:
+        raise ValueError(f"no factor path is defined for method {method!r}; use --paths dense")
+    return new
 
 
 def oft_generator_path_weight(W0: torch.Tensor, q: torch.Tensor, alpha: float, b: int, *,
@@ -683,10 +650,13 @@ class PathRunner:
 
     def set_final(self) -> None:
         """alpha = 1: the final checkpoint exactly (its own adapter tensors)."""
-        if self.method == "full":
-            self.set_dense(1.0)
-        else:
+        if has_factor_path(self.method):
             self.set_factor(1.0)
+        elif self.method == "full":
+            self.set_dense(1.0)
+        else:                               # the wrappers with their own final tensors
+            self._restore_final_tensors()
+            self._to_wrapped()
 
     def set_path(self, path: str, alpha: float, *, gen_map: str = "sqrt") -> None:
         if path == "factor":
@@ -714,16 +684,17 @@ class PathRunner:
     # ---- rewinding ---------------------------------------------------------------------------
     def default_measure(self) -> str:
         # DEVIATION 4: rho = ||Q||_F for OFT (unspecified in the paper); DEVIATION 8: ||dW||_F elsewhere
-        return "q" if self.method == "oft" else "dw"
+        cls = layer_class(self.method)
+        return "dw" if cls is None else cls.rho_measures[0]
 
     @torch.no_grad()
     def module_strength(self, name: str, measure: str, c: float = 1.0, rewind_map: str = "linear") -> float:
         """Strength of one module when its final factors are moved to factor-path point c."""
         if measure in ("q", "r_minus_i"):
-            if self.method != "oft":
+            if measure not in getattr(layer_class(self.method), "rho_measures", ()):
                 raise ValueError(f"--rho {measure} is defined for OFT only (method here: {self.method}); use --rho dw")
             layer = self.layers[name]
-            q = factor_point("oft", self.ft[name], c, gen_map=rewind_map)["oft_q"]
+            q = factor_point(self.method, self.ft[name], c, gen_map=rewind_map)["oft_q"]
             return oft_module_strength(q, layer.block_size, measure, n_blocks=layer.n_blocks,
                                        use_cayley_neumann=layer.cfg.use_cayley_neumann, num_terms=layer.cfg.num_terms)
         if measure != "dw":
@@ -731,18 +702,10 @@ class PathRunner:
         if self.method == "full":
             return c * float(torch.linalg.norm(self.W1[name].float() - self.W0[name].float()))
         layer = self.layers[name]
+        if not has_factor_path(self.method):     # the dense path: ||W(c) - W0|| = c ||dW||
+            return c * float(torch.linalg.norm(layer.merged_weight() - self._W0(name)))
         new = factor_point(self.method, self.ft[name], c, W0=layer.base_layer.weight, gen_map=rewind_map)
-        if self.method == "oft":
-            W = layer.merged_weight_from(new["oft_q"])
-        else:   # set the factors for a moment, read the merged weight, put them back
-            own = _own_tensors(layer)
-            saved = {k: own[k].detach().clone() for k in new}
-            with torch.no_grad():
-                for k, v in new.items():
-                    own[k].copy_(v)
-                W = layer.merged_weight()
-                for k, v in saved.items():
-                    own[k].copy_(v)
+        W = layer.merged_weight_at(new)          # the factors set for a moment, then put back
         return float(torch.linalg.norm(W - self._W0(name)))
 
     def strength_modules(self) -> list[str]:
@@ -794,7 +757,7 @@ class PathRunner:
                 raise ValueError(f"--factor-rule must be 'ratio' or 'solve', not {factor_rule!r}")
             info["rho_after"] = self.layer_rhos(measure, factors, rewind_map)
         info["factors"] = factors
-        if self.method == "full":
+        if not has_factor_path(self.method):
             self.set_dense(layer_alphas=factors)
         else:
             self.set_factor(layer_alphas=factors, gen_map=use_map)
@@ -880,22 +843,19 @@ class PathRunner:
 # -----------------------------------------------------------------------------
 
 def default_paths(method: str) -> list[str]:
-    """Full FT: dense only. Linear-factor methods: the factor path (== dense, shown by the tests).
-    DoRA, PiSSA, MiLoRA, OFT: both, because they differ between the endpoints."""
-    if method == "full":
+    """Full FT and methods without a factor path: dense only. Methods whose factor path is the dense
+    path (dW linear in the scaled tensor): the factor path. DoRA, PiSSA, MiLoRA, OFT: both, because
+    they differ between the endpoints (the class's `factor_is_dense`)."""
+    if not has_factor_path(method):
         return ["dense"]
-    if method in NONLINEAR_FACTOR_METHODS:
-        return ["factor", "dense"]
-    return ["factor"]
+    return ["factor"] if layer_class(method).factor_is_dense else ["factor", "dense"]
 
 
 def path_label(method: str, path: str, gen_map: str = "sqrt") -> str:
+    cls = layer_class(method) or pm.AdapterLinear
     if path == "dense":
-        return "OFT dense-delta W0+a(W_ft-W0)" if method == "oft" else "dense W0+a*dW"
-    return {"oft": f"OFT generator (iOFT, {'sqrt(a)' if gen_map == 'sqrt' else 'a'}*Q)",
-            "dora": "DoRA B<-aB, m lerp", "pissa": "PiSSA factor lerp", "milora": "MiLoRA factor lerp",
-            "miss": "MiSS D<-aD", "ia3": "IA3 l<-1+a(l-1)", "vera": "VeRA lb<-a*lb",
-            "adalora": "AdaLoRA E<-aE"}.get(method, "adapter B<-aB")
+        return cls.dense_label
+    return cls.factor_label.replace("{gen}", "sqrt(a)" if gen_map == "sqrt" else "a")
 
 
 def make_toy_evaluator(*, domain: str = "math", n_per_family: int = 200, batch_size: int = 64,
@@ -1217,8 +1177,9 @@ def _run_points(cfg, model, tok, evaluate_fn, out, log) -> dict:
         for p in paths:
             if p not in PATH_NAMES:
                 raise ValueError(f"--paths: unknown path {p!r}; known: {PATH_NAMES} (or auto)")
-        if runner.method == "full" and "factor" in paths:
-            log(f"[rewind] {label}: full fine-tuning has no factor path; using dense only")
+        if "factor" in paths and not has_factor_path(runner.method):
+            log(f"[rewind] {label}: {'full fine-tuning' if runner.method == 'full' else runner.method} "
+                "has no factor path; using dense only")
             paths = ["dense"]
         log(f"[rewind] {label}: method {runner.method}, final {final} (step {traj[-1][0] if traj else '?'}), "
             f"{max(len(traj) - 1, 0)} training checkpoints, paths {paths}, grid {grid}")
