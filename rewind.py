@@ -1044,22 +1044,9 @@ def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float
                 _save(runner, p, out, label, f"{path}_a{a:g}", save_format,
                       {"path": path, "alpha": a, "gen_map": gen_map})
 
-    # layer-wise rewinding
-    rewind_infos = []
-    for spec in rewinds:
-        info = runner.rewind(spec, gen_map=gen_map, **rewind_opts)
-        if info.get("note"):
-            log(f"[rewind] {label} {spec['name']}: {info['note']}")
-        if "factors" in info:
-            log(f"[rewind] {label} {spec['name']}: factors " +
-                ", ".join(f"L{l}={c:.3f}" for l, c in sorted(info["factors"].items())))
-        p = evaluate_here("rewind", rewind=spec["name"], tag=f"rewind_{spec['name']}")
-        p["rewind_info"] = _jsonable(info)
-        rewind_infos.append(p["rewind_info"])
-        if save in ("selected", "all") and out is not None:
-            _save(runner, p, out, label, f"rewind_{spec['name'].replace('=', '')}", save_format,
-                  {"rewind": _jsonable(info)})
-
+    rewind_infos = _rewind_points(runner, evaluate_here, rewinds, label=label, gen_map=gen_map,
+                                  rewind_opts=rewind_opts, out=out if save in ("selected", "all") else None,
+                                  save_format=save_format, log=log)
     result = {"label": label, "method": method, "hparams": runner.cfg.get("hparams"),
               "checkpoint": str(runner.checkpoint), "final_step": final_step, "paths": paths,
               "gen_map": gen_map, "points": points, "rewinds": rewind_infos}
@@ -1074,6 +1061,25 @@ def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float
                   {"path": sel["path"], "alpha": sel["alpha"], "rule": select_rules[0]["name"]})
     runner.set_final()
     return result
+
+
+def _rewind_points(runner, evaluate_here, rewinds, *, label, gen_map, rewind_opts, out, save_format, log) -> list:
+    """Layer-wise rewinding: move to each rewound point, evaluate it (and save it when `out`)."""
+    rewind_infos = []
+    for spec in rewinds:
+        info = runner.rewind(spec, gen_map=gen_map, **rewind_opts)
+        if info.get("note"):
+            log(f"[rewind] {label} {spec['name']}: {info['note']}")
+        if "factors" in info:
+            log(f"[rewind] {label} {spec['name']}: factors " +
+                ", ".join(f"L{l}={c:.3f}" for l, c in sorted(info["factors"].items())))
+        p = evaluate_here("rewind", rewind=spec["name"], tag=f"rewind_{spec['name']}")
+        p["rewind_info"] = _jsonable(info)
+        rewind_infos.append(p["rewind_info"])
+        if out is not None:
+            _save(runner, p, out, label, f"rewind_{spec['name'].replace('=', '')}", save_format,
+                  {"rewind": _jsonable(info)})
+    return rewind_infos
 
 
 def _select_and_check(points, base, final, paths, rules, overshoot_opts) -> dict:
@@ -1172,15 +1178,7 @@ def _run_points(cfg, model, tok, evaluate_fn, out, log) -> dict:
         if trained_on and str(trained_on) != str(cfg["base"]):
             log(f"[rewind] note: {final} was trained on base {trained_on!r}; interpolating towards "
                 f"--base {cfg['base']!r}")
-        paths = default_paths(runner.method) if cfg.get("paths") in (None, "auto") else \
-            [p.strip() for p in cfg["paths"].split(",")]
-        for p in paths:
-            if p not in PATH_NAMES:
-                raise ValueError(f"--paths: unknown path {p!r}; known: {PATH_NAMES} (or auto)")
-        if "factor" in paths and not has_factor_path(runner.method):
-            log(f"[rewind] {label}: {'full fine-tuning' if runner.method == 'full' else runner.method} "
-                "has no factor path; using dense only")
-            paths = ["dense"]
+        paths = _run_paths(cfg.get("paths"), runner.method, label, log)
         log(f"[rewind] {label}: method {runner.method}, final {final} (step {traj[-1][0] if traj else '?'}), "
             f"{max(len(traj) - 1, 0)} training checkpoints, paths {paths}, grid {grid}")
         key = run_cache_key(cfg, final)
@@ -1200,6 +1198,19 @@ def _run_points(cfg, model, tok, evaluate_fn, out, log) -> dict:
     if out is not None:
         write_outputs(results, cfg, out, log=log)
     return results
+
+
+def _run_paths(spec: str | None, method: str, label: str, log) -> list[str]:
+    """--paths (a comma list, or auto = default_paths) for one run; a factor path the method lacks -> dense."""
+    paths = default_paths(method) if spec in (None, "auto") else [p.strip() for p in spec.split(",")]
+    for p in paths:
+        if p not in PATH_NAMES:
+            raise ValueError(f"--paths: unknown path {p!r}; known: {PATH_NAMES} (or auto)")
+    if "factor" in paths and not has_factor_path(method):
+        log(f"[rewind] {label}: {'full fine-tuning' if method == 'full' else method} has no factor path; "
+            "using dense only")
+        paths = ["dense"]
+    return paths
 
 
 def _default_label(acfg: dict, taken: list[str]) -> str:
@@ -1233,21 +1244,63 @@ def write_outputs(results: dict, cfg: dict, out: Path, log=print) -> None:
         loading.atomic_write_text(out / "summary.md", summary_markdown(res, cfg))
     for r in res["runs"]:
         for path, o in (r.get("overshoot") or {}).items():
-            wt = o["witness"]
-            where = f"a={wt['alpha']:g}" if wt and wt.get("alpha") is not None else f"step {wt and wt.get('step')}"
-            verdict = (f"YES at {where} (general +{wt['general_over_final']:.2f}, target gain kept "
-                       f"{100 * wt['target_gain_kept']:.0f}%)" if wt and wt.get("target_gain_kept") is not None
-                       else ("YES" if o["overshoot"] else "no"))
-            if o.get("vacuous"):
-                verdict += f" (vacuous: the final checkpoint has no target gain, {o['final_target_gain']:+.2f})"
-            log(f"[rewind] {r['label']} overshoot on {path} path: {verdict}")
+            log(f"[rewind] {r['label']} overshoot on {path} path: {_overshoot_verdict(o)}")
     log(f"[rewind] wrote {out / 'results.json'} and {out / 'results.csv'}")
+
+
+def _overshoot_verdict(o: dict) -> str:
+    wt = o["witness"]
+    where = f"a={wt['alpha']:g}" if wt and wt.get("alpha") is not None else f"step {wt and wt.get('step')}"
+    verdict = (f"YES at {where} (general +{wt['general_over_final']:.2f}, target gain kept "
+               f"{100 * wt['target_gain_kept']:.0f}%)" if wt and wt.get("target_gain_kept") is not None
+               else ("YES" if o["overshoot"] else "no"))
+    if o.get("vacuous"):
+        verdict += f" (vacuous: the final checkpoint has no target gain, {o['final_target_gain']:+.2f})"
+    return verdict
+
+
+def _tg(p: dict) -> str:
+    return f"{p['target']:.2f} / {p['general']:.2f}"
+
+
+def _summary_point_rows(r: dict) -> list[str]:
+    """Markdown rows of one run: base, final, best-general point per path, rewinds, selected points."""
+    pts, lab = r["points"], r["label"]
+    base = next(p for p in pts if p["kind"] == "base")
+    final = next(p for p in pts if p["kind"] == "final")
+    lines = [f"| {lab} | base | {_tg(base)} |", f"| {lab} | final (step {final.get('step')}) | {_tg(final)} |"]
+    for path in r["paths"]:
+        pp = sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"])
+        best = max(pp, key=lambda p: p["general"]) if pp else None
+        if best is not None:
+            lines.append(f"| {lab} | {path_label(r['method'], path, r.get('gen_map', 'sqrt'))}: "
+                         f"best general at a={best['alpha']:g} | {_tg(best)} |")
+    lines += [f"| {lab} | rewind {p['rewind']} | {_tg(p)} |" for p in pts if p["kind"] == "rewind"]
+    for rule, sel in (r.get("selection") or {}).items():
+        if sel.get("all") is not None:
+            p = sel["all"]
+            where = (f"{p['path']} a={p['alpha']:g}" if p["kind"] == "path" else
+                     f"rewind {p['rewind']}" if p["kind"] == "rewind" else p["kind"])
+            lines.append(f"| {lab} | selected ({rule}): {where} | {_tg(p)} |")
+    return lines
+
+
+def _overshoot_rows(r: dict) -> list[str]:
+    lines = []
+    for path, o in (r.get("overshoot") or {}).items():
+        w = o.get("witness")
+        if not w:
+            wt = "-"
+        else:
+            where = f"a={w['alpha']:g}" if w.get("alpha") is not None else f"step {w.get('step')}"
+            wt = f"{where}: {w['target']:.2f} / {w['general']:.2f}"
+        yn = ("yes" if o["overshoot"] else "no") + (" (vacuous: no target gain)" if o.get("vacuous") else "")
+        lines.append(f"| {r['label']} | {path} | {yn} | {wt} |")
+    return lines
 
 
 def summary_markdown(res: dict, cfg: dict) -> str:
     """A short Markdown report (for the README): base, final, selected points, rewinds, overshoot."""
-    def tg(p):
-        return f"{p['target']:.2f} / {p['general']:.2f}"
     cmd = " ".join(str(a) for a in cfg.get("argv", []))
     lines = ["# Interpolation and rewinding (PAPER.md §9)", "", f"Command: `python {cmd}`", "",
              f"Target / General in %, toy domain `{cfg.get('domain')}`, {cfg.get('n_per_family')} items per family. "
@@ -1256,42 +1309,79 @@ def summary_markdown(res: dict, cfg: dict) -> str:
              "target gain.", "",
              "| run | point | Target / General |", "|---|---|---|"]
     for r in res["runs"]:
-        pts = r["points"]
-        base = next(p for p in pts if p["kind"] == "base")
-        final = next(p for p in pts if p["kind"] == "final")
-        lines.append(f"| {r['label']} | base | {tg(base)} |")
-        lines.append(f"| {r['label']} | final (step {final.get('step')}) | {tg(final)} |")
-        for path in r["paths"]:
-            pp = sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"])
-            best = max(pp, key=lambda p: p["general"]) if pp else None
-            if best is not None:
-                lines.append(f"| {r['label']} | {path_label(r['method'], path, r.get('gen_map', 'sqrt'))}: "
-                             f"best general at a={best['alpha']:g} | {tg(best)} |")
-        for p in pts:
-            if p["kind"] == "rewind":
-                lines.append(f"| {r['label']} | rewind {p['rewind']} | {tg(p)} |")
-        for rule, sel in (r.get("selection") or {}).items():
-            if sel.get("all") is not None:
-                p = sel["all"]
-                where = (f"{p['path']} a={p['alpha']:g}" if p["kind"] == "path" else
-                         f"rewind {p['rewind']}" if p["kind"] == "rewind" else p["kind"])
-                lines.append(f"| {r['label']} | selected ({rule}): {where} | {tg(p)} |")
+        lines += _summary_point_rows(r)
     lines += ["", "| run | path | overshoot | witness (Target / General) |", "|---|---|---|---|"]
     for r in res["runs"]:
-        for path, o in (r.get("overshoot") or {}).items():
-            w = o.get("witness")
-            if not w:
-                wt = "-"
-            else:
-                where = f"a={w['alpha']:g}" if w.get("alpha") is not None else f"step {w.get('step')}"
-                wt = f"{where}: {w['target']:.2f} / {w['general']:.2f}"
-            yn = ("yes" if o["overshoot"] else "no") + (" (vacuous: no target gain)" if o.get("vacuous") else "")
-            lines.append(f"| {r['label']} | {path} | {yn} | {wt} |")
+        lines += _overshoot_rows(r)
     return "\n".join(lines) + "\n"
 
 
 PATH_STYLE = {"factor": dict(color="tab:blue", marker="o"), "dense": dict(color="tab:orange", marker="s")}
 REWIND_MARKERS = ["^", "v", "D", "P", "X", "<", ">"]
+
+
+def _path_points(r: dict, path: str, base: dict, final: dict) -> list[dict]:
+    """base -> the path's grid points by alpha -> final."""
+    return [base] + sorted([p for p in r["points"] if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
+
+
+def _plot_paths(ax, r: dict, base: dict, final: dict) -> None:
+    """The training path (dashed, labelled by step) and every interpolation path (solid, by alpha)."""
+    pts = r["points"]
+    tr = [base] + sorted([p for p in pts if p["kind"] == "training"], key=lambda p: p["step"]) + [final]
+    ax.plot([p["target"] for p in tr], [p["general"] for p in tr], "--", color="0.45", lw=1.3,
+            marker=".", ms=7, label="training path (SFT checkpoints)", zorder=2)
+    for p in tr[1:-1]:
+        ax.annotate(f"s{p['step']}", (p["target"], p["general"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7, color="0.35")
+    for path in r["paths"]:
+        pp = _path_points(r, path, base, final)
+        st = PATH_STYLE[path]
+        ax.plot([p["target"] for p in pp], [p["general"] for p in pp], "-", lw=1.8, ms=5, alpha=0.9,
+                label=path_label(r["method"], path, r.get("gen_map", "sqrt")), zorder=3, **st)
+        for p in pp[1:-1]:
+            if round(p["alpha"] * 10, 6) % 2 == 0 or len(pp) <= 8:   # label every other grid point
+                ax.annotate(f"{p['alpha']:g}", (p["target"], p["general"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color=st["color"])
+
+
+def _plot_markers(ax, r: dict, base: dict, final: dict) -> None:
+    """Rewound points, base, final checkpoint, the first rule's selected point; title and axes."""
+    for k, p in enumerate([p for p in r["points"] if p["kind"] == "rewind"]):
+        ax.scatter([p["target"]], [p["general"]], marker=REWIND_MARKERS[k % len(REWIND_MARKERS)], s=80,
+                   color=f"C{4 + k}", edgecolor="k", zorder=5, label=f"rewind: {p['rewind']}")
+    ax.scatter([base["target"]], [base["general"]], marker="s", s=70, color="k", zorder=6, label="base (a=0)")
+    ax.scatter([final["target"]], [final["general"]], marker="*", s=220, color="tab:red", edgecolor="k",
+               zorder=6, label=f"final checkpoint (step {final.get('step')})")
+    sel_rules = r.get("selection") or {}
+    if sel_rules:
+        rule = next(iter(sel_rules))
+        sel = sel_rules[rule].get("all")
+        if sel is not None:
+            ax.scatter([sel["target"]], [sel["general"]], s=380, facecolors="none", edgecolors="tab:green",
+                       linewidths=2.2, zorder=7, label=f"selected ({rule})")
+    ov = r.get("overshoot") or {}
+    verdict = ", ".join(f"{k}: {'yes' if v['overshoot'] else 'no'}" for k, v in ov.items() if k != "training")
+    hp = r.get("hparams") or {}
+    hp_s = ", ".join(f"{k}={v}" for k, v in hp.items() if k in ("r", "alpha", "block_size"))
+    ax.set_title(f"{r['label']} ({r['method']}{'; ' + hp_s if hp_s else ''})\novershoot: {verdict or 'n/a'}",
+                 fontsize=10)
+    ax.set_xlabel("target score (%)")
+    ax.set_ylabel("general score (%) = mean(IFEval, BBH, NQ)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", framealpha=0.85, markerscale=0.6)
+
+
+def _plot_sv(ax2, r: dict, base: dict, final: dict) -> None:
+    """Singular-value distortion of every path against alpha."""
+    for path in r["paths"]:
+        pp = _path_points(r, path, base, final)
+        ax2.plot([p["alpha"] for p in pp], [p.get("sv_distortion", float("nan")) for p in pp], "-",
+                 label=path_label(r["method"], path, r.get("gen_map", "sqrt")), **PATH_STYLE[path])
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("SV distortion vs W0\n||s(W)-s(W0)|| / ||s(W0)||", fontsize=9)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
 
 
 def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
@@ -1307,59 +1397,12 @@ def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
     fig, axes = plt.subplots(rows, n, figsize=(6.4 * n, 6.0 + 2.8 * (rows - 1)), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1.4][:rows]})
     for j, r in enumerate(runs):
-        ax = axes[0][j]
-        pts = r["points"]
-        base = next(p for p in pts if p["kind"] == "base")
-        final = next(p for p in pts if p["kind"] == "final")
-        # training path: base -> checkpoints -> final (dashed, labelled by step)
-        tr = [base] + sorted([p for p in pts if p["kind"] == "training"], key=lambda p: p["step"]) + [final]
-        ax.plot([p["target"] for p in tr], [p["general"] for p in tr], "--", color="0.45", lw=1.3,
-                marker=".", ms=7, label="training path (SFT checkpoints)", zorder=2)
-        for p in tr[1:-1]:
-            ax.annotate(f"s{p['step']}", (p["target"], p["general"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color="0.35")
-        for path in r["paths"]:
-            pp = [base] + sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
-            st = PATH_STYLE[path]
-            ax.plot([p["target"] for p in pp], [p["general"] for p in pp], "-", lw=1.8, ms=5, alpha=0.9,
-                    label=path_label(r["method"], path, r.get("gen_map", "sqrt")), zorder=3, **st)
-            for p in pp[1:-1]:
-                if round(p["alpha"] * 10, 6) % 2 == 0 or len(pp) <= 8:   # label every other grid point
-                    ax.annotate(f"{p['alpha']:g}", (p["target"], p["general"]), textcoords="offset points",
-                                xytext=(4, 3), fontsize=7, color=st["color"])
-        for k, p in enumerate([p for p in pts if p["kind"] == "rewind"]):
-            ax.scatter([p["target"]], [p["general"]], marker=REWIND_MARKERS[k % len(REWIND_MARKERS)], s=80,
-                       color=f"C{4 + k}", edgecolor="k", zorder=5, label=f"rewind: {p['rewind']}")
-        ax.scatter([base["target"]], [base["general"]], marker="s", s=70, color="k", zorder=6, label="base (a=0)")
-        ax.scatter([final["target"]], [final["general"]], marker="*", s=220, color="tab:red", edgecolor="k",
-                   zorder=6, label=f"final checkpoint (step {final.get('step')})")
-        sel_rules = r.get("selection") or {}
-        if sel_rules:
-            rule = next(iter(sel_rules))
-            sel = sel_rules[rule].get("all")
-            if sel is not None:
-                ax.scatter([sel["target"]], [sel["general"]], s=380, facecolors="none", edgecolors="tab:green",
-                           linewidths=2.2, zorder=7, label=f"selected ({rule})")
-        ov = r.get("overshoot") or {}
-        verdict = ", ".join(f"{k}: {'yes' if v['overshoot'] else 'no'}" for k, v in ov.items() if k != "training")
-        hp = r.get("hparams") or {}
-        hp_s = ", ".join(f"{k}={v}" for k, v in hp.items() if k in ("r", "alpha", "block_size"))
-        ax.set_title(f"{r['label']} ({r['method']}{'; ' + hp_s if hp_s else ''})\novershoot: {verdict or 'n/a'}",
-                     fontsize=10)
-        ax.set_xlabel("target score (%)")
-        ax.set_ylabel("general score (%) = mean(IFEval, BBH, NQ)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", framealpha=0.85, markerscale=0.6)
+        base = next(p for p in r["points"] if p["kind"] == "base")
+        final = next(p for p in r["points"] if p["kind"] == "final")
+        _plot_paths(axes[0][j], r, base, final)
+        _plot_markers(axes[0][j], r, base, final)
         if sv:
-            ax2 = axes[1][j]
-            for path in r["paths"]:
-                pp = [base] + sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
-                ax2.plot([p["alpha"] for p in pp], [p.get("sv_distortion", float("nan")) for p in pp], "-",
-                         label=path_label(r["method"], path, r.get("gen_map", "sqrt")), **PATH_STYLE[path])
-            ax2.set_xlabel("alpha")
-            ax2.set_ylabel("SV distortion vs W0\n||s(W)-s(W0)|| / ||s(W0)||", fontsize=9)
-            ax2.grid(alpha=0.3)
-            ax2.legend(fontsize=7)
+            _plot_sv(axes[1][j], r, base, final)
     fig.suptitle("Interpolation vs training path in the (target, general) plane (PAPER.md §9)", fontsize=11)
     fig.tight_layout()
     png = Path(png)
@@ -1409,6 +1452,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--factor-rule", default="ratio", choices=["ratio", "solve"],
                    help="c_l = tau/rho_l (ratio) or bisection so rho_l after rewinding = tau (solve)")
     g.add_argument("--no-cap", action="store_true", help="allow c_l > 1 (strengthen weak layers)")
+    _add_eval_args(p)
+    g = p.add_argument_group("operating point and overshoot")
+    g.add_argument("--select", action="append", default=[],
+                   help="keep-target=X (max general keeping X%% of the final target gain) | sum | pareto; "
+                        "repeatable, the first is marked in the plot (default keep-target=80)")
+    g.add_argument("--overshoot-general", type=float, default=5.0, help="points of general above the final checkpoint")
+    g.add_argument("--overshoot-target-keep", type=float, default=80.0, help="percent of the final target gain kept")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output dir (results.json/csv, tradeoff.png, config.json, points/)")
+    g.add_argument("--save", default="selected", choices=["none", "selected", "all"],
+                   help="which points become checkpoints: rewinds + selected point, or every grid point")
+    g.add_argument("--save-format", default="auto", choices=["auto", "adapter", "merged"],
+                   help="auto = adapter dir for factor points, merged HF dir for dense points and Full FT")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--progress", action="store_true", help="generation progress bars")
+    g.add_argument("--smoke", action="store_true",
+                   help="random tiny model + synthetic LoRA run with 2 checkpoints, 3-point grid (< 1 min, CPU)")
+    return p
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", default=None, choices=["toy", "real", "none"],
                    help="real = the paper's benchmarks at every point (evaluate.py's suites; one vLLM engine "
@@ -1440,23 +1504,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter forward (exact wrapper numerics; slow for OFT)")
     g.add_argument("--sv-distortion", action="store_true",
                    help="also record the singular-value distortion vs W0 at every point (SVD of every module)")
-    g = p.add_argument_group("operating point and overshoot")
-    g.add_argument("--select", action="append", default=[],
-                   help="keep-target=X (max general keeping X%% of the final target gain) | sum | pareto; "
-                        "repeatable, the first is marked in the plot (default keep-target=80)")
-    g.add_argument("--overshoot-general", type=float, default=5.0, help="points of general above the final checkpoint")
-    g.add_argument("--overshoot-target-keep", type=float, default=80.0, help="percent of the final target gain kept")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output dir (results.json/csv, tradeoff.png, config.json, points/)")
-    g.add_argument("--save", default="selected", choices=["none", "selected", "all"],
-                   help="which points become checkpoints: rewinds + selected point, or every grid point")
-    g.add_argument("--save-format", default="auto", choices=["auto", "adapter", "merged"],
-                   help="auto = adapter dir for factor points, merged HF dir for dense points and Full FT")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--progress", action="store_true", help="generation progress bars")
-    g.add_argument("--smoke", action="store_true",
-                   help="random tiny model + synthetic LoRA run with 2 checkpoints, 3-point grid (< 1 min, CPU)")
-    return p
 
 
 def make_smoke_run(root: Path, method: str = "lora", seed: int = 0) -> tuple[str, Path]:
@@ -1493,14 +1540,31 @@ def main(argv=None) -> dict:
                          "real model: use --eval real (the paper's benchmarks, e.g. --suite math --data-dir "
                          "data) or --eval none --save all")
     if args.smoke:
-        if not args.out:
-            raise SystemExit("rewind.py: --smoke needs --out DIR")
-        base_dir, run_dir = make_smoke_run(Path(args.out))
-        args.base, args.checkpoint = base_dir, [str(run_dir)]
-        args.grid = "0,0.5,1" if args.grid == "0:1:0.1" else args.grid
-        args.n_per_family = min(args.n_per_family, 1)
-        args.rewind = args.rewind or ["minrho", "uniform=0.4"]
-        args.sv_distortion = True
+        _smoke_args(args)
+    _check_args(args)
+    # the command as a user would type it (also when called in-process, e.g. by arena.py demo)
+    cfg = dict(vars(args), argv=["rewind.py"] + (sys.argv[1:] if argv is None else list(argv)), torch_threads=torch.get_num_threads(),
+               device_resolved=str(loading.pick_device(args.device)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loading.atomic_write_json(out / "config.json", cfg)
+    print(f"[rewind] config: {json.dumps({k: v for k, v in cfg.items() if k != 'argv'}, default=str)}")
+    return run_analysis(cfg)
+
+
+def _smoke_args(args) -> None:
+    """--smoke: a random tiny base and a synthetic 2-checkpoint LoRA run under --out, a 3-point grid."""
+    if not args.out:
+        raise SystemExit("rewind.py: --smoke needs --out DIR")
+    base_dir, run_dir = make_smoke_run(Path(args.out))
+    args.base, args.checkpoint = base_dir, [str(run_dir)]
+    args.grid = "0,0.5,1" if args.grid == "0:1:0.1" else args.grid
+    args.n_per_family = min(args.n_per_family, 1)
+    args.rewind = args.rewind or ["minrho", "uniform=0.4"]
+    args.sv_distortion = True
+
+
+def _check_args(args) -> None:
     if not args.checkpoint:
         raise SystemExit("rewind.py: at least one --checkpoint DIR is required (or --smoke)")
     if not args.out:
@@ -1519,18 +1583,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"rewind.py: {err}")
     if args.eval == "real" and args.smoke:
         raise SystemExit("rewind.py: --smoke builds a toy run; use --eval toy or none with it")
-    # the command as a user would type it (also when called in-process, e.g. by arena.py demo)
-    cfg = dict(vars(args), argv=["rewind.py"] + (sys.argv[1:] if argv is None else list(argv)), torch_threads=torch.get_num_threads(),
-               device_resolved=str(loading.pick_device(args.device)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    loading.atomic_write_json(out / "config.json", cfg)
-    print(f"[rewind] config: {json.dumps({k: v for k, v in cfg.items() if k != 'argv'}, default=str)}")
-    return run_analysis(cfg)
 
 
 if __name__ == "__main__":
-    import loading
     try:
         loading.run_cli("rewind.py", main)
     except (ValueError, FileNotFoundError) as err:
