@@ -88,6 +88,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import loading
 
 FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -1223,7 +1228,6 @@ def hparams_from_flags(method: str, flags: dict, hp_items=(), total_steps: int |
     "KEY=VALUE" strings (--hp, value parsed as JSON, else a string); `total_steps` fills AdaLoRA's
     budget-schedule length unless given. A flag the method has no field for is an error naming it.
     """
-    import json
     fields = {f.name for f in dataclasses.fields(make_config(method))}
     hp = {}
     for flag, names in _FLAG_ALIASES.items():
@@ -1505,7 +1509,6 @@ def _dtype_name(dt) -> str | None:
 
 def save_adapter(model: nn.Module, out_dir, *, base_model: str, extra: dict | None = None) -> None:
     """adapter.safetensors (+ adapter_config.json); method "full": model.safetensors (all weights)."""
-    from loading import atomic_save_file, atomic_write_json
     import transformers
     st = peft_state(model)
     if st is None:
@@ -1536,10 +1539,10 @@ def save_adapter(model: nn.Module, out_dir, *, base_model: str, extra: dict | No
             seen[key] = k
             tensors[k] = v
         cfg["tied"] = tied
-        atomic_save_file(tensors, out_dir / FULL_FILE, metadata={"method": "full"})
+        loading.atomic_save_file(tensors, out_dir / FULL_FILE, metadata={"method": "full"})
     else:
-        atomic_save_file(_adapter_tensors(model), out_dir / ADAPTER_FILE, metadata={"method": st["method"]})
-    atomic_write_json(out_dir / CONFIG_FILE, cfg)
+        loading.atomic_save_file(_adapter_tensors(model), out_dir / ADAPTER_FILE, metadata={"method": st["method"]})
+    loading.atomic_write_json(out_dir / CONFIG_FILE, cfg)
 
 
 def read_adapter_config(adapter_dir) -> dict:
@@ -1562,7 +1565,6 @@ def read_adapter_config(adapter_dir) -> dict:
 def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     """Re-apply the saved method onto a plain base model (or one already wrapped with the same
     method) and load the tensors. Shapes, method and module set are checked; errors name them."""
-    from safetensors.torch import load_file
     adapter_dir = find_adapter_dir(adapter_dir) or Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     if cfg.get("format") == "peft":              # an HF PEFT adapter (section 7)
@@ -1573,34 +1575,10 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     if st is not None and st["method"] != method:
         raise ValueError(f"load_adapter: {adapter_dir} holds a '{method}' adapter but the model already has "
                          f"'{st['method']}' adapters")
-    # architecture check: every saved module must exist with the same shape
-    for n, s in cfg["modules"].items():
-        try:
-            m = model.get_submodule(n)
-        except AttributeError:
-            raise ValueError(f"load_adapter: module '{n}' of the adapter ({s['d_in']} -> {s['d_out']}) does not exist in "
-                             f"{type(model).__name__} (adapter saved from {cfg.get('model_class')} / {cfg.get('base_model')})") from None
-        if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != (s["d_in"], s["d_out"]):
-            raise ValueError(f"load_adapter: module '{n}' is {getattr(m, 'in_features', '?')} -> {getattr(m, 'out_features', '?')} "
-                             f"in the model but {s['d_in']} -> {s['d_out']} in the adapter (saved from {cfg.get('base_model')})")
+    _check_saved_modules(model, cfg)
     hp = make_config(method, **cfg["hparams"])
     if method == "full":
-        if st is None:
-            apply_peft(model, "full", hp, target_modules=cfg["target_modules"])
-        tensors = load_file(str(adapter_dir / FULL_FILE))
-        for alias, src in cfg.get("tied", {}).items():
-            tensors[alias] = tensors[src]
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"load_adapter (full): missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(own)} tensors)")
-        for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise ValueError(f"load_adapter (full): '{k}' is {tuple(own[k].shape)} in the model, {tuple(v.shape)} in the file")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                own[k].copy_(v)
-        return list(cfg["modules"])
+        return _load_full(model, cfg, hp, adapter_dir, wrap=st is None)
     if st is None:
         dt = getattr(torch, cfg["adapter_dtype"]) if cfg.get("adapter_dtype") else None
         names = apply_peft(model, method, hp, target_modules=cfg["target_modules"], adapter_dtype=dt, _init=False)
@@ -1629,6 +1607,39 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     for n, l in layers.items():
         l.after_load(states[n])
     return names
+
+
+def _check_saved_modules(model: nn.Module, cfg: dict) -> None:
+    """Architecture check: every saved module must exist in `model` with the same shape."""
+    for n, s in cfg["modules"].items():
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"load_adapter: module '{n}' of the adapter ({s['d_in']} -> {s['d_out']}) does not exist in "
+                             f"{type(model).__name__} (adapter saved from {cfg.get('model_class')} / {cfg.get('base_model')})") from None
+        if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != (s["d_in"], s["d_out"]):
+            raise ValueError(f"load_adapter: module '{n}' is {getattr(m, 'in_features', '?')} -> {getattr(m, 'out_features', '?')} "
+                             f"in the model but {s['d_in']} -> {s['d_out']} in the adapter (saved from {cfg.get('base_model')})")
+
+
+def _load_full(model: nn.Module, cfg: dict, hp, adapter_dir: Path, *, wrap: bool) -> list[str]:
+    """Full FT checkpoint: every parameter of the model from the saved state dict (tied aliases re-added)."""
+    if wrap:
+        apply_peft(model, "full", hp, target_modules=cfg["target_modules"])
+    tensors = load_file(str(adapter_dir / FULL_FILE))
+    for alias, src in cfg.get("tied", {}).items():
+        tensors[alias] = tensors[src]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"load_adapter (full): missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(own)} tensors)")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"load_adapter (full): '{k}' is {tuple(own[k].shape)} in the model, {tuple(v.shape)} in the file")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+    return list(cfg["modules"])
 
 
 def scale_adapter_(model: nn.Module, c: float) -> None:
@@ -1820,7 +1831,6 @@ def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
 
 
 def _peft_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     f = adapter_dir / PEFT_WEIGHTS_FILE
     if not f.is_file():
         other = [p.name for p in adapter_dir.glob("adapter_model.*")]
@@ -1832,7 +1842,6 @@ def _peft_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _peft_tensor_names(adapter_dir: Path) -> list[str]:
-    from safetensors import safe_open
     f = adapter_dir / PEFT_WEIGHTS_FILE
     if not f.is_file():
         _peft_weights(adapter_dir)              # raises the message naming the file
@@ -1854,6 +1863,21 @@ def _peft_to_method(pcfg: dict, path) -> tuple[str, dict]:
         raise _peft_option_error(path, "peft_type", ptype, f"importable types: {sorted(_PEFT_FIELDS)}")
     fields = _PEFT_FIELDS[ptype]
     method = {"LORA": "lora", "VERA": "vera", "IA3": "ia3", "OFT": "oft", "MISS": "miss", "ADALORA": "adalora"}[ptype]
+    _check_peft_options(pcfg, path, ptype, fields)
+    hp = {ours: pcfg[p] for p, ours in fields.items() if p in pcfg and pcfg[p] is not None}
+    if ptype == "LORA":
+        method = _peft_lora_variant(pcfg, path)
+    if ptype == "OFT":
+        if not pcfg.get("oft_block_size"):
+            raise _peft_option_error(path, "r", pcfg.get("r"), "OFT by block count; save it with oft_block_size instead")
+        hp["adjust_block_size"] = True          # PEFT adjusts a non-dividing block size the same way
+    if method == "ia3":
+        hp["feedforward_modules"] = tuple(pcfg.get("feedforward_modules") or ())
+    return method, hp
+
+
+def _check_peft_options(pcfg: dict, path, ptype: str, fields: dict) -> None:
+    """Any PEFT option we do not implement (not a known field, not at its neutral value) is an error."""
     special = {"LORA": {"use_dora", "init_lora_weights"}, "ADALORA": {"init_lora_weights", "r", "rank_pattern"},
                "VERA": {"save_projection"}}.get(ptype, set())
     for k, v in pcfg.items():
@@ -1864,26 +1888,21 @@ def _peft_to_method(pcfg: dict, path) -> tuple[str, dict]:
         if ptype == "OFT" and k == "r" and v == 0:
             continue
         raise _peft_option_error(path, k, v, f"{ptype} is imported with the fields {sorted(fields)} only")
-    hp = {ours: pcfg[p] for p, ours in fields.items() if p in pcfg and pcfg[p] is not None}
-    if ptype == "LORA":
-        init = pcfg.get("init_lora_weights", True)
-        if pcfg.get("use_dora"):
-            method = "dora"
-        if init == "pissa":
-            method = "pissa" if method == "lora" else method
-        elif init not in (True, False, "gaussian"):
-            why = ("the randomised SVD cannot be rebuilt: the residual base is unknown" if str(init).startswith("pissa_niter")
-                   else "an init that rewrites the base weights, whose residual base is unknown here")
-            raise _peft_option_error(path, "init_lora_weights", init, why)
-        if method == "dora" and init == "pissa":
-            raise _peft_option_error(path, "init_lora_weights", init, "PiSSA with DoRA is not implemented")
-    if ptype == "OFT":
-        if not pcfg.get("oft_block_size"):
-            raise _peft_option_error(path, "r", pcfg.get("r"), "OFT by block count; save it with oft_block_size instead")
-        hp["adjust_block_size"] = True          # PEFT adjusts a non-dividing block size the same way
-    if method == "ia3":
-        hp["feedforward_modules"] = tuple(pcfg.get("feedforward_modules") or ())
-    return method, hp
+
+
+def _peft_lora_variant(pcfg: dict, path) -> str:
+    """A PEFT LoraConfig -> lora, dora or pissa (use_dora, init_lora_weights)."""
+    init = pcfg.get("init_lora_weights", True)
+    method = "dora" if pcfg.get("use_dora") else "lora"
+    if init == "pissa":
+        method = "pissa" if method == "lora" else method
+    elif init not in (True, False, "gaussian"):
+        why = ("the randomised SVD cannot be rebuilt: the residual base is unknown" if str(init).startswith("pissa_niter")
+               else "an init that rewrites the base weights, whose residual base is unknown here")
+        raise _peft_option_error(path, "init_lora_weights", init, why)
+    if method == "dora" and init == "pissa":
+        raise _peft_option_error(path, "init_lora_weights", init, "PiSSA with DoRA is not implemented")
+    return method
 
 
 def _peft_targets(pcfg: dict, path) -> list[str]:
@@ -2095,18 +2114,16 @@ def save_peft_adapter(model: nn.Module, out_dir, *, base_model: str | None = Non
 
 
 def _write_peft(cfg: dict, tensors: dict, out_dir) -> Path:
-    from loading import atomic_save_file, atomic_write_json
     pcfg, ptensors = to_peft(cfg, {k: v.detach().cpu() for k, v in tensors.items()})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_file(ptensors, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt", "peft_arena_method": cfg["method"]})
-    atomic_write_json(out_dir / CONFIG_FILE, pcfg)
+    loading.atomic_save_file(ptensors, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt", "peft_arena_method": cfg["method"]})
+    loading.atomic_write_json(out_dir / CONFIG_FILE, pcfg)
     return out_dir
 
 
 def export_peft(ckpt, out_dir, *, base_model: str | None = None) -> Path:
     """One of our adapter checkpoints -> an HF PEFT adapter dir, tensors only (no base model loaded)."""
-    from safetensors.torch import load_file
     cfg = read_adapter_config(ckpt)
     if cfg.get("format") == "peft":
         raise InteropError(f"{ckpt}: already an HF PEFT adapter directory")
@@ -2130,7 +2147,6 @@ def export_merged(ckpt, out_dir, *, dtype: str = "bf16", base_model: str | None 
     """A dense HF model dir (sharded safetensors, config, tokenizer, generation config) in `dtype`:
     the adapter merged in fp32 on CPU (Deviation 3), then cast once, as the release's merge step
     (`tools/merge_peft.py`) produces for vLLM."""
-    import loading
     if dtype not in _DTYPES:
         raise InteropError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     cfg = read_adapter_config(ckpt)
@@ -2144,7 +2160,6 @@ def export_merged(ckpt, out_dir, *, dtype: str = "bf16", base_model: str | None 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
     tok.save_pretrained(str(tmp))
@@ -2254,8 +2269,7 @@ def _cli_count(args) -> None:
     print("\nAlso in the poster (PAPER.md §10.1): RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
           "'LoRA r8a16' lists 24.31M on Llama (the r16 count).")
     if args.json:
-        from loading import atomic_write_json
-        atomic_write_json(args.json, results)
+        loading.atomic_write_json(args.json, results)
         print(f"wrote {args.json}")
 
 
