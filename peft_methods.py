@@ -1,9 +1,9 @@
 """peft_methods.py: every PEFT method of the arena, hand-written in plain PyTorch.
 
-Implements PAPER.md §3 (methods compared, paper hyperparameters, parameter formulas) with the
-per-method math of METHODS.md §2-§13 (Full FT, LoRA/rsLoRA, DoRA, PiSSA, MiLoRA, KeepLoRA,
-AdaLoRA, VeRA, IA3, MiSS, OFTv2). Hugging Face PEFT is the numerical reference (tests only);
-this file never imports it.
+Implements the methods PEFT-Arena compares, at the paper's hyperparameters and parameter counts
+(poster main table), each from its own paper (Full FT, LoRA/rsLoRA, DoRA, PiSSA, MiLoRA, KeepLoRA,
+AdaLoRA, VeRA, IA3, MiSS, OFTv2; see References). Hugging Face PEFT is the numerical reference
+(tests only); this file never imports it.
 
 Run:
     python peft_methods.py count            # trainable params of Qwen2.5-7B / Llama-3.2-3B (meta device)
@@ -12,7 +12,7 @@ Run:
     python peft_methods.py export CKPT --to merged --out DIR --dtype bf16 [--base MODEL]
     python -m pytest tests/test_peft_methods.py -q
 
-One small API for every method (see CONTRACTS.md):
+One small API for every method:
     apply_peft(model, "oft", block_size=32)      # wrap q,k,v,o,gate,up,down in place, freeze the rest
     delta_weight(layer) / merged_weight(layer)   # dense fp32 dW and W_eff of one wrapped module
     merged_state_dict(model), merge_and_unload(model), disable_adapters(model)
@@ -24,7 +24,14 @@ checkpointing keep working. Adding a method = one Config dataclass + one Adapter
 
 Shape legend: B batch, T sequence, d_in / d_out the wrapped Linear's in / out width, r rank,
 b OFT block size, n = d_in / b OFT blocks, W (d_out, d_in) = nn.Linear.weight (PyTorch row form
-y = x W^T + b; the math comments use the column form y = W x + b of METHODS.md §0).
+y = x W^T + b; the math comments use the column form y = W x + b of the method papers).
+
+References. PEFT-Arena: Huang et al., arXiv 2605.28819; its poster
+(`PA: docs/static/pdfs/peft-arena-poster.pdf`: main table, parameter counts) and official release
+(Sphere-AI-Lab/PEFT-Arena, files cited as `PA: <path>`). Method papers: LoRA Hu et al. 2021;
+rsLoRA Kalajdzievski 2023; DoRA Liu et al. 2024; PiSSA Meng et al. 2024; MiLoRA Wang et al. 2024;
+KeepLoRA Luo et al. 2026 (arXiv 2601.19659); AdaLoRA Zhang et al. 2023; VeRA Kopiczko et al.
+2024; (IA)^3 Liu et al. 2022; MiSS Kang et al. 2024 (formerly Bone); OFTv2 Qiu et al. 2025.
 
 Internals other files use (documented, stable):
     layer.scaling                       LoRA-family s (alpha/r or alpha/sqrt(r))
@@ -33,36 +40,40 @@ Internals other files use (documented, stable):
     layer.oft_q                         OFT generator (rows, b(b-1)/2): the upper triangles of Q
     layer.rotation(q=None)              R blocks (rows, b, b) from the layer's (or a given) generator
     layer.merged_weight_from(q)         W R_bd^T for a given generator (iOFT / SafeRho rewinding)
+    LayerClass.factor_point(...)        the method's factor path for rewinding (factor_tensors,
+                                        factor_is_dense, labels, rho_measures: rewind.py asks these)
     oft_rotation(q, b, ...)             the same as a pure function
 
-Deviations (from HF PEFT / the PEFT-Arena release; each also marked `# DEVIATION:` at the line):
+Deviations that change a number the paper reports (each also marked `DEVIATION n` at the line):
+ 5. PiSSA / MiLoRA: the initial factors (A0, B0) are saved with the adapter, so the residual base
+    W_res = W0 - s B0 A0 is rebuilt exactly at load time from the original W0 (the release never
+    builds W_res: no script creates the initial adapters). delta_weight is relative to W0, and
+    disable_adapters gives W0 (PEFT's disabled PiSSA model is W_res).
+ 6. KeepLoRA: the release's initialiser looks gradients up under PEFT-wrapped names
+    (`base_model.model.model.layers.0...`) while they are keyed by raw names
+    (`model.layers.0...`), so it most likely never runs and trains LoRA-FA (Kaiming A frozen,
+    B = 0; `PA: utils/keeplora.py`). Here the names match and the init always runs; it
+    fails loudly without `init_batch`. Both randomised SVDs are seeded (`seed`); `exact_svd=True`
+    uses full SVDs. The seed gradient is taken in the model's dtype without autocast on the batch
+    given (release: first micro-batch of 2, bf16 autocast). W is not compensated (as released),
+    so KeepLoRA is not the identity at init.
+
+Implementation notes (differences from HF PEFT / the release that change no reported number):
  1. OFT exact Cayley uses R = (I+Q)(I-Q)^-1, the limit of the Cayley-Neumann series, so one
     generator means one rotation whichever variant is on. PEFT's exact branch computes
-    (I-Q)(I+Q)^-1 = R^T (METHODS.md §13 "sign pitfall"); a PEFT exact-Cayley generator q maps
+    (I-Q)(I+Q)^-1 = R^T (the sign pitfall); a PEFT exact-Cayley generator q maps
     to ours as -q (tests/test_peft_methods.py shows the mapping). Cayley-Neumann follows PEFT
     >= 0.18 term for term (including its T=3 == T=4 quirk).
  2. OFT: a block size that does not divide d_in is refused, with PEFT's substitute and the
     nearest valid sizes in the message; `adjust_block_size=True` does what PEFT does (nearest
     divisor) and prints it. OFT `module_dropout` is not implemented (a no-op for Linear in PEFT).
  3. No in-place merge: merged weights are computed out of place in fp32 and cast; the master W is
-    never mutated (PEFT's merge/unmerge mutates W and drifts in bf16, METHODS.md §0).
+    never mutated (PEFT's merge/unmerge mutates W and drifts in bf16).
     `unmerge_weight(layer, W_merged)` inverts a merge exactly where the math allows.
  4. IA3 unmerge divides by l exactly (PEFT divides by l + 1e-8).
- 5. PiSSA / MiLoRA: the initial factors (A0, B0) are saved with the adapter, so the residual base
-    W_res = W0 - s B0 A0 is rebuilt exactly at load time from the original W0 (the release never
-    builds W_res, PAPER.md §12.3). delta_weight is relative to W0, and disable_adapters gives
-    W0 (PEFT's disabled PiSSA model is W_res).
- 6. KeepLoRA: the release's initialiser looks gradients up under PEFT-wrapped names
-    (`base_model.model.model.layers.0...`) while they are keyed by raw names
-    (`model.layers.0...`), so it most likely never runs and trains LoRA-FA (Kaiming A frozen,
-    B = 0; METHODS.md §8, PAPER.md §12.2). Here the names match and the init always runs; it
-    fails loudly without `init_batch`. Both randomised SVDs are seeded (`seed`); `exact_svd=True`
-    uses full SVDs. The seed gradient is taken in the model's dtype without autocast on the batch
-    given (release: first micro-batch of 2, bf16 autocast). W is not compensated (as released),
-    so KeepLoRA is not the identity at init.
  7. AdaLoRA: the orthogonality regulariser and the budget/rank allocation are implemented as
     `adalora_regularizer(model)` and `adalora_update_and_allocate(model, step, total_steps)`.
-    The official release never calls either (PAPER.md §12.4): its AdaLoRA is a fixed rank-12
+    The official release never calls either: its AdaLoRA is a fixed rank-12
     SVD-form LoRA, which is what you get if the SFT loop does not call them. Pruned triplets are
     masked in E (as PEFT during training); tensors are never resized, so the parameter count
     stays 12(d_in+d_out)+12.
@@ -104,7 +115,7 @@ import loading
 
 FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NEVER_WRAPPED = ("lm_head",)  # PAPER.md §3.1: lm_head, embeddings, norms stay frozen
+NEVER_WRAPPED = ("lm_head",)  # PEFT-Arena: all-linear targets; lm_head, embeddings, norms stay frozen
 ADAPTER_FILE, FULL_FILE, CONFIG_FILE = "adapter.safetensors", "model.safetensors", "adapter_config.json"
 VERA_SHARED_ATTR = "peft_vera_shared"   # model-level shared tensors live in `peft_<method>_shared` modules
 STATE_ATTR = "peft_arena_state"         # plain attribute on the wrapped model: method, config, targets
@@ -138,7 +149,7 @@ def check_rank(method: str, name: str, r: int, d_in: int, d_out: int, field: str
 
 def svd_factors(W: torch.Tensor, r: int, scaling: float, *, minor: bool = False,
                 niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA / MiLoRA factors in fp32 (METHODS.md §5, §6).
+    """PiSSA / MiLoRA factors in fp32 (Meng et al. 2024 PiSSA; Wang et al. 2024 MiLoRA).
 
     [Meng+24 PiSSA, Eq. 2-3] W = U S V^T; A = diag(sqrt(S_r/s)) V_r^T (r, d_in),
     B = U_r diag(sqrt(S_r/s)) (d_out, r), so s*B@A = U_r S_r V_r^T exactly (PEFT's 1/s convention).
@@ -161,7 +172,7 @@ def svd_factors(W: torch.Tensor, r: int, scaling: float, *, minor: bool = False,
 
 
 def row_norm(W: torch.Tensor) -> torch.Tensor:
-    """||W||_row: the norm over d_in of each output row = DoRA's column norm ||.||_c (METHODS.md §4)."""
+    """||W||_row: the norm over d_in of each output row = DoRA's column norm ||.||_c (Liu et al. 2024)."""
     return torch.linalg.norm(W, dim=1)                      # (d_out,)
 
 
@@ -200,7 +211,7 @@ def triu_index(b: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def skew_from_triu(q: torch.Tensor, b: int, rows=None, cols=None) -> torch.Tensor:
-    """(n, b(b-1)/2) generator -> (n, b, b) skew-symmetric Q = U - U^T (METHODS.md §13)."""
+    """(n, b(b-1)/2) generator -> (n, b, b) skew-symmetric Q = U - U^T (OFTv2)."""
     if rows is None:
         rows, cols = triu_index(b, q.device)
     U = q.new_zeros(q.shape[0], b, b)
@@ -211,7 +222,7 @@ def skew_from_triu(q: torch.Tensor, b: int, rows=None, cols=None) -> torch.Tenso
 def cayley_neumann(Q: torch.Tensor, num_terms: int) -> torch.Tensor:
     """Truncated Cayley transform (I+Q)(I-Q)^-1 = I + 2Q + 2Q^2 + ... (OFTv2, arXiv 2506.19847 §3).
 
-    T = num_terms, exactly as PEFT >= 0.18 (METHODS.md §13): T=1 -> I; T=2 -> I + 2Q;
+    T = num_terms, exactly as PEFT >= 0.18 (OFTv2, Qiu et al. 2025): T=1 -> I; T=2 -> I + 2Q;
     T>=4 -> I + 2 sum_{k=1}^{T-2} Q^k + Q^{T-1} (T=5, the default: I + 2Q + 2Q^2 + 2Q^3 + Q^4).
     T=3 gives the same matrix as T=4 (PEFT's loop bound; kept so checkpoints mean the same thing).
     Built with T-2 batched matmuls in Q's dtype; converges only for ||Q|| < 1 (not checked, as PEFT).
@@ -277,7 +288,7 @@ def oft_rotate_input(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 
 def oft_merge_blockwise(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """W' = W R_bd^T computed block by block: W'[:, block i] = W[:, block i] R_i^T (METHODS.md §13)."""
+    """W' = W R_bd^T computed block by block: W'[:, block i] = W[:, block i] R_i^T."""
     rows, b, _ = R.shape
     Wb = W.unflatten(1, (-1, b))                            # (d_out, n, b)
     if rows == 1:
@@ -316,7 +327,7 @@ def miss_delta(D: torch.Tensor, d_in: int) -> torch.Tensor:
 
 def vera_shared_matrices(r: int, d_in_max: int, d_out_max: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """VeRA's frozen shared A (r, D_in), B (D_out, r): Kaiming-uniform, gain sqrt(2), fan_in = dim 1,
-    drawn from a CPU generator seeded with `seed`, A first (PEFT `projection_prng_key`, METHODS.md §10)."""
+    drawn from a CPU generator seeded with `seed`, A first (PEFT `projection_prng_key`)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def kaiming(shape):
@@ -340,7 +351,7 @@ def adalora_budget(step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfi
 
 def keeplora_factors(W: torch.Tensor, G: torch.Tensor, r: int, principal_rank: int, *,
                      niter: int = 2, seed: int = 0, exact_svd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """KeepLoRA init (METHODS.md §8, `PA: utils/keeplora.py`), fp32.
+    """KeepLoRA init (Luo et al. 2026, as `PA: utils/keeplora.py`), fp32.
 
     V_k = top-k right singular vectors of W; G_res = G - (G V_k) V_k^T (drop the gradient inside
     W's principal input subspace); G_res ~ U S V^T (rank r); B = U diag(S), A = V^T, zero-padded.
@@ -502,18 +513,18 @@ class AdapterLinear(nn.Module):
 # 3. Methods: one Config dataclass + one wrapper (+ an optional model-level `prepare`) each
 # -----------------------------------------------------------------------------
 
-# ---- Full FT (METHODS.md §2): nothing to wrap; every parameter trains ------------------------
+# ---- Full FT: nothing to wrap; every parameter trains --------------------------------------------
 
 @dataclass
 class FullConfig:
     pass
 
 
-# ---- LoRA / rsLoRA (METHODS.md §3) -------------------------------------------------------------
+# ---- LoRA / rsLoRA (Hu et al. 2021; Kalajdzievski 2023) ------------------------------------------
 
 @dataclass
 class LoraConfig:
-    r: int = 8                 # PAPER.md §3.1: r8a16 (r4a8, r16a32, r32a64)
+    r: int = 8                 # PEFT-Arena main table: r8a16 (r4a8, r16a32, r32a64)
     alpha: float = 16.0
     dropout: float = 0.05      # arena SFT default (adapter branch only)
     use_rslora: bool = False   # s = alpha/sqrt(r) instead of alpha/r
@@ -548,7 +559,7 @@ class LoraLinear(AdapterLinear):
         return result + self.lora_branch(x).to(result.dtype)
 
     def merged_weight(self):
-        # W' = W + s B A (METHODS.md §3)
+        # W' = W + s B A (Hu et al. 2021)
         return self.base_layer.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def unmerge_weight(self, W_merged):
@@ -559,7 +570,7 @@ class LoraLinear(AdapterLinear):
             self.lora_B.mul_(c)                                           # dW = s B A is linear in B
 
 
-# ---- DoRA (METHODS.md §4) ----------------------------------------------------------------------
+# ---- DoRA (Liu et al. 2024) ----------------------------------------------------------------------
 
 @dataclass
 class DoraConfig(LoraConfig):
@@ -628,7 +639,7 @@ class DoraLinear(LoraLinear):
         AdapterLinear.scale_update_(self, c)
 
 
-# ---- PiSSA and MiLoRA (METHODS.md §5, §6) ---------------------------------------------------
+# ---- PiSSA and MiLoRA (Meng et al. 2024; Wang et al. 2024) ---------------------------------------
 
 @dataclass
 class PissaConfig(LoraConfig):
@@ -708,14 +719,14 @@ class PissaLinear(LoraLinear):
 class MiloraLinear(PissaLinear):
     """[Wang+25 MiLoRA] as PiSSA with the r smallest singular triplets (full SVD).
 
-    DEVIATION 9: not in PEFT; PiSSA's 1/s factor convention (METHODS.md §6, unverified vs the arena).
+    DEVIATION 9: not in PEFT; PiSSA's 1/s factor convention (unverified vs the arena).
     """
     method = "milora"
     factor_label = "MiLoRA factor lerp"
     minor = True
 
 
-# ---- KeepLoRA (METHODS.md §8) ------------------------------------------------------------------
+# ---- KeepLoRA (Luo et al. 2026, arXiv 2601.19659) ------------------------------------------------
 
 @dataclass
 class KeepLoraConfig(LoraConfig):
@@ -767,12 +778,12 @@ def _keeplora_prepare(model, cfg, targets, init_batch, init):
         return None
     if init_batch is None:
         raise ValueError("keeplora: initialisation needs `init_batch` (one batch of the training data) to compute "
-                         "the seed gradient (METHODS.md §8); pass apply_peft(model, 'keeplora', init_batch=batch)")
+                         "the seed gradient (KeepLoRA init); pass apply_peft(model, 'keeplora', init_batch=batch)")
     return {"grads": _collect_seed_gradients(model, init_batch, list(targets))}
 
 
 class KeepLoraLinear(LoraLinear):
-    """KeepLoRA as released (METHODS.md §8): A, B from the residual-subspace gradient, A frozen,
+    """KeepLoRA as released (`PA: utils/keeplora.py`): A, B from the residual-subspace gradient, A frozen,
     W not compensated, so dW = s U_r S_r V_r^T of G_res at step 0 (not the identity at init).
 
     In the release, `initialize_keeplora_adapters` looks G up by PEFT-wrapped module names while
@@ -794,7 +805,7 @@ class KeepLoraLinear(LoraLinear):
                 self.lora_B.copy_(B)
 
 
-# ---- AdaLoRA (METHODS.md §9) -------------------------------------------------------------------
+# ---- AdaLoRA (Zhang et al. 2023) -----------------------------------------------------------------
 
 @dataclass
 class AdaLoraConfig:
@@ -858,11 +869,11 @@ class AdaLoraLinear(AdapterLinear):
             self.lora_E.mul_(c)
 
 
-# ---- VeRA (METHODS.md §10) ---------------------------------------------------------------------
+# ---- VeRA (Kopiczko et al. 2024) -----------------------------------------------------------------
 
 @dataclass
 class VeraConfig:
-    r: int = 256               # PAPER.md §3.1
+    r: int = 256               # PEFT-Arena main table
     dropout: float = 0.05
     d_initial: float = 0.1     # lambda_d init; lambda_b = 0
     projection_seed: int = 0   # PEFT projection_prng_key
@@ -940,11 +951,11 @@ class VeraLinear(AdapterLinear):
             self.lambda_b.mul_(c)
 
 
-# ---- IA3 (METHODS.md §11) ----------------------------------------------------------------------
+# ---- IA3 (Liu et al. 2022) -----------------------------------------------------------------------
 
 @dataclass
 class Ia3Config:
-    # PAPER.md §3.1: all-linear targets, feedforward_modules=["down_proj"]: down_proj scales its
+    # PEFT-Arena: all-linear targets, feedforward_modules=["down_proj"]: down_proj scales its
     # INPUT, every other target scales its OUTPUT (bias included).
     feedforward_modules: tuple = ("down_proj",)
 
@@ -991,11 +1002,11 @@ class Ia3Linear(AdapterLinear):
             self.ia3_l.copy_(1 + c * (self.ia3_l - 1))
 
 
-# ---- MiSS (METHODS.md §12) ---------------------------------------------------------------------
+# ---- MiSS (Kang et al. 2024) ---------------------------------------------------------------------
 
 @dataclass
 class MissConfig:
-    r: int = 8                 # PAPER.md §3.1: r8, r64 (alpha ignored)
+    r: int = 8                 # PEFT-Arena main table: r8, r64 (alpha ignored)
     dropout: float = 0.05
 
 
@@ -1037,11 +1048,11 @@ class MissLinear(AdapterLinear):
             self.miss_D.mul_(c)
 
 
-# ---- OFT v2 (METHODS.md §13) -------------------------------------------------------------------
+# ---- OFT v2 (Qiu et al. 2025) --------------------------------------------------------------------
 
 @dataclass
 class OftConfig:
-    block_size: int = 16            # b; PAPER.md §3.1: b16-b128, b32 representative
+    block_size: int = 16            # b; PEFT-Arena main table: b16-b128, b32 representative
     use_cayley_neumann: bool = True
     num_terms: int = 5              # Cayley-Neumann terms T
     block_share: bool = False       # one rotation for all blocks
@@ -1151,7 +1162,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "full": Method(FullConfig, None, lambda i, o, c: i * o, doc="all parameters train (METHODS.md §2)"),
+    "full": Method(FullConfig, None, lambda i, o, c: i * o, doc="all parameters train"),
     "lora": Method(LoraConfig, LoraLinear, lambda i, o, c: c.r * (i + o), doc="W + s B A"),
     "dora": Method(DoraConfig, DoraLinear, lambda i, o, c: c.r * (i + o) + o, doc="magnitude * direction"),
     "pissa": Method(PissaConfig, PissaLinear, lambda i, o, c: c.r * (i + o), doc="principal-SVD LoRA, residual base"),
@@ -1180,7 +1191,7 @@ METHODS["oft"].per_module = _oft_per_module
 
 
 def closed_form_count(method: str, shapes: dict[str, tuple[int, int]], cfg=None) -> int:
-    """Sum of the per-module closed form over {module name: (d_in, d_out)} (PAPER.md §3.2)."""
+    """Sum of the per-module closed form over {module name: (d_in, d_out)} (PEFT-Arena poster parameter counts)."""
     spec, cfg = METHODS[method], cfg or make_config(method)
     total = 0
     for name, (i, o) in shapes.items():
@@ -1192,7 +1203,7 @@ def closed_form_count(method: str, shapes: dict[str, tuple[int, int]], cfg=None)
 
 
 # -----------------------------------------------------------------------------
-# 5. Model-level API (CONTRACTS.md "peft_methods.py")
+# 5. Model-level API
 # -----------------------------------------------------------------------------
 
 def _check_method(method: str) -> Method:
@@ -2188,7 +2199,7 @@ def _cli_export(args) -> None:
 
 SHAPES_DIR = Path(__file__).resolve().parent / "configs" / "model_shapes"
 
-# (label, method, hparams, poster Qwen2.5-7B, poster Llama-3.2-3B) -- PAPER.md §10.1 (SFT rows)
+# (label, method, hparams, poster Qwen2.5-7B, poster Llama-3.2-3B) -- PEFT-Arena poster main table (SFT rows)
 PAPER_SETTINGS = [
     ("OFT b16", "oft", {"block_size": 16}, "8.49M", "7.08M"),
     ("OFT b32", "oft", {"block_size": 32}, "17.55M", "11.55M"),
@@ -2208,7 +2219,7 @@ PAPER_SETTINGS = [
     ("IA3", "ia3", {}, "1.82M", "0.92M"),
     ("KeepLoRA r8", "keeplora", {"r": 8, "alpha": 16}, "-", "-"),
 ]
-POSTER_ANOMALIES = {  # PAPER.md §10.1: poster cells that do not follow the closed forms
+POSTER_ANOMALIES = {  # PEFT-Arena poster main table: poster cells that do not follow the closed forms
     ("llama-3.2-3b", "OFT b16"): "poster 7.08M; closed form 5.59M",
     ("llama-3.2-3b", "OFT b64"): "poster 24.97M; closed form 23.48M",
     ("llama-3.2-3b", "LoRA r4a8"): "poster 6.90M; closed form 6.08M",
@@ -2266,7 +2277,7 @@ def _cli_count(args) -> None:
                       f"non-embedding {r['non_embedding'] / 1e9:.2f}B (poster lists non-embedding size)")
                 continue
             print(f"{r['setting']:<15}{r['count']:>16,}{r['count'] / 1e6:>9.2f}{r['poster']:>9}  {r['note']}")
-    print("\nAlso in the poster (PAPER.md §10.1): RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
+    print("\nAlso in the poster (PEFT-Arena poster main table): RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
           "'LoRA r8a16' lists 24.31M on Llama (the r16 count).")
     if args.json:
         loading.atomic_write_json(args.json, results)

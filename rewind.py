@@ -1,8 +1,10 @@
 """rewind.py: the overshoot, interpolation paths and path-wise rewinding of finetuned checkpoints.
 
-Implements PAPER.md §9 (interpolation and path-wise rewinding), the rewinding rows of §10.5 and the
-first gap of §12.1: the official release ships no interpolation, rewinding or iOFT code, so this
-file is the project's reference version. Every choice the paper leaves open is picked below, listed
+Implements PEFT-Arena's interpolation and path-wise rewinding (Huang et al., arXiv 2605.28819: the
+overshoot claim, the poster's rewinding rows for Qwen2.5-7B SFT OFT b32, the project page
+`PA: docs/index.html` and figures `PA: docs/static/images/{train-vs-interp,teaser-1}.png`). The
+official release ships no interpolation, rewinding or iOFT code, so this file is the project's
+reference version. Every choice the paper leaves open is picked below, listed
 under Deviations, and exposed as an option.
 
 What it does, for each SFT run given with --checkpoint (train_sft.py's `global_step_<k>/` dirs, or
@@ -18,10 +20,12 @@ HF PEFT adapters: TRL's `checkpoint-<k>/`, the release's `global_step_<k>/`):
     checkpoints (adapter dirs for `--adapter`, merged HF dirs for `--model`) that evaluate.py and
     geometry.py accept.
 
-Paths (PAPER.md §9; W (d_out, d_in) = nn.Linear.weight, W0 base, W_ft final, dW = W_ft - W0):
+Paths (PEFT-Arena rewinding; W (d_out, d_in) = nn.Linear.weight, W0 base, W_ft final, dW = W_ft - W0):
   dense   W(alpha) = W0 + alpha * dW on the merged weights; every method. For OFT this is the
           "dense-delta" baseline that leaves the orthogonal manifold.
-  factor  the parameterisation-aware path, in the adapter's own tensors:
+  factor  the parameterisation-aware path, in the adapter's own tensors (each method's class says
+          how: AdapterLinear.factor_point in peft_methods.py; a method that says nothing has the
+          dense path only):
             LoRA / KeepLoRA  B <- alpha B           AdaLoRA E <- alpha E     VeRA lambda_b <- alpha lambda_b
             MiSS             D <- alpha D           IA3     l <- 1 + alpha (l - 1)
             DoRA             B <- alpha B, m <- lerp(||W0||_row, m, alpha)   (NOT additive: the norm)
@@ -34,7 +38,7 @@ Paths (PAPER.md §9; W (d_out, d_in) = nn.Linear.weight, W0 base, W_ft final, dW
           factor path IS the dense path (tests/test_rewind.py shows both give the same model).
   training  base (step 0) -> global_step_k -> ... -> final.
 
-Layer-wise rewinding (PAPER.md §9 "SafeRho/SafeScale, MinRho/MinScale"):
+Layer-wise rewinding (PEFT-Arena poster "SafeRho/SafeScale, MinRho/MinScale"):
   rho_l = mean over layer l's OFT modules of ||Q||_F (default; or ||R - I||_F, or ||dW||_F);
   tau   = mean of rho_l over the first five layers (SafeRho) or min_l rho_l (MinRho);
   c_l   = min(1, tau / rho_l), applied as Q_l <- c_l Q_l (or sqrt(c_l) Q_l with --rewind-map sqrt).
@@ -63,13 +67,9 @@ Shape legend: d_in / d_out of a wrapped Linear; W (d_out, d_in); b OFT block siz
 blocks; q (n, b(b-1)/2) the OFT generator (strict upper triangles of the skew blocks Q (n, b, b));
 R (n, b, b) the rotation blocks; L the number of decoder layers.
 
-Deviations (each also marked `# DEVIATION:` at the line):
+Deviations that change a number the paper reports (each also marked `DEVIATION n` at the line):
  1. Generator map: Q(alpha) = sqrt(alpha) Q by default (the one web caption the paper gives);
     `--generator-map linear` uses alpha Q.
- 2. Shared endpoints: alpha = 0 and alpha = 1 of every path are, by construction, the base model and
-    the final checkpoint; each is evaluated once and shared by all paths (the tests prove every path
-    reproduces them: exactly in fp32, PiSSA/MiLoRA's factor path to fp32 rounding because their
-    residual base W0 - s B0 A0 is stored rounded).
  3. PiSSA / MiLoRA "scaling the adapter" has no linear form (dW = s(BA - B0A0)); the factor path
     interpolates both factors from their initial values and differs from the additive path by
     (alpha^2 - alpha) s (B - B0)(A - A0). DoRA's factor path scales B and interpolates the magnitude
@@ -80,14 +80,20 @@ Deviations (each also marked `# DEVIATION:` at the line):
  5. Factors c_l = tau / rho_l capped at 1 (`--no-cap` lifts the cap), applied linearly to Q
     (`--rewind-map sqrt` applies sqrt(c_l), the generator-path map); `--factor-rule solve` instead
     finds c_l by bisection so that rho_l after rewinding equals tau for any rho and map.
- 6. SafeRho averages the first min(5, L) layers; on the 4-layer toy model that is all 4 layers (the
-    results and the log say so), which makes SafeRho the mean-rho target there.
  7. `uniform=a` is the generator-path point alpha = a (through --generator-map), because the paper's
-    "uniform scale 0.4" row equals the alpha = 0.4 point of its OFT curve (PAPER.md §9).
- 8. Extension: rewinding is also defined for non-OFT methods (rho = ||dW||_F, factors applied along
-    the factor path, or the dense path for Full FT); the paper rewinds OFT only.
+    "uniform scale 0.4" row (poster) equals the alpha = 0.4 point of its OFT curve.
  9. Full FT's dense path interpolates every parameter (embeddings, norms, biases included), not only
     the Linear weights: that is W0 + alpha (W_ft - W0) for the whole model.
+
+Implementation notes (change no number the paper reports; numbered with the list above):
+ 2. Shared endpoints: alpha = 0 and alpha = 1 of every path are, by construction, the base model and
+    the final checkpoint; each is evaluated once and shared by all paths (the tests prove every path
+    reproduces them: exactly in fp32, PiSSA/MiLoRA's factor path to fp32 rounding because their
+    residual base W0 - s B0 A0 is stored rounded).
+ 6. SafeRho averages the first min(5, L) layers; on the 4-layer toy model
+    that is all 4 layers (the results and the log say so), which makes SafeRho the mean-rho target.
+ 8. Extension: rewinding is also defined for non-OFT methods (rho = ||dW||_F, factors applied along
+    the factor path, or the dense path for Full FT); the paper rewinds OFT only.
 10. Evaluation inside rewind.py: `--eval real` (the default for a real --base) scores the paper's
     benchmarks at every point with evaluate.py's loaders, decoding and aggregates, one vLLM engine
     reused across points (each point's dense weights pushed in); `--eval toy` (the default for the
@@ -120,12 +126,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+import evaluate
 import loading
 import peft_methods as pm
+import toy_world
 
 PATH_NAMES = ("factor", "dense")
 RHO_MEASURES = ("q", "r_minus_i", "dw")
-SAFE_RHO_LAYERS = 5          # PAPER.md §9: "SafeRho matches the first-five-layer average"
+SAFE_RHO_LAYERS = 5          # PEFT-Arena poster: "SafeRho matches the first-five-layer average"
 CKPT_RE = re.compile(r"(?:global_step_|checkpoint-|step[_-]?)(\d+)$")
 
 
@@ -171,7 +179,7 @@ generator_coefficient = pm.generator_coefficient
 
 
 def additive_point(W0: torch.Tensor, dW: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Plain reference of the additive path: [PAPER.md §9] W(alpha) = W0 + alpha dW (fp32)."""
+    """Plain reference of the additive path: [PEFT-Arena additive path] W(alpha) = W0 + alpha dW (fp32)."""
     return W0.float() + float(alpha) * dW.float()
 
 
@@ -277,7 +285,7 @@ def mean_by_layer(module_values: dict[str, float]) -> dict[int, float]:
 
 
 def rewind_target(rhos: dict[int, float], rule: str, first_k: int = SAFE_RHO_LAYERS) -> tuple[float, dict]:
-    """tau for SafeRho (mean of the first `first_k` layers) or MinRho (min over layers) (PAPER.md §9)."""
+    """tau for SafeRho (mean of the first `first_k` layers) or MinRho (min over layers) (PEFT-Arena poster)."""
     if not rhos:
         raise ValueError("rewinding needs at least one decoder layer with adapter modules")
     layers = sorted(rhos)
@@ -296,7 +304,7 @@ def rewind_target(rhos: dict[int, float], rule: str, first_k: int = SAFE_RHO_LAY
 
 
 def rewind_factors(rhos: dict[int, float], tau: float, *, cap: bool = True) -> dict[int, float]:
-    """c_l = tau / rho_l, capped at 1 (PAPER.md §9 "probably capped at 1"); rho_l = 0 -> c_l = 1."""
+    """c_l = tau / rho_l, capped at 1 (the poster leaves the cap open: Deviation 5); rho_l = 0 -> c_l = 1."""
     out = {}
     for l, rho in rhos.items():
         # DEVIATION 5: the cap at 1 is the paper's "probably"; --no-cap lifts it
@@ -608,7 +616,7 @@ class PathRunner:
         self._tensors = "final" if (alpha == 1.0 and layer_alphas is None) else "moved"
 
     def set_dense(self, alpha: float = 1.0, *, layer_alphas: dict[int, float] | None = None) -> None:
-        """Dense-path point: every touched tensor W(alpha) = lerp(W0, W_ft, alpha) (PAPER.md §9)."""
+        """Dense-path point: every touched tensor W(alpha) = lerp(W0, W_ft, alpha) (PEFT-Arena additive path)."""
         with torch.no_grad():
             if self.method == "full":
                 # DEVIATION 9: every parameter moves (embeddings, norms, biases too)
@@ -629,8 +637,7 @@ class PathRunner:
 
     def bake(self) -> None:
         """Serve the current adapter point as a dense merged model: each wrapper's merged weight goes
-        into its plain nn.Linear (PAPER.md §3: every adapter is merged into a dense model for
-        evaluation). Same model up to fp32 rounding; much faster generation for OFT, whose wrapper
+        into its plain nn.Linear (PEFT-Arena evaluates every adapter merged into a dense model). Same model up to fp32 rounding; much faster generation for OFT, whose wrapper
         rebuilds R at every forward. The wrappers keep their tensors, so save_point can still write
         the point as an adapter."""
         if self.method == "full" or self.mode == "dense":
@@ -863,7 +870,6 @@ def make_toy_evaluator(*, domain: str = "math", n_per_family: int = 200, batch_s
     """evaluate_fn(model, tokenizer, *, base_general, tag) -> evaluate.evaluate_toy result (percent).
 
     DEVIATION 10: the toy suite; real models use make_real_evaluator (--eval real)."""
-    import evaluate   # lazy: evaluate.py is a separate file (and heavy)
 
     def evaluate_fn(model, tokenizer, *, base_general=None, tag=None):
         cache = Path(cache_root) / tag if (cache_root and tag) else None
@@ -884,8 +890,6 @@ def make_real_evaluator(cfg: dict, *, cache_root=None):
     --base's folder) serves every point: each point's dense weights (merged adapters) are pushed into
     it layer by layer (evaluate.push_weights), nothing is written to disk; release it with
     evaluate.release_engine() (run_analysis does)."""
-    import evaluate
-    from loading import resolve_spec
     suites = real_suites(cfg)
     names = [n for s in suites for n in evaluate.SUITES[s]]
     paths = evaluate._parse_paths(cfg.get("path"))
@@ -907,7 +911,7 @@ def make_real_evaluator(cfg: dict, *, cache_root=None):
         llm = None
         if backend == "vllm":
             from transformers import AutoConfig
-            path, _ = resolve_spec(cfg["base"])
+            path, _ = loading.resolve_spec(cfg["base"])
             hf = AutoConfig.from_pretrained(path)
             ctx = evaluate._vllm_context(names, items, tokenizer, cfg["base"], max_new,
                                          int(getattr(hf, "max_position_embeddings", 1 << 30)))
@@ -1146,7 +1150,6 @@ def run_analysis(cfg: dict, *, loader: Callable | None = None, evaluate_fn=None,
         return _run_points(cfg, model, tok, evaluate_fn, out, log)
     finally:
         if cfg.get("eval") == "real":
-            import evaluate
             evaluate.release_engine()     # the one engine that scored every point
 
 
@@ -1302,7 +1305,7 @@ def _overshoot_rows(r: dict) -> list[str]:
 def summary_markdown(res: dict, cfg: dict) -> str:
     """A short Markdown report (for the README): base, final, selected points, rewinds, overshoot."""
     cmd = " ".join(str(a) for a in cfg.get("argv", []))
-    lines = ["# Interpolation and rewinding (PAPER.md §9)", "", f"Command: `python {cmd}`", "",
+    lines = ["# Interpolation and rewinding (PEFT-Arena, arXiv 2605.28819)", "", f"Command: `python {cmd}`", "",
              f"Target / General in %, toy domain `{cfg.get('domain')}`, {cfg.get('n_per_family')} items per family. "
              f"Overshoot = a point before the final checkpoint with general >= final + "
              f"{cfg.get('overshoot_general', 5.0):g} and >= {cfg.get('overshoot_target_keep', 80.0):g}% of the final "
@@ -1403,7 +1406,7 @@ def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
         _plot_markers(axes[0][j], r, base, final)
         if sv:
             _plot_sv(axes[1][j], r, base, final)
-    fig.suptitle("Interpolation vs training path in the (target, general) plane (PAPER.md §9)", fontsize=11)
+    fig.suptitle("Interpolation vs training path in the (target, general) plane (PEFT-Arena)", fontsize=11)
     fig.tight_layout()
     png = Path(png)
     tmp = png.with_name(".tmp-" + png.name)
@@ -1418,7 +1421,7 @@ def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Interpolation paths, layer-wise rewinding and the overshoot "
-                                            "(PAPER.md §9)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "(PEFT-Arena)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--base", default="toy", help="base model: 'toy', a local HF dir or a hub id (loaded once)")
     g.add_argument("--checkpoint", action="append", default=[],
@@ -1508,10 +1511,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def make_smoke_run(root: Path, method: str = "lora", seed: int = 0) -> tuple[str, Path]:
     """A random tiny base model dir and a fake 2-checkpoint SFT run of `method` (for --smoke / tests)."""
-    from toy_world import build_random_toy_model
     root = Path(root)
     base_dir, run_dir = root / "smoke_base", root / "smoke_run"
-    model, tok = build_random_toy_model(seed=seed)
+    model, tok = toy_world.build_random_toy_model(seed=seed)
     if not (base_dir / "config.json").exists():
         model.save_pretrained(base_dir)
         tok.save_pretrained(base_dir)
