@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import geometry
 import peft_methods as pm
 import rewind as rw
+from loading import load_model
 from toy_world import build_random_toy_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -493,13 +495,10 @@ def test_grid_reuses_one_model_and_writes_outputs(tmp_path):
     r.set_factor(0.5)
     assert torch.equal(logits(m1.eval()), logits(r.model))
     r.set_dense(0.5)
-    from loading import load_model
     m2, _ = load_model(str(md), dtype="float32", device="cpu")
     assert torch.equal(logits(m2), logits(r.model))
-    geometry = pytest.importorskip("geometry")
-    if hasattr(geometry, "read_checkpoint_info"):
-        assert geometry.read_checkpoint_info(ad)["kind"] == "adapter"
-        assert geometry.read_checkpoint_info(md)["kind"] == "hf"
+    assert geometry.read_checkpoint_info(ad)["kind"] == "adapter"
+    assert geometry.read_checkpoint_info(md)["kind"] == "hf"
     assert (pdir / "rewind_minrho" / pm.CONFIG_FILE).exists()
 
 
@@ -544,9 +543,6 @@ def test_training_checkpoints_swap_in_place(tiny_random, tmp_path):
 
 def test_toy_evaluator_end_to_end(tiny_random, tmp_path):
     """The real evaluate.evaluate_toy on the one model (tiny sizes): scores land in the points."""
-    evaluate = pytest.importorskip("evaluate")
-    if not hasattr(evaluate, "evaluate_toy"):
-        pytest.skip("evaluate.evaluate_toy not there yet")
     make_checkpoint(tmp_path, "lora")
     fn = rw.make_toy_evaluator(n_per_family=1, families=["math", "nq"], batch_size=8)
     model, tok = tiny_random
