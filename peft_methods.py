@@ -1653,12 +1653,6 @@ def _load_full(model: nn.Module, cfg: dict, hp, adapter_dir: Path, *, wrap: bool
     return list(cfg["modules"])
 
 
-def scale_adapter_(model: nn.Module, c: float) -> None:
-    """scale_update_ on every wrapped module: dW -> c dW for all layers (additive methods only)."""
-    for layer in adapter_layers(model).values():
-        layer.scale_update_(c)
-
-
 # -----------------------------------------------------------------------------
 # 6. AdaLoRA training hooks (callable from any SFT loop; the release never calls them)
 # -----------------------------------------------------------------------------
@@ -2277,7 +2271,7 @@ def _cli_count(args) -> None:
                       f"non-embedding {r['non_embedding'] / 1e9:.2f}B (poster lists non-embedding size)")
                 continue
             print(f"{r['setting']:<15}{r['count']:>16,}{r['count'] / 1e6:>9.2f}{r['poster']:>9}  {r['note']}")
-    print("\nAlso in the poster (PEFT-Arena poster main table): RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
+    print("\nAlso in the PEFT-Arena poster main table: RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
           "'LoRA r8a16' lists 24.31M on Llama (the r16 count).")
     if args.json:
         loading.atomic_write_json(args.json, results)
