@@ -1,9 +1,9 @@
 """peft_methods.py: every PEFT method of the arena, hand-written in plain PyTorch.
 
-Implements PAPER.md §3 (methods compared, paper hyperparameters, parameter formulas) with the
-per-method math of METHODS.md §2-§13 (Full FT, LoRA/rsLoRA, DoRA, PiSSA, MiLoRA, KeepLoRA,
-AdaLoRA, VeRA, IA3, MiSS, OFTv2). Hugging Face PEFT is the numerical reference (tests only);
-this file never imports it.
+Implements the methods PEFT-Arena compares, at the paper's hyperparameters and parameter counts
+(poster main table), each from its own paper (Full FT, LoRA/rsLoRA, DoRA, PiSSA, MiLoRA, KeepLoRA,
+AdaLoRA, VeRA, IA3, MiSS, OFTv2; see References). Hugging Face PEFT is the numerical reference
+(tests only); this file never imports it.
 
 Run:
     python peft_methods.py count            # trainable params of Qwen2.5-7B / Llama-3.2-3B (meta device)
@@ -12,7 +12,7 @@ Run:
     python peft_methods.py export CKPT --to merged --out DIR --dtype bf16 [--base MODEL]
     python -m pytest tests/test_peft_methods.py -q
 
-One small API for every method (see CONTRACTS.md):
+One small API for every method:
     apply_peft(model, "oft", block_size=32)      # wrap q,k,v,o,gate,up,down in place, freeze the rest
     delta_weight(layer) / merged_weight(layer)   # dense fp32 dW and W_eff of one wrapped module
     merged_state_dict(model), merge_and_unload(model), disable_adapters(model)
@@ -24,7 +24,14 @@ checkpointing keep working. Adding a method = one Config dataclass + one Adapter
 
 Shape legend: B batch, T sequence, d_in / d_out the wrapped Linear's in / out width, r rank,
 b OFT block size, n = d_in / b OFT blocks, W (d_out, d_in) = nn.Linear.weight (PyTorch row form
-y = x W^T + b; the math comments use the column form y = W x + b of METHODS.md §0).
+y = x W^T + b; the math comments use the column form y = W x + b of the method papers).
+
+References. PEFT-Arena: Huang et al., arXiv 2605.28819; its poster
+(`PA: docs/static/pdfs/peft-arena-poster.pdf`: main table, parameter counts) and official release
+(Sphere-AI-Lab/PEFT-Arena, files cited as `PA: <path>`). Method papers: LoRA Hu et al. 2021;
+rsLoRA Kalajdzievski 2023; DoRA Liu et al. 2024; PiSSA Meng et al. 2024; MiLoRA Wang et al. 2024;
+KeepLoRA Luo et al. 2026 (arXiv 2601.19659); AdaLoRA Zhang et al. 2023; VeRA Kopiczko et al.
+2024; (IA)^3 Liu et al. 2022; MiSS Kang et al. 2024 (formerly Bone); OFTv2 Qiu et al. 2025.
 
 Internals other files use (documented, stable):
     layer.scaling                       LoRA-family s (alpha/r or alpha/sqrt(r))
@@ -33,36 +40,40 @@ Internals other files use (documented, stable):
     layer.oft_q                         OFT generator (rows, b(b-1)/2): the upper triangles of Q
     layer.rotation(q=None)              R blocks (rows, b, b) from the layer's (or a given) generator
     layer.merged_weight_from(q)         W R_bd^T for a given generator (iOFT / SafeRho rewinding)
+    LayerClass.factor_point(...)        the method's factor path for rewinding (factor_tensors,
+                                        factor_is_dense, labels, rho_measures: rewind.py asks these)
     oft_rotation(q, b, ...)             the same as a pure function
 
-Deviations (from HF PEFT / the PEFT-Arena release; each also marked `# DEVIATION:` at the line):
+Deviations that change a number the paper reports (each also marked `DEVIATION n` at the line):
+ 5. PiSSA / MiLoRA: the initial factors (A0, B0) are saved with the adapter, so the residual base
+    W_res = W0 - s B0 A0 is rebuilt exactly at load time from the original W0 (the release never
+    builds W_res: no script creates the initial adapters). delta_weight is relative to W0, and
+    disable_adapters gives W0 (PEFT's disabled PiSSA model is W_res).
+ 6. KeepLoRA: the release's initialiser looks gradients up under PEFT-wrapped names
+    (`base_model.model.model.layers.0...`) while they are keyed by raw names
+    (`model.layers.0...`), so it most likely never runs and trains LoRA-FA (Kaiming A frozen,
+    B = 0; `PA: utils/keeplora.py`). Here the names match and the init always runs; it
+    fails loudly without `init_batch`. Both randomised SVDs are seeded (`seed`); `exact_svd=True`
+    uses full SVDs. The seed gradient is taken in the model's dtype without autocast on the batch
+    given (release: first micro-batch of 2, bf16 autocast). W is not compensated (as released),
+    so KeepLoRA is not the identity at init.
+
+Implementation notes (differences from HF PEFT / the release that change no reported number):
  1. OFT exact Cayley uses R = (I+Q)(I-Q)^-1, the limit of the Cayley-Neumann series, so one
     generator means one rotation whichever variant is on. PEFT's exact branch computes
-    (I-Q)(I+Q)^-1 = R^T (METHODS.md §13 "sign pitfall"); a PEFT exact-Cayley generator q maps
+    (I-Q)(I+Q)^-1 = R^T (the sign pitfall); a PEFT exact-Cayley generator q maps
     to ours as -q (tests/test_peft_methods.py shows the mapping). Cayley-Neumann follows PEFT
     >= 0.18 term for term (including its T=3 == T=4 quirk).
  2. OFT: a block size that does not divide d_in is refused, with PEFT's substitute and the
     nearest valid sizes in the message; `adjust_block_size=True` does what PEFT does (nearest
     divisor) and prints it. OFT `module_dropout` is not implemented (a no-op for Linear in PEFT).
  3. No in-place merge: merged weights are computed out of place in fp32 and cast; the master W is
-    never mutated (PEFT's merge/unmerge mutates W and drifts in bf16, METHODS.md §0).
+    never mutated (PEFT's merge/unmerge mutates W and drifts in bf16).
     `unmerge_weight(layer, W_merged)` inverts a merge exactly where the math allows.
  4. IA3 unmerge divides by l exactly (PEFT divides by l + 1e-8).
- 5. PiSSA / MiLoRA: the initial factors (A0, B0) are saved with the adapter, so the residual base
-    W_res = W0 - s B0 A0 is rebuilt exactly at load time from the original W0 (the release never
-    builds W_res, PAPER.md §12.3). delta_weight is relative to W0, and disable_adapters gives
-    W0 (PEFT's disabled PiSSA model is W_res).
- 6. KeepLoRA: the release's initialiser looks gradients up under PEFT-wrapped names
-    (`base_model.model.model.layers.0...`) while they are keyed by raw names
-    (`model.layers.0...`), so it most likely never runs and trains LoRA-FA (Kaiming A frozen,
-    B = 0; METHODS.md §8, PAPER.md §12.2). Here the names match and the init always runs; it
-    fails loudly without `init_batch`. Both randomised SVDs are seeded (`seed`); `exact_svd=True`
-    uses full SVDs. The seed gradient is taken in the model's dtype without autocast on the batch
-    given (release: first micro-batch of 2, bf16 autocast). W is not compensated (as released),
-    so KeepLoRA is not the identity at init.
  7. AdaLoRA: the orthogonality regulariser and the budget/rank allocation are implemented as
     `adalora_regularizer(model)` and `adalora_update_and_allocate(model, step, total_steps)`.
-    The official release never calls either (PAPER.md §12.4): its AdaLoRA is a fixed rank-12
+    The official release never calls either: its AdaLoRA is a fixed rank-12
     SVD-form LoRA, which is what you get if the SFT loop does not call them. Pruned triplets are
     masked in E (as PEFT during training); tensors are never resized, so the parameter count
     stays 12(d_in+d_out)+12.
@@ -88,6 +99,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +108,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import loading
 
 FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NEVER_WRAPPED = ("lm_head",)  # PAPER.md §3.1: lm_head, embeddings, norms stay frozen
+NEVER_WRAPPED = ("lm_head",)  # PEFT-Arena: all-linear targets; lm_head, embeddings, norms stay frozen
 ADAPTER_FILE, FULL_FILE, CONFIG_FILE = "adapter.safetensors", "model.safetensors", "adapter_config.json"
 VERA_SHARED_ATTR = "peft_vera_shared"   # model-level shared tensors live in `peft_<method>_shared` modules
 STATE_ATTR = "peft_arena_state"         # plain attribute on the wrapped model: method, config, targets
@@ -133,7 +149,7 @@ def check_rank(method: str, name: str, r: int, d_in: int, d_out: int, field: str
 
 def svd_factors(W: torch.Tensor, r: int, scaling: float, *, minor: bool = False,
                 niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA / MiLoRA factors in fp32 (METHODS.md §5, §6).
+    """PiSSA / MiLoRA factors in fp32 (Meng et al. 2024 PiSSA; Wang et al. 2024 MiLoRA).
 
     [Meng+24 PiSSA, Eq. 2-3] W = U S V^T; A = diag(sqrt(S_r/s)) V_r^T (r, d_in),
     B = U_r diag(sqrt(S_r/s)) (d_out, r), so s*B@A = U_r S_r V_r^T exactly (PEFT's 1/s convention).
@@ -156,8 +172,37 @@ def svd_factors(W: torch.Tensor, r: int, scaling: float, *, minor: bool = False,
 
 
 def row_norm(W: torch.Tensor) -> torch.Tensor:
-    """||W||_row: the norm over d_in of each output row = DoRA's column norm ||.||_c (METHODS.md §4)."""
+    """||W||_row: the norm over d_in of each output row = DoRA's column norm ||.||_c (Liu et al. 2024)."""
     return torch.linalg.norm(W, dim=1)                      # (d_out,)
+
+
+def lerp_exact(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) start + alpha end in fp32: the interpolation of PEFT-Arena Sec. 5 (rewinding).
+
+    torch.lerp computes start + a (end - start) for a < 0.5 and end - (1 - a)(end - start)
+    otherwise, so it returns `start` bit-exactly at a = 0 and `end` bit-exactly at a = 1; the naive
+    W0 + 1 * (W_ft - W0) is off by an ulp.
+    """
+    return torch.lerp(start.float(), end.float(), float(alpha))
+
+
+def generator_coefficient(alpha: float, gen_map: str = "sqrt") -> float:
+    """The factor s(alpha) applied to an OFT generator: Q(alpha) = s(alpha) Q.
+
+    sqrt by default (the paper's iOFT caption "Q_m(alpha) = sqrt(alpha) Q_m"); linear = alpha.
+    """
+    if gen_map == "sqrt":
+        if alpha < 0:
+            raise ValueError(f"generator map sqrt needs alpha >= 0, got {alpha}")
+        return math.sqrt(alpha)
+    if gen_map == "linear":
+        return float(alpha)
+    raise ValueError(f"generator map must be 'sqrt' or 'linear', not {gen_map!r}")
+
+
+def scaled(t: torch.Tensor, c: float) -> torch.Tensor:
+    """c t as an fp32 product cast back: c = 1 returns t exactly, c = 0 returns zeros exactly."""
+    return (t.float() * c).to(t.dtype)
 
 
 def triu_index(b: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +211,7 @@ def triu_index(b: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def skew_from_triu(q: torch.Tensor, b: int, rows=None, cols=None) -> torch.Tensor:
-    """(n, b(b-1)/2) generator -> (n, b, b) skew-symmetric Q = U - U^T (METHODS.md §13)."""
+    """(n, b(b-1)/2) generator -> (n, b, b) skew-symmetric Q = U - U^T (OFTv2)."""
     if rows is None:
         rows, cols = triu_index(b, q.device)
     U = q.new_zeros(q.shape[0], b, b)
@@ -177,7 +222,7 @@ def skew_from_triu(q: torch.Tensor, b: int, rows=None, cols=None) -> torch.Tenso
 def cayley_neumann(Q: torch.Tensor, num_terms: int) -> torch.Tensor:
     """Truncated Cayley transform (I+Q)(I-Q)^-1 = I + 2Q + 2Q^2 + ... (OFTv2, arXiv 2506.19847 §3).
 
-    T = num_terms, exactly as PEFT >= 0.18 (METHODS.md §13): T=1 -> I; T=2 -> I + 2Q;
+    T = num_terms, exactly as PEFT >= 0.18 (OFTv2, Qiu et al. 2025): T=1 -> I; T=2 -> I + 2Q;
     T>=4 -> I + 2 sum_{k=1}^{T-2} Q^k + Q^{T-1} (T=5, the default: I + 2Q + 2Q^2 + 2Q^3 + Q^4).
     T=3 gives the same matrix as T=4 (PEFT's loop bound; kept so checkpoints mean the same thing).
     Built with T-2 batched matmuls in Q's dtype; converges only for ||Q|| < 1 (not checked, as PEFT).
@@ -243,7 +288,7 @@ def oft_rotate_input(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 
 def oft_merge_blockwise(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """W' = W R_bd^T computed block by block: W'[:, block i] = W[:, block i] R_i^T (METHODS.md §13)."""
+    """W' = W R_bd^T computed block by block: W'[:, block i] = W[:, block i] R_i^T."""
     rows, b, _ = R.shape
     Wb = W.unflatten(1, (-1, b))                            # (d_out, n, b)
     if rows == 1:
@@ -282,7 +327,7 @@ def miss_delta(D: torch.Tensor, d_in: int) -> torch.Tensor:
 
 def vera_shared_matrices(r: int, d_in_max: int, d_out_max: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """VeRA's frozen shared A (r, D_in), B (D_out, r): Kaiming-uniform, gain sqrt(2), fan_in = dim 1,
-    drawn from a CPU generator seeded with `seed`, A first (PEFT `projection_prng_key`, METHODS.md §10)."""
+    drawn from a CPU generator seeded with `seed`, A first (PEFT `projection_prng_key`)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def kaiming(shape):
@@ -306,7 +351,7 @@ def adalora_budget(step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfi
 
 def keeplora_factors(W: torch.Tensor, G: torch.Tensor, r: int, principal_rank: int, *,
                      niter: int = 2, seed: int = 0, exact_svd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """KeepLoRA init (METHODS.md §8, `PA: utils/keeplora.py`), fp32.
+    """KeepLoRA init (Luo et al. 2026, as `PA: utils/keeplora.py`), fp32.
 
     V_k = top-k right singular vectors of W; G_res = G - (G V_k) V_k^T (drop the gradient inside
     W's principal input subspace); G_res ~ U S V^T (rank r); B = U diag(S), A = V^T, zero-padded.
@@ -416,6 +461,40 @@ class AdapterLinear(nn.Module):
             f"{self.method}: dW is not linear in one adapter tensor, so it cannot be scaled in factor form; "
             f"use W0 + c * delta_weight(layer) (module '{self.name}')")
 
+    # ---- rewinding (rewind.py asks the class, never a table of method names) -------------------
+    # The factor path moves the adapter's own tensors with alpha: alpha = 0 is the identity adapter
+    # (the base model), alpha = 1 the final tensors exactly. Default: dW is linear in the tensors
+    # named in `factor_tensors`, so scaling them by alpha walks the dense path W0 + alpha dW
+    # (`factor_is_dense`). A method that names none has the dense path W0 + alpha (W_ft - W0) only,
+    # which every method has; a method whose path is not a scaling overrides `factor_point`.
+    factor_tensors: tuple[str, ...] = ()
+    factor_is_dense = True            # False: the factor path is a different model between the endpoints
+    factor_label = "adapter factor path"   # plot/CSV label; "{gen}" is replaced by the generator map
+    dense_label = "dense W0+a*dW"
+    rho_measures = ("dw",)            # rewinding strength measures this method defines; [0] is the default
+
+    @classmethod
+    def factor_point(cls, tensors: dict[str, torch.Tensor], alpha: float, *, W0: torch.Tensor | None = None,
+                     gen_map: str = "sqrt") -> dict[str, torch.Tensor] | None:
+        """The tensors that change at factor-path point alpha, from the FINAL `tensors` (by their
+        wrapper names); None when the method has no factor path. W0 (base weight): DoRA only."""
+        if not cls.factor_tensors:
+            return None
+        return {k: scaled(tensors[k], float(alpha)) for k in cls.factor_tensors}
+
+    @torch.no_grad()
+    def merged_weight_at(self, new: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 merged weight with the adapter tensors `new` in place of the current ones (restored after)."""
+        own = {k: v for k, v in self.named_parameters(recurse=False)}
+        own.update((k, v) for k, v in self.named_buffers(recurse=False) if k not in self._non_persistent_buffers_set)
+        saved = {k: own[k].detach().clone() for k in new}
+        for k, v in new.items():
+            own[k].copy_(v)
+        W = self.merged_weight()
+        for k, v in saved.items():
+            own[k].copy_(v)
+        return W
+
     def finalize_init(self) -> None:
         """Called by apply_peft once every wrapper is built (PiSSA writes its residual base here)."""
 
@@ -434,18 +513,18 @@ class AdapterLinear(nn.Module):
 # 3. Methods: one Config dataclass + one wrapper (+ an optional model-level `prepare`) each
 # -----------------------------------------------------------------------------
 
-# ---- Full FT (METHODS.md §2): nothing to wrap; every parameter trains ------------------------
+# ---- Full FT: nothing to wrap; every parameter trains --------------------------------------------
 
 @dataclass
 class FullConfig:
     pass
 
 
-# ---- LoRA / rsLoRA (METHODS.md §3) -------------------------------------------------------------
+# ---- LoRA / rsLoRA (Hu et al. 2021; Kalajdzievski 2023) ------------------------------------------
 
 @dataclass
 class LoraConfig:
-    r: int = 8                 # PAPER.md §3.1: r8a16 (r4a8, r16a32, r32a64)
+    r: int = 8                 # PEFT-Arena main table: r8a16 (r4a8, r16a32, r32a64)
     alpha: float = 16.0
     dropout: float = 0.05      # arena SFT default (adapter branch only)
     use_rslora: bool = False   # s = alpha/sqrt(r) instead of alpha/r
@@ -454,6 +533,9 @@ class LoraConfig:
 class LoraLinear(AdapterLinear):
     """[Hu+21 LoRA, Eq. 3] h = W0 x + s B A x; A (r, d_in) Kaiming-uniform, B (d_out, r) = 0."""
     method = "lora"
+    # [Hu+21 LoRA, Eq. 3] dW = s B A is linear in B: B <- alpha B (the paper's "LoRA B <- alpha B")
+    factor_tensors = ("lora_B",)
+    factor_label = "adapter B<-aB"
 
     def __init__(self, base_layer, cfg: LoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -477,7 +559,7 @@ class LoraLinear(AdapterLinear):
         return result + self.lora_branch(x).to(result.dtype)
 
     def merged_weight(self):
-        # W' = W + s B A (METHODS.md §3)
+        # W' = W + s B A (Hu et al. 2021)
         return self.base_layer.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def unmerge_weight(self, W_merged):
@@ -488,7 +570,7 @@ class LoraLinear(AdapterLinear):
             self.lora_B.mul_(c)                                           # dW = s B A is linear in B
 
 
-# ---- DoRA (METHODS.md §4) ----------------------------------------------------------------------
+# ---- DoRA (Liu et al. 2024) ----------------------------------------------------------------------
 
 @dataclass
 class DoraConfig(LoraConfig):
@@ -498,6 +580,18 @@ class DoraConfig(LoraConfig):
 class DoraLinear(LoraLinear):
     """[Liu+24 DoRA, Eq. 5] W' = m * (W + sBA) / ||W + sBA||_row, the norm detached (DoRA §4.3)."""
     method = "dora"
+    factor_is_dense = False
+    factor_label = "DoRA B<-aB, m lerp"
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # [Liu+24 DoRA, Eq. 5] W' = m (W + s B A) / ||W + s B A||_row. Scale the direction update
+        # (B <- alpha B) and move the magnitude from its init ||W0||_row to m. Not additive (Deviation 3).
+        if W0 is None:
+            raise ValueError("factor_point(dora) needs W0 (the base weight) for the initial magnitude ||W0||_row")
+        a, m = float(alpha), tensors["magnitude"]
+        m0 = row_norm(W0.to(m.dtype)).to(m.dtype)                       # (d_out,) as DoRA's init computes it
+        return {"lora_B": scaled(tensors["lora_B"], a), "magnitude": lerp_exact(m0, m, a).to(m.dtype)}
 
     def __init__(self, base_layer, cfg: DoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -545,7 +639,7 @@ class DoraLinear(LoraLinear):
         AdapterLinear.scale_update_(self, c)
 
 
-# ---- PiSSA and MiLoRA (METHODS.md §5, §6) ---------------------------------------------------
+# ---- PiSSA and MiLoRA (Meng et al. 2024; Wang et al. 2024) ---------------------------------------
 
 @dataclass
 class PissaConfig(LoraConfig):
@@ -564,6 +658,16 @@ class PissaLinear(LoraLinear):
     time and delta_weight is relative to W0: dW = s (B A - B0 A0).
     """
     method = "pissa"
+    factor_is_dense = False
+    factor_label = "PiSSA factor lerp"
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # dW = s (B A - B0 A0): no single linear tensor. Interpolate both factors from their init
+        # (A0, B0) (rewind Deviation 3): s B(a) A(a) = s B0 A0 + a (...) + a^2 s (B - B0)(A - A0).
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        return {"lora_A": lerp_exact(tensors["lora_A0"], A, alpha).to(A.dtype),
+                "lora_B": lerp_exact(tensors["lora_B0"], B, alpha).to(B.dtype)}
     minor = False
 
     def __init__(self, base_layer, cfg, *, name, dtype, ctx=None, init=True):
@@ -615,13 +719,14 @@ class PissaLinear(LoraLinear):
 class MiloraLinear(PissaLinear):
     """[Wang+25 MiLoRA] as PiSSA with the r smallest singular triplets (full SVD).
 
-    DEVIATION 9: not in PEFT; PiSSA's 1/s factor convention (METHODS.md §6, unverified vs the arena).
+    DEVIATION 9: not in PEFT; PiSSA's 1/s factor convention (unverified vs the arena).
     """
     method = "milora"
+    factor_label = "MiLoRA factor lerp"
     minor = True
 
 
-# ---- KeepLoRA (METHODS.md §8) ------------------------------------------------------------------
+# ---- KeepLoRA (Luo et al. 2026, arXiv 2601.19659) ------------------------------------------------
 
 @dataclass
 class KeepLoraConfig(LoraConfig):
@@ -673,12 +778,12 @@ def _keeplora_prepare(model, cfg, targets, init_batch, init):
         return None
     if init_batch is None:
         raise ValueError("keeplora: initialisation needs `init_batch` (one batch of the training data) to compute "
-                         "the seed gradient (METHODS.md §8); pass apply_peft(model, 'keeplora', init_batch=batch)")
+                         "the seed gradient (KeepLoRA init); pass apply_peft(model, 'keeplora', init_batch=batch)")
     return {"grads": _collect_seed_gradients(model, init_batch, list(targets))}
 
 
 class KeepLoraLinear(LoraLinear):
-    """KeepLoRA as released (METHODS.md §8): A, B from the residual-subspace gradient, A frozen,
+    """KeepLoRA as released (`PA: utils/keeplora.py`): A, B from the residual-subspace gradient, A frozen,
     W not compensated, so dW = s U_r S_r V_r^T of G_res at step 0 (not the identity at init).
 
     In the release, `initialize_keeplora_adapters` looks G up by PEFT-wrapped module names while
@@ -700,7 +805,7 @@ class KeepLoraLinear(LoraLinear):
                 self.lora_B.copy_(B)
 
 
-# ---- AdaLoRA (METHODS.md §9) -------------------------------------------------------------------
+# ---- AdaLoRA (Zhang et al. 2023) -----------------------------------------------------------------
 
 @dataclass
 class AdaLoraConfig:
@@ -720,6 +825,9 @@ class AdaLoraConfig:
 class AdaLoraLinear(AdapterLinear):
     """[Zhang+23 AdaLoRA, Eq. 3] dW = B (A * E) alpha / (ranknum + 1e-5), P=B, Lambda=E, Q=A."""
     method = "adalora"
+    # [Zhang+23 AdaLoRA, Eq. 3] dW = B (A * E) alpha/(ranknum + 1e-5): linear in E
+    factor_tensors = ("lora_E",)
+    factor_label = "AdaLoRA E<-aE"
 
     def __init__(self, base_layer, cfg: AdaLoraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -761,11 +869,11 @@ class AdaLoraLinear(AdapterLinear):
             self.lora_E.mul_(c)
 
 
-# ---- VeRA (METHODS.md §10) ---------------------------------------------------------------------
+# ---- VeRA (Kopiczko et al. 2024) -----------------------------------------------------------------
 
 @dataclass
 class VeraConfig:
-    r: int = 256               # PAPER.md §3.1
+    r: int = 256               # PEFT-Arena main table
     dropout: float = 0.05
     d_initial: float = 0.1     # lambda_d init; lambda_b = 0
     projection_seed: int = 0   # PEFT projection_prng_key
@@ -795,6 +903,9 @@ def _vera_prepare(model, cfg, targets, init_batch, init):
 class VeraLinear(AdapterLinear):
     """[Kopiczko+24 VeRA, Eq. 1] h = W0 x + Lambda_b B Lambda_d A x, A and B frozen and shared."""
     method = "vera"
+    # [Kopiczko+24 VeRA, Eq. 1] dW = diag(lambda_b) B diag(lambda_d) A: linear in lambda_b
+    factor_tensors = ("lambda_b",)
+    factor_label = "VeRA lb<-a*lb"
 
     def __init__(self, base_layer, cfg: VeraConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -840,11 +951,11 @@ class VeraLinear(AdapterLinear):
             self.lambda_b.mul_(c)
 
 
-# ---- IA3 (METHODS.md §11) ----------------------------------------------------------------------
+# ---- IA3 (Liu et al. 2022) -----------------------------------------------------------------------
 
 @dataclass
 class Ia3Config:
-    # PAPER.md §3.1: all-linear targets, feedforward_modules=["down_proj"]: down_proj scales its
+    # PEFT-Arena: all-linear targets, feedforward_modules=["down_proj"]: down_proj scales its
     # INPUT, every other target scales its OUTPUT (bias included).
     feedforward_modules: tuple = ("down_proj",)
 
@@ -852,6 +963,13 @@ class Ia3Config:
 class Ia3Linear(AdapterLinear):
     """[Liu+22 (IA)^3] non-FF: y = l * (W x + b); FF: y = W (l * x) + b; l = 1 at init."""
     method = "ia3"
+    factor_label = "IA3 l<-1+a(l-1)"
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # W' = diag(l) W (or W diag(l)): dW linear in (l - 1); lerp(1, l) is exact at alpha = 1
+        l = tensors["ia3_l"]
+        return {"ia3_l": lerp_exact(torch.ones_like(l), l, alpha).to(l.dtype)}
 
     def __init__(self, base_layer, cfg: Ia3Config, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -884,17 +1002,20 @@ class Ia3Linear(AdapterLinear):
             self.ia3_l.copy_(1 + c * (self.ia3_l - 1))
 
 
-# ---- MiSS (METHODS.md §12) ---------------------------------------------------------------------
+# ---- MiSS (Kang et al. 2024) ---------------------------------------------------------------------
 
 @dataclass
 class MissConfig:
-    r: int = 8                 # PAPER.md §3.1: r8, r64 (alpha ignored)
+    r: int = 8                 # PEFT-Arena main table: r8, r64 (alpha ignored)
     dropout: float = 0.05
 
 
 class MissLinear(AdapterLinear):
     """MiSS default ("balance") mode: dW = D^T tiled along d_in, D (r, d_out) = 0 at init."""
     method = "miss"
+    # dW = tile(D^T) is linear in D (the paper's "MiSS D <- alpha D")
+    factor_tensors = ("miss_D",)
+    factor_label = "MiSS D<-aD"
 
     def __init__(self, base_layer, cfg: MissConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -927,11 +1048,11 @@ class MissLinear(AdapterLinear):
             self.miss_D.mul_(c)
 
 
-# ---- OFT v2 (METHODS.md §13) -------------------------------------------------------------------
+# ---- OFT v2 (Qiu et al. 2025) --------------------------------------------------------------------
 
 @dataclass
 class OftConfig:
-    block_size: int = 16            # b; PAPER.md §3.1: b16-b128, b32 representative
+    block_size: int = 16            # b; PEFT-Arena main table: b16-b128, b32 representative
     use_cayley_neumann: bool = True
     num_terms: int = 5              # Cayley-Neumann terms T
     block_share: bool = False       # one rotation for all blocks
@@ -947,6 +1068,20 @@ class OftLinear(AdapterLinear):
     `merged_weight` is the weight-centric reference. Bias is untouched.
     """
     method = "oft"
+    factor_is_dense = False
+    factor_label = "OFT generator (iOFT, {gen}*Q)"
+    dense_label = "OFT dense-delta W0+a(W_ft-W0)"
+    rho_measures = ("q", "r_minus_i", "dw")   # rewind Deviation 4: rho = ||Q||_F by default
+
+    @classmethod
+    def factor_point(cls, tensors, alpha, *, W0=None, gen_map="sqrt"):
+        # [iOFT, PEFT-Arena Sec. 5] Q_m(alpha) = sqrt(alpha) Q_m for every block generator; the
+        # wrapper then builds R = Cayley(-Neumann)(Q(alpha)) and W = W0 blockdiag(R)^T. q holds Q's
+        # upper triangle, so scaling q scales Q.
+        return {"oft_q": scaled(tensors["oft_q"], generator_coefficient(float(alpha), gen_map))}
+
+    def merged_weight_at(self, new):
+        return self.merged_weight_from(new["oft_q"])
 
     def __init__(self, base_layer, cfg: OftConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)
@@ -1027,7 +1162,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "full": Method(FullConfig, None, lambda i, o, c: i * o, doc="all parameters train (METHODS.md §2)"),
+    "full": Method(FullConfig, None, lambda i, o, c: i * o, doc="all parameters train"),
     "lora": Method(LoraConfig, LoraLinear, lambda i, o, c: c.r * (i + o), doc="W + s B A"),
     "dora": Method(DoraConfig, DoraLinear, lambda i, o, c: c.r * (i + o) + o, doc="magnitude * direction"),
     "pissa": Method(PissaConfig, PissaLinear, lambda i, o, c: c.r * (i + o), doc="principal-SVD LoRA, residual base"),
@@ -1056,7 +1191,7 @@ METHODS["oft"].per_module = _oft_per_module
 
 
 def closed_form_count(method: str, shapes: dict[str, tuple[int, int]], cfg=None) -> int:
-    """Sum of the per-module closed form over {module name: (d_in, d_out)} (PAPER.md §3.2)."""
+    """Sum of the per-module closed form over {module name: (d_in, d_out)} (PEFT-Arena poster parameter counts)."""
     spec, cfg = METHODS[method], cfg or make_config(method)
     total = 0
     for name, (i, o) in shapes.items():
@@ -1068,7 +1203,7 @@ def closed_form_count(method: str, shapes: dict[str, tuple[int, int]], cfg=None)
 
 
 # -----------------------------------------------------------------------------
-# 5. Model-level API (CONTRACTS.md "peft_methods.py")
+# 5. Model-level API
 # -----------------------------------------------------------------------------
 
 def _check_method(method: str) -> Method:
@@ -1104,7 +1239,6 @@ def hparams_from_flags(method: str, flags: dict, hp_items=(), total_steps: int |
     "KEY=VALUE" strings (--hp, value parsed as JSON, else a string); `total_steps` fills AdaLoRA's
     budget-schedule length unless given. A flag the method has no field for is an error naming it.
     """
-    import json
     fields = {f.name for f in dataclasses.fields(make_config(method))}
     hp = {}
     for flag, names in _FLAG_ALIASES.items():
@@ -1386,7 +1520,6 @@ def _dtype_name(dt) -> str | None:
 
 def save_adapter(model: nn.Module, out_dir, *, base_model: str, extra: dict | None = None) -> None:
     """adapter.safetensors (+ adapter_config.json); method "full": model.safetensors (all weights)."""
-    from loading import atomic_save_file, atomic_write_json
     import transformers
     st = peft_state(model)
     if st is None:
@@ -1417,10 +1550,10 @@ def save_adapter(model: nn.Module, out_dir, *, base_model: str, extra: dict | No
             seen[key] = k
             tensors[k] = v
         cfg["tied"] = tied
-        atomic_save_file(tensors, out_dir / FULL_FILE, metadata={"method": "full"})
+        loading.atomic_save_file(tensors, out_dir / FULL_FILE, metadata={"method": "full"})
     else:
-        atomic_save_file(_adapter_tensors(model), out_dir / ADAPTER_FILE, metadata={"method": st["method"]})
-    atomic_write_json(out_dir / CONFIG_FILE, cfg)
+        loading.atomic_save_file(_adapter_tensors(model), out_dir / ADAPTER_FILE, metadata={"method": st["method"]})
+    loading.atomic_write_json(out_dir / CONFIG_FILE, cfg)
 
 
 def read_adapter_config(adapter_dir) -> dict:
@@ -1443,7 +1576,6 @@ def read_adapter_config(adapter_dir) -> dict:
 def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     """Re-apply the saved method onto a plain base model (or one already wrapped with the same
     method) and load the tensors. Shapes, method and module set are checked; errors name them."""
-    from safetensors.torch import load_file
     adapter_dir = find_adapter_dir(adapter_dir) or Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     if cfg.get("format") == "peft":              # an HF PEFT adapter (section 7)
@@ -1454,34 +1586,10 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     if st is not None and st["method"] != method:
         raise ValueError(f"load_adapter: {adapter_dir} holds a '{method}' adapter but the model already has "
                          f"'{st['method']}' adapters")
-    # architecture check: every saved module must exist with the same shape
-    for n, s in cfg["modules"].items():
-        try:
-            m = model.get_submodule(n)
-        except AttributeError:
-            raise ValueError(f"load_adapter: module '{n}' of the adapter ({s['d_in']} -> {s['d_out']}) does not exist in "
-                             f"{type(model).__name__} (adapter saved from {cfg.get('model_class')} / {cfg.get('base_model')})") from None
-        if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != (s["d_in"], s["d_out"]):
-            raise ValueError(f"load_adapter: module '{n}' is {getattr(m, 'in_features', '?')} -> {getattr(m, 'out_features', '?')} "
-                             f"in the model but {s['d_in']} -> {s['d_out']} in the adapter (saved from {cfg.get('base_model')})")
+    _check_saved_modules(model, cfg)
     hp = make_config(method, **cfg["hparams"])
     if method == "full":
-        if st is None:
-            apply_peft(model, "full", hp, target_modules=cfg["target_modules"])
-        tensors = load_file(str(adapter_dir / FULL_FILE))
-        for alias, src in cfg.get("tied", {}).items():
-            tensors[alias] = tensors[src]
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"load_adapter (full): missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(own)} tensors)")
-        for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise ValueError(f"load_adapter (full): '{k}' is {tuple(own[k].shape)} in the model, {tuple(v.shape)} in the file")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                own[k].copy_(v)
-        return list(cfg["modules"])
+        return _load_full(model, cfg, hp, adapter_dir, wrap=st is None)
     if st is None:
         dt = getattr(torch, cfg["adapter_dtype"]) if cfg.get("adapter_dtype") else None
         names = apply_peft(model, method, hp, target_modules=cfg["target_modules"], adapter_dtype=dt, _init=False)
@@ -1512,10 +1620,37 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     return names
 
 
-def scale_adapter_(model: nn.Module, c: float) -> None:
-    """scale_update_ on every wrapped module: dW -> c dW for all layers (additive methods only)."""
-    for layer in adapter_layers(model).values():
-        layer.scale_update_(c)
+def _check_saved_modules(model: nn.Module, cfg: dict) -> None:
+    """Architecture check: every saved module must exist in `model` with the same shape."""
+    for n, s in cfg["modules"].items():
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"load_adapter: module '{n}' of the adapter ({s['d_in']} -> {s['d_out']}) does not exist in "
+                             f"{type(model).__name__} (adapter saved from {cfg.get('model_class')} / {cfg.get('base_model')})") from None
+        if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != (s["d_in"], s["d_out"]):
+            raise ValueError(f"load_adapter: module '{n}' is {getattr(m, 'in_features', '?')} -> {getattr(m, 'out_features', '?')} "
+                             f"in the model but {s['d_in']} -> {s['d_out']} in the adapter (saved from {cfg.get('base_model')})")
+
+
+def _load_full(model: nn.Module, cfg: dict, hp, adapter_dir: Path, *, wrap: bool) -> list[str]:
+    """Full FT checkpoint: every parameter of the model from the saved state dict (tied aliases re-added)."""
+    if wrap:
+        apply_peft(model, "full", hp, target_modules=cfg["target_modules"])
+    tensors = load_file(str(adapter_dir / FULL_FILE))
+    for alias, src in cfg.get("tied", {}).items():
+        tensors[alias] = tensors[src]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"load_adapter (full): missing {missing[:5]}, unexpected {unexpected[:5]} (of {len(own)} tensors)")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"load_adapter (full): '{k}' is {tuple(own[k].shape)} in the model, {tuple(v.shape)} in the file")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+    return list(cfg["modules"])
 
 
 # -----------------------------------------------------------------------------
@@ -1701,7 +1836,6 @@ def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
 
 
 def _peft_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     f = adapter_dir / PEFT_WEIGHTS_FILE
     if not f.is_file():
         other = [p.name for p in adapter_dir.glob("adapter_model.*")]
@@ -1713,7 +1847,6 @@ def _peft_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _peft_tensor_names(adapter_dir: Path) -> list[str]:
-    from safetensors import safe_open
     f = adapter_dir / PEFT_WEIGHTS_FILE
     if not f.is_file():
         _peft_weights(adapter_dir)              # raises the message naming the file
@@ -1735,6 +1868,21 @@ def _peft_to_method(pcfg: dict, path) -> tuple[str, dict]:
         raise _peft_option_error(path, "peft_type", ptype, f"importable types: {sorted(_PEFT_FIELDS)}")
     fields = _PEFT_FIELDS[ptype]
     method = {"LORA": "lora", "VERA": "vera", "IA3": "ia3", "OFT": "oft", "MISS": "miss", "ADALORA": "adalora"}[ptype]
+    _check_peft_options(pcfg, path, ptype, fields)
+    hp = {ours: pcfg[p] for p, ours in fields.items() if p in pcfg and pcfg[p] is not None}
+    if ptype == "LORA":
+        method = _peft_lora_variant(pcfg, path)
+    if ptype == "OFT":
+        if not pcfg.get("oft_block_size"):
+            raise _peft_option_error(path, "r", pcfg.get("r"), "OFT by block count; save it with oft_block_size instead")
+        hp["adjust_block_size"] = True          # PEFT adjusts a non-dividing block size the same way
+    if method == "ia3":
+        hp["feedforward_modules"] = tuple(pcfg.get("feedforward_modules") or ())
+    return method, hp
+
+
+def _check_peft_options(pcfg: dict, path, ptype: str, fields: dict) -> None:
+    """Any PEFT option we do not implement (not a known field, not at its neutral value) is an error."""
     special = {"LORA": {"use_dora", "init_lora_weights"}, "ADALORA": {"init_lora_weights", "r", "rank_pattern"},
                "VERA": {"save_projection"}}.get(ptype, set())
     for k, v in pcfg.items():
@@ -1745,26 +1893,21 @@ def _peft_to_method(pcfg: dict, path) -> tuple[str, dict]:
         if ptype == "OFT" and k == "r" and v == 0:
             continue
         raise _peft_option_error(path, k, v, f"{ptype} is imported with the fields {sorted(fields)} only")
-    hp = {ours: pcfg[p] for p, ours in fields.items() if p in pcfg and pcfg[p] is not None}
-    if ptype == "LORA":
-        init = pcfg.get("init_lora_weights", True)
-        if pcfg.get("use_dora"):
-            method = "dora"
-        if init == "pissa":
-            method = "pissa" if method == "lora" else method
-        elif init not in (True, False, "gaussian"):
-            why = ("the randomised SVD cannot be rebuilt: the residual base is unknown" if str(init).startswith("pissa_niter")
-                   else "an init that rewrites the base weights, whose residual base is unknown here")
-            raise _peft_option_error(path, "init_lora_weights", init, why)
-        if method == "dora" and init == "pissa":
-            raise _peft_option_error(path, "init_lora_weights", init, "PiSSA with DoRA is not implemented")
-    if ptype == "OFT":
-        if not pcfg.get("oft_block_size"):
-            raise _peft_option_error(path, "r", pcfg.get("r"), "OFT by block count; save it with oft_block_size instead")
-        hp["adjust_block_size"] = True          # PEFT adjusts a non-dividing block size the same way
-    if method == "ia3":
-        hp["feedforward_modules"] = tuple(pcfg.get("feedforward_modules") or ())
-    return method, hp
+
+
+def _peft_lora_variant(pcfg: dict, path) -> str:
+    """A PEFT LoraConfig -> lora, dora or pissa (use_dora, init_lora_weights)."""
+    init = pcfg.get("init_lora_weights", True)
+    method = "dora" if pcfg.get("use_dora") else "lora"
+    if init == "pissa":
+        method = "pissa" if method == "lora" else method
+    elif init not in (True, False, "gaussian"):
+        why = ("the randomised SVD cannot be rebuilt: the residual base is unknown" if str(init).startswith("pissa_niter")
+               else "an init that rewrites the base weights, whose residual base is unknown here")
+        raise _peft_option_error(path, "init_lora_weights", init, why)
+    if method == "dora" and init == "pissa":
+        raise _peft_option_error(path, "init_lora_weights", init, "PiSSA with DoRA is not implemented")
+    return method
 
 
 def _peft_targets(pcfg: dict, path) -> list[str]:
@@ -1976,18 +2119,16 @@ def save_peft_adapter(model: nn.Module, out_dir, *, base_model: str | None = Non
 
 
 def _write_peft(cfg: dict, tensors: dict, out_dir) -> Path:
-    from loading import atomic_save_file, atomic_write_json
     pcfg, ptensors = to_peft(cfg, {k: v.detach().cpu() for k, v in tensors.items()})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_file(ptensors, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt", "peft_arena_method": cfg["method"]})
-    atomic_write_json(out_dir / CONFIG_FILE, pcfg)
+    loading.atomic_save_file(ptensors, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt", "peft_arena_method": cfg["method"]})
+    loading.atomic_write_json(out_dir / CONFIG_FILE, pcfg)
     return out_dir
 
 
 def export_peft(ckpt, out_dir, *, base_model: str | None = None) -> Path:
     """One of our adapter checkpoints -> an HF PEFT adapter dir, tensors only (no base model loaded)."""
-    from safetensors.torch import load_file
     cfg = read_adapter_config(ckpt)
     if cfg.get("format") == "peft":
         raise InteropError(f"{ckpt}: already an HF PEFT adapter directory")
@@ -2011,7 +2152,6 @@ def export_merged(ckpt, out_dir, *, dtype: str = "bf16", base_model: str | None 
     """A dense HF model dir (sharded safetensors, config, tokenizer, generation config) in `dtype`:
     the adapter merged in fp32 on CPU (Deviation 3), then cast once, as the release's merge step
     (`tools/merge_peft.py`) produces for vLLM."""
-    import loading
     if dtype not in _DTYPES:
         raise InteropError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     cfg = read_adapter_config(ckpt)
@@ -2025,7 +2165,6 @@ def export_merged(ckpt, out_dir, *, dtype: str = "bf16", base_model: str | None 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
     tok.save_pretrained(str(tmp))
@@ -2054,7 +2193,7 @@ def _cli_export(args) -> None:
 
 SHAPES_DIR = Path(__file__).resolve().parent / "configs" / "model_shapes"
 
-# (label, method, hparams, poster Qwen2.5-7B, poster Llama-3.2-3B) -- PAPER.md §10.1 (SFT rows)
+# (label, method, hparams, poster Qwen2.5-7B, poster Llama-3.2-3B) -- PEFT-Arena poster main table (SFT rows)
 PAPER_SETTINGS = [
     ("OFT b16", "oft", {"block_size": 16}, "8.49M", "7.08M"),
     ("OFT b32", "oft", {"block_size": 32}, "17.55M", "11.55M"),
@@ -2074,7 +2213,7 @@ PAPER_SETTINGS = [
     ("IA3", "ia3", {}, "1.82M", "0.92M"),
     ("KeepLoRA r8", "keeplora", {"r": 8, "alpha": 16}, "-", "-"),
 ]
-POSTER_ANOMALIES = {  # PAPER.md §10.1: poster cells that do not follow the closed forms
+POSTER_ANOMALIES = {  # PEFT-Arena poster main table: poster cells that do not follow the closed forms
     ("llama-3.2-3b", "OFT b16"): "poster 7.08M; closed form 5.59M",
     ("llama-3.2-3b", "OFT b64"): "poster 24.97M; closed form 23.48M",
     ("llama-3.2-3b", "LoRA r4a8"): "poster 6.90M; closed form 6.08M",
@@ -2132,11 +2271,10 @@ def _cli_count(args) -> None:
                       f"non-embedding {r['non_embedding'] / 1e9:.2f}B (poster lists non-embedding size)")
                 continue
             print(f"{r['setting']:<15}{r['count']:>16,}{r['count'] / 1e6:>9.2f}{r['poster']:>9}  {r['note']}")
-    print("\nAlso in the poster (PAPER.md §10.1): RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
+    print("\nAlso in the PEFT-Arena poster main table: RLVR 'OFT b32' lists 8.49M on Qwen (the b16 count) and RLVR "
           "'LoRA r8a16' lists 24.31M on Llama (the r16 count).")
     if args.json:
-        from loading import atomic_write_json
-        atomic_write_json(args.json, results)
+        loading.atomic_write_json(args.json, results)
         print(f"wrote {args.json}")
 
 

@@ -1,8 +1,10 @@
 """rewind.py: the overshoot, interpolation paths and path-wise rewinding of finetuned checkpoints.
 
-Implements PAPER.md §9 (interpolation and path-wise rewinding), the rewinding rows of §10.5 and the
-first gap of §12.1: the official release ships no interpolation, rewinding or iOFT code, so this
-file is the project's reference version. Every choice the paper leaves open is picked below, listed
+Implements PEFT-Arena's interpolation and path-wise rewinding (Huang et al., arXiv 2605.28819: the
+overshoot claim, the poster's rewinding rows for Qwen2.5-7B SFT OFT b32, the project page
+`PA: docs/index.html` and figures `PA: docs/static/images/{train-vs-interp,teaser-1}.png`). The
+official release ships no interpolation, rewinding or iOFT code, so this file is the project's
+reference version. Every choice the paper leaves open is picked below, listed
 under Deviations, and exposed as an option.
 
 What it does, for each SFT run given with --checkpoint (train_sft.py's `global_step_<k>/` dirs, or
@@ -18,10 +20,12 @@ HF PEFT adapters: TRL's `checkpoint-<k>/`, the release's `global_step_<k>/`):
     checkpoints (adapter dirs for `--adapter`, merged HF dirs for `--model`) that evaluate.py and
     geometry.py accept.
 
-Paths (PAPER.md §9; W (d_out, d_in) = nn.Linear.weight, W0 base, W_ft final, dW = W_ft - W0):
+Paths (PEFT-Arena rewinding; W (d_out, d_in) = nn.Linear.weight, W0 base, W_ft final, dW = W_ft - W0):
   dense   W(alpha) = W0 + alpha * dW on the merged weights; every method. For OFT this is the
           "dense-delta" baseline that leaves the orthogonal manifold.
-  factor  the parameterisation-aware path, in the adapter's own tensors:
+  factor  the parameterisation-aware path, in the adapter's own tensors (each method's class says
+          how: AdapterLinear.factor_point in peft_methods.py; a method that says nothing has the
+          dense path only):
             LoRA / KeepLoRA  B <- alpha B           AdaLoRA E <- alpha E     VeRA lambda_b <- alpha lambda_b
             MiSS             D <- alpha D           IA3     l <- 1 + alpha (l - 1)
             DoRA             B <- alpha B, m <- lerp(||W0||_row, m, alpha)   (NOT additive: the norm)
@@ -34,7 +38,7 @@ Paths (PAPER.md §9; W (d_out, d_in) = nn.Linear.weight, W0 base, W_ft final, dW
           factor path IS the dense path (tests/test_rewind.py shows both give the same model).
   training  base (step 0) -> global_step_k -> ... -> final.
 
-Layer-wise rewinding (PAPER.md §9 "SafeRho/SafeScale, MinRho/MinScale"):
+Layer-wise rewinding (PEFT-Arena poster "SafeRho/SafeScale, MinRho/MinScale"):
   rho_l = mean over layer l's OFT modules of ||Q||_F (default; or ||R - I||_F, or ||dW||_F);
   tau   = mean of rho_l over the first five layers (SafeRho) or min_l rho_l (MinRho);
   c_l   = min(1, tau / rho_l), applied as Q_l <- c_l Q_l (or sqrt(c_l) Q_l with --rewind-map sqrt).
@@ -63,13 +67,9 @@ Shape legend: d_in / d_out of a wrapped Linear; W (d_out, d_in); b OFT block siz
 blocks; q (n, b(b-1)/2) the OFT generator (strict upper triangles of the skew blocks Q (n, b, b));
 R (n, b, b) the rotation blocks; L the number of decoder layers.
 
-Deviations (each also marked `# DEVIATION:` at the line):
+Deviations that change a number the paper reports (each also marked `DEVIATION n` at the line):
  1. Generator map: Q(alpha) = sqrt(alpha) Q by default (the one web caption the paper gives);
     `--generator-map linear` uses alpha Q.
- 2. Shared endpoints: alpha = 0 and alpha = 1 of every path are, by construction, the base model and
-    the final checkpoint; each is evaluated once and shared by all paths (the tests prove every path
-    reproduces them: exactly in fp32, PiSSA/MiLoRA's factor path to fp32 rounding because their
-    residual base W0 - s B0 A0 is stored rounded).
  3. PiSSA / MiLoRA "scaling the adapter" has no linear form (dW = s(BA - B0A0)); the factor path
     interpolates both factors from their initial values and differs from the additive path by
     (alpha^2 - alpha) s (B - B0)(A - A0). DoRA's factor path scales B and interpolates the magnitude
@@ -80,14 +80,20 @@ Deviations (each also marked `# DEVIATION:` at the line):
  5. Factors c_l = tau / rho_l capped at 1 (`--no-cap` lifts the cap), applied linearly to Q
     (`--rewind-map sqrt` applies sqrt(c_l), the generator-path map); `--factor-rule solve` instead
     finds c_l by bisection so that rho_l after rewinding equals tau for any rho and map.
- 6. SafeRho averages the first min(5, L) layers; on the 4-layer toy model that is all 4 layers (the
-    results and the log say so), which makes SafeRho the mean-rho target there.
  7. `uniform=a` is the generator-path point alpha = a (through --generator-map), because the paper's
-    "uniform scale 0.4" row equals the alpha = 0.4 point of its OFT curve (PAPER.md §9).
- 8. Extension: rewinding is also defined for non-OFT methods (rho = ||dW||_F, factors applied along
-    the factor path, or the dense path for Full FT); the paper rewinds OFT only.
+    "uniform scale 0.4" row (poster) equals the alpha = 0.4 point of its OFT curve.
  9. Full FT's dense path interpolates every parameter (embeddings, norms, biases included), not only
     the Linear weights: that is W0 + alpha (W_ft - W0) for the whole model.
+
+Implementation notes (change no number the paper reports; numbered with the list above):
+ 2. Shared endpoints: alpha = 0 and alpha = 1 of every path are, by construction, the base model and
+    the final checkpoint; each is evaluated once and shared by all paths (the tests prove every path
+    reproduces them: exactly in fp32, PiSSA/MiLoRA's factor path to fp32 rounding because their
+    residual base W0 - s B0 A0 is stored rounded).
+ 6. SafeRho averages the first min(5, L) layers; on the 4-layer toy model
+    that is all 4 layers (the results and the log say so), which makes SafeRho the mean-rho target.
+ 8. Extension: rewinding is also defined for non-OFT methods (rho = ||dW||_F, factors applied along
+    the factor path, or the dense path for Full FT); the paper rewinds OFT only.
 10. Evaluation inside rewind.py: `--eval real` (the default for a real --base) scores the paper's
     benchmarks at every point with evaluate.py's loaders, decoding and aggregates, one vLLM engine
     reused across points (each point's dense weights pushed in); `--eval toy` (the default for the
@@ -120,16 +126,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+import evaluate
 import loading
 import peft_methods as pm
+import toy_world
 
 PATH_NAMES = ("factor", "dense")
-# methods whose dW is linear in the one tensor the factor path scales: factor path == dense path
-LINEAR_FACTOR_METHODS = ("lora", "keeplora", "adalora", "vera", "ia3", "miss")
-# methods whose factor path is a different model from the dense path between the endpoints
-NONLINEAR_FACTOR_METHODS = ("dora", "pissa", "milora", "oft")
 RHO_MEASURES = ("q", "r_minus_i", "dw")
-SAFE_RHO_LAYERS = 5          # PAPER.md §9: "SafeRho matches the first-five-layer average"
+SAFE_RHO_LAYERS = 5          # PEFT-Arena poster: "SafeRho matches the first-five-layer average"
 CKPT_RE = re.compile(r"(?:global_step_|checkpoint-|step[_-]?)(\d+)$")
 
 
@@ -169,18 +173,13 @@ def parse_grid(spec: str) -> list[float]:
     return sorted(set(values))
 
 
-def lerp_exact(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[PAPER.md §9] (1 - alpha) start + alpha end, in fp32.
-
-    DEVIATION 12: torch.lerp computes start + a (end - start) for a < 0.5 and end - (1 - a)(end - start)
-    otherwise, so it returns `start` bit-exactly at a = 0 and `end` bit-exactly at a = 1; the naive
-    W0 + 1 * (W_ft - W0) is off by an ulp.
-    """
-    return torch.lerp(start.float(), end.float(), float(alpha))
+# the interpolation primitives live beside the adapter classes that use them (peft_methods)
+lerp_exact = pm.lerp_exact
+generator_coefficient = pm.generator_coefficient
 
 
 def additive_point(W0: torch.Tensor, dW: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Plain reference of the additive path: [PAPER.md §9] W(alpha) = W0 + alpha dW (fp32)."""
+    """Plain reference of the additive path: [PEFT-Arena additive path] W(alpha) = W0 + alpha dW (fp32)."""
     return W0.float() + float(alpha) * dW.float()
 
 
@@ -198,59 +197,35 @@ def generator_coefficient(alpha: float, gen_map: str = "sqrt") -> float:
     raise ValueError(f"generator map must be 'sqrt' or 'linear', not {gen_map!r}")
 
 
-def _scaled(t: torch.Tensor, c: float) -> torch.Tensor:
-    # fp32 product, cast back: c = 1 returns t exactly, c = 0 returns zeros exactly
-    return (t.float() * c).to(t.dtype)
+def layer_class(method: str) -> type | None:
+    """The method's AdapterLinear subclass (None for Full FT): what rewinding needs to know about a
+    method (its factor path, labels, strength measures) lives on it."""
+    if method not in pm.METHODS:
+        raise ValueError(f"unknown PEFT method '{method}'; known: {', '.join(pm.METHODS)}")
+    return pm.METHODS[method].layer
+
+
+def has_factor_path(method: str) -> bool:
+    """True when the method's adapter tensors define a factor path (AdapterLinear.factor_point)."""
+    cls = layer_class(method)
+    return cls is not None and (bool(cls.factor_tensors) or
+                                cls.factor_point.__func__ is not pm.AdapterLinear.factor_point.__func__)
 
 
 def factor_point(method: str, tensors: dict[str, torch.Tensor], alpha: float, *,
                  W0: torch.Tensor | None = None, gen_map: str = "sqrt") -> dict[str, torch.Tensor]:
-    """The adapter tensors of one module at point `alpha` of the factor path (PAPER.md §9).
+    """The adapter tensors of one module at point `alpha` of the factor path (PEFT-Arena Sec. 5).
 
-    `tensors` are the module's FINAL tensors by their wrapper names (peft_methods internals:
-    lora_A/lora_B, magnitude, lora_A0/lora_B0, lora_E, lambda_b, ia3_l, miss_D, oft_q). Returns only
-    the tensors that change along the path. alpha = 0 gives the identity adapter (the base model),
-    alpha = 1 returns the final tensors exactly. W0 (the base weight) is needed by DoRA only.
+    `tensors` are the module's FINAL tensors by their wrapper names. Returns only the tensors that
+    change along the path: alpha = 0 gives the identity adapter (the base model), alpha = 1 the
+    final tensors exactly. The formula is the method's own (`AdapterLinear.factor_point`).
     """
-    a = float(alpha)
-    if method in ("lora", "keeplora"):
-        # [Hu+21 LoRA, Eq. 3] dW = s B A is linear in B: B <- alpha B  (PAPER.md §9 "LoRA B <- alpha B")
-        return {"lora_B": _scaled(tensors["lora_B"], a)}
-    if method == "dora":
-        # [Liu+24 DoRA, Eq. 5] W' = m (W + s B A) / ||W + s B A||_row. Scale the direction update
-        # (B <- alpha B) and move the magnitude from its init ||W0||_row to m. Not additive (Deviation 3).
-        if W0 is None:
-            raise ValueError("factor_point(dora) needs W0 (the base weight) for the initial magnitude ||W0||_row")
-        m = tensors["magnitude"]
-        m0 = pm.row_norm(W0.to(m.dtype)).to(m.dtype)                    # (d_out,) as DoRA's init computes it
-        return {"lora_B": _scaled(tensors["lora_B"], a), "magnitude": lerp_exact(m0, m, a).to(m.dtype)}
-    if method in ("pissa", "milora"):
-        # dW = s (B A - B0 A0): no single linear tensor. Interpolate both factors from their init
-        # (A0, B0) (DEVIATION 3): s B(a) A(a) = s B0 A0 + a (...) + a^2 s (B - B0)(A - A0).
-        A, B = tensors["lora_A"], tensors["lora_B"]
-        return {"lora_A": lerp_exact(tensors["lora_A0"], A, a).to(A.dtype),
-                "lora_B": lerp_exact(tensors["lora_B0"], B, a).to(B.dtype)}
-    if method == "adalora":
-        # [Zhang+23 AdaLoRA, Eq. 3] dW = B (A * E) alpha/(ranknum + 1e-5): linear in E
-        return {"lora_E": _scaled(tensors["lora_E"], a)}
-    if method == "vera":
-        # [Kopiczko+24 VeRA, Eq. 1] dW = diag(lambda_b) B diag(lambda_d) A: linear in lambda_b
-        return {"lambda_b": _scaled(tensors["lambda_b"], a)}
-    if method == "ia3":
-        # [Liu+22 (IA)^3] W' = diag(l) W (or W diag(l)): dW linear in (l - 1); lerp(1, l) is exact at 1
-        l = tensors["ia3_l"]
-        return {"ia3_l": lerp_exact(torch.ones_like(l), l, a).to(l.dtype)}
-    if method == "miss":
-        # [MiSS] dW = tile(D^T) is linear in D (PAPER.md §9 "MiSS D <- alpha D")
-        return {"miss_D": _scaled(tensors["miss_D"], a)}
-    if method == "oft":
-        # [PAPER.md §9, iOFT] Q_m(alpha) = sqrt(alpha) Q_m for every block generator; the wrapper then
-        # builds R = Cayley(-Neumann)(Q(alpha)) and W = W0 blockdiag(R)^T. q holds Q's upper triangle,
-        # so scaling q scales Q.
-        return {"oft_q": _scaled(tensors["oft_q"], generator_coefficient(a, gen_map))}
     if method == "full":
         raise ValueError("full fine-tuning has no adapter factors: its only path is the dense one (--paths dense)")
-    raise ValueError(f"no factor path is defined for method {method!r}; use --paths dense")
+    new = layer_class(method).factor_point(tensors, alpha, W0=W0, gen_map=gen_map)
+    if new is None:
+        raise ValueError(f"no factor path is defined for method {method!r}; use --paths dense")
+    return new
 
 
 def oft_generator_path_weight(W0: torch.Tensor, q: torch.Tensor, alpha: float, b: int, *,
@@ -310,7 +285,7 @@ def mean_by_layer(module_values: dict[str, float]) -> dict[int, float]:
 
 
 def rewind_target(rhos: dict[int, float], rule: str, first_k: int = SAFE_RHO_LAYERS) -> tuple[float, dict]:
-    """tau for SafeRho (mean of the first `first_k` layers) or MinRho (min over layers) (PAPER.md §9)."""
+    """tau for SafeRho (mean of the first `first_k` layers) or MinRho (min over layers) (PEFT-Arena poster)."""
     if not rhos:
         raise ValueError("rewinding needs at least one decoder layer with adapter modules")
     layers = sorted(rhos)
@@ -329,7 +304,7 @@ def rewind_target(rhos: dict[int, float], rule: str, first_k: int = SAFE_RHO_LAY
 
 
 def rewind_factors(rhos: dict[int, float], tau: float, *, cap: bool = True) -> dict[int, float]:
-    """c_l = tau / rho_l, capped at 1 (PAPER.md §9 "probably capped at 1"); rho_l = 0 -> c_l = 1."""
+    """c_l = tau / rho_l, capped at 1 (the poster leaves the cap open: Deviation 5); rho_l = 0 -> c_l = 1."""
     out = {}
     for l, rho in rhos.items():
         # DEVIATION 5: the cap at 1 is the paper's "probably"; --no-cap lifts it
@@ -641,7 +616,7 @@ class PathRunner:
         self._tensors = "final" if (alpha == 1.0 and layer_alphas is None) else "moved"
 
     def set_dense(self, alpha: float = 1.0, *, layer_alphas: dict[int, float] | None = None) -> None:
-        """Dense-path point: every touched tensor W(alpha) = lerp(W0, W_ft, alpha) (PAPER.md §9)."""
+        """Dense-path point: every touched tensor W(alpha) = lerp(W0, W_ft, alpha) (PEFT-Arena additive path)."""
         with torch.no_grad():
             if self.method == "full":
                 # DEVIATION 9: every parameter moves (embeddings, norms, biases too)
@@ -662,8 +637,7 @@ class PathRunner:
 
     def bake(self) -> None:
         """Serve the current adapter point as a dense merged model: each wrapper's merged weight goes
-        into its plain nn.Linear (PAPER.md §3: every adapter is merged into a dense model for
-        evaluation). Same model up to fp32 rounding; much faster generation for OFT, whose wrapper
+        into its plain nn.Linear (PEFT-Arena evaluates every adapter merged into a dense model). Same model up to fp32 rounding; much faster generation for OFT, whose wrapper
         rebuilds R at every forward. The wrappers keep their tensors, so save_point can still write
         the point as an adapter."""
         if self.method == "full" or self.mode == "dense":
@@ -683,10 +657,13 @@ class PathRunner:
 
     def set_final(self) -> None:
         """alpha = 1: the final checkpoint exactly (its own adapter tensors)."""
-        if self.method == "full":
-            self.set_dense(1.0)
-        else:
+        if has_factor_path(self.method):
             self.set_factor(1.0)
+        elif self.method == "full":
+            self.set_dense(1.0)
+        else:                               # the wrappers with their own final tensors
+            self._restore_final_tensors()
+            self._to_wrapped()
 
     def set_path(self, path: str, alpha: float, *, gen_map: str = "sqrt") -> None:
         if path == "factor":
@@ -714,16 +691,17 @@ class PathRunner:
     # ---- rewinding ---------------------------------------------------------------------------
     def default_measure(self) -> str:
         # DEVIATION 4: rho = ||Q||_F for OFT (unspecified in the paper); DEVIATION 8: ||dW||_F elsewhere
-        return "q" if self.method == "oft" else "dw"
+        cls = layer_class(self.method)
+        return "dw" if cls is None else cls.rho_measures[0]
 
     @torch.no_grad()
     def module_strength(self, name: str, measure: str, c: float = 1.0, rewind_map: str = "linear") -> float:
         """Strength of one module when its final factors are moved to factor-path point c."""
         if measure in ("q", "r_minus_i"):
-            if self.method != "oft":
+            if measure not in getattr(layer_class(self.method), "rho_measures", ()):
                 raise ValueError(f"--rho {measure} is defined for OFT only (method here: {self.method}); use --rho dw")
             layer = self.layers[name]
-            q = factor_point("oft", self.ft[name], c, gen_map=rewind_map)["oft_q"]
+            q = factor_point(self.method, self.ft[name], c, gen_map=rewind_map)["oft_q"]
             return oft_module_strength(q, layer.block_size, measure, n_blocks=layer.n_blocks,
                                        use_cayley_neumann=layer.cfg.use_cayley_neumann, num_terms=layer.cfg.num_terms)
         if measure != "dw":
@@ -731,18 +709,10 @@ class PathRunner:
         if self.method == "full":
             return c * float(torch.linalg.norm(self.W1[name].float() - self.W0[name].float()))
         layer = self.layers[name]
+        if not has_factor_path(self.method):     # the dense path: ||W(c) - W0|| = c ||dW||
+            return c * float(torch.linalg.norm(layer.merged_weight() - self._W0(name)))
         new = factor_point(self.method, self.ft[name], c, W0=layer.base_layer.weight, gen_map=rewind_map)
-        if self.method == "oft":
-            W = layer.merged_weight_from(new["oft_q"])
-        else:   # set the factors for a moment, read the merged weight, put them back
-            own = _own_tensors(layer)
-            saved = {k: own[k].detach().clone() for k in new}
-            with torch.no_grad():
-                for k, v in new.items():
-                    own[k].copy_(v)
-                W = layer.merged_weight()
-                for k, v in saved.items():
-                    own[k].copy_(v)
+        W = layer.merged_weight_at(new)          # the factors set for a moment, then put back
         return float(torch.linalg.norm(W - self._W0(name)))
 
     def strength_modules(self) -> list[str]:
@@ -794,7 +764,7 @@ class PathRunner:
                 raise ValueError(f"--factor-rule must be 'ratio' or 'solve', not {factor_rule!r}")
             info["rho_after"] = self.layer_rhos(measure, factors, rewind_map)
         info["factors"] = factors
-        if self.method == "full":
+        if not has_factor_path(self.method):
             self.set_dense(layer_alphas=factors)
         else:
             self.set_factor(layer_alphas=factors, gen_map=use_map)
@@ -880,22 +850,19 @@ class PathRunner:
 # -----------------------------------------------------------------------------
 
 def default_paths(method: str) -> list[str]:
-    """Full FT: dense only. Linear-factor methods: the factor path (== dense, shown by the tests).
-    DoRA, PiSSA, MiLoRA, OFT: both, because they differ between the endpoints."""
-    if method == "full":
+    """Full FT and methods without a factor path: dense only. Methods whose factor path is the dense
+    path (dW linear in the scaled tensor): the factor path. DoRA, PiSSA, MiLoRA, OFT: both, because
+    they differ between the endpoints (the class's `factor_is_dense`)."""
+    if not has_factor_path(method):
         return ["dense"]
-    if method in NONLINEAR_FACTOR_METHODS:
-        return ["factor", "dense"]
-    return ["factor"]
+    return ["factor"] if layer_class(method).factor_is_dense else ["factor", "dense"]
 
 
 def path_label(method: str, path: str, gen_map: str = "sqrt") -> str:
+    cls = layer_class(method) or pm.AdapterLinear
     if path == "dense":
-        return "OFT dense-delta W0+a(W_ft-W0)" if method == "oft" else "dense W0+a*dW"
-    return {"oft": f"OFT generator (iOFT, {'sqrt(a)' if gen_map == 'sqrt' else 'a'}*Q)",
-            "dora": "DoRA B<-aB, m lerp", "pissa": "PiSSA factor lerp", "milora": "MiLoRA factor lerp",
-            "miss": "MiSS D<-aD", "ia3": "IA3 l<-1+a(l-1)", "vera": "VeRA lb<-a*lb",
-            "adalora": "AdaLoRA E<-aE"}.get(method, "adapter B<-aB")
+        return cls.dense_label
+    return cls.factor_label.replace("{gen}", "sqrt(a)" if gen_map == "sqrt" else "a")
 
 
 def make_toy_evaluator(*, domain: str = "math", n_per_family: int = 200, batch_size: int = 64,
@@ -903,7 +870,6 @@ def make_toy_evaluator(*, domain: str = "math", n_per_family: int = 200, batch_s
     """evaluate_fn(model, tokenizer, *, base_general, tag) -> evaluate.evaluate_toy result (percent).
 
     DEVIATION 10: the toy suite; real models use make_real_evaluator (--eval real)."""
-    import evaluate   # lazy: evaluate.py is a separate file (and heavy)
 
     def evaluate_fn(model, tokenizer, *, base_general=None, tag=None):
         cache = Path(cache_root) / tag if (cache_root and tag) else None
@@ -924,8 +890,6 @@ def make_real_evaluator(cfg: dict, *, cache_root=None):
     --base's folder) serves every point: each point's dense weights (merged adapters) are pushed into
     it layer by layer (evaluate.push_weights), nothing is written to disk; release it with
     evaluate.release_engine() (run_analysis does)."""
-    import evaluate
-    from loading import resolve_spec
     suites = real_suites(cfg)
     names = [n for s in suites for n in evaluate.SUITES[s]]
     paths = evaluate._parse_paths(cfg.get("path"))
@@ -947,7 +911,7 @@ def make_real_evaluator(cfg: dict, *, cache_root=None):
         llm = None
         if backend == "vllm":
             from transformers import AutoConfig
-            path, _ = resolve_spec(cfg["base"])
+            path, _ = loading.resolve_spec(cfg["base"])
             hf = AutoConfig.from_pretrained(path)
             ctx = evaluate._vllm_context(names, items, tokenizer, cfg["base"], max_new,
                                          int(getattr(hf, "max_position_embeddings", 1 << 30)))
@@ -1084,22 +1048,9 @@ def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float
                 _save(runner, p, out, label, f"{path}_a{a:g}", save_format,
                       {"path": path, "alpha": a, "gen_map": gen_map})
 
-    # layer-wise rewinding
-    rewind_infos = []
-    for spec in rewinds:
-        info = runner.rewind(spec, gen_map=gen_map, **rewind_opts)
-        if info.get("note"):
-            log(f"[rewind] {label} {spec['name']}: {info['note']}")
-        if "factors" in info:
-            log(f"[rewind] {label} {spec['name']}: factors " +
-                ", ".join(f"L{l}={c:.3f}" for l, c in sorted(info["factors"].items())))
-        p = evaluate_here("rewind", rewind=spec["name"], tag=f"rewind_{spec['name']}")
-        p["rewind_info"] = _jsonable(info)
-        rewind_infos.append(p["rewind_info"])
-        if save in ("selected", "all") and out is not None:
-            _save(runner, p, out, label, f"rewind_{spec['name'].replace('=', '')}", save_format,
-                  {"rewind": _jsonable(info)})
-
+    rewind_infos = _rewind_points(runner, evaluate_here, rewinds, label=label, gen_map=gen_map,
+                                  rewind_opts=rewind_opts, out=out if save in ("selected", "all") else None,
+                                  save_format=save_format, log=log)
     result = {"label": label, "method": method, "hparams": runner.cfg.get("hparams"),
               "checkpoint": str(runner.checkpoint), "final_step": final_step, "paths": paths,
               "gen_map": gen_map, "points": points, "rewinds": rewind_infos}
@@ -1114,6 +1065,25 @@ def analyse_run(runner: PathRunner, evaluate_fn, *, label: str, grid: list[float
                   {"path": sel["path"], "alpha": sel["alpha"], "rule": select_rules[0]["name"]})
     runner.set_final()
     return result
+
+
+def _rewind_points(runner, evaluate_here, rewinds, *, label, gen_map, rewind_opts, out, save_format, log) -> list:
+    """Layer-wise rewinding: move to each rewound point, evaluate it (and save it when `out`)."""
+    rewind_infos = []
+    for spec in rewinds:
+        info = runner.rewind(spec, gen_map=gen_map, **rewind_opts)
+        if info.get("note"):
+            log(f"[rewind] {label} {spec['name']}: {info['note']}")
+        if "factors" in info:
+            log(f"[rewind] {label} {spec['name']}: factors " +
+                ", ".join(f"L{l}={c:.3f}" for l, c in sorted(info["factors"].items())))
+        p = evaluate_here("rewind", rewind=spec["name"], tag=f"rewind_{spec['name']}")
+        p["rewind_info"] = _jsonable(info)
+        rewind_infos.append(p["rewind_info"])
+        if out is not None:
+            _save(runner, p, out, label, f"rewind_{spec['name'].replace('=', '')}", save_format,
+                  {"rewind": _jsonable(info)})
+    return rewind_infos
 
 
 def _select_and_check(points, base, final, paths, rules, overshoot_opts) -> dict:
@@ -1180,7 +1150,6 @@ def run_analysis(cfg: dict, *, loader: Callable | None = None, evaluate_fn=None,
         return _run_points(cfg, model, tok, evaluate_fn, out, log)
     finally:
         if cfg.get("eval") == "real":
-            import evaluate
             evaluate.release_engine()     # the one engine that scored every point
 
 
@@ -1212,14 +1181,7 @@ def _run_points(cfg, model, tok, evaluate_fn, out, log) -> dict:
         if trained_on and str(trained_on) != str(cfg["base"]):
             log(f"[rewind] note: {final} was trained on base {trained_on!r}; interpolating towards "
                 f"--base {cfg['base']!r}")
-        paths = default_paths(runner.method) if cfg.get("paths") in (None, "auto") else \
-            [p.strip() for p in cfg["paths"].split(",")]
-        for p in paths:
-            if p not in PATH_NAMES:
-                raise ValueError(f"--paths: unknown path {p!r}; known: {PATH_NAMES} (or auto)")
-        if runner.method == "full" and "factor" in paths:
-            log(f"[rewind] {label}: full fine-tuning has no factor path; using dense only")
-            paths = ["dense"]
+        paths = _run_paths(cfg.get("paths"), runner.method, label, log)
         log(f"[rewind] {label}: method {runner.method}, final {final} (step {traj[-1][0] if traj else '?'}), "
             f"{max(len(traj) - 1, 0)} training checkpoints, paths {paths}, grid {grid}")
         key = run_cache_key(cfg, final)
@@ -1239,6 +1201,19 @@ def _run_points(cfg, model, tok, evaluate_fn, out, log) -> dict:
     if out is not None:
         write_outputs(results, cfg, out, log=log)
     return results
+
+
+def _run_paths(spec: str | None, method: str, label: str, log) -> list[str]:
+    """--paths (a comma list, or auto = default_paths) for one run; a factor path the method lacks -> dense."""
+    paths = default_paths(method) if spec in (None, "auto") else [p.strip() for p in spec.split(",")]
+    for p in paths:
+        if p not in PATH_NAMES:
+            raise ValueError(f"--paths: unknown path {p!r}; known: {PATH_NAMES} (or auto)")
+    if "factor" in paths and not has_factor_path(method):
+        log(f"[rewind] {label}: {'full fine-tuning' if method == 'full' else method} has no factor path; "
+            "using dense only")
+        paths = ["dense"]
+    return paths
 
 
 def _default_label(acfg: dict, taken: list[str]) -> str:
@@ -1272,65 +1247,144 @@ def write_outputs(results: dict, cfg: dict, out: Path, log=print) -> None:
         loading.atomic_write_text(out / "summary.md", summary_markdown(res, cfg))
     for r in res["runs"]:
         for path, o in (r.get("overshoot") or {}).items():
-            wt = o["witness"]
-            where = f"a={wt['alpha']:g}" if wt and wt.get("alpha") is not None else f"step {wt and wt.get('step')}"
-            verdict = (f"YES at {where} (general +{wt['general_over_final']:.2f}, target gain kept "
-                       f"{100 * wt['target_gain_kept']:.0f}%)" if wt and wt.get("target_gain_kept") is not None
-                       else ("YES" if o["overshoot"] else "no"))
-            if o.get("vacuous"):
-                verdict += f" (vacuous: the final checkpoint has no target gain, {o['final_target_gain']:+.2f})"
-            log(f"[rewind] {r['label']} overshoot on {path} path: {verdict}")
+            log(f"[rewind] {r['label']} overshoot on {path} path: {_overshoot_verdict(o)}")
     log(f"[rewind] wrote {out / 'results.json'} and {out / 'results.csv'}")
+
+
+def _overshoot_verdict(o: dict) -> str:
+    wt = o["witness"]
+    where = f"a={wt['alpha']:g}" if wt and wt.get("alpha") is not None else f"step {wt and wt.get('step')}"
+    verdict = (f"YES at {where} (general +{wt['general_over_final']:.2f}, target gain kept "
+               f"{100 * wt['target_gain_kept']:.0f}%)" if wt and wt.get("target_gain_kept") is not None
+               else ("YES" if o["overshoot"] else "no"))
+    if o.get("vacuous"):
+        verdict += f" (vacuous: the final checkpoint has no target gain, {o['final_target_gain']:+.2f})"
+    return verdict
+
+
+def _tg(p: dict) -> str:
+    return f"{p['target']:.2f} / {p['general']:.2f}"
+
+
+def _summary_point_rows(r: dict) -> list[str]:
+    """Markdown rows of one run: base, final, best-general point per path, rewinds, selected points."""
+    pts, lab = r["points"], r["label"]
+    base = next(p for p in pts if p["kind"] == "base")
+    final = next(p for p in pts if p["kind"] == "final")
+    lines = [f"| {lab} | base | {_tg(base)} |", f"| {lab} | final (step {final.get('step')}) | {_tg(final)} |"]
+    for path in r["paths"]:
+        pp = sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"])
+        best = max(pp, key=lambda p: p["general"]) if pp else None
+        if best is not None:
+            lines.append(f"| {lab} | {path_label(r['method'], path, r.get('gen_map', 'sqrt'))}: "
+                         f"best general at a={best['alpha']:g} | {_tg(best)} |")
+    lines += [f"| {lab} | rewind {p['rewind']} | {_tg(p)} |" for p in pts if p["kind"] == "rewind"]
+    for rule, sel in (r.get("selection") or {}).items():
+        if sel.get("all") is not None:
+            p = sel["all"]
+            where = (f"{p['path']} a={p['alpha']:g}" if p["kind"] == "path" else
+                     f"rewind {p['rewind']}" if p["kind"] == "rewind" else p["kind"])
+            lines.append(f"| {lab} | selected ({rule}): {where} | {_tg(p)} |")
+    return lines
+
+
+def _overshoot_rows(r: dict) -> list[str]:
+    lines = []
+    for path, o in (r.get("overshoot") or {}).items():
+        w = o.get("witness")
+        if not w:
+            wt = "-"
+        else:
+            where = f"a={w['alpha']:g}" if w.get("alpha") is not None else f"step {w.get('step')}"
+            wt = f"{where}: {w['target']:.2f} / {w['general']:.2f}"
+        yn = ("yes" if o["overshoot"] else "no") + (" (vacuous: no target gain)" if o.get("vacuous") else "")
+        lines.append(f"| {r['label']} | {path} | {yn} | {wt} |")
+    return lines
 
 
 def summary_markdown(res: dict, cfg: dict) -> str:
     """A short Markdown report (for the README): base, final, selected points, rewinds, overshoot."""
-    def tg(p):
-        return f"{p['target']:.2f} / {p['general']:.2f}"
     cmd = " ".join(str(a) for a in cfg.get("argv", []))
-    lines = ["# Interpolation and rewinding (PAPER.md §9)", "", f"Command: `python {cmd}`", "",
+    lines = ["# Interpolation and rewinding (PEFT-Arena, arXiv 2605.28819)", "", f"Command: `python {cmd}`", "",
              f"Target / General in %, toy domain `{cfg.get('domain')}`, {cfg.get('n_per_family')} items per family. "
              f"Overshoot = a point before the final checkpoint with general >= final + "
              f"{cfg.get('overshoot_general', 5.0):g} and >= {cfg.get('overshoot_target_keep', 80.0):g}% of the final "
              "target gain.", "",
              "| run | point | Target / General |", "|---|---|---|"]
     for r in res["runs"]:
-        pts = r["points"]
-        base = next(p for p in pts if p["kind"] == "base")
-        final = next(p for p in pts if p["kind"] == "final")
-        lines.append(f"| {r['label']} | base | {tg(base)} |")
-        lines.append(f"| {r['label']} | final (step {final.get('step')}) | {tg(final)} |")
-        for path in r["paths"]:
-            pp = sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"])
-            best = max(pp, key=lambda p: p["general"]) if pp else None
-            if best is not None:
-                lines.append(f"| {r['label']} | {path_label(r['method'], path, r.get('gen_map', 'sqrt'))}: "
-                             f"best general at a={best['alpha']:g} | {tg(best)} |")
-        for p in pts:
-            if p["kind"] == "rewind":
-                lines.append(f"| {r['label']} | rewind {p['rewind']} | {tg(p)} |")
-        for rule, sel in (r.get("selection") or {}).items():
-            if sel.get("all") is not None:
-                p = sel["all"]
-                where = (f"{p['path']} a={p['alpha']:g}" if p["kind"] == "path" else
-                         f"rewind {p['rewind']}" if p["kind"] == "rewind" else p["kind"])
-                lines.append(f"| {r['label']} | selected ({rule}): {where} | {tg(p)} |")
+        lines += _summary_point_rows(r)
     lines += ["", "| run | path | overshoot | witness (Target / General) |", "|---|---|---|---|"]
     for r in res["runs"]:
-        for path, o in (r.get("overshoot") or {}).items():
-            w = o.get("witness")
-            if not w:
-                wt = "-"
-            else:
-                where = f"a={w['alpha']:g}" if w.get("alpha") is not None else f"step {w.get('step')}"
-                wt = f"{where}: {w['target']:.2f} / {w['general']:.2f}"
-            yn = ("yes" if o["overshoot"] else "no") + (" (vacuous: no target gain)" if o.get("vacuous") else "")
-            lines.append(f"| {r['label']} | {path} | {yn} | {wt} |")
+        lines += _overshoot_rows(r)
     return "\n".join(lines) + "\n"
 
 
 PATH_STYLE = {"factor": dict(color="tab:blue", marker="o"), "dense": dict(color="tab:orange", marker="s")}
 REWIND_MARKERS = ["^", "v", "D", "P", "X", "<", ">"]
+
+
+def _path_points(r: dict, path: str, base: dict, final: dict) -> list[dict]:
+    """base -> the path's grid points by alpha -> final."""
+    return [base] + sorted([p for p in r["points"] if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
+
+
+def _plot_paths(ax, r: dict, base: dict, final: dict) -> None:
+    """The training path (dashed, labelled by step) and every interpolation path (solid, by alpha)."""
+    pts = r["points"]
+    tr = [base] + sorted([p for p in pts if p["kind"] == "training"], key=lambda p: p["step"]) + [final]
+    ax.plot([p["target"] for p in tr], [p["general"] for p in tr], "--", color="0.45", lw=1.3,
+            marker=".", ms=7, label="training path (SFT checkpoints)", zorder=2)
+    for p in tr[1:-1]:
+        ax.annotate(f"s{p['step']}", (p["target"], p["general"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7, color="0.35")
+    for path in r["paths"]:
+        pp = _path_points(r, path, base, final)
+        st = PATH_STYLE[path]
+        ax.plot([p["target"] for p in pp], [p["general"] for p in pp], "-", lw=1.8, ms=5, alpha=0.9,
+                label=path_label(r["method"], path, r.get("gen_map", "sqrt")), zorder=3, **st)
+        for p in pp[1:-1]:
+            if round(p["alpha"] * 10, 6) % 2 == 0 or len(pp) <= 8:   # label every other grid point
+                ax.annotate(f"{p['alpha']:g}", (p["target"], p["general"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color=st["color"])
+
+
+def _plot_markers(ax, r: dict, base: dict, final: dict) -> None:
+    """Rewound points, base, final checkpoint, the first rule's selected point; title and axes."""
+    for k, p in enumerate([p for p in r["points"] if p["kind"] == "rewind"]):
+        ax.scatter([p["target"]], [p["general"]], marker=REWIND_MARKERS[k % len(REWIND_MARKERS)], s=80,
+                   color=f"C{4 + k}", edgecolor="k", zorder=5, label=f"rewind: {p['rewind']}")
+    ax.scatter([base["target"]], [base["general"]], marker="s", s=70, color="k", zorder=6, label="base (a=0)")
+    ax.scatter([final["target"]], [final["general"]], marker="*", s=220, color="tab:red", edgecolor="k",
+               zorder=6, label=f"final checkpoint (step {final.get('step')})")
+    sel_rules = r.get("selection") or {}
+    if sel_rules:
+        rule = next(iter(sel_rules))
+        sel = sel_rules[rule].get("all")
+        if sel is not None:
+            ax.scatter([sel["target"]], [sel["general"]], s=380, facecolors="none", edgecolors="tab:green",
+                       linewidths=2.2, zorder=7, label=f"selected ({rule})")
+    ov = r.get("overshoot") or {}
+    verdict = ", ".join(f"{k}: {'yes' if v['overshoot'] else 'no'}" for k, v in ov.items() if k != "training")
+    hp = r.get("hparams") or {}
+    hp_s = ", ".join(f"{k}={v}" for k, v in hp.items() if k in ("r", "alpha", "block_size"))
+    ax.set_title(f"{r['label']} ({r['method']}{'; ' + hp_s if hp_s else ''})\novershoot: {verdict or 'n/a'}",
+                 fontsize=10)
+    ax.set_xlabel("target score (%)")
+    ax.set_ylabel("general score (%) = mean(IFEval, BBH, NQ)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", framealpha=0.85, markerscale=0.6)
+
+
+def _plot_sv(ax2, r: dict, base: dict, final: dict) -> None:
+    """Singular-value distortion of every path against alpha."""
+    for path in r["paths"]:
+        pp = _path_points(r, path, base, final)
+        ax2.plot([p["alpha"] for p in pp], [p.get("sv_distortion", float("nan")) for p in pp], "-",
+                 label=path_label(r["method"], path, r.get("gen_map", "sqrt")), **PATH_STYLE[path])
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("SV distortion vs W0\n||s(W)-s(W0)|| / ||s(W0)||", fontsize=9)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
 
 
 def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
@@ -1346,60 +1400,13 @@ def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
     fig, axes = plt.subplots(rows, n, figsize=(6.4 * n, 6.0 + 2.8 * (rows - 1)), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1.4][:rows]})
     for j, r in enumerate(runs):
-        ax = axes[0][j]
-        pts = r["points"]
-        base = next(p for p in pts if p["kind"] == "base")
-        final = next(p for p in pts if p["kind"] == "final")
-        # training path: base -> checkpoints -> final (dashed, labelled by step)
-        tr = [base] + sorted([p for p in pts if p["kind"] == "training"], key=lambda p: p["step"]) + [final]
-        ax.plot([p["target"] for p in tr], [p["general"] for p in tr], "--", color="0.45", lw=1.3,
-                marker=".", ms=7, label="training path (SFT checkpoints)", zorder=2)
-        for p in tr[1:-1]:
-            ax.annotate(f"s{p['step']}", (p["target"], p["general"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color="0.35")
-        for path in r["paths"]:
-            pp = [base] + sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
-            st = PATH_STYLE[path]
-            ax.plot([p["target"] for p in pp], [p["general"] for p in pp], "-", lw=1.8, ms=5, alpha=0.9,
-                    label=path_label(r["method"], path, r.get("gen_map", "sqrt")), zorder=3, **st)
-            for p in pp[1:-1]:
-                if round(p["alpha"] * 10, 6) % 2 == 0 or len(pp) <= 8:   # label every other grid point
-                    ax.annotate(f"{p['alpha']:g}", (p["target"], p["general"]), textcoords="offset points",
-                                xytext=(4, 3), fontsize=7, color=st["color"])
-        for k, p in enumerate([p for p in pts if p["kind"] == "rewind"]):
-            ax.scatter([p["target"]], [p["general"]], marker=REWIND_MARKERS[k % len(REWIND_MARKERS)], s=80,
-                       color=f"C{4 + k}", edgecolor="k", zorder=5, label=f"rewind: {p['rewind']}")
-        ax.scatter([base["target"]], [base["general"]], marker="s", s=70, color="k", zorder=6, label="base (a=0)")
-        ax.scatter([final["target"]], [final["general"]], marker="*", s=220, color="tab:red", edgecolor="k",
-                   zorder=6, label=f"final checkpoint (step {final.get('step')})")
-        sel_rules = r.get("selection") or {}
-        if sel_rules:
-            rule = next(iter(sel_rules))
-            sel = sel_rules[rule].get("all")
-            if sel is not None:
-                ax.scatter([sel["target"]], [sel["general"]], s=380, facecolors="none", edgecolors="tab:green",
-                           linewidths=2.2, zorder=7, label=f"selected ({rule})")
-        ov = r.get("overshoot") or {}
-        verdict = ", ".join(f"{k}: {'yes' if v['overshoot'] else 'no'}" for k, v in ov.items() if k != "training")
-        hp = r.get("hparams") or {}
-        hp_s = ", ".join(f"{k}={v}" for k, v in hp.items() if k in ("r", "alpha", "block_size"))
-        ax.set_title(f"{r['label']} ({r['method']}{'; ' + hp_s if hp_s else ''})\novershoot: {verdict or 'n/a'}",
-                     fontsize=10)
-        ax.set_xlabel("target score (%)")
-        ax.set_ylabel("general score (%) = mean(IFEval, BBH, NQ)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", framealpha=0.85, markerscale=0.6)
+        base = next(p for p in r["points"] if p["kind"] == "base")
+        final = next(p for p in r["points"] if p["kind"] == "final")
+        _plot_paths(axes[0][j], r, base, final)
+        _plot_markers(axes[0][j], r, base, final)
         if sv:
-            ax2 = axes[1][j]
-            for path in r["paths"]:
-                pp = [base] + sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
-                ax2.plot([p["alpha"] for p in pp], [p.get("sv_distortion", float("nan")) for p in pp], "-",
-                         label=path_label(r["method"], path, r.get("gen_map", "sqrt")), **PATH_STYLE[path])
-            ax2.set_xlabel("alpha")
-            ax2.set_ylabel("SV distortion vs W0\n||s(W)-s(W0)|| / ||s(W0)||", fontsize=9)
-            ax2.grid(alpha=0.3)
-            ax2.legend(fontsize=7)
-    fig.suptitle("Interpolation vs training path in the (target, general) plane (PAPER.md §9)", fontsize=11)
+            _plot_sv(axes[1][j], r, base, final)
+    fig.suptitle("Interpolation vs training path in the (target, general) plane (PEFT-Arena)", fontsize=11)
     fig.tight_layout()
     png = Path(png)
     tmp = png.with_name(".tmp-" + png.name)
@@ -1414,7 +1421,7 @@ def plot_tradeoff(results: dict, png: Path, *, sv: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Interpolation paths, layer-wise rewinding and the overshoot "
-                                            "(PAPER.md §9)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "(PEFT-Arena)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--base", default="toy", help="base model: 'toy', a local HF dir or a hub id (loaded once)")
     g.add_argument("--checkpoint", action="append", default=[],
@@ -1448,6 +1455,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--factor-rule", default="ratio", choices=["ratio", "solve"],
                    help="c_l = tau/rho_l (ratio) or bisection so rho_l after rewinding = tau (solve)")
     g.add_argument("--no-cap", action="store_true", help="allow c_l > 1 (strengthen weak layers)")
+    _add_eval_args(p)
+    g = p.add_argument_group("operating point and overshoot")
+    g.add_argument("--select", action="append", default=[],
+                   help="keep-target=X (max general keeping X%% of the final target gain) | sum | pareto; "
+                        "repeatable, the first is marked in the plot (default keep-target=80)")
+    g.add_argument("--overshoot-general", type=float, default=5.0, help="points of general above the final checkpoint")
+    g.add_argument("--overshoot-target-keep", type=float, default=80.0, help="percent of the final target gain kept")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output dir (results.json/csv, tradeoff.png, config.json, points/)")
+    g.add_argument("--save", default="selected", choices=["none", "selected", "all"],
+                   help="which points become checkpoints: rewinds + selected point, or every grid point")
+    g.add_argument("--save-format", default="auto", choices=["auto", "adapter", "merged"],
+                   help="auto = adapter dir for factor points, merged HF dir for dense points and Full FT")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--progress", action="store_true", help="generation progress bars")
+    g.add_argument("--smoke", action="store_true",
+                   help="random tiny model + synthetic LoRA run with 2 checkpoints, 3-point grid (< 1 min, CPU)")
+    return p
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", default=None, choices=["toy", "real", "none"],
                    help="real = the paper's benchmarks at every point (evaluate.py's suites; one vLLM engine "
@@ -1479,31 +1507,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter forward (exact wrapper numerics; slow for OFT)")
     g.add_argument("--sv-distortion", action="store_true",
                    help="also record the singular-value distortion vs W0 at every point (SVD of every module)")
-    g = p.add_argument_group("operating point and overshoot")
-    g.add_argument("--select", action="append", default=[],
-                   help="keep-target=X (max general keeping X%% of the final target gain) | sum | pareto; "
-                        "repeatable, the first is marked in the plot (default keep-target=80)")
-    g.add_argument("--overshoot-general", type=float, default=5.0, help="points of general above the final checkpoint")
-    g.add_argument("--overshoot-target-keep", type=float, default=80.0, help="percent of the final target gain kept")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output dir (results.json/csv, tradeoff.png, config.json, points/)")
-    g.add_argument("--save", default="selected", choices=["none", "selected", "all"],
-                   help="which points become checkpoints: rewinds + selected point, or every grid point")
-    g.add_argument("--save-format", default="auto", choices=["auto", "adapter", "merged"],
-                   help="auto = adapter dir for factor points, merged HF dir for dense points and Full FT")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--progress", action="store_true", help="generation progress bars")
-    g.add_argument("--smoke", action="store_true",
-                   help="random tiny model + synthetic LoRA run with 2 checkpoints, 3-point grid (< 1 min, CPU)")
-    return p
 
 
 def make_smoke_run(root: Path, method: str = "lora", seed: int = 0) -> tuple[str, Path]:
     """A random tiny base model dir and a fake 2-checkpoint SFT run of `method` (for --smoke / tests)."""
-    from toy_world import build_random_toy_model
     root = Path(root)
     base_dir, run_dir = root / "smoke_base", root / "smoke_run"
-    model, tok = build_random_toy_model(seed=seed)
+    model, tok = toy_world.build_random_toy_model(seed=seed)
     if not (base_dir / "config.json").exists():
         model.save_pretrained(base_dir)
         tok.save_pretrained(base_dir)
@@ -1532,14 +1542,31 @@ def main(argv=None) -> dict:
                          "real model: use --eval real (the paper's benchmarks, e.g. --suite math --data-dir "
                          "data) or --eval none --save all")
     if args.smoke:
-        if not args.out:
-            raise SystemExit("rewind.py: --smoke needs --out DIR")
-        base_dir, run_dir = make_smoke_run(Path(args.out))
-        args.base, args.checkpoint = base_dir, [str(run_dir)]
-        args.grid = "0,0.5,1" if args.grid == "0:1:0.1" else args.grid
-        args.n_per_family = min(args.n_per_family, 1)
-        args.rewind = args.rewind or ["minrho", "uniform=0.4"]
-        args.sv_distortion = True
+        _smoke_args(args)
+    _check_args(args)
+    # the command as a user would type it (also when called in-process, e.g. by arena.py demo)
+    cfg = dict(vars(args), argv=["rewind.py"] + (sys.argv[1:] if argv is None else list(argv)), torch_threads=torch.get_num_threads(),
+               device_resolved=str(loading.pick_device(args.device)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loading.atomic_write_json(out / "config.json", cfg)
+    print(f"[rewind] config: {json.dumps({k: v for k, v in cfg.items() if k != 'argv'}, default=str)}")
+    return run_analysis(cfg)
+
+
+def _smoke_args(args) -> None:
+    """--smoke: a random tiny base and a synthetic 2-checkpoint LoRA run under --out, a 3-point grid."""
+    if not args.out:
+        raise SystemExit("rewind.py: --smoke needs --out DIR")
+    base_dir, run_dir = make_smoke_run(Path(args.out))
+    args.base, args.checkpoint = base_dir, [str(run_dir)]
+    args.grid = "0,0.5,1" if args.grid == "0:1:0.1" else args.grid
+    args.n_per_family = min(args.n_per_family, 1)
+    args.rewind = args.rewind or ["minrho", "uniform=0.4"]
+    args.sv_distortion = True
+
+
+def _check_args(args) -> None:
     if not args.checkpoint:
         raise SystemExit("rewind.py: at least one --checkpoint DIR is required (or --smoke)")
     if not args.out:
@@ -1558,18 +1585,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"rewind.py: {err}")
     if args.eval == "real" and args.smoke:
         raise SystemExit("rewind.py: --smoke builds a toy run; use --eval toy or none with it")
-    # the command as a user would type it (also when called in-process, e.g. by arena.py demo)
-    cfg = dict(vars(args), argv=["rewind.py"] + (sys.argv[1:] if argv is None else list(argv)), torch_threads=torch.get_num_threads(),
-               device_resolved=str(loading.pick_device(args.device)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    loading.atomic_write_json(out / "config.json", cfg)
-    print(f"[rewind] config: {json.dumps({k: v for k, v in cfg.items() if k != 'argv'}, default=str)}")
-    return run_analysis(cfg)
 
 
 if __name__ == "__main__":
-    import loading
     try:
         loading.run_cli("rewind.py", main)
     except (ValueError, FileNotFoundError) as err:

@@ -1,7 +1,7 @@
 """tests/bench_peft.py (a benchmark, not a test: it imports HF PEFT, which only tests may use): forward+backward step time and peak memory of every PEFT method, ours beside HF PEFT.
 
-Issue 3, acceptance 5 (PAPER.md §3 methods at the paper's settings; METHODS.md §19 performance
-anchors). For each method: one training step = forward, token-mean CE loss, backward (no
+Issue 3, acceptance 5 (the PEFT-Arena methods at the paper's settings; the per-method
+speed and memory anchors). For each method: one training step = forward, token-mean CE loss, backward (no
 optimizer step), on the same model and batch, for peft_methods.py and for HF PEFT's
 implementation of the same method (PEFT is used here as a baseline only, never in product code).
 
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (run from anywhere)
+import loading  # noqa: E402
 import peft_methods as pm  # noqa: E402
 
 # (label, our method, our hparams, PEFT config class name, PEFT kwargs) at the paper's settings
@@ -65,7 +66,7 @@ DROPOUT_KEY = {"LoraConfig": "lora_dropout", "AdaLoraConfig": "lora_dropout", "V
 
 def build_model(shape: str, device: str, dtype: torch.dtype, **overrides):
     """Random-init model: 'toy' (toy_world architecture) or a configs/model_shapes/<shape>.json."""
-    if shape == "toy":   # the toy architecture of CONTRACTS.md (built here: no tokenizer needed)
+    if shape == "toy":   # the toy architecture of toy_world.py (built here: no tokenizer needed)
         from transformers import Qwen2Config, Qwen2ForCausalLM
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(**TOY_ARCH))
@@ -240,9 +241,8 @@ def main(argv=None):
         lines += ["", f"OFT b16 / LoRA r8 step time (ours): {ratio:.2f}x (target <= 1.5x)."]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    from loading import atomic_write_json, atomic_write_text
-    atomic_write_text(args.out, text)
-    atomic_write_json(Path(args.out).with_suffix(".json"), {"args": vars(args), "rows": rows})
+    loading.atomic_write_text(args.out, text)
+    loading.atomic_write_json(Path(args.out).with_suffix(".json"), {"args": vars(args), "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate as ev
+import geometry as geo
+import loading
 import peft_methods as pm
+import rewind as rw
+from toy_world import build_random_toy_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -162,7 +168,6 @@ def _peft_run(base, config, run_dir: Path, prefix: str, steps=(1, 2, 3)) -> Path
 
 @pytest.fixture(scope="module")
 def peft_runs(tmp_path_factory):
-    from toy_world import build_random_toy_model
     tmp = tmp_path_factory.mktemp("runs")
     base, tok = build_random_toy_model(seed=0)
     base.save_pretrained(str(tmp / "base"))
@@ -174,7 +179,6 @@ def peft_runs(tmp_path_factory):
 
 
 def test_run_dirs_of_peft_checkpoints_are_discovered(peft_runs):
-    import rewind as rw
     tmp, lora, oft = peft_runs
     final, traj = rw.discover_run(lora)
     assert final.name == "checkpoint-3" and [s for s, _ in traj] == [1, 2, 3]
@@ -185,14 +189,12 @@ def test_run_dirs_of_peft_checkpoints_are_discovered(peft_runs):
     # the release layout: the adapter one level down in global_step_<k>/
     nested = tmp / "nested_run" / "global_step_7" / "actor"
     nested.parent.mkdir(parents=True)
-    import shutil
     shutil.copytree(oft / "global_step_3", nested)
     assert pm.find_adapter_dir(nested.parent) == nested
     assert [s for s, _ in pm.run_checkpoints(tmp / "nested_run")] == [7]
 
 
 def test_geometry_end_to_end_on_peft_runs(peft_runs):
-    import geometry as geo
     tmp, lora, oft = peft_runs
     (tmp / "g.txt").write_text("\n".join(f"general prompt number {i} about things" for i in range(10)))
     (tmp / "t.jsonl").write_text("\n".join(json.dumps({"problem": f"What is {i}+{i}?"}) for i in range(10)))
@@ -215,7 +217,6 @@ def test_geometry_end_to_end_on_peft_runs(peft_runs):
 
 
 def test_rewind_end_to_end_on_peft_runs(peft_runs):
-    import rewind as rw
     tmp, lora, oft = peft_runs
     out = tmp / "rw"
     res = rw.main(["--base", str(tmp / "base"), "--checkpoint", str(lora), "--checkpoint", str(oft),
@@ -231,7 +232,6 @@ def test_rewind_end_to_end_on_peft_runs(peft_runs):
 # merged dense export
 
 def test_merged_export_loads_and_matches(tmp_path):
-    from toy_world import build_random_toy_model
     base, tok = build_random_toy_model(seed=0)
     base.save_pretrained(str(tmp_path / "base"))
     tok.save_pretrained(str(tmp_path / "base"))
@@ -338,7 +338,6 @@ def test_peft_adapter_for_another_model_names_the_tensor(tmp_path):
 
 @pytest.mark.parametrize("method", ["keeplora", "full"])
 def test_no_peft_counterpart_points_to_merged_export(method, tmp_path):
-    from toy_world import build_random_toy_model
     m, tok = build_random_toy_model(seed=0)
     m.save_pretrained(str(tmp_path / "base"))
     tok.save_pretrained(str(tmp_path / "base"))
@@ -389,8 +388,6 @@ def test_import_adalora_after_peft_rank_allocation(tmp_path):
 
 
 def test_evaluate_loads_a_peft_adapter_dir(peft_runs):
-    import evaluate as ev
-    import loading
     tmp, lora, oft = peft_runs
     ck = lora / "checkpoint-2"
     model, tok, info = ev._load_for_eval(str(tmp / "base"), str(ck), dtype="float32", device="cpu")

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import geometry
 import peft_methods as pm
 import rewind as rw
+from loading import load_model
 from toy_world import build_random_toy_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,9 @@ def logits(model) -> torch.Tensor:
 HPARAMS = {"lora": dict(r=4, alpha=8, dropout=0.0), "dora": dict(r=4, alpha=8, dropout=0.0),
            "pissa": dict(r=4, alpha=8, dropout=0.0), "milora": dict(r=4, alpha=8, dropout=0.0),
            "miss": dict(r=4, dropout=0.0), "oft": dict(block_size=16), "ia3": {},
-           "vera": dict(r=16, dropout=0.0), "adalora": dict(dropout=0.0), "full": {}}
+           "vera": dict(r=16, dropout=0.0), "adalora": dict(dropout=0.0), "full": {},
+           "keeplora": dict(r=4, alpha=8, dropout=0.0, _init=False)}   # no seed-gradient batch here
+ALL_METHODS = list(pm.METHODS)                  # every registry entry, so an added method is tested too
 
 
 def make_checkpoint(tmp_path: Path, method: str, *, step: int = 2, seed: int = 0, scale: float = 1.0,
@@ -44,7 +48,7 @@ def make_checkpoint(tmp_path: Path, method: str, *, step: int = 2, seed: int = 0
 
     layer_scale(l) multiplies OFT generators of layer l (to make rotation strength differ by layer)."""
     model, _ = build_random_toy_model(seed=0)
-    pm.apply_peft(model, method, **{**HPARAMS[method], **hp})
+    pm.apply_peft(model, method, **{**HPARAMS.get(method, {}), **hp})
     g = torch.Generator().manual_seed(seed + 10 * step)
     with torch.no_grad():
         if method == "full":
@@ -195,7 +199,7 @@ def test_discover_run_layout(tmp_path):
 # -----------------------------------------------------------------------------
 # acceptance 1: the endpoints of every path (logits, fp32)
 
-@pytest.mark.parametrize("method", ["full", "lora", "dora", "pissa", "milora", "miss", "oft", "ia3", "vera", "adalora"])
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_endpoints_are_base_and_final(method, tiny_random, tmp_path):
     ckpt = make_checkpoint(tmp_path, method)
     model, tok = tiny_random
@@ -212,7 +216,7 @@ def test_endpoints_are_base_and_final(method, tiny_random, tmp_path):
     torch.testing.assert_close(logits(model), final, rtol=1e-4, atol=1e-4)
     runner.set_dense(0.0)
     assert torch.equal(logits(model), base)
-    if method != "full":
+    if rw.has_factor_path(method):
         runner.set_factor(0.0)
         if method in ("pissa", "milora"):
             # residual base W0 - s B0 A0 is stored rounded: equal to fp32 rounding only (Deviation 2)
@@ -231,10 +235,61 @@ def test_endpoints_are_base_and_final(method, tiny_random, tmp_path):
     assert torch.equal(logits(model), base), "close() must give the exact base model back"
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_has_a_rewind_path(method, tiny_random, tmp_path):
+    """Every registry entry: each default path and uniform rewinding give the base at alpha = 0 and
+    the trained model at alpha = 1 (what rewinding needs comes from the method's class)."""
+    ckpt = make_checkpoint(tmp_path, method)
+    model, tok = tiny_random
+    base = logits(model)
+    final, merged = final_reference(ckpt), merged_reference(ckpt)
+    runner = rw.PathRunner(model, tok, ckpt)
+    assert rw.path_label(method, "dense") and runner.default_measure() in rw.RHO_MEASURES
+    for path in rw.default_paths(method):
+        assert rw.path_label(method, path)
+        runner.set_path(path, 1.0)
+        assert torch.equal(logits(model), final if path == "factor" else merged)
+        runner.set_path(path, 0.0)
+        torch.testing.assert_close(logits(model), base, rtol=1e-5, atol=1e-5)
+    runner.rewind(rw.parse_rewind("uniform=1"))
+    torch.testing.assert_close(logits(model), final, rtol=1e-4, atol=1e-4)
+    runner.rewind(rw.parse_rewind("uniform=0"))
+    if method != "full":   # Full FT's embeddings, norms and head sit outside the layers and stay at 1
+        torch.testing.assert_close(logits(model), base, rtol=1e-5, atol=1e-5)
+    info = runner.rewind(rw.parse_rewind("minrho"))
+    assert max(info["factors"].values()) <= 1.0
+    runner.close()
+
+
+class _ScaleLinear(pm.LoraLinear):
+    """A forker's method that tells rewinding nothing: no factor tensors, no labels."""
+    method = "toyscale"
+    factor_tensors = ()
+    factor_label = pm.AdapterLinear.factor_label
+
+
+def test_added_method_without_rewind_knowledge_gets_the_dense_path(tiny_random, tmp_path, monkeypatch):
+    monkeypatch.setitem(pm.METHODS, "toyscale", pm.Method(pm.LoraConfig, _ScaleLinear, lambda i, o, c: c.r * (i + o)))
+    assert not rw.has_factor_path("toyscale") and rw.default_paths("toyscale") == ["dense"]
+    ckpt = make_checkpoint(tmp_path, "toyscale", r=4, alpha=8, dropout=0.0)
+    model, tok = tiny_random
+    base, final = logits(model), final_reference(ckpt)
+    runner = rw.PathRunner(model, tok, ckpt)
+    runner.set_final()
+    assert torch.equal(logits(model), final)
+    runner.set_dense(0.0)
+    assert torch.equal(logits(model), base)
+    runner.rewind(rw.parse_rewind("uniform=0"))
+    assert torch.equal(logits(model), base)
+    with pytest.raises(ValueError, match="no factor path"):
+        runner.set_factor(0.5)
+    runner.close()
+
+
 # -----------------------------------------------------------------------------
 # factor path vs dense path
 
-@pytest.mark.parametrize("method", ["lora", "miss", "ia3", "vera", "adalora", "dora", "pissa"])
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if rw.has_factor_path(m) and m != "oft"])
 def test_factor_path_vs_dense_path(method, tiny_random, tmp_path):
     ckpt = make_checkpoint(tmp_path, method, scale=4.0)
     model, tok = tiny_random
@@ -247,13 +302,14 @@ def test_factor_path_vs_dense_path(method, tiny_random, tmp_path):
     Wd = {n: runner._dense[n].weight.float().clone() for n in runner.layers}
     ld = logits(model)
     diff = max(float((Wf[n] - Wd[n]).abs().max()) for n in Wf)
-    if method in rw.LINEAR_FACTOR_METHODS:
+    if pm.METHODS[method].layer.factor_is_dense:
         assert diff < 1e-5, f"{method}: dW is linear in the scaled tensor, so both paths are one model"
         torch.testing.assert_close(lf, ld, rtol=1e-4, atol=1e-4)
     elif method == "dora":
         # the row norm makes DoRA's factor path a different model between the endpoints
         assert diff > 1e-4
     else:
+        assert method in ("pissa", "milora"), f"{method}: add its factor-vs-dense relation here"
         # PiSSA: s B(a) A(a) - [s B0 A0 + a s (BA - B0A0)] = (a^2 - a) s (B - B0)(A - A0), exactly
         for n, layer in runner.layers.items():
             ft = runner.ft[n]
@@ -264,7 +320,7 @@ def test_factor_path_vs_dense_path(method, tiny_random, tmp_path):
     runner.close()
 
 
-@pytest.mark.parametrize("method", ["lora", "miss", "ia3", "vera", "adalora"])
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if rw.has_factor_path(m) and pm.METHODS[m].layer.factor_is_dense])
 def test_factor_point_matches_peft_scale_update(method, tiny_random, tmp_path):
     """The plain per-method formulas agree with peft_methods.scale_update_ (the library's hook)."""
     ckpt = make_checkpoint(tmp_path, method)
@@ -321,7 +377,7 @@ def test_oft_generator_path_neumann_is_nearly_isospectral(tiny_random, tmp_path)
     gen = runner.sv_distortion()
     runner.set_dense(0.5)
     dense = runner.sv_distortion()
-    assert gen < 1e-5 and dense > 100 * gen   # measured: 1.2e-6 vs 7.5e-4
+    assert gen < 1e-5 and dense > 100 * gen
     runner.set_factor(0.5, gen_map="linear")            # the alpha * Q option
     torch.testing.assert_close(next(iter(runner.layers.values())).oft_q,
                                next(iter(runner.ft.values()))["oft_q"] * 0.5)
@@ -439,13 +495,10 @@ def test_grid_reuses_one_model_and_writes_outputs(tmp_path):
     r.set_factor(0.5)
     assert torch.equal(logits(m1.eval()), logits(r.model))
     r.set_dense(0.5)
-    from loading import load_model
     m2, _ = load_model(str(md), dtype="float32", device="cpu")
     assert torch.equal(logits(m2), logits(r.model))
-    geometry = pytest.importorskip("geometry")
-    if hasattr(geometry, "read_checkpoint_info"):
-        assert geometry.read_checkpoint_info(ad)["kind"] == "adapter"
-        assert geometry.read_checkpoint_info(md)["kind"] == "hf"
+    assert geometry.read_checkpoint_info(ad)["kind"] == "adapter"
+    assert geometry.read_checkpoint_info(md)["kind"] == "hf"
     assert (pdir / "rewind_minrho" / pm.CONFIG_FILE).exists()
 
 
@@ -490,9 +543,6 @@ def test_training_checkpoints_swap_in_place(tiny_random, tmp_path):
 
 def test_toy_evaluator_end_to_end(tiny_random, tmp_path):
     """The real evaluate.evaluate_toy on the one model (tiny sizes): scores land in the points."""
-    evaluate = pytest.importorskip("evaluate")
-    if not hasattr(evaluate, "evaluate_toy"):
-        pytest.skip("evaluate.evaluate_toy not there yet")
     make_checkpoint(tmp_path, "lora")
     fn = rw.make_toy_evaluator(n_per_family=1, families=["math", "nq"], batch_size=8)
     model, tok = tiny_random
