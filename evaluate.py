@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import gc
 import hashlib
 import json
@@ -59,6 +60,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import loading
 import peft_methods
@@ -632,6 +634,13 @@ def _stop_criteria(tokenizer, stop, prompt_len: int):
     return StoppingCriteriaList([_StopOnStrings()])
 
 
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward argument and output
+# field; the old name is removed in 5.40). The GPU pin (vLLM 0.34.0) needs transformers < 5.23, which
+# knows only `past_key_values`; a wrong name would be swallowed by **kwargs and decode uncached.
+KV_CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+                 else "past_key_values")
+
+
 def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, eos_ids, pad_id: int,
                   stop_check=None):
     """Greedy decoding with a KV cache in a plain loop: the fast path of `generate` for T = 0.
@@ -648,7 +657,7 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, eos_
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): position of each real token
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
                 logits_to_keep=1)
-    cache = out.cache   # the KV cache (transformers >= 5: `cache`, formerly `past_key_values`)
+    cache = getattr(out, KV_CACHE_NAME)   # the KV cache
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
     last = pos[:, -1]  # (B,)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -664,8 +673,8 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, eos_
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)  # (B, T + step + 1)
         last = last + 1
         out = model(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=last[:, None],
-                    cache=cache, use_cache=True)
-        cache = out.cache
+                    use_cache=True, **{KV_CACHE_NAME: cache})
+        cache = getattr(out, KV_CACHE_NAME)
         nxt = out.logits[:, -1].argmax(-1)  # (B,)
     return torch.stack(new, 1)  # (B, N)
 

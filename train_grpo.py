@@ -1337,7 +1337,7 @@ PAPER_PRESET = dict(prompts_per_step=256, group_size=8, max_new_tokens=8192, min
 # Implementation note 6: the toy preset. At the paper's LRs a 1M-parameter model barely moves in a
 # few dozen steps, so the toy takes larger LRs (below the ones that collapsed; the README's Results have the
 # runs) and a smaller batch, G and length. It gains for the paper's reason: GRPO makes
-# greedy what sampling already finds (toy_world.py Deviation 4).
+# greedy what sampling already finds (toy_world.py note N4).
 TOY_PRESET = dict(prompts_per_step=64, group_size=8, max_new_tokens=96, mini_batches=4,
                   steps=12, lr={"full": 1e-4, "oft": 6e-4, "*": 1.5e-3})
 

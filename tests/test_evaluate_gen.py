@@ -360,3 +360,16 @@ def test_cli_loads_an_adapter(tiny_dir, tmp_path):
     res = ev.main(["--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"), "--suite", "toy",
                    "--n-per-family", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")])
     assert res["adapter"] == str(tmp_path / "ad") and res["adapter_config"]["method"] == "lora"
+
+
+def test_greedy_loop_uses_the_kv_cache_name_of_the_installed_transformers(tiny):
+    """transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward argument and
+    output field); the GPU pin (vLLM 0.34.0) needs transformers < 5.23, which knows only
+    `past_key_values`. A wrong name is silent (the forward swallows it in **kwargs and decodes
+    without the cache), so the greedy loop must use the name this install has."""
+    import dataclasses
+    import inspect
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    model, _ = tiny
+    assert ev.KV_CACHE_NAME in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    assert ev.KV_CACHE_NAME in inspect.signature(type(model).forward).parameters
