@@ -257,7 +257,8 @@ def config_diff(old: dict, new: dict, free_keys, *, new_keys_only: bool = False)
     and the new one, except `free_keys`. Keys of both configs, sorted; with `new_keys_only`, the
     keys of `new` in its order (a stored config may then carry extra recorded keys)."""
     keys = list(new) if new_keys_only else sorted(set(old) | set(new))
-    return {k: (old.get(k), new.get(k)) for k in keys if k not in free_keys and old.get(k) != new.get(k)}
+    free = set(free_keys) | {"environment"}   # a new torch may resume a run; its config says which
+    return {k: (old.get(k), new.get(k)) for k in keys if k not in free and old.get(k) != new.get(k)}
 
 
 def clear_run_dir(out: Path, owned_files) -> None:
@@ -306,6 +307,30 @@ def resume_or_overwrite(out: Path) -> tuple[bool, bool]:
     return resume, occupied and not resume
 
 
+def write_run_config(out: Path, cfg: dict) -> dict:
+    """<out>/config.json: the resolved config plus `environment()` (what its numbers depend on)."""
+    saved = {**cfg, "environment": environment()}
+    atomic_write_json(Path(out) / RUN_CONFIG, saved)
+    return saved
+
+
+def write_summary(out: Path, *, script: str, cfg: dict, steps: int, trainable_params: int,
+                  final_checkpoint, train_seconds: float, train_last: float | None, train_last_name: str,
+                  **extra) -> dict:
+    """<out>/summary.json, written last (the run finished), in the one schema of train_sft.py and
+    train_grpo.py: what arena.py, rewind.py and a reader look up by the same names for every run.
+    train_last is the script's training signal at the end (`train_last_name`: SFT "loss", the last
+    step's mean CE; GRPO "reward", the mean reward of the last fifth of steps); script-specific
+    fields follow in `extra`."""
+    summary = {"script": script, "out": str(out), "model": cfg["model"], "method": cfg["method"],
+               "steps": steps, "trainable_params": trainable_params,
+               "final_checkpoint": None if final_checkpoint is None else str(final_checkpoint),
+               "train_seconds": train_seconds, "train_last": train_last,
+               "train_last_name": train_last_name, **extra}
+    atomic_write_json(Path(out) / RUN_SUMMARY, summary)
+    return summary
+
+
 def environment() -> dict:
     """The software a run's numbers depend on, for its resolved config: the python, torch and
     transformers versions and torch's intra-op thread count (a CPU reduction's order depends on it)."""
@@ -349,6 +374,48 @@ def read_parquet_rows(path, flag: str = "--data") -> list[dict]:
     except Exception as e:  # noqa: BLE001 - pyarrow's errors do not name the file
         raise DataError(f"{flag} {path}: not a readable parquet file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_records(path, flag: str = "--data", *, skip_bad_rows: bool = False) -> tuple[list[tuple[dict, str]], int]:
+    """The one data-file reader: .jsonl, .json (one array, or JSON lines) or .parquet ->
+    ([(row, where)], n_bad). `where` ("file:line", "file: item i", "file: row i") names the row in
+    later errors; a malformed JSONL line raises naming file and line, or with skip_bad_rows is
+    skipped and counted. Used by train_sft, train_grpo and evaluate's benchmark loaders."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileNotFound(f"{flag} {path}: data file not found")
+    if path.is_dir() or path.stat().st_size == 0:
+        raise DataError(f"{flag} {path}: data file is {'a directory' if path.is_dir() else 'empty'}")
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"{flag} {path}: expected .parquet, .jsonl or .json, not {path.suffix!r}")
+    if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
+        return [(r, f"{path}: row {i}") for i, r in enumerate(read_parquet_rows(path, flag))], 0
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (MetaMathQA-395K.json)
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{flag} {path}: not valid JSON ({e})") from None
+        bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"{flag} {path}: item {bad} is not a JSON object")
+        return [(r, f"{path}: item {i}") for i, r in enumerate(items)], 0
+    rows, n_bad = [], 0
+    for lineno, line in enumerate(text.splitlines(), 1):   # JSON lines
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if skip_bad_rows:
+                n_bad += 1
+                continue
+            raise DataError(f"{path}:{lineno}: malformed JSONL line ({e}); fix it or pass "
+                            "--skip-bad-rows to skip and count such lines") from None
+        rows.append((row, f"{path}:{lineno}"))
+    return rows, n_bad
 
 
 def get_key(row: dict, key: str):

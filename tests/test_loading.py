@@ -175,3 +175,49 @@ def test_environment_block():
     assert env == {"python": platform.python_version(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
     json.dumps(env)
+
+
+def test_read_records_reads_every_format_and_names_the_bad_line(tmp_path):
+    """The one data reader: JSONL, JSON array and parquet give the same rows; a malformed line is
+    an error naming file:line, or skipped and counted with skip_bad_rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": "4"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.json", "a.parquet"):
+        got, n_bad = loading.read_records(tmp_path / name)
+        assert [r for r, _ in got] == rows and n_bad == 0
+    assert loading.read_records(tmp_path / "a.jsonl")[0][1][1].endswith("a.jsonl:2")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n[1]\n")
+    with pytest.raises(loading.DataError, match=r"bad\.jsonl:2: malformed JSONL line"):
+        loading.read_records(tmp_path / "bad.jsonl")
+    got, n_bad = loading.read_records(tmp_path / "bad.jsonl", skip_bad_rows=True)
+    assert [r for r, _ in got] == rows[:1] and n_bad == 2
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(loading.DataError, match=r"--train-data .*a\.csv: expected"):
+        loading.read_records(tmp_path / "a.csv", "--train-data")
+    with pytest.raises(loading.DataFileNotFound, match="missing.jsonl"):
+        loading.read_records(tmp_path / "missing.jsonl")
+
+
+def test_run_config_records_the_environment_and_resume_ignores_it(tmp_path):
+    """config.json carries python/torch/transformers/threads; a changed environment is not a
+    different run (config_diff skips it), a changed setting is."""
+    saved = loading.write_run_config(tmp_path, {"lr": 1e-4, "resume": False})
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored == saved and stored["environment"]["torch"] == torch.__version__
+    stored["environment"]["torch"] = "0.0"
+    assert loading.config_diff(stored, {"lr": 1e-4, "resume": True}, {"resume"}) == {}
+    assert loading.config_diff(stored, {"lr": 2e-4, "resume": True}, {"resume"}) == {"lr": (1e-4, 2e-4)}
+
+
+def test_write_summary_has_the_one_schema(tmp_path):
+    s = loading.write_summary(tmp_path, script="train_sft.py", cfg={"model": "toy", "method": "lora"},
+                              steps=3, trainable_params=10, final_checkpoint=tmp_path / "global_step_3",
+                              train_seconds=1.5, train_last=0.25, train_last_name="loss", tokens_seen=7)
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+    assert list(s)[:10] == ["script", "out", "model", "method", "steps", "trainable_params",
+                            "final_checkpoint", "train_seconds", "train_last", "train_last_name"]
+    assert s["final_checkpoint"].endswith("global_step_3") and s["tokens_seen"] == 7
