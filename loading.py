@@ -333,10 +333,12 @@ def write_summary(out: Path, *, script: str, cfg: dict, steps: int, trainable_pa
 
 def environment() -> dict:
     """The software a run's numbers depend on, for its resolved config: the python, torch and
-    transformers versions and torch's intra-op thread count (a CPU reduction's order depends on it)."""
+    transformers versions, torch's intra-op thread count and the CPU kernel set torch dispatches to
+    (AVX2, AVX512, ...): a CPU reduction's order, so the last bits of a result, depend on both."""
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # -----------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def test_resume_or_overwrite(tmp_path):
 def test_environment_block():
     env = loading.environment()
     assert env == {"python": platform.python_version(), "torch": torch.__version__,
-                   "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+                   "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     json.dumps(env)
 
 
