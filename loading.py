@@ -130,23 +130,34 @@ def _make_dir(path: Path) -> None:
         raise _write_error(path, err) from None
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def _atomic_write(path: str | Path, write) -> None:
+    """write(tmp_path) into a temp file beside `path`, then rename it into place; a failure removes
+    the temp file and turns a fixable OSError into a one-line OutputWriteError."""
     path = Path(path)
     _make_dir(path.parent)
-    tmp = None
+    fd, tmp = None, None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(err, OSError) and ("No space left" in str(err) or "Read-only file system" in str(err)):
+            err = OSError(errno.ENOSPC if "space" in str(err) else errno.EROFS, str(err))  # safetensors' own
         if isinstance(err, OSError):
             raise _write_error(path, err) from None
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    _atomic_write(path, write)
 
 
 class ConfigError(ValueError):
@@ -176,25 +187,9 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_save_file(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
     """safetensors.save_file, written to a temp file and renamed into place."""
     from safetensors.torch import save_file
-    path = Path(path)
-    _make_dir(path.parent)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        # safetensors refuses non-contiguous or shared-storage tensors: clone them contiguous.
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise _write_error(path, err) from None
-        if "No space left" in str(err) or "Read-only file system" in str(err):  # safetensors' own error
-            raise _write_error(path, OSError(errno.ENOSPC if "space" in str(err) else errno.EROFS,
-                                             str(err))) from None
-        raise
+    # safetensors refuses non-contiguous or shared-storage tensors: clone them contiguous.
+    _atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
+                                              tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
