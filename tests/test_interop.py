@@ -1,4 +1,4 @@
-"""HF PEFT interop (peft_methods.py section 7): PEFT format out and in, merged dense export, and the
+"""HF PEFT interop (interop.py): PEFT format out and in, merged dense export, and the
 paper's diagnostics (geometry.py, rewind.py) on runs of PEFT checkpoints. HF PEFT 0.21 is the oracle.
 
 Models: tiny random Llama-shaped (d=24, ff=40) and Qwen2-shaped (d=36, ff=60, q/k/v biases) models,
@@ -18,6 +18,7 @@ import torch
 
 import evaluate as ev
 import geometry as geo
+import interop
 import loading
 import peft_methods as pm
 import rewind as rw
@@ -92,9 +93,9 @@ def test_export_to_peft_gives_our_logits(key, arch, tmp_path):
     pm.apply_peft(ours, _method(key), **hp)
     _randomise(ours)
     want = logits(ours)
-    pm.save_peft_adapter(ours, tmp_path / "peft", base_model="tiny")
+    interop.save_peft_adapter(ours, tmp_path / "peft", base_model="tiny")
     pcfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert pcfg["peft_type"] == pm._PEFT_TYPE[_method(key)]
+    assert pcfg["peft_type"] == interop._PEFT_TYPE[_method(key)]
     pmodel = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
     torch.testing.assert_close(logits(pmodel), want, atol=2e-5, rtol=1e-5)
     assert not torch.allclose(logits(base), want, atol=1e-3)          # the adapter really changes the model
@@ -139,7 +140,7 @@ def test_import_peft_adapter_gives_peft_logits(key, arch, tmp_path):
     assert pm.peft_state(ours)["method"] == {"rslora": "lora"}.get(key, key.split("_")[0])
     torch.testing.assert_close(logits(ours.eval()), want, atol=2e-5, rtol=1e-5)
     # and back out again: PEFT reads our re-export to the same logits
-    pm.save_peft_adapter(ours, tmp_path / "b")
+    interop.save_peft_adapter(ours, tmp_path / "b")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
     torch.testing.assert_close(logits(again), want, atol=2e-5, rtol=1e-5)
 
@@ -241,14 +242,14 @@ def test_merged_export_loads_and_matches(tmp_path):
     pm.save_adapter(ours, tmp_path / "ck", base_model=str(tmp_path / "base"))
     want = logits(copy.deepcopy(ours).eval())
     merged_sd = pm.merged_state_dict(ours)
-    out32 = pm.export_merged(tmp_path / "ck", tmp_path / "m32", dtype="fp32", max_shard_size="200KB")
+    out32 = interop.export_merged(tmp_path / "ck", tmp_path / "m32", dtype="fp32", max_shard_size="200KB")
     assert (out32 / "model.safetensors.index.json").is_file() and len(list(out32.glob("*.safetensors"))) > 1
     for f in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out32 / f).is_file(), f
     m32 = transformers.AutoModelForCausalLM.from_pretrained(str(out32)).eval()
     torch.testing.assert_close(logits(m32), want, atol=2e-5, rtol=1e-5)
     # bf16: every weight is our fp32 merge rounded once; logits within bf16 rounding
-    r = subprocess.run([sys.executable, "peft_methods.py", "export", str(tmp_path / "ck"), "--to", "merged",
+    r = subprocess.run([sys.executable, "interop.py", "export", str(tmp_path / "ck"), "--to", "merged",
                         "--out", str(tmp_path / "m16"), "--dtype", "bf16"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m16 = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m16"))
@@ -259,8 +260,8 @@ def test_merged_export_loads_and_matches(tmp_path):
             assert torch.equal(sd16[k], v.to(torch.bfloat16)), k
     torch.testing.assert_close(logits(m16.float().eval()), want, atol=0.05, rtol=0.02)
     # a PEFT adapter dir merges the same way (base given on the command line)
-    pm.save_peft_adapter(ours, tmp_path / "p")
-    outp = pm.export_merged(tmp_path / "p", tmp_path / "mp", dtype="fp32", base_model=str(tmp_path / "base"))
+    interop.save_peft_adapter(ours, tmp_path / "p")
+    outp = interop.export_merged(tmp_path / "p", tmp_path / "mp", dtype="fp32", base_model=str(tmp_path / "base"))
     torch.testing.assert_close(logits(transformers.AutoModelForCausalLM.from_pretrained(str(outp)).eval()), want,
                                atol=2e-5, rtol=1e-5)
 
@@ -271,7 +272,7 @@ def test_export_cli_peft_from_our_checkpoint(tmp_path):
     pm.apply_peft(ours, "pissa", r=4, alpha=8, dropout=0.0)
     _randomise(ours)
     pm.save_adapter(ours, tmp_path / "ck", base_model="tiny-llama")
-    pm.export_peft(tmp_path / "ck", tmp_path / "p")
+    interop.export_peft(tmp_path / "ck", tmp_path / "p")
     pcfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert pcfg["r"] == 8 and pcfg["lora_alpha"] == 16 and pcfg["base_model_name_or_path"] == "tiny-llama"
     pmodel = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p")).eval()
@@ -299,7 +300,7 @@ def test_unsupported_peft_option_is_an_error_naming_it(edit, option, tmp_path):
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg.update(edit)
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(pm.InteropError, match=rf"adapter_config.json: PEFT option {option}=") as e:
+    with pytest.raises(interop.InteropError, match=rf"adapter_config.json: PEFT option {option}=") as e:
         pm.load_adapter(tiny_model("llama"), d)
     assert "\n" not in str(e.value)
 
@@ -307,7 +308,7 @@ def test_unsupported_peft_option_is_an_error_naming_it(edit, option, tmp_path):
 def test_oft_by_block_count_is_refused(tmp_path):
     pmodel = peft.get_peft_model(tiny_model("llama"), peft.OFTConfig(r=6, oft_block_size=0, target_modules=["q_proj"]))
     pmodel.save_pretrained(str(tmp_path / "o"))
-    with pytest.raises(pm.InteropError, match=r"PEFT option r=6 .*oft_block_size"):
+    with pytest.raises(interop.InteropError, match=r"PEFT option r=6 .*oft_block_size"):
         pm.read_adapter_config(tmp_path / "o")
 
 
@@ -315,24 +316,24 @@ def test_broken_files_name_the_file(tmp_path):
     d = _peft_lora_dir(tmp_path)
     f = d / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:-40])
-    with pytest.raises(pm.InteropError, match=r"adapter_model.safetensors: unreadable safetensors"):
+    with pytest.raises(interop.InteropError, match=r"adapter_model.safetensors: unreadable safetensors"):
         pm.load_adapter(tiny_model("llama"), d)
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
-    with pytest.raises(pm.InteropError, match=r"adapter_config.json: malformed JSON"):
+    with pytest.raises(interop.InteropError, match=r"adapter_config.json: malformed JSON"):
         pm.read_adapter_config(d)
     f.unlink()
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
-    with pytest.raises(pm.InteropError, match=r"adapter_model.safetensors: not found"):
+    with pytest.raises(interop.InteropError, match=r"adapter_model.safetensors: not found"):
         pm.load_adapter(tiny_model("llama"), d)
 
 
 def test_peft_adapter_for_another_model_names_the_tensor(tmp_path):
     d = _peft_lora_dir(tmp_path)
-    with pytest.raises(pm.InteropError, match=r"lora_A.weight' has shape"):
+    with pytest.raises(interop.InteropError, match=r"lora_A.weight' has shape"):
         pm.load_adapter(tiny_model("qwen2"), d)
     cfg = json.loads((d / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "embed_tokens"]}))
-    with pytest.raises(pm.InteropError, match=r"adapter_config.json: target pattern 'embed_tokens'"):
+    with pytest.raises(interop.InteropError, match=r"adapter_config.json: target pattern 'embed_tokens'"):
         pm.load_adapter(tiny_model("llama"), d)
 
 
@@ -344,7 +345,7 @@ def test_no_peft_counterpart_points_to_merged_export(method, tmp_path):
     batch = tok(["a b c"], return_tensors="pt")
     pm.apply_peft(m, method, init_batch=dict(batch) if method == "keeplora" else None)
     pm.save_adapter(m, tmp_path / "ck", base_model=str(tmp_path / "base"))
-    r = subprocess.run([sys.executable, "peft_methods.py", "export", str(tmp_path / "ck"), "--to", "peft",
+    r = subprocess.run([sys.executable, "interop.py", "export", str(tmp_path / "ck"), "--to", "peft",
                         "--out", str(tmp_path / "p")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no HF PEFT counterpart" in r.stderr and "--to merged" in r.stderr
@@ -355,7 +356,7 @@ def test_no_peft_counterpart_points_to_merged_export(method, tmp_path):
             if p.requires_grad:
                 p.add_(0.01)
     pm.save_adapter(m, tmp_path / "ck", base_model=str(tmp_path / "base"))
-    out = pm.export_merged(tmp_path / "ck", tmp_path / "merged", dtype="fp32")
+    out = interop.export_merged(tmp_path / "ck", tmp_path / "merged", dtype="fp32")
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     torch.testing.assert_close(logits(dense), logits(m.eval()), atol=2e-5, rtol=1e-5)
 
@@ -382,7 +383,7 @@ def test_import_adalora_after_peft_rank_allocation(tmp_path):
     torch.testing.assert_close(logits(ours.eval()), want, atol=2e-5, rtol=1e-5)
     kept = sum(int(l.rank_mask.sum()) for l in pm.adapter_layers(ours).values())
     assert kept == sum(sum(v) for v in pattern.values())
-    pm.save_peft_adapter(ours, tmp_path / "b")
+    interop.save_peft_adapter(ours, tmp_path / "b")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
     torch.testing.assert_close(logits(again), want, atol=2e-5, rtol=1e-5)
 
@@ -418,6 +419,6 @@ def test_peft_file_missing_modules_names_them(tmp_path):
     d = _peft_lora_dir(tmp_path)
     f = d / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(str(f)).items() if "layers.1." not in k}, str(f))
-    with pytest.raises(pm.InteropError, match=r"adapter_model.safetensors: .* wrap 2 modules .* adapts 1: "
+    with pytest.raises(interop.InteropError, match=r"adapter_model.safetensors: .* wrap 2 modules .* adapts 1: "
                                               r"not in file \['model.layers.1.self_attn.q_proj'\]"):
         pm.load_adapter(tiny_model("llama"), d)
