@@ -1,0 +1,517 @@
+"""findings.py: the paper's findings, each tested on the toy arena with seeds and confidence intervals.
+
+PEFT-Arena reports one run per cell (§10). Here every SFT setting of the main table is trained over
+several seeds, scored at several checkpoints along training (so a method is a curve in the
+(target gain, forgetting) plane, not a point), and each claim of §2 gets a verdict computed from
+the numbers: "holds" when the interval of the difference it rests on excludes 0 on the claimed
+side, "does not hold" when it excludes 0 on the other side, "inconclusive" otherwise (stats.py).
+
+    python arena.py findings                 # the study: ~1 h on 2 CPU cores, resumable
+    python arena.py findings --smoke         # every step at toy-of-the-toy size (CI)
+
+Claims (PEFT-Arena §2; ids as in findings.md):
+  F1 Full FT gains the most target and forgets the most.
+  F2 At comparable trainable-parameter budgets OFT has the more favourable frontier: less
+     forgetting at equal target gain (paper: OFT b32 vs LoRA r8; OFT b16 vs LoRA r4).
+  F3 PiSSA can collapse general ability (more forgetting than LoRA at the same rank).
+  F4 VeRA and IA3 are stable (forgetting under 2 points) but gain less target than LoRA r8.
+  F5 GRPO forgets less than SFT for the same method, at the final steps and at equal target gain.
+  F9 Longer GRPO lowers pass@64 while pass@1 holds (does not fall).
+
+Deviations (budgets: a toy world, not the paper's models):
+  1. SFT runs for `sft_steps` steps, fewer than the demo's 120, so that no method saturates the
+     target (the demo's LoRA r8 reaches 97%); the budget is the same for every method.
+  2. Scores are greedy on `n_per_family` held-out items per family (the paper's avg@16 for math
+     is a sampled mean); pass@k uses n = 64 samples at temperature 1 on `passk_items` math items.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+
+import arena
+import evaluate
+import loading
+import peft_methods
+import stats
+import toy_world
+import train_grpo
+import train_sft
+
+# (setting pairs the paper compares at comparable budgets: poster main table, Tr. column)
+BUDGET_PAIRS = [("OFT b32", "LoRA r8"), ("OFT b16", "LoRA r4")]
+BUDGETS = {
+    "full": dict(seeds=(0, 1, 2), sft_steps=48, n_checkpoints=6, n_per_family=300, n_train=2000,
+                 grpo_steps=12, long_grpo_steps=36, passk_items=50, passk_n=64, workers=2, settings=None, max_new_tokens=None,
+                 grpo=dict(eval_n=0)),
+    # the smoke study: two seeds of the settings the claims name, a few steps and items each
+    "smoke": dict(seeds=(0, 1), sft_steps=2, n_checkpoints=2, n_per_family=4, n_train=64, max_new_tokens=12,
+                  grpo_steps=1, long_grpo_steps=2, passk_items=3, passk_n=4, workers=1,
+                  grpo=dict(eval_n=0, prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, num_prompts=8),
+                  settings=("Full FT", "OFT b16", "OFT b32", "LoRA r4", "LoRA r8", "PiSSA r8", "VeRA r64", "IA3")),
+}
+SFT_TRAIN = dict(global_batch=16, micro_batch=16, epochs=8, lr_full=1e-3, lr_peft=3e-3)   # the demo's
+PASS_KS = (1, 2, 4, 8, 16, 32, 64)
+
+
+# -----------------------------------------------------------------------------
+# 1. Curves: forgetting at equal target gain
+# -----------------------------------------------------------------------------
+
+def forgetting_at_gain(curve: list[tuple[float, float]], gain: float) -> float | None:
+    """Forgetting where a training curve first reaches `gain` (linear between checkpoints).
+
+    `curve` is [(target gain, forgetting)] in training order, starting at the base (0, 0). The
+    first crossing is the earliest point of training with that much target: what a practitioner
+    stopping there would keep. None when the curve never reaches `gain`.
+    """
+    for (g0, f0), (g1, f1) in zip(curve, curve[1:]):
+        if g0 <= gain <= g1 and g1 > g0:
+            return f0 + (f1 - f0) * (gain - g0) / (g1 - g0)
+        if g1 == gain:
+            return f1
+    return None
+
+
+def matched_gain(curves: list[list[tuple[float, float]]]) -> float:
+    """The largest target gain every curve reaches (the level at which they can be compared)."""
+    return min(max(g for g, _ in c) for c in curves)
+
+
+# -----------------------------------------------------------------------------
+# 2. The claims, decided from the numbers
+# -----------------------------------------------------------------------------
+
+def _per_seed(rows: dict, label: str, key: str, paradigm: str = "SFT") -> dict[int, float]:
+    """{seed: value} of the final checkpoint of one setting ("gain" or "forgetting")."""
+    return {s: r[key] for (p, lab, s), r in rows.items() if p == paradigm and lab == label}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """Interval of mean over seeds of a - b (the same seed: the same data order and test items)."""
+    return stats.mean_ci([a[s] - b[s] for s in sorted(set(a) & set(b))])
+
+
+def claim_f1(rows, labels) -> tuple[str, str]:
+    parts, worst = [], {}
+    for key in ("gain", "forgetting"):
+        full = _per_seed(rows, "Full FT", key)
+        for lab in labels:
+            if lab == "Full FT":
+                continue
+            iv = _paired(full, _per_seed(rows, lab, key))
+            parts.append(stats.verdict(iv))
+            if key not in worst or iv["mean"] < worst[key][1]["mean"]:
+                worst[key] = (lab, iv)
+    ours = "; ".join(f"{k}: Full - {lab} = {stats.fmt_ci(iv)}" for k, (lab, iv) in worst.items())
+    return stats.all_of(parts), "closest rival " + ours
+
+
+def claim_budget_pairs(curves, rows) -> tuple[str, str]:
+    parts, text = [], []
+    for oft, lora in BUDGET_PAIRS:
+        diffs = []
+        for s in sorted({k[2] for k in curves if k[1] == oft}):
+            c_oft, c_lora = curves[("SFT", oft, s)], curves[("SFT", lora, s)]
+            g = matched_gain([c_oft, c_lora])
+            diffs.append(forgetting_at_gain(c_lora, g) - forgetting_at_gain(c_oft, g))
+        iv = stats.mean_ci(diffs)
+        parts.append(stats.verdict(iv))
+        text.append(f"{lora} - {oft} forgetting at equal gain {stats.fmt_ci(iv)}")
+    return stats.all_of(parts), "; ".join(text)
+
+
+def claim_f3(rows) -> tuple[str, str]:
+    iv = _paired(_per_seed(rows, "PiSSA r8", "forgetting"), _per_seed(rows, "LoRA r8", "forgetting"))
+    return stats.verdict(iv), f"PiSSA r8 - LoRA r8 forgetting {stats.fmt_ci(iv)}"
+
+
+def claim_f4(rows) -> tuple[str, str]:
+    parts, text = [], []
+    lora_gain = _per_seed(rows, "LoRA r8", "gain")
+    for lab in ("VeRA r64", "IA3"):
+        forget = stats.mean_ci(list(_per_seed(rows, lab, "forgetting").values()))
+        stable = stats.HOLDS if forget["hi"] is not None and forget["hi"] < 2.0 else (
+            stats.FAILS if forget["lo"] is not None and forget["lo"] > 2.0 else stats.INCONCLUSIVE)
+        less = _paired(lora_gain, _per_seed(rows, lab, "gain"))
+        parts += [stable, stats.verdict(less)]
+        text.append(f"{lab}: forgetting {stats.fmt_ci(forget)}, LoRA r8 - {lab} gain {stats.fmt_ci(less)}")
+    return stats.all_of(parts), "; ".join(text)
+
+
+def claim_f5(rows, curves, grpo_labels) -> tuple[str, str]:
+    parts, text = [], []
+    for lab in grpo_labels:
+        final = _paired(_per_seed(rows, lab, "forgetting"), _per_seed(rows, lab, "forgetting", "GRPO"))
+        matched = []
+        for s, r in ((s, r) for (p, l, s), r in rows.items() if p == "GRPO" and l == lab):
+            f_sft = forgetting_at_gain(curves[("SFT", lab, s)], r["gain"])
+            if f_sft is not None:
+                matched.append(f_sft - r["forgetting"])
+        at_gain = stats.mean_ci(matched)
+        parts += [stats.verdict(final), stats.verdict(at_gain)]
+        text.append(f"{lab}: SFT - GRPO forgetting {stats.fmt_ci(final)} final, {stats.fmt_ci(at_gain)} at equal gain")
+    return stats.all_of(parts), "; ".join(text)
+
+
+def claim_f9(passk) -> tuple[str, str]:
+    """pass@K (K the largest k sampled: 64 in the study) falls after longer GRPO; pass@1 does not."""
+    kmax = str(max(int(k) for r in passk.values() for k in r["short"]))
+    dk = stats.mean_ci([r["long"][kmax] - r["short"][kmax] for r in passk.values()])
+    d1 = stats.mean_ci([r["long"]["1"] - r["short"]["1"] for r in passk.values()])
+    holds_1 = stats.FAILS if stats.verdict(d1) == stats.FAILS else stats.HOLDS   # "holds or rises"
+    verdict = stats.all_of([stats.verdict(dk, -1), holds_1]) if d1["lo"] is not None else stats.INCONCLUSIVE
+    return verdict, (f"long - short: pass@{kmax} {stats.fmt_ci(dk)}, pass@1 {stats.fmt_ci(d1)} "
+                     f"(n = {dk['n']} runs)")
+
+
+# -----------------------------------------------------------------------------
+# 3. The study: units of work (train, score), each written once and skipped on a rerun
+# -----------------------------------------------------------------------------
+
+def _train_sft(out: Path, method: str, hp: dict, seed: int, B: dict) -> None:
+    steps = B["sft_steps"]
+    resume = any(out.glob(loading.CKPT_PREFIX + "*"))
+    train_sft.train(dict(model="toy", method=method, task="toy-math", out=str(out), max_steps=steps,
+                         n_train=B["n_train"], global_batch=SFT_TRAIN["global_batch"],
+                         micro_batch=SFT_TRAIN["micro_batch"], epochs=SFT_TRAIN["epochs"],
+                         lr=SFT_TRAIN["lr_full"] if method == "full" else SFT_TRAIN["lr_peft"],
+                         save_every_steps=max(1, steps // B["n_checkpoints"]), seed=seed, data_seed=seed,
+                         resume=resume, overwrite=not resume and out.exists(), no_progress=True, **hp))
+
+
+def _train_grpo(out: Path, method: str, hp: dict, seed: int, B: dict) -> None:
+    resume = any(out.glob(loading.CKPT_PREFIX + "*"))
+    train_grpo.train(dict(model="toy", method=method, task="toy-math", out=str(out), preset="toy",
+                          steps=B["long_grpo_steps"], save_every_steps=B["grpo_steps"], seed=seed,
+                          data_seed=seed, resume=resume, overwrite=not resume and out.exists(),
+                          no_progress=True, **B["grpo"], **hp))
+
+
+def _load(ckpt: Path | None):
+    model, tok = loading.load_model("toy", device="cpu", dtype="float32")
+    if ckpt is not None:
+        peft_methods.load_adapter(model, ckpt)
+    return model, tok
+
+
+def _score(ckpt: Path | None, B: dict) -> dict:
+    """Both axes of one checkpoint (greedy, the same held-out items for every checkpoint)."""
+    model, tok = _load(ckpt)
+    res = evaluate.evaluate_toy(model, tok, domain="math", n_per_family=B["n_per_family"], batch_size=128,
+                                max_new_tokens=B["max_new_tokens"])
+    return {"target": res["target_score"], "general": res["general_score"],
+            "families": {f: v["score"] for f, v in res["families"].items()}}
+
+
+def _pass_at_k(ckpt: Path, seed: int, B: dict) -> dict:
+    """{k: pass@k} on math test items, n samples each at temperature 1 (Chen et al. 2021, Eq. 1)."""
+    model, tok = _load(ckpt)
+    items = toy_world.make_eval_items("math", "test", B["passk_items"], seed=0)
+    prompts = [loading.render_chat(tok, it["prompt"]) for it in items]
+    mnt = B["max_new_tokens"] or evaluate.TOY_BENCHMARKS["math"]["max_new_tokens"]
+    samples = evaluate.generate(model, tok, prompts, max_new_tokens=mnt,
+                                temperature=1.0, n=B["passk_n"], batch_size=256, seed=seed)
+    ks = [k for k in PASS_KS if k <= B["passk_n"]]
+    return evaluate.aggregate(items, samples, "micro", ks=ks)["pass_at_k"]
+
+
+def run_unit(unit: dict) -> str:
+    """One unit of work in a worker process: train a run, or score/sample its checkpoints."""
+    torch.set_num_threads(1)          # two single-thread workers beat one two-thread process here
+    out, B, kind = Path(unit["out"]), unit["budget"], unit["kind"]
+    if kind == "sft":
+        _train_sft(out, unit["method"], unit["hp"], unit["seed"], B)
+    elif kind == "grpo":
+        _train_grpo(out, unit["method"], unit["hp"], unit["seed"], B)
+    elif kind == "score":
+        loading.atomic_write_json(unit["result"], _score(Path(unit["ckpt"]) if unit["ckpt"] else None, B))
+    elif kind == "passk":
+        loading.atomic_write_json(unit["result"], _pass_at_k(Path(unit["ckpt"]), unit["seed"], B))
+    return unit["key"]
+
+
+def _runs(B: dict):
+    """(paradigm, label, method, hp, seed, run dir name) of every training run of the study."""
+    cells = [c for c in arena.SFT_CELLS if B["settings"] is None or c[0] in B["settings"]]
+    grpo = {lab for lab, _, _ in arena.GRPO_CELLS}
+    for seed in B["seeds"]:
+        for lab, method, hp in cells:
+            yield "SFT", lab, method, hp, seed
+        for lab, method, hp in cells:
+            if lab in grpo:
+                yield "GRPO", lab, method, hp, seed
+
+
+def _run_dir(run: Path, paradigm: str, label: str, seed: int) -> Path:
+    return run / paradigm.lower() / f"{arena.slug(label)}-s{seed}"
+
+
+def plan_units(run: Path, B: dict, phase: str) -> list[dict]:
+    """The units still to do in one phase ("train", then "score" once every run has finished)."""
+    units = []
+    for paradigm, lab, method, hp, seed in _runs(B):
+        d = _run_dir(run, paradigm, lab, seed)
+        base = dict(budget=B, method=method, hp=hp, seed=seed, out=str(d))
+        if phase == "train":
+            if loading.finished_checkpoint(d) is None:
+                units.append(dict(base, kind=paradigm.lower(), key=f"train {paradigm} {lab} s{seed}"))
+            continue
+        for step, ckpt in loading.list_checkpoints(d):
+            res = run / "scores" / f"{d.parent.name}-{d.name}-{step}.json"
+            if not res.exists():
+                units.append(dict(base, kind="score", ckpt=str(ckpt), result=str(res),
+                                  key=f"score {paradigm} {lab} s{seed} step {step}"))
+            pk = run / "passk" / f"{d.name}-{step}.json"
+            if paradigm == "GRPO" and not pk.exists():
+                units.append(dict(base, kind="passk", ckpt=str(ckpt), result=str(pk),
+                                  key=f"pass@k {lab} s{seed} step {step}"))
+    if phase == "score" and not (run / "scores" / "base.json").exists():
+        units.append(dict(budget=B, kind="score", ckpt=None, result=str(run / "scores" / "base.json"),
+                          key="score base", out=str(run)))
+    return units
+
+
+def run_units(units: list[dict], workers: int, log=print) -> None:
+    """Run the units on `workers` processes (spawned: a clean torch each), or in this one."""
+    t0 = time.time()
+    if workers <= 1 or len(units) <= 1:
+        done = map(run_unit, units)
+    else:
+        pool = mp.get_context("spawn").Pool(workers)
+        done = pool.imap_unordered(run_unit, units)
+    for i, key in enumerate(done, 1):
+        log(f"[findings] {i}/{len(units)} {key} ({time.time() - t0:.0f} s)")
+    if workers > 1 and len(units) > 1:
+        pool.close()
+        pool.join()
+
+
+# -----------------------------------------------------------------------------
+# 4. Collect the numbers, decide, report
+# -----------------------------------------------------------------------------
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def collect(run: Path, B: dict) -> tuple[dict, dict, dict, dict]:
+    """(rows, curves, passk, base): rows[(paradigm, label, seed)] is the run's compared checkpoint
+    (SFT: the final one; GRPO: step grpo_steps, the demo's budget), curves[...] its
+    [(target gain, forgetting)] from the base along training, passk[(label, seed)] short/long."""
+    base = _read(run / "scores" / "base.json")
+    rows, curves, passk = {}, {}, {}
+    for paradigm, lab, _, _, seed in _runs(B):
+        d = _run_dir(run, paradigm, lab, seed)
+        pts = [(0.0, 0.0)]
+        for step, _ in loading.list_checkpoints(d):
+            s = _read(run / "scores" / f"{d.parent.name}-{d.name}-{step}.json")
+            pt = {"step": step, "target": s["target"], "general": s["general"], "families": s["families"],
+                  "gain": s["target"] - base["target"], "forgetting": base["general"] - s["general"]}
+            pts.append((pt["gain"], pt["forgetting"]))
+            if paradigm == "SFT" or step == B["grpo_steps"]:
+                rows[(paradigm, lab, seed)] = pt
+        curves[(paradigm, lab, seed)] = pts
+        if paradigm == "GRPO":
+            passk[(lab, seed)] = {"short": _read(run / "passk" / f"{d.name}-{B['grpo_steps']}.json"),
+                                  "long": _read(run / "passk" / f"{d.name}-{B['long_grpo_steps']}.json")}
+    return rows, curves, passk, base
+
+
+PAPER = {   # PEFT-Arena poster main table and §10.6 (Qwen2.5-7B math unless named)
+    "F1": "Full FT +15.3 T / -12.8 G (PiSSA -22.2 G)",
+    "F2": "Delta G: OFT b32 -2.60 vs LoRA r8 -7.75 (T 46.9 vs 42.5)",
+    "F3": "Llama math G: PiSSA 7.08 vs LoRA r8 36.57",
+    "F4": "VeRA +4.1 T / +0.3 G; IA3 -0.2 T / -2.3 G",
+    "F5": "G after RLVR vs SFT: Full 48.7 vs 34.2, OFT 48.9 vs 44.4, LoRA 48.3 vs 39.2",
+    "F9": "longer GRPO: LoRA pass@1 +2.30, pass@64 -2.93; OFT -0.07 / -1.46",
+}
+CLAIMS = {
+    "F1": "Full FT gains the most target and forgets the most",
+    "F2": "at comparable budgets OFT forgets less than LoRA at equal target gain",
+    "F3": "PiSSA can collapse general ability (vs LoRA r8)",
+    "F4": "VeRA and IA3 are stable (forgetting < 2 points) but gain less than LoRA r8",
+    "F5": "GRPO forgets less than SFT for the same method",
+    "F9": "longer GRPO lowers pass@64 while pass@1 holds",
+}
+
+
+def decide(rows, curves, passk) -> dict[str, tuple[str, str]]:
+    """{claim id: (verdict, our numbers)}: every verdict computed by the rules of section 2."""
+    labels = list(dict.fromkeys(k[1] for k in rows if k[0] == "SFT"))
+    grpo = list(dict.fromkeys(k[1] for k in rows if k[0] == "GRPO"))
+    return {"F1": claim_f1(rows, labels), "F2": claim_budget_pairs(curves, rows), "F3": claim_f3(rows),
+            "F4": claim_f4(rows), "F5": claim_f5(rows, curves, grpo), "F9": claim_f9(passk)}
+
+
+def _general_halfwidth(rows: dict, n: int) -> float:
+    """The largest item-sampling 95% half-width of a scored general axis (mean of 3 proportions):
+    1.96 sqrt(sum_f p_f (1 - p_f) / n) / 3, in points, over every compared checkpoint."""
+    worst = 0.0
+    for r in rows.values():
+        ps = [r["families"][f] / 100 for f in ("ifeval", "bbh", "nq")]
+        worst = max(worst, 100 * 1.96 * math.sqrt(sum(p * (1 - p) for p in ps) / n) / 3)
+    return worst
+
+
+def findings_markdown(rows, curves, passk, base, B: dict) -> str:
+    verdicts = decide(rows, curves, passk)
+    out = ["# Findings on the toy arena", "",
+           f"`python arena.py findings` - {len(B['seeds'])} seeds, SFT {B['sft_steps']} steps "
+           f"({B['n_checkpoints']} checkpoints), GRPO {B['grpo_steps']} / {B['long_grpo_steps']} steps, "
+           f"{B['n_per_family']} test items per family; intervals are 95% t-intervals over seeds.", "",
+           "| | claim | paper | toy (mean [95% CI], points) | verdict |", "|---|---|---|---|---|"]
+    for cid, (v, ours) in verdicts.items():
+        out.append(f"| {cid} | {CLAIMS[cid]} | {PAPER[cid]} | {ours} | **{v}** |")
+    out += ["", f"Base: target {base['target']:.1f}, general {base['general']:.1f}. Largest item-sampling "
+            f"half-width of a scored general axis: {_general_halfwidth(rows, B['n_per_family']):.1f} points.", "",
+            "| Train | Method | Target gain | Forgetting |", "|---|---|---|---|"]
+    for paradigm in ("SFT", "GRPO"):
+        for lab in dict.fromkeys(k[1] for k in rows if k[0] == paradigm):
+            g = stats.mean_ci(list(_per_seed(rows, lab, "gain", paradigm).values()))
+            f = stats.mean_ci(list(_per_seed(rows, lab, "forgetting", paradigm).values()))
+            out.append(f"| {paradigm} | {lab} | {stats.fmt_ci(g)} | {stats.fmt_ci(f)} |")
+    return "\n".join(out) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# 5. Figures (shared, labelled axes; readable at README width)
+# -----------------------------------------------------------------------------
+
+def _mean_curve(curves: dict, paradigm: str, lab: str):
+    """Per checkpoint: (gain CI, forgetting CI) over seeds, in training order."""
+    runs = [c for (p, l, _), c in curves.items() if p == paradigm and l == lab]
+    n = min(len(c) for c in runs)
+    return [(stats.mean_ci([c[i][0] for c in runs]), stats.mean_ci([c[i][1] for c in runs])) for i in range(n)]
+
+
+def _err(iv: dict) -> list[float]:
+    return [0.0, 0.0] if iv["lo"] is None else [iv["mean"] - iv["lo"], iv["hi"] - iv["mean"]]
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """One panel per SFT setting (its curve in colour, every other setting in grey), shared axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(dict.fromkeys(k[1] for k in curves if k[0] == "SFT"))
+    mean = {lab: _mean_curve(curves, "SFT", lab) for lab in labels}
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(labels) / cols), cols, figsize=(12, 2.6 * math.ceil(len(labels) / cols)),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, lab in zip(axes.flat, labels):
+        for other in labels:
+            ax.plot([g["mean"] for g, _ in mean[other]], [f["mean"] for _, f in mean[other]], color="0.85", lw=1)
+        pts = mean[lab]
+        ax.errorbar([g["mean"] for g, _ in pts], [f["mean"] for _, f in pts],
+                    xerr=list(zip(*[_err(g) for g, _ in pts])), yerr=list(zip(*[_err(f) for _, f in pts])),
+                    color="tab:blue", marker="o", ms=3, lw=1.5, capsize=2)
+        ax.set_title(lab, fontsize=10)
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    fig.supxlabel("target gain (points; base = 0)")
+    fig.supylabel("forgetting (points of general; up = worse)")
+    fig.suptitle("SFT trade-off curves: mean over seeds at each checkpoint, 95% CI bars")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_final(rows: dict, path: Path) -> None:
+    """Final SFT and GRPO points with 95% CI bars in both directions."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for paradigm, marker in (("SFT", "o"), ("GRPO", "^")):
+        for lab in dict.fromkeys(k[1] for k in rows if k[0] == paradigm):
+            g = stats.mean_ci(list(_per_seed(rows, lab, "gain", paradigm).values()))
+            f = stats.mean_ci(list(_per_seed(rows, lab, "forgetting", paradigm).values()))
+            ax.errorbar(g["mean"], f["mean"], xerr=[[e] for e in _err(g)], yerr=[[e] for e in _err(f)],
+                        marker=marker, ms=6, capsize=3, lw=1)
+            ax.annotate(f"{lab}" + (" (GRPO)" if paradigm == "GRPO" else ""), (g["mean"], f["mean"]),
+                        xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("target gain (points)")
+    ax.set_ylabel("forgetting (points of general; up = worse)")
+    ax.set_title("Final checkpoints: mean over seeds, 95% CI (circles SFT, triangles GRPO)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_passk(passk: dict, path: Path) -> None:
+    """pass@k against k after the short and the long GRPO run, one panel per method, shared axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(dict.fromkeys(lab for lab, _ in passk))
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.5), sharey=True, squeeze=False)
+    for ax, lab in zip(axes[0], labels):
+        runs = [r for (l, _), r in passk.items() if l == lab]
+        ks = sorted(int(k) for k in runs[0]["short"])
+        for which, color in (("short", "tab:blue"), ("long", "tab:red")):
+            ivs = [stats.mean_ci([r[which][str(k)] for r in runs]) for k in ks]
+            ax.errorbar(ks, [iv["mean"] for iv in ivs], yerr=list(zip(*[_err(iv) for iv in ivs])),
+                        color=color, marker="o", ms=3, capsize=2, label=f"{which} GRPO")
+        ax.set_xscale("log", base=2)
+        ax.set_title(lab)
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pass@k on toy math (%)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 6. CLI
+# -----------------------------------------------------------------------------
+
+def run_findings(run: Path, B: dict, log=print) -> Path:
+    """Train, score, decide and draw; a rerun skips every finished unit."""
+    run.mkdir(parents=True, exist_ok=True)
+    loading.write_run_config(run, {"budget": B, "sft_train": SFT_TRAIN, "sft_cells": arena.SFT_CELLS,
+                                   "grpo_cells": arena.GRPO_CELLS})
+    for phase in ("train", "score"):
+        units = plan_units(run, B, phase)
+        log(f"[findings] {phase}: {len(units)} units to do")
+        run_units(units, B["workers"], log)
+    rows, curves, passk, base = collect(run, B)
+    loading.atomic_write_text(run / "findings.md", findings_markdown(rows, curves, passk, base, B))
+    plot_curves(curves, run / "tradeoff_curves.png")
+    plot_final(rows, run / "final_points.png")
+    plot_passk(passk, run / "passk.png")
+    log(f"[findings] wrote {run / 'findings.md'} and three figures")
+    return run / "findings.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="The paper's findings on the toy arena: seeds, intervals, verdicts.")
+    ap.add_argument("--out", default="runs/findings", help="run directory (resumed when it exists)")
+    ap.add_argument("--smoke", action="store_true", help="every step at a tiny size (seconds; for CI)")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: 2; 1 with --smoke)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    B = dict(BUDGETS["smoke" if args.smoke else "full"])
+    if args.workers is not None:
+        B["workers"] = args.workers
+    path = run_findings(Path(args.out), B)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""findings.py: curve matching and the claim rules on synthetic numbers with known answers, and the
+whole study at smoke size (resumes; same seeds give the same numbers)."""
+import random
+
+import pytest
+
+import findings
+import stats
+
+
+def test_forgetting_at_gain_interpolates_the_first_crossing():
+    curve = [(0.0, 0.0), (10.0, 2.0), (20.0, 6.0), (15.0, 9.0), (30.0, 12.0)]
+    assert findings.forgetting_at_gain(curve, 15.0) == pytest.approx(4.0)     # first crossing, not the later one
+    assert findings.forgetting_at_gain(curve, 10.0) == pytest.approx(2.0)
+    assert findings.forgetting_at_gain(curve, 25.0) == pytest.approx(11.0)    # 9 + 3 * 10/15: (15, 9) -> (30, 12)
+    assert findings.forgetting_at_gain(curve, 31.0) is None
+    assert findings.matched_gain([curve, [(0.0, 0.0), (18.0, 1.0)]]) == 18.0
+
+
+def _rows(spec: dict, seeds=range(5), noise=0.5, seed=0) -> dict:
+    """rows[("SFT", label, seed)] = {"gain", "forgetting"} around the given means."""
+    rng = random.Random(seed)
+    return {(p, lab, s): {"gain": g + rng.gauss(0, noise), "forgetting": f + rng.gauss(0, noise)}
+            for (p, lab), (g, f) in spec.items() for s in seeds}
+
+
+def test_f1_holds_when_full_leads_both_axes_and_fails_when_a_method_forgets_more():
+    spec = {("SFT", "Full FT"): (50, 20), ("SFT", "LoRA r8"): (40, 2), ("SFT", "OFT b16"): (42, 3)}
+    assert findings.claim_f1(_rows(spec), ["Full FT", "LoRA r8", "OFT b16"])[0] == stats.HOLDS
+    spec[("SFT", "PiSSA r8")] = (45, 30)
+    assert findings.claim_f1(_rows(spec), ["Full FT", "LoRA r8", "OFT b16", "PiSSA r8"])[0] == stats.FAILS
+
+
+def test_f3_and_f4_rules():
+    spec = {("SFT", "LoRA r8"): (40, 1.0), ("SFT", "PiSSA r8"): (35, 15.0),
+            ("SFT", "VeRA r64"): (10, 0.2), ("SFT", "IA3"): (5, 0.1)}
+    rows = _rows(spec, noise=0.3)
+    assert findings.claim_f3(rows)[0] == stats.HOLDS
+    assert findings.claim_f4(rows)[0] == stats.HOLDS
+    spec[("SFT", "IA3")] = (5, 8.0)                       # IA3 forgetting well above 2 points
+    assert findings.claim_f4(_rows(spec, noise=0.3))[0] == stats.FAILS
+    spec[("SFT", "PiSSA r8")] = (35, 1.0)                 # no difference: no call
+    assert findings.claim_f3(_rows(spec, noise=0.3))[0] == stats.INCONCLUSIVE
+
+
+def test_f2_compares_forgetting_at_equal_target_gain():
+    # OFT reaches gain 30 with 2 points of forgetting, LoRA with 6: OFT is the better frontier,
+    # although LoRA's final point (gain 40) has a larger gain
+    curves = {}
+    for s in range(4):
+        e = 0.1 * s
+        curves[("SFT", "OFT b32", s)] = [(0, 0), (15, 1 + e), (30, 2 + e)]
+        curves[("SFT", "LoRA r8", s)] = [(0, 0), (20, 3 + e), (40, 8 + e)]
+        curves[("SFT", "OFT b16", s)] = [(0, 0), (30, 5 + e)]
+        curves[("SFT", "LoRA r4", s)] = [(0, 0), (30, 5 + e + (0.3 if s % 2 else -0.3))]
+    verdict, text = findings.claim_budget_pairs(curves, {})
+    assert "LoRA r8 - OFT b32 forgetting at equal gain +3.5" in text       # 5.5 - 2 at gain 30
+    assert verdict == stats.INCONCLUSIVE                                    # the b16 / r4 pair is a tie
+
+
+def test_f5_and_f9_rules():
+    rows = _rows({("SFT", "LoRA r8"): (40, 6.0), ("GRPO", "LoRA r8"): (20, 0.5)}, seeds=range(4), noise=0.2)
+    curves = {("SFT", "LoRA r8", s): [(0, 0), (20, 3.0 + 0.1 * s), (40, 6.0)] for s in range(4)}
+    assert findings.claim_f5(rows, curves, ["LoRA r8"])[0] == stats.HOLDS
+    passk = {("LoRA r8", s): {"short": {"1": 40 + s * 0.1, "64": 90 + s * 0.2},
+                              "long": {"1": 41 + s * 0.1, "64": 85 + s * 0.3}} for s in range(4)}
+    assert findings.claim_f9(passk)[0] == stats.HOLDS
+    for s in range(4):                                    # pass@1 falls clearly too: the claim fails
+        passk[("LoRA r8", s)]["long"]["1"] = 30 + s * 0.1
+    assert findings.claim_f9(passk)[0] == stats.FAILS
+
+
+@pytest.mark.slow
+def test_smoke_study_resumes_and_is_deterministic(tmp_path):
+    out = tmp_path / "f"
+    assert findings.main(["--smoke", "--out", str(out)]) == 0
+    first = (out / "findings.md").read_text()
+    for f in ("tradeoff_curves.png", "final_points.png", "passk.png"):
+        assert (out / f).stat().st_size > 10_000
+    assert all(f"| {c} |" in first for c in ("F1", "F2", "F3", "F4", "F5", "F9"))
+    # a rerun finds every unit done and writes the same table
+    assert findings.plan_units(out, findings.BUDGETS["smoke"], "train") == []
+    assert findings.plan_units(out, findings.BUDGETS["smoke"], "score") == []
+    assert findings.main(["--smoke", "--out", str(out)]) == 0
+    assert (out / "findings.md").read_text() == first
