@@ -37,6 +37,7 @@ import torch
 
 import arena
 import evaluate
+import geometry
 import loading
 import peft_methods
 import stats
@@ -93,6 +94,11 @@ def _per_seed(rows: dict, label: str, key: str, paradigm: str = "SFT") -> dict[i
     return {s: r[key] for (p, lab, s), r in rows.items() if p == paradigm and lab == label}
 
 
+def _ci(rows: dict, label: str, key: str, paradigm: str = "SFT") -> dict:
+    """Interval over seeds of one setting's final `key`."""
+    return stats.mean_ci(list(_per_seed(rows, label, key, paradigm).values()))
+
+
 def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
     """Interval of mean over seeds of a - b (the same seed: the same data order and test items)."""
     return stats.mean_ci([a[s] - b[s] for s in sorted(set(a) & set(b))])
@@ -136,9 +142,8 @@ def claim_f4(rows) -> tuple[str, str]:
     parts, text = [], []
     lora_gain = _per_seed(rows, "LoRA r8", "gain")
     for lab in ("VeRA r64", "IA3"):
-        forget = stats.mean_ci(list(_per_seed(rows, lab, "forgetting").values()))
-        stable = stats.HOLDS if forget["hi"] is not None and forget["hi"] < 2.0 else (
-            stats.FAILS if forget["lo"] is not None and forget["lo"] > 2.0 else stats.INCONCLUSIVE)
+        forget = _ci(rows, lab, "forgetting")
+        stable = stats.verdict(forget, -1, threshold=2.0)            # forgetting < 2 points
         less = _paired(lora_gain, _per_seed(rows, lab, "gain"))
         parts += [stable, stats.verdict(less)]
         text.append(f"{lab}: forgetting {stats.fmt_ci(forget)}, LoRA r8 - {lab} gain {stats.fmt_ci(less)}")
@@ -282,15 +287,12 @@ def run_units(units: list[dict], workers: int, log=print) -> None:
     """Run the units on `workers` processes (spawned: a clean torch each), or in this one."""
     t0 = time.time()
     if workers <= 1 or len(units) <= 1:
-        done = map(run_unit, units)
-    else:
-        pool = mp.get_context("spawn").Pool(workers)
-        done = pool.imap_unordered(run_unit, units)
-    for i, key in enumerate(done, 1):
-        log(f"[findings] {i}/{len(units)} {key} ({time.time() - t0:.0f} s)")
-    if workers > 1 and len(units) > 1:
-        pool.close()
-        pool.join()
+        for i, key in enumerate(map(run_unit, units), 1):
+            log(f"[findings] {i}/{len(units)} {key} ({time.time() - t0:.0f} s)")
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for i, key in enumerate(pool.imap_unordered(run_unit, units), 1):
+            log(f"[findings] {i}/{len(units)} {key} ({time.time() - t0:.0f} s)")
 
 
 # -----------------------------------------------------------------------------
@@ -374,8 +376,8 @@ def findings_markdown(rows, curves, passk, base, B: dict) -> str:
             "| Train | Method | Target gain | Forgetting |", "|---|---|---|---|"]
     for paradigm in ("SFT", "GRPO"):
         for lab in dict.fromkeys(k[1] for k in rows if k[0] == paradigm):
-            g = stats.mean_ci(list(_per_seed(rows, lab, "gain", paradigm).values()))
-            f = stats.mean_ci(list(_per_seed(rows, lab, "forgetting", paradigm).values()))
+            g = _ci(rows, lab, "gain", paradigm)
+            f = _ci(rows, lab, "forgetting", paradigm)
             out.append(f"| {paradigm} | {lab} | {stats.fmt_ci(g)} | {stats.fmt_ci(f)} |")
     return "\n".join(out) + "\n"
 
@@ -397,9 +399,7 @@ def _err(iv: dict) -> list[float]:
 
 def plot_curves(curves: dict, path: Path) -> None:
     """One panel per SFT setting (its curve in colour, every other setting in grey), shared axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = geometry._pyplot()
     labels = list(dict.fromkeys(k[1] for k in curves if k[0] == "SFT"))
     mean = {lab: _mean_curve(curves, "SFT", lab) for lab in labels}
     cols = 4
@@ -427,14 +427,12 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 def plot_final(rows: dict, path: Path) -> None:
     """Final SFT and GRPO points with 95% CI bars in both directions."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = geometry._pyplot()
     fig, ax = plt.subplots(figsize=(9, 6))
     for paradigm, marker in (("SFT", "o"), ("GRPO", "^")):
         for lab in dict.fromkeys(k[1] for k in rows if k[0] == paradigm):
-            g = stats.mean_ci(list(_per_seed(rows, lab, "gain", paradigm).values()))
-            f = stats.mean_ci(list(_per_seed(rows, lab, "forgetting", paradigm).values()))
+            g = _ci(rows, lab, "gain", paradigm)
+            f = _ci(rows, lab, "forgetting", paradigm)
             ax.errorbar(g["mean"], f["mean"], xerr=[[e] for e in _err(g)], yerr=[[e] for e in _err(f)],
                         marker=marker, ms=6, capsize=3, lw=1)
             ax.annotate(f"{lab}" + (" (GRPO)" if paradigm == "GRPO" else ""), (g["mean"], f["mean"]),
@@ -450,9 +448,7 @@ def plot_final(rows: dict, path: Path) -> None:
 
 def plot_passk(passk: dict, path: Path) -> None:
     """pass@k against k after the short and the long GRPO run, one panel per method, shared axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = geometry._pyplot()
     labels = list(dict.fromkeys(lab for lab, _ in passk))
     fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.5), sharey=True, squeeze=False)
     for ax, lab in zip(axes[0], labels):

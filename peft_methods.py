@@ -1556,9 +1556,9 @@ def save_adapter(model: nn.Module, out_dir, *, base_model: str, extra: dict | No
 
 # Checkpoint discovery: our run dirs, the release's global_step_<k>/ (verl, adapter possibly nested)
 # and TRL's checkpoint-<k>/; an HF PEFT directory is read by interop.py.
+RELEASE_CKPT_RE = re.compile(r"global_step_\d+$")       # the release's checkpoint dirs (verl trainer)
 CHECKPOINT_DIR_RE = re.compile(r"(?:global_step_|checkpoint-)(\d+)$")   # + TRL's checkpoint-<k>/
 
-RELEASE_CKPT_RE = re.compile(r"global_step_\d+$")       # the release's checkpoint dirs (verl trainer)
 
 def find_adapter_dir(path) -> Path | None:
     """The directory holding the adapter files of checkpoint `path`: `path` itself when it has an
@@ -1572,6 +1572,7 @@ def find_adapter_dir(path) -> Path | None:
         if len(hits) == 1:
             return hits[0]
     return None
+
 
 def run_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """[(step, dir)] of the checkpoints in a training run dir (global_step_<k>/, checkpoint-<k>/), by step."""

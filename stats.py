@@ -141,15 +141,17 @@ def pearson_ci(x, y, conf: float = 0.95) -> dict:
 # 3. Verdicts
 # -----------------------------------------------------------------------------
 
-def verdict(interval: dict, direction: int = 1) -> str:
-    """The claim "the quantity is > 0" (direction=+1) or "< 0" (direction=-1), read off its interval.
+def verdict(interval: dict, direction: int = 1, threshold: float = 0.0) -> str:
+    """The claim "the quantity is > threshold" (direction=+1) or "< threshold" (direction=-1), read
+    off its interval.
 
     `interval` has "lo" and "hi" (None when the sample was too small). A difference is called only
-    when its interval excludes 0.
+    when its interval excludes the threshold (0: the two sides are equal).
     """
     lo, hi = interval.get("lo"), interval.get("hi")
     if lo is None or hi is None:
         return INCONCLUSIVE
+    lo, hi = lo - threshold, hi - threshold
     if direction < 0:
         lo, hi = -hi, -lo
     if lo > 0:
