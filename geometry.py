@@ -1,82 +1,42 @@
 """geometry.py — why methods forget: weight-space spectra, capability-conditioned drift (CSD) and
 activation geometry of finetuned checkpoints, and their correlation with measured forgetting.
 
-Implements PEFT-Arena's weight-space geometry [PA-W], CSD [PA-CSD], activation geometry [PA-ACT]
-and their correlation tables with forgetting [PA-T]. Pure maths first (tensors in, numbers out,
-fp32, CPU-capable; tests/test_geometry.py checks each against numpy/scipy), then the loop over
-checkpoints, then the CLI.
+Implements PEFT-Arena (Huang et al. 2026, arXiv 2605.28819) §7-§8. Tags at the formulas:
+  [PA-W]   weight-space geometry (release tools/spectral_analysis.py, tools/compare_model_norms.py)
+  [PA-CSD] Capability-Conditioned Drift (release tools/csd_single_checkpoint.py)
+  [PA-ACT] activation geometry (release tools/activation_geometry_single_checkpoint.py)
+  [PA-T]   the CSD / activation correlation tables and the spectral figure of the project page.
+Layout: pure maths first (tensors in, numbers out, fp32; tests check each against numpy/scipy),
+then activation collection and checkpoints, then scores/tables/plots, then the CLI.
 
-References (tags used at the formulas below)
-  [PA-W]   PEFT-Arena (Huang et al. 2026, arXiv 2605.28819), weight-space geometry; release files
-           tools/spectral_analysis.py and tools/compare_model_norms.py.
-  [PA-CSD] PEFT-Arena, Capability-Conditioned Drift; release tools/csd_single_checkpoint.py.
-  [PA-ACT] PEFT-Arena, activation-space geometry; release tools/activation_geometry_single_checkpoint.py
-           and tools/diagnostic_utils.py.
-  [PA-T]   PEFT-Arena's CSD and activation correlation tables (release docs/index.html) and its
-           spectral figure (docs/static/images/spectral-analysis.png).
+Run (toy; the toy brings its own general/target prompts):
+    python geometry.py --base toy --checkpoint runs/sft_lora --checkpoint runs/sft_oft --out runs/geom
+Paper scale (prompt files: txt = one per line; json/jsonl = objects whose first key of prompt,
+input, question, query, problem, instruction, text is the prompt; target and general results
+files of one checkpoint comma-joined are merged):
+    python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [...] --general-prompts g.jsonl \
+        --target-prompts math.jsonl --results ev/ck/math/results.json,ev/ck/general/results.json \
+        --base-results ev/base/math/results.json,ev/base/general/results.json --out runs/geom
+    python geometry.py correlate --metrics runs/geom/*/metrics.json --out runs/geom_all
+    python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda     # paper-size SVD timing
+A --checkpoint is an adapter dir (ours or HF PEFT), a full HF model dir (dW = W_ft - W0), or a run
+dir (its last checkpoint). An adapter's dW is `peft_methods.delta_weight(layer)` in fp32 (never
+merged; PiSSA's dW is against the original W0). Outputs under --out: config.json,
+<label>/metrics.json, summary.json, correlations.{json,csv,md}, spectral_profiles.png, erank_layers.png.
 
-Run (toy world; the toy supplies its own general/target prompts):
-    python geometry.py --base toy --checkpoint runs/sft_toy-math_lora --checkpoint runs/sft_toy-math_oft \
-        --checkpoint ... --out runs/geometry_toy-math
-Run (paper scale, one GPU; prompt files: txt = one prompt per line, json/jsonl = objects whose first
-present key of prompt, input, question, query, problem, instruction, text is the prompt):
-    python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [--checkpoint DIR ...] \
-        --general-prompts general.jsonl --target-prompts math.jsonl --out runs/geometry_qwen_math
-Real evaluations write the target and general suites to separate results.json files: pass both per
-checkpoint, comma-joined, and they are merged (target gain needs the base's target file too):
-    ... --results ev/ck1/math/results.json,ev/ck1/general/results.json [--results ...] \
-        --base-results ev/base/math/results.json,ev/base/general/results.json
-Correlation table again from finished runs (no model needed):
-    python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
-Paper-size SVD timing (3584 x 18944 fp32):
-    python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
+Module sets: "paper" = layer 18 mlp.down_proj of 28 layers; "paper8" = layers 9, 18 x {q,k,v,down}.
+On L layers the paper's layer l is round(l * L / 28) (toy, L = 4: layers 1 and 3).
+Shapes: W is (m, n) (y = W x); k = min(m, n); N token rows; D activation width; K PCA rank.
 
-Each --checkpoint is an adapter dir (peft_methods.py's, method "full" included, or HF PEFT: TRL's
-`checkpoint-<k>/`, the release's `global_step_<k>/`), loaded onto --base; or a full HF model dir
-(dW = W_ft - W0); or a training run dir of such checkpoints (its last one is measured). An adapter's
-dense update is `peft_methods.delta_weight(layer)` in fp32 (never merged; PiSSA's dW is against the
-original W0).
-
-Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
-every metric), summary.json (one flat row of scalars per checkpoint), correlations.{json,csv,md},
-spectral_profiles.png and erank_layers.png.
-
-Module sets. "paper" = `model.layers.18.mlp.down_proj` on Qwen2.5-7B (28 layers); "paper8" = layers
-9 and 18 x {q_proj, k_proj, v_proj, down_proj}. On a model with L layers the paper's layer l maps to
-round(l * L / 28): 9 and 18 on Qwen2.5-7B / Llama-3.2-3B (28 layers), 1 and 3 on the 4-layer toy.
-
-Shape legend: m = d_out, n = d_in of a Linear (W is (m, n), y = W x); k = min(m, n) singular
-triplets; N = token rows of activations; D = width of an activation (d_in or d_out);
-K = rank of a PCA subspace.
-
-Deviations from the paper / release (each changes a reported number, if only slightly)
-1. Retention profile: P_diag(i) - sigma_i is computed as u_i^T dW v_i (equal in exact arithmetic,
-   because u_i^T W0 v_i = sigma_i) instead of subtracting sigma_i from u_i^T W_ft v_i. The release's
-   form adds the fp32 SVD reconstruction error (~1e-6 sigma_1) as a noise floor; ours is exactly 0
-   for dW = 0. `spectral_profiles_reference` keeps the literal formula; a test shows they agree.
-2. PCA subspace distance uses an exact SVD, not the randomised `torch.pca_lowrank` of the release
-   (which only falls back to a full SVD on failure): exact and deterministic, slower on wide layers.
-3. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
-   on the host (release: fp16); rows are capped at --max-tokens per distribution, so memory is
-   bounded by the cap, never by the dataset.
-4. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
-   (one point per checkpoint in the correlations); the release does not say how modules and
-   checkpoints are pooled.
-5. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
-   Linear weights of the decoder layers only (embeddings, norms and biases are left out), because
-   adapters only ever touch those.
-6. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
-   base and finetuned models are loaded once in the forward dtype (bf16 on GPU): W0 is the stored
-   bf16 value upcast to fp32 (exact for bf16 checkpoints such as Qwen2.5-7B), and dW is
-   `delta_weight` computed in fp32 from the adapter tensors in their saved dtype. `--dtype fp32`
-   loads everything in fp32 (two 7B models in fp32 need one 80 GB GPU).
-
-Implementation notes
-N1. The angle of the cosine drift is 2*asin(||z1 - z0|| / 2) rather than arccos(cos): the same angle
-    in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
-N2. Toy module mapping: the toy's weight-space module is the paper-proportional layer
-    round(18 * 4 / 28) = 3 (not "the middle layer"), so it stays inside the paper8 analogue
-    (layers 1 and 3), as it is on Qwen2.5-7B.
+Deviations from the paper / release (one line each)
+1. Retention profile uses u_i^T dW v_i (== u_i^T W_ft v_i - sigma_i exactly; no fp32 SVD noise floor).
+2. PCA subspaces by exact SVD, not the randomised torch.pca_lowrank.
+3. Activations kept in fp32 on the host (release fp16), capped at --max-tokens rows per distribution.
+4. Activation metrics averaged over the activation modules: one point per checkpoint.
+5. Global norms sum decoder Linear weights only (no embeddings, norms, biases).
+6. W0 is the base loaded once in the forward dtype, upcast to fp32 (release: fp32 merged copy).
+Notes: N1 angle = 2 asin(||z1 - z0|| / 2) (arccos loses ~3e-4 rad near cos = 1 in fp32);
+N2 the toy's "paper" module is layer round(18 * 4 / 28) = 3, inside the paper8 analogue.
 """
 from __future__ import annotations
 
@@ -906,60 +866,42 @@ def _positive(a) -> np.ndarray:
     return np.where(a > 0, a, np.nan)
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (optional package: imported when plotting)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
-    """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
-    a log y-axis against the pretrained spectrum reference, with the release's normalisation
-    ([PA-W]): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
-    plt = _pyplot()
+def plot_spectral_profiles(plt, metrics_list: list[dict]):
+    """[PA-W] figure: one column per checkpoint; top: retention dP_diag vs sigma_i/sigma_1, bottom:
+    adaptation E_i/sum E vs sigma_i/sum sigma (the release's normalisation), log y-axes."""
     items = [(m["label"], m["method"], next(iter(m["weight"].items()))) for m in metrics_list if m.get("weight")]
     if not items:
-        return False
-    ncol = len(items)
-    fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol + 0.6, 6.4), squeeze=False)
+        return None
+    fig, axes = plt.subplots(2, len(items), figsize=(3.6 * len(items) + 0.6, 6.4), squeeze=False)
     for j, (label, method, (mod, w)) in enumerate(items):
-        sigma = np.asarray(w["sigma"])
+        sigma, E = np.asarray(w["sigma"]), np.asarray(w["E_delta"])
         i = np.arange(1, sigma.size + 1)
-        E = np.asarray(w["E_delta"])
-        ax = axes[0, j]
-        ax.plot(i, _positive(w["dP_diag"]), lw=0.9, color="tab:red", label="|ΔP_diag(i)|")
-        ax.plot(i, _positive(sigma / sigma[0]), lw=1.2, color="0.4", ls="--", label="σ_i/σ_1 (W0)")
-        ax.set_yscale("log")
         name = label if label == method else f"{label} ({method})"
-        ax.set_title(f"{name}\nF_ret={w['fluct_retention']:.2e}", fontsize=9)
-        ax = axes[1, j]
-        ax.plot(i, _positive(E / E.sum() if E.sum() > 0 else E), lw=0.9, color="tab:blue",
-                label="E_Δ(i)/Σ E_Δ")
-        ax.plot(i, _positive(sigma / sigma.sum()), lw=1.2, color="0.4", ls="--", label="σ_i/Σσ (W0)")
-        ax.set_yscale("log")
-        ax.set_title(f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}", fontsize=9)
+        for r, (y, color, lab, ref, ref_lab, title) in enumerate((
+                (w["dP_diag"], "tab:red", "|ΔP_diag(i)|", sigma / sigma[0], "σ_i/σ_1 (W0)",
+                 f"{name}\nF_ret={w['fluct_retention']:.2e}"),
+                (E / E.sum() if E.sum() > 0 else E, "tab:blue", "E_Δ(i)/Σ E_Δ", sigma / sigma.sum(),
+                 "σ_i/Σσ (W0)", f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}"))):
+            ax = axes[r, j]
+            ax.plot(i, _positive(y), lw=0.9, color=color, label=lab)
+            ax.plot(i, _positive(ref), lw=1.2, color="0.4", ls="--", label=ref_lab)
+            ax.set_yscale("log")
+            ax.set_title(title, fontsize=9)
         ax.set_xlabel("singular index i of W0")
-    axes[0, 0].set_ylabel("retention profile")
-    axes[1, 0].set_ylabel("adaptation profile")
-    for r in range(2):
+    for r, lab in enumerate(("retention profile", "adaptation profile")):
+        axes[r, 0].set_ylabel(lab)
         axes[r, 0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Spectral profiles of {items[0][2][0]} (log scale; dashed: pretrained spectrum)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
-    """erank(dW) of mlp.down_proj across layers, one line per checkpoint ([PA-W], [PA-T])."""
-    plt = _pyplot()
+def plot_erank_layers(plt, metrics_list: list[dict]):
+    """[PA-W] erank(dW) of mlp.down_proj across layers, one line per checkpoint."""
     from matplotlib import ticker
     series = [(m["label"], m["erank_layers"]) for m in metrics_list if m.get("erank_layers")]
     if not series:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, er in series:
         layers = sorted(int(k) for k in er)
@@ -969,27 +911,30 @@ def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("erank(ΔW) = ‖ΔW‖_F² / ‖ΔW‖_2²")
+    ax.set(xlabel="layer", ylabel="erank(ΔW) = ‖ΔW‖_F² / ‖ΔW‖_2²")
     ax.set_title("Stable rank of the mlp.down_proj update across layers", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:
-    """summary.json, correlations and plots from per-checkpoint metrics."""
+    """summary.json, correlations and plots (matplotlib, Agg backend) from per-checkpoint metrics."""
     rows = [summary_row(m) for m in metrics_list]
     loading.atomic_write_json(out_dir / "summary.json", rows)
     write_correlations(rows, out_dir)
     if plots:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
         for fn, name in ((plot_spectral_profiles, "spectral_profiles.png"),
                          (plot_erank_layers, "erank_layers.png")):
-            tmp = out_dir / f".{name}.tmp.png"
-            if fn(metrics_list, tmp):
+            fig = fn(plt, metrics_list)
+            if fig is not None:     # written to a temp name, then renamed (atomic)
+                tmp = out_dir / f".{name}.tmp.png"
+                fig.tight_layout()
+                fig.savefig(tmp, dpi=110)
+                plt.close(fig)
                 tmp.replace(out_dir / name)
                 print(f"[geometry] wrote {out_dir / name}")
     return rows
@@ -1136,56 +1081,49 @@ def print_checkpoint_line(label: str, m: dict) -> None:
 # -----------------------------------------------------------------------------
 # Command line
 
+# (flag, argparse keywords): the order is the order of the keys in config.json
+FLAGS = [
+    ("--base", dict(default="toy", help="base model spec: 'toy', a local HF dir or a hub id")),
+    ("--checkpoint", dict(action="append", required=True,
+                          help="adapter dir (ours or HF PEFT), full HF model dir, or run dir; repeat")),
+    ("--label", dict(action="append", default=None, help="display name per --checkpoint (same order)")),
+    ("--device", dict(default=None, help="cuda | cpu (default: cuda if available)")),
+    ("--dtype", dict(default=None, help="forward dtype (default bf16 on cuda, fp32 on cpu); maths fp32")),
+    ("--general-prompts", dict(default=None, help="txt/jsonl/json general prompts (default: toy's)")),
+    ("--target-prompts", dict(default=None, help="txt/jsonl/json target prompts (default: toy's)")),
+    ("--domain", dict(default="math", choices=("math", "med"), help="toy target domain")),
+    ("--max-prompts", dict(type=int, default=300, help="prompts sampled per distribution [PA-CSD]")),
+    ("--max-tokens", dict(type=int, default=4096, help="token rows kept per distribution")),
+    ("--max-length", dict(type=int, default=1024, help="truncation per prompt, in tokens")),
+    ("--seed", dict(type=int, default=0, help="prompt sampling and Gram row subset seed")),
+    # module sets: names, or paper | paper8 | all-down_proj | none
+    ("--weight-modules", dict(default="paper", help="spectral profiles, comma list")),
+    ("--erank-modules", dict(default="all-down_proj", help="erank across layers (plot)")),
+    ("--csd-modules", dict(default="paper", help="CSD modules; the first is tabled")),
+    ("--act-modules", dict(default="paper8", help="activation geometry modules")),
+    ("--no-global-norms", dict(action="store_true", help="skip global L1/L2 of dW over decoder Linears")),
+    ("--fluct-window", dict(type=int, default=5, help="fluctuation score window (points)")),
+    ("--top-singular", dict(type=int, default=5, help="top singular values of dW stored")),
+    ("--gram-rows", dict(type=int, default=1024, help="rows in the Gram distortion subset")),
+    ("--pca-k", dict(type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")),
+    ("--sva-all", dict(action="store_true", help="SVA for every method, not only OFT")),
+    ("--results", dict(action="append", default=None, metavar="FILE[,FILE]",
+                       help="evaluate.py results.json per --checkpoint (default CKPT/results.json); "
+                            "target and general suite files comma-joined are merged")),
+    ("--base-results", dict(default=None, metavar="FILE[,FILE]",
+                            help="the base model's results.json (target gain), as --results")),
+    ("--out", dict(required=True, help="output directory")),
+    ("--no-plots", dict(action="store_true", help="skip the PNG figures")),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
-                    "(PEFT-Arena), and their correlation with forgetting. "
-                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
-    g.add_argument("--checkpoint", action="append", required=True,
-                   help="adapter dir (ours or HF PEFT), full HF model dir, or run dir (its last "
-                        "checkpoint); repeat")
-    g.add_argument("--label", action="append", default=None,
-                   help="display name per --checkpoint (same order); default: the dir name")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None,
-                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
-    g = p.add_argument_group("prompts (PEFT-Arena CSD protocol)")
-    g.add_argument("--general-prompts", default=None,
-                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
-    g.add_argument("--target-prompts", default=None,
-                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
-    g.add_argument("--domain", default="math", choices=("math", "med"),
-                   help="toy target domain when --target-prompts is not given")
-    g.add_argument("--max-prompts", type=int, default=300,
-                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
-    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
-    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
-    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
-    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
-    g.add_argument("--weight-modules", default="paper", help="spectral profiles, comma list")
-    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
-    g.add_argument("--csd-modules", default="paper", help="CSD modules; the first is tabled")
-    g.add_argument("--act-modules", default="paper8", help="activation geometry modules")
-    g.add_argument("--no-global-norms", action="store_true",
-                   help="skip the global L1/L2 of dW over all decoder Linear weights")
-    g = p.add_argument_group("metrics")
-    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
-    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
-    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
-    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
-    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
-    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
-    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
-                   help="results.json per --checkpoint (same order; default CKPT/results.json); "
-                   "target and general suite files comma-joined are merged")
-    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="the base model's results.json (target gain; forgetting if absent), as --results")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p = argparse.ArgumentParser(description="Weight-space spectra, CSD and activation geometry of "
+                                "finetuned checkpoints (PEFT-Arena) and their correlation with "
+                                "forgetting. Subcommands: correlate, bench-svd.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for flag, kw in FLAGS:
+        p.add_argument(flag, **kw)
     return p
 
 
