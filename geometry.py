@@ -419,7 +419,7 @@ def spearman(x, y) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
-# metric key in summary rows, display name, what it is correlated with, paper Pearson / Spearman
+# [PA-T] metric key in summary rows, display name, correlated with, paper Pearson / Spearman
 CORRELATION_ROWS = [
     ("csd_G_rel", "CSD_G,rel", "forgetting", 0.347, 0.317),
     ("csd_G_un", "CSD_G,un", "forgetting", 0.481, 0.603),
@@ -427,24 +427,18 @@ CORRELATION_ROWS = [
     ("act_proc_residual", "Procrustes residual", "forgetting", 0.711, 0.568),
     ("act_gram_distortion", "Gram distortion", "forgetting", 0.485, 0.361),
     ("act_cka", "CKA", "forgetting", -0.761, -0.711),
-    # beyond the paper's tables (same data, no paper value)
-    ("csd_G_abs", "CSD_G,abs", "forgetting", None, None),
-    ("csd_T_un", "CSD_T,un", "target_gain", None, None),
-    ("csd_ratio_rel", "CSD ratio G/T (rel)", "forgetting", None, None),
-    ("csd_ratio_un", "CSD ratio G/T (un)", "forgetting", None, None),
-    ("act_raw_residual", "Raw residual", "forgetting", None, None),
-    ("act_proc_improvement", "Procrustes improvement", "forgetting", None, None),
-    ("act_cos_drift", "Cosine drift 1-cos", "forgetting", None, None),
-    ("act_angle_mean", "Mean angle (rad)", "forgetting", None, None),
-    ("act_norm_logratio", "Norm drift mean abs log rho", "forgetting", None, None),
-    ("act_pca_dist_k32", "PCA subspace dist k32", "forgetting", None, None),
-    ("act_pca_dist_k64", "PCA subspace dist k64", "forgetting", None, None),
-    ("w_erank", "erank(dW)", "forgetting", None, None),
-    ("w_fluct_retention", "Retention fluctuation", "forgetting", None, None),
-    ("w_fluct_adaptation", "Adaptation fluctuation", "forgetting", None, None),
-    ("w_rel_l2", "‖dW‖_F / ‖W0‖_F", "forgetting", None, None),
-    ("global_l2", "global ‖dW‖_2", "forgetting", None, None),
-]
+] + [(key, name, vs, None, None) for key, name, vs in (   # beyond the paper's tables (no paper value)
+    ("csd_G_abs", "CSD_G,abs", "forgetting"), ("csd_T_un", "CSD_T,un", "target_gain"),
+    ("csd_ratio_rel", "CSD ratio G/T (rel)", "forgetting"),
+    ("csd_ratio_un", "CSD ratio G/T (un)", "forgetting"), ("act_raw_residual", "Raw residual", "forgetting"),
+    ("act_proc_improvement", "Procrustes improvement", "forgetting"),
+    ("act_cos_drift", "Cosine drift 1-cos", "forgetting"), ("act_angle_mean", "Mean angle (rad)", "forgetting"),
+    ("act_norm_logratio", "Norm drift mean abs log rho", "forgetting"),
+    ("act_pca_dist_k32", "PCA subspace dist k32", "forgetting"),
+    ("act_pca_dist_k64", "PCA subspace dist k64", "forgetting"), ("w_erank", "erank(dW)", "forgetting"),
+    ("w_fluct_retention", "Retention fluctuation", "forgetting"),
+    ("w_fluct_adaptation", "Adaptation fluctuation", "forgetting"),
+    ("w_rel_l2", "‖dW‖_F / ‖W0‖_F", "forgetting"), ("global_l2", "global ‖dW‖_2", "forgetting"))]
 
 
 def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
@@ -470,47 +464,41 @@ def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
 # -----------------------------------------------------------------------------
 # Prompts, module names, activation collection (needs a model; runs on CPU or GPU)
 
-def _prompt_of(obj, where: str) -> str:
-    """The prompt of one JSON record: a string, or an object's first PROMPT_KEYS value."""
-    if isinstance(obj, str):
-        return obj
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
-    for key in PROMPT_KEYS:
-        if isinstance(obj.get(key), str) and obj[key].strip():
-            return obj[key]
-    raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
-                     f"string value (its keys: {sorted(obj)[:12]})")
-
-
-def _json(text: str, where: str, lineno: int | None = None):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}:{lineno or err.lineno}: not valid JSON ({err.msg})") from err
-
-
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from .txt (one per non-empty line), .jsonl (one JSON object or string per line) or
-    .json (a list of objects or strings). An object's prompt is the value of the first key present
-    in PROMPT_KEYS = prompt, input, question, query, problem, instruction, text (release order)."""
+    .json (a list of them). An object's prompt is its first non-empty string value among
+    PROMPT_KEYS (the release's order). Not loading.read_records: plain strings are allowed here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        prompts = [_prompt_of(_json(line, str(path), i), f"{path}:{i}")
-                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    elif suffix == ".json":
-        data = _json(text, str(path))
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
-        prompts = [_prompt_of(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
-    elif suffix in (".txt", ""):
-        prompts = [line for line in text.splitlines() if line.strip()]
-    else:
+    text, suffix = path.read_text(encoding="utf-8"), path.suffix.lower()
+    if suffix in (".txt", ""):
+        items = [(line, None) for line in text.splitlines() if line.strip()]
+    elif suffix not in (".json", ".jsonl"):
         raise ValueError(f"prompt file {path}: unknown extension {suffix!r} (use .txt, .jsonl or .json)")
+    else:
+        lines = ([(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+                 if suffix == ".jsonl" else [(None, text)])
+        items = []
+        for lineno, line in lines:
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno or err.lineno}: not valid JSON ({err.msg})") from err
+            if suffix == ".json" and not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
+            items += ([(obj, f"{path}[{i}]") for i, obj in enumerate(data)] if suffix == ".json"
+                      else [(data, f"{path}:{lineno}")])
+    prompts = []
+    for obj, where in items:
+        if not isinstance(obj, (str, dict)):
+            raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
+        hit = obj if isinstance(obj, str) else next(
+            (obj[k] for k in PROMPT_KEYS if isinstance(obj.get(k), str) and obj[k].strip()), None)
+        if hit is None:
+            raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
+                             f"string value (its keys: {sorted(obj)[:12]})")
+        prompts.append(hit)
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
@@ -723,21 +711,14 @@ def decoder_linear_names(model) -> list[str]:
 SCORE_KEYS = ("target_score", "general_score", "forgetting")
 
 
-def results_paths(spec) -> list[Path]:
-    """One checkpoint's evaluate.py results files: a path, "A.json,B.json", or a list of either.
-    A real evaluation writes the target suite and the general suite to separate folders
-    (`evaluate.py --suite math --out X/math`, `--suite general --out X/general`), so one checkpoint's
-    scores come from two files."""
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    return [Path(p) for item in items for p in str(item).split(",") if p.strip()]
-
-
 def merge_results(spec, *, required: bool = True) -> dict:
-    """{target_score, general_score, forgetting} merged from the results files of `spec`; a file
-    that is missing (when `required`), unreadable, or gives another value for a score that an
-    earlier file already gave is an error naming the file(s)."""
+    """{target_score, general_score, forgetting} merged from one checkpoint's evaluate.py results
+    files: a path, "A.json,B.json" or a list (a real evaluation writes the target and the general
+    suite to separate folders). A missing file (when `required`), bad JSON, or a score that two
+    files give differently is an error naming the file(s)."""
     merged, source = {}, {}
-    for path in results_paths(spec):
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    for path in [Path(p) for item in items for p in str(item).split(",") if p.strip()]:
         if not path.is_file():
             if required:
                 raise FileNotFoundError(f"--results: {path} not found (an evaluate.py results.json)")
@@ -746,8 +727,8 @@ def merge_results(spec, *, required: bool = True) -> dict:
             r = json.loads(path.read_text())
         except ValueError as e:
             raise ValueError(f"--results: {path} is not valid JSON ({e})") from None
-        for key in SCORE_KEYS:
-            if not isinstance(r, dict) or r.get(key) is None:
+        for key in SCORE_KEYS if isinstance(r, dict) else ():
+            if r.get(key) is None:
                 continue
             v = float(r[key])
             if key in merged and not math.isclose(merged[key], v, abs_tol=1e-9):
@@ -758,21 +739,15 @@ def merge_results(spec, *, required: bool = True) -> dict:
 
 
 def read_scores(results_path, base_results=None, *, required: bool = True) -> dict:
-    """{target_score, general_score, forgetting, target_gain} from evaluate.py results.json files.
-
-    results_path / base_results: one file, or several ("target.json,general.json" or a list) that
-    are merged (merge_results): the target suite's file gives target_score, the general suite's
-    general_score (and forgetting when it was scored with --base-results).
-    forgetting: the files' own "forgetting" if present, else base general - general.
-    target_gain: target - base target (needs --base-results). Missing pieces are None.
-    required=False: a missing file counts as no scores (the default CKPT/results.json)."""
+    """{target_score, general_score, forgetting, target_gain} (None where unknown) [PA-T].
+    forgetting: the files' own value if present, else base general - general;
+    target_gain = target - base target. required=False: a missing file means no scores."""
     out = {k: None for k in (*SCORE_KEYS, "target_gain")}
     if results_path is None:
         return out
     r = merge_results(results_path, required=required)
     b = merge_results(base_results) if base_results else {}
-    for key in ("target_score", "general_score"):
-        out[key] = r.get(key)
+    out.update(target_score=r.get("target_score"), general_score=r.get("general_score"))
     if r.get("forgetting") is not None:
         out["forgetting"] = r["forgetting"]
     elif b.get("general_score") is not None and out["general_score"] is not None:
@@ -783,28 +758,20 @@ def read_scores(results_path, base_results=None, *, required: bool = True) -> di
 
 
 def summary_row(metrics: dict) -> dict:
-    """One flat row of scalars per checkpoint (the correlation inputs)."""
-    row = {"label": metrics["label"], "method": metrics["method"]}
-    row.update(metrics.get("scores", {}))
-    weight = metrics.get("weight", {})
-    if weight:
-        first = weight[next(iter(weight))]                         # the primary (paper) module
-        row.update({"w_erank": first["erank"], "w_fluct_retention": first["fluct_retention"],
-                    "w_fluct_adaptation": first["fluct_adaptation"], "w_rel_l2": first["norms"]["rel_l2"],
-                    "w_l2": first["norms"]["l2"], "w_sva_mean": first.get("sva_mean")})
+    """One flat row of scalars per checkpoint (the correlation inputs): the first (paper) weight
+    and CSD modules, and activation metrics averaged over the activation modules."""
+    row = {"label": metrics["label"], "method": metrics["method"], **metrics.get("scores", {})}
+    if metrics.get("weight"):
+        w = next(iter(metrics["weight"].values()))                 # the primary (paper) module
+        row.update(w_erank=w["erank"], w_fluct_retention=w["fluct_retention"],
+                   w_fluct_adaptation=w["fluct_adaptation"], w_rel_l2=w["norms"]["rel_l2"],
+                   w_l2=w["norms"]["l2"], w_sva_mean=w.get("sva_mean"))
     if metrics.get("global_norms"):
-        row["global_l1"] = metrics["global_norms"]["l1"]
-        row["global_l2"] = metrics["global_norms"]["l2"]
-    csd = metrics.get("csd", {})
-    if csd:
-        c = csd[next(iter(csd))]
-        for d in ("G", "T"):
-            for k in ("abs", "rel", "un"):
-                if d in c:
-                    row[f"csd_{d}_{k}"] = c[d][k]
-        for k in ("abs", "rel", "un"):
-            if f"ratio_{k}" in c:
-                row[f"csd_ratio_{k}"] = c[f"ratio_{k}"]
+        row.update(global_l1=metrics["global_norms"]["l1"], global_l2=metrics["global_norms"]["l2"])
+    if metrics.get("csd"):
+        c = next(iter(metrics["csd"].values()))
+        row.update({f"csd_{d}_{k}": c[d][k] for d in ("G", "T") if d in c for k in ("abs", "rel", "un")})
+        row.update({f"csd_ratio_{k}": c[f"ratio_{k}"] for k in ("abs", "rel", "un") if f"ratio_{k}" in c})
     act = metrics.get("activation", {})
     if act:
         keys = ["proc_residual", "raw_residual", "proc_improvement", "gram_distortion", "cka",
@@ -1170,63 +1137,56 @@ def main(argv=None) -> list[dict]:
 
 
 def main_correlate(argv) -> list[dict]:
-    p = argparse.ArgumentParser(prog="geometry.py correlate",
-                                description="Correlation table and plots from finished metrics.json files.")
+    """`geometry.py correlate`: summary, correlations and plots again from finished metrics.json
+    files, optionally with other scores (--results/--base-results as in the main command)."""
+    p = argparse.ArgumentParser(prog="geometry.py correlate")
     p.add_argument("--metrics", nargs="+", required=True, help="<out>/<label>/metrics.json files")
     p.add_argument("--results", nargs="+", default=None, metavar="FILE[,FILE]",
-                   help="results.json per metrics file (same order); overrides the stored scores. "
-                   "Target and general suite files of one checkpoint comma-joined: they are merged")
-    p.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="results.json of the base model (target and general files comma-joined)")
+                   help="results.json per metrics file (same order); overrides the stored scores")
+    p.add_argument("--base-results", default=None, metavar="FILE[,FILE]", help="the base model's")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.results and len(args.results) != len(args.metrics):
         raise SystemExit(f"--results has {len(args.results)} files for {len(args.metrics)} --metrics")
-    ms = []
-    for i, path in enumerate(args.metrics):
-        m = json.loads(Path(path).read_text())
-        if args.results:
-            m["scores"] = read_scores(args.results[i], args.base_results)
-        ms.append(m)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return finish(ms, out, plots=not args.no_plots)
+    ms = [json.loads(Path(path).read_text()) for path in args.metrics]
+    for m, res in zip(ms, args.results or []):
+        m["scores"] = read_scores(res, args.base_results)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return finish(ms, Path(args.out), plots=not args.no_plots)
 
 
 def main_bench_svd(argv) -> dict:
-    """Time the paper-size weight-space pass: thin SVD of W0 (3584 x 18944 fp32), svdvals, and the
-    whole `weight_space_metrics` (two SVDs + profiles) on a random W0 and a rank-8 dW."""
+    """`geometry.py bench-svd`: time the paper-size weight-space pass (thin SVD of a 3584 x 18944
+    fp32 W0, svdvals, and the whole `weight_space_metrics`) on a random W0 and a rank-8 dW."""
     p = argparse.ArgumentParser(prog="geometry.py bench-svd")
-    p.add_argument("--rows", type=int, default=3584, help="d_out of W0 (Qwen2.5-7B down_proj: 3584)")
-    p.add_argument("--cols", type=int, default=18944, help="d_in of W0 (Qwen2.5-7B down_proj: 18944)")
+    p.add_argument("--rows", type=int, default=3584, help="d_out of W0 (Qwen2.5-7B down_proj)")
+    p.add_argument("--cols", type=int, default=18944, help="d_in of W0 (Qwen2.5-7B down_proj)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     p.add_argument("--out", default=None, help="optional JSON file for the timings")
     args = p.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = loading.pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cpu").manual_seed(0)
     W0 = (torch.randn(args.rows, args.cols, generator=g) / math.sqrt(args.cols)).to(dev)   # (m,n)
     dW = (1e-3 * torch.randn(args.rows, 8, generator=g) @ torch.randn(8, args.cols, generator=g)).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def timed(fn):
-        fn()                                                     # warm-up (cuSOLVER handles, etc.)
+        fn()                                      # warm-up (cuSOLVER handles, etc.)
         ts = []
         for _ in range(args.repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             ts.append(time.perf_counter() - t)
         return {"min_s": round(min(ts), 4), "median_s": round(float(np.median(ts)), 4)}
 
     res = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "shape": [args.rows, args.cols], "dtype": "float32", "torch": torch.__version__,
-           "thin_svd": timed(lambda: thin_svd(W0)),
-           "svdvals": timed(lambda: torch.linalg.svdvals(W0)),
+           "thin_svd": timed(lambda: thin_svd(W0)), "svdvals": timed(lambda: torch.linalg.svdvals(W0)),
            "weight_space_metrics": timed(lambda: weight_space_metrics(W0, dW))}
     if dev.type == "cuda":
         res["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
@@ -1237,10 +1197,9 @@ def main_bench_svd(argv) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "correlate":
-        loading.run_cli("geometry.py", lambda: main_correlate(sys.argv[2:]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "bench-svd":
-        loading.run_cli("geometry.py", lambda: main_bench_svd(sys.argv[2:]))
+    sub = {"correlate": main_correlate, "bench-svd": main_bench_svd}.get(sys.argv[1] if len(sys.argv) > 1 else "")
+    if sub is not None:
+        loading.run_cli("geometry.py", lambda: sub(sys.argv[2:]))
     else:
         loading.run_cli("geometry.py", main, resume_hint="finished checkpoints' metrics.json are kept; "
                         "rerun the same command (geometry.py correlate rebuilds the tables from them)")
