@@ -611,25 +611,18 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
 _NOTED: set[str] = set()   # run dirs already reported (main checks every --checkpoint before loading)
 
 
-def resolve_checkpoint(ckpt: str | Path) -> Path:
-    """A checkpoint dir as given, or for a training run dir (train_sft.py's / the release's
-    global_step_<k>/, TRL's checkpoint-<k>/) its last checkpoint (peft_methods.run_checkpoints)."""
-    ckpt = Path(ckpt)
-    if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file() or not ckpt.is_dir():
-        return ckpt
-    steps = peft_methods.run_checkpoints(ckpt)
-    if not steps:
-        return ckpt
-    if str(ckpt) not in _NOTED:
-        _NOTED.add(str(ckpt))
-        print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
-    return steps[-1][1]
-
-
 def read_checkpoint_info(ckpt: str | Path) -> dict:
-    """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory
-    (ours or an HF PEFT adapter dir, read by peft_methods.read_adapter_config)."""
-    ckpt = resolve_checkpoint(ckpt)
+    """{'kind': 'adapter'|'hf', 'method', 'config', 'path'} of a checkpoint dir: an adapter dir
+    (ours or HF PEFT), a full HF model dir, or a training run dir (global_step_<k>/ or TRL's
+    checkpoint-<k>/), of which the last checkpoint is measured (peft_methods.run_checkpoints)."""
+    ckpt = Path(ckpt)
+    steps = ([] if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file()
+             or not ckpt.is_dir() else peft_methods.run_checkpoints(ckpt))
+    if steps:
+        if str(ckpt) not in _NOTED:
+            _NOTED.add(str(ckpt))
+            print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
+        ckpt = steps[-1][1]
     if peft_methods.find_adapter_dir(ckpt) is not None:
         cfg = peft_methods.read_adapter_config(ckpt)
         return {"kind": "adapter", "method": str(cfg.get("method", "unknown")), "config": cfg, "path": ckpt}
@@ -644,34 +637,27 @@ def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
     """(model, info, adapters): the base with the adapter loaded (peft_methods.load_adapter), or the
     full HF model of the checkpoint (no adapters)."""
     info = read_checkpoint_info(ckpt)
-    ckpt = info["path"]
-    if info["kind"] == "adapter":
-        model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
-        wanted = info["config"].get("base_model")
-        if wanted and str(wanted) != str(base_spec):
-            print(f"[geometry] note: {ckpt} was trained on base {wanted!r}; measuring against "
-                  f"--base {base_spec!r}")
-        peft_methods.load_adapter(model, str(ckpt))
-        adapters = peft_methods.adapter_layers(model)
-    else:
-        model, _ = loading.load_model(str(ckpt), dtype=dtype, device=device)
-        adapters = {}
-    return model, info, adapters
+    if info["kind"] != "adapter":
+        return loading.load_model(str(info["path"]), dtype=dtype, device=device)[0], info, {}
+    model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
+    wanted = info["config"].get("base_model")
+    if wanted and str(wanted) != str(base_spec):
+        print(f"[geometry] note: {info['path']} was trained on base {wanted!r}; measuring against "
+              f"--base {base_spec!r}")
+    peft_methods.load_adapter(model, str(info["path"]))
+    return model, info, peft_methods.adapter_layers(model)
 
 
 def _find_adapter(adapters: dict, name: str):
     """The wrapper of module `name` (keys may carry a prefix), or None."""
-    if name in adapters:
-        return adapters[name]
     hits = [k for k in adapters if k.endswith("." + name) or name.endswith("." + k)]
-    return adapters[hits[0]] if len(hits) == 1 else None
+    return adapters[name] if name in adapters else adapters[hits[0]] if len(hits) == 1 else None
 
 
 def module_update(base_model, ft_model, adapters: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W0, dW) of one Linear, both fp32 on the model's device.
-
-    Adapter-wrapped module: dW = peft_methods.delta_weight(wrapper) (exact; PiSSA vs the original
-    W0). Otherwise dW = W_ft - W0 (full FT, or a module the adapter did not touch: dW = 0)."""
+    """(W0, dW) of one Linear, both fp32 on the model's device. Adapter-wrapped module: dW =
+    peft_methods.delta_weight(wrapper) (exact; PiSSA vs the original W0); otherwise W_ft - W0
+    (full FT, or a module the adapter did not touch: dW = 0)."""
     W0 = base_model.get_submodule(name).weight.detach().float()             # (m,n)
     layer = _find_adapter(adapters, name)
     if layer is not None:
@@ -695,14 +681,6 @@ def merge_check(base_model, adapters: dict, name: str, dW: torch.Tensor) -> floa
     W0 = base_model.get_submodule(name).weight.detach().float()
     W_ft = peft_methods.merged_weight(layer).detach().to(W0.device, torch.float32)
     return float((W_ft - W0 - dW).abs().max() / (W0.abs().max() + EPS))
-
-
-def decoder_linear_names(model) -> list[str]:
-    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 5)."""
-    prefix, _ = decoder_layout(model)
-    # DEVIATION 5: embeddings, norms and biases are not in the global norms
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
 
 
 # -----------------------------------------------------------------------------
@@ -910,81 +888,23 @@ def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> li
 # -----------------------------------------------------------------------------
 # The run: base activations once, then each checkpoint
 
-def unique_labels(ckpts: list[str], labels: list[str] | None) -> list[str]:
-    if labels:
-        if len(labels) != len(ckpts):
-            raise ValueError(f"--label given {len(labels)} times for {len(ckpts)} --checkpoint")
-        return labels
-    out, seen = [], {}
-    for c in ckpts:
-        base = Path(c).resolve().name or "ckpt"
-        seen[base] = seen.get(base, 0) + 1
-        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
-    return out
-
-
-def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str, mods: dict,
-                       scores: dict, device, dtype) -> dict:
-    """Every metric of one checkpoint (weight space, CSD, activation geometry) as a JSON-able dict."""
-    t0 = time.time()
-    ft, info, adapters = load_finetuned(args.base, ckpt, dtype=dtype, device=device)
-    print(f"[geometry] {label}: method={info['method']} ({info['kind']}), "
-          f"{len(adapters)} wrapped modules, loaded in {time.time() - t0:.1f}s")
-    metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
-               "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
-               "activation": {}, "merge_check": {}}
-    # --- weight space [PA-W]
-    with_sva = info["method"] == "oft" or args.sva_all
-    for name in mods["weight"]:
-        W0, dW = module_update(base_model, ft, adapters, name)
-        if name not in base_acts["svd0"]:      # SVD of W0 once per run, not once per checkpoint
-            base_acts["svd0"][name] = thin_svd(W0)
-        metrics["weight"][name] = weight_space_metrics(W0, dW, with_sva=with_sva, window=args.fluct_window,
-                                                       top=args.top_singular, svd0=base_acts["svd0"][name])
-        metrics["merge_check"][name] = merge_check(base_model, adapters, name, dW)
-    metrics["erank_layers"] = {}
-    for name in mods["erank"]:
-        _, dW = module_update(base_model, ft, adapters, name)
-        layer = int(re.search(r"\.(\d+)\.", name).group(1))
-        metrics["erank_layers"][str(layer)] = stable_rank(dW, args.top_singular)["erank"]
-    norms = []
-    for name in mods["norms"]:
-        W0, dW = module_update(base_model, ft, adapters, name)
-        norms.append(weight_norms(dW, W0))
-    metrics["global_norms"] = global_norms(norms) if norms else None
-    # --- CSD [PA-CSD]: base-model inputs, this checkpoint's dW
-    for name in mods["csd"]:
-        W0, dW = module_update(base_model, ft, adapters, name)
-        c = {"G": csd_metrics(dW, W0, base_acts["G"][(name, "input")].to(W0.device)),
-             "T": csd_metrics(dW, W0, base_acts["T"][(name, "input")].to(W0.device))}
-        c.update(csd_ratios(c["G"], c["T"]))
-        metrics["csd"][name] = c
-    # --- activation geometry [PA-ACT]: outputs of base and finetuned on the same general tokens
-    if mods["act"]:
-        ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
-                                      [(n, "output") for n in mods["act"]],
-                                      max_tokens=args.max_tokens, max_length=args.max_length)
-        for name in mods["act"]:
-            X0 = base_acts["G"][(name, "output")].to(device)
-            X1 = ft_acts[(name, "output")].to(device)
-            metrics["activation"][name] = activation_geometry(
-                X0, X1, gram_max_rows=args.gram_rows, seed=args.seed, pca_ks=args.pca_k)
-    del ft, adapters
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    metrics["seconds"] = round(time.time() - t0, 2)
-    return metrics
-
-
-def check_inputs(args) -> None:
-    """The checks that fail before a device is picked: caps and --results files."""
+def check_inputs(args) -> list[str]:
+    """Everything that can fail before a model loads (caps, --label/--results counts, results
+    files, checkpoint dirs); returns the labels (default: the dir names, -2, -3 for repeats)."""
     assert args.max_tokens > 1 and args.max_prompts >= 1 and args.max_length >= 1, "caps must be positive"
     assert args.fluct_window >= 1 and args.gram_rows >= 2 and all(k >= 1 for k in args.pca_k)
     if args.results is not None and len(args.results) != len(args.checkpoint):
         raise SystemExit(f"--results given {len(args.results)} times for {len(args.checkpoint)} --checkpoint")
     for res in (args.results or []) + ([args.base_results] if args.base_results else []):
-        merge_results(res)                 # a missing or clashing results file fails before any model loads
+        merge_results(res)
+    if args.label and len(args.label) != len(args.checkpoint):
+        raise ValueError(f"--label given {len(args.label)} times for {len(args.checkpoint)} --checkpoint")
+    labels, seen = list(args.label or []), {}
+    for c in args.checkpoint if not args.label else []:
+        base = Path(c).resolve().name or "ckpt"
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return labels
 
 
 def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -1001,25 +921,14 @@ def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
             sample_prompts(T_all, args.max_prompts, args.seed))
 
 
-def resolve_module_sets(base_model, args) -> dict:
-    """Module names per measurement: weight [PA-W], erank (plot), csd [PA-CSD], act [PA-ACT], norms."""
-    return {"weight": resolve_modules(base_model, args.weight_modules),
-            "erank": resolve_modules(base_model, args.erank_modules),
-            "csd": resolve_modules(base_model, args.csd_modules),
-            "act": resolve_modules(base_model, args.act_modules),
-            "norms": [] if args.no_global_norms else decoder_linear_names(base_model)}
-
-
 def collect_base_activations(args, base_model, tok, G, T, mods) -> dict:
     """The base model's activations, once per run: CSD inputs on G and T, activation outputs on G."""
     t0 = time.time()
-    acts_G = collect_activations(base_model, tok, G, [(n, "input") for n in mods["csd"]] +
-                                 [(n, "output") for n in mods["act"]],
-                                 max_tokens=args.max_tokens, max_length=args.max_length)
-    acts_T = collect_activations(base_model, tok, T, [(n, "input") for n in mods["csd"]],
-                                 max_tokens=args.max_tokens, max_length=args.max_length)
-    n_G = next((v.shape[0] for k, v in acts_G.items() if k != "n_prompts"), 0)
-    n_T = next((v.shape[0] for k, v in acts_T.items() if k != "n_prompts"), 0)
+    caps = dict(max_tokens=args.max_tokens, max_length=args.max_length)
+    csd_taps = [(n, "input") for n in mods["csd"]]
+    acts_G = collect_activations(base_model, tok, G, csd_taps + [(n, "output") for n in mods["act"]], **caps)
+    acts_T = collect_activations(base_model, tok, T, csd_taps, **caps)
+    n_G, n_T = (next((v.shape[0] for k, v in a.items() if k != "n_prompts"), 0) for a in (acts_G, acts_T))
     print(f"[geometry] base activations: general {n_G} tokens from {acts_G['n_prompts']} prompts, "
           f"target {n_T} tokens from {acts_T['n_prompts']} prompts ({time.time() - t0:.1f}s)")
     for k in args.pca_k:
@@ -1028,8 +937,54 @@ def collect_base_activations(args, base_model, tok, G, T, mods) -> dict:
             if min(k, n_G - 1, width) < k:
                 print(f"[geometry] note: PCA k={k} clipped to {min(k, n_G - 1, width)} for {name} "
                       f"(width {width}, {n_G} rows)")
-    return {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {},
-            "n_G": n_G, "n_T": n_T}
+    return {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {}, "n_G": n_G, "n_T": n_T}
+
+
+def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str, mods: dict,
+                       scores: dict, device, dtype) -> dict:
+    """Every metric of one checkpoint (weight space, CSD, activation geometry) as a JSON-able dict."""
+    t0 = time.time()
+    ft, info, adapters = load_finetuned(args.base, ckpt, dtype=dtype, device=device)
+    print(f"[geometry] {label}: method={info['method']} ({info['kind']}), "
+          f"{len(adapters)} wrapped modules, loaded in {time.time() - t0:.1f}s")
+    metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
+               "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
+               "activation": {}, "merge_check": {}, "erank_layers": {}}
+    update = lambda name: module_update(base_model, ft, adapters, name)   # noqa: E731
+    # --- weight space [PA-W]; the SVD of W0 is cached once per run, not once per checkpoint
+    for name in mods["weight"]:
+        W0, dW = update(name)
+        if name not in base_acts["svd0"]:
+            base_acts["svd0"][name] = thin_svd(W0)
+        metrics["weight"][name] = weight_space_metrics(
+            W0, dW, with_sva=info["method"] == "oft" or args.sva_all, window=args.fluct_window,
+            top=args.top_singular, svd0=base_acts["svd0"][name])
+        metrics["merge_check"][name] = merge_check(base_model, adapters, name, dW)
+    for name in mods["erank"]:
+        layer = int(re.search(r"\.(\d+)\.", name).group(1))
+        metrics["erank_layers"][str(layer)] = stable_rank(update(name)[1], args.top_singular)["erank"]
+    norms = [weight_norms(dW, W0) for W0, dW in map(update, mods["norms"])]
+    metrics["global_norms"] = global_norms(norms) if norms else None
+    # --- CSD [PA-CSD]: base-model inputs, this checkpoint's dW
+    for name in mods["csd"]:
+        W0, dW = update(name)
+        c = {d: csd_metrics(dW, W0, base_acts[d][(name, "input")].to(W0.device)) for d in ("G", "T")}
+        metrics["csd"][name] = {**c, **csd_ratios(c["G"], c["T"])}
+    # --- activation geometry [PA-ACT]: outputs of base and finetuned on the same general tokens
+    if mods["act"]:
+        ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
+                                      [(n, "output") for n in mods["act"]],
+                                      max_tokens=args.max_tokens, max_length=args.max_length)
+        for name in mods["act"]:
+            metrics["activation"][name] = activation_geometry(
+                base_acts["G"][(name, "output")].to(device), ft_acts[(name, "output")].to(device),
+                gram_max_rows=args.gram_rows, seed=args.seed, pca_ks=args.pca_k)
+    del ft, adapters
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    metrics["seconds"] = round(time.time() - t0, 2)
+    return metrics
 
 
 def print_checkpoint_line(label: str, m: dict) -> None:
@@ -1097,7 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list[dict]:
     """Prompts -> base model and its activations (once) -> each checkpoint's metrics -> tables."""
     args = build_parser().parse_args(argv)
-    check_inputs(args)
+    labels = check_inputs(args)
     device = loading.pick_device(args.device)
     dtype = loading.pick_dtype(args.dtype, device)
     # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
@@ -1105,7 +1060,6 @@ def main(argv=None) -> list[dict]:
     torch.backends.cudnn.allow_tf32 = False
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = unique_labels(args.checkpoint, args.label)
     for c in args.checkpoint:
         read_checkpoint_info(c)            # fail before any model is loaded
     print(f"[geometry] device={device} dtype={dtype} "
@@ -1113,7 +1067,11 @@ def main(argv=None) -> list[dict]:
     G_all, T_all, G, T = load_prompt_sets(args)
     # DEVIATION 6: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
     base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
-    mods = resolve_module_sets(base_model, args)
+    # module names per measurement; DEVIATION 5: global norms over the decoder's Linear weights only
+    prefix, _ = decoder_layout(base_model)
+    mods = {k: resolve_modules(base_model, getattr(args, f"{k}_modules")) for k in ("weight", "erank", "csd", "act")}
+    mods["norms"] = [] if args.no_global_norms else [
+        n for n, m in base_model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
     base_acts = collect_base_activations(args, base_model, tok, G, T, mods)
     acts_G, acts_T = base_acts["G"], base_acts["T"]
     config = {**vars(args), "device": str(device), "dtype": str(dtype), "labels": labels,
