@@ -204,37 +204,28 @@ def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool =
 # -----------------------------------------------------------------------------
 # Capability-conditioned drift [PA-CSD]
 
-def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
-    """Sufficient statistics of CSD over a block of token rows h (N, n): sums of ||dW h||^2,
-    ||W0 h||^2 (no bias: CSD is about the weight) and ||h||^2, in fp64 scalars."""
-    h = h.to(device=dW.device, dtype=torch.float32)
-    dWh = h @ dW.float().T                                         # (N,n) @ (n,m) -> (N,m)
-    W0h = h @ W0.float().T                                         # (N,n) @ (n,m) -> (N,m)
-    return {"n": h.shape[0], "dWh2": float(dWh.square().sum(dtype=torch.float64)),
-            "W0h2": float(W0h.square().sum(dtype=torch.float64)),
-            "h2": float(h.square().sum(dtype=torch.float64))}
-
-
-def csd_from_sums(s: dict, dW_fro2: float) -> dict:
-    """[PA-CSD] E over tokens, eps = 1e-12:
-    CSD_abs = E||dW h||^2;  CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
-    CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm)."""
-    n = max(s["n"], 1)
-    e_dwh, e_w0h, e_h = s["dWh2"] / n, s["W0h2"] / n, s["h2"] / n
-    return {"abs": e_dwh, "rel": e_dwh / (e_w0h + EPS), "un": e_dwh / ((dW_fro2 + EPS) * (e_h + EPS)),
-            "n_tokens": s["n"]}
-
-
 def csd_metrics(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor, chunk_rows: int = 1024) -> dict:
-    """CSD of one distribution, streaming over `chunk_rows` token rows at a time so the (N, m)
-    products never exist whole (N = 4096 x m = 18944 on Qwen down_proj would be 310 MB each)."""
-    tot = {"n": 0, "dWh2": 0.0, "W0h2": 0.0, "h2": 0.0}
+    """[PA-CSD] Capability-conditioned drift of one distribution, E over its token rows h (N, n)
+    (the inputs of the module in the BASE model), eps = 1e-12:
+        CSD_abs = E||dW h||^2;   CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
+        CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm).
+    rel asks "how big is the update next to the weight it edits, on these inputs"; un factors out
+    the update's size and the inputs' scale, leaving only how well dW's row space lines up with
+    where the data lives. No bias: CSD is about the weight.
+    Streams `chunk_rows` rows at a time so the (N, m) products never exist whole (4096 x 18944 on
+    Qwen down_proj would be 310 MB each); the sums are fp64 scalars."""
+    n, dWh2, W0h2, h2 = 0, 0.0, 0.0, 0.0
     for i in range(0, h.shape[0], chunk_rows):
-        s = csd_sums(dW, W0, h[i:i + chunk_rows])
-        for key in tot:
-            tot[key] += s[key]
+        hc = h[i:i + chunk_rows].to(device=dW.device, dtype=torch.float32)      # (N',n)
+        n += hc.shape[0]
+        dWh2 += float((hc @ dW.float().T).square().sum(dtype=torch.float64))    # (N',n)@(n,m)
+        W0h2 += float((hc @ W0.float().T).square().sum(dtype=torch.float64))
+        h2 += float(hc.square().sum(dtype=torch.float64))
     dW_fro2 = float(dW.float().square().sum(dtype=torch.float64))
-    return csd_from_sums(tot, dW_fro2)
+    N = max(n, 1)
+    e_dwh, e_w0h, e_h = dWh2 / N, W0h2 / N, h2 / N
+    return {"abs": e_dwh, "rel": e_dwh / (e_w0h + EPS), "un": e_dwh / ((dW_fro2 + EPS) * (e_h + EPS)),
+            "n_tokens": n}
 
 
 def csd_ratios(general: dict, target: dict) -> dict:
@@ -273,18 +264,15 @@ def norm_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
             "norm_ratio_mean": float(rho.mean()), "norm_ratio_std": float(rho.std(correction=0))}
 
 
-def gram_rows(n: int, max_rows: int = 1024, seed: int = 0) -> np.ndarray:
-    """The seeded row subset of the Gram distortion: numpy default_rng(seed), no replacement, sorted."""
-    if n <= max_rows:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-
-
 def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, seed: int = 0) -> float:
-    """[PA-ACT] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
-    d_gram = ||K1 - K0||_F / (||K0||_F + 1e-12). Invariant to any rotation of the features."""
+    """[PA-ACT] K = Z Z^T (uncentred, rows normalised: the cosines between tokens) on <= max_rows
+    rows (numpy default_rng(seed), no replacement, sorted); d_gram = ||K1 - K0||_F / (||K0||_F + eps).
+    Invariant to any rotation of the features: it sees only how tokens sit relative to each other."""
     X0, X1 = _pair(X0, X1)
-    idx = torch.as_tensor(gram_rows(X0.shape[0], max_rows, seed), device=X0.device)
+    n = X0.shape[0]
+    rows = np.arange(n) if n <= max_rows else np.sort(
+        np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+    idx = torch.as_tensor(rows, device=X0.device)
     Z0 = X0[idx] / X0[idx].norm(dim=1, keepdim=True).clamp_min(EPS)    # (r,D)
     Z1 = X1[idx] / X1[idx].norm(dim=1, keepdim=True).clamp_min(EPS)    # (r,D)
     K0, K1 = Z0 @ Z0.T, Z1 @ Z1.T                                       # (r,r)
@@ -323,21 +311,14 @@ def _top_right_vectors(C: torch.Tensor, k: int) -> torch.Tensor:
     return Vh[:k].T                                                # (D,k)
 
 
-def _subspace_distance(V0: torch.Tensor, V1: torch.Tensor) -> float:
-    """||V0 V0^T - V1 V1^T||_F / sqrt(2K + eps) for orthonormal columns V0, V1 (D, K), without the
-    (D, D) projectors: ||P0 - P1||_F^2 = 2 ||(I - P0) V1||_F^2 for two rank-K projectors, and the
-    residual V1 - V0 (V0^T V1) has no cancellation near 0 (unlike 2K - 2 ||V0^T V1||_F^2)."""
-    K = V0.shape[1]
-    resid = V1 - V0 @ (V0.T @ V1)                                   # (D,K)
-    return float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * K + EPS))
-
-
 def pca_subspace_distances(X0: torch.Tensor, X1: torch.Tensor, ks) -> dict:
-    """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
-    d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1].
-    Returns {k: (distance, k_eff)} for every k in ks (k is clipped when the width or the row count
-    is smaller; nan when k_eff < 1). One SVD per side serves every k: the top-k vectors are the
-    first k columns of the top-k_max ones."""
+    """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i (the
+    principal directions); d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1]
+    (0: same subspace, 1: orthogonal). Returns {k: (distance, k_eff)}; nan when k_eff < 1.
+    Fast path (reference: `pca_subspace_distance_reference`, with the (D, D) projectors): one SVD
+    per side serves every k (the top-k vectors are the first k of the top-k_max), and
+    ||P0 - P1||_F^2 = 2 ||(I - P0) V1||_F^2 for two rank-K projectors: the residual
+    V1 - V0 (V0^T V1) has no cancellation near 0 (unlike 2K - 2 ||V0^T V1||_F^2)."""
     X0, X1 = _pair(X0, X1)
     k_max = min(max(ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if ks else 0
     if k_max >= 1:
@@ -346,7 +327,12 @@ def pca_subspace_distances(X0: torch.Tensor, X1: torch.Tensor, ks) -> dict:
     out = {}
     for k in ks:
         k_eff = min(k, k_max)
-        out[k] = (_subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan"), k_eff)
+        if k_eff < 1:
+            out[k] = (float("nan"), k_eff)
+            continue
+        A, B = V0[:, :k_eff], V1[:, :k_eff]
+        resid = B - A @ (A.T @ B)                                     # (D,K)
+        out[k] = (float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * k_eff + EPS)), k_eff)
     return out
 
 
@@ -399,18 +385,15 @@ def pearson(x, y) -> float:
 
 
 def rankdata(a) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average')."""
+    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average'): a run of
+    equal sorted values at positions i..j gets (i + j) / 2 + 1."""
     a = np.asarray(a, dtype=np.float64)
     order = np.argsort(a, kind="mergesort")
-    sorted_a = a[order]
+    s = a[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if a.size else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], a.size] - 1
     ranks = np.empty(a.size, dtype=np.float64)
-    i = 0
-    while i < a.size:
-        j = i
-        while j + 1 < a.size and sorted_a[j + 1] == sorted_a[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0    # average of ranks i+1 .. j+1
-        i = j + 1
+    ranks[order] = np.repeat(0.5 * (starts + ends) + 1.0, ends - starts + 1)
     return ranks
 
 
