@@ -501,11 +501,11 @@ def paper_layer(layer: int, num_layers: int) -> int:
 
 
 def decoder_layout(model) -> tuple[str, int]:
-    """(prefix of the decoder layer list, number of layers), e.g. ('model.layers', 28)."""
-    pat = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)$")
+    """(prefix of the decoder layer list, number of layers), e.g. ('model.layers', 28): the
+    '<prefix>.layers.<i>' list with the most entries."""
     found = {}
     for name, _ in model.named_modules():
-        m = pat.match(name)
+        m = re.match(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)$", name)
         if m:
             found.setdefault(m["prefix"], set()).add(int(m["i"]))
     if not found:
@@ -518,18 +518,11 @@ def resolve_modules(model, spec: str) -> list[str]:
     """Module names for a spec: 'paper' (layer-18 down_proj analogue), 'paper8', 'all-down_proj',
     'none', or a comma list of full module names (each must be an nn.Linear of `model`)."""
     prefix, L = decoder_layout(model)
-    names = []
-    for tok in [t.strip() for t in spec.split(",") if t.strip()]:
-        if tok == "none":
-            continue
-        elif tok == "paper":   # NOTE N2: layer round(18 L / 28) (toy: 3), not "the middle"
-            names.append(f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj")
-        elif tok == "paper8":
-            names += [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES]
-        elif tok == "all-down_proj":
-            names += [f"{prefix}.{i}.mlp.down_proj" for i in range(L)]
-        else:
-            names.append(tok)
+    sets = {"none": [],   # NOTE N2: "paper" is layer round(18 L / 28) (toy: 3), not "the middle"
+            "paper": [f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj"],
+            "paper8": [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES],
+            "all-down_proj": [f"{prefix}.{i}.mlp.down_proj" for i in range(L)]}
+    names = [n for tok in spec.split(",") if tok.strip() for n in sets.get(tok.strip(), [tok.strip()])]
     modules = dict(model.named_modules())
     for name in names:
         mod = modules.get(name)
