@@ -68,6 +68,15 @@ PROMPT_KEYS = ("prompt", "input", "question", "query", "problem", "instruction",
 
 # -----------------------------------------------------------------------------
 # Weight space [PA-W]
+#
+# The question: does an update dW = W_ft - W0 spend its energy along the directions W0 already
+# uses most (large sigma_i), or spread it thinly along the whole spectrum? Write W0 = U Sigma V^T.
+# Two profiles over the singular index i answer it:
+#   retention  dP_diag(i) = |u_i^T dW v_i|  how much the i-th singular "gain" of W0 changed;
+#   adaptation E_dW(i)    = ||dW v_i||      how much the update acts on the i-th input direction.
+# Their spikiness (fluctuation score) and the stable rank of dW summarise a method: LoRA's
+# low-rank update gives a small erank and a smooth retention profile; OFT keeps Sigma exactly and
+# only turns the singular vectors (see `spectral_profiles` and `sva`).
 
 def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD W = U diag(S) Vh in fp32: U (m, k), S (k,) descending, Vh (k, n), k = min(m, n)."""
@@ -235,6 +244,16 @@ def csd_ratios(general: dict, target: dict) -> dict:
 
 # -----------------------------------------------------------------------------
 # Activation geometry [PA-ACT]; X0 = base, X1 = finetuned outputs on the same tokens
+#
+# Each metric compares the two (N, D) clouds row by row (same token in both) and is blind to a
+# different kind of change:
+#   cosine / norm drift   each token's direction / length            (per row, local);
+#   Gram distortion       the cosines between tokens                 (blind to any rotation);
+#   Procrustes residual   what is left after the best rotation       (0 = isometric drift);
+#   linear CKA            similarity of the centred clouds            (blind to rotation + scale);
+#   PCA subspace distance whether the top-K principal directions moved.
+# The paper's finding: forgetting goes with NON-isometric change (Procrustes, Gram up; CKA down),
+# not with rotation as such (see [PA-T]).
 
 def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate to a common row count n and cast to fp32 (paper: 'truncated to a common n')."""
@@ -369,6 +388,9 @@ def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: in
 
 # -----------------------------------------------------------------------------
 # Correlations [PA-T], hand-written; tests compare with scipy.stats
+#
+# One point per checkpoint: (metric, forgetting) or, for CSD_T, (metric, target gain). With a
+# handful of checkpoints the Spearman rho (rank order only) is the sturdier of the two numbers.
 
 def pearson(x, y) -> float:
     """Pearson r in fp64; nan for fewer than 2 points or a constant input (as scipy)."""
