@@ -454,11 +454,9 @@ def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
     """
     table = []
     for key, name, vs, paper_p, paper_s in spec:
-        pts = [(r[key], r[vs]) for r in rows
-               if r.get(key) is not None and r.get(vs) is not None
+        pts = [(r[key], r[vs]) for r in rows if r.get(key) is not None and r.get(vs) is not None
                and math.isfinite(r[key]) and math.isfinite(r[vs])]
-        x = [p[0] for p in pts]
-        y = [p[1] for p in pts]
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
         table.append({"metric": key, "name": name, "vs": vs, "n": len(pts),
                       "pearson": pearson(x, y) if len(pts) >= 3 else float("nan"),
                       "spearman": spearman(x, y) if len(pts) >= 3 else float("nan"),
@@ -1067,18 +1065,21 @@ def main(argv=None) -> list[dict]:
     base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
     # module names per measurement; DEVIATION 5: global norms over the decoder's Linear weights only
     prefix, _ = decoder_layout(base_model)
-    mods = {k: resolve_modules(base_model, getattr(args, f"{k}_modules")) for k in ("weight", "erank", "csd", "act")}
+    mods = {k: resolve_modules(base_model, getattr(args, f"{k}_modules"))
+            for k in ("weight", "erank", "csd", "act")}
     mods["norms"] = [] if args.no_global_norms else [
-        n for n, m in base_model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
+        n for n, m in base_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
     base_acts = collect_base_activations(args, base_model, tok, G, T, mods)
-    acts_G, acts_T = base_acts["G"], base_acts["T"]
     config = {**vars(args), "device": str(device), "dtype": str(dtype), "labels": labels,
               "modules": {k: v for k, v in mods.items() if k != "norms"},
               "n_global_norm_modules": len(mods["norms"]),
               "prompts": {"general_available": len(G_all), "target_available": len(T_all),
                           "general_sampled": len(G), "target_sampled": len(T),
-                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": base_acts["n_G"],
-                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": base_acts["n_T"]},
+                          "general_prompts_used": base_acts["G"]["n_prompts"],
+                          "general_tokens": base_acts["n_G"],
+                          "target_prompts_used": base_acts["T"]["n_prompts"],
+                          "target_tokens": base_acts["n_T"]},
               "torch": torch.__version__, "argv": sys.argv if argv is None else ["geometry.py", *argv]}
     loading.atomic_write_json(out_dir / "config.json", config)
     metrics_list = []
@@ -1153,7 +1154,7 @@ def main_bench_svd(argv) -> dict:
 
 
 if __name__ == "__main__":
-    sub = {"correlate": main_correlate, "bench-svd": main_bench_svd}.get(sys.argv[1] if len(sys.argv) > 1 else "")
+    sub = {"correlate": main_correlate, "bench-svd": main_bench_svd}.get((sys.argv + [""])[1])
     if sub is not None:
         loading.run_cli("geometry.py", lambda: sub(sys.argv[2:]))
     else:
