@@ -764,29 +764,9 @@ def _fmt(v, digits=3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def correlation_markdown(table: list[dict], rows: list[dict]) -> str:
-    """Markdown: the correlation table beside the paper's values, and a per-checkpoint slice."""
-    lines = ["| Metric | vs | n | Pearson | Spearman | Paper Pearson | Paper Spearman |",
-             "|---|---|---|---|---|---|---|"]
-    for t in table:
-        lines.append(f"| {t['name'].replace('|', '/')} | {t['vs']} | {t['n']} | {_fmt(t['pearson'])} | "
-                     f"{_fmt(t['spearman'])} | {_fmt(t['paper_pearson'])} | {_fmt(t['paper_spearman'])} |")
-    cols = [("act_proc_residual", "Proc ↓"), ("act_gram_distortion", "Gram ↓"), ("act_cka", "CKA ↑"),
-            ("csd_G_rel", "CSD_G,rel"), ("csd_T_rel", "CSD_T,rel"), ("csd_ratio_rel", "Ratio"),
-            ("w_erank", "erank"), ("forgetting", "Forget ↓"), ("target_gain", "Target gain")]
-    lines += ["", "| Checkpoint | Method | " + " | ".join(c[1] for c in cols) + " |",
-              "|---|---|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['method']} | " +
-                     " | ".join(_fmt(r.get(c[0]), 4) for c in cols) + " |")
-    n = max((t["n"] for t in table), default=0)
-    lines += ["", f"n = number of checkpoints with both values (at most {n}); with so few points "
-              "the correlations are indicative only."]
-    return "\n".join(lines) + "\n"
-
-
 def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
-    """correlations.json/.csv/.md (atomic). Needs >= 3 checkpoints with scores."""
+    """correlations.json/.csv/.md (atomic): the table beside the paper's values, and a
+    per-checkpoint slice. Needs >= 3 checkpoints with a forgetting score."""
     with_scores = [r for r in rows if r.get("forgetting") is not None]
     if len(with_scores) < 3:
         print(f"[geometry] correlations skipped: {len(with_scores)} checkpoint(s) with a forgetting "
@@ -795,7 +775,22 @@ def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
     table = correlation_table(rows)
     loading.atomic_write_json(out_dir / "correlations.json", {"table": table, "rows": rows})
     loading.atomic_write_csv(out_dir / "correlations.csv", list(table[0]), table, lineterminator="\n")
-    md = correlation_markdown(table, rows)
+    lines = ["| Metric | vs | n | Pearson | Spearman | Paper Pearson | Paper Spearman |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['name'].replace('|', '/')} | {t['vs']} | {t['n']} | {_fmt(t['pearson'])} | "
+              f"{_fmt(t['spearman'])} | {_fmt(t['paper_pearson'])} | {_fmt(t['paper_spearman'])} |"
+              for t in table]
+    cols = [("act_proc_residual", "Proc ↓"), ("act_gram_distortion", "Gram ↓"), ("act_cka", "CKA ↑"),
+            ("csd_G_rel", "CSD_G,rel"), ("csd_T_rel", "CSD_T,rel"), ("csd_ratio_rel", "Ratio"),
+            ("w_erank", "erank"), ("forgetting", "Forget ↓"), ("target_gain", "Target gain")]
+    lines += ["", "| Checkpoint | Method | " + " | ".join(c[1] for c in cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    lines += [f"| {r['label']} | {r['method']} | " + " | ".join(_fmt(r.get(c[0]), 4) for c in cols) + " |"
+              for r in rows]
+    n = max((t["n"] for t in table), default=0)
+    lines += ["", f"n = number of checkpoints with both values (at most {n}); with so few points "
+              "the correlations are indicative only."]
+    md = "\n".join(lines) + "\n"
     loading.atomic_write_text(out_dir / "correlations.md", md)
     print(md)
     return table
