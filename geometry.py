@@ -114,14 +114,9 @@ def spectral_profiles_reference(W0: torch.Tensor, W_ft: torch.Tensor) -> dict:
     W0, W_ft = W0.float(), W_ft.float()
     U, S, Vh = thin_svd(W0)
     dW = W_ft - W0
-    P, dP, E = [], [], []
-    for i in range(S.numel()):
-        u_i, v_i = U[:, i], Vh[i]                                  # (m,), (n,)
-        p = u_i @ (W_ft @ v_i)
-        P.append(p)
-        dP.append((p - S[i]).abs())
-        E.append((dW @ v_i).norm())
-    return {"sigma": S, "P_diag": torch.stack(P), "dP_diag": torch.stack(dP), "E_delta": torch.stack(E)}
+    P = torch.stack([U[:, i] @ (W_ft @ Vh[i]) for i in range(S.numel())])   # (k,): u_i^T W_ft v_i
+    E = torch.stack([(dW @ Vh[i]).norm() for i in range(S.numel())])        # (k,): ||dW v_i||
+    return {"sigma": S, "P_diag": P, "dP_diag": (P - S).abs(), "E_delta": E}
 
 
 def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
@@ -192,15 +187,12 @@ def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool =
     W0, dW = W0.float(), dW.float()
     svd0 = thin_svd(W0) if svd0 is None else svd0
     prof = spectral_profiles(W0, dW, svd0)
-    out = {
-        "shape": list(W0.shape),
-        "sigma": prof["sigma"].tolist(), "dP_diag": prof["dP_diag"].tolist(),
-        "E_delta": prof["E_delta"].tolist(),
-        "fluct_retention": fluctuation_score(prof["dP_diag"], window),     # smoothness_retention
-        "fluct_adaptation": fluctuation_score(prof["E_delta"], window),    # smoothness_adaptation
-        **stable_rank(dW, top),
-        "norms": weight_norms(dW, W0),
-    }
+    out = {"shape": list(W0.shape), "sigma": prof["sigma"].tolist(), "dP_diag": prof["dP_diag"].tolist(),
+           "E_delta": prof["E_delta"].tolist(),
+           # release names: smoothness_retention / smoothness_adaptation
+           "fluct_retention": fluctuation_score(prof["dP_diag"], window),
+           "fluct_adaptation": fluctuation_score(prof["E_delta"], window),
+           **stable_rank(dW, top), "norms": weight_norms(dW, W0)}
     if with_sva:
         s = sva(W0, W0 + dW, svd0)
         out["sva_mean"], out["sva_min"] = s["mean"], s["min"]
