@@ -175,7 +175,7 @@ def weight_norms(dW: torch.Tensor, W0: torch.Tensor) -> dict:
 
 
 def global_norms(per_module: list[dict]) -> dict:
-    """[compare_model_norms.py] global L1 = sum of L1s, global L2 = sqrt(sum of L2^2)."""
+    """[PA-W, compare_model_norms.py] global L1 = sum of L1s, global L2 = sqrt(sum of L2^2)."""
     return {"l1": float(sum(d["l1"] for d in per_module)),
             "l2": float(math.sqrt(sum(d["l2"] ** 2 for d in per_module)))}
 
@@ -749,6 +749,7 @@ def summary_row(metrics: dict) -> dict:
 
 
 def _fmt(v, digits=3) -> str:
+    """A table cell: "–" for missing/nan, scientific for very large or small, else fixed digits."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-2)):
@@ -1023,6 +1024,7 @@ FLAGS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The main command's parser, from FLAGS."""
     p = argparse.ArgumentParser(description="Weight-space spectra, CSD and activation geometry of "
                                 "finetuned checkpoints (PEFT-Arena) and their correlation with "
                                 "forgetting. Subcommands: correlate, bench-svd.",
