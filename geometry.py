@@ -1,82 +1,42 @@
 """geometry.py — why methods forget: weight-space spectra, capability-conditioned drift (CSD) and
 activation geometry of finetuned checkpoints, and their correlation with measured forgetting.
 
-Implements PEFT-Arena's weight-space geometry [PA-W], CSD [PA-CSD], activation geometry [PA-ACT]
-and their correlation tables with forgetting [PA-T]. Pure maths first (tensors in, numbers out,
-fp32, CPU-capable; tests/test_geometry.py checks each against numpy/scipy), then the loop over
-checkpoints, then the CLI.
+Implements PEFT-Arena (Huang et al. 2026, arXiv 2605.28819) §7-§8. Tags at the formulas:
+  [PA-W]   weight-space geometry (release tools/spectral_analysis.py, tools/compare_model_norms.py)
+  [PA-CSD] Capability-Conditioned Drift (release tools/csd_single_checkpoint.py)
+  [PA-ACT] activation geometry (release tools/activation_geometry_single_checkpoint.py)
+  [PA-T]   the CSD / activation correlation tables and the spectral figure of the project page.
+Layout: pure maths first (tensors in, numbers out, fp32; tests check each against numpy/scipy),
+then activation collection and checkpoints, then scores/tables/plots, then the CLI.
 
-References (tags used at the formulas below)
-  [PA-W]   PEFT-Arena (Huang et al. 2026, arXiv 2605.28819), weight-space geometry; release files
-           tools/spectral_analysis.py and tools/compare_model_norms.py.
-  [PA-CSD] PEFT-Arena, Capability-Conditioned Drift; release tools/csd_single_checkpoint.py.
-  [PA-ACT] PEFT-Arena, activation-space geometry; release tools/activation_geometry_single_checkpoint.py
-           and tools/diagnostic_utils.py.
-  [PA-T]   PEFT-Arena's CSD and activation correlation tables (release docs/index.html) and its
-           spectral figure (docs/static/images/spectral-analysis.png).
+Run (toy; the toy brings its own general/target prompts):
+    python geometry.py --base toy --checkpoint runs/sft_lora --checkpoint runs/sft_oft --out runs/geom
+Paper scale (prompt files: txt = one per line; json/jsonl = objects whose first key of prompt,
+input, question, query, problem, instruction, text is the prompt; target and general results
+files of one checkpoint comma-joined are merged):
+    python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [...] --general-prompts g.jsonl \
+        --target-prompts math.jsonl --results ev/ck/math/results.json,ev/ck/general/results.json \
+        --base-results ev/base/math/results.json,ev/base/general/results.json --out runs/geom
+    python geometry.py correlate --metrics runs/geom/*/metrics.json --out runs/geom_all
+    python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda     # paper-size SVD timing
+A --checkpoint is an adapter dir (ours or HF PEFT), a full HF model dir (dW = W_ft - W0), or a run
+dir (its last checkpoint). An adapter's dW is `peft_methods.delta_weight(layer)` in fp32 (never
+merged; PiSSA's dW is against the original W0). Outputs under --out: config.json,
+<label>/metrics.json, summary.json, correlations.{json,csv,md}, spectral_profiles.png, erank_layers.png.
 
-Run (toy world; the toy supplies its own general/target prompts):
-    python geometry.py --base toy --checkpoint runs/sft_toy-math_lora --checkpoint runs/sft_toy-math_oft \
-        --checkpoint ... --out runs/geometry_toy-math
-Run (paper scale, one GPU; prompt files: txt = one prompt per line, json/jsonl = objects whose first
-present key of prompt, input, question, query, problem, instruction, text is the prompt):
-    python geometry.py --base /models/Qwen2.5-7B --checkpoint DIR [--checkpoint DIR ...] \
-        --general-prompts general.jsonl --target-prompts math.jsonl --out runs/geometry_qwen_math
-Real evaluations write the target and general suites to separate results.json files: pass both per
-checkpoint, comma-joined, and they are merged (target gain needs the base's target file too):
-    ... --results ev/ck1/math/results.json,ev/ck1/general/results.json [--results ...] \
-        --base-results ev/base/math/results.json,ev/base/general/results.json
-Correlation table again from finished runs (no model needed):
-    python geometry.py correlate --metrics runs/geometry_*/*/metrics.json --out runs/geometry_all
-Paper-size SVD timing (3584 x 18944 fp32):
-    python geometry.py bench-svd --rows 3584 --cols 18944 --device cuda
+Module sets: "paper" = layer 18 mlp.down_proj of 28 layers; "paper8" = layers 9, 18 x {q,k,v,down}.
+On L layers the paper's layer l is round(l * L / 28) (toy, L = 4: layers 1 and 3).
+Shapes: W is (m, n) (y = W x); k = min(m, n); N token rows; D activation width; K PCA rank.
 
-Each --checkpoint is an adapter dir (peft_methods.py's, method "full" included, or HF PEFT: TRL's
-`checkpoint-<k>/`, the release's `global_step_<k>/`), loaded onto --base; or a full HF model dir
-(dW = W_ft - W0); or a training run dir of such checkpoints (its last one is measured). An adapter's
-dense update is `peft_methods.delta_weight(layer)` in fp32 (never merged; PiSSA's dW is against the
-original W0).
-
-Outputs under --out: config.json (resolved), <label>/metrics.json per checkpoint (full profiles and
-every metric), summary.json (one flat row of scalars per checkpoint), correlations.{json,csv,md},
-spectral_profiles.png and erank_layers.png.
-
-Module sets. "paper" = `model.layers.18.mlp.down_proj` on Qwen2.5-7B (28 layers); "paper8" = layers
-9 and 18 x {q_proj, k_proj, v_proj, down_proj}. On a model with L layers the paper's layer l maps to
-round(l * L / 28): 9 and 18 on Qwen2.5-7B / Llama-3.2-3B (28 layers), 1 and 3 on the 4-layer toy.
-
-Shape legend: m = d_out, n = d_in of a Linear (W is (m, n), y = W x); k = min(m, n) singular
-triplets; N = token rows of activations; D = width of an activation (d_in or d_out);
-K = rank of a PCA subspace.
-
-Deviations from the paper / release (each changes a reported number, if only slightly)
-1. Retention profile: P_diag(i) - sigma_i is computed as u_i^T dW v_i (equal in exact arithmetic,
-   because u_i^T W0 v_i = sigma_i) instead of subtracting sigma_i from u_i^T W_ft v_i. The release's
-   form adds the fp32 SVD reconstruction error (~1e-6 sigma_1) as a noise floor; ours is exactly 0
-   for dW = 0. `spectral_profiles_reference` keeps the literal formula; a test shows they agree.
-2. PCA subspace distance uses an exact SVD, not the randomised `torch.pca_lowrank` of the release
-   (which only falls back to a full SVD on failure): exact and deterministic, slower on wide layers.
-3. CSD/activation collection: prompts run at batch 1 (as the release), activations are kept in fp32
-   on the host (release: fp16); rows are capped at --max-tokens per distribution, so memory is
-   bounded by the cap, never by the dataset.
-4. Activation metrics that the paper averages over "the paper8 modules" are averaged per checkpoint
-   (one point per checkpoint in the correlations); the release does not say how modules and
-   checkpoints are pooled.
-5. Global norm diagnostics (`compare_model_norms.py` sums over every parameter) are summed over the
-   Linear weights of the decoder layers only (embeddings, norms and biases are left out), because
-   adapters only ever touch those.
-6. Precision of dW: the release merges adapters into a fresh fp32 copy of the base on CPU. Here the
-   base and finetuned models are loaded once in the forward dtype (bf16 on GPU): W0 is the stored
-   bf16 value upcast to fp32 (exact for bf16 checkpoints such as Qwen2.5-7B), and dW is
-   `delta_weight` computed in fp32 from the adapter tensors in their saved dtype. `--dtype fp32`
-   loads everything in fp32 (two 7B models in fp32 need one 80 GB GPU).
-
-Implementation notes
-N1. The angle of the cosine drift is 2*asin(||z1 - z0|| / 2) rather than arccos(cos): the same angle
-    in exact arithmetic, but arccos loses ~3e-4 rad near cos = 1 in fp32.
-N2. Toy module mapping: the toy's weight-space module is the paper-proportional layer
-    round(18 * 4 / 28) = 3 (not "the middle layer"), so it stays inside the paper8 analogue
-    (layers 1 and 3), as it is on Qwen2.5-7B.
+Deviations from the paper / release (one line each)
+1. Retention profile uses u_i^T dW v_i (== u_i^T W_ft v_i - sigma_i exactly; no fp32 SVD noise floor).
+2. PCA subspaces by exact SVD, not the randomised torch.pca_lowrank.
+3. Activations kept in fp32 on the host (release fp16), capped at --max-tokens rows per distribution.
+4. Activation metrics averaged over the activation modules: one point per checkpoint.
+5. Global norms sum decoder Linear weights only (no embeddings, norms, biases).
+6. W0 is the base loaded once in the forward dtype, upcast to fp32 (release: fp32 merged copy).
+Notes: N1 angle = 2 asin(||z1 - z0|| / 2) (arccos loses ~3e-4 rad near cos = 1 in fp32);
+N2 the toy's "paper" module is layer round(18 * 4 / 28) = 3, inside the paper8 analogue.
 """
 from __future__ import annotations
 
@@ -108,6 +68,15 @@ PROMPT_KEYS = ("prompt", "input", "question", "query", "problem", "instruction",
 
 # -----------------------------------------------------------------------------
 # Weight space [PA-W]
+#
+# The question: does an update dW = W_ft - W0 spend its energy along the directions W0 already
+# uses most (large sigma_i), or spread it thinly along the whole spectrum? Write W0 = U Sigma V^T.
+# Two profiles over the singular index i answer it:
+#   retention  dP_diag(i) = |u_i^T dW v_i|  how much the i-th singular "gain" of W0 changed;
+#   adaptation E_dW(i)    = ||dW v_i||      how much the update acts on the i-th input direction.
+# Their spikiness (fluctuation score) and the stable rank of dW summarise a method: LoRA's
+# low-rank update gives a small erank and a smooth retention profile; OFT keeps Sigma exactly and
+# only turns the singular vectors (see `spectral_profiles` and `sva`).
 
 def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD W = U diag(S) Vh in fp32: U (m, k), S (k,) descending, Vh (k, n), k = min(m, n)."""
@@ -145,14 +114,9 @@ def spectral_profiles_reference(W0: torch.Tensor, W_ft: torch.Tensor) -> dict:
     W0, W_ft = W0.float(), W_ft.float()
     U, S, Vh = thin_svd(W0)
     dW = W_ft - W0
-    P, dP, E = [], [], []
-    for i in range(S.numel()):
-        u_i, v_i = U[:, i], Vh[i]                                  # (m,), (n,)
-        p = u_i @ (W_ft @ v_i)
-        P.append(p)
-        dP.append((p - S[i]).abs())
-        E.append((dW @ v_i).norm())
-    return {"sigma": S, "P_diag": torch.stack(P), "dP_diag": torch.stack(dP), "E_delta": torch.stack(E)}
+    P = torch.stack([U[:, i] @ (W_ft @ Vh[i]) for i in range(S.numel())])   # (k,): u_i^T W_ft v_i
+    E = torch.stack([(dW @ Vh[i]).norm() for i in range(S.numel())])        # (k,): ||dW v_i||
+    return {"sigma": S, "P_diag": P, "dP_diag": (P - S).abs(), "E_delta": E}
 
 
 def stable_rank(dW: torch.Tensor, top: int = 5) -> dict:
@@ -211,7 +175,7 @@ def weight_norms(dW: torch.Tensor, W0: torch.Tensor) -> dict:
 
 
 def global_norms(per_module: list[dict]) -> dict:
-    """[compare_model_norms.py] global L1 = sum of L1s, global L2 = sqrt(sum of L2^2)."""
+    """[PA-W, compare_model_norms.py] global L1 = sum of L1s, global L2 = sqrt(sum of L2^2)."""
     return {"l1": float(sum(d["l1"] for d in per_module)),
             "l2": float(math.sqrt(sum(d["l2"] ** 2 for d in per_module)))}
 
@@ -223,15 +187,12 @@ def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool =
     W0, dW = W0.float(), dW.float()
     svd0 = thin_svd(W0) if svd0 is None else svd0
     prof = spectral_profiles(W0, dW, svd0)
-    out = {
-        "shape": list(W0.shape),
-        "sigma": prof["sigma"].tolist(), "dP_diag": prof["dP_diag"].tolist(),
-        "E_delta": prof["E_delta"].tolist(),
-        "fluct_retention": fluctuation_score(prof["dP_diag"], window),     # smoothness_retention
-        "fluct_adaptation": fluctuation_score(prof["E_delta"], window),    # smoothness_adaptation
-        **stable_rank(dW, top),
-        "norms": weight_norms(dW, W0),
-    }
+    out = {"shape": list(W0.shape), "sigma": prof["sigma"].tolist(), "dP_diag": prof["dP_diag"].tolist(),
+           "E_delta": prof["E_delta"].tolist(),
+           # release names: smoothness_retention / smoothness_adaptation
+           "fluct_retention": fluctuation_score(prof["dP_diag"], window),
+           "fluct_adaptation": fluctuation_score(prof["E_delta"], window),
+           **stable_rank(dW, top), "norms": weight_norms(dW, W0)}
     if with_sva:
         s = sva(W0, W0 + dW, svd0)
         out["sva_mean"], out["sva_min"] = s["mean"], s["min"]
@@ -244,37 +205,28 @@ def weight_space_metrics(W0: torch.Tensor, dW: torch.Tensor, *, with_sva: bool =
 # -----------------------------------------------------------------------------
 # Capability-conditioned drift [PA-CSD]
 
-def csd_sums(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor) -> dict:
-    """Sufficient statistics of CSD over a block of token rows h (N, n): sums of ||dW h||^2,
-    ||W0 h||^2 (no bias: CSD is about the weight) and ||h||^2, in fp64 scalars."""
-    h = h.to(device=dW.device, dtype=torch.float32)
-    dWh = h @ dW.float().T                                         # (N,n) @ (n,m) -> (N,m)
-    W0h = h @ W0.float().T                                         # (N,n) @ (n,m) -> (N,m)
-    return {"n": h.shape[0], "dWh2": float(dWh.square().sum(dtype=torch.float64)),
-            "W0h2": float(W0h.square().sum(dtype=torch.float64)),
-            "h2": float(h.square().sum(dtype=torch.float64))}
-
-
-def csd_from_sums(s: dict, dW_fro2: float) -> dict:
-    """[PA-CSD] E over tokens, eps = 1e-12:
-    CSD_abs = E||dW h||^2;  CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
-    CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm)."""
-    n = max(s["n"], 1)
-    e_dwh, e_w0h, e_h = s["dWh2"] / n, s["W0h2"] / n, s["h2"] / n
-    return {"abs": e_dwh, "rel": e_dwh / (e_w0h + EPS), "un": e_dwh / ((dW_fro2 + EPS) * (e_h + EPS)),
-            "n_tokens": s["n"]}
-
-
 def csd_metrics(dW: torch.Tensor, W0: torch.Tensor, h: torch.Tensor, chunk_rows: int = 1024) -> dict:
-    """CSD of one distribution, streaming over `chunk_rows` token rows at a time so the (N, m)
-    products never exist whole (N = 4096 x m = 18944 on Qwen down_proj would be 310 MB each)."""
-    tot = {"n": 0, "dWh2": 0.0, "W0h2": 0.0, "h2": 0.0}
+    """[PA-CSD] Capability-conditioned drift of one distribution, E over its token rows h (N, n)
+    (the inputs of the module in the BASE model), eps = 1e-12:
+        CSD_abs = E||dW h||^2;   CSD_rel = E||dW h||^2 / (E||W0 h||^2 + eps);
+        CSD_un  = E||dW h||^2 / ((||dW||_F^2 + eps)(E||h||^2 + eps))   (release name: update_norm).
+    rel asks "how big is the update next to the weight it edits, on these inputs"; un factors out
+    the update's size and the inputs' scale, leaving only how well dW's row space lines up with
+    where the data lives. No bias: CSD is about the weight.
+    Streams `chunk_rows` rows at a time so the (N, m) products never exist whole (4096 x 18944 on
+    Qwen down_proj would be 310 MB each); the sums are fp64 scalars."""
+    n, dWh2, W0h2, h2 = 0, 0.0, 0.0, 0.0
     for i in range(0, h.shape[0], chunk_rows):
-        s = csd_sums(dW, W0, h[i:i + chunk_rows])
-        for key in tot:
-            tot[key] += s[key]
+        hc = h[i:i + chunk_rows].to(device=dW.device, dtype=torch.float32)      # (N',n)
+        n += hc.shape[0]
+        dWh2 += float((hc @ dW.float().T).square().sum(dtype=torch.float64))    # (N',n)@(n,m)
+        W0h2 += float((hc @ W0.float().T).square().sum(dtype=torch.float64))
+        h2 += float(hc.square().sum(dtype=torch.float64))
     dW_fro2 = float(dW.float().square().sum(dtype=torch.float64))
-    return csd_from_sums(tot, dW_fro2)
+    N = max(n, 1)
+    e_dwh, e_w0h, e_h = dWh2 / N, W0h2 / N, h2 / N
+    return {"abs": e_dwh, "rel": e_dwh / (e_w0h + EPS), "un": e_dwh / ((dW_fro2 + EPS) * (e_h + EPS)),
+            "n_tokens": n}
 
 
 def csd_ratios(general: dict, target: dict) -> dict:
@@ -284,6 +236,16 @@ def csd_ratios(general: dict, target: dict) -> dict:
 
 # -----------------------------------------------------------------------------
 # Activation geometry [PA-ACT]; X0 = base, X1 = finetuned outputs on the same tokens
+#
+# Each metric compares the two (N, D) clouds row by row (same token in both) and is blind to a
+# different kind of change:
+#   cosine / norm drift   each token's direction / length            (per row, local);
+#   Gram distortion       the cosines between tokens                 (blind to any rotation);
+#   Procrustes residual   what is left after the best rotation       (0 = isometric drift);
+#   linear CKA            similarity of the centred clouds            (blind to rotation + scale);
+#   PCA subspace distance whether the top-K principal directions moved.
+# The paper's finding: forgetting goes with NON-isometric change (Procrustes, Gram up; CKA down),
+# not with rotation as such (see [PA-T]).
 
 def _pair(X0: torch.Tensor, X1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate to a common row count n and cast to fp32 (paper: 'truncated to a common n')."""
@@ -313,18 +275,15 @@ def norm_drift(X0: torch.Tensor, X1: torch.Tensor) -> dict:
             "norm_ratio_mean": float(rho.mean()), "norm_ratio_std": float(rho.std(correction=0))}
 
 
-def gram_rows(n: int, max_rows: int = 1024, seed: int = 0) -> np.ndarray:
-    """The seeded row subset of the Gram distortion: numpy default_rng(seed), no replacement, sorted."""
-    if n <= max_rows:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-
-
 def gram_distortion(X0: torch.Tensor, X1: torch.Tensor, max_rows: int = 1024, seed: int = 0) -> float:
-    """[PA-ACT] K = Z Z^T (uncentred, rows normalised) on <= max_rows seeded rows;
-    d_gram = ||K1 - K0||_F / (||K0||_F + 1e-12). Invariant to any rotation of the features."""
+    """[PA-ACT] K = Z Z^T (uncentred, rows normalised: the cosines between tokens) on <= max_rows
+    rows (numpy default_rng(seed), no replacement, sorted); d_gram = ||K1 - K0||_F / (||K0||_F + eps).
+    Invariant to any rotation of the features: it sees only how tokens sit relative to each other."""
     X0, X1 = _pair(X0, X1)
-    idx = torch.as_tensor(gram_rows(X0.shape[0], max_rows, seed), device=X0.device)
+    n = X0.shape[0]
+    rows = np.arange(n) if n <= max_rows else np.sort(
+        np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+    idx = torch.as_tensor(rows, device=X0.device)
     Z0 = X0[idx] / X0[idx].norm(dim=1, keepdim=True).clamp_min(EPS)    # (r,D)
     Z1 = X1[idx] / X1[idx].norm(dim=1, keepdim=True).clamp_min(EPS)    # (r,D)
     K0, K1 = Z0 @ Z0.T, Z1 @ Z1.T                                       # (r,r)
@@ -363,21 +322,14 @@ def _top_right_vectors(C: torch.Tensor, k: int) -> torch.Tensor:
     return Vh[:k].T                                                # (D,k)
 
 
-def _subspace_distance(V0: torch.Tensor, V1: torch.Tensor) -> float:
-    """||V0 V0^T - V1 V1^T||_F / sqrt(2K + eps) for orthonormal columns V0, V1 (D, K), without the
-    (D, D) projectors: ||P0 - P1||_F^2 = 2 ||(I - P0) V1||_F^2 for two rank-K projectors, and the
-    residual V1 - V0 (V0^T V1) has no cancellation near 0 (unlike 2K - 2 ||V0^T V1||_F^2)."""
-    K = V0.shape[1]
-    resid = V1 - V0 @ (V0.T @ V1)                                   # (D,K)
-    return float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * K + EPS))
-
-
 def pca_subspace_distances(X0: torch.Tensor, X1: torch.Tensor, ks) -> dict:
-    """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i;
-    d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1].
-    Returns {k: (distance, k_eff)} for every k in ks (k is clipped when the width or the row count
-    is smaller; nan when k_eff < 1). One SVD per side serves every k: the top-k vectors are the
-    first k columns of the top-k_max ones."""
+    """[PA-ACT] k_eff = min(k, n - 1, D); V_i = top-k_eff right singular vectors of X~_i (the
+    principal directions); d_sub = ||V0 V0^T - V1 V1^T||_F / sqrt(2 k_eff + eps) in [0, 1]
+    (0: same subspace, 1: orthogonal). Returns {k: (distance, k_eff)}; nan when k_eff < 1.
+    Fast path (reference: `pca_subspace_distance_reference`, with the (D, D) projectors): one SVD
+    per side serves every k (the top-k vectors are the first k of the top-k_max), and
+    ||P0 - P1||_F^2 = 2 ||(I - P0) V1||_F^2 for two rank-K projectors: the residual
+    V1 - V0 (V0^T V1) has no cancellation near 0 (unlike 2K - 2 ||V0^T V1||_F^2)."""
     X0, X1 = _pair(X0, X1)
     k_max = min(max(ks), X0.shape[0] - 1, X0.shape[1], X1.shape[1]) if ks else 0
     if k_max >= 1:
@@ -386,7 +338,12 @@ def pca_subspace_distances(X0: torch.Tensor, X1: torch.Tensor, ks) -> dict:
     out = {}
     for k in ks:
         k_eff = min(k, k_max)
-        out[k] = (_subspace_distance(V0[:, :k_eff], V1[:, :k_eff]) if k_eff >= 1 else float("nan"), k_eff)
+        if k_eff < 1:
+            out[k] = (float("nan"), k_eff)
+            continue
+        A, B = V0[:, :k_eff], V1[:, :k_eff]
+        resid = B - A @ (A.T @ B)                                     # (D,K)
+        out[k] = (float(math.sqrt(2.0) * resid.norm() / math.sqrt(2 * k_eff + EPS)), k_eff)
     return out
 
 
@@ -423,6 +380,9 @@ def activation_geometry(X0: torch.Tensor, X1: torch.Tensor, *, gram_max_rows: in
 
 # -----------------------------------------------------------------------------
 # Correlations [PA-T], hand-written; tests compare with scipy.stats
+#
+# One point per checkpoint: (metric, forgetting) or, for CSD_T, (metric, target gain). With a
+# handful of checkpoints the Spearman rho (rank order only) is the sturdier of the two numbers.
 
 def pearson(x, y) -> float:
     """Pearson r in fp64; nan for fewer than 2 points or a constant input (as scipy)."""
@@ -439,18 +399,15 @@ def pearson(x, y) -> float:
 
 
 def rankdata(a) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average')."""
+    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average'): a run of
+    equal sorted values at positions i..j gets (i + j) / 2 + 1."""
     a = np.asarray(a, dtype=np.float64)
     order = np.argsort(a, kind="mergesort")
-    sorted_a = a[order]
+    s = a[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if a.size else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], a.size] - 1
     ranks = np.empty(a.size, dtype=np.float64)
-    i = 0
-    while i < a.size:
-        j = i
-        while j + 1 < a.size and sorted_a[j + 1] == sorted_a[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0    # average of ranks i+1 .. j+1
-        i = j + 1
+    ranks[order] = np.repeat(0.5 * (starts + ends) + 1.0, ends - starts + 1)
     return ranks
 
 
@@ -459,7 +416,7 @@ def spearman(x, y) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
-# metric key in summary rows, display name, what it is correlated with, paper Pearson / Spearman
+# [PA-T] metric key in summary rows, display name, correlated with, paper Pearson / Spearman
 CORRELATION_ROWS = [
     ("csd_G_rel", "CSD_G,rel", "forgetting", 0.347, 0.317),
     ("csd_G_un", "CSD_G,un", "forgetting", 0.481, 0.603),
@@ -467,24 +424,18 @@ CORRELATION_ROWS = [
     ("act_proc_residual", "Procrustes residual", "forgetting", 0.711, 0.568),
     ("act_gram_distortion", "Gram distortion", "forgetting", 0.485, 0.361),
     ("act_cka", "CKA", "forgetting", -0.761, -0.711),
-    # beyond the paper's tables (same data, no paper value)
-    ("csd_G_abs", "CSD_G,abs", "forgetting", None, None),
-    ("csd_T_un", "CSD_T,un", "target_gain", None, None),
-    ("csd_ratio_rel", "CSD ratio G/T (rel)", "forgetting", None, None),
-    ("csd_ratio_un", "CSD ratio G/T (un)", "forgetting", None, None),
-    ("act_raw_residual", "Raw residual", "forgetting", None, None),
-    ("act_proc_improvement", "Procrustes improvement", "forgetting", None, None),
-    ("act_cos_drift", "Cosine drift 1-cos", "forgetting", None, None),
-    ("act_angle_mean", "Mean angle (rad)", "forgetting", None, None),
-    ("act_norm_logratio", "Norm drift mean abs log rho", "forgetting", None, None),
-    ("act_pca_dist_k32", "PCA subspace dist k32", "forgetting", None, None),
-    ("act_pca_dist_k64", "PCA subspace dist k64", "forgetting", None, None),
-    ("w_erank", "erank(dW)", "forgetting", None, None),
-    ("w_fluct_retention", "Retention fluctuation", "forgetting", None, None),
-    ("w_fluct_adaptation", "Adaptation fluctuation", "forgetting", None, None),
-    ("w_rel_l2", "‖dW‖_F / ‖W0‖_F", "forgetting", None, None),
-    ("global_l2", "global ‖dW‖_2", "forgetting", None, None),
-]
+] + [(key, name, vs, None, None) for key, name, vs in (   # beyond the paper's tables (no paper value)
+    ("csd_G_abs", "CSD_G,abs", "forgetting"), ("csd_T_un", "CSD_T,un", "target_gain"),
+    ("csd_ratio_rel", "CSD ratio G/T (rel)", "forgetting"),
+    ("csd_ratio_un", "CSD ratio G/T (un)", "forgetting"), ("act_raw_residual", "Raw residual", "forgetting"),
+    ("act_proc_improvement", "Procrustes improvement", "forgetting"),
+    ("act_cos_drift", "Cosine drift 1-cos", "forgetting"), ("act_angle_mean", "Mean angle (rad)", "forgetting"),
+    ("act_norm_logratio", "Norm drift mean abs log rho", "forgetting"),
+    ("act_pca_dist_k32", "PCA subspace dist k32", "forgetting"),
+    ("act_pca_dist_k64", "PCA subspace dist k64", "forgetting"), ("w_erank", "erank(dW)", "forgetting"),
+    ("w_fluct_retention", "Retention fluctuation", "forgetting"),
+    ("w_fluct_adaptation", "Adaptation fluctuation", "forgetting"),
+    ("w_rel_l2", "‖dW‖_F / ‖W0‖_F", "forgetting"), ("global_l2", "global ‖dW‖_2", "forgetting"))]
 
 
 def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
@@ -495,11 +446,9 @@ def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
     """
     table = []
     for key, name, vs, paper_p, paper_s in spec:
-        pts = [(r[key], r[vs]) for r in rows
-               if r.get(key) is not None and r.get(vs) is not None
+        pts = [(r[key], r[vs]) for r in rows if r.get(key) is not None and r.get(vs) is not None
                and math.isfinite(r[key]) and math.isfinite(r[vs])]
-        x = [p[0] for p in pts]
-        y = [p[1] for p in pts]
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
         table.append({"metric": key, "name": name, "vs": vs, "n": len(pts),
                       "pearson": pearson(x, y) if len(pts) >= 3 else float("nan"),
                       "spearman": spearman(x, y) if len(pts) >= 3 else float("nan"),
@@ -510,47 +459,41 @@ def correlation_table(rows: list[dict], spec=CORRELATION_ROWS) -> list[dict]:
 # -----------------------------------------------------------------------------
 # Prompts, module names, activation collection (needs a model; runs on CPU or GPU)
 
-def _prompt_of(obj, where: str) -> str:
-    """The prompt of one JSON record: a string, or an object's first PROMPT_KEYS value."""
-    if isinstance(obj, str):
-        return obj
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
-    for key in PROMPT_KEYS:
-        if isinstance(obj.get(key), str) and obj[key].strip():
-            return obj[key]
-    raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
-                     f"string value (its keys: {sorted(obj)[:12]})")
-
-
-def _json(text: str, where: str, lineno: int | None = None):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}:{lineno or err.lineno}: not valid JSON ({err.msg})") from err
-
-
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from .txt (one per non-empty line), .jsonl (one JSON object or string per line) or
-    .json (a list of objects or strings). An object's prompt is the value of the first key present
-    in PROMPT_KEYS = prompt, input, question, query, problem, instruction, text (release order)."""
+    .json (a list of them). An object's prompt is its first non-empty string value among
+    PROMPT_KEYS (the release's order). Not loading.read_records: plain strings are allowed here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        prompts = [_prompt_of(_json(line, str(path), i), f"{path}:{i}")
-                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    elif suffix == ".json":
-        data = _json(text, str(path))
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
-        prompts = [_prompt_of(obj, f"{path}[{i}]") for i, obj in enumerate(data)]
-    elif suffix in (".txt", ""):
-        prompts = [line for line in text.splitlines() if line.strip()]
-    else:
+    text, suffix = path.read_text(encoding="utf-8"), path.suffix.lower()
+    if suffix in (".txt", ""):
+        items = [(line, None) for line in text.splitlines() if line.strip()]
+    elif suffix not in (".json", ".jsonl"):
         raise ValueError(f"prompt file {path}: unknown extension {suffix!r} (use .txt, .jsonl or .json)")
+    else:
+        lines = ([(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+                 if suffix == ".jsonl" else [(None, text)])
+        items = []
+        for lineno, line in lines:
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno or err.lineno}: not valid JSON ({err.msg})") from err
+            if suffix == ".json" and not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of prompts/objects, got {type(data).__name__}")
+            items += ([(obj, f"{path}[{i}]") for i, obj in enumerate(data)] if suffix == ".json"
+                      else [(data, f"{path}:{lineno}")])
+    prompts = []
+    for obj, where in items:
+        if not isinstance(obj, (str, dict)):
+            raise ValueError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
+        hit = obj if isinstance(obj, str) else next(
+            (obj[k] for k in PROMPT_KEYS if isinstance(obj.get(k), str) and obj[k].strip()), None)
+        if hit is None:
+            raise ValueError(f"{where}: object has none of the keys {PROMPT_KEYS} with a non-empty "
+                             f"string value (its keys: {sorted(obj)[:12]})")
+        prompts.append(hit)
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
@@ -570,11 +513,11 @@ def paper_layer(layer: int, num_layers: int) -> int:
 
 
 def decoder_layout(model) -> tuple[str, int]:
-    """(prefix of the decoder layer list, number of layers), e.g. ('model.layers', 28)."""
-    pat = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)$")
+    """(prefix of the decoder layer list, number of layers), e.g. ('model.layers', 28): the
+    '<prefix>.layers.<i>' list with the most entries."""
     found = {}
     for name, _ in model.named_modules():
-        m = pat.match(name)
+        m = re.match(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)$", name)
         if m:
             found.setdefault(m["prefix"], set()).add(int(m["i"]))
     if not found:
@@ -587,18 +530,11 @@ def resolve_modules(model, spec: str) -> list[str]:
     """Module names for a spec: 'paper' (layer-18 down_proj analogue), 'paper8', 'all-down_proj',
     'none', or a comma list of full module names (each must be an nn.Linear of `model`)."""
     prefix, L = decoder_layout(model)
-    names = []
-    for tok in [t.strip() for t in spec.split(",") if t.strip()]:
-        if tok == "none":
-            continue
-        elif tok == "paper":   # NOTE N2: layer round(18 L / 28) (toy: 3), not "the middle"
-            names.append(f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj")
-        elif tok == "paper8":
-            names += [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES]
-        elif tok == "all-down_proj":
-            names += [f"{prefix}.{i}.mlp.down_proj" for i in range(L)]
-        else:
-            names.append(tok)
+    sets = {"none": [],   # NOTE N2: "paper" is layer round(18 L / 28) (toy: 3), not "the middle"
+            "paper": [f"{prefix}.{paper_layer(PAPER_LAYER, L)}.mlp.down_proj"],
+            "paper8": [f"{prefix}.{paper_layer(l, L)}.{s}" for l in PAPER8_LAYERS for s in PAPER8_SUFFIXES],
+            "all-down_proj": [f"{prefix}.{i}.mlp.down_proj" for i in range(L)]}
+    names = [n for tok in spec.split(",") if tok.strip() for n in sets.get(tok.strip(), [tok.strip()])]
     modules = dict(model.named_modules())
     for name in names:
         mod = modules.get(name)
@@ -663,25 +599,18 @@ def collect_activations(model, tokenizer, prompts: list[str], taps: list[tuple[s
 _NOTED: set[str] = set()   # run dirs already reported (main checks every --checkpoint before loading)
 
 
-def resolve_checkpoint(ckpt: str | Path) -> Path:
-    """A checkpoint dir as given, or for a training run dir (train_sft.py's / the release's
-    global_step_<k>/, TRL's checkpoint-<k>/) its last checkpoint (peft_methods.run_checkpoints)."""
-    ckpt = Path(ckpt)
-    if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file() or not ckpt.is_dir():
-        return ckpt
-    steps = peft_methods.run_checkpoints(ckpt)
-    if not steps:
-        return ckpt
-    if str(ckpt) not in _NOTED:
-        _NOTED.add(str(ckpt))
-        print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
-    return steps[-1][1]
-
-
 def read_checkpoint_info(ckpt: str | Path) -> dict:
-    """{'kind': 'adapter'|'hf', 'method': str, 'config': dict} for a checkpoint directory
-    (ours or an HF PEFT adapter dir, read by peft_methods.read_adapter_config)."""
-    ckpt = resolve_checkpoint(ckpt)
+    """{'kind': 'adapter'|'hf', 'method', 'config', 'path'} of a checkpoint dir: an adapter dir
+    (ours or HF PEFT), a full HF model dir, or a training run dir (global_step_<k>/ or TRL's
+    checkpoint-<k>/), of which the last checkpoint is measured (peft_methods.run_checkpoints)."""
+    ckpt = Path(ckpt)
+    steps = ([] if peft_methods.find_adapter_dir(ckpt) is not None or (ckpt / "config.json").is_file()
+             or not ckpt.is_dir() else peft_methods.run_checkpoints(ckpt))
+    if steps:
+        if str(ckpt) not in _NOTED:
+            _NOTED.add(str(ckpt))
+            print(f"[geometry] {ckpt} is a training run: measuring its last checkpoint {steps[-1][1].name}")
+        ckpt = steps[-1][1]
     if peft_methods.find_adapter_dir(ckpt) is not None:
         cfg = peft_methods.read_adapter_config(ckpt)
         return {"kind": "adapter", "method": str(cfg.get("method", "unknown")), "config": cfg, "path": ckpt}
@@ -696,34 +625,27 @@ def load_finetuned(base_spec: str, ckpt: str | Path, *, dtype, device):
     """(model, info, adapters): the base with the adapter loaded (peft_methods.load_adapter), or the
     full HF model of the checkpoint (no adapters)."""
     info = read_checkpoint_info(ckpt)
-    ckpt = info["path"]
-    if info["kind"] == "adapter":
-        model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
-        wanted = info["config"].get("base_model")
-        if wanted and str(wanted) != str(base_spec):
-            print(f"[geometry] note: {ckpt} was trained on base {wanted!r}; measuring against "
-                  f"--base {base_spec!r}")
-        peft_methods.load_adapter(model, str(ckpt))
-        adapters = peft_methods.adapter_layers(model)
-    else:
-        model, _ = loading.load_model(str(ckpt), dtype=dtype, device=device)
-        adapters = {}
-    return model, info, adapters
+    if info["kind"] != "adapter":
+        return loading.load_model(str(info["path"]), dtype=dtype, device=device)[0], info, {}
+    model, _ = loading.load_model(base_spec, dtype=dtype, device=device)
+    wanted = info["config"].get("base_model")
+    if wanted and str(wanted) != str(base_spec):
+        print(f"[geometry] note: {info['path']} was trained on base {wanted!r}; measuring against "
+              f"--base {base_spec!r}")
+    peft_methods.load_adapter(model, str(info["path"]))
+    return model, info, peft_methods.adapter_layers(model)
 
 
 def _find_adapter(adapters: dict, name: str):
     """The wrapper of module `name` (keys may carry a prefix), or None."""
-    if name in adapters:
-        return adapters[name]
     hits = [k for k in adapters if k.endswith("." + name) or name.endswith("." + k)]
-    return adapters[hits[0]] if len(hits) == 1 else None
+    return adapters[name] if name in adapters else adapters[hits[0]] if len(hits) == 1 else None
 
 
 def module_update(base_model, ft_model, adapters: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W0, dW) of one Linear, both fp32 on the model's device.
-
-    Adapter-wrapped module: dW = peft_methods.delta_weight(wrapper) (exact; PiSSA vs the original
-    W0). Otherwise dW = W_ft - W0 (full FT, or a module the adapter did not touch: dW = 0)."""
+    """(W0, dW) of one Linear, both fp32 on the model's device. Adapter-wrapped module: dW =
+    peft_methods.delta_weight(wrapper) (exact; PiSSA vs the original W0); otherwise W_ft - W0
+    (full FT, or a module the adapter did not touch: dW = 0)."""
     W0 = base_model.get_submodule(name).weight.detach().float()             # (m,n)
     layer = _find_adapter(adapters, name)
     if layer is not None:
@@ -749,35 +671,20 @@ def merge_check(base_model, adapters: dict, name: str, dW: torch.Tensor) -> floa
     return float((W_ft - W0 - dW).abs().max() / (W0.abs().max() + EPS))
 
 
-def decoder_linear_names(model) -> list[str]:
-    """Names of every nn.Linear weight inside the decoder layers of the BASE model (Deviation 5)."""
-    prefix, _ = decoder_layout(model)
-    # DEVIATION 5: embeddings, norms and biases are not in the global norms
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
-
-
 # -----------------------------------------------------------------------------
 # Per-checkpoint summary, scores, plots
 
 SCORE_KEYS = ("target_score", "general_score", "forgetting")
 
 
-def results_paths(spec) -> list[Path]:
-    """One checkpoint's evaluate.py results files: a path, "A.json,B.json", or a list of either.
-    A real evaluation writes the target suite and the general suite to separate folders
-    (`evaluate.py --suite math --out X/math`, `--suite general --out X/general`), so one checkpoint's
-    scores come from two files."""
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    return [Path(p) for item in items for p in str(item).split(",") if p.strip()]
-
-
 def merge_results(spec, *, required: bool = True) -> dict:
-    """{target_score, general_score, forgetting} merged from the results files of `spec`; a file
-    that is missing (when `required`), unreadable, or gives another value for a score that an
-    earlier file already gave is an error naming the file(s)."""
+    """{target_score, general_score, forgetting} merged from one checkpoint's evaluate.py results
+    files: a path, "A.json,B.json" or a list (a real evaluation writes the target and the general
+    suite to separate folders). A missing file (when `required`), bad JSON, or a score that two
+    files give differently is an error naming the file(s)."""
     merged, source = {}, {}
-    for path in results_paths(spec):
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    for path in [Path(p) for item in items for p in str(item).split(",") if p.strip()]:
         if not path.is_file():
             if required:
                 raise FileNotFoundError(f"--results: {path} not found (an evaluate.py results.json)")
@@ -786,8 +693,8 @@ def merge_results(spec, *, required: bool = True) -> dict:
             r = json.loads(path.read_text())
         except ValueError as e:
             raise ValueError(f"--results: {path} is not valid JSON ({e})") from None
-        for key in SCORE_KEYS:
-            if not isinstance(r, dict) or r.get(key) is None:
+        for key in SCORE_KEYS if isinstance(r, dict) else ():
+            if r.get(key) is None:
                 continue
             v = float(r[key])
             if key in merged and not math.isclose(merged[key], v, abs_tol=1e-9):
@@ -798,21 +705,15 @@ def merge_results(spec, *, required: bool = True) -> dict:
 
 
 def read_scores(results_path, base_results=None, *, required: bool = True) -> dict:
-    """{target_score, general_score, forgetting, target_gain} from evaluate.py results.json files.
-
-    results_path / base_results: one file, or several ("target.json,general.json" or a list) that
-    are merged (merge_results): the target suite's file gives target_score, the general suite's
-    general_score (and forgetting when it was scored with --base-results).
-    forgetting: the files' own "forgetting" if present, else base general - general.
-    target_gain: target - base target (needs --base-results). Missing pieces are None.
-    required=False: a missing file counts as no scores (the default CKPT/results.json)."""
+    """{target_score, general_score, forgetting, target_gain} (None where unknown) [PA-T].
+    forgetting: the files' own value if present, else base general - general;
+    target_gain = target - base target. required=False: a missing file means no scores."""
     out = {k: None for k in (*SCORE_KEYS, "target_gain")}
     if results_path is None:
         return out
     r = merge_results(results_path, required=required)
     b = merge_results(base_results) if base_results else {}
-    for key in ("target_score", "general_score"):
-        out[key] = r.get(key)
+    out.update(target_score=r.get("target_score"), general_score=r.get("general_score"))
     if r.get("forgetting") is not None:
         out["forgetting"] = r["forgetting"]
     elif b.get("general_score") is not None and out["general_score"] is not None:
@@ -823,28 +724,20 @@ def read_scores(results_path, base_results=None, *, required: bool = True) -> di
 
 
 def summary_row(metrics: dict) -> dict:
-    """One flat row of scalars per checkpoint (the correlation inputs)."""
-    row = {"label": metrics["label"], "method": metrics["method"]}
-    row.update(metrics.get("scores", {}))
-    weight = metrics.get("weight", {})
-    if weight:
-        first = weight[next(iter(weight))]                         # the primary (paper) module
-        row.update({"w_erank": first["erank"], "w_fluct_retention": first["fluct_retention"],
-                    "w_fluct_adaptation": first["fluct_adaptation"], "w_rel_l2": first["norms"]["rel_l2"],
-                    "w_l2": first["norms"]["l2"], "w_sva_mean": first.get("sva_mean")})
+    """One flat row of scalars per checkpoint (the correlation inputs): the first (paper) weight
+    and CSD modules, and activation metrics averaged over the activation modules."""
+    row = {"label": metrics["label"], "method": metrics["method"], **metrics.get("scores", {})}
+    if metrics.get("weight"):
+        w = next(iter(metrics["weight"].values()))                 # the primary (paper) module
+        row.update(w_erank=w["erank"], w_fluct_retention=w["fluct_retention"],
+                   w_fluct_adaptation=w["fluct_adaptation"], w_rel_l2=w["norms"]["rel_l2"],
+                   w_l2=w["norms"]["l2"], w_sva_mean=w.get("sva_mean"))
     if metrics.get("global_norms"):
-        row["global_l1"] = metrics["global_norms"]["l1"]
-        row["global_l2"] = metrics["global_norms"]["l2"]
-    csd = metrics.get("csd", {})
-    if csd:
-        c = csd[next(iter(csd))]
-        for d in ("G", "T"):
-            for k in ("abs", "rel", "un"):
-                if d in c:
-                    row[f"csd_{d}_{k}"] = c[d][k]
-        for k in ("abs", "rel", "un"):
-            if f"ratio_{k}" in c:
-                row[f"csd_ratio_{k}"] = c[f"ratio_{k}"]
+        row.update(global_l1=metrics["global_norms"]["l1"], global_l2=metrics["global_norms"]["l2"])
+    if metrics.get("csd"):
+        c = next(iter(metrics["csd"].values()))
+        row.update({f"csd_{d}_{k}": c[d][k] for d in ("G", "T") if d in c for k in ("abs", "rel", "un")})
+        row.update({f"csd_ratio_{k}": c[f"ratio_{k}"] for k in ("abs", "rel", "un") if f"ratio_{k}" in c})
     act = metrics.get("activation", {})
     if act:
         keys = ["proc_residual", "raw_residual", "proc_improvement", "gram_distortion", "cka",
@@ -856,6 +749,7 @@ def summary_row(metrics: dict) -> dict:
 
 
 def _fmt(v, digits=3) -> str:
+    """A table cell: "–" for missing/nan, scientific for very large or small, else fixed digits."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-2)):
@@ -863,29 +757,9 @@ def _fmt(v, digits=3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def correlation_markdown(table: list[dict], rows: list[dict]) -> str:
-    """Markdown: the correlation table beside the paper's values, and a per-checkpoint slice."""
-    lines = ["| Metric | vs | n | Pearson | Spearman | Paper Pearson | Paper Spearman |",
-             "|---|---|---|---|---|---|---|"]
-    for t in table:
-        lines.append(f"| {t['name'].replace('|', '/')} | {t['vs']} | {t['n']} | {_fmt(t['pearson'])} | "
-                     f"{_fmt(t['spearman'])} | {_fmt(t['paper_pearson'])} | {_fmt(t['paper_spearman'])} |")
-    cols = [("act_proc_residual", "Proc ↓"), ("act_gram_distortion", "Gram ↓"), ("act_cka", "CKA ↑"),
-            ("csd_G_rel", "CSD_G,rel"), ("csd_T_rel", "CSD_T,rel"), ("csd_ratio_rel", "Ratio"),
-            ("w_erank", "erank"), ("forgetting", "Forget ↓"), ("target_gain", "Target gain")]
-    lines += ["", "| Checkpoint | Method | " + " | ".join(c[1] for c in cols) + " |",
-              "|---|---|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['method']} | " +
-                     " | ".join(_fmt(r.get(c[0]), 4) for c in cols) + " |")
-    n = max((t["n"] for t in table), default=0)
-    lines += ["", f"n = number of checkpoints with both values (at most {n}); with so few points "
-              "the correlations are indicative only."]
-    return "\n".join(lines) + "\n"
-
-
 def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
-    """correlations.json/.csv/.md (atomic). Needs >= 3 checkpoints with scores."""
+    """correlations.json/.csv/.md (atomic): the table beside the paper's values, and a
+    per-checkpoint slice. Needs >= 3 checkpoints with a forgetting score."""
     with_scores = [r for r in rows if r.get("forgetting") is not None]
     if len(with_scores) < 3:
         print(f"[geometry] correlations skipped: {len(with_scores)} checkpoint(s) with a forgetting "
@@ -894,7 +768,22 @@ def write_correlations(rows: list[dict], out_dir: Path) -> list[dict] | None:
     table = correlation_table(rows)
     loading.atomic_write_json(out_dir / "correlations.json", {"table": table, "rows": rows})
     loading.atomic_write_csv(out_dir / "correlations.csv", list(table[0]), table, lineterminator="\n")
-    md = correlation_markdown(table, rows)
+    lines = ["| Metric | vs | n | Pearson | Spearman | Paper Pearson | Paper Spearman |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['name'].replace('|', '/')} | {t['vs']} | {t['n']} | {_fmt(t['pearson'])} | "
+              f"{_fmt(t['spearman'])} | {_fmt(t['paper_pearson'])} | {_fmt(t['paper_spearman'])} |"
+              for t in table]
+    cols = [("act_proc_residual", "Proc ↓"), ("act_gram_distortion", "Gram ↓"), ("act_cka", "CKA ↑"),
+            ("csd_G_rel", "CSD_G,rel"), ("csd_T_rel", "CSD_T,rel"), ("csd_ratio_rel", "Ratio"),
+            ("w_erank", "erank"), ("forgetting", "Forget ↓"), ("target_gain", "Target gain")]
+    lines += ["", "| Checkpoint | Method | " + " | ".join(c[1] for c in cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    lines += [f"| {r['label']} | {r['method']} | " + " | ".join(_fmt(r.get(c[0]), 4) for c in cols) + " |"
+              for r in rows]
+    n = max((t["n"] for t in table), default=0)
+    lines += ["", f"n = number of checkpoints with both values (at most {n}); with so few points "
+              "the correlations are indicative only."]
+    md = "\n".join(lines) + "\n"
     loading.atomic_write_text(out_dir / "correlations.md", md)
     print(md)
     return table
@@ -906,60 +795,42 @@ def _positive(a) -> np.ndarray:
     return np.where(a > 0, a, np.nan)
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (optional package: imported when plotting)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_spectral_profiles(metrics_list: list[dict], path: Path) -> bool:
-    """One column per checkpoint (method), two rows: retention dP_diag and adaptation E_dW, each on
-    a log y-axis against the pretrained spectrum reference, with the release's normalisation
-    ([PA-W]): retention raw vs sigma_i/sigma_1; adaptation E_i/sum E vs sigma_i/sum sigma."""
-    plt = _pyplot()
+def plot_spectral_profiles(plt, metrics_list: list[dict]):
+    """[PA-W] figure: one column per checkpoint; top: retention dP_diag vs sigma_i/sigma_1, bottom:
+    adaptation E_i/sum E vs sigma_i/sum sigma (the release's normalisation), log y-axes."""
     items = [(m["label"], m["method"], next(iter(m["weight"].items()))) for m in metrics_list if m.get("weight")]
     if not items:
-        return False
-    ncol = len(items)
-    fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol + 0.6, 6.4), squeeze=False)
+        return None
+    fig, axes = plt.subplots(2, len(items), figsize=(3.6 * len(items) + 0.6, 6.4), squeeze=False)
     for j, (label, method, (mod, w)) in enumerate(items):
-        sigma = np.asarray(w["sigma"])
+        sigma, E = np.asarray(w["sigma"]), np.asarray(w["E_delta"])
         i = np.arange(1, sigma.size + 1)
-        E = np.asarray(w["E_delta"])
-        ax = axes[0, j]
-        ax.plot(i, _positive(w["dP_diag"]), lw=0.9, color="tab:red", label="|ΔP_diag(i)|")
-        ax.plot(i, _positive(sigma / sigma[0]), lw=1.2, color="0.4", ls="--", label="σ_i/σ_1 (W0)")
-        ax.set_yscale("log")
         name = label if label == method else f"{label} ({method})"
-        ax.set_title(f"{name}\nF_ret={w['fluct_retention']:.2e}", fontsize=9)
-        ax = axes[1, j]
-        ax.plot(i, _positive(E / E.sum() if E.sum() > 0 else E), lw=0.9, color="tab:blue",
-                label="E_Δ(i)/Σ E_Δ")
-        ax.plot(i, _positive(sigma / sigma.sum()), lw=1.2, color="0.4", ls="--", label="σ_i/Σσ (W0)")
-        ax.set_yscale("log")
-        ax.set_title(f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}", fontsize=9)
+        for r, (y, color, lab, ref, ref_lab, title) in enumerate((
+                (w["dP_diag"], "tab:red", "|ΔP_diag(i)|", sigma / sigma[0], "σ_i/σ_1 (W0)",
+                 f"{name}\nF_ret={w['fluct_retention']:.2e}"),
+                (E / E.sum() if E.sum() > 0 else E, "tab:blue", "E_Δ(i)/Σ E_Δ", sigma / sigma.sum(),
+                 "σ_i/Σσ (W0)", f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}"))):
+            ax = axes[r, j]
+            ax.plot(i, _positive(y), lw=0.9, color=color, label=lab)
+            ax.plot(i, _positive(ref), lw=1.2, color="0.4", ls="--", label=ref_lab)
+            ax.set_yscale("log")
+            ax.set_title(title, fontsize=9)
         ax.set_xlabel("singular index i of W0")
-    axes[0, 0].set_ylabel("retention profile")
-    axes[1, 0].set_ylabel("adaptation profile")
-    for r in range(2):
+    for r, lab in enumerate(("retention profile", "adaptation profile")):
+        axes[r, 0].set_ylabel(lab)
         axes[r, 0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Spectral profiles of {items[0][2][0]} (log scale; dashed: pretrained spectrum)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
-    """erank(dW) of mlp.down_proj across layers, one line per checkpoint ([PA-W], [PA-T])."""
-    plt = _pyplot()
+def plot_erank_layers(plt, metrics_list: list[dict]):
+    """[PA-W] erank(dW) of mlp.down_proj across layers, one line per checkpoint."""
     from matplotlib import ticker
     series = [(m["label"], m["erank_layers"]) for m in metrics_list if m.get("erank_layers")]
     if not series:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, er in series:
         layers = sorted(int(k) for k in er)
@@ -969,27 +840,30 @@ def plot_erank_layers(metrics_list: list[dict], path: Path) -> bool:
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("erank(ΔW) = ‖ΔW‖_F² / ‖ΔW‖_2²")
+    ax.set(xlabel="layer", ylabel="erank(ΔW) = ‖ΔW‖_F² / ‖ΔW‖_2²")
     ax.set_title("Stable rank of the mlp.down_proj update across layers", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:
-    """summary.json, correlations and plots from per-checkpoint metrics."""
+    """summary.json, correlations and plots (matplotlib, Agg backend) from per-checkpoint metrics."""
     rows = [summary_row(m) for m in metrics_list]
     loading.atomic_write_json(out_dir / "summary.json", rows)
     write_correlations(rows, out_dir)
     if plots:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
         for fn, name in ((plot_spectral_profiles, "spectral_profiles.png"),
                          (plot_erank_layers, "erank_layers.png")):
-            tmp = out_dir / f".{name}.tmp.png"
-            if fn(metrics_list, tmp):
+            fig = fn(plt, metrics_list)
+            if fig is not None:     # written to a temp name, then renamed (atomic)
+                tmp = out_dir / f".{name}.tmp.png"
+                fig.tight_layout()
+                fig.savefig(tmp, dpi=110)
+                plt.close(fig)
                 tmp.replace(out_dir / name)
                 print(f"[geometry] wrote {out_dir / name}")
     return rows
@@ -998,81 +872,23 @@ def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> li
 # -----------------------------------------------------------------------------
 # The run: base activations once, then each checkpoint
 
-def unique_labels(ckpts: list[str], labels: list[str] | None) -> list[str]:
-    if labels:
-        if len(labels) != len(ckpts):
-            raise ValueError(f"--label given {len(labels)} times for {len(ckpts)} --checkpoint")
-        return labels
-    out, seen = [], {}
-    for c in ckpts:
-        base = Path(c).resolve().name or "ckpt"
-        seen[base] = seen.get(base, 0) + 1
-        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
-    return out
-
-
-def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str, mods: dict,
-                       scores: dict, device, dtype) -> dict:
-    """Every metric of one checkpoint (weight space, CSD, activation geometry) as a JSON-able dict."""
-    t0 = time.time()
-    ft, info, adapters = load_finetuned(args.base, ckpt, dtype=dtype, device=device)
-    print(f"[geometry] {label}: method={info['method']} ({info['kind']}), "
-          f"{len(adapters)} wrapped modules, loaded in {time.time() - t0:.1f}s")
-    metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
-               "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
-               "activation": {}, "merge_check": {}}
-    # --- weight space [PA-W]
-    with_sva = info["method"] == "oft" or args.sva_all
-    for name in mods["weight"]:
-        W0, dW = module_update(base_model, ft, adapters, name)
-        if name not in base_acts["svd0"]:      # SVD of W0 once per run, not once per checkpoint
-            base_acts["svd0"][name] = thin_svd(W0)
-        metrics["weight"][name] = weight_space_metrics(W0, dW, with_sva=with_sva, window=args.fluct_window,
-                                                       top=args.top_singular, svd0=base_acts["svd0"][name])
-        metrics["merge_check"][name] = merge_check(base_model, adapters, name, dW)
-    metrics["erank_layers"] = {}
-    for name in mods["erank"]:
-        _, dW = module_update(base_model, ft, adapters, name)
-        layer = int(re.search(r"\.(\d+)\.", name).group(1))
-        metrics["erank_layers"][str(layer)] = stable_rank(dW, args.top_singular)["erank"]
-    norms = []
-    for name in mods["norms"]:
-        W0, dW = module_update(base_model, ft, adapters, name)
-        norms.append(weight_norms(dW, W0))
-    metrics["global_norms"] = global_norms(norms) if norms else None
-    # --- CSD [PA-CSD]: base-model inputs, this checkpoint's dW
-    for name in mods["csd"]:
-        W0, dW = module_update(base_model, ft, adapters, name)
-        c = {"G": csd_metrics(dW, W0, base_acts["G"][(name, "input")].to(W0.device)),
-             "T": csd_metrics(dW, W0, base_acts["T"][(name, "input")].to(W0.device))}
-        c.update(csd_ratios(c["G"], c["T"]))
-        metrics["csd"][name] = c
-    # --- activation geometry [PA-ACT]: outputs of base and finetuned on the same general tokens
-    if mods["act"]:
-        ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
-                                      [(n, "output") for n in mods["act"]],
-                                      max_tokens=args.max_tokens, max_length=args.max_length)
-        for name in mods["act"]:
-            X0 = base_acts["G"][(name, "output")].to(device)
-            X1 = ft_acts[(name, "output")].to(device)
-            metrics["activation"][name] = activation_geometry(
-                X0, X1, gram_max_rows=args.gram_rows, seed=args.seed, pca_ks=args.pca_k)
-    del ft, adapters
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    metrics["seconds"] = round(time.time() - t0, 2)
-    return metrics
-
-
-def check_inputs(args) -> None:
-    """The checks that fail before a device is picked: caps and --results files."""
+def check_inputs(args) -> list[str]:
+    """Everything that can fail before a model loads (caps, --label/--results counts, results
+    files, checkpoint dirs); returns the labels (default: the dir names, -2, -3 for repeats)."""
     assert args.max_tokens > 1 and args.max_prompts >= 1 and args.max_length >= 1, "caps must be positive"
     assert args.fluct_window >= 1 and args.gram_rows >= 2 and all(k >= 1 for k in args.pca_k)
     if args.results is not None and len(args.results) != len(args.checkpoint):
         raise SystemExit(f"--results given {len(args.results)} times for {len(args.checkpoint)} --checkpoint")
     for res in (args.results or []) + ([args.base_results] if args.base_results else []):
-        merge_results(res)                 # a missing or clashing results file fails before any model loads
+        merge_results(res)
+    if args.label and len(args.label) != len(args.checkpoint):
+        raise ValueError(f"--label given {len(args.label)} times for {len(args.checkpoint)} --checkpoint")
+    labels, seen = list(args.label or []), {}
+    for c in args.checkpoint if not args.label else []:
+        base = Path(c).resolve().name or "ckpt"
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return labels
 
 
 def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -1089,25 +905,14 @@ def load_prompt_sets(args) -> tuple[list[str], list[str], list[str], list[str]]:
             sample_prompts(T_all, args.max_prompts, args.seed))
 
 
-def resolve_module_sets(base_model, args) -> dict:
-    """Module names per measurement: weight [PA-W], erank (plot), csd [PA-CSD], act [PA-ACT], norms."""
-    return {"weight": resolve_modules(base_model, args.weight_modules),
-            "erank": resolve_modules(base_model, args.erank_modules),
-            "csd": resolve_modules(base_model, args.csd_modules),
-            "act": resolve_modules(base_model, args.act_modules),
-            "norms": [] if args.no_global_norms else decoder_linear_names(base_model)}
-
-
 def collect_base_activations(args, base_model, tok, G, T, mods) -> dict:
     """The base model's activations, once per run: CSD inputs on G and T, activation outputs on G."""
     t0 = time.time()
-    acts_G = collect_activations(base_model, tok, G, [(n, "input") for n in mods["csd"]] +
-                                 [(n, "output") for n in mods["act"]],
-                                 max_tokens=args.max_tokens, max_length=args.max_length)
-    acts_T = collect_activations(base_model, tok, T, [(n, "input") for n in mods["csd"]],
-                                 max_tokens=args.max_tokens, max_length=args.max_length)
-    n_G = next((v.shape[0] for k, v in acts_G.items() if k != "n_prompts"), 0)
-    n_T = next((v.shape[0] for k, v in acts_T.items() if k != "n_prompts"), 0)
+    caps = dict(max_tokens=args.max_tokens, max_length=args.max_length)
+    csd_taps = [(n, "input") for n in mods["csd"]]
+    acts_G = collect_activations(base_model, tok, G, csd_taps + [(n, "output") for n in mods["act"]], **caps)
+    acts_T = collect_activations(base_model, tok, T, csd_taps, **caps)
+    n_G, n_T = (next((v.shape[0] for k, v in a.items() if k != "n_prompts"), 0) for a in (acts_G, acts_T))
     print(f"[geometry] base activations: general {n_G} tokens from {acts_G['n_prompts']} prompts, "
           f"target {n_T} tokens from {acts_T['n_prompts']} prompts ({time.time() - t0:.1f}s)")
     for k in args.pca_k:
@@ -1116,8 +921,54 @@ def collect_base_activations(args, base_model, tok, G, T, mods) -> dict:
             if min(k, n_G - 1, width) < k:
                 print(f"[geometry] note: PCA k={k} clipped to {min(k, n_G - 1, width)} for {name} "
                       f"(width {width}, {n_G} rows)")
-    return {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {},
-            "n_G": n_G, "n_T": n_T}
+    return {"G": acts_G, "T": acts_T, "tokenizer": tok, "G_prompts": G, "svd0": {}, "n_G": n_G, "n_T": n_T}
+
+
+def measure_checkpoint(args, base_model, base_acts: dict, ckpt: str, label: str, mods: dict,
+                       scores: dict, device, dtype) -> dict:
+    """Every metric of one checkpoint (weight space, CSD, activation geometry) as a JSON-able dict."""
+    t0 = time.time()
+    ft, info, adapters = load_finetuned(args.base, ckpt, dtype=dtype, device=device)
+    print(f"[geometry] {label}: method={info['method']} ({info['kind']}), "
+          f"{len(adapters)} wrapped modules, loaded in {time.time() - t0:.1f}s")
+    metrics = {"label": label, "checkpoint": str(info["path"]), "method": info["method"],
+               "adapter_config": info["config"], "scores": scores, "weight": {}, "csd": {},
+               "activation": {}, "merge_check": {}, "erank_layers": {}}
+    update = lambda name: module_update(base_model, ft, adapters, name)   # noqa: E731
+    # --- weight space [PA-W]; the SVD of W0 is cached once per run, not once per checkpoint
+    for name in mods["weight"]:
+        W0, dW = update(name)
+        if name not in base_acts["svd0"]:
+            base_acts["svd0"][name] = thin_svd(W0)
+        metrics["weight"][name] = weight_space_metrics(
+            W0, dW, with_sva=info["method"] == "oft" or args.sva_all, window=args.fluct_window,
+            top=args.top_singular, svd0=base_acts["svd0"][name])
+        metrics["merge_check"][name] = merge_check(base_model, adapters, name, dW)
+    for name in mods["erank"]:
+        layer = int(re.search(r"\.(\d+)\.", name).group(1))
+        metrics["erank_layers"][str(layer)] = stable_rank(update(name)[1], args.top_singular)["erank"]
+    norms = [weight_norms(dW, W0) for W0, dW in map(update, mods["norms"])]
+    metrics["global_norms"] = global_norms(norms) if norms else None
+    # --- CSD [PA-CSD]: base-model inputs, this checkpoint's dW
+    for name in mods["csd"]:
+        W0, dW = update(name)
+        c = {d: csd_metrics(dW, W0, base_acts[d][(name, "input")].to(W0.device)) for d in ("G", "T")}
+        metrics["csd"][name] = {**c, **csd_ratios(c["G"], c["T"])}
+    # --- activation geometry [PA-ACT]: outputs of base and finetuned on the same general tokens
+    if mods["act"]:
+        ft_acts = collect_activations(ft, base_acts["tokenizer"], base_acts["G_prompts"],
+                                      [(n, "output") for n in mods["act"]],
+                                      max_tokens=args.max_tokens, max_length=args.max_length)
+        for name in mods["act"]:
+            metrics["activation"][name] = activation_geometry(
+                base_acts["G"][(name, "output")].to(device), ft_acts[(name, "output")].to(device),
+                gram_max_rows=args.gram_rows, seed=args.seed, pca_ks=args.pca_k)
+    del ft, adapters
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    metrics["seconds"] = round(time.time() - t0, 2)
+    return metrics
 
 
 def print_checkpoint_line(label: str, m: dict) -> None:
@@ -1136,63 +987,57 @@ def print_checkpoint_line(label: str, m: dict) -> None:
 # -----------------------------------------------------------------------------
 # Command line
 
+# (flag, argparse keywords): the order is the order of the keys in config.json
+FLAGS = [
+    ("--base", dict(default="toy", help="base model spec: 'toy', a local HF dir or a hub id")),
+    ("--checkpoint", dict(action="append", required=True,
+                          help="adapter dir (ours or HF PEFT), full HF model dir, or run dir; repeat")),
+    ("--label", dict(action="append", default=None, help="display name per --checkpoint (same order)")),
+    ("--device", dict(default=None, help="cuda | cpu (default: cuda if available)")),
+    ("--dtype", dict(default=None, help="forward dtype (default bf16 on cuda, fp32 on cpu); maths fp32")),
+    ("--general-prompts", dict(default=None, help="txt/jsonl/json general prompts (default: toy's)")),
+    ("--target-prompts", dict(default=None, help="txt/jsonl/json target prompts (default: toy's)")),
+    ("--domain", dict(default="math", choices=("math", "med"), help="toy target domain")),
+    ("--max-prompts", dict(type=int, default=300, help="prompts sampled per distribution [PA-CSD]")),
+    ("--max-tokens", dict(type=int, default=4096, help="token rows kept per distribution")),
+    ("--max-length", dict(type=int, default=1024, help="truncation per prompt, in tokens")),
+    ("--seed", dict(type=int, default=0, help="prompt sampling and Gram row subset seed")),
+    # module sets: names, or paper | paper8 | all-down_proj | none
+    ("--weight-modules", dict(default="paper", help="spectral profiles, comma list")),
+    ("--erank-modules", dict(default="all-down_proj", help="erank across layers (plot)")),
+    ("--csd-modules", dict(default="paper", help="CSD modules; the first is tabled")),
+    ("--act-modules", dict(default="paper8", help="activation geometry modules")),
+    ("--no-global-norms", dict(action="store_true", help="skip global L1/L2 of dW over decoder Linears")),
+    ("--fluct-window", dict(type=int, default=5, help="fluctuation score window (points)")),
+    ("--top-singular", dict(type=int, default=5, help="top singular values of dW stored")),
+    ("--gram-rows", dict(type=int, default=1024, help="rows in the Gram distortion subset")),
+    ("--pca-k", dict(type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")),
+    ("--sva-all", dict(action="store_true", help="SVA for every method, not only OFT")),
+    ("--results", dict(action="append", default=None, metavar="FILE[,FILE]",
+                       help="evaluate.py results.json per --checkpoint (default CKPT/results.json); "
+                            "target and general suite files comma-joined are merged")),
+    ("--base-results", dict(default=None, metavar="FILE[,FILE]",
+                            help="the base model's results.json (target gain), as --results")),
+    ("--out", dict(required=True, help="output directory")),
+    ("--no-plots", dict(action="store_true", help="skip the PNG figures")),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Weight-space spectra, CSD and activation geometry of finetuned checkpoints "
-                    "(PEFT-Arena), and their correlation with forgetting. "
-                    "Subcommands: `geometry.py correlate ...`, `geometry.py bench-svd ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--base", default="toy", help="base model spec: 'toy', a local HF dir or a hub id")
-    g.add_argument("--checkpoint", action="append", required=True,
-                   help="adapter dir (ours or HF PEFT), full HF model dir, or run dir (its last "
-                        "checkpoint); repeat")
-    g.add_argument("--label", action="append", default=None,
-                   help="display name per --checkpoint (same order); default: the dir name")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None,
-                   help="model dtype for forwards (default bf16 on cuda, fp32 on cpu); maths is fp32")
-    g = p.add_argument_group("prompts (PEFT-Arena CSD protocol)")
-    g.add_argument("--general-prompts", default=None,
-                   help="txt/jsonl/json file of general prompts (default: toy_world.general_prompts)")
-    g.add_argument("--target-prompts", default=None,
-                   help="txt/jsonl/json file of target prompts (default: toy_world.target_prompts)")
-    g.add_argument("--domain", default="math", choices=("math", "med"),
-                   help="toy target domain when --target-prompts is not given")
-    g.add_argument("--max-prompts", type=int, default=300,
-                   help="prompts sampled per distribution (random.Random(seed), no replacement)")
-    g.add_argument("--max-tokens", type=int, default=4096, help="token rows kept per distribution")
-    g.add_argument("--max-length", type=int, default=1024, help="truncation per prompt, in tokens")
-    g.add_argument("--seed", type=int, default=0, help="prompt sampling and Gram row subset seed")
-    g = p.add_argument_group("modules (names, or: paper | paper8 | all-down_proj | none)")
-    g.add_argument("--weight-modules", default="paper", help="spectral profiles, comma list")
-    g.add_argument("--erank-modules", default="all-down_proj", help="erank across layers (plot)")
-    g.add_argument("--csd-modules", default="paper", help="CSD modules; the first is tabled")
-    g.add_argument("--act-modules", default="paper8", help="activation geometry modules")
-    g.add_argument("--no-global-norms", action="store_true",
-                   help="skip the global L1/L2 of dW over all decoder Linear weights")
-    g = p.add_argument_group("metrics")
-    g.add_argument("--fluct-window", type=int, default=5, help="fluctuation score window (points)")
-    g.add_argument("--top-singular", type=int, default=5, help="top singular values of dW stored")
-    g.add_argument("--gram-rows", type=int, default=1024, help="rows in the Gram distortion subset")
-    g.add_argument("--pca-k", type=int, nargs="+", default=[32, 64], help="PCA subspace ranks K")
-    g.add_argument("--sva-all", action="store_true", help="SVA for every method, not only OFT")
-    g = p.add_argument_group("scores for the correlation table (evaluate.py results.json)")
-    g.add_argument("--results", action="append", default=None, metavar="FILE[,FILE]",
-                   help="results.json per --checkpoint (same order; default CKPT/results.json); "
-                   "target and general suite files comma-joined are merged")
-    g.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="the base model's results.json (target gain; forgetting if absent), as --results")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    """The main command's parser, from FLAGS."""
+    p = argparse.ArgumentParser(description="Weight-space spectra, CSD and activation geometry of "
+                                "finetuned checkpoints (PEFT-Arena) and their correlation with "
+                                "forgetting. Subcommands: correlate, bench-svd.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for flag, kw in FLAGS:
+        p.add_argument(flag, **kw)
     return p
 
 
 def main(argv=None) -> list[dict]:
     """Prompts -> base model and its activations (once) -> each checkpoint's metrics -> tables."""
     args = build_parser().parse_args(argv)
-    check_inputs(args)
+    labels = check_inputs(args)
     device = loading.pick_device(args.device)
     dtype = loading.pick_dtype(args.dtype, device)
     # fp32 maths must be fp32: no TF32 in the SVDs/matmuls on Ampere+ GPUs
@@ -1200,7 +1045,6 @@ def main(argv=None) -> list[dict]:
     torch.backends.cudnn.allow_tf32 = False
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = unique_labels(args.checkpoint, args.label)
     for c in args.checkpoint:
         read_checkpoint_info(c)            # fail before any model is loaded
     print(f"[geometry] device={device} dtype={dtype} "
@@ -1208,16 +1052,23 @@ def main(argv=None) -> list[dict]:
     G_all, T_all, G, T = load_prompt_sets(args)
     # DEVIATION 6: one load in the forward dtype serves both the forwards and W0 (upcast to fp32)
     base_model, tok = loading.load_model(args.base, dtype=dtype, device=device)
-    mods = resolve_module_sets(base_model, args)
+    # module names per measurement; DEVIATION 5: global norms over the decoder's Linear weights only
+    prefix, _ = decoder_layout(base_model)
+    mods = {k: resolve_modules(base_model, getattr(args, f"{k}_modules"))
+            for k in ("weight", "erank", "csd", "act")}
+    mods["norms"] = [] if args.no_global_norms else [
+        n for n, m in base_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
     base_acts = collect_base_activations(args, base_model, tok, G, T, mods)
-    acts_G, acts_T = base_acts["G"], base_acts["T"]
     config = {**vars(args), "device": str(device), "dtype": str(dtype), "labels": labels,
               "modules": {k: v for k, v in mods.items() if k != "norms"},
               "n_global_norm_modules": len(mods["norms"]),
               "prompts": {"general_available": len(G_all), "target_available": len(T_all),
                           "general_sampled": len(G), "target_sampled": len(T),
-                          "general_prompts_used": acts_G["n_prompts"], "general_tokens": base_acts["n_G"],
-                          "target_prompts_used": acts_T["n_prompts"], "target_tokens": base_acts["n_T"]},
+                          "general_prompts_used": base_acts["G"]["n_prompts"],
+                          "general_tokens": base_acts["n_G"],
+                          "target_prompts_used": base_acts["T"]["n_prompts"],
+                          "target_tokens": base_acts["n_T"]},
               "torch": torch.__version__, "argv": sys.argv if argv is None else ["geometry.py", *argv]}
     loading.atomic_write_json(out_dir / "config.json", config)
     metrics_list = []
@@ -1232,63 +1083,56 @@ def main(argv=None) -> list[dict]:
 
 
 def main_correlate(argv) -> list[dict]:
-    p = argparse.ArgumentParser(prog="geometry.py correlate",
-                                description="Correlation table and plots from finished metrics.json files.")
+    """`geometry.py correlate`: summary, correlations and plots again from finished metrics.json
+    files, optionally with other scores (--results/--base-results as in the main command)."""
+    p = argparse.ArgumentParser(prog="geometry.py correlate")
     p.add_argument("--metrics", nargs="+", required=True, help="<out>/<label>/metrics.json files")
     p.add_argument("--results", nargs="+", default=None, metavar="FILE[,FILE]",
-                   help="results.json per metrics file (same order); overrides the stored scores. "
-                   "Target and general suite files of one checkpoint comma-joined: they are merged")
-    p.add_argument("--base-results", default=None, metavar="FILE[,FILE]",
-                   help="results.json of the base model (target and general files comma-joined)")
+                   help="results.json per metrics file (same order); overrides the stored scores")
+    p.add_argument("--base-results", default=None, metavar="FILE[,FILE]", help="the base model's")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.results and len(args.results) != len(args.metrics):
         raise SystemExit(f"--results has {len(args.results)} files for {len(args.metrics)} --metrics")
-    ms = []
-    for i, path in enumerate(args.metrics):
-        m = json.loads(Path(path).read_text())
-        if args.results:
-            m["scores"] = read_scores(args.results[i], args.base_results)
-        ms.append(m)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return finish(ms, out, plots=not args.no_plots)
+    ms = [json.loads(Path(path).read_text()) for path in args.metrics]
+    for m, res in zip(ms, args.results or []):
+        m["scores"] = read_scores(res, args.base_results)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return finish(ms, Path(args.out), plots=not args.no_plots)
 
 
 def main_bench_svd(argv) -> dict:
-    """Time the paper-size weight-space pass: thin SVD of W0 (3584 x 18944 fp32), svdvals, and the
-    whole `weight_space_metrics` (two SVDs + profiles) on a random W0 and a rank-8 dW."""
+    """`geometry.py bench-svd`: time the paper-size weight-space pass (thin SVD of a 3584 x 18944
+    fp32 W0, svdvals, and the whole `weight_space_metrics`) on a random W0 and a rank-8 dW."""
     p = argparse.ArgumentParser(prog="geometry.py bench-svd")
-    p.add_argument("--rows", type=int, default=3584, help="d_out of W0 (Qwen2.5-7B down_proj: 3584)")
-    p.add_argument("--cols", type=int, default=18944, help="d_in of W0 (Qwen2.5-7B down_proj: 18944)")
+    p.add_argument("--rows", type=int, default=3584, help="d_out of W0 (Qwen2.5-7B down_proj)")
+    p.add_argument("--cols", type=int, default=18944, help="d_in of W0 (Qwen2.5-7B down_proj)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     p.add_argument("--out", default=None, help="optional JSON file for the timings")
     args = p.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = loading.pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cpu").manual_seed(0)
     W0 = (torch.randn(args.rows, args.cols, generator=g) / math.sqrt(args.cols)).to(dev)   # (m,n)
     dW = (1e-3 * torch.randn(args.rows, 8, generator=g) @ torch.randn(8, args.cols, generator=g)).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def timed(fn):
-        fn()                                                     # warm-up (cuSOLVER handles, etc.)
+        fn()                                      # warm-up (cuSOLVER handles, etc.)
         ts = []
         for _ in range(args.repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             ts.append(time.perf_counter() - t)
         return {"min_s": round(min(ts), 4), "median_s": round(float(np.median(ts)), 4)}
 
     res = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "shape": [args.rows, args.cols], "dtype": "float32", "torch": torch.__version__,
-           "thin_svd": timed(lambda: thin_svd(W0)),
-           "svdvals": timed(lambda: torch.linalg.svdvals(W0)),
+           "thin_svd": timed(lambda: thin_svd(W0)), "svdvals": timed(lambda: torch.linalg.svdvals(W0)),
            "weight_space_metrics": timed(lambda: weight_space_metrics(W0, dW))}
     if dev.type == "cuda":
         res["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
@@ -1299,10 +1143,9 @@ def main_bench_svd(argv) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "correlate":
-        loading.run_cli("geometry.py", lambda: main_correlate(sys.argv[2:]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "bench-svd":
-        loading.run_cli("geometry.py", lambda: main_bench_svd(sys.argv[2:]))
+    sub = {"correlate": main_correlate, "bench-svd": main_bench_svd}.get((sys.argv + [""])[1])
+    if sub is not None:
+        loading.run_cli("geometry.py", lambda: sub(sys.argv[2:]))
     else:
         loading.run_cli("geometry.py", main, resume_hint="finished checkpoints' metrics.json are kept; "
                         "rerun the same command (geometry.py correlate rebuilds the tables from them)")
