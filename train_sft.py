@@ -207,24 +207,28 @@ def micro_batch_loss(ce_sum: torch.Tensor, n_tokens: int, n_micro: int, *, norm:
     raise ValueError(f"--loss-norm must be 'micro' or 'token', not {norm!r}")
 
 
-def reference_loss_terms(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Plain reference: full logits from model(...), shifted, masked. Returns (Σ CE, N)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits  # (B, T, V)
-    sel = batch["loss_mask"][:, 1:].bool()                             # (B, T-1): targets = ids[:, 1:]
-    return masked_ce_sum(logits[:, :-1][sel], batch["input_ids"][:, 1:][sel])  # (N, V), (N,)
+def fast_loss_terms(model, batch: dict, *, fast: bool = True) -> tuple[torch.Tensor, int]:
+    """(Σ CE over the trained targets, N): targets = input_ids[:, 1:] where loss_mask[:, 1:] is 1.
 
-
-def fast_loss_terms(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Same value as `reference_loss_terms`, but lm_head runs only on the N trained positions
-    (prompt and padding logits are never formed: with V = 152k that is most of the activation memory).
-    Valid for plain `hidden @ W_lm` heads (Qwen2, Llama); `train` falls back to the reference otherwise.
+    fast: lm_head runs only on the N trained positions (prompt and padding logits are never formed:
+    with V = 152k that is most of the activation memory). Valid for plain `hidden @ W_lm` heads
+    (Qwen2, Llama; `supports_fast_loss`). fast=False is the plain reference: full logits, shifted,
+    masked (the same value).
     """
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state  # (B, T, D)
-    sel = batch["loss_mask"][:, 1:].bool()                             # (B, T-1)
-    logits = model.get_output_embeddings()(hidden[:, :-1][sel])        # (N, D) -> (N, V)
-    return masked_ce_sum(logits, batch["input_ids"][:, 1:][sel])
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+              position_ids=batch.get("position_ids"), use_cache=False)
+    sel = batch["loss_mask"][:, 1:].bool()                             # (B, T-1): targets = ids[:, 1:]
+    if fast:
+        hidden = model.model(**kw).last_hidden_state                   # (B, T, D)
+        logits = model.get_output_embeddings()(hidden[:, :-1][sel])    # (N, D) -> (N, V)
+    else:
+        logits = model(**kw).logits[:, :-1][sel]                       # (B, T, V) -> (N, V)
+    return masked_ce_sum(logits, batch["input_ids"][:, 1:][sel])       # (N, V), (N,)
+
+
+def reference_loss_terms(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """The plain reference of `fast_loss_terms`: full logits from model(...)."""
+    return fast_loss_terms(model, batch, fast=False)
 
 
 def supports_fast_loss(model) -> bool:
@@ -243,7 +247,7 @@ class CausalLMLoss(torch.nn.Module):
         self.model, self.fast = model, fast
 
     def forward(self, **batch):
-        return (fast_loss_terms if self.fast else reference_loss_terms)(self.model, batch)
+        return fast_loss_terms(self.model, batch, fast=self.fast)
 
 
 # -----------------------------------------------------------------------------
@@ -363,30 +367,22 @@ def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
 # -----------------------------------------------------------------------------
 # SFT rows (loading.read_records: JSONL / JSON / Parquet; or a hub file) -> (prompt, response) pairs
 
-def _mapped_pair(row: dict, where: str, keys: tuple) -> tuple:
-    """(row[prompt_key], row[response_key]) for --prompt-key/--response-key (dotted = nested)."""
-    got = []
-    for key, flag in zip(keys, ("--prompt-key", "--response-key")):
-        v = loading.get_key(row, key) if isinstance(row, dict) else None
-        if not (isinstance(v, list) and v) and not (isinstance(v, str) and v.strip()):
-            have = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise loading.DataError(f"{where}: {flag} {key!r} is {'empty' if v is not None else 'missing'} "
-                                    f"(row keys: {have}); pass --skip-bad-rows to skip such rows")
-        got.append(v)
-    return got[0], got[1]
-
-
 def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
-    """A row -> (prompt, response); prompt is a string or a list of chat messages.
+    """A row (a dict: loading.read_records checks that) -> (prompt, response); prompt is a string or a
+    list of chat messages.
 
     Layouts: the release parquet {extra_info: {question, answer}} [PA train/train_sft.sh: prompt_key
     extra_info]; {prompt, response}; chat {messages: [..., {role: assistant, content}]} (note b);
-    any other with keys = (prompt_key, response_key), e.g. MetaMathQA's ("query", "response").
+    any other with keys = (prompt_key, response_key) (dotted = nested), e.g. MetaMathQA's ("query",
+    "response").
     """
-    if keys is not None:
-        return _mapped_pair(row, where, keys)
-    if not isinstance(row, dict):
-        raise loading.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if keys is not None:   # --prompt-key / --response-key: each a non-empty string or message list
+        got = [loading.get_key(row, key) for key in keys]
+        for v, key, flag in zip(got, keys, ("--prompt-key", "--response-key")):
+            if not (isinstance(v, list) and v) and not (isinstance(v, str) and v.strip()):
+                raise loading.DataError(f"{where}: {flag} {key!r} is {'empty' if v is not None else 'missing'} "
+                                        f"(row keys: {sorted(row)}); pass --skip-bad-rows to skip such rows")
+        return got[0], got[1]
     extra, msgs = row.get("extra_info"), row.get("messages")
     if isinstance(extra, dict) and "question" in extra:
         prompt, response = extra["question"], extra.get("answer")
@@ -483,7 +479,11 @@ def prepare_examples(cfg: dict, tokenizer, pairs: list[tuple], stats: dict, worl
 
 
 def step_micro_batches(examples: list[dict], step: int, cfg: dict, run, pad_id: int) -> tuple[list[dict], int]:
-    """This rank's micro-batches of optimizer step `step` (collated, on its device) and the epoch."""
+    """This rank's micro-batches of optimizer step `step` (collated, on its device) and the epoch.
+
+    Of the step's G = --global-batch example indices, rank r of W takes the slice [r·G/W, (r+1)·G/W)
+    and cuts it into micro-batches of --micro-batch rows, each a dict of (B, T) tensors.
+    """
     per_rank = cfg["global_batch"] // run.world_size
     idx, epoch = global_batch_indices(len(examples), cfg["global_batch"], step, cfg["seed"])
     mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
@@ -658,7 +658,11 @@ def build_optimizer(model, cfg: dict, run) -> SimpleNamespace:
 
 def record_step(totals: dict, res: dict, mbs: list[dict], *, step: int, epoch: int, lr: float, t0: float,
                 pad_id: int, run) -> dict:
-    """Add one step to the run's totals (they go into trainer_state.json) -> its metrics.jsonl row."""
+    """Add one step to the run's totals (they go into trainer_state.json) -> its metrics.jsonl row.
+
+    tokens counts real tokens (no padding) of the whole global batch, all ranks; the step's time runs
+    from its batch assembly to its finished update (CUDA synchronised), so tokens/s is end to end.
+    """
     n_tok = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else   # real tokens, no padding
                 int((mb["input_ids"] != pad_id).sum()) for mb in mbs)
     if run.world_size > 1:
@@ -808,7 +812,13 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: dict, *, rank: int,
                     world_size: int, fsdp: bool, base_spec: str) -> Path:
-    """Write global_step_<step>/ into a temp dir, then rename it into place (atomic per checkpoint)."""
+    """Write global_step_<step>/ into a temp dir, then rename it into place (atomic per checkpoint).
+
+    Files: the method's tensors (peft_methods.save_adapter; Full FT: every weight + tokenizer files),
+    optimizer.pt (AdamW's state; under FSDP2 one optimizer.rank<r>.pt of shards per rank),
+    trainer_state.pt (RNG streams, AdaLoRA's EMAs), config.json, and trainer_state.json, written
+    last (loading.CKPT_COMPLETE: the marker loading.list_checkpoints looks for).
+    """
     final, tmp = out / f"{CKPT_PREFIX}{step}", out / f".tmp-{CKPT_PREFIX}{step}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
