@@ -247,6 +247,7 @@ class CausalLMLoss(torch.nn.Module):
         self.model, self.fast = model, fast
 
     def forward(self, **batch):
+        """batch: collate's dict of (B, T) tensors -> (Σ CE, N) of its trained targets."""
         return fast_loss_terms(self.model, batch, fast=self.fast)
 
 
@@ -681,6 +682,7 @@ def record_step(totals: dict, res: dict, mbs: list[dict], *, step: int, epoch: i
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far, GiB: CUDA's allocator peak, or the CPU peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     # NOTE (e): CPU has no allocator statistics; report the peak RSS (KiB on Linux).
@@ -700,7 +702,11 @@ def write_run_config(out: Path, cfg_out: dict, start_step: int) -> None:
 
 def write_summary(run, cfg: dict, totals: dict, stats: dict, n_trainable: int) -> dict | None:
     """summary.json in loading.write_summary's schema (train_last = the last step's loss), plus the
-    run's totals and data counts; written by rank 0 (other ranks return None)."""
+    run's totals and data counts; written by rank 0 (other ranks return None).
+
+    arena.py reads steps, n_trainable / trainable_params and last_loss; scripts/gpu_check.py reads
+    first_loss; tests read n_rows, n_bad_rows, n_train_rows, resumed_from and world_size.
+    """
     if not run.is_main:
         return None
     t = totals["train_time_s"]
@@ -768,6 +774,7 @@ def all_reduce_int(n: int, device) -> int:
 
 
 def _barrier(world_size: int) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if world_size > 1:
         torch.distributed.barrier()
 
@@ -787,7 +794,11 @@ def dry_run(cfg: dict) -> dict:
 # complete); train_grpo.py keeps the same layout.
 
 def trainer_state(done: int, totals: dict, stats: dict, cfg: dict) -> dict:
-    """trainer_state.json of the checkpoint after `done` steps (written last: marks it complete)."""
+    """trainer_state.json of the checkpoint after `done` steps (written last: marks it complete).
+
+    The data position (epoch, batch in epoch) is a function of `done` alone (global_batch_indices);
+    the totals continue the run's counters; the fingerprint lets --resume refuse changed data.
+    """
     steps_per_epoch, total_steps, warmup = stats["steps_per_epoch"], stats["total_steps"], stats["warmup_steps"]
     return {"step": done, "epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
             "examples_seen": done * cfg["global_batch"], **totals,
@@ -798,11 +809,13 @@ def trainer_state(done: int, totals: dict, stats: dict, cfg: dict) -> dict:
 
 
 def rng_state() -> dict:
+    """Every random stream a step draws from (dropout masks, AdaLoRA, sampling), for an exact --resume."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back the streams `rng_state` saved (CUDA's only where this process has CUDA)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -954,6 +967,7 @@ FLAGS = {   # group -> [(flag, argparse kwargs, help)]; no default given: None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI from FLAGS, one argument group per table section (arena.py reads its dests)."""
     p = argparse.ArgumentParser(description="SFT with any PEFT method (the PEFT-Arena SFT protocol).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for title, flags in FLAGS.items():
@@ -964,7 +978,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(config=None) -> dict:
-    """argv list / Namespace / dict / None -> the resolved config dict (defaults filled, checked)."""
+    """argv list / Namespace / dict / None -> the resolved config dict (defaults filled, checked).
+
+    A dict may hold any subset of the flags' dests (the rest take their defaults); an unknown key is
+    an error. "derived" (what a run adds to its config.json) is ignored, so a stored config resolves.
+    """
     parser = build_parser()
     if config is None or isinstance(config, (list, tuple)):
         cfg = vars(parser.parse_args(list(config) if config is not None else []))
