@@ -1,16 +1,22 @@
 """train_sft.py — supervised finetuning (SFT) of a causal LM with any PEFT method, in plain PyTorch.
 
-The paper's SFT protocol (PEFT-Arena, arXiv 2605.28819; its recipe is the official release's
-[PA train/train_sft.sh] and SFT trainer [PA fsdp_sft_trainer.py]): chat-template prompt + response +
-EOS, loss on response tokens only, over-long pairs dropped (not truncated), AdamW (0.9, 0.95) with
-weight decay 0.01, 10% linear warmup then cosine to 0, gradient clipping at 1.0 with the step skipped
-on a non-finite norm, gradient accumulation to a global batch of sequences, checkpoints every N
-steps. The saved trajectory (`<out>/global_step_<k>/`) is what rewind.py compares against
-interpolation toward the base. Any model `loading.load_model` loads, any `peft_methods` method
-("full" = Full FT).
+Implements PEFT-Arena's SFT setting (arXiv 2605.28819, §4.1 "SFT"; its recipe is the official
+release's [PA train/train_sft.sh] and SFT trainer [PA fsdp_sft_trainer.py]). The algorithm, as the
+numbered steps of `train`'s loop:
 
-References: "PA <path>" is a file of the official release (github.com/Sphere-AI-Lab/PEFT-Arena at
-e982d19); "PA fsdp_sft_trainer.py" is its `train/peft_arena_verl/trainer/fsdp_sft_trainer.py`.
+    data:   prompt (chat template, generation prompt) + response + EOS; over-long pairs dropped
+    for step k = 0 .. K-1:
+      1. the global batch of step k: a fresh permutation per epoch (DistributedSampler order)
+      2. LR_k = lr · f(k): linear warmup over 10% of the steps, then cosine to 0
+      3. per micro-batch m: L_m = Σ_{t in response} CE(t) / (n_m + 1e-8); backward of mean_m L_m
+         (gradient accumulation); clip the global grad norm at 1.0; AdamW (β 0.9, 0.95, wd 0.01),
+         the step skipped on a non-finite norm
+      4. log the step (loss, LR, grad norm, tokens/s, peak memory)
+      5. every N steps and at the end: checkpoint global_step_<k>/ (what rewind.py reads)
+
+Any model `loading.load_model` loads, any `peft_methods` method ("full" = Full FT).
+"PA <path>" is a file of the official release (github.com/Sphere-AI-Lab/PEFT-Arena at e982d19);
+"PA fsdp_sft_trainer.py" is its `train/peft_arena_verl/trainer/fsdp_sft_trainer.py`.
 
 Run:
     python train_sft.py --model toy --method oft --block-size 16 --task toy-math --out runs/sft-oft-b16
@@ -22,76 +28,57 @@ Run:
 From Python (arena.py):  summary = train_sft.train({"model": "toy", "method": "lora", "task": "toy-math",
                                                    "out": "runs/x"})
 
-Outputs in --out: config.json (resolved config), metrics.jsonl (one line per optimizer step),
-global_step_<k>/ (peft_methods.save_adapter files, or full weights + tokenizer files for Full FT so
-`evaluate.py --model <checkpoint>` takes it; trainer_state.json/.pt, optimizer.pt, config.json) and
-summary.json. Data (--data): the release parquet, {prompt, response} rows, chat {messages}, or other
-keys named with --prompt-key/--response-key; every row is checked before the model loads.
+Outputs in --out (loading.py's run-directory layout): config.json, metrics.jsonl (one line per
+optimizer step), global_step_<k>/ (peft_methods.save_adapter files, or full weights + tokenizer files
+for Full FT so `evaluate.py --model <checkpoint>` takes it; trainer_state.json/.pt, optimizer.pt,
+config.json) and summary.json. Data (--data): the release parquet, {prompt, response} rows, chat
+{messages}, or other keys named with --prompt-key/--response-key; every row is checked before the
+model loads.
 
 Shape legend: B sequences in a micro-batch, T tokens per (padded) sequence, V vocab size, D model
 width, N trained target tokens in a micro-batch (positions where the loss mask is 1).
 
 Deviations that change a number the paper reports (each marked `# DEVIATION (n)` at the line):
-1. Loss mask: every response token including the final EOS is a target and no prompt token is. The
-   release's veRL mask trains the last prompt token and not the final EOS (PA fsdp_sft_trainer.py,
-   off by one); `--loss-mask release` reproduces it.
-2. Precision: on CUDA the frozen base is bf16 (as in the paper) but trainable tensors (adapters,
-   Full-FT weights) and AdamW states are fp32 masters under bf16 autocast; the release trains bf16
-   tensors with no fp32 copy (`--param-dtype bf16` mimics that). CPU runs are fp32.
-3. Full FT default LR 5e-5, from the release's example config (PA configs/train/sft_full_qwen_math.yaml;
-   the paper gives no Full FT SFT LR); PEFT methods 2e-4 as in the paper.
-4. AdaLoRA: its rank allocation and orthogonal regulariser (Zhang et al. 2023) are called; the
-   release never calls them (fixed-rank SVD-form LoRA); `--adalora-release` mimics that.
+1. Loss mask: the whole response incl. the final EOS is trained, no prompt token; the release's
+   veRL mask is off by one (last prompt token, no EOS); `--loss-mask release` reproduces it.
+2. Precision: on CUDA trainable tensors and AdamW states are fp32 masters under bf16 autocast
+   (frozen base bf16); the release trains bf16 tensors (`--param-dtype bf16` mimics it).
+3. Full FT default LR 5e-5 (PA configs/train/sft_full_qwen_math.yaml; the paper gives none).
+4. AdaLoRA's rank allocation and orthogonal regulariser are called; the release never calls them
+   (`--adalora-release` mimics that).
 
 Implementation notes (no reported number changes with them; marked `# NOTE (x)` at the line):
-a. Each micro-batch is right-padded to its own longest row, not to --max-length; no FlashAttention
-   varlen / Liger kernels. A micro-batch over --micro-batch-tokens (default 16k, the per-GPU token
-   budget of the release's RL recipe) runs as row chunks with the same loss and gradient. Gradient
-   checkpointing (the release's) is on for real models, off for the toy.
+a. Micro-batches are right-padded to their own longest row; one over --micro-batch-tokens runs as
+   row chunks with the same loss and gradient. Gradient checkpointing on for real models only.
 b. `messages` rows: only the final assistant turn is trained (earlier turns are prompt).
-c. Optional `--pack` (the paper does not pack): rows of at most --max-length tokens whose position
-   ids restart per example, so packed examples do not attend to each other.
+c. Optional `--pack` (not in the paper): position ids restart per example, no cross-attention.
 d. Only the newest checkpoint keeps optimizer.pt (`--keep-optimizer all` keeps every one).
 e. CPU peak memory is the process's peak resident set size (ru_maxrss).
-f. Multi-GPU: PEFT methods run under DDP (frozen base replicated), Full FT under FSDP2 `fully_shard`
-   (the release shards every method). Each rank's dropout stream is seeded seed + rank.
+f. Multi-GPU: PEFT methods under DDP, Full FT under FSDP2 `fully_shard` (the release shards every
+   method). Each rank's dropout stream is seeded seed + rank.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import random
-import re
-import resource
-import shutil
-import sys
-import time
+import argparse, contextlib, hashlib, json, math, os, random, re, resource, shutil, sys, time  # noqa: E401
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 
-import loading
-import peft_methods
-import toy_world
+import loading, peft_methods, toy_world  # noqa: E401
 
 PEFT_DEFAULT_LR = 2e-4     # [PA run.py resolve_train_lr] every PEFT method, SFT
 FULL_FT_DEFAULT_LR = 5e-5  # DEVIATION (3): [PA configs/train/sft_full_qwen_math.yaml]
 MASK_EPS = 1e-8            # [PA fsdp_sft_trainer.py] loss = Σ masked CE / (n_mask + 1e-8)
-CKPT_PREFIX = "global_step_"
+CKPT_PREFIX = loading.CKPT_PREFIX
 TOY_TASKS = {"toy-math": "math", "toy-med": "med"}
 # flags that may change between a run and its --resume without changing the trajectory
 RESUME_FREE_KEYS = {"resume", "overwrite", "out", "no_progress", "save_every_steps", "keep_optimizer"}
+OWNED_FILES = ("config.json", "metrics.jsonl", "summary.json")   # what --overwrite deletes
 
 
 # -----------------------------------------------------------------------------
@@ -116,39 +103,29 @@ def build_loss_mask(n_prompt: int, n_total: int, mode: str = "correct") -> list[
     raise ValueError(f"--loss-mask must be 'correct' or 'release', not {mode!r}")
 
 
-def _prompt_messages(prompt) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def encode_example(tokenizer, prompt, response: str, *, loss_mask: str = "correct") -> dict:
-    """One (prompt, response) pair -> {input_ids, loss_mask, n_prompt} (plain lists, length L).
+def encode_examples(tokenizer, pairs: list[tuple], *, loss_mask: str = "correct") -> list[dict]:
+    """(prompt, response) pairs -> [{input_ids, loss_mask, n_prompt}] (plain lists, length L each).
 
     [PA sft_dataset.py] prompt = chat template of the user turn(s) with the generation prompt;
     response = answer + eos_token; both tokenised separately with add_special_tokens=False and
-    concatenated (separately, so no BPE merge crosses the prompt/response boundary).
+    concatenated (separately, so no BPE merge crosses the prompt/response boundary). One batched
+    fast-tokenizer call per side.
     """
-    prompt_text = loading.render_chat(tokenizer, _prompt_messages(prompt), add_generation_prompt=True)
-    p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    ids = p_ids + r_ids
-    return {"input_ids": ids, "loss_mask": build_loss_mask(len(p_ids), len(ids), loss_mask),
-            "n_prompt": len(p_ids)}
-
-
-def encode_examples(tokenizer, pairs: list[tuple], *, loss_mask: str = "correct") -> list[dict]:
-    """Batched `encode_example` (one fast-tokenizer call per side); same output, test-checked."""
     if not pairs:
         return []
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; SFT appends it "
-                         "to every response")
-    prompts = [loading.render_chat(tokenizer, _prompt_messages(p), add_generation_prompt=True)
-               for p, _ in pairs]
-    responses = [r + tokenizer.eos_token for _, r in pairs]
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; SFT appends it to every response")
+    as_chat = lambda p: [{"role": "user", "content": p}] if isinstance(p, str) else list(p)  # noqa: E731
+    prompts = [loading.render_chat(tokenizer, as_chat(p), add_generation_prompt=True) for p, _ in pairs]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer([r + tokenizer.eos_token for _, r in pairs], add_special_tokens=False)["input_ids"]
     return [{"input_ids": p + r, "loss_mask": build_loss_mask(len(p), len(p) + len(r), loss_mask),
              "n_prompt": len(p)} for p, r in zip(p_ids, r_ids)]
+
+
+def encode_example(tokenizer, prompt, response: str, *, loss_mask: str = "correct") -> dict:
+    """One (prompt, response) pair -> {input_ids, loss_mask, n_prompt} (see `encode_examples`)."""
+    return encode_examples(tokenizer, [(prompt, response)], loss_mask=loss_mask)[0]
 
 
 def drop_overlong(examples: list[dict], max_length: int) -> tuple[list[dict], int]:
@@ -176,9 +153,7 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
         cur["loss_mask"] += [0] + ex["loss_mask"][1:]
         cur["position_ids"] += list(range(n))
         cur["n_docs"] += 1
-    if cur is not None:
-        rows.append(cur)
-    return rows
+    return rows + ([cur] if cur is not None else [])
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -188,8 +163,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     own trailing segment with loss mask 0, so it never touches a real token).
     """
     # NOTE (a): pad to the micro-batch's longest row, not to --max-length as veRL does (same loss).
-    T = max(len(ex["input_ids"]) for ex in examples)
-    B = len(examples)
+    B, T = len(examples), max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)        # (B, T)
     loss_mask = torch.zeros((B, T), dtype=torch.long)                # (B, T)
     packed = "position_ids" in examples[0]
@@ -203,9 +177,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             extra[i, n:] = torch.arange(T - n)
         else:
             extra[i, :n] = 1
-    batch = {"input_ids": input_ids, "loss_mask": loss_mask}
-    batch["position_ids" if packed else "attention_mask"] = extra
-    return batch
+    return {"input_ids": input_ids, "loss_mask": loss_mask, ("position_ids" if packed else "attention_mask"): extra}
 
 
 # -----------------------------------------------------------------------------
@@ -217,8 +189,8 @@ def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return ce, targets.numel()
 
 
-def micro_batch_loss(ce_sum: torch.Tensor, n_tokens: int, n_micro: int, *, norm: str = "micro",
-                     n_tokens_global: int | None = None, world_size: int = 1) -> torch.Tensor:
+def micro_batch_loss(ce_sum: torch.Tensor, n_tokens: int, n_micro: int, *, norm: str = "micro", n_tokens_global=None,
+                     world_size: int = 1) -> torch.Tensor:
     """The quantity whose gradient is accumulated for one micro-batch.
 
     micro (default, the paper): per micro-batch Σ CE / (n_mask + 1e-8), averaged over the
@@ -235,34 +207,38 @@ def micro_batch_loss(ce_sum: torch.Tensor, n_tokens: int, n_micro: int, *, norm:
     raise ValueError(f"--loss-norm must be 'micro' or 'token', not {norm!r}")
 
 
-def reference_loss_terms(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Plain reference: full logits from model(...), shifted, masked. Returns (Σ CE, N)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits  # (B, T, V)
-    sel = batch["loss_mask"][:, 1:].bool()                             # (B, T-1): targets = ids[:, 1:]
-    return masked_ce_sum(logits[:, :-1][sel], batch["input_ids"][:, 1:][sel])  # (N, V), (N,)
+def fast_loss_terms(model, batch: dict, *, fast: bool = True) -> tuple[torch.Tensor, int]:
+    """(Σ CE over the trained targets, N): targets = input_ids[:, 1:] where loss_mask[:, 1:] is 1.
 
-
-def fast_loss_terms(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Same value as `reference_loss_terms`, but lm_head runs only on the N trained positions
-    (prompt and padding logits are never formed: with V = 152k that is most of the activation memory).
-    Valid for plain `hidden @ W_lm` heads (Qwen2, Llama); `train` falls back to the reference otherwise.
+    fast: lm_head runs only on the N trained positions (prompt and padding logits are never formed:
+    with V = 152k that is most of the activation memory). Valid for plain `hidden @ W_lm` heads
+    (Qwen2, Llama; `supports_fast_loss`). fast=False is the plain reference: full logits, shifted,
+    masked (the same value).
     """
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state  # (B, T, D)
-    sel = batch["loss_mask"][:, 1:].bool()                             # (B, T-1)
-    logits = model.get_output_embeddings()(hidden[:, :-1][sel])        # (N, D) -> (N, V)
-    return masked_ce_sum(logits, batch["input_ids"][:, 1:][sel])
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+              position_ids=batch.get("position_ids"), use_cache=False)
+    sel = batch["loss_mask"][:, 1:].bool()                             # (B, T-1): targets = ids[:, 1:]
+    if fast:
+        hidden = model.model(**kw).last_hidden_state                   # (B, T, D)
+        logits = model.get_output_embeddings()(hidden[:, :-1][sel])    # (N, D) -> (N, V)
+    else:
+        logits = model(**kw).logits[:, :-1][sel]                       # (B, T, V) -> (N, V)
+    return masked_ce_sum(logits, batch["input_ids"][:, 1:][sel])       # (N, V), (N,)
+
+
+def reference_loss_terms(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """The plain reference of `fast_loss_terms`: full logits from model(...)."""
+    return fast_loss_terms(model, batch, fast=False)
 
 
 def supports_fast_loss(model) -> bool:
+    """A plain `hidden @ W_lm` head: no logit soft-capping or scaling (Gemma, Cohere, Granite)."""
     cfg = model.config
     return (hasattr(model, "model") and model.get_output_embeddings() is not None
-            and getattr(cfg, "final_logit_softcapping", None) is None
-            and getattr(cfg, "logit_scale", None) is None and getattr(cfg, "logits_scaling", None) is None)
+            and all(getattr(cfg, k, None) is None for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
 
 
-class CausalLMLoss(nn.Module):
+class CausalLMLoss(torch.nn.Module):
     """forward(**batch) -> (Σ masked CE, N). A module rather than a function only because DDP and
     FSDP2 must see the forward call to synchronise gradients / gather parameters."""
 
@@ -271,11 +247,12 @@ class CausalLMLoss(nn.Module):
         self.model, self.fast = model, fast
 
     def forward(self, **batch):
-        return (fast_loss_terms if self.fast else reference_loss_terms)(self.model, batch)
+        """batch: collate's dict of (B, T) tensors -> (Σ CE, N) of its trained targets."""
+        return fast_loss_terms(self.model, batch, fast=self.fast)
 
 
 # -----------------------------------------------------------------------------
-# Schedule, optimiser, data order [PA fsdp_sft_trainer.py]
+# Schedule and data order [PA fsdp_sft_trainer.py]
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float = 0.1) -> int:
     """warmup = int(0.1 · total)."""
@@ -295,16 +272,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
-def make_param_groups(model, weight_decay: float, decay_1d: bool = True) -> list[dict]:
-    """One group with weight decay on every trainable tensor (adapters included, as the release);
-    decay_1d=False moves 1-D tensors (biases, norms, IA3/VeRA/DoRA vectors) to a wd=0 group."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if decay_1d:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> tuple[list[int], int]:
     """Example indices of optimizer step `step` (0-based) and its epoch.
 
@@ -315,60 +282,27 @@ def global_batch_indices(n_examples: int, global_batch: int, step: int, seed: in
     batches of G/W puts the same SET of examples into step k as perm[kG:(k+1)G]; only their split
     into micro-batches differs (which matters only to the per-micro-batch mean).
     """
-    steps_per_epoch = n_examples // global_batch
-    epoch, k = divmod(step, steps_per_epoch)
+    epoch, k = divmod(step, n_examples // global_batch)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))  # (N,)
     return perm[k * global_batch:(k + 1) * global_batch].tolist(), epoch
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step. The plain path: one micro-batch's loss and backward, then the update. Then
-# the step as trained: accumulation over micro-batches, each split to a token budget (speed-up).
+# One optimizer step: accumulation over micro-batches, each split to a token budget (a speed-up
+# with the same loss and gradient), then clip and AdamW.
 
-def micro_batch_backward(loss_module, mb: dict, n_targets: int, n_micro: int, *, loss_norm: str = "micro",
-                         n_global: int = 0, world_size: int = 1, autocast=contextlib.nullcontext,
-                         extra_loss=None) -> torch.Tensor:
-    """Forward, loss and backward of one micro-batch (or one row chunk of it); returns Σ CE, detached.
-
-    n_targets is the whole micro-batch's target count, so a chunk's gradient is its share of the
-    micro-batch's. extra_loss (AdaLoRA's orthogonal regulariser) is averaged like the CE."""
-    with autocast():
-        ce_sum, _ = loss_module(**mb)
-    loss = micro_batch_loss(ce_sum, n_targets, n_micro, norm=loss_norm, n_tokens_global=n_global,
-                            world_size=world_size)
-    if extra_loss is not None:
-        loss = loss + extra_loss() / n_micro
-    loss.backward()
-    return ce_sum.detach()
-
-
-def clip_and_step(optimizer, params: list, max_grad_norm: float, post_step=None) -> tuple[float, bool]:
-    """Clip the global L2 grad norm, take the AdamW step unless the norm is non-finite (then the
-    step is skipped [PA fsdp_sft_trainer.py]), zero the grads -> (grad_norm, skipped)."""
-    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if hasattr(grad_norm, "full_tensor"):   # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = float(grad_norm)
-    skipped = not math.isfinite(grad_norm)
-    if not skipped:
-        optimizer.step()
-        if post_step is not None:   # AdaLoRA's rank allocation reads the gradients: before zero_grad
-            post_step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
-
-
-def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: list, *, lr: float,
-                   max_grad_norm: float, loss_norm: str = "micro", world_size: int = 1,
-                   autocast=contextlib.nullcontext, no_sync=None, extra_loss=None, post_step=None,
-                   max_tokens: int = 0) -> dict:
+def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: list, *, lr: float, max_grad_norm: float,
+                   loss_norm: str = "micro", world_size: int = 1, autocast=contextlib.nullcontext, no_sync=None,
+                   extra_loss=None, post_step=None, max_tokens: int = 0) -> dict:
     """Accumulate gradients over `micro_batches`, clip, and take one AdamW step.
 
-    max_tokens > 0: a micro-batch over the token budget runs as row chunks (`split_by_tokens`) with
-    the loss and gradient of the unsplit micro-batch. no_sync (DDP/FSDP2) defers the gradient
-    all-reduce to the last backward. Returns {loss, grad_norm, skipped, n_targets}; loss is the
-    global-batch loss (all ranks); a non-finite loss is the caller's to report.
+    max_tokens > 0: a micro-batch over the token budget runs as row chunks (`split_by_tokens`); a
+    chunk is normalised by its whole micro-batch's target count, so its gradient is its share of the
+    micro-batch's. no_sync (DDP/FSDP2) defers the gradient all-reduce to the last backward.
+    extra_loss (AdaLoRA's orthogonal regulariser) is averaged like the CE; post_step (AdaLoRA's rank
+    allocation) reads the gradients after the step. A non-finite grad norm skips the step [PA
+    fsdp_sft_trainer.py]. Returns {loss, grad_norm, skipped, n_targets}; loss is the global-batch
+    loss (all ranks); a non-finite loss is the caller's to report.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -385,15 +319,27 @@ def optimizer_step(loss_module, micro_batches: list[dict], optimizer, params: li
         for j, part in enumerate(parts):                 # each backward adds into .grad
             last = i == n_micro - 1 and j == len(parts) - 1
             with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
-                ce_sum = micro_batch_backward(loss_module, part, n, n_micro, loss_norm=loss_norm,
-                                              n_global=n_global, world_size=world_size, autocast=autocast,
-                                              extra_loss=extra_loss if j == 0 else None)
+                with autocast():
+                    ce_sum, _ = loss_module(**part)
+                loss = micro_batch_loss(ce_sum, n, n_micro, norm=loss_norm, n_tokens_global=n_global, world_size=world_size)
+                if extra_loss is not None and j == 0:
+                    loss = loss + extra_loss() / n_micro
+                loss.backward()
+                ce_sum = ce_sum.detach()
             log_sum += ce_sum / (n + MASK_EPS) / n_micro if loss_norm == "micro" else ce_sum / max(n_global, 1)
     if world_size > 1:   # the loss of every rank's share: a mean of means (micro), a sum (token)
         torch.distributed.all_reduce(log_sum)
         if loss_norm == "micro":
             log_sum /= world_size
-    grad_norm, skipped = clip_and_step(optimizer, params, max_grad_norm, post_step)
+    # clip the global L2 grad norm; the AdamW step unless it is non-finite; zero the grads
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2: DTensor
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+        if post_step is not None:   # AdaLoRA's rank allocation reads the gradients: before zero_grad
+            post_step()
+    optimizer.zero_grad(set_to_none=True)
     return {"loss": float(log_sum), "grad_norm": grad_norm, "skipped": skipped, "n_targets": n_global}
 
 
@@ -420,81 +366,28 @@ def split_by_tokens(mb: dict, max_tokens: int) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# Reading SFT rows (JSONL / JSON / Parquet / hub) -> (prompt, response) pairs
-
-def read_rows(path, *, skip_bad_rows: bool = False) -> tuple[list[tuple[dict, str]], int]:
-    """-> ([(row, where)], n_bad). `where` ("file:line" / "file: row i") names the row in errors."""
-    path = Path(path)
-    if not path.exists():
-        raise loading.DataFileNotFound(f"--data {path}: data file not found")
-    if path.is_dir() or path.stat().st_size == 0:
-        raise loading.DataError(f"--data {path}: data file is {'a directory' if path.is_dir() else 'empty'}")
-    rows, bad = [], 0
-    if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
-        rows = [(r, f"{path}: row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
-    else:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (MetaMathQA-395K.json)
-            try:
-                items = json.loads(text)
-            except ValueError as e:
-                raise loading.DataError(f"{path}: not valid JSON ({e})") from None
-            rows = [(r, f"{path}: item {i}") for i, r in enumerate(items)]
-        else:
-            rows, bad = _jsonl_rows(text, path, skip_bad_rows)
-    if not rows:
-        raise loading.DataError(f"--data {path}: holds no usable rows ({bad} malformed)")
-    return rows, bad
-
-
-def _jsonl_rows(text: str, path: Path, skip_bad_rows: bool) -> tuple[list[tuple[dict, str]], int]:
-    rows, bad = [], 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            if skip_bad_rows:
-                bad += 1
-                continue
-            raise loading.DataError(f"{path}:{lineno}: malformed JSONL line ({e}); fix it or pass "
-                                    "--skip-bad-rows to skip and count such lines") from None
-        rows.append((row, f"{path}:{lineno}"))
-    return rows, bad
-
-
-def _mapped_pair(row: dict, where: str, keys: tuple) -> tuple:
-    """(row[prompt_key], row[response_key]) for --prompt-key/--response-key (dotted = nested)."""
-    got = []
-    for key, flag in zip(keys, ("--prompt-key", "--response-key")):
-        v = loading.get_key(row, key) if isinstance(row, dict) else None
-        if not (isinstance(v, list) and v) and not (isinstance(v, str) and v.strip()):
-            have = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise loading.DataError(f"{where}: {flag} {key!r} is {'empty' if v is not None else 'missing'} "
-                                    f"(row keys: {have}); pass --skip-bad-rows to skip such rows")
-        got.append(v)
-    return got[0], got[1]
-
+# SFT rows (loading.read_records: JSONL / JSON / Parquet; or a hub file) -> (prompt, response) pairs
 
 def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
-    """A row -> (prompt, response); prompt is a string or a list of chat messages.
+    """A row (a dict: loading.read_records checks that) -> (prompt, response); prompt is a string or a
+    list of chat messages.
 
     Layouts: the release parquet {extra_info: {question, answer}} [PA train/train_sft.sh: prompt_key
     extra_info]; {prompt, response}; chat {messages: [..., {role: assistant, content}]} (note b);
-    any other with keys = (prompt_key, response_key), e.g. MetaMathQA's ("query", "response").
+    any other with keys = (prompt_key, response_key) (dotted = nested), e.g. MetaMathQA's ("query",
+    "response").
     """
-    if keys is not None:
-        return _mapped_pair(row, where, keys)
-    if not isinstance(row, dict):
-        raise loading.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    extra = row.get("extra_info")
+    if keys is not None:   # --prompt-key / --response-key: each a non-empty string or message list
+        got = [loading.get_key(row, key) for key in keys]
+        for v, key, flag in zip(got, keys, ("--prompt-key", "--response-key")):
+            if not (isinstance(v, list) and v) and not (isinstance(v, str) and v.strip()):
+                raise loading.DataError(f"{where}: {flag} {key!r} is {'empty' if v is not None else 'missing'} "
+                                        f"(row keys: {sorted(row)}); pass --skip-bad-rows to skip such rows")
+        return got[0], got[1]
+    extra, msgs = row.get("extra_info"), row.get("messages")
     if isinstance(extra, dict) and "question" in extra:
         prompt, response = extra["question"], extra.get("answer")
     elif "messages" in row:
-        msgs = row["messages"]
         if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) and "role" in m
                                                                    and "content" in m for m in msgs)
                 and msgs[-1]["role"] == "assistant"):
@@ -515,14 +408,12 @@ def row_to_pair(row: dict, where: str, keys: tuple | None = None) -> tuple:
 
 
 def fetch_hub_file(repo_id: str, filename: str | None) -> Path:
-    """Download one file of a hub dataset (only outside tests; needs network or a filled cache)."""
+    """Download one file of a hub dataset (the local cache first, then one quick probe of the hub)."""
     if not filename:
         raise ValueError(f"--data {repo_id} looks like a hub dataset id: also pass --hub-file, the file "
                          "inside it (e.g. --hub-file openr1-50k/train.parquet)")
-    try:   # the local cache first: no network, no retries
+    with contextlib.suppress(Exception):   # cached: no network, no retries
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached: one quick probe, then the download
-        pass
     try:
         loading.probe_hub(repo_id, filename, repo_type="dataset", what="dataset")
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
@@ -533,7 +424,7 @@ def fetch_hub_file(repo_id: str, filename: str | None) -> Path:
 
 
 def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
-    """The configured SFT set -> ([(prompt, response)], stats)."""
+    """The configured SFT set -> ([(prompt, response)], stats); files keep the first --n-train rows."""
     if cfg["task"]:
         rows = toy_world.make_sft_rows(TOY_TASKS[cfg["task"]], cfg["n_train"], seed=cfg["data_seed"])
         rows, bad = [(r, f"{cfg['task']} row {i}") for i, r in enumerate(rows)], 0
@@ -541,8 +432,8 @@ def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
         path = Path(cfg["data"])
         looks_hub = (not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", cfg["data"]) is not None
                      and path.suffix not in (".jsonl", ".json", ".parquet"))
-        rows, bad = read_rows(fetch_hub_file(cfg["data"], cfg["hub_file"]) if looks_hub else path,
-                              skip_bad_rows=cfg["skip_bad_rows"])
+        rows, bad = loading.read_records(fetch_hub_file(cfg["data"], cfg["hub_file"]) if looks_hub else path,
+                                         skip_bad_rows=cfg["skip_bad_rows"])
     pk, rk = cfg.get("prompt_key"), cfg.get("response_key")   # either one given: the other defaults
     keys = None if pk is None and rk is None else (pk or "prompt", rk or "response")
     pairs = []
@@ -553,8 +444,7 @@ def load_pairs(cfg: dict) -> tuple[list[tuple], dict]:
             if not cfg["skip_bad_rows"]:
                 raise
             bad += 1
-    if cfg["n_train"] > 0:
-        pairs = pairs[:cfg["n_train"]]   # files: the first n rows in file order
+    pairs = pairs[:cfg["n_train"]] if cfg["n_train"] > 0 else pairs
     if not pairs:
         raise loading.DataError(f"no usable rows in {cfg['data'] or cfg['task']} ({bad} bad rows skipped)")
     return pairs, {"n_rows": len(pairs), "n_bad_rows": bad}
@@ -576,28 +466,25 @@ def prepare_examples(cfg: dict, tokenizer, pairs: list[tuple], stats: dict, worl
     if n_ex < G:
         raise ValueError(f"{n_ex} training {'rows' if cfg['pack'] else 'examples'} < --global-batch {G}: "
                          "not even one optimizer step; lower --global-batch or add data")
-    steps_per_epoch = n_ex // G
-    total_steps = cfg["epochs"] * steps_per_epoch
-    if cfg["max_steps"] > 0:
-        total_steps = min(total_steps, cfg["max_steps"])
-    stats.update(n_examples_encoded=len(lengths), n_dropped_too_long=n_dropped, n_train_rows=n_ex,
-                 steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                 warmup_steps=warmup_steps_for(total_steps, cfg["warmup_ratio"]),
-                 world_size=world_size, data_fingerprint=data_fingerprint(examples))
-    return examples
-
-
-def data_fingerprint(examples: list[dict]) -> str:
-    """Cheap hash of the encoded set (lengths, masks, token sums) to detect changed data on resume."""
+    total_steps = cfg["epochs"] * (n_ex // G)
+    total_steps = min(total_steps, cfg["max_steps"]) if cfg["max_steps"] > 0 else total_steps
+    # a cheap hash of the encoded set (lengths, masks, token sums): --resume refuses changed data
     h = hashlib.sha1()
     for ex in examples:
         h.update(f"{len(ex['input_ids'])},{sum(ex['input_ids'])},{sum(ex['loss_mask'])};".encode())
-    return h.hexdigest()
+    stats.update(n_examples_encoded=len(lengths), n_dropped_too_long=n_dropped, n_train_rows=n_ex,
+                 steps_per_epoch=n_ex // G, total_steps=total_steps,
+                 warmup_steps=warmup_steps_for(total_steps, cfg["warmup_ratio"]),
+                 world_size=world_size, data_fingerprint=h.hexdigest())
+    return examples
 
 
-def step_micro_batches(examples: list[dict], step: int, cfg: dict, run: Run,
-                       pad_id: int) -> tuple[list[dict], int]:
-    """This rank's micro-batches of optimizer step `step` (collated, on its device) and the epoch."""
+def step_micro_batches(examples: list[dict], step: int, cfg: dict, run, pad_id: int) -> tuple[list[dict], int]:
+    """This rank's micro-batches of optimizer step `step` (collated, on its device) and the epoch.
+
+    Of the step's G = --global-batch example indices, rank r of W takes the slice [r·G/W, (r+1)·G/W)
+    and cuts it into micro-batches of --micro-batch rows, each a dict of (B, T) tensors.
+    """
     per_rank = cfg["global_batch"] // run.world_size
     idx, epoch = global_batch_indices(len(examples), cfg["global_batch"], step, cfg["seed"])
     mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
@@ -607,10 +494,11 @@ def step_micro_batches(examples: list[dict], step: int, cfg: dict, run: Run,
 
 
 # -----------------------------------------------------------------------------
-# The training routine: set-up, then the loop
+# The training routine: set-up, then the loop (the numbered steps of the module docstring)
 
-def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None) -> dict:
-    """Run (or resume) one SFT run and return its summary dict (also written to <out>/summary.json).
+def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None) -> dict | None:
+    """Run (or resume) one SFT run and return its summary dict (also written to <out>/summary.json;
+    None on ranks other than 0).
 
     config: argv list, argparse.Namespace or dict of flag names (dashes -> underscores).
     model, tokenizer: an already loaded base model (not yet wrapped) to train instead of loading
@@ -635,17 +523,18 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
         hooks["after_setup"](model)
     opt = build_optimizer(model, cfg, run)      # loss module (DDP/FSDP2), AdamW, autocast, AdaLoRA hooks
     state = restore_state(run, model, opt, stats["data_fingerprint"], total_steps)   # {} unless --resume
+    start = state.get("step", 0)
     cfg_out = dict(cfg, derived=dict(stats, n_trainable=n_trainable, method_hparams=hp))
     if run.is_main:
-        write_run_config(run.out, cfg_out, state.get("step", 0))
+        write_run_config(run.out, cfg_out, start)
     save_every = steps_per_epoch if cfg["save_every_steps"] < 0 else cfg["save_every_steps"]
     totals = {k: state.get(k, v) for k, v in (("tokens_seen", 0), ("n_skipped_steps", 0), ("train_time_s", 0.0),
                                               ("first_loss", None), ("last_loss", None))}
     last_ckpt = run.resume_from
     metrics = open(run.out / "metrics.jsonl", "a", encoding="utf-8") if run.is_main else contextlib.nullcontext()
-    with metrics as log, tqdm(total=total_steps, initial=state.get("step", 0), desc=f"sft {cfg['method']}",
+    with metrics as log, tqdm(total=total_steps, initial=start, desc=f"sft {cfg['method']}",
                               disable=not run.is_main or cfg["no_progress"], dynamic_ncols=True) as bar:
-        for step in range(state.get("step", 0), total_steps):
+        for step in range(start, total_steps):
             t0 = time.perf_counter()
             # 1. the step's global batch (a fresh permutation per epoch), this rank's micro-batches
             mbs, epoch = batches_for(step)
@@ -682,48 +571,33 @@ def train(config=None, *, model=None, tokenizer=None, hooks: dict | None = None)
     return write_summary(run, cfg, totals, stats, n_trainable)
 
 
-@dataclasses.dataclass
-class Run:
-    """Where this process trains: its rank of world_size, its device, the run directory, and the
-    checkpoint --resume continues from (None: a fresh start)."""
-    rank: int
-    world_size: int
-    device: torch.device
-    out: Path
-    resume_from: Path | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_run(cfg: dict) -> Run:
+def start_run(cfg: dict) -> SimpleNamespace:
     """Processes (torchrun or one), the run directory (refused if occupied, unless --resume or
-    --overwrite) and the global seed."""
-    if cfg["method"] not in peft_methods.METHODS:
-        raise ValueError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}")
+    --overwrite: loading.prepare_run_dir) and the global seed -> the run: rank, world_size,
+    device, out, resume_from (the checkpoint --resume continues from, None: a fresh start)."""
     rank, world_size, device = init_distributed(cfg)
     if cfg["global_batch"] % (cfg["micro_batch"] * world_size):
         raise ValueError(f"--global-batch {cfg['global_batch']} must be a multiple of --micro-batch "
                          f"{cfg['micro_batch']} × world size {world_size}")
     out = Path(cfg["out"])
-    resume_from = prepare_out_dir(out, cfg, rank == 0)
+    resume_from = loading.prepare_run_dir(out, cfg, script="train_sft", free_keys=RESUME_FREE_KEYS,
+                                          owned_files=OWNED_FILES, new_keys_only=True, is_main=rank == 0)
     _barrier(world_size)
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
-    return Run(rank, world_size, device, out, resume_from)
+    return SimpleNamespace(rank=rank, world_size=world_size, device=device, out=out, resume_from=resume_from,
+                           is_main=rank == 0)
 
 
-def load_base_model(cfg: dict, run: Run, model=None, tokenizer=None):
+def load_base_model(cfg: dict, run, model=None, tokenizer=None):
     """The base model and tokenizer on run.device (loaded from cfg["model"] unless given)."""
     # DEVIATION (2): fp32 trainable masters unless --param-dtype bf16. auto: the frozen base loads in
     # bf16 on CUDA (its adapters are made fp32 in attach_method); Full FT and CPU runs load fp32.
     fp32 = cfg["param_dtype"] != "bf16" and (cfg["param_dtype"] == "fp32" or cfg["method"] == "full"
                                             or run.device.type != "cuda")
-    dtype = torch.float32 if fp32 else torch.bfloat16
     if model is None:
-        model, tokenizer = loading.load_model(cfg["model"], dtype=dtype, device=run.device,
-                                              trust_remote_code=cfg["trust_remote_code"])
+        model, tokenizer = loading.load_model(cfg["model"], dtype=torch.float32 if fp32 else torch.bfloat16,
+                                              device=run.device, trust_remote_code=cfg["trust_remote_code"])
     elif tokenizer is None:
         raise ValueError("train(model=...) also needs tokenizer=...")
     model.to(run.device)
@@ -733,12 +607,11 @@ def load_base_model(cfg: dict, run: Run, model=None, tokenizer=None):
     return model, tokenizer
 
 
-def attach_method(model, cfg: dict, run: Run, total_steps: int, batches_for) -> dict:
+def attach_method(model, cfg: dict, run, total_steps: int, batches_for) -> dict:
     """Wrap the base with cfg's method: fresh, or re-applied and loaded from the checkpoint on
     --resume. Returns the method's hyperparameters (make_config kwargs)."""
     targets = tuple(cfg["target_modules"].split(",")) if cfg["target_modules"] else peft_methods.DEFAULT_TARGETS
     hp = peft_methods.hparams_from_flags(cfg["method"], cfg, cfg["hp"], total_steps)
-    adapter_dtype = torch.bfloat16 if cfg["param_dtype"] == "bf16" else torch.float32
     if run.resume_from is not None:
         peft_methods.load_adapter(model, run.resume_from)
     else:
@@ -750,7 +623,8 @@ def attach_method(model, cfg: dict, run: Run, total_steps: int, batches_for) -> 
             init_batch = {k: v for k, v in mb.items() if k != "loss_mask"}
             init_batch["labels"] = torch.where(mb["loss_mask"].bool(), mb["input_ids"], -100)
         peft_methods.apply_peft(model, cfg["method"], peft_methods.make_config(cfg["method"], **hp),
-                                target_modules=targets, adapter_dtype=adapter_dtype, init_batch=init_batch)
+                                target_modules=targets, init_batch=init_batch,
+                                adapter_dtype=torch.bfloat16 if cfg["param_dtype"] == "bf16" else torch.float32)
     model.to(run.device)
     if cfg["grad_checkpointing"]:   # speed-up (memory): same gradients, test-checked
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -761,19 +635,20 @@ def attach_method(model, cfg: dict, run: Run, total_steps: int, batches_for) -> 
     return hp
 
 
-def build_optimizer(model, cfg: dict, run: Run) -> SimpleNamespace:
-    """The loss module (wrapped in DDP or FSDP2 under torchrun), AdamW over the trainable tensors,
-    the autocast context, and AdaLoRA's hooks (None unless used)."""
+def build_optimizer(model, cfg: dict, run) -> SimpleNamespace:
+    """The loss module (wrapped in DDP or FSDP2 under torchrun), AdamW over the trainable tensors
+    (one group, weight decay on every one, adapters included, as the release), the autocast
+    context, and AdaLoRA's hooks (None unless used)."""
     # DEVIATION (4): AdaLoRA's regulariser and rank allocation are called (the release never does).
     ada = cfg["method"] == "adalora" and not cfg["adalora_release"]
     full = cfg["method"] == "full"
-    loss_module = CausalLMLoss(model, fast=cfg["loss_impl"] == "fast" and supports_fast_loss(model))
+    loss_module = CausalLMLoss(model, fast=supports_fast_loss(model))
     use_fsdp = cfg["fsdp"] == "on" or (cfg["fsdp"] == "auto" and full and run.device.type == "cuda")
     if use_fsdp and not full and run.world_size > 1:   # NOTE (f): PEFT methods use DDP
         raise ValueError("--fsdp on is for --method full (PEFT methods use DDP: the frozen base is replicated)")
     runner, no_sync, fsdp = wrap_parallel(model, loss_module, use_fsdp, run.world_size, run.device)
-    optimizer = torch.optim.AdamW(make_param_groups(loss_module, cfg["weight_decay"], not cfg["no_decay_1d"]),
-                                  lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+    groups = [{"params": [p for p in loss_module.parameters() if p.requires_grad], "weight_decay": cfg["weight_decay"]}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), eps=1e-8)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if run.device.type == "cuda" and not fsdp
                 else contextlib.nullcontext)
     return SimpleNamespace(runner=runner, no_sync=no_sync, fsdp=fsdp, optimizer=optimizer, autocast=autocast,
@@ -783,8 +658,12 @@ def build_optimizer(model, cfg: dict, run: Run) -> SimpleNamespace:
 
 
 def record_step(totals: dict, res: dict, mbs: list[dict], *, step: int, epoch: int, lr: float, t0: float,
-                pad_id: int, run: Run) -> dict:
-    """Add one step to the run's totals (they go into trainer_state.json) -> its metrics.jsonl row."""
+                pad_id: int, run) -> dict:
+    """Add one step to the run's totals (they go into trainer_state.json) -> its metrics.jsonl row.
+
+    tokens counts real tokens (no padding) of the whole global batch, all ranks; the step's time runs
+    from its batch assembly to its finished update (CUDA synchronised), so tokens/s is end to end.
+    """
     n_tok = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else   # real tokens, no padding
                 int((mb["input_ids"] != pad_id).sum()) for mb in mbs)
     if run.world_size > 1:
@@ -803,24 +682,41 @@ def record_step(totals: dict, res: dict, mbs: list[dict], *, step: int, epoch: i
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far, GiB: CUDA's allocator peak, or the CPU peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     # NOTE (e): CPU has no allocator statistics; report the peak RSS (KiB on Linux).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def write_summary(run: Run, cfg: dict, totals: dict, stats: dict, n_trainable: int) -> dict:
-    """summary.json: the run's totals and data counts."""
+def write_run_config(out: Path, cfg_out: dict, start_step: int) -> None:
+    """config.json (loading.write_run_config: the resolved config + environment) and metrics.jsonl
+    cut to the steps the resumed checkpoint holds (the steps after it are trained and logged again)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    loading.write_run_config(out, cfg_out)
+    print(f"[train_sft] config: {json.dumps(cfg_out, default=str)}")
+
+
+def write_summary(run, cfg: dict, totals: dict, stats: dict, n_trainable: int) -> dict | None:
+    """summary.json in loading.write_summary's schema (train_last = the last step's loss), plus the
+    run's totals and data counts; written by rank 0 (other ranks return None).
+
+    arena.py reads steps, n_trainable / trainable_params and last_loss; scripts/gpu_check.py reads
+    first_loss; tests read n_rows, n_bad_rows, n_train_rows, resumed_from and world_size.
+    """
+    if not run.is_main:
+        return None
     t = totals["train_time_s"]
-    summary = {"out": str(run.out), "method": cfg["method"], "model": cfg["model"], "steps": stats["total_steps"],
-               "final_checkpoint": str(latest_checkpoint(run.out)), "first_loss": totals["first_loss"],
-               "last_loss": totals["last_loss"], "n_trainable": n_trainable, "tokens_seen": totals["tokens_seen"],
-               "train_time_s": t, "tokens_per_s": totals["tokens_seen"] / t if t else None,
-               "peak_mem_gib": peak_memory_gib(run.device), "n_skipped_steps": totals["n_skipped_steps"],
-               "resumed_from": str(run.resume_from) if run.resume_from else None, **stats}
-    if run.is_main:
-        loading.atomic_write_json(run.out / "summary.json", summary)
-        print(f"[train_sft] done: {json.dumps(summary, default=str)}")
+    summary = loading.write_summary(
+        run.out, script="train_sft.py", cfg=cfg, steps=stats["total_steps"], trainable_params=n_trainable,
+        final_checkpoint=loading.latest_checkpoint(run.out), train_seconds=t, train_last=totals["last_loss"],
+        train_last_name="loss", n_trainable=n_trainable, **totals, tokens_per_s=totals["tokens_seen"] / t if t else None,
+        peak_mem_gib=peak_memory_gib(run.device), resumed_from=str(run.resume_from) if run.resume_from else None,
+        **stats)
+    print(f"[train_sft] done: {json.dumps(summary, default=str)}")
     return summary
 
 
@@ -878,6 +774,7 @@ def all_reduce_int(n: int, device) -> int:
 
 
 def _barrier(world_size: int) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if world_size > 1:
         torch.distributed.barrier()
 
@@ -886,84 +783,22 @@ def dry_run(cfg: dict) -> dict:
     """--dry-run: print the per-GPU peak memory of one step at cfg's settings on `--gpus` CUDA GPUs;
     returns memory.estimate's dict. Nothing real is built: the model lives on fake tensors."""
     import memory   # here, not at the top: memory.py imports this file (an import cycle)
-    if cfg["method"] not in peft_methods.METHODS:
-        raise loading.ConfigError(f"--method {cfg['method']!r} is not one of {sorted(peft_methods.METHODS)}", "method")
-    gpus = cfg["gpus"] or int(os.environ.get("WORLD_SIZE", "1"))
     hf_config = memory.hf_config_for(cfg["model"])
-    plan = memory.sft_plan(cfg, gpus=gpus, cuda=True)
-    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"],
-                        tool="train_sft"))
+    plan = memory.sft_plan(cfg, gpus=cfg["gpus"] or int(os.environ.get("WORLD_SIZE", "1")), cuda=True)
+    print(memory.report(hf_config, plan, spec=cfg["model"], gpu_memory_gib=cfg["gpu_memory_gib"], tool="train_sft"))
     return memory.estimate(hf_config, plan)
 
 
 # -----------------------------------------------------------------------------
-# The run directory: prepare / resume, checkpoints (trainer_state.json written last marks one
-# complete), the resolved config. train_grpo.py keeps the same layout.
-
-def checkpoints(out) -> list[tuple[int, Path]]:
-    """Complete checkpoints (global_step_<k>/ with trainer_state.json), oldest first."""
-    found = []
-    for d in Path(out).glob(CKPT_PREFIX + "*"):
-        m = re.fullmatch(CKPT_PREFIX + r"(\d+)", d.name)
-        if m and (d / "trainer_state.json").exists():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def latest_checkpoint(out) -> Path | None:
-    """Newest complete checkpoint (directories appear by atomic rename, so each one is whole)."""
-    found = checkpoints(out)
-    return found[-1][1] if found else None
-
-
-def config_diff(old: dict, new: dict) -> dict:
-    keys = (set(old) | set(new)) - RESUME_FREE_KEYS - {"derived"}
-    return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
-
-
-def prepare_out_dir(out: Path, cfg: dict, is_main: bool) -> Path | None:
-    """Refuse an occupied --out unless --resume/--overwrite; return the checkpoint to resume from."""
-    cfg_path = out / "config.json"
-    occupied = out.exists() and any(out.iterdir())
-    if cfg["resume"]:
-        if not cfg_path.exists():
-            if occupied:
-                raise FileExistsError(f"--resume: {out} holds files but no config.json, so it is not a "
-                                      "train_sft run; pick another --out")
-            return None
-        diff = config_diff(json.loads(cfg_path.read_text()), cfg)
-        if diff:
-            raise ValueError(f"--resume: {out} holds a different run; differing settings (old, new): {diff}")
-        return latest_checkpoint(out)
-    if occupied:
-        if not cfg["overwrite"]:
-            what = "files"
-            if cfg_path.exists():
-                diff = config_diff(json.loads(cfg_path.read_text()), cfg)
-                what = f"a different run (differing settings (old, new): {diff})" if diff else "this run already"
-            raise FileExistsError(f"output directory {out} already holds {what}; pass --resume to continue "
-                                  "it or --overwrite to delete it and start again")
-        if is_main:  # delete only what train_sft writes, never unrelated files
-            for d in [*out.glob(CKPT_PREFIX + "*"), *out.glob(".tmp-" + CKPT_PREFIX + "*")]:
-                shutil.rmtree(d)
-            for name in ("config.json", "metrics.jsonl", "summary.json"):
-                (out / name).unlink(missing_ok=True)
-    return None
-
-
-def write_run_config(out: Path, cfg_out: dict, start_step: int) -> None:
-    """config.json (the resolved config) and metrics.jsonl cut to the steps the resumed checkpoint
-    holds (the steps after it are trained and logged again)."""
-    path = out / "metrics.jsonl"
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-        loading.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-    loading.atomic_write_json(out / "config.json", cfg_out)
-    print(f"[train_sft] config: {json.dumps(cfg_out, default=str)}")
-
+# Checkpoints, in loading.py's run-directory layout (trainer_state.json, written last, marks one
+# complete); train_grpo.py keeps the same layout.
 
 def trainer_state(done: int, totals: dict, stats: dict, cfg: dict) -> dict:
-    """trainer_state.json of the checkpoint after `done` steps (written last: marks it complete)."""
+    """trainer_state.json of the checkpoint after `done` steps (written last: marks it complete).
+
+    The data position (epoch, batch in epoch) is a function of `done` alone (global_batch_indices);
+    the totals continue the run's counters; the fingerprint lets --resume refuse changed data.
+    """
     steps_per_epoch, total_steps, warmup = stats["steps_per_epoch"], stats["total_steps"], stats["warmup_steps"]
     return {"step": done, "epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
             "examples_seen": done * cfg["global_batch"], **totals,
@@ -974,11 +809,13 @@ def trainer_state(done: int, totals: dict, stats: dict, cfg: dict) -> dict:
 
 
 def rng_state() -> dict:
+    """Every random stream a step draws from (dropout masks, AdaLoRA, sampling), for an exact --resume."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back the streams `rng_state` saved (CUDA's only where this process has CUDA)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -988,9 +825,14 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: dict, *, rank: int,
                     world_size: int, fsdp: bool, base_spec: str) -> Path:
-    """Write global_step_<step>/ into a temp dir, then rename it into place (atomic per checkpoint)."""
-    final = out / f"{CKPT_PREFIX}{step}"
-    tmp = out / f".tmp-{CKPT_PREFIX}{step}"
+    """Write global_step_<step>/ into a temp dir, then rename it into place (atomic per checkpoint).
+
+    Files: the method's tensors (peft_methods.save_adapter; Full FT: every weight + tokenizer files),
+    optimizer.pt (AdamW's state; under FSDP2 one optimizer.rank<r>.pt of shards per rank),
+    trainer_state.pt (RNG streams, AdaLoRA's EMAs), config.json, and trainer_state.json, written
+    last (loading.CKPT_COMPLETE: the marker loading.list_checkpoints looks for).
+    """
+    final, tmp = out / f"{CKPT_PREFIX}{step}", out / f".tmp-{CKPT_PREFIX}{step}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -1021,26 +863,24 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, cfg: di
         aux = {n: l._ipt for n, l in peft_methods.adapter_layers(model).items() if getattr(l, "_ipt", None)}
         torch.save({"rng": rng_state(), "adapter_aux": aux}, tmp / "trainer_state.pt")
         loading.atomic_write_json(tmp / "config.json", cfg)
-        loading.atomic_write_json(tmp / "trainer_state.json", state)   # written last: marks completeness
+        loading.atomic_write_json(tmp / loading.CKPT_COMPLETE, state)   # written last: marks completeness
     _barrier(world_size)
     if rank == 0:
         loading.atomic_replace_dir(tmp, final)
         if cfg["keep_optimizer"] == "last":   # NOTE (d): older checkpoints keep weights only
-            for k, d in checkpoints(out):
-                if k < step:
-                    for f in d.glob("optimizer*.pt"):
-                        f.unlink()
+            for f in [f for k, d in loading.list_checkpoints(out) if k < step for f in d.glob("optimizer*.pt")]:
+                f.unlink()
     _barrier(world_size)
     return final
 
 
-def restore_state(run: Run, model, opt: SimpleNamespace, fingerprint: str, total_steps: int) -> dict:
+def restore_state(run, model, opt: SimpleNamespace, fingerprint: str, total_steps: int) -> dict:
     """--resume: trainer_state.json of run.resume_from, with AdamW's state, the RNG streams and
     AdaLoRA's allocation state restored in place, so the run continues bit for bit. {} if fresh."""
     ckpt = run.resume_from
     if ckpt is None:
         return {}
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = json.loads((ckpt / loading.CKPT_COMPLETE).read_text())
     if state["data_fingerprint"] != fingerprint:
         raise ValueError(f"--resume: the encoded data differs from the run in {run.out} (fingerprint "
                          f"{fingerprint[:12]} vs {state['data_fingerprint'][:12]})")
@@ -1058,114 +898,103 @@ def restore_state(run: Run, model, opt: SimpleNamespace, fingerprint: str, total
 
 
 # -----------------------------------------------------------------------------
-# Configuration (argparse; `train` also takes a dict)
+# Configuration: one table of flags (argparse; `train` also takes a dict)
+
+_B, _I, _F = {"action": "store_true"}, {"type": int}, {"type": float}   # kwargs shorthands of the flag table
+FLAGS = {   # group -> [(flag, argparse kwargs, help)]; no default given: None
+    "model and method": [
+        ("--model", {"default": "toy"}, "'toy' (the committed toy base), a local HF model dir, or a hub id"),
+        ("--method", {"default": "lora"}, "peft_methods.METHODS name; 'full' = full finetuning"),
+        ("--r", _I, "rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default"),
+        ("--alpha", _F, "LoRA scale numerator α (scale α/r); None = method default"),
+        ("--block-size", _I, "OFT block size b (rows of each rotation block)"),
+        ("--dropout", _F, "adapter dropout probability; None = method default"),
+        ("--hp", {"action": "append", "default": [], "metavar": "KEY=VALUE"}, "other make_config field (JSON); repeatable"),
+        ("--target-modules", {}, "comma-separated module names; None = peft_methods.DEFAULT_TARGETS"),
+        ("--adalora-release", _B, "as the release: no AdaLoRA rank allocation / regulariser"),
+        ("--param-dtype", {"choices": ["auto", "fp32", "bf16"], "default": "auto"}, "auto: fp32 trainable tensors, "
+         "frozen base bf16 on CUDA; bf16: all bf16 (the release)"),
+        ("--trust-remote-code", _B, "allow model code from the hub")],
+    "data": [
+        ("--task", {"choices": sorted(TOY_TASKS)}, "toy-world SFT set (toy_world.make_sft_rows)"),
+        ("--data", {}, "JSONL/JSON/Parquet file, or a hub dataset id (with --hub-file)"),
+        ("--hub-file", {}, "file inside the hub dataset, e.g. openr1-50k/train.parquet"),
+        ("--prompt-key", {}, "row key of the prompt (string or chat messages) for other layouts; dotted = "
+         "nested (MetaMathQA: --prompt-key query --response-key response)"),
+        ("--response-key", {}, "row key of the response (see --prompt-key)"),
+        ("--n-train", {**_I, "default": -1}, "rows: toy sets make n (-1 = 2000); files keep the first n (-1 = all)"),
+        ("--data-seed", {**_I, "default": 0}, "seed of the toy-world rows"),
+        ("--max-length", {**_I, "default": 8192}, "tokens (prompt + response); longer pairs are dropped"),
+        ("--loss-mask", {"choices": ["correct", "release"], "default": "correct"},
+         "correct: response incl. EOS; release: veRL's (last prompt token, no EOS)"),
+        ("--pack", _B, "pack examples into rows of --max-length tokens (not in the paper)"),
+        ("--skip-bad-rows", _B, "skip and count malformed rows instead of failing")],
+    "optimisation": [
+        ("--lr", _F, f"peak LR; None: {PEFT_DEFAULT_LR} PEFT, {FULL_FT_DEFAULT_LR} full"),
+        ("--weight-decay", {**_F, "default": 0.01}, "AdamW decoupled weight decay (every trainable tensor)"),
+        ("--adam-betas", {**_F, "nargs": 2, "default": [0.9, 0.95]}, "AdamW β1 β2"),
+        ("--max-grad-norm", {**_F, "default": 1.0}, "clip the global L2 grad norm (<= 0: no clip)"),
+        ("--warmup-ratio", {**_F, "default": 0.1}, "fraction of optimizer steps of linear warmup"),
+        ("--epochs", {**_I, "default": 4}, "passes over the data"),
+        ("--max-steps", {**_I, "default": -1}, "optimizer steps (-1 = epochs × steps/epoch); the schedule's length"),
+        ("--global-batch", {**_I, "default": 256}, "sequences per optimizer step, all ranks together"),
+        ("--micro-batch", {**_I, "default": 2}, "sequences per forward pass per rank"),
+        ("--micro-batch-tokens", {**_I, "default": 16384}, "tokens per forward: a bigger micro-batch (rows × "
+         "longest row) runs in row chunks, same loss and gradient (release RL: 16k per GPU); 0 = off"),
+        ("--loss-norm", {"choices": ["micro", "token"], "default": "micro"},
+         "micro: mean of per-micro-batch token means (paper); token: one token mean")],
+    "runtime": [
+        ("--device", {}, "cpu / cuda / cuda:1; None = cuda if available (torchrun: LOCAL_RANK)"),
+        ("--seed", {**_I, "default": 0}, "seed of adapter init, dropout and data order (paper sampler seed 0)"),
+        ("--grad-checkpointing", {"action": argparse.BooleanOptionalAction}, "non-reentrant; None: on for real "
+         "models, off for the toy"),
+        ("--fsdp", {"choices": ["auto", "on", "off"], "default": "auto"},
+         "under torchrun: FSDP2 fully_shard instead of DDP; auto = on for --method full on CUDA")],
+    "checkpoints and output": [
+        ("--out", {}, "run directory (required unless --smoke)"),
+        ("--save-every-steps", {**_I, "default": -1}, "steps between checkpoints (-1 = an epoch, 0 = only the end)"),
+        ("--keep-optimizer", {"choices": ["last", "all"], "default": "last"}, "which checkpoints keep optimizer.pt"),
+        ("--resume", _B, "continue the run in --out from its latest checkpoint"),
+        ("--overwrite", _B, "delete a previous run in --out and start again"),
+        ("--no-progress", _B, "no tqdm bar"),
+        ("--smoke", _B, "tiny run (<= 4 steps, 32 rows) to check the plumbing on CPU")],
+    "memory plan (--dry-run: nothing is built, no data or weights are read)": [
+        ("--dry-run", _B, "print the per-GPU peak memory of one training step (memory.py: the model on fake "
+         "tensors) and exit; --model may be a configs/model_shapes name or .json"),
+        ("--gpus", _I, "GPUs of the planned run; default: $WORLD_SIZE or 1 (--dry-run only)"),
+        ("--gpu-memory-gib", {**_F, "default": 80.0}, "GiB per GPU for the --dry-run verdict (H100 80, H200 141)")],
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI from FLAGS, one argument group per table section (arena.py reads its dests)."""
     p = argparse.ArgumentParser(description="SFT with any PEFT method (the PEFT-Arena SFT protocol).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for title, add_flags in (("model and method", _model_flags), ("data", _data_flags),
-                             ("optimisation", _optimisation_flags), ("runtime", _runtime_flags),
-                             ("checkpoints and output", _output_flags),
-                             ("memory plan (--dry-run: nothing is built, no data or weights are read)", _plan_flags)):
-        add_flags(p.add_argument_group(title).add_argument)
+    for title, flags in FLAGS.items():
+        group = p.add_argument_group(title)
+        for flag, kw, help_ in flags:
+            group.add_argument(flag, help=help_, **kw)
     return p
 
 
-def _model_flags(arg) -> None:
-    arg("--model", default="toy", help="'toy' (the committed toy base), a local HF model dir, or a hub id")
-    arg("--method", default="lora", help="peft_methods.METHODS name; 'full' = full finetuning")
-    arg("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
-    arg("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
-    arg("--block-size", type=int, default=None, help="OFT block size b (rows of each rotation block)")
-    arg("--dropout", type=float, default=None, help="adapter dropout probability; None = method default")
-    arg("--hp", action="append", default=[], metavar="KEY=VALUE", help="other make_config field (JSON); repeatable")
-    arg("--target-modules", default=None, help="comma-separated module names; None = peft_methods.DEFAULT_TARGETS")
-    arg("--adalora-release", action="store_true", help="as the release: no AdaLoRA rank allocation / regulariser")
-    arg("--param-dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: fp32 trainable tensors, "
-        "frozen base bf16 on CUDA; bf16: all bf16 (the release)")
-    arg("--trust-remote-code", action="store_true", help="allow model code from the hub")
-
-
-def _data_flags(arg) -> None:
-    arg("--task", choices=sorted(TOY_TASKS), default=None, help="toy-world SFT set (toy_world.make_sft_rows)")
-    arg("--data", default=None, help="JSONL/JSON/Parquet file, or a hub dataset id (with --hub-file)")
-    arg("--hub-file", default=None, help="file inside the hub dataset, e.g. openr1-50k/train.parquet")
-    arg("--prompt-key", default=None, help="row key of the prompt (string or chat messages) for other "
-        "layouts; dotted = nested (MetaMathQA: --prompt-key query --response-key response)")
-    arg("--response-key", default=None, help="row key of the response (see --prompt-key)")
-    arg("--n-train", type=int, default=-1, help="rows: toy sets make n (-1 = 2000); files keep the first n (-1 = all)")
-    arg("--data-seed", type=int, default=0, help="seed of the toy-world rows")
-    arg("--max-length", type=int, default=8192, help="tokens (prompt + response); longer pairs are dropped")
-    arg("--loss-mask", choices=["correct", "release"], default="correct",
-        help="correct: response incl. EOS; release: veRL's (last prompt token, no EOS)")
-    arg("--pack", action="store_true", help="pack examples into rows of --max-length tokens (not in the paper)")
-    arg("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
-
-
-def _optimisation_flags(arg) -> None:
-    arg("--lr", type=float, default=None, help=f"peak LR; None: {PEFT_DEFAULT_LR} PEFT, {FULL_FT_DEFAULT_LR} full")
-    arg("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
-    arg("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW β1 β2")
-    arg("--adam-eps", type=float, default=1e-8, help="AdamW ε")
-    arg("--no-decay-1d", action="store_true", help="no weight decay on 1-D tensors (paper: decay all)")
-    arg("--max-grad-norm", type=float, default=1.0, help="clip the global L2 grad norm (<= 0: no clip)")
-    arg("--warmup-ratio", type=float, default=0.1, help="fraction of optimizer steps of linear warmup")
-    arg("--epochs", type=int, default=4, help="passes over the data")
-    arg("--max-steps", type=int, default=-1, help="optimizer steps (-1 = epochs × steps/epoch); the schedule's length")
-    arg("--global-batch", type=int, default=256, help="sequences per optimizer step, all ranks together")
-    arg("--micro-batch", type=int, default=2, help="sequences per forward pass per rank")
-    arg("--micro-batch-tokens", type=int, default=16384, help="tokens per forward: a bigger micro-batch "
-        "(rows × longest row) runs in row chunks, same loss and gradient (release RL: 16k per GPU); 0 = off")
-    arg("--loss-norm", choices=["micro", "token"], default="micro",
-        help="micro: mean of per-micro-batch token means (paper); token: one token mean")
-
-
-def _runtime_flags(arg) -> None:
-    arg("--device", default=None, help="cpu / cuda / cuda:1; None = cuda if available (torchrun: LOCAL_RANK)")
-    arg("--seed", type=int, default=0, help="seed of adapter init, dropout and data order (paper sampler seed 0)")
-    arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-        help="non-reentrant; None: on for real models, off for the toy")
-    arg("--fsdp", choices=["auto", "on", "off"], default="auto",
-        help="under torchrun: FSDP2 fully_shard instead of DDP; auto = on for --method full on CUDA")
-    arg("--loss-impl", choices=["fast", "reference"], default="fast",
-        help="fast: lm_head only on trained positions; reference: full logits")
-
-
-def _output_flags(arg) -> None:
-    arg("--out", default=None, help="run directory (required unless --smoke)")
-    arg("--save-every-steps", type=int, default=-1, help="steps between checkpoints (-1 = an epoch, 0 = only the end)")
-    arg("--keep-optimizer", choices=["last", "all"], default="last", help="which checkpoints keep optimizer.pt")
-    arg("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    arg("--overwrite", action="store_true", help="delete a previous run in --out and start again")
-    arg("--no-progress", action="store_true", help="no tqdm bar")
-    arg("--smoke", action="store_true", help="tiny run (<= 4 steps, 32 rows) to check the plumbing on CPU")
-
-
-def _plan_flags(arg) -> None:
-    arg("--dry-run", action="store_true", help="print the per-GPU peak memory of one training step "
-        "(memory.py: the model on fake tensors) and exit; --model may be a configs/model_shapes name or .json")
-    arg("--gpus", type=int, default=None, help="GPUs of the planned run; default: $WORLD_SIZE or 1 (--dry-run only)")
-    arg("--gpu-memory-gib", type=float, default=80.0, help="GiB per GPU for the --dry-run verdict (H100 80, H200 141)")
-
-
 def resolve_config(config=None) -> dict:
-    """argv list / Namespace / dict / None -> the resolved config dict (defaults filled, checked)."""
-    cfg = _parse_config(config)
-    _fill_defaults(cfg)
-    check_config(cfg)
-    return cfg
+    """argv list / Namespace / dict / None -> the resolved config dict (defaults filled, checked).
 
-
-def _parse_config(config) -> dict:
+    A dict may hold any subset of the flags' dests (the rest take their defaults); an unknown key is
+    an error. "derived" (what a run adds to its config.json) is ignored, so a stored config resolves.
+    """
     parser = build_parser()
     if config is None or isinstance(config, (list, tuple)):
-        return vars(parser.parse_args(list(config) if config is not None else []))
-    cfg = vars(parser.parse_args([]))
-    given = vars(config) if isinstance(config, argparse.Namespace) else dict(config)
-    unknown = sorted(set(given) - set(cfg) - {"derived"})
-    if unknown:
-        raise ValueError(f"unknown train_sft config keys {unknown}; see python train_sft.py --help")
-    cfg.update({k: v for k, v in given.items() if k != "derived"})
+        cfg = vars(parser.parse_args(list(config) if config is not None else []))
+    else:
+        cfg = vars(parser.parse_args([]))
+        given = vars(config) if isinstance(config, argparse.Namespace) else dict(config)
+        unknown = sorted(set(given) - set(cfg) - {"derived"})
+        if unknown:
+            raise ValueError(f"unknown train_sft config keys {unknown}; see python train_sft.py --help")
+        cfg.update({k: v for k, v in given.items() if k != "derived"})
+    _fill_defaults(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -1174,8 +1003,7 @@ def _fill_defaults(cfg: dict) -> None:
     if cfg["smoke"]:
         cfg.update(max_steps=min(cfg["max_steps"], 4) if cfg["max_steps"] > 0 else 4, n_train=32,
                    global_batch=4, micro_batch=2, max_length=min(cfg["max_length"], 512), save_every_steps=2)
-        if not cfg["task"] and not cfg["data"]:
-            cfg["task"] = "toy-math"
+        cfg["task"] = cfg["task"] or (None if cfg["data"] else "toy-math")
         cfg["out"] = cfg["out"] or f"runs/smoke-sft-{cfg['method']}"
     if cfg["task"] and cfg["n_train"] <= 0:
         cfg["n_train"] = 2000
@@ -1192,22 +1020,23 @@ def check_config(cfg: dict) -> None:
     """Each bad setting raises loading.ConfigError naming its key (arena.py points at it)."""
     dry = cfg["dry_run"]   # a memory plan needs neither a run directory nor data
     checks = [   # (holds, config key at fault, message)
+        (cfg["method"] in peft_methods.METHODS, "method", f"--method {cfg['method']!r} is not one of "
+         f"{sorted(peft_methods.METHODS)}"),
         (dry or bool(cfg["out"]), "out", "--out is required (the run directory)"),
         (dry or (cfg["task"] is None) != (cfg["data"] is None), "task", "pass exactly one of --task and --data"),
         (cfg["gpus"] is None or cfg["gpus"] >= 1, "gpus", f"--gpus {cfg['gpus']} must be >= 1"),
         (cfg["micro_batch"] >= 1 and cfg["global_batch"] >= cfg["micro_batch"], "micro_batch",
          f"need 1 <= --micro-batch {cfg['micro_batch']} <= --global-batch {cfg['global_batch']}"),
         (cfg["max_length"] >= 2, "max_length", f"--max-length {cfg['max_length']} must be >= 2 tokens"),
-        (cfg["micro_batch_tokens"] >= 0, "micro_batch_tokens",
-         f"--micro-batch-tokens {cfg['micro_batch_tokens']} must be >= 0 (0 = off)"),
+        (cfg["micro_batch_tokens"] >= 0, "micro_batch_tokens", "--micro-batch-tokens must be >= 0 (0 = off)"),
         (cfg["lr"] > 0, "lr", f"--lr {cfg['lr']} must be > 0"),
         (0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", f"--warmup-ratio {cfg['warmup_ratio']} must be in [0, 1)"),
         (cfg["epochs"] >= 1, "epochs", f"--epochs {cfg['epochs']} must be >= 1"),
         (not (cfg["resume"] and cfg["overwrite"]), "resume", "--resume and --overwrite exclude each other"),
     ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise loading.ConfigError(msg, key)
+    bad = next(((key, msg) for ok, key, msg in checks if not ok), None)
+    if bad:
+        raise loading.ConfigError(bad[1], bad[0])
 
 
 if __name__ == "__main__":

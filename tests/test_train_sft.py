@@ -209,7 +209,7 @@ def test_row_layouts(tmp_path):
     import pyarrow.parquet as pq
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist([{"data_source": "openr1", "extra_info": {"question": "q1", "answer": "a1"}}]), path)
-    rows, bad = ts.read_rows(path)
+    rows, bad = loading.read_records(path)
     assert bad == 0 and ts.row_to_pair(*rows[0]) == ("q1", "a1")
 
 
@@ -291,7 +291,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    killed_at = ts.latest_checkpoint(out)
+    killed_at = loading.latest_checkpoint(out)
     assert killed_at is not None and killed_at.name != "global_step_30"
     (out / ".tmp-global_step_99").mkdir()          # debris of a checkpoint write cut by the kill
     res = ts.train(_cfg(tiny_dir, out, data, resume=True, **common))
@@ -328,7 +328,7 @@ def test_resume_is_exact_for_stateful_methods(method, tiny_dir, tmp_path):
 
     with pytest.raises(_Killed):
         ts.train(_cfg(tiny_dir, tmp_path / "cut", data, **common), hooks={"after_step": kill})
-    assert ts.latest_checkpoint(tmp_path / "cut").name == "global_step_4"
+    assert loading.latest_checkpoint(tmp_path / "cut").name == "global_step_4"
     res = ts.train(_cfg(tiny_dir, tmp_path / "cut", data, resume=True, **common))
     files = lambda d: {f.name: load_file(str(f)) for f in Path(d).glob("*.safetensors")}  # noqa: E731
     a, b = files(ref["final_checkpoint"]), files(res["final_checkpoint"])
@@ -354,8 +354,8 @@ def test_malformed_jsonl_line_named_and_skippable(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "x", "response": \n' + json.dumps(ROWS[1]) + "\n[1, 2]\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed"):
-        ts.read_rows(path)
-    rows, bad = ts.read_rows(path, skip_bad_rows=True)
+        loading.read_records(path)
+    rows, bad = loading.read_records(path, skip_bad_rows=True)
     assert len(rows) == 2 and bad == 2 and rows[1][1].endswith("bad.jsonl:3")
 
 
@@ -388,8 +388,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tiny_dir, tmp
     with pytest.raises(FloatingPointError, match=r"step 3 .*global_step_2"):
         ts.train(_cfg(tiny_dir, out, data, save_every_steps=1), model=model, tokenizer=tok,
                  hooks={"after_step": poison})
-    assert ts.latest_checkpoint(out).name == "global_step_2"
-    for f in ts.latest_checkpoint(out).glob("*.safetensors"):
+    assert loading.latest_checkpoint(out).name == "global_step_2"
+    for f in loading.latest_checkpoint(out).glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(str(f)).values())
 
 
