@@ -646,37 +646,6 @@ def wake_vllm(llm, *, push=None) -> None:
 # Data: toy rows or the release's RL parquet/JSONL, tokenised once
 
 
-def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
-    """[(record, where)] of an RL .parquet / .jsonl file; `where` names the file and line/row."""
-    if not path.is_file():
-        raise loading.DataFileNotFound(f"--data {path}: file not found")
-    if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
-        return [(r, f"--data {path} row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
-    if path.suffix not in (".jsonl", ".json"):
-        raise loading.DataError(f"--data {path}: expected .parquet, .jsonl or .json")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (e.g. deepscaler.json)
-        try:
-            items = json.loads(text)
-        except ValueError as err:
-            raise loading.DataError(f"--data {path}: not valid JSON ({err})") from None
-        bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
-        if bad is not None:
-            raise loading.DataError(f"--data {path} item {bad}: not a JSON object")
-        return [(r, f"--data {path} item {i}") for i, r in enumerate(items)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
-            if not isinstance(rec, dict):
-                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
-            records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
-    return records
-
-
 def _rl_row(rec: dict, where: str, cfg) -> dict:
     """One record -> {'prompt', 'answer', 'data_source'}; --prompt-key/--answer-key name other keys."""
     pk, ak = cfg.get("prompt_key"), cfg.get("answer_key")
@@ -699,7 +668,8 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
         domain = cfg["task"].split("-", 1)[1]
         return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
     path = Path(cfg["data"])
-    rows = [_rl_row(rec, where, cfg) for rec, where in _read_rl_records(path)]
+    records, _ = loading.read_records(path)    # .parquet / .jsonl / .json -> [(record, "file:line")]
+    rows = [_rl_row(rec, f"--data {where} row {i}", cfg) for i, (rec, where) in enumerate(records)]
     if not rows:
         raise loading.DataError(f"--data {path}: holds no rows")
     domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
@@ -729,46 +699,11 @@ def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
 # checkpoints (adapter + optimiser + trainer_state, atomically), metrics log
 
 
-CKPT_PREFIX = "global_step_"   # as train_sft.py: rewind.py reads both trajectories the same way
+CKPT_PREFIX = loading.CKPT_PREFIX   # as train_sft.py: rewind.py reads both trajectories the same way
 # flags that may change between a run and its --resume without changing the trajectory so far
 RESUME_FREE_KEYS = {"resume", "overwrite", "out", "no_progress", "save_every_steps", "steps", "eval_n"}
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (trainer_state.json is written last), oldest first."""
-    found = []
-    for d in Path(out).glob(CKPT_PREFIX + "*"):
-        k = d.name[len(CKPT_PREFIX):]
-        if k.isdigit() and (d / "trainer_state.json").exists():
-            found.append((int(k), d))
-    return sorted(found)
-
-
-def prepare_out_dir(out: Path, cfg: dict) -> Path | None:
-    """Refuse an occupied --out unless --resume / --overwrite; return the checkpoint to resume."""
-    cfg_path = out / "config.json"
-    occupied = out.exists() and any(out.iterdir())
-    if cfg["resume"]:
-        if not cfg_path.exists():
-            if occupied:
-                raise FileExistsError(f"--resume: {out} holds files but no config.json; not a train_grpo run")
-            return None
-        old = json.loads(cfg_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items()
-                if k not in RESUME_FREE_KEYS and old.get(k) != v}
-        if diff:
-            raise ValueError(f"--resume: {out} holds a different run; differing settings (old, new): {diff}")
-        found = checkpoints(out)
-        return found[-1][1] if found else None
-    if occupied:
-        if not cfg["overwrite"]:
-            raise FileExistsError(f"output directory {out} is not empty; pass --resume to continue the "
-                                  "run in it or --overwrite to delete it and start again")
-        for d in list(out.glob(CKPT_PREFIX + "*")) + list(out.glob(".tmp-" + CKPT_PREFIX + "*")):
-            shutil.rmtree(d)          # delete only what this script writes
-        for name in ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json"):
-            (out / name).unlink(missing_ok=True)
-    return None
+# what --overwrite deletes (besides the checkpoints); nothing else in --out is touched
+OWNED_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json")
 
 
 def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
@@ -786,7 +721,7 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     loading.atomic_write_json(tmp / "config.json", cfg)
     loading.atomic_write_json(tmp / "trainer_state.json", state)       # last: marks completeness
     loading.atomic_replace_dir(tmp, final)
-    for k, d in checkpoints(out):
+    for k, d in loading.list_checkpoints(out):
         if k < step:
             (d / "optimizer.pt").unlink(missing_ok=True)
     return final
@@ -825,7 +760,8 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     per iteration; see `train`."""
     cfg = resolve_config(config)
     out = Path(cfg["out"])
-    resume_from = prepare_out_dir(out, cfg)
+    resume_from = loading.prepare_run_dir(out, cfg, script="train_grpo", free_keys=RESUME_FREE_KEYS,
+                                          owned_files=OWNED_FILES, new_keys_only=True)
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
     # data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the
@@ -926,17 +862,16 @@ def _set_up(cfg, model, tokenizer, engine, resume_from, rows, domain):
     gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
     eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    summary = {"out": str(Path(cfg["out"])), "method": cfg["method"], "model": cfg["model"], "domain": domain,
-               "trainable_params": n_train}
+    summary = {"domain": domain}     # summary.json's GRPO fields, completed by _finish_run
     if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
         summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, Path(cfg["out"]) / "eval_before.json")
     cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
-    loading.atomic_write_json(Path(cfg["out"]) / "config.json", cfg_to_save)
+    loading.write_run_config(Path(cfg["out"]), cfg_to_save)    # + environment(): torch, threads, CPU
     sampler = _Sampler(model, cfg, amp, llm, sampler_model, eos_ids, pad_id)
     return types.SimpleNamespace(model=model, tokenizer=tokenizer, ref_model=ref_model, params=params,
                                  opt=opt, amp=amp, state=state, rows=rows, domain=domain, context=context,
                                  reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id, sampler=sampler,
-                                 summary=summary, cfg_to_save=cfg_to_save)
+                                 summary=summary, cfg_to_save=cfg_to_save, n_train=n_train)
 
 
 def _start_vllm(cfg, engine: dict):
@@ -1071,28 +1006,30 @@ def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, st
 
 
 def _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path) -> dict:
-    """Final checkpoint (if the last step was not saved), eval after, summary.json."""
-    found = checkpoints(out)
+    """Final checkpoint (if the last step was not saved), eval after, summary.json (loading's
+    schema; train_last = reward_last, the mean reward of the last fifth of the steps)."""
+    found = loading.list_checkpoints(out)
     if not found or found[-1][0] != state["step"]:
         save_checkpoint(out, run.model, run.opt, run.cfg_to_save, state)
-        found = checkpoints(out)
-    summary = run.summary
-    summary.update({"final_checkpoint": str(found[-1][1]), "steps": state["step"],
-                    "optimizer_steps": state["optimizer_steps"], "train_time_s": time.time() - t_start,
-                    "last": last, "reward_errors": stats.get("reward_errors", {})})
+        found = loading.list_checkpoints(out)
+    extra, seconds = run.summary, time.time() - t_start
+    extra.update({"optimizer_steps": state["optimizer_steps"], "train_time_s": seconds, "last": last,
+                  "reward_errors": stats.get("reward_errors", {})})
     curve = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     if curve:
         k = max(1, len(curve) // 5)
-        summary["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
-        summary["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
+        extra["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
+        extra["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
     if cfg["eval_n"] and cfg["data"] is None:
-        summary["eval_after"] = _evaluate(run.model, run.tokenizer, run.domain, cfg, out / "eval_after.json")
-        if "eval_before" in summary:
-            b, a = summary["eval_before"], summary["eval_after"]
-            summary["target_gain"] = a["target_score"] - b["target_score"]
-            summary["general_change"] = a["general_score"] - b["general_score"]
-    loading.atomic_write_json(out / "summary.json", summary)
-    return summary
+        extra["eval_after"] = _evaluate(run.model, run.tokenizer, run.domain, cfg, out / "eval_after.json")
+        if "eval_before" in extra:
+            b, a = extra["eval_before"], extra["eval_after"]
+            extra["target_gain"] = a["target_score"] - b["target_score"]
+            extra["general_change"] = a["general_score"] - b["general_score"]
+    return loading.write_summary(out, script="train_grpo", cfg=cfg, steps=state["step"],
+                                 trainable_params=run.n_train, final_checkpoint=found[-1][1],
+                                 train_seconds=seconds, train_last=extra.get("reward_last"),
+                                 train_last_name="reward", **extra)
 
 
 # -----------------------------------------------------------------------------
