@@ -546,26 +546,19 @@ def vllm_usable() -> bool:
 
 def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, seed: int,
                      gpu_memory_utilization: float = 0.3, sleep_mode: bool = False):
-    """Build an in-process vLLM engine over the base model's HF directory.
-
-    Build it BEFORE the trainer takes GPU memory: vLLM asserts that `gpu_memory_utilization` of
-    the total is free at start-up (vllm #20305).
-    """
-    # In-process engine core, so `apply_model` reaches the live model without serialisation
-    # (`VLLM_ENABLE_V1_MULTIPROCESSING`). Must be set before vLLM is imported.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    evaluate.free_cuda_cache()      # memory an earlier trainer in this process dropped (arena.py run)
-    from vllm import LLM
+    """evaluate.make_vllm_engine (bf16, in-process engine core, cache freed first) with the
+    rollout's settings. Build it BEFORE the trainer takes GPU memory: vLLM asserts that
+    `gpu_memory_utilization` of the total is free at start-up (vllm #20305)."""
     # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig.verify_max_model_len),
     # and B x G sequences (paper: 2048) can exceed the prompt + completion length
     batched = max(4096, max_model_len, max_num_seqs)
-    return LLM(model=str(model_dir), dtype="bfloat16",         # never "auto": fp32 configs -> fp16
-               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
-               enable_prefix_caching=True,                     # the G samples share the prompt
-               enable_sleep_mode=sleep_mode, enforce_eager=True,
-               logprobs_mode="processed_logprobs",             # log-probs after temperature (§1.6)
-               seed=seed)
+    return evaluate.make_vllm_engine(
+        str(model_dir), seed=seed, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=batched,
+        enable_prefix_caching=True,                     # the G samples share the prompt
+        enable_sleep_mode=sleep_mode, enforce_eager=True,
+        logprobs_mode="processed_logprobs")             # log-probs after temperature (§1.6)
 
 
 def sample_vllm(llm, prompts: list[list[int]], *, group_size: int, max_new_tokens: int,
@@ -1288,129 +1281,105 @@ SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1,
              num_prompts=8, eval_n=0, save_every_steps=1)
 
 
+B_OPT = argparse.BooleanOptionalAction
+# The CLI as a table: group -> [(flag, type, default, help, extra add_argument kwargs)]; None type =
+# a string. The method flags match train_sft.py's, so arena.py passes one dict to both scripts.
+FLAGS = {
+    "model and method": [
+        ("--model", None, "toy", "'toy', a local HF model dir, or a hub id"),
+        ("--method", None, "lora", "peft_methods.METHODS name; 'full' = Full FT"),
+        ("--r", int, None, "rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default"),
+        ("--alpha", float, None, "LoRA scale numerator α (scale α/r); None = method default"),
+        ("--block-size", int, None, "OFT block size b"),
+        ("--dropout", float, None, "adapter dropout; None = 0 for RL (the release's RL LoRA config has no dropout)"),
+        ("--hp", None, [], "any other make_config field (value parsed as JSON, else a string); repeatable",
+         dict(action="append", metavar="KEY=VALUE")),
+        ("--init-from", None, None, "SFT checkpoint dir to start from (same --method)"),
+        ("--dtype", None, None, "compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)"),
+        ("--param-dtype", None, "auto", "auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16",
+         dict(choices=["auto", "bf16"])),
+        ("--optimizer-offload", None, "none", "cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param "
+         "there), bf16 weights + grads on the GPU (4 B/param)", dict(choices=["none", "cpu"])),
+        ("--device", None, None, "cpu|cuda (default: cuda if available)"),
+        ("--grad-checkpointing", None, None, "non-reentrant activation checkpointing; default: on for real models, "
+         "off for the toy", dict(action=B_OPT))],
+    "data": [
+        ("--task", None, None, "toy-math | toy-med (ignored with --data); default toy-math for --model toy (a real "
+         "model needs --data or an explicit --task)"),
+        ("--data", None, None, "RL .parquet/.jsonl in the release layout (prompt = chat messages, "
+         "reward_model.ground_truth)"),
+        ("--prompt-key", None, None, "row key of the prompt in --data (dotted for nested fields); default 'prompt'"),
+        ("--answer-key", None, None, "row key of the gold answer in --data (dotted for nested fields); default "
+         "reward_model.ground_truth, else 'answer'"),
+        ("--domain", None, None, "math|med reward for --data (default: from data_source, 'med_23k_think' -> med, else math)"),
+        ("--num-prompts", int, 2048, "toy prompts to generate (rows)"),
+        ("--data-seed", int, 0, "seed of the toy RL rows"),
+        ("--max-prompt-tokens", int, 1024, "longer prompts are dropped (tokens; release: 1024)")],
+    "rollout": [
+        ("--preset", None, "auto", "fills unset values below (auto: toy for toy-* tasks, else paper)",
+         dict(choices=["auto", "paper", "toy"])),
+        ("--prompts-per-step", int, None, "B prompts per step (paper 256)"),
+        ("--group-size", int, None, "G completions per prompt (paper 8)"),
+        ("--max-new-tokens", int, None, "completion cap in tokens (paper 8192)"),
+        ("--temperature", float, 1.0, "sampling T; log-probs use the same T"),
+        ("--sampler", None, "auto", "auto: vLLM if installed and on CUDA, else transformers generate",
+         dict(choices=["auto", "hf", "vllm"])),
+        ("--gen-batch-size", int, 128, "sequences per generate call (hf)"),
+        ("--hf-sampler", None, "auto", "hf sampler: live = the adapted model; merged = a plain copy that receives "
+         "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU",
+         dict(choices=["auto", "live", "merged"])),
+        ("--vllm-gpu-memory-utilization", float, 0.3, "fraction of GPU memory"),
+        ("--vllm-sleep", None, False, "sleep(level=1) vLLM while training", dict(action="store_true"))],
+    "objective": [
+        ("--adv-scale", None, "group", "group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)",
+         dict(choices=["group", "none"])),
+        ("--adv-eps", float, 1e-6, "eps in the std denominator (verl 1e-6)"),
+        ("--loss-agg", None, "dapo", "dapo = token-mean (paper); grpo; bnpo; dr_grpo", dict(choices=list(LOSS_AGG))),
+        ("--clip-eps-low", float, 0.2, "ε_low"),
+        ("--clip-eps-high", float, 0.2, "ε_high (DAPO clip-higher: 0.28)"),
+        ("--dual-clip", float, 3.0, "dual-clip c for A<0 (0 = off)"),
+        ("--beta", float, 0.0, "k3 KL weight to the reference (paper 0)"),
+        ("--mask-truncated", None, False, "no loss on completions that hit --max-new-tokens (DAPO overlong "
+         "filter; paper: off)", dict(action="store_true")),
+        ("--mini-batches", int, None, "optimiser steps per rollout batch (paper 4)"),
+        ("--ppo-epochs", int, 1, "passes over each rollout batch (paper 1)"),
+        ("--micro-batch-size", int, 64, "sequences per forward/backward"),
+        ("--micro-batch-tokens", int, 16384, "padded tokens (sequences x width) per forward/backward (release: "
+         "16k per GPU); 0 = off")],
+    "optimiser": [
+        ("--lr", float, None, f"constant LR (default: from the preset, by method; paper: {_lr_text(PAPER_PRESET)}; "
+         f"toy: {_lr_text(TOY_PRESET)})"),
+        ("--weight-decay", float, 0.01, "AdamW weight decay"),
+        ("--adam-betas", float, [0.9, 0.999], "AdamW betas", dict(nargs=2)),
+        ("--grad-clip", float, 1.0, "max grad norm (0 = off)"),
+        ("--steps", int, None, "rollout steps (each = --mini-batches optimiser steps)")],
+    "run": [
+        ("--out", None, "runs/grpo", "output directory"),
+        ("--seed", int, 42, "seed (release: 42)"),
+        ("--save-every-steps", int, 50, "rollout steps between checkpoints (release save_freq 50; 0 = only at the end)"),
+        ("--resume", None, False, "continue from the newest checkpoint in --out", dict(action="store_true")),
+        ("--overwrite", None, False, "delete a previous run in --out first", dict(action="store_true")),
+        ("--eval-n", int, 0, "toy only: evaluate_toy items per family before and after training (0 = off)"),
+        ("--smoke", None, False, "tiny sizes, 2 steps, for a quick check", dict(action="store_true")),
+        ("--no-progress", None, False, "no tqdm bar", dict(action="store_true"))],
+    "memory plan (--dry-run: nothing is built, no data or weights are read)": [
+        ("--dry-run", None, False, "print the planned GPU peak memory of one rollout step (training + the vLLM "
+         "share; memory.py) and exit; --model may be a configs/model_shapes name or .json file",
+         dict(action="store_true")),
+        ("--gpu-memory-gib", float, 80.0, "GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI: one helper per flag group (model, data, rollout, objective, optimiser, run, plan)."""
+    """The CLI of the FLAGS table, one argument group per table group."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add_group in (_model_flags, _data_flags, _rollout_flags, _objective_flags, _optimiser_flags,
-                      _run_flags, _plan_flags):
-        add_group(p)
+    for title, flags in FLAGS.items():
+        g = p.add_argument_group(title)
+        for flag, typ, default, text, *kw in flags:   # list defaults copied: the table is never mutated
+            default = list(default) if isinstance(default, list) else default
+            g.add_argument(flag, default=default, help=text, **({"type": typ} if typ else {}), **(kw[0] if kw else {}))
     return p
-
-
-def _model_flags(p) -> None:
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
-    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
-    # the same method flags as train_sft.py, so arena.py can pass one dict to both
-    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
-    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
-    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
-                   "(the release's RL LoRA config has no dropout)")
-    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
-    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from (same --method)")
-    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
-                   help="auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16")
-    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
-                   help="cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param there), "
-                   "bf16 weights + grads on the GPU (4 B/param)")
-    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
-
-
-def _data_flags(p) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default "
-                   "toy-math for --model toy (a real model needs --data or an explicit --task)")
-    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout (prompt = "
-                   "chat messages, reward_model.ground_truth)")
-    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (dotted for "
-                   "nested fields); default 'prompt'")
-    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted "
-                   "for nested fields); default reward_model.ground_truth, else 'answer'")
-    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
-                   "data_source, 'med_23k_think' -> med, else math)")
-    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
-    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
-                   "dropped (tokens; release: 1024)")
-
-
-def _rollout_flags(p) -> None:
-    g = p.add_argument_group("rollout")
-    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
-                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
-    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
-    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
-    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
-                   help="auto: vLLM if installed and on CUDA, else transformers generate")
-    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
-    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
-                   help="hf sampler: live = the adapted model; merged = a plain copy that receives "
-                   "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
-    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
-
-
-def _objective_flags(p) -> None:
-    g = p.add_argument_group("objective")
-    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
-                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
-    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
-    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
-                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
-    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
-    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
-    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
-                   "--max-new-tokens (DAPO overlong filter; paper: off)")
-    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
-    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="padded tokens (sequences x width) per forward/backward (release: 16k per "
-                   "GPU); 0 = off")
-
-
-def _optimiser_flags(p) -> None:
-    g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
-                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
-    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
-                   "optimiser steps)")
-
-
-def _run_flags(p) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/grpo", help="output directory")
-    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
-    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
-                   "checkpoints (release save_freq 50; 0 = only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
-    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
-                   "before and after training (0 = off)")
-    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def _plan_flags(p) -> None:
-    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
-    g.add_argument("--dry-run", action="store_true", help="print the planned GPU peak memory of one "
-                   "rollout step (training + the vLLM share; memory.py) and exit; --model may be a "
-                   "configs/model_shapes name or .json file")
-    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")
 
 
 def method_hparams(cfg: dict, peft_methods) -> dict:
