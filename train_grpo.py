@@ -105,6 +105,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     else:
         mean = r.mean(dim=1, keepdim=True).expand_as(r)                  # (B, G)
         std = r.std(dim=1, unbiased=True, keepdim=True).expand_as(r)     # (B, G)
+    # Dividing by the group std makes the update scale-free across prompts but up-weights
+    # near-deterministic groups (tiny std); Dr. GRPO drops it to remove that difficulty bias.
     A = r - mean
     if scale == "group":
         A = A / (std + eps)
@@ -179,6 +181,9 @@ def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, e
     ratio = torch.exp(log_ratio)                                         # (N, L) ρ
     loss_unclipped = -A * ratio
     loss_clipped = -A * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    # The max of the two losses is PPO's pessimistic bound: once ρ has left [1-ε_low, 1+ε_high] in
+    # the direction that A rewards, the clipped term wins and its gradient is 0, so one rollout
+    # batch cannot push π_θ far from π_old.
     loss = torch.maximum(loss_unclipped, loss_clipped)                   # (N, L)
     flags = {"clip_low": (ratio < 1.0 - eps_low) & (A < 0),              # the clip branch is active
              "clip_high": (ratio > 1.0 + eps_high) & (A > 0)}
@@ -219,6 +224,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
     The `num_*` arguments make gradient accumulation over micro-batches exact: the micro-batch
     losses then sum to the mini-batch loss. Empty masks give 0, never NaN.
     """
+    # The normaliser decides the length bias: "grpo" weighs every sequence equally, so a token
+    # of a long wrong answer counts less than one of a short one; "dapo" weighs tokens equally;
+    # "dr_grpo" uses a constant, so the gradient no longer depends on the lengths at all.
     m = mask.to(per_token_loss.dtype)
     total = (per_token_loss * m).sum()
     n_seq = float(num_seqs) if num_seqs is not None else float(per_token_loss.shape[0])
@@ -320,6 +328,7 @@ def token_budget_micros(idx: list[int], prompt_lens: list[int], completion_lens:
     out, cur, P, L = [], [], 0, 0
     for i in idx:
         p, c = prompt_lens[i], max(1, completion_lens[i])
+        # padded size if row i joined: (rows + 1) x (longest prompt + longest completion)
         over = max_tokens > 0 and (len(cur) + 1) * (max(P, p) + max(L, c)) > max_tokens
         if cur and (len(cur) >= max_seqs or over):
             out.append(cur)
@@ -454,6 +463,8 @@ def amp_context(plan: dict, device: torch.device):
 def sequence_logprobs(model, input_ids, attn, P: int, L: int, temperature: float,
                       with_entropy: bool = False):
     """ℓ_θ of the L completion tokens, (N, L) fp32 (and the (N, L) entropy if asked)."""
+    # Positions count real tokens only, so the left padding does not shift the rotary positions
+    # (the sampler saw the prompt starting at position 0).
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)                    # (N, P+L)
     # Only the last L+1 positions' logits are needed: position p predicts token p+1.
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
@@ -511,6 +522,8 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
     model.eval()
     gen_cfg = make_generation_config(max_new_tokens=max_new_tokens, temperature=temperature,
                                      pad_token_id=pad_id, eos_token_ids=eos_token_ids)
+    # Re-seed per rollout step (seed = f(--seed, step)): a run and its --resume draw the same
+    # completions at every step, whatever ran in between.
     torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(group_size)]               # N = B*G, group-contiguous
     completions, finished = [], []
@@ -714,6 +727,8 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     loading.atomic_write_json(tmp / "config.json", cfg)
     loading.atomic_write_json(tmp / "trainer_state.json", state)       # last: marks completeness
     loading.atomic_replace_dir(tmp, final)
+    # Old checkpoints keep their weights: the trajectory that rewind.py interpolates along; only
+    # the newest needs the optimiser state to resume.
     for k, d in loading.list_checkpoints(out):
         if k < step:
             (d / "optimizer.pt").unlink(missing_ok=True)
@@ -772,6 +787,12 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
     last = {}
+    # One iteration = one rollout step of [Shao+24 DeepSeekMath, Alg. 1]. For a prompt q with G
+    # sampled completions o_1..o_G the step maximises (here: minimises the negative of)
+    #   J(θ) = E[ 1/Σ|o_i| Σ_i Σ_t min(ρ_it A_i, clip(ρ_it, 1-ε_low, 1+ε_high) A_i) ] - β D_KL,
+    #   ρ_it = π_θ(o_it | q, o_i,<t) / π_old(o_it | q, o_i,<t),   A_i = group-normalised reward
+    # (token-mean "dapo" normaliser shown; PEFT-Arena §RLVR setup). No value network: the group's
+    # mean reward is the baseline, so there is no critic to train or to hold in memory.
     while state["step"] < cfg["steps"]:
         step = state["step"]
         t0 = time.time()
@@ -948,6 +969,8 @@ class _Sampler:
     def sample(self, prompts, max_new: int, step: int, optimizer_steps: int):
         """(completions, finished, sampler log-probs or None) for this rollout step."""
         cfg, G, method = self.cfg, self.cfg["group_size"], self.cfg["method"]
+        # π_old must be the policy that sampled: the sampler's weights are refreshed when the
+        # optimiser has stepped since the last push (once per rollout at most, as verl).
         stale = self.pushed_at != optimizer_steps          # implementation note 2: push when stale
         if self.llm is not None:
             push = (lambda: push_weights_vllm(self.llm, self.model, method)) if stale else None
@@ -983,6 +1006,9 @@ class _Sampler:
 def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, stats) -> dict:
     """One metrics.jsonl line: reward, pass@G, zero-std groups, the optimiser's metrics, lengths,
     truncation, throughput."""
+    # A group whose G rewards are all equal has A = 0 everywhere: no gradient. frac_reward_zero_std
+    # is therefore the share of the batch that taught nothing; pass_rate (pass@G) bounds what GRPO
+    # can make greedy (a prompt no sample solves never gets a positive advantage).
     r_groups = rewards.view(-1, G)                                                   # (B, G)
     lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
     n_gen_tokens = sum(len(c) for c in completions)
@@ -1075,6 +1101,9 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
            "clip_dual": [], "grad_norm": [], "sampler_logp_diff": []}
     model.train()
     steps = 0
+    # Mini-batch 1 of epoch 1 is on-policy (θ = θ_old, ρ = 1, the gradient is the policy
+    # gradient); every later one is off-policy by the updates before it, which is what the
+    # stored ℓ_old and the clip in ρ are for [Schulman+17 PPO, §3].
     for epoch in range(cfg["ppo_epochs"]):
         for k, mini in enumerate(minis):
             # (b) one optimiser step per mini-batch.
@@ -1136,6 +1165,8 @@ def _mini_batch_backward(model, batch, micros, old, ref, adv, cfg, n_tok, n_seq,
             acc["kl"].append(_masked_mean(kl.detach(), mask))
         loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok, num_seqs=n_seq,
                               max_len=cfg["max_new_tokens"], num_micro=len(micros))
+        # backward() adds this micro-batch's gradient into .grad; the micro losses share the
+        # mini-batch's normaliser, so the accumulated sum is the mini-batch gradient exactly.
         loss.backward()
         mini_loss += loss.item()
         acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
@@ -1149,6 +1180,8 @@ def _clip_and_step(opt, params, grad_clip: float, acc: dict) -> int:
     norm is not finite is skipped, as the release's trainer does. Returns 1 if it stepped."""
     # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
     clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
+    # Global-norm clipping bounds the size of one AdamW step's input when a few completions with
+    # large |A| dominate the batch; the norm is logged (grad_norm) either way.
     gn = torch.nn.utils.clip_grad_norm_(clip_on, grad_clip if grad_clip > 0 else float("inf"))
     stepped = 0
     if torch.isfinite(gn):
@@ -1207,6 +1240,9 @@ def _old_and_ref_logprobs(model, ref_model, batch, active, reused, cfg, ent, amp
     ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
     stored, because mini-batches 2..k of a rollout are off-policy. Reference for the KL: Full FT =
     the frozen copy `ref_model`; PEFT = the same model with its adapters off."""
+    # ℓ_old is recomputed by the trainer rather than taken from vLLM: the sampler runs other
+    # kernels in bf16, and a ratio of log-probs from two implementations would not be 1
+    # on-policy. Their gap is logged as sampler_logp_diff (a weight-sync check).
     N, T = len(batch.completions), cfg["temperature"]
     old, ref = [None] * N, [None] * N
     model.eval()
@@ -1306,8 +1342,7 @@ FLAGS = {
     "data": [
         ("--task", None, None, "toy-math | toy-med (ignored with --data); default toy-math for --model toy (a real "
          "model needs --data or an explicit --task)"),
-        ("--data", None, None, "RL .parquet/.jsonl in the release layout (prompt = chat messages, "
-         "reward_model.ground_truth)"),
+        ("--data", None, None, "RL .parquet/.jsonl in the release layout (prompt = chat messages, reward_model.ground_truth)"),
         ("--prompt-key", None, None, "row key of the prompt in --data (dotted for nested fields); default 'prompt'"),
         ("--answer-key", None, None, "row key of the gold answer in --data (dotted for nested fields); default "
          "reward_model.ground_truth, else 'answer'"),
@@ -1364,8 +1399,7 @@ FLAGS = {
         ("--no-progress", None, False, "no tqdm bar", dict(action="store_true"))],
     "memory plan (--dry-run: nothing is built, no data or weights are read)": [
         ("--dry-run", None, False, "print the planned GPU peak memory of one rollout step (training + the vLLM "
-         "share; memory.py) and exit; --model may be a configs/model_shapes name or .json file",
-         dict(action="store_true")),
+         "share; memory.py) and exit; --model may be a configs/model_shapes name or .json file", dict(action="store_true")),
         ("--gpu-memory-gib", float, 80.0, "GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")],
 }
 
