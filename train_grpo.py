@@ -675,7 +675,9 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
         return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
     path = Path(cfg["data"])
     records, _ = loading.read_records(path)    # .parquet / .jsonl / .json -> [(record, "file:line")]
-    rows = [_rl_row(rec, f"--data {where} row {i}", cfg) for i, (rec, where) in enumerate(records)]
+    # name the row in errors as "--data <file>:<line> row <i>" (parquet: "--data <file>: row <i>")
+    rows = [_rl_row(rec, f"--data {where}" + ("" if where.endswith(f"row {i}") else f" row {i}"), cfg)
+            for i, (rec, where) in enumerate(records)]
     if not rows:
         raise loading.DataError(f"--data {path}: holds no rows")
     domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
