@@ -105,6 +105,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     else:
         mean = r.mean(dim=1, keepdim=True).expand_as(r)                  # (B, G)
         std = r.std(dim=1, unbiased=True, keepdim=True).expand_as(r)     # (B, G)
+    # Dividing by the group std makes the update scale-free across prompts but up-weights
+    # near-deterministic groups (tiny std); Dr. GRPO drops it to remove that difficulty bias.
     A = r - mean
     if scale == "group":
         A = A / (std + eps)
@@ -179,6 +181,9 @@ def policy_loss_per_token(logp, old_logp, advantages, *, eps_low: float = 0.2, e
     ratio = torch.exp(log_ratio)                                         # (N, L) ρ
     loss_unclipped = -A * ratio
     loss_clipped = -A * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    # The max of the two losses is PPO's pessimistic bound: once ρ has left [1-ε_low, 1+ε_high] in
+    # the direction that A rewards, the clipped term wins and its gradient is 0, so one rollout
+    # batch cannot push π_θ far from π_old.
     loss = torch.maximum(loss_unclipped, loss_clipped)                   # (N, L)
     flags = {"clip_low": (ratio < 1.0 - eps_low) & (A < 0),              # the clip branch is active
              "clip_high": (ratio > 1.0 + eps_high) & (A > 0)}
@@ -219,6 +224,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
     The `num_*` arguments make gradient accumulation over micro-batches exact: the micro-batch
     losses then sum to the mini-batch loss. Empty masks give 0, never NaN.
     """
+    # The normaliser decides the length bias: "grpo" weighs every sequence equally, so a token
+    # of a long wrong answer counts less than one of a short one; "dapo" weighs tokens equally;
+    # "dr_grpo" uses a constant, so the gradient no longer depends on the lengths at all.
     m = mask.to(per_token_loss.dtype)
     total = (per_token_loss * m).sum()
     n_seq = float(num_seqs) if num_seqs is not None else float(per_token_loss.shape[0])
@@ -320,6 +328,7 @@ def token_budget_micros(idx: list[int], prompt_lens: list[int], completion_lens:
     out, cur, P, L = [], [], 0, 0
     for i in idx:
         p, c = prompt_lens[i], max(1, completion_lens[i])
+        # padded size if row i joined: (rows + 1) x (longest prompt + longest completion)
         over = max_tokens > 0 and (len(cur) + 1) * (max(P, p) + max(L, c)) > max_tokens
         if cur and (len(cur) >= max_seqs or over):
             out.append(cur)
@@ -454,6 +463,8 @@ def amp_context(plan: dict, device: torch.device):
 def sequence_logprobs(model, input_ids, attn, P: int, L: int, temperature: float,
                       with_entropy: bool = False):
     """ℓ_θ of the L completion tokens, (N, L) fp32 (and the (N, L) entropy if asked)."""
+    # Positions count real tokens only, so the left padding does not shift the rotary positions
+    # (the sampler saw the prompt starting at position 0).
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)                    # (N, P+L)
     # Only the last L+1 positions' logits are needed: position p predicts token p+1.
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
@@ -511,6 +522,8 @@ def sample_hf(model, prompts: list[list[int]], *, group_size: int, max_new_token
     model.eval()
     gen_cfg = make_generation_config(max_new_tokens=max_new_tokens, temperature=temperature,
                                      pad_token_id=pad_id, eos_token_ids=eos_token_ids)
+    # Re-seed per rollout step (seed = f(--seed, step)): a run and its --resume draw the same
+    # completions at every step, whatever ran in between.
     torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(group_size)]               # N = B*G, group-contiguous
     completions, finished = [], []
@@ -546,26 +559,19 @@ def vllm_usable() -> bool:
 
 def make_vllm_engine(model_dir: str, *, max_model_len: int, max_num_seqs: int, seed: int,
                      gpu_memory_utilization: float = 0.3, sleep_mode: bool = False):
-    """Build an in-process vLLM engine over the base model's HF directory.
-
-    Build it BEFORE the trainer takes GPU memory: vLLM asserts that `gpu_memory_utilization` of
-    the total is free at start-up (vllm #20305).
-    """
-    # In-process engine core, so `apply_model` reaches the live model without serialisation
-    # (`VLLM_ENABLE_V1_MULTIPROCESSING`). Must be set before vLLM is imported.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    evaluate.free_cuda_cache()      # memory an earlier trainer in this process dropped (arena.py run)
-    from vllm import LLM
+    """evaluate.make_vllm_engine (bf16, in-process engine core, cache freed first) with the
+    rollout's settings. Build it BEFORE the trainer takes GPU memory: vLLM asserts that
+    `gpu_memory_utilization` of the total is free at start-up (vllm #20305)."""
     # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig.verify_max_model_len),
     # and B x G sequences (paper: 2048) can exceed the prompt + completion length
     batched = max(4096, max_model_len, max_num_seqs)
-    return LLM(model=str(model_dir), dtype="bfloat16",         # never "auto": fp32 configs -> fp16
-               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
-               enable_prefix_caching=True,                     # the G samples share the prompt
-               enable_sleep_mode=sleep_mode, enforce_eager=True,
-               logprobs_mode="processed_logprobs",             # log-probs after temperature (§1.6)
-               seed=seed)
+    return evaluate.make_vllm_engine(
+        str(model_dir), seed=seed, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=batched,
+        enable_prefix_caching=True,                     # the G samples share the prompt
+        enable_sleep_mode=sleep_mode, enforce_eager=True,
+        logprobs_mode="processed_logprobs")             # log-probs after temperature (§1.6)
 
 
 def sample_vllm(llm, prompts: list[list[int]], *, group_size: int, max_new_tokens: int,
@@ -646,37 +652,6 @@ def wake_vllm(llm, *, push=None) -> None:
 # Data: toy rows or the release's RL parquet/JSONL, tokenised once
 
 
-def _read_rl_records(path: Path) -> list[tuple[dict, str]]:
-    """[(record, where)] of an RL .parquet / .jsonl file; `where` names the file and line/row."""
-    if not path.is_file():
-        raise loading.DataFileNotFound(f"--data {path}: file not found")
-    if path.suffix == ".parquet":   # the release's format (pyarrow, in requirements.txt)
-        return [(r, f"--data {path} row {i}") for i, r in enumerate(loading.read_parquet_rows(path))]
-    if path.suffix not in (".jsonl", ".json"):
-        raise loading.DataError(f"--data {path}: expected .parquet, .jsonl or .json")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array (e.g. deepscaler.json)
-        try:
-            items = json.loads(text)
-        except ValueError as err:
-            raise loading.DataError(f"--data {path}: not valid JSON ({err})") from None
-        bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
-        if bad is not None:
-            raise loading.DataError(f"--data {path} item {bad}: not a JSON object")
-        return [(r, f"--data {path} item {i}") for i, r in enumerate(items)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({err})") from None
-            if not isinstance(rec, dict):
-                raise loading.DataError(f"--data {path}:{lineno}: not a JSON object ({type(rec).__name__})")
-            records.append((rec, f"--data {path}:{lineno} row {len(records)}"))
-    return records
-
-
 def _rl_row(rec: dict, where: str, cfg) -> dict:
     """One record -> {'prompt', 'answer', 'data_source'}; --prompt-key/--answer-key name other keys."""
     pk, ak = cfg.get("prompt_key"), cfg.get("answer_key")
@@ -699,7 +674,10 @@ def load_rl_rows(cfg) -> tuple[list[dict], str]:
         domain = cfg["task"].split("-", 1)[1]
         return toy_world.make_rl_rows(domain, cfg["num_prompts"], seed=cfg["data_seed"]), domain
     path = Path(cfg["data"])
-    rows = [_rl_row(rec, where, cfg) for rec, where in _read_rl_records(path)]
+    records, _ = loading.read_records(path)    # .parquet / .jsonl / .json -> [(record, "file:line")]
+    # name the row in errors as "--data <file>:<line> row <i>" (parquet: "--data <file>: row <i>")
+    rows = [_rl_row(rec, f"--data {where}" + ("" if where.endswith(f"row {i}") else f" row {i}"), cfg)
+            for i, (rec, where) in enumerate(records)]
     if not rows:
         raise loading.DataError(f"--data {path}: holds no rows")
     domain = cfg["domain"] or ("med" if rows and rows[0].get("data_source") == "med_23k_think" else "math")
@@ -729,46 +707,11 @@ def tokenize_prompts(rows, tokenizer, *, max_prompt_tokens: int, context: int):
 # checkpoints (adapter + optimiser + trainer_state, atomically), metrics log
 
 
-CKPT_PREFIX = "global_step_"   # as train_sft.py: rewind.py reads both trajectories the same way
+CKPT_PREFIX = loading.CKPT_PREFIX   # as train_sft.py: rewind.py reads both trajectories the same way
 # flags that may change between a run and its --resume without changing the trajectory so far
 RESUME_FREE_KEYS = {"resume", "overwrite", "out", "no_progress", "save_every_steps", "steps", "eval_n"}
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (trainer_state.json is written last), oldest first."""
-    found = []
-    for d in Path(out).glob(CKPT_PREFIX + "*"):
-        k = d.name[len(CKPT_PREFIX):]
-        if k.isdigit() and (d / "trainer_state.json").exists():
-            found.append((int(k), d))
-    return sorted(found)
-
-
-def prepare_out_dir(out: Path, cfg: dict) -> Path | None:
-    """Refuse an occupied --out unless --resume / --overwrite; return the checkpoint to resume."""
-    cfg_path = out / "config.json"
-    occupied = out.exists() and any(out.iterdir())
-    if cfg["resume"]:
-        if not cfg_path.exists():
-            if occupied:
-                raise FileExistsError(f"--resume: {out} holds files but no config.json; not a train_grpo run")
-            return None
-        old = json.loads(cfg_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items()
-                if k not in RESUME_FREE_KEYS and old.get(k) != v}
-        if diff:
-            raise ValueError(f"--resume: {out} holds a different run; differing settings (old, new): {diff}")
-        found = checkpoints(out)
-        return found[-1][1] if found else None
-    if occupied:
-        if not cfg["overwrite"]:
-            raise FileExistsError(f"output directory {out} is not empty; pass --resume to continue the "
-                                  "run in it or --overwrite to delete it and start again")
-        for d in list(out.glob(CKPT_PREFIX + "*")) + list(out.glob(".tmp-" + CKPT_PREFIX + "*")):
-            shutil.rmtree(d)          # delete only what this script writes
-        for name in ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json"):
-            (out / name).unlink(missing_ok=True)
-    return None
+# what --overwrite deletes (besides the checkpoints); nothing else in --out is touched
+OWNED_FILES = ("config.json", "metrics.jsonl", "summary.json", "eval_before.json", "eval_after.json")
 
 
 def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
@@ -786,7 +729,9 @@ def save_checkpoint(out: Path, model, opt, cfg: dict, state: dict) -> Path:
     loading.atomic_write_json(tmp / "config.json", cfg)
     loading.atomic_write_json(tmp / "trainer_state.json", state)       # last: marks completeness
     loading.atomic_replace_dir(tmp, final)
-    for k, d in checkpoints(out):
+    # Old checkpoints keep their weights: the trajectory that rewind.py interpolates along; only
+    # the newest needs the optimiser state to resume.
+    for k, d in loading.list_checkpoints(out):
         if k < step:
             (d / "optimizer.pt").unlink(missing_ok=True)
     return final
@@ -825,7 +770,8 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
     per iteration; see `train`."""
     cfg = resolve_config(config)
     out = Path(cfg["out"])
-    resume_from = prepare_out_dir(out, cfg)
+    resume_from = loading.prepare_run_dir(out, cfg, script="train_grpo", free_keys=RESUME_FREE_KEYS,
+                                          owned_files=OWNED_FILES, new_keys_only=True)
     out.mkdir(parents=True, exist_ok=True)
     loading.set_seed(cfg["seed"])
     # data rows first: a missing file, a bad row or key, or no pyarrow fails in seconds, before the
@@ -843,6 +789,12 @@ def _train(config, *, model, tokenizer, engine: dict) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg["steps"], initial=state["step"], desc="grpo", dynamic_ncols=True)
     last = {}
+    # One iteration = one rollout step of [Shao+24 DeepSeekMath, Alg. 1]. For a prompt q with G
+    # sampled completions o_1..o_G the step maximises (here: minimises the negative of)
+    #   J(θ) = E[ 1/Σ|o_i| Σ_i Σ_t min(ρ_it A_i, clip(ρ_it, 1-ε_low, 1+ε_high) A_i) ] - β D_KL,
+    #   ρ_it = π_θ(o_it | q, o_i,<t) / π_old(o_it | q, o_i,<t),   A_i = group-normalised reward
+    # (token-mean "dapo" normaliser shown; PEFT-Arena §RLVR setup). No value network: the group's
+    # mean reward is the baseline, so there is no critic to train or to hold in memory.
     while state["step"] < cfg["steps"]:
         step = state["step"]
         t0 = time.time()
@@ -926,17 +878,16 @@ def _set_up(cfg, model, tokenizer, engine, resume_from, rows, domain):
     gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
     eos_ids = sorted({i for i in [tokenizer.eos_token_id, *gen_eos] if i is not None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    summary = {"out": str(Path(cfg["out"])), "method": cfg["method"], "model": cfg["model"], "domain": domain,
-               "trainable_params": n_train}
+    summary = {"domain": domain}     # summary.json's GRPO fields, completed by _finish_run
     if cfg["eval_n"] and cfg["data"] is None and state["step"] == 0:
         summary["eval_before"] = _evaluate(model, tokenizer, domain, cfg, Path(cfg["out"]) / "eval_before.json")
     cfg_to_save = {**cfg, "trainable_params": n_train, "sampler_used": "vllm" if use_vllm else "hf"}
-    loading.atomic_write_json(Path(cfg["out"]) / "config.json", cfg_to_save)
+    loading.write_run_config(Path(cfg["out"]), cfg_to_save)    # + environment(): torch, threads, CPU
     sampler = _Sampler(model, cfg, amp, llm, sampler_model, eos_ids, pad_id)
     return types.SimpleNamespace(model=model, tokenizer=tokenizer, ref_model=ref_model, params=params,
                                  opt=opt, amp=amp, state=state, rows=rows, domain=domain, context=context,
                                  reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id, sampler=sampler,
-                                 summary=summary, cfg_to_save=cfg_to_save)
+                                 summary=summary, cfg_to_save=cfg_to_save, n_train=n_train)
 
 
 def _start_vllm(cfg, engine: dict):
@@ -1020,6 +971,8 @@ class _Sampler:
     def sample(self, prompts, max_new: int, step: int, optimizer_steps: int):
         """(completions, finished, sampler log-probs or None) for this rollout step."""
         cfg, G, method = self.cfg, self.cfg["group_size"], self.cfg["method"]
+        # π_old must be the policy that sampled: the sampler's weights are refreshed when the
+        # optimiser has stepped since the last push (once per rollout at most, as verl).
         stale = self.pushed_at != optimizer_steps          # implementation note 2: push when stale
         if self.llm is not None:
             push = (lambda: push_weights_vllm(self.llm, self.model, method)) if stale else None
@@ -1055,6 +1008,9 @@ class _Sampler:
 def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, stats) -> dict:
     """One metrics.jsonl line: reward, pass@G, zero-std groups, the optimiser's metrics, lengths,
     truncation, throughput."""
+    # A group whose G rewards are all equal has A = 0 everywhere: no gradient. frac_reward_zero_std
+    # is therefore the share of the batch that taught nothing; pass_rate (pass@G) bounds what GRPO
+    # can make greedy (a prompt no sample solves never gets a positive advantage).
     r_groups = rewards.view(-1, G)                                                   # (B, G)
     lens = torch.tensor([len(c) for c in completions], dtype=torch.float)
     n_gen_tokens = sum(len(c) for c in completions)
@@ -1071,28 +1027,30 @@ def _step_metrics(step, rewards, G, completions, finished, m, t0, t_gen, cfg, st
 
 
 def _finish_run(run, out, cfg, state, stats, last, t_start, metrics_path) -> dict:
-    """Final checkpoint (if the last step was not saved), eval after, summary.json."""
-    found = checkpoints(out)
+    """Final checkpoint (if the last step was not saved), eval after, summary.json (loading's
+    schema; train_last = reward_last, the mean reward of the last fifth of the steps)."""
+    found = loading.list_checkpoints(out)
     if not found or found[-1][0] != state["step"]:
         save_checkpoint(out, run.model, run.opt, run.cfg_to_save, state)
-        found = checkpoints(out)
-    summary = run.summary
-    summary.update({"final_checkpoint": str(found[-1][1]), "steps": state["step"],
-                    "optimizer_steps": state["optimizer_steps"], "train_time_s": time.time() - t_start,
-                    "last": last, "reward_errors": stats.get("reward_errors", {})})
+        found = loading.list_checkpoints(out)
+    extra, seconds = run.summary, time.time() - t_start
+    extra.update({"optimizer_steps": state["optimizer_steps"], "train_time_s": seconds, "last": last,
+                  "reward_errors": stats.get("reward_errors", {})})
     curve = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     if curve:
         k = max(1, len(curve) // 5)
-        summary["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
-        summary["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
+        extra["reward_first"] = sum(c["reward_mean"] for c in curve[:k]) / k
+        extra["reward_last"] = sum(c["reward_mean"] for c in curve[-k:]) / k
     if cfg["eval_n"] and cfg["data"] is None:
-        summary["eval_after"] = _evaluate(run.model, run.tokenizer, run.domain, cfg, out / "eval_after.json")
-        if "eval_before" in summary:
-            b, a = summary["eval_before"], summary["eval_after"]
-            summary["target_gain"] = a["target_score"] - b["target_score"]
-            summary["general_change"] = a["general_score"] - b["general_score"]
-    loading.atomic_write_json(out / "summary.json", summary)
-    return summary
+        extra["eval_after"] = _evaluate(run.model, run.tokenizer, run.domain, cfg, out / "eval_after.json")
+        if "eval_before" in extra:
+            b, a = extra["eval_before"], extra["eval_after"]
+            extra["target_gain"] = a["target_score"] - b["target_score"]
+            extra["general_change"] = a["general_score"] - b["general_score"]
+    return loading.write_summary(out, script="train_grpo", cfg=cfg, steps=state["step"],
+                                 trainable_params=run.n_train, final_checkpoint=found[-1][1],
+                                 train_seconds=seconds, train_last=extra.get("reward_last"),
+                                 train_last_name="reward", **extra)
 
 
 # -----------------------------------------------------------------------------
@@ -1145,6 +1103,9 @@ def _optimise(model, ref_model, opt, params, cfg, prompts, completions, finished
            "clip_dual": [], "grad_norm": [], "sampler_logp_diff": []}
     model.train()
     steps = 0
+    # Mini-batch 1 of epoch 1 is on-policy (θ = θ_old, ρ = 1, the gradient is the policy
+    # gradient); every later one is off-policy by the updates before it, which is what the
+    # stored ℓ_old and the clip in ρ are for [Schulman+17 PPO, §3].
     for epoch in range(cfg["ppo_epochs"]):
         for k, mini in enumerate(minis):
             # (b) one optimiser step per mini-batch.
@@ -1206,6 +1167,8 @@ def _mini_batch_backward(model, batch, micros, old, ref, adv, cfg, n_tok, n_seq,
             acc["kl"].append(_masked_mean(kl.detach(), mask))
         loss = aggregate_loss(loss_tok, mask, cfg["loss_agg"], num_tokens=n_tok, num_seqs=n_seq,
                               max_len=cfg["max_new_tokens"], num_micro=len(micros))
+        # backward() adds this micro-batch's gradient into .grad; the micro losses share the
+        # mini-batch's normaliser, so the accumulated sum is the mini-batch gradient exactly.
         loss.backward()
         mini_loss += loss.item()
         acc["approx_kl_old"].append(_masked_mean((old_lp - lp.detach()), mask))
@@ -1219,6 +1182,8 @@ def _clip_and_step(opt, params, grad_clip: float, acc: dict) -> int:
     norm is not finite is skipped, as the release's trainer does. Returns 1 if it stepped."""
     # offload: the grads move to the CPU masters first (fp32), and the norm is theirs
     clip_on = opt.pull_grads() if isinstance(opt, OffloadAdamW) else params
+    # Global-norm clipping bounds the size of one AdamW step's input when a few completions with
+    # large |A| dominate the batch; the norm is logged (grad_norm) either way.
     gn = torch.nn.utils.clip_grad_norm_(clip_on, grad_clip if grad_clip > 0 else float("inf"))
     stepped = 0
     if torch.isfinite(gn):
@@ -1277,6 +1242,9 @@ def _old_and_ref_logprobs(model, ref_model, batch, active, reused, cfg, ent, amp
     ℓ_old = log-probs of the sampling policy, recomputed by the trainer before any update and
     stored, because mini-batches 2..k of a rollout are off-policy. Reference for the KL: Full FT =
     the frozen copy `ref_model`; PEFT = the same model with its adapters off."""
+    # ℓ_old is recomputed by the trainer rather than taken from vLLM: the sampler runs other
+    # kernels in bf16, and a ratio of log-probs from two implementations would not be 1
+    # on-policy. Their gap is logged as sampler_logp_diff (a weight-sync check).
     N, T = len(batch.completions), cfg["temperature"]
     old, ref = [None] * N, [None] * N
     model.eval()
@@ -1351,129 +1319,103 @@ SMOKE = dict(prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1,
              num_prompts=8, eval_n=0, save_every_steps=1)
 
 
+B_OPT = argparse.BooleanOptionalAction
+# The CLI as a table: group -> [(flag, type, default, help, extra add_argument kwargs)]; None type =
+# a string. The method flags match train_sft.py's, so arena.py passes one dict to both scripts.
+FLAGS = {
+    "model and method": [
+        ("--model", None, "toy", "'toy', a local HF model dir, or a hub id"),
+        ("--method", None, "lora", "peft_methods.METHODS name; 'full' = Full FT"),
+        ("--r", int, None, "rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default"),
+        ("--alpha", float, None, "LoRA scale numerator α (scale α/r); None = method default"),
+        ("--block-size", int, None, "OFT block size b"),
+        ("--dropout", float, None, "adapter dropout; None = 0 for RL (the release's RL LoRA config has no dropout)"),
+        ("--hp", None, [], "any other make_config field (value parsed as JSON, else a string); repeatable",
+         dict(action="append", metavar="KEY=VALUE")),
+        ("--init-from", None, None, "SFT checkpoint dir to start from (same --method)"),
+        ("--dtype", None, None, "compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)"),
+        ("--param-dtype", None, "auto", "auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16",
+         dict(choices=["auto", "bf16"])),
+        ("--optimizer-offload", None, "none", "cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param "
+         "there), bf16 weights + grads on the GPU (4 B/param)", dict(choices=["none", "cpu"])),
+        ("--device", None, None, "cpu|cuda (default: cuda if available)"),
+        ("--grad-checkpointing", None, None, "non-reentrant activation checkpointing; default: on for real models, "
+         "off for the toy", dict(action=B_OPT))],
+    "data": [
+        ("--task", None, None, "toy-math | toy-med (ignored with --data); default toy-math for --model toy (a real "
+         "model needs --data or an explicit --task)"),
+        ("--data", None, None, "RL .parquet/.jsonl in the release layout (prompt = chat messages, reward_model.ground_truth)"),
+        ("--prompt-key", None, None, "row key of the prompt in --data (dotted for nested fields); default 'prompt'"),
+        ("--answer-key", None, None, "row key of the gold answer in --data (dotted for nested fields); default "
+         "reward_model.ground_truth, else 'answer'"),
+        ("--domain", None, None, "math|med reward for --data (default: from data_source, 'med_23k_think' -> med, else math)"),
+        ("--num-prompts", int, 2048, "toy prompts to generate (rows)"),
+        ("--data-seed", int, 0, "seed of the toy RL rows"),
+        ("--max-prompt-tokens", int, 1024, "longer prompts are dropped (tokens; release: 1024)")],
+    "rollout": [
+        ("--preset", None, "auto", "fills unset values below (auto: toy for toy-* tasks, else paper)",
+         dict(choices=["auto", "paper", "toy"])),
+        ("--prompts-per-step", int, None, "B prompts per step (paper 256)"),
+        ("--group-size", int, None, "G completions per prompt (paper 8)"),
+        ("--max-new-tokens", int, None, "completion cap in tokens (paper 8192)"),
+        ("--temperature", float, 1.0, "sampling T; log-probs use the same T"),
+        ("--sampler", None, "auto", "auto: vLLM if installed and on CUDA, else transformers generate",
+         dict(choices=["auto", "hf", "vllm"])),
+        ("--gen-batch-size", int, 128, "sequences per generate call (hf)"),
+        ("--hf-sampler", None, "auto", "hf sampler: live = the adapted model; merged = a plain copy that receives "
+         "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU",
+         dict(choices=["auto", "live", "merged"])),
+        ("--vllm-gpu-memory-utilization", float, 0.3, "fraction of GPU memory"),
+        ("--vllm-sleep", None, False, "sleep(level=1) vLLM while training", dict(action="store_true"))],
+    "objective": [
+        ("--adv-scale", None, "group", "group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)",
+         dict(choices=["group", "none"])),
+        ("--adv-eps", float, 1e-6, "eps in the std denominator (verl 1e-6)"),
+        ("--loss-agg", None, "dapo", "dapo = token-mean (paper); grpo; bnpo; dr_grpo", dict(choices=list(LOSS_AGG))),
+        ("--clip-eps-low", float, 0.2, "ε_low"),
+        ("--clip-eps-high", float, 0.2, "ε_high (DAPO clip-higher: 0.28)"),
+        ("--dual-clip", float, 3.0, "dual-clip c for A<0 (0 = off)"),
+        ("--beta", float, 0.0, "k3 KL weight to the reference (paper 0)"),
+        ("--mask-truncated", None, False, "no loss on completions that hit --max-new-tokens (DAPO overlong "
+         "filter; paper: off)", dict(action="store_true")),
+        ("--mini-batches", int, None, "optimiser steps per rollout batch (paper 4)"),
+        ("--ppo-epochs", int, 1, "passes over each rollout batch (paper 1)"),
+        ("--micro-batch-size", int, 64, "sequences per forward/backward"),
+        ("--micro-batch-tokens", int, 16384, "padded tokens (sequences x width) per forward/backward (release: "
+         "16k per GPU); 0 = off")],
+    "optimiser": [
+        ("--lr", float, None, f"constant LR (default: from the preset, by method; paper: {_lr_text(PAPER_PRESET)}; "
+         f"toy: {_lr_text(TOY_PRESET)})"),
+        ("--weight-decay", float, 0.01, "AdamW weight decay"),
+        ("--adam-betas", float, [0.9, 0.999], "AdamW betas", dict(nargs=2)),
+        ("--grad-clip", float, 1.0, "max grad norm (0 = off)"),
+        ("--steps", int, None, "rollout steps (each = --mini-batches optimiser steps)")],
+    "run": [
+        ("--out", None, "runs/grpo", "output directory"),
+        ("--seed", int, 42, "seed (release: 42)"),
+        ("--save-every-steps", int, 50, "rollout steps between checkpoints (release save_freq 50; 0 = only at the end)"),
+        ("--resume", None, False, "continue from the newest checkpoint in --out", dict(action="store_true")),
+        ("--overwrite", None, False, "delete a previous run in --out first", dict(action="store_true")),
+        ("--eval-n", int, 0, "toy only: evaluate_toy items per family before and after training (0 = off)"),
+        ("--smoke", None, False, "tiny sizes, 2 steps, for a quick check", dict(action="store_true")),
+        ("--no-progress", None, False, "no tqdm bar", dict(action="store_true"))],
+    "memory plan (--dry-run: nothing is built, no data or weights are read)": [
+        ("--dry-run", None, False, "print the planned GPU peak memory of one rollout step (training + the vLLM "
+         "share; memory.py) and exit; --model may be a configs/model_shapes name or .json file", dict(action="store_true")),
+        ("--gpu-memory-gib", float, 80.0, "GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI: one helper per flag group (model, data, rollout, objective, optimiser, run, plan)."""
+    """The CLI of the FLAGS table, one argument group per table group."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add_group in (_model_flags, _data_flags, _rollout_flags, _objective_flags, _optimiser_flags,
-                      _run_flags, _plan_flags):
-        add_group(p)
+    for title, flags in FLAGS.items():
+        g = p.add_argument_group(title)
+        for flag, typ, default, text, *kw in flags:   # list defaults copied: the table is never mutated
+            default = list(default) if isinstance(default, list) else default
+            g.add_argument(flag, default=default, help=text, **({"type": typ} if typ else {}), **(kw[0] if kw else {}))
     return p
-
-
-def _model_flags(p) -> None:
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
-    g.add_argument("--method", default="lora", help="peft_methods.METHODS name; 'full' = Full FT")
-    # the same method flags as train_sft.py, so arena.py can pass one dict to both
-    g.add_argument("--r", type=int, default=None, help="rank r (LoRA family, AdaLoRA, MiSS, VeRA); None = method default")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA scale numerator α (scale α/r); None = method default")
-    g.add_argument("--block-size", type=int, default=None, help="OFT block size b")
-    g.add_argument("--dropout", type=float, default=None, help="adapter dropout; None = 0 for RL "
-                   "(the release's RL LoRA config has no dropout)")
-    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other make_config field (value parsed as JSON, else a string); repeatable")
-    g.add_argument("--init-from", default=None, help="SFT checkpoint dir to start from (same --method)")
-    g.add_argument("--dtype", default=None, help="compute dtype fp32|bf16 (default bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--param-dtype", default="auto", choices=["auto", "bf16"],
-                   help="auto: trainable tensors are fp32 masters under bf16 compute; bf16: pure bf16")
-    g.add_argument("--optimizer-offload", default="none", choices=["none", "cpu"],
-                   help="cpu (Full FT): fp32 masters + AdamW moments on the CPU (16 B/param there), "
-                   "bf16 weights + grads on the GPU (4 B/param)")
-    g.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="non-reentrant activation checkpointing; default: on for real models, off for the toy")
-
-
-def _data_flags(p) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--task", default=None, help="toy-math | toy-med (ignored with --data); default "
-                   "toy-math for --model toy (a real model needs --data or an explicit --task)")
-    g.add_argument("--data", default=None, help="RL .parquet/.jsonl in the release layout (prompt = "
-                   "chat messages, reward_model.ground_truth)")
-    g.add_argument("--prompt-key", default=None, help="row key of the prompt in --data (dotted for "
-                   "nested fields); default 'prompt'")
-    g.add_argument("--answer-key", default=None, help="row key of the gold answer in --data (dotted "
-                   "for nested fields); default reward_model.ground_truth, else 'answer'")
-    g.add_argument("--domain", default=None, help="math|med reward for --data (default: from "
-                   "data_source, 'med_23k_think' -> med, else math)")
-    g.add_argument("--num-prompts", type=int, default=2048, help="toy prompts to generate (rows)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the toy RL rows")
-    g.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are "
-                   "dropped (tokens; release: 1024)")
-
-
-def _rollout_flags(p) -> None:
-    g = p.add_argument_group("rollout")
-    g.add_argument("--preset", default="auto", choices=["auto", "paper", "toy"],
-                   help="fills unset values below (auto: toy for toy-* tasks, else paper)")
-    g.add_argument("--prompts-per-step", type=int, default=None, help="B prompts per step (paper 256)")
-    g.add_argument("--group-size", type=int, default=None, help="G completions per prompt (paper 8)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="completion cap in tokens (paper 8192)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling T; log-probs use the same T")
-    g.add_argument("--sampler", default="auto", choices=["auto", "hf", "vllm"],
-                   help="auto: vLLM if installed and on CUDA, else transformers generate")
-    g.add_argument("--gen-batch-size", type=int, default=128, help="sequences per generate call (hf)")
-    g.add_argument("--hf-sampler", default="auto", choices=["auto", "live", "merged"],
-                   help="hf sampler: live = the adapted model; merged = a plain copy that receives "
-                   "merged weights like vLLM (faster decoding, one more model copy); auto = merged for PEFT on CPU")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="fraction of GPU memory")
-    g.add_argument("--vllm-sleep", action="store_true", help="sleep(level=1) vLLM while training")
-
-
-def _objective_flags(p) -> None:
-    g = p.add_argument_group("objective")
-    g.add_argument("--adv-scale", default="group", choices=["group", "none"],
-                   help="group: (r-mean)/(std+eps) (GRPO, paper); none: r-mean (Dr. GRPO)")
-    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in the std denominator (verl 1e-6)")
-    g.add_argument("--loss-agg", default="dapo", choices=list(LOSS_AGG),
-                   help="dapo = token-mean (paper); grpo; bnpo; dr_grpo")
-    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ε_low")
-    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ε_high (DAPO clip-higher: 0.28)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip c for A<0 (0 = off)")
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the reference (paper 0)")
-    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit "
-                   "--max-new-tokens (DAPO overlong filter; paper: off)")
-    g.add_argument("--mini-batches", type=int, default=None, help="optimiser steps per rollout batch (paper 4)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (paper 1)")
-    g.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="padded tokens (sequences x width) per forward/backward (release: 16k per "
-                   "GPU); 0 = off")
-
-
-def _optimiser_flags(p) -> None:
-    g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=None, help="constant LR (default: from the preset, "
-                   f"by method; paper: {_lr_text(PAPER_PRESET)}; toy: {_lr_text(TOY_PRESET)})")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
-    g.add_argument("--steps", type=int, default=None, help="rollout steps (each = --mini-batches "
-                   "optimiser steps)")
-
-
-def _run_flags(p) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/grpo", help="output directory")
-    g.add_argument("--seed", type=int, default=42, help="seed (release: 42)")
-    g.add_argument("--save-every-steps", type=int, default=50, help="rollout steps between "
-                   "checkpoints (release save_freq 50; 0 = only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
-    g.add_argument("--eval-n", type=int, default=0, help="toy only: evaluate_toy items per family "
-                   "before and after training (0 = off)")
-    g.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, for a quick check")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def _plan_flags(p) -> None:
-    g = p.add_argument_group("memory plan (--dry-run: nothing is built, no data or weights are read)")
-    g.add_argument("--dry-run", action="store_true", help="print the planned GPU peak memory of one "
-                   "rollout step (training + the vLLM share; memory.py) and exit; --model may be a "
-                   "configs/model_shapes name or .json file")
-    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="GPU memory in GiB (H100 80, H200 141): the --dry-run verdict and vLLM's share")
 
 
 def method_hparams(cfg: dict, peft_methods) -> dict:
