@@ -55,6 +55,8 @@ import math
 import os
 import sys
 import time
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,7 +67,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import loading
 import peft_methods
 import toy_world
-from graders import (IFEVAL_BACKENDS, OPTION_LETTERS, ensure_ifeval_data, ifeval_accuracies,
+from graders import (IFEVAL_BACKENDS, OPTION_LETTERS, SCORERS, ensure_ifeval_data, ifeval_accuracies,
                      ifeval_fallbacks_used, ifeval_slots, nq_exact_match, score_item)
 # re-exported for the callers that still reach the graders as evaluate.<name>
 from graders import (extract_choice_letter, extract_math_answer, grade_math,  # noqa: F401
@@ -179,7 +181,7 @@ def summarize_suite(bench: dict, *, domain: str | None, base_general: float | No
     over sources; General = mean(IFEval inst-strict, BBH, NQ) when all are present; forgetting."""
     out = {}
     scores = {n: b["score"] for n, b in bench.items()}
-    targets = {d: t for d in ("math", "med") if (t := target_score(scores, d)) is not None}
+    targets = {d: t for d in SUITES if d not in ("general", "all") and (t := target_score(scores, d)) is not None}
     if targets:
         out["target_scores"] = targets
         dom = domain or next(iter(targets))
@@ -196,14 +198,13 @@ def summarize_suite(bench: dict, *, domain: str | None, base_general: float | No
 
 
 # -----------------------------------------------------------------------------
-# 2. The benchmarks as records: data files in the hub formats, the paper's prompts, how each is
-#    scored and aggregated, and which axis it counts toward
+# 2. The benchmarks as records: where the data lives (hub formats), the paper's prompt, how each
+#    answer is scored and aggregated, and which axis it counts toward. A new benchmark is one
+#    `register_benchmark` call (README "Add a benchmark"); suites, scoring and arena.py read the
+#    records when they run, so one registered after import (from another module) is picked up.
 
 MATH_STOP = ["</s>", "<|im_end|>", "<|endoftext|>", "\n\nQuestion:"]
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-BBH_HINT_HEAD = "Follow the given examples and answer the question.\n"
-NQ_PROMPT = ("Answer these questions, your answer should be as simple as possible, start your answer "
-             "with the prompt 'The answer is '.\nQ: {question}?")
 MED_SYSTEM = "You are a helpful assistant."   # DEVIATION 1
 
 
@@ -219,289 +220,249 @@ def med_prompt(question: str, options: dict) -> str:
 
 def bbh_prompt(hint: str, question: str) -> str:
     """OpenCompass bbh_gen_5b92b0: instruction line + the task's CoT exemplars + the question."""
-    return f"{BBH_HINT_HEAD}{hint}\n\nQ: {question}\nA: Let's think step by step."
+    return f"Follow the given examples and answer the question.\n{hint}\n\nQ: {question}\nA: Let's think step by step."
 
 
 def nq_prompt(question: str) -> str:
     """OpenCompass nq_gen_c788f6 (the release's copy), 0-shot."""
-    return NQ_PROMPT.format(question=question)
+    return ("Answer these questions, your answer should be as simple as possible, start your answer "
+            f"with the prompt 'The answer is '.\nQ: {question}?")
 
 
 class DatasetMissing(FileNotFoundError):
     pass
 
 
-def read_records(path) -> list | dict:
-    """Rows of a local dataset file by its suffix: .jsonl, .json, .parquet (needs pyarrow), or the
-    DPR-style .csv/.tsv of NQ (question<TAB>python-literal list of answers)."""
-    p = Path(path)
-    if not p.exists():
-        raise DatasetMissing(f"dataset file {p} does not exist")
-    suf = p.suffix.lower()
-    if suf == ".jsonl":
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as err:
-                        raise ValueError(f"{p}:{lineno}: not valid JSON ({err})") from err
-        return rows
-    if suf == ".json":
-        with open(p, encoding="utf-8") as f:
-            return json.load(f)
-    if suf == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as err:
-            raise ImportError(f"reading {p} needs pyarrow (pip install pyarrow), or convert the file "
-                              "to JSONL with the same fields") from err
-        return pq.read_table(p).to_pylist()
-    if suf in (".csv", ".tsv"):
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                q, _, a = line.rstrip("\n").partition("\t")
-                try:
-                    ans = ast.literal_eval(a)  # literals only: never executes code
-                except (ValueError, SyntaxError) as err:
-                    raise ValueError(f"{p}:{lineno}: answer column is not a Python list literal") from err
-                rows.append({"question": q, "answer": list(ans) if isinstance(ans, (list, tuple)) else [str(ans)]})
-        return rows
-    raise ValueError(f"{p}: unsupported dataset format {suf!r} (expected .jsonl, .json, .parquet, .csv)")
+def _how_to_get(spec: dict) -> str:
+    return (f"Expected hub id {spec.get('hub')!r}; format: {spec.get('fmt')}. Download it where the hub is "
+            f"reachable and pass --data-dir DIR (files at {', '.join(spec['files'])}) or --path NAME=FILE")
 
 
 def find_dataset(name: str, data_dir=None, path=None, *, allow_hub: bool = False):
-    """Resolve benchmark `name` to a local path (explicit path, else the first existing candidate
-    under data_dir), or, when allow_hub, to the string 'hub'. Otherwise raise DatasetMissing
-    naming the hub id, the local files looked for, and the expected format."""
+    """Benchmark `name`'s local data: the explicit path, else the first of the record's `files`
+    under data_dir; 'hub' when allow_hub; else DatasetMissing naming what was looked for, the hub
+    id and the expected format."""
     spec = BENCHMARKS[name]
-    tried = []
-    if path is not None:
-        if Path(path).exists():
-            return Path(path)
-        tried.append(str(path))
-    if data_dir is not None:
-        for rel in spec["files"]:
-            cand = Path(data_dir) / rel
-            if cand.exists():
-                return cand
-            tried.append(str(cand))
-    if allow_hub:
-        return "hub"
-    raise DatasetMissing(
-        f"benchmark {name!r}: no local data found (looked for: {', '.join(tried) or 'nothing, no --data-dir'}). "
-        f"Expected hub id {spec['hub']!r}" + (f" split {spec['split']!r}" if spec.get("split") else "") +
-        f"; format: {spec['fmt']}. Download it where the hub is reachable and pass --data-dir DIR "
-        f"(files at {', '.join(spec['files'])}) or --path {name}=FILE; --allow-hub tries the hub.")
+    cands = ([Path(path)] if path is not None else []) + \
+            ([Path(data_dir) / f for f in spec["files"]] if data_dir is not None else [])
+    found = next((c for c in cands if c.exists()), None)
+    if found is not None or allow_hub:
+        return found or "hub"
+    raise DatasetMissing(f"benchmark {name!r}: no local data found (looked for: "
+                         f"{', '.join(map(str, cands)) or 'nothing, no --data-dir'}). {_how_to_get(spec)}; "
+                         "--allow-hub tries the hub.")
 
 
-def _load_from_hub(name: str):
+def read_data(path) -> list | dict:
+    """The rows of a benchmark file. loading.read_records reads .jsonl, .parquet and JSON arrays;
+    two shapes it does not know are read here: a JSON object (m1 by source, a BBH task file) and
+    NQ's DPR TSV (question<TAB>a Python list literal of answers; literal_eval never runs code)."""
+    p = Path(path)
+    if p.suffix in (".csv", ".tsv"):
+        rows = [ln.rstrip("\n").partition("\t") for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        answers = [ast.literal_eval(a) for _, _, a in rows]
+        return [{"question": q, "answer": list(a) if isinstance(a, (list, tuple)) else [str(a)]}
+                for (q, _, _), a in zip(rows, answers)]
+    if p.suffix == ".json" and p.read_text(encoding="utf-8").lstrip().startswith("{"):
+        return json.loads(p.read_text(encoding="utf-8"))
+    return [row for row, _ in loading.read_records(p, "--path")[0]]
+
+
+def read_rows(name: str, data_dir=None, path=None, allow_hub: bool = False):
+    """Rows of benchmark `name` (local file, or the hub's `hub` id / `config` / `split`)."""
+    where = find_dataset(name, data_dir, path, allow_hub=allow_hub)
+    if where != "hub":
+        return read_data(where)
     spec = BENCHMARKS[name]
     try:
         import datasets
-        args = [spec["hub"]] + ([spec["config"]] if spec.get("config") else [])
-        ds = datasets.load_dataset(*args, split=spec["split"]) if spec["split"] else datasets.load_dataset(*args)
-        if spec["split"] is None:  # m1: one split per source
-            return {k: list(v) for k, v in ds.items()}
-        return list(ds)
+        ds = datasets.load_dataset(spec["hub"], *([spec["config"]] if spec.get("config") else []),
+                                   **({"split": spec["split"]} if spec.get("split") else {}))
+        return {k: list(v) for k, v in ds.items()} if not spec.get("split") else list(ds)  # m1: a split per source
     except Exception as err:  # noqa: BLE001
-        raise DatasetMissing(f"benchmark {name!r}: loading hub id {spec['hub']!r} failed "
-                             f"({type(err).__name__}: {str(err)[:200]}); expected format: {spec['fmt']}; "
-                             "pass a local file with --data-dir or --path") from err
+        raise DatasetMissing(f"benchmark {name!r}: loading hub id {spec['hub']!r} failed ({type(err).__name__}: "
+                             f"{str(err)[:200]}); {_how_to_get(spec)}") from err
 
 
-def _rows(name, data_dir=None, path=None, allow_hub=False):
-    where = find_dataset(name, data_dir, path, allow_hub=allow_hub)
-    return (_load_from_hub(name) if where == "hub" else read_records(where)), str(where)
-
-
-def _need(row: dict, keys, name: str, i: int):
+def need(name: str, rid, row: dict, *keys) -> dict:
+    """`row` when it has every field in `keys`, else a ValueError naming the benchmark, row and format."""
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"benchmark {name!r}, row {i}: missing field(s) {missing}; row has {sorted(row)}; "
-                         f"expected format: {BENCHMARKS[name]['fmt']}")
+        raise ValueError(f"benchmark {name!r}, row {rid}: missing field(s) {missing}; row has "
+                         f"{sorted(row)}; expected format: {BENCHMARKS[name].get('fmt')}")
+    return row
 
 
-# Every loader: (name, data_dir, path, *, allow_hub, prompt_dir) -> items, each item a dict
-# {id, family, subtask, prompt (the paper's text, before the chat template), gold, scorer, ...}.
+def make_item(name: str, rid, prompt: str, gold, subtask: str = "", **extra) -> dict:
+    """One scored item of benchmark `name`: {id, family, subtask (BBH task, m1 source), prompt (the
+    paper's text, before the chat template), gold, scorer (the record's), ...extra}."""
+    return {"id": f"{name}-{rid}", "family": name, "subtask": subtask, "prompt": prompt, "gold": gold,
+            "scorer": BENCHMARKS[name]["scorer"], **extra}
 
-def load_math(name: str, data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """MATH-500 / AIME24 / AMC23 / GSM8K items (scorer 'math')."""
-    rows, src = _rows(name, data_dir, path, allow_hub)
+
+# Every loader: (name, data_dir, path, *, allow_hub, prompt_dir) -> [make_item(...), ...]
+
+def load_math(name, data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """MATH-500 / AIME24 / AMC23 / GSM8K (gold: GSM8K's number after '####'; else, note c, the
+    `answer` field; AMC23's float golds "27.0" become "27" in strip_string)."""
     items = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(read_rows(name, data_dir, path, allow_hub)):
         if name == "gsm8k":
-            _need(r, ["question", "answer"], name, i)
-            problem, gold = r["question"], str(r["answer"]).split("####")[-1].strip().replace(",", "")
+            problem = need(name, i, r, "question", "answer")["question"]
+            gold = str(r["answer"]).split("####")[-1].strip().replace(",", "")
         else:
-            _need(r, ["answer"], name, i)
-            problem = r.get("problem", r.get("question"))
+            problem, gold = r.get("problem", r.get("question")), str(need(name, i, r, "answer")["answer"])
             if problem is None:
-                raise ValueError(f"benchmark {name!r}, row {i} of {src}: no 'problem' or 'question' field")
-            # note c: the answer field, not the solution's last box. AMC23 golds are JSON floats
-            # (27.0) -> "27.0", which strip_string turns into "27"
-            gold = str(r["answer"])
-        rid = r.get("unique_id", r.get("id", r.get("idx", i)))
-        items.append({"id": f"{name}-{rid}", "family": name, "subtask": str(r.get("subject", "")),
-                      "prompt": math_prompt(problem), "gold": gold, "scorer": BENCHMARKS[name]["scorer"]})
+                raise ValueError(f"benchmark {name!r}, row {i}: no 'problem' or 'question' field")
+        items.append(make_item(name, r.get("unique_id", r.get("id", r.get("idx", i))), math_prompt(problem),
+                               gold, str(r.get("subject", ""))))
     return items
 
 
-def _m1_rows(rows, src: str) -> list[tuple]:
-    """(source, index, prompt, options, gold) from the hub's dict-by-source JSON or the release's
-    flat processed list."""
-    flat = []
+def load_m1(name="m1", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """m1 medical items (subtask = source), from the hub's JSON dict {source: [rows]} or the
+    release's flat processed list; the boxed instruction is appended to the user turn."""
+    rows = read_rows(name, data_dir, path, allow_hub)
     if isinstance(rows, dict):
-        for source, lst in rows.items():
-            for i, r in enumerate(lst):
-                _need(r, ["question", "options", "answer_idx"], "m1", i)
-                flat.append((source, i, med_prompt(r["question"], r["options"]), r["options"], r["answer_idx"]))
-    elif isinstance(rows, list):
-        for i, r in enumerate(rows):
-            _need(r, ["options", "answer_idx", "source"], "m1", i)
-            prompt = r.get("prompt") or med_prompt(r["question"], r["options"])
-            flat.append((r["source"], i, prompt, r["options"], r["answer_idx"]))
+        flat = [(s, i, need(name, i, r, "question", "options", "answer_idx")) for s, lst in rows.items()
+                for i, r in enumerate(lst)]
     else:
-        raise ValueError(f"{src}: m1 data must be a JSON dict keyed by source or a list of rows")
-    return flat
-
-
-def load_m1(name: str = "m1", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """m1 medical items (scorer 'choice'; subtask = source). The boxed instruction is appended to
-    the user turn."""
-    rows, src = _rows(name, data_dir, path, allow_hub)
+        flat = [(need(name, i, r, "options", "answer_idx", "source")["source"], i, r) for i, r in enumerate(rows)]
     items = []
-    for source, i, prompt, options, gold in _m1_rows(rows, src):
+    for source, i, r in flat:
+        prompt = (not isinstance(rows, dict) and r.get("prompt")) or med_prompt(r["question"], r["options"])
+        options = r["options"]
         if isinstance(options, list):  # some re-uploads store the options as a list
             options = {OPTION_LETTERS[k]: v for k, v in enumerate(options)}
-        items.append({"id": f"m1-{source}-{i}", "family": "m1", "subtask": source,
-                      "prompt": prompt + "\n" + BOXED_INSTRUCTION, "options": options,
-                      "gold": str(gold), "scorer": BENCHMARKS[name]["scorer"]})
+        items.append(make_item(name, f"{source}-{i}", prompt + "\n" + BOXED_INSTRUCTION, str(r["answer_idx"]),
+                               source, options=options))
     return items
 
 
-def load_ifeval(name: str = "ifeval", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """IFEval items (scorer 'ifeval'): the raw prompt, its instruction ids and their kwargs."""
-    rows, _ = _rows(name, data_dir, path, allow_hub)
-    items = []
-    for i, r in enumerate(rows):
-        _need(r, ["prompt", "instruction_id_list", "kwargs"], "ifeval", i)
-        items.append({"id": f"ifeval-{r.get('key', i)}", "family": "ifeval",
-                      "subtask": "", "prompt": r["prompt"],
-                      "instruction_id_list": list(r["instruction_id_list"]),
-                      "kwargs": [dict(k) for k in r["kwargs"]], "gold": None, "scorer": BENCHMARKS[name]["scorer"]})
-    return items
+def load_ifeval(name="ifeval", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """IFEval items: the raw prompt, its instruction ids and their kwargs (no gold)."""
+    rows = [need(name, i, r, "prompt", "instruction_id_list", "kwargs")
+            for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
+    return [make_item(name, r.get("key", i), r["prompt"], None, instruction_id_list=list(r["instruction_id_list"]),
+                      kwargs=[dict(k) for k in r["kwargs"]]) for i, r in enumerate(rows)]
 
 
-def _first_dir(data_dir, explicit, candidates) -> Path | None:
-    """`explicit` when given, else the first candidate folder under data_dir that exists."""
-    if explicit:
-        return Path(explicit)
-    return next((Path(data_dir) / f for f in candidates if data_dir and (Path(data_dir) / f).is_dir()), None)
-
-
-def load_bbh(name: str = "bbh", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+def load_bbh(name="bbh", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
     """BBH items of every task present, from <data>/<task>.json + <prompts>/<task>.txt."""
-    spec = BENCHMARKS["bbh"]
-    ddir = _first_dir(data_dir, path, spec["files"])
-    pdir = _first_dir(data_dir, prompt_dir, spec["prompt_dirs"])
-    if ddir is None or not ddir.is_dir() or pdir is None or not pdir.is_dir():
-        raise DatasetMissing(
-            f"benchmark 'bbh': need a task directory (found {ddir}) and a CoT prompt directory "
-            f"(found {pdir}). Expected hub {spec['hub']}; format: {spec['fmt']}. Pass --data-dir DIR "
-            f"with {spec['files'][0]}/ and {spec['prompt_dirs'][0]}/, or --path bbh=DIR --bbh-prompt-dir DIR.")
-    names = sorted(p.stem for p in ddir.glob("*.json"))
-    if not names:
-        raise DatasetMissing(f"benchmark 'bbh': no <task>.json files in {ddir}")
+    spec = BENCHMARKS[name]
+
+    def first_dir(given, rels):   # `given`, else the first of rels under data_dir that exists
+        return Path(given) if given else next(
+            (Path(data_dir) / f for f in rels if data_dir and (Path(data_dir) / f).is_dir()), None)
+
+    ddir, pdir = first_dir(path, spec["files"]), first_dir(prompt_dir, spec["prompt_dirs"])
+    tasks = sorted(p.stem for p in ddir.glob("*.json")) if ddir and ddir.is_dir() else []
+    if not tasks or pdir is None or not pdir.is_dir():
+        raise DatasetMissing(f"benchmark 'bbh': need a directory of <task>.json files (found {ddir}) and a CoT "
+                             f"prompt directory (found {pdir}). {_how_to_get(spec)}, with "
+                             f"{spec['prompt_dirs'][0]}/ (or --bbh-prompt-dir DIR).")
     items = []
-    for task in names:
-        data = read_records(ddir / f"{task}.json")
-        examples = data["examples"] if isinstance(data, dict) else data
+    for task in tasks:
+        data = read_data(ddir / f"{task}.json")
         hint_file = pdir / f"{task}.txt"
         if not hint_file.exists():
             raise DatasetMissing(f"benchmark 'bbh': task {task} has no CoT prompt file {hint_file}")
         hint = hint_file.read_text(encoding="utf-8")
-        for i, ex in enumerate(examples):
-            _need(ex, ["input", "target"], "bbh", i)
-            items.append({"id": f"bbh-{task}-{i}", "family": "bbh", "subtask": task,
-                          "prompt": bbh_prompt(hint, ex["input"]), "gold": str(ex["target"]),
-                          "scorer": BENCHMARKS[name]["scorer"]})
+        for i, ex in enumerate(data["examples"] if isinstance(data, dict) else data):
+            need(name, i, ex, "input", "target")
+            items.append(make_item(name, f"{task}-{i}", bbh_prompt(hint, ex["input"]), str(ex["target"]), task))
     return items
 
 
-def load_nq(name: str = "nq", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """NQ-open items (scorer 'nq'): the gold is the list of acceptable answers."""
-    rows, _ = _rows(name, data_dir, path, allow_hub)
-    items = []
-    for i, r in enumerate(rows):
-        _need(r, ["question", "answer"], "nq", i)
-        ans = r["answer"]
-        golds = [ans] if isinstance(ans, str) else [str(a) for a in ans]
-        items.append({"id": f"nq-{i}", "family": "nq", "subtask": "",
-                      "prompt": nq_prompt(r["question"]), "gold": golds, "scorer": BENCHMARKS[name]["scorer"]})
-    return items
+def load_nq(name="nq", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """NQ-open items: the gold is the list of acceptable answers."""
+    rows = [need(name, i, r, "question", "answer") for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
+    return [make_item(name, i, nq_prompt(r["question"]), [r["answer"]] if isinstance(r["answer"], str)
+                      else [str(a) for a in r["answer"]]) for i, r in enumerate(rows)]
 
 
-# One record per benchmark (PEFT-Arena §Evaluation; the release's eval scripts and OpenCompass
-# configs). loader: (name, data_dir, path, ...) -> items; prompt: the paper's prompt builder (the
-# chat template is applied at generation; raw_for_base: base models get the raw text, system: a
-# system turn); scorer: graders.score_item's rule; aggregate: `aggregate` mode; axis: the target
-# domain it counts toward ("math", "med"), "general", or "extra" (scored, in no mean); decoding:
-# the paper's settings; hub / split / files / fmt: where the data comes from.
-_GREEDY = dict(temperature=0.0, top_p=1.0, n=1, stop=[])
-_MATH = dict(loader=load_math, prompt=math_prompt, scorer="math", aggregate="micro",
-             decoding=dict(temperature=0.6, top_p=1.0, n=16, max_new_tokens=8192, stop=MATH_STOP))
-BENCHMARKS = {
-    "math500": dict(_MATH, axis="math", hub="HuggingFaceH4/MATH-500", split="test",
-                    files=["math500/test.jsonl", "MATH-500/test.jsonl"],
-                    fmt="JSONL rows {problem, solution, answer, subject, level, unique_id}"),
-    "aime24": dict(_MATH, axis="math", hub="HuggingFaceH4/aime_2024", split="train",
-                   files=["aime24/test.jsonl", "aime24/data/train-00000-of-00001.parquet",
-                          "aime_2024/data/train-00000-of-00001.parquet"],
-                   fmt="JSONL (release) or parquet (hub) rows {id, problem, solution, answer (str), url}"),
-    "amc23": dict(_MATH, axis="math", hub="math-ai/amc23", split="test", files=["amc23/test.jsonl"],
-                  fmt="JSONL rows {id, problem, answer (float), url, question}"),
-    "gsm8k": dict(_MATH, axis="extra", hub="openai/gsm8k", config="main", split="test",
-                  files=["gsm8k/test.jsonl", "gsm8k/main/test-00000-of-00001.parquet"],
-                  fmt="JSONL or parquet rows {question, answer ('... #### N')}"),
-    "m1": dict(loader=load_m1, prompt=med_prompt, system=MED_SYSTEM, scorer="choice",
-               aggregate="macro_subtask", axis="med", hub="UCSC-VLAA/m1_eval_data", split=None,
-               files=["m1_eval/m1_eval_data.json", "m1_eval_data.json", "m1_eval/m1_eval_data_processed.json"],
-               fmt="JSON dict {source: [{question, options {letter: text}, answer_idx, ...}]} or the "
-                   "release's flat list [{prompt, options, answer_idx, source}]",
-               decoding=dict(_GREEDY, max_new_tokens=8192)),
-    # general axis, in the order its mean sums them
-    "ifeval": dict(loader=load_ifeval, prompt=None, scorer="ifeval", aggregate="ifeval", axis="general",
-                   hub="google/IFEval", split="train",
+BENCHMARKS: dict[str, dict] = {}
+
+
+def register_benchmark(name: str, *, loader, scorer, axis: str = "extra", aggregate: str = "micro",
+                       prompt=None, max_new_tokens: int = 512, temperature: float = 0.0,
+                       top_p: float = 1.0, n: int = 1, stop=(), files=(), **data) -> dict:
+    """Add benchmark `name` (or replace it). loader: (name, data_dir, path, *, allow_hub,
+    prompt_dir) -> items (see make_item); scorer: a graders.SCORERS rule name, or a function
+    (item, response) -> [0, 1] (registered there under `name`); aggregate: an `aggregate` mode;
+    axis: the target domain it counts toward ("math", "med"), "general" (the general axis is the
+    mean over these, in registration order), or "extra" (scored, in no mean); the decoding
+    settings; files: data paths under --data-dir; data: e.g. hub, split, fmt, system, raw_for_base."""
+    if callable(scorer):
+        SCORERS[name], scorer = scorer, name
+    BENCHMARKS[name] = dict(loader=loader, prompt=prompt, scorer=scorer, aggregate=aggregate, axis=axis,
+                            decoding=dict(temperature=temperature, top_p=top_p, n=n,
+                                          max_new_tokens=max_new_tokens, stop=list(stop)),
+                            files=list(files), **data)
+    return BENCHMARKS[name]
+
+
+# The paper's benchmarks (PEFT-Arena §Evaluation; the release's eval scripts and OpenCompass configs)
+# with the paper's decoding; system: a system turn; raw_for_base: base models get the raw text.
+for _n, _hub, _split, _files in (
+        ("math500", "HuggingFaceH4/MATH-500", "test", ["math500/test.jsonl", "MATH-500/test.jsonl"]),
+        ("aime24", "HuggingFaceH4/aime_2024", "train", ["aime24/test.jsonl", "aime24/data/train-00000-of-00001.parquet",
+                                                        "aime_2024/data/train-00000-of-00001.parquet"]),
+        ("amc23", "math-ai/amc23", "test", ["amc23/test.jsonl"])):
+    register_benchmark(_n, loader=load_math, prompt=math_prompt, scorer="math", axis="math", temperature=0.6,
+                       n=16, max_new_tokens=8192, stop=MATH_STOP, hub=_hub, split=_split, files=_files,
+                       fmt="JSONL or parquet rows {problem, answer, ...}")
+register_benchmark("gsm8k", loader=load_math, prompt=math_prompt, scorer="math", temperature=0.6, n=16,
+                   max_new_tokens=8192, stop=MATH_STOP, hub="openai/gsm8k", config="main", split="test",
+                   files=["gsm8k/test.jsonl", "gsm8k/main/test-00000-of-00001.parquet"],
+                   fmt="JSONL or parquet rows {question, answer ('... #### N')}")
+register_benchmark("m1", loader=load_m1, prompt=med_prompt, system=MED_SYSTEM, scorer="choice",
+                   aggregate="macro_subtask", axis="med", max_new_tokens=8192, hub="UCSC-VLAA/m1_eval_data",
+                   split=None, files=["m1_eval/m1_eval_data.json", "m1_eval_data.json",
+                                      "m1_eval/m1_eval_data_processed.json"],
+                   fmt="JSON dict {source: [{question, options {letter: text}, answer_idx}]} or the "
+                       "release's flat list [{prompt, options, answer_idx, source}]")
+register_benchmark("ifeval", loader=load_ifeval, scorer="ifeval", aggregate="ifeval", axis="general",
+                   max_new_tokens=1025, hub="google/IFEval", split="train",
                    files=["ifeval/ifeval_input_data.jsonl", "ifeval/input_data.jsonl"],
-                   fmt="JSONL rows {key, prompt, instruction_id_list [...], kwargs [{...}]}",
-                   decoding=dict(_GREEDY, max_new_tokens=1025)),
-    "bbh": dict(loader=load_bbh, prompt=bbh_prompt, raw_for_base=True, scorer="bbh",
-                aggregate="macro_subtask", axis="general",
-                hub="lukaemon/bbh (+ suzgunmirac/BIG-Bench-Hard cot-prompts)", split="test",
-                files=["bbh/bbh", "BBH/data", "bbh/data"],
-                prompt_dirs=["bbh/cot-prompts", "BBH/lib_prompt", "bbh/lib_prompt"],
-                fmt="a directory of <task>.json files {\"examples\": [{input, target}]} and a directory "
-                    "of <task>.txt 3-shot CoT prompts (BIG-Bench-Hard layout: bbh/ and cot-prompts/)",
-                decoding=dict(_GREEDY, max_new_tokens=512)),
-    "nq": dict(loader=load_nq, prompt=nq_prompt, scorer="nq", aggregate="micro", axis="general",
-               hub="google-research-datasets/nq_open", split="validation",
-               files=["nq_open/nq_open/validation-00000-of-00001.parquet",
-                      "nq_open/validation-00000-of-00001.parquet", "nq_open/validation.jsonl",
-                      "nq/nq-test.qa.csv"],
-               fmt="parquet/JSONL rows {question, answer [str, ...]} or the DPR TSV nq-test.qa.csv",
-               decoding=dict(_GREEDY, max_new_tokens=50)),
-}
-SUITES = {axis: [n for n, r in BENCHMARKS.items() if r["axis"] == axis] for axis in ("math", "med", "general")}
-SUITES["all"] = SUITES["math"] + SUITES["med"] + SUITES["general"]
+                   fmt="JSONL rows {key, prompt, instruction_id_list [...], kwargs [{...}]}")
+register_benchmark("bbh", loader=load_bbh, prompt=bbh_prompt, raw_for_base=True, scorer="bbh",
+                   aggregate="macro_subtask", axis="general", max_new_tokens=512,
+                   hub="lukaemon/bbh (+ suzgunmirac/BIG-Bench-Hard cot-prompts)", split="test",
+                   files=["bbh/bbh", "BBH/data", "bbh/data"],
+                   prompt_dirs=["bbh/cot-prompts", "BBH/lib_prompt", "bbh/lib_prompt"],
+                   fmt="a directory of <task>.json files {\"examples\": [{input, target}]} and one of "
+                       "<task>.txt 3-shot CoT prompts (BIG-Bench-Hard layout: bbh/ and cot-prompts/)")
+register_benchmark("nq", loader=load_nq, prompt=nq_prompt, scorer="nq", axis="general", max_new_tokens=50,
+                   hub="google-research-datasets/nq_open", split="validation",
+                   files=["nq_open/nq_open/validation-00000-of-00001.parquet", "nq_open/validation-00000-of-00001.parquet",
+                          "nq_open/validation.jsonl", "nq/nq-test.qa.csv"],
+                   fmt="parquet/JSONL rows {question, answer [str, ...]} or the DPR TSV nq-test.qa.csv")
 
-# The toy world's five families as records (CPU, toy_world.py): loader toy_world.make_eval_items,
-# prompt and scorer carried by each item; max_new_tokens = the longest canonical response of the
-# family (char-level tokens) plus a margin for the EOS. General-axis families in summation order.
+
+class _Suites(Mapping):
+    """SUITES[axis] = the names of the benchmarks counting toward that axis, in registration order
+    (math, med, general), and SUITES["all"] = all three; read from BENCHMARKS on every access."""
+    def _table(self) -> dict:
+        axes = dict.fromkeys(r["axis"] for r in BENCHMARKS.values() if r["axis"] != "extra")
+        t = {a: [n for n, r in BENCHMARKS.items() if r["axis"] == a] for a in axes}
+        return {**t, "all": [n for a in axes for n in t[a]]}
+
+    def __getitem__(self, key):
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self):
+        return len(self._table())
+
+
+SUITES = _Suites()
+
+# The toy world's five families as records (CPU, toy_world.py): items, prompts and scorers come from
+# toy_world.make_eval_items; max_new_tokens = the longest canonical response of the family (char-level
+# tokens) plus a margin for the EOS. General-axis families in summation order.
 TOY_BENCHMARKS = {
     "ifeval": dict(axis="general", aggregate="ifeval", scorer="ifeval", max_new_tokens=64),
     "bbh": dict(axis="general", aggregate="macro_subtask", scorer="bbh", max_new_tokens=144),
@@ -511,28 +472,25 @@ TOY_BENCHMARKS = {
 }
 
 
-def _keep_per_subtask(items: list[dict], limit: int) -> list[dict]:
-    """The first `limit` items of every subtask (every BBH task / m1 source stays represented)."""
-    per: dict[str, int] = {}
-    kept = []
-    for it in items:
-        if per.get(it["subtask"], 0) < limit:
-            per[it["subtask"]] = per.get(it["subtask"], 0) + 1
-            kept.append(it)
-    return kept
-
-
 def load_benchmark(name: str, data_dir=None, path=None, *, allow_hub=False, bbh_prompt_dir=None,
                    limit: int | None = None) -> list[dict]:
     """The items of benchmark `name` through its record's loader; `limit` items per benchmark (per
-    subtask for the macro-averaged ones)."""
+    subtask for the macro-averaged ones, so every BBH task / m1 source stays represented)."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
     items = spec["loader"](name, data_dir, path, allow_hub=allow_hub, prompt_dir=bbh_prompt_dir)
-    if limit:
-        items = _keep_per_subtask(items, limit) if spec["aggregate"] == "macro_subtask" else items[:limit]
-    return items
+    if not limit:
+        return items
+    if spec["aggregate"] != "macro_subtask":
+        return items[:limit]
+    per: Counter = Counter()
+    kept = []
+    for it in items:   # the first `limit` items of every subtask
+        per[it["subtask"]] += 1
+        if per[it["subtask"]] <= limit:
+            kept.append(it)
+    return kept
 
 
 # -----------------------------------------------------------------------------
