@@ -499,35 +499,24 @@ def load_benchmark(name: str, data_dir=None, path=None, *, allow_hub=False, bbh_
 # Shapes: B prompts in a batch (samples of one prompt are adjacent rows), T prompt tokens after
 # left padding, N new tokens.
 
-def _settings_key(settings: dict) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def prompt_id(prompt: str) -> str:
-    """Default cache id of a prompt: a hash of its exact text."""
-    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+def _sha1(text: str, k: int) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:k]
 
 
 def read_generation_cache(cache_path, settings_key: str | None = None) -> dict:
     """{(prompt_id, sample_index): row} from a JSONL cache. Rows written under other generation
     settings are ignored, and so is a torn last line from an interrupted run."""
     out = {}
-    p = Path(cache_path)
-    if not p.exists():
-        return out
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                print(f"[evaluate] {p}:{lineno}: unreadable cache line ignored (interrupted write?)",
-                      file=sys.stderr)
-                continue
-            if settings_key is None or row.get("settings") == settings_key:
-                out[(row["prompt_id"], int(row["sample_index"]))] = row
+    lines = Path(cache_path).read_text(encoding="utf-8").splitlines() if Path(cache_path).exists() else []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            print(f"[evaluate] {cache_path}:{lineno}: unreadable cache line ignored (interrupted write?)",
+                  file=sys.stderr)
+            continue
+        if row is not None and (settings_key is None or row.get("settings") == settings_key):
+            out[(row["prompt_id"], int(row["sample_index"]))] = row
     return out
 
 
@@ -540,8 +529,7 @@ def _append_rows(cache_path, rows: list[dict]) -> None:
             f.seek(f.tell() - 1)
             if f.read(1) != "\n":
                 f.write("\n")
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())  # a kill after this line loses nothing already generated
 
@@ -552,27 +540,21 @@ def truncate_at_stop(text: str, stop) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        if e is None:
-            continue
-        ids.update(e if isinstance(e, (list, tuple)) else [e])
-    return sorted(int(i) for i in ids)
-
-
 def make_generation_config(model, tokenizer, *, max_new_tokens: int, temperature: float, top_p: float):
     """An explicit GenerationConfig. Every sampling knob is set, because generate() fills unset
     (None) fields from the checkpoint's generation_config.json (Qwen ships top_k=20 and
-    repetition_penalty=1.05, which would silently change the decoding the paper used)."""
-    sample = temperature > 0
-    eos = _eos_ids(model, tokenizer)
+    repetition_penalty=1.05, which would silently change the decoding the paper used).
+    EOS = the union of the model's generation_config ids and the tokenizer's."""
+    eos = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        eos.update([] if e is None else e if isinstance(e, (list, tuple)) else [e])
+    eos = sorted(int(i) for i in eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    kw = dict(max_new_tokens=int(max_new_tokens), do_sample=sample, num_beams=1,
+    kw = dict(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0, num_beams=1,
               repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos or None,
               pad_token_id=pad, use_cache=True)
-    if sample:  # top_k=0 and min_p=0 switch those filters off (vLLM / the paper use neither)
+    if temperature > 0:  # top_k=0 and min_p=0 switch those filters off (vLLM / the paper use neither)
         kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0, min_p=0.0)
     return GenerationConfig(**kw)
 
@@ -639,96 +621,36 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, eos_
 
 def _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, stop, seed, greedy_impl: str = "fast"):
     """Generate one batch. chunk: list of (prompt_id, prompt_text, sample_index)."""
-    texts = [p for _, p, _ in chunk]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([p for _, p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = old_side
     device = next(model.parameters()).device
-    input_ids = enc["input_ids"].to(device)  # (B, T)
-    attn = enc["attention_mask"].to(device)  # (B, T)
+    input_ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T), (B, T)
     T = input_ids.shape[1]
-    if gen_cfg.do_sample:
-        # note b: one seed per batch, derived from the seed and the batch's contents
-        h = hashlib.sha1(f"{seed}|{[(c[0], c[2]) for c in chunk]}".encode()).hexdigest()
-        torch.manual_seed(int(h[:8], 16))
+    if gen_cfg.do_sample:   # note b: one seed per batch, derived from the seed and the batch's contents
+        torch.manual_seed(int(_sha1(f"{seed}|{[(c[0], c[2]) for c in chunk]}", 8), 16))
     with torch.no_grad():
         if not gen_cfg.do_sample and greedy_impl == "fast":
-            stop_check = None
-            if stop:
-                crit = _stop_criteria(tokenizer, stop, 0)[0]
-                stop_check = lambda new_ids: crit(new_ids, None)  # noqa: E731
+            crit = _stop_criteria(tokenizer, stop, 0)[0] if stop else None
             new = greedy_decode(model, input_ids, attn, max_new_tokens=gen_cfg.max_new_tokens,
                                 eos_ids=gen_cfg.eos_token_id, pad_id=gen_cfg.pad_token_id,
-                                stop_check=stop_check).cpu()  # (B, N)
+                                stop_check=crit and (lambda ids: crit(ids, None))).cpu()  # (B, N)
         else:  # the reference path, and every sampled run
             kwargs = {"stopping_criteria": _stop_criteria(tokenizer, stop, T)} if stop else {}
-            out = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
-                                 **kwargs)  # (B, T + N)
-            new = out[:, T:].cpu()  # (B, N)
+            new = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
+                                 **kwargs)[:, T:].cpu()  # (B, T + N) -> (B, N)
     eos = set(gen_cfg.eos_token_id or [])
-    pad = gen_cfg.pad_token_id
     rows = []
     for (pid, _, j), seq in zip(chunk, new.tolist()):
-        n_tok, finish = len(seq), "length"
-        for k, t in enumerate(seq):
-            if t in eos:
-                n_tok, finish = k + 1, "eos"
-                break
-            if t == pad:  # rows finished by a stop string are padded afterwards
-                n_tok = k
-                break
-        text = tokenizer.decode(seq[:n_tok], skip_special_tokens=True)
-        text, hit = truncate_at_stop(text, stop)
-        rows.append({"prompt_id": pid, "sample_index": j, "text": text, "num_tokens": n_tok,
-                     "finish": "stop" if hit else finish})
+        # the row ends at its first EOS (kept in the count) or pad (a stop string's padding)
+        end = next((k for k, t in enumerate(seq) if t in eos or t == gen_cfg.pad_token_id), None)
+        n_tok = len(seq) if end is None else end + (seq[end] in eos)
+        text, hit = truncate_at_stop(tokenizer.decode(seq[:n_tok], skip_special_tokens=True), stop)
+        finish = "stop" if hit else "length" if end is None or seq[end] not in eos else "eos"
+        rows.append({"prompt_id": pid, "sample_index": j, "text": text, "num_tokens": n_tok, "finish": finish})
     return rows
-
-
-def _check_generation_args(n, max_new_tokens, batch_size, top_p, temperature) -> None:
-    if n < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"generate: need n >= 1, max_new_tokens >= 1, batch_size >= 1 "
-                         f"(got n={n}, max_new_tokens={max_new_tokens}, batch_size={batch_size})")
-    if not (0.0 < top_p <= 1.0) or temperature < 0:
-        raise ValueError(f"generate: need 0 < top_p <= 1 and temperature >= 0 (got {top_p}, {temperature})")
-
-
-def _missing_work(pids, prompts, done: dict, n_gen: int) -> list[tuple]:
-    """(prompt_id, prompt, sample_index) for every sample not in the cache, each once."""
-    todo, seen = [], set()
-    for pid, p in zip(pids, prompts):
-        for j in range(n_gen):
-            if (pid, j) not in done and (pid, j) not in seen:
-                seen.add((pid, j))
-                todo.append((pid, p, j))
-    return todo
-
-
-def _run_work(todo, done: dict, key: str, *, model, tokenizer, settings: dict, seed, batch_size: int,
-              cache_path, backend: str, vllm_llm, progress: bool, greedy_impl: str) -> None:
-    """Generate `todo` in chunks into `done` (and append every finished chunk to the cache)."""
-    if backend == "vllm":
-        chunks = [todo[i:i + 4096] for i in range(0, len(todo), 4096)]
-    else:
-        # longest prompts first: similar lengths share a batch (less padding), and an OOM
-        # shows up in the first batch rather than at the end
-        todo.sort(key=lambda w: -len(w[1]))
-        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=settings["max_new_tokens"],
-                                         temperature=settings["temperature"], top_p=settings["top_p"])
-    if progress:
-        chunks = tqdm(chunks, desc="generate", unit="batch")
-    for chunk in chunks:
-        if backend == "vllm":
-            rows = _vllm_generate_chunk(vllm_llm, chunk, settings)
-        else:
-            rows = _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], seed, greedy_impl)
-        for r in rows:
-            r["settings"] = key
-            done[(r["prompt_id"], r["sample_index"])] = r
-        _append_rows(cache_path, rows)
 
 
 def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
@@ -736,47 +658,50 @@ def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: in
                      stop=None, seed: int = 0, cache_path=None, prompt_ids=None, backend: str = "hf",
                      vllm_llm=None, progress: bool = False,
                      greedy_impl: str = "fast") -> list[list[dict]]:
-    """Like `generate` but returns the cache rows: per prompt, n dicts with prompt_id,
-    sample_index, text, num_tokens, finish ('eos' | 'stop' | 'length'), settings."""
-    _check_generation_args(n, max_new_tokens, batch_size, top_p, temperature)
-    stop = sorted(set(stop or []))
+    """n completions per (already rendered) prompt, as cache rows {prompt_id, sample_index, text,
+    num_tokens, finish ('eos' | 'stop' | 'length'), settings}: greedy when temperature == 0, else
+    temperature / top-p sampling. Stops at EOS or a stop string (removed from the text). With
+    `cache_path`, finished rows are appended to a JSONL file after every batch, and rows already
+    there (same settings) are reused: re-scoring never regenerates, and an interrupted run resumes
+    where it stopped. The cache does not know which model wrote it: one cache file per model."""
+    if n < 1 or max_new_tokens < 1 or batch_size < 1 or not (0.0 < top_p <= 1.0) or temperature < 0:
+        raise ValueError(f"generate: need n, max_new_tokens, batch_size >= 1, 0 < top_p <= 1 and temperature "
+                         f">= 0 (got {n}, {max_new_tokens}, {batch_size}, {top_p}, {temperature})")
     settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-                "top_p": float(top_p), "stop": stop, "seed": int(seed)}
-    key = _settings_key(settings)
-    pids = list(prompt_ids) if prompt_ids is not None else [prompt_id(p) for p in prompts]
+                "top_p": float(top_p), "stop": sorted(set(stop or [])), "seed": int(seed)}
+    key = _sha1(json.dumps(settings, sort_keys=True), 12)
+    pids = list(prompt_ids) if prompt_ids is not None else [_sha1(p, 16) for p in prompts]
     if len(pids) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(pids)} prompt ids")
     done = read_generation_cache(cache_path, key) if cache_path else {}
-    greedy = temperature == 0
-    # greedy samples are identical: generate sample 0 once, copy it to the other indices
-    todo = _missing_work(pids, prompts, done, 1 if greedy else n)
-    if todo:
-        _run_work(todo, done, key, model=model, tokenizer=tokenizer, settings=settings, seed=seed,
-                  batch_size=batch_size, cache_path=cache_path, backend=backend, vllm_llm=vllm_llm,
-                  progress=progress, greedy_impl=greedy_impl)
-    out = []
-    for pid in pids:
-        rows = [done[(pid, 0 if greedy else j)] for j in range(n)]
-        out.append([dict(r, sample_index=j) if r["sample_index"] != j else r for j, r in enumerate(rows)])
-    return out
+    greedy = temperature == 0   # greedy samples are identical: sample 0 once, copied to the others
+    todo: dict = {}
+    for pid, p in zip(pids, prompts):
+        for j in range(1 if greedy else n):
+            if (pid, j) not in done:
+                todo.setdefault((pid, j), (pid, p, j))
+    todo = list(todo.values())
+    if backend == "vllm":
+        chunks = [todo[i:i + 4096] for i in range(0, len(todo), 4096)]
+    else:   # longest prompts first: less padding, and an OOM shows in the first batch, not the last
+        todo.sort(key=lambda w: -len(w[1]))
+        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p) if todo else None
+    for chunk in tqdm(chunks, desc="generate", unit="batch") if progress and chunks else chunks:
+        rows = (_vllm_generate_chunk(vllm_llm, chunk, settings) if backend == "vllm" else
+                _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], seed, greedy_impl))
+        for r in rows:
+            r["settings"] = key
+            done[(r["prompt_id"], r["sample_index"])] = r
+        _append_rows(cache_path, rows)
+    rows = [[done[(pid, 0 if greedy else j)] for j in range(n)] for pid in pids]
+    return [[dict(r, sample_index=j) if r["sample_index"] != j else r for j, r in enumerate(rs)] for rs in rows]
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, n: int = 1, batch_size: int = 64, stop=None, seed: int = 0,
-             cache_path=None, prompt_ids=None, backend: str = "hf", vllm_llm=None,
-             progress: bool = False, greedy_impl: str = "fast") -> list[list[str]]:
-    """n completions per (already rendered) prompt: greedy when temperature == 0, else
-    temperature / top-p sampling. Stops at EOS (tokenizer + generation_config ids) or a stop
-    string (removed from the text). With `cache_path`, finished rows are appended to a JSONL
-    file after every batch, and rows already there (same settings) are reused: re-scoring never
-    regenerates, and an interrupted run resumes where it stopped. The cache does not know which
-    model wrote it: use one cache file per model/adapter."""
-    recs = generate_records(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, n=n, batch_size=batch_size,
-                            stop=stop, seed=seed, cache_path=cache_path, prompt_ids=prompt_ids,
-                            backend=backend, vllm_llm=vllm_llm, progress=progress,
-                            greedy_impl=greedy_impl)
-    return [[r["text"] for r in rows] for rows in recs]
+def generate(model, tokenizer, prompts: list[str], **kw) -> list[list[str]]:
+    """The texts of `generate_records` (same keyword arguments): n completions per prompt."""
+    return [[r["text"] for r in rows] for rows in generate_records(model, tokenizer, prompts, **kw)]
 
 
 # --- vLLM backend (GPU; on CPU the tests run it through tests/vllm_double.py) -----------------
@@ -804,11 +729,9 @@ def make_vllm_engine(model_path: str, *, seed: int = 0, max_model_len: int | Non
     # of tensors; set before vLLM reads its environment
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
-    kw = dict(model=str(model_path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
-              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **extra)
-    if max_model_len:
-        kw["max_model_len"] = int(max_model_len)
-    return LLM(**kw)
+    return LLM(model=str(model_path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
+               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **extra,
+               **({"max_model_len": int(max_model_len)} if max_model_len else {}))
 
 
 def free_cuda_cache() -> None:
@@ -832,7 +755,7 @@ def shutdown_vllm(llm) -> None:
     free_cuda_cache()
 
 
-_ENGINE: dict = {}   # {"llm", "path", "max_model_len", "util", "weights"}: this process's engine
+_ENGINE: dict = {}   # {"llm", "path", "max_model_len", "util", "seed", "weights"}: this process's engine
 
 
 def get_engine(model_path: str, *, max_model_len: int, seed: int = 0,
@@ -861,13 +784,10 @@ def release_engine() -> None:
         free_cuda_cache()
 
 
-_STACKED = ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."),
-            (".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj."))
-
-
 def vllm_param_name(hf_name: str) -> str:
     """The name vLLM's load_weights reports for an HF tensor (fused qkv_proj / gate_up_proj)."""
-    for a, b in _STACKED:
+    for a, b in ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."),
+                 (".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj.")):
         if a in hf_name:
             return hf_name.replace(a, b)
     return hf_name
@@ -917,26 +837,21 @@ def _vllm_generate_chunk(llm, chunk, settings):
     by_pid: dict[str, list] = {}
     for pid, p, j in chunk:
         by_pid.setdefault(pid, [p, []])[1].append(j)
-    req_prompts, params, order = [], [], []
     tok = llm.get_tokenizer()
-    for pid, (p, js) in by_pid.items():
-        sp = SamplingParams(n=len(js), temperature=settings["temperature"], top_p=settings["top_p"],
-                            max_tokens=settings["max_new_tokens"], stop=settings["stop"] or None,
-                            seed=prompt_seed(settings["seed"], pid))
-        # token ids without added specials, exactly as the transformers path encodes the rendered
-        # prompt (a text prompt would get a second BOS from vLLM's tokenizer call)
-        req_prompts.append({"prompt_token_ids": tok(p, add_special_tokens=False).input_ids})
-        params.append(sp)
-        order.append((pid, js))
-    outs = llm.generate(req_prompts, params, use_tqdm=False)
+    # token ids without added specials, exactly as the transformers path encodes the rendered
+    # prompt (a text prompt would get a second BOS from vLLM's tokenizer call)
+    outs = llm.generate([{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p, _ in by_pid.values()],
+                        [SamplingParams(n=len(js), temperature=settings["temperature"], top_p=settings["top_p"],
+                                        max_tokens=settings["max_new_tokens"], stop=settings["stop"] or None,
+                                        seed=prompt_seed(settings["seed"], pid)) for pid, (_, js) in by_pid.items()],
+                        use_tqdm=False)
     rows = []
-    for (pid, js), o in zip(order, outs):
+    for (pid, (_, js)), o in zip(by_pid.items(), outs):
         for j, c in zip(js, o.outputs):
             # stop_reason: None = the tokenizer's EOS, an int = a stop token (generation_config's
             # other EOS ids), a str = a stop string
-            finish = {"stop": "stop", "length": "length"}.get(c.finish_reason, "eos")
-            if c.finish_reason == "stop" and not isinstance(c.stop_reason, str):
-                finish = "eos"
+            finish = "stop" if c.finish_reason == "stop" and isinstance(c.stop_reason, str) else \
+                "length" if c.finish_reason == "length" else "eos"
             rows.append({"prompt_id": pid, "sample_index": j, "text": c.text,
                          "num_tokens": len(c.token_ids), "finish": finish})
     return rows
