@@ -653,6 +653,26 @@ def _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, stop, seed, greedy_impl
     return rows
 
 
+def _generate_missing(todo, done: dict, key: str, settings: dict, *, model, tokenizer, batch_size, cache_path,
+                      backend, vllm_llm, progress, greedy_impl) -> None:
+    """Generate the (prompt_id, prompt, sample_index) triples of `todo` in chunks into `done`,
+    appending every finished chunk to the cache."""
+    if backend == "vllm":
+        chunks = [todo[i:i + 4096] for i in range(0, len(todo), 4096)]
+    else:   # longest prompts first: less padding, and an OOM shows in the first batch, not the last
+        todo.sort(key=lambda w: -len(w[1]))
+        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=settings["max_new_tokens"],
+                                         temperature=settings["temperature"], top_p=settings["top_p"]) if todo else None
+    for chunk in tqdm(chunks, desc="generate", unit="batch") if progress and chunks else chunks:
+        rows = (_vllm_generate_chunk(vllm_llm, chunk, settings) if backend == "vllm" else
+                _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], settings["seed"], greedy_impl))
+        for r in rows:
+            r["settings"] = key
+            done[(r["prompt_id"], r["sample_index"])] = r
+        _append_rows(cache_path, rows)
+
+
 def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
                      temperature: float = 0.0, top_p: float = 1.0, n: int = 1, batch_size: int = 64,
                      stop=None, seed: int = 0, cache_path=None, prompt_ids=None, backend: str = "hf",
@@ -680,21 +700,9 @@ def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         for j in range(1 if greedy else n):
             if (pid, j) not in done:
                 todo.setdefault((pid, j), (pid, p, j))
-    todo = list(todo.values())
-    if backend == "vllm":
-        chunks = [todo[i:i + 4096] for i in range(0, len(todo), 4096)]
-    else:   # longest prompts first: less padding, and an OOM shows in the first batch, not the last
-        todo.sort(key=lambda w: -len(w[1]))
-        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p) if todo else None
-    for chunk in tqdm(chunks, desc="generate", unit="batch") if progress and chunks else chunks:
-        rows = (_vllm_generate_chunk(vllm_llm, chunk, settings) if backend == "vllm" else
-                _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], seed, greedy_impl))
-        for r in rows:
-            r["settings"] = key
-            done[(r["prompt_id"], r["sample_index"])] = r
-        _append_rows(cache_path, rows)
+    _generate_missing(list(todo.values()), done, key, settings, model=model, tokenizer=tokenizer,
+                      batch_size=batch_size, cache_path=cache_path, backend=backend, vllm_llm=vllm_llm,
+                      progress=progress, greedy_impl=greedy_impl)
     rows = [[done[(pid, 0 if greedy else j)] for j in range(n)] for pid in pids]
     return [[dict(r, sample_index=j) if r["sample_index"] != j else r for j, r in enumerate(rs)] for rs in rows]
 
@@ -1069,9 +1077,8 @@ def main(argv=None, *, keep_engine: bool = False, context_suites=()) -> dict:
 
 def _start_run(args, argv) -> tuple[Path | None, float | None]:
     """Checks, threads, the base model's general score, and the resolved config.json."""
-    assert args.limit is None or args.limit > 0, "--limit must be positive"
-    assert args.n_per_family > 0, "--n-per-family must be positive"
-    assert args.batch_size > 0, "--batch-size must be positive"
+    for flag, v in (("--limit", args.limit or 1), ("--n-per-family", args.n_per_family), ("--batch-size", args.batch_size)):
+        assert v > 0, f"{flag} must be positive"
     if args.out is None and not args.bench:
         raise SystemExit("--out DIR is required (or --bench)")
     if args.threads:
