@@ -139,6 +139,18 @@ def _last_number(text: str) -> str:
     return nums[-1] if nums else ""
 
 
+def _answer_span(text: str, rules) -> str:
+    """The text the first firing rule picks: "boxed" -> the last \\boxed{} content, a phrase -> what
+    follows its last occurrence, then the last number; "" when longer than MAX_ANSWER_CHARS."""
+    for rule in rules:
+        if rule in text:
+            ans = (last_boxed_content(text) or "") if rule == "boxed" else text.split(rule)[-1].strip()
+            break
+    else:
+        ans = _last_number(text)
+    return "" if len(ans) > MAX_ANSWER_CHARS else ans   # DEVIATION 3
+
+
 def extract_math_answer(text: str) -> str:
     """The model's final answer, normalised (PA: third_party/math_eval/parser.py:extract_answer): first rule that fires of
     Minerva "final answer is $..$. I hope" -> last \\boxed{} -> "he answer is" -> "final answer is"
@@ -146,16 +158,9 @@ def extract_math_answer(text: str) -> str:
     text = str(text).replace("ки", "")
     if "final answer is $" in text and "$. I hope" in text:
         ans = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0].strip()
-    elif "boxed" in text:
-        ans = last_boxed_content(text) or ""
-    elif "he answer is" in text:
-        ans = text.split("he answer is")[-1].strip()
-    elif "final answer is" in text:
-        ans = text.split("final answer is")[-1].strip()
+        ans = "" if len(ans) > MAX_ANSWER_CHARS else ans   # DEVIATION 3
     else:
-        ans = _last_number(text)
-    if len(ans) > MAX_ANSWER_CHARS:
-        return ""  # DEVIATION 3
+        ans = _answer_span(text, ("boxed", "he answer is", "final answer is"))
     ans = re.sub(r"\n\s*", "", ans).removeprefix(":").removesuffix(".").removesuffix("/")
     return strip_string(ans)
 
@@ -1074,15 +1079,7 @@ def extract_reward_answer(text: str) -> str:
     """The RL reward's extraction (PA: train/peft_arena_verl/utils/reward_score/math_rlvr.py): last boxed{...}
     -> text after the last "he answer is" -> last number; first line; one leading ':' and one
     trailing '.' and '/' dropped; then `strip_string` (ours, DEVIATION 9)."""
-    text = str(text)
-    if "boxed" in text:
-        ans = last_boxed_content(text) or ""
-    elif "he answer is" in text:
-        ans = text.split("he answer is")[-1].strip()
-    else:
-        ans = _last_number(text)
-    if len(ans) > MAX_ANSWER_CHARS:
-        return ""  # DEVIATION 3
+    ans = _answer_span(str(text), ("boxed", "he answer is"))
     ans = ans.strip().split("\n")[0] if ans.strip() else ""
     ans = ans.removeprefix(":").removesuffix(".").removesuffix("/")
     return strip_string(ans)
