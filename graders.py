@@ -13,60 +13,33 @@ e982d19) or the harness it pins (cited "OC: <path>", OpenCompass v0.5.2) runs:
      instruction_following_eval, identical in OpenCompass and lm-eval).
   6. `score_item(item, response)` in [0, 1], dispatching on item["scorer"] (toy and real items).
 
-Untrusted text: model outputs are never passed to eval/exec/sympify/parse_expr, pickle or a shell.
-Symbolic math goes through `latex_to_sympy`, a recursive-descent parser over a whitelisted LaTeX
-subset that builds sympy objects directly and refuses inputs whose evaluation could blow up.
+Untrusted text: model outputs never reach eval/exec/sympify/parse_expr, pickle or a shell; symbolic
+math goes through `latex_to_sympy`, a recursive-descent parser over a whitelisted LaTeX subset.
 
 Deviations that can change a reported number (each marked `# DEVIATION n` at the line)
- 1. Math symbolic step (grader.py `symbolic_equal`): a hand-written LaTeX-subset parser replaces
-    latex2sympy/parse_expr (numbers, + - * / ^, \\frac \\dfrac \\sqrt[n], \\pi, \\infty, \\cdot,
-    \\times, \\div, implicit products, |x|, n!, \\binom, trig/log/exp, Greek letters, subscripts,
-    i = imaginary unit). Runs of >= 3 plain letters are one symbol (so "seat" != "east"), shorter
-    runs are products ("xy" = x*y). Expect ~1 point of difference from the release on MATH-500.
- 2. Time limit: every sympy comparison runs in a persistent worker process (plus a warm spare)
-    that is SIGKILLed when it has not answered within the limit (3 s, + 0.25 s grace), so no work
-    outlives the call (the release: a pebble process pool, 3 s per comparison). One deadline
-    covers a whole `math_equal`/`grade_math` call, including the parts of tuples, matrices,
-    equations and every gold of a list (the release times each comparison separately). The
-    worker's start-up is outside the clock. Sympy work is also bounded up front (<= 400
-    characters, nesting <= 60, integers <= 40 digits, exponents <= 1000 and results <= 20000
-    bits, n! for n <= 200), so most hostile answers never reach sympy.
- 3. Extracted math answers longer than 2000 characters count as no answer ("" -> wrong).
- 4. Intervals/tuples (grader.py step 6) must agree in their bracket types ("[0,1)" never equals
-    "(0,1)"); the release ignores the brackets there. Parts are split at top-level commas.
- 5. Unit words (parser.py `strip_string` step 4): a self-written list of ~100 units of measure in
-    the spirit of the release's (including its single letters a c d g h l m o s t), without its
-    ordinary words (east, west, way(s), men, women, ...), so "\\text{south}" != "\\text{north}";
-    English number words -> digits by a small built-in parser instead of word2number.
- 6. Medical extraction: a candidate "I" in items with >= 9 options that reads as the pronoun
-    ("I hope", "I'm", "I think") is skipped (`guard_pronoun_i=True`); the release returns "I"
-    there. `guard_pronoun_i=False` restores the release's quirk.
- 7. IFEval language checks use `langdetect` (seeded 0) when it is installed, else a built-in
-    detector: Unicode script for single-script languages, distinctive letters for Cyrillic and
-    Arabic script, stop-word profiles for Latin and Devanagari languages; Latin text with no
-    evidence counts as English. Sentence counts use nltk Punkt when nltk + punkt_tab are
-    installed, else a regex splitter with an abbreviation list; capital-word counts use nltk
-    word_tokenize when available, else a Treebank-like regex tokenizer (splits n't, 's, ...).
-    A real run fetches punkt_tab on first use; results.json records which backends ran
-    (`ifeval_backends`, `ifeval_fallback_used`).
- 8. IFEval keywords (existence, frequency) are matched literally (re.escape) rather than as
-    regular expressions; like the reference, the frequency keyword, the postscript marker and the
-    section spliter are stripped, and a custom postscript marker and the spliter ARE regexes
-    (an invalid one is matched literally where the reference would crash).
- 9. GRPO reward (`grade_reward`): the release's reward extraction and `math_equal` variant
-    (case-sensitive first test, no A-E step), but with our evaluation `strip_string` instead of
-    the reward's simpler one. Math GRPO keeps `grade_math` (the evaluation grader).
+ 1. Symbolic math: our LaTeX-subset parser replaces latex2sympy/parse_expr (runs of >= 3 letters are
+    one symbol, shorter runs products; i is imaginary). About 1 point on MATH-500.
+ 2. Time limit: sympy runs in a killable worker process (+ warm spare), SIGKILLed at 3 s + 0.25 s;
+    one deadline covers a whole grade_math call (the release: 3 s per comparison, pebble pool);
+    inputs are bounded up front (<= 400 chars, nesting 60, 40 digits, exponents 1000, n! 200).
+ 3. Extracted math answers longer than 2000 characters count as no answer.
+ 4. Intervals/tuples must agree in bracket types ("[0,1)" != "(0,1)"); parts split at top-level commas.
+ 5. strip_string's unit words: our list of ~100 units of measure (no ordinary words such as "east");
+    number words -> digits by a small built-in parser instead of word2number.
+ 6. Medical letters: a candidate "I" among >= 9 options that reads as the pronoun is skipped
+    (`guard_pronoun_i=False` restores the release's quirk).
+ 7. IFEval without langdetect / nltk punkt_tab: built-in language detector, sentence splitter and
+    Treebank-like tokenizer; results.json records the backends (`ifeval_backends`, `ifeval_fallback_used`).
+ 8. IFEval keywords are matched literally (re.escape); postscript markers and section spliters are
+    regexes as in the reference (an invalid one is matched literally where the reference crashes).
+ 9. GRPO reward: the release's extraction and math_equal variant with our evaluation strip_string.
 
 Implementation notes (same numbers as the reference)
- a. NQ true exact match (an extra metric, not the paper's): the prediction's first line after its
-    last "answer is", cut at the first "." / "," like lm-eval, then SQuAD normalisation.
- b. BBH task kind (multiple choice or free form) comes from the task name, or, for unknown task
-    names, from the gold's shape "(X)".
- c. IFEval title / placeholder / postscript / bullet-list checks and the built-in sentence counter
-    use linear-time scans equivalent to the reference regexes (tested against them), which are
-    quadratic on long pathological inputs (a line of '[', thousands of blank lines, "Mr. Mr. ...").
- d. An IFEval response longer than MAX_IFEVAL_CHARS follows no instruction (strict and loose), so
-    the scorer's time is bounded on any input; real generations stop at 1025 tokens, far below.
+ a. NQ exact match (extra metric): first line after the last "answer is", cut at "."/",", SQuAD-normalised.
+ b. BBH task kind (multiple choice or free form) from the task name, else from the gold's shape "(X)".
+ c. IFEval title / placeholder / postscript / bullet and sentence scans are linear-time equivalents
+    of the reference regexes (tested against them), which are quadratic on pathological inputs.
+ d. An IFEval response longer than MAX_IFEVAL_CHARS follows no instruction (bounded scoring time).
 """
 from __future__ import annotations
 
