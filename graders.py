@@ -1501,35 +1501,6 @@ def detect_language(text: str) -> str | None:
 
 # --- the 25 checkers: (response, **kwargs) -> bool ------------------------------------------------
 
-def _chk_existence(r, keywords):
-    return all(re.search(re.escape(k), r, flags=re.IGNORECASE) for k in keywords)  # DEVIATION 8
-
-
-def _chk_frequency(r, keyword, frequency, relation):
-    # the reference strips the keyword (KeywordFrequencyChecker.build_description)
-    n = len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE))
-    return _compare(n, relation, frequency, "keywords:frequency")
-
-
-def _chk_forbidden(r, forbidden_words):
-    return not any(re.search(r"\b" + re.escape(w) + r"\b", r, flags=re.IGNORECASE)
-                   for w in forbidden_words)
-
-
-def _chk_letter_frequency(r, letter, let_frequency, let_relation):
-    n = Counter(r.lower())[letter.lower()]
-    return n < let_frequency if let_relation == "less than" else n >= let_frequency
-
-
-def _chk_language(r, language):
-    lang = detect_language(r)
-    return True if lang is None else lang == language
-
-
-def _chk_num_sentences(r, num_sentences, relation):
-    return _compare(count_sentences(r), relation, num_sentences, "number_sentences")
-
-
 def _chk_num_paragraphs(r, num_paragraphs):
     paragraphs = re.split(r"\s?\*\*\*\s?", r)
     n = len(paragraphs)
@@ -1540,10 +1511,6 @@ def _chk_num_paragraphs(r, num_paragraphs):
             else:
                 return False  # an empty paragraph between two separators
     return n == num_paragraphs
-
-
-def _chk_num_words(r, num_words, relation):
-    return _compare(len(re.findall(r"\w+", r)), relation, num_words, "number_words")
 
 
 def _chk_nth_paragraph_first_word(r, num_paragraphs, nth_paragraph, first_word):
@@ -1594,10 +1561,6 @@ def find_titles(r: str) -> list[str]:  # note c (same result, linear time)
     return out
 
 
-def _chk_placeholders(r, num_placeholders):
-    return count_placeholders(r) >= num_placeholders
-
-
 def _chk_postscript(r, postscript_marker):
     """PostscriptChecker: the marker is stripped; "P.P.S" and "P.S." have fixed patterns, any other
     marker is used, lower-cased, AS A REGULAR EXPRESSION as the reference does ("PS:" must match
@@ -1643,17 +1606,6 @@ def _chk_bullets(r, num_bullets):
     return count_line_marks(r, "*") + count_line_marks(r, "-") == num_bullets
 
 
-def _chk_constrained(r):
-    r = r.strip()
-    return any(c in r for c in ("My answer is yes.", "My answer is no.", "My answer is maybe."))
-
-
-def _chk_highlights(r, num_highlights):
-    n = sum(1 for h in re.findall(r"\*[^\n\*]*\*", r) if h.strip("*").strip())
-    n += sum(1 for h in re.findall(r"\*\*[^\n\*]*\*\*", r) if h[2:-2].strip())
-    return n >= num_highlights
-
-
 def _chk_sections(r, section_spliter, num_sections):
     # SectionChecker: the spliter is stripped and used as a regular expression (all IFEval
     # spliters are plain words); an invalid one is matched literally
@@ -1678,10 +1630,6 @@ def _chk_json(r):
     return True
 
 
-def _chk_title(r):
-    return any(t.lstrip("<").rstrip(">").strip() for t in find_titles(r))
-
-
 def _chk_two_responses(r):
     valid = []
     pieces = r.split("******")
@@ -1694,64 +1642,51 @@ def _chk_two_responses(r):
     return len(valid) == 2 and valid[0].strip() != valid[1].strip()
 
 
-def _chk_repeat_prompt(r, prompt_to_repeat):
-    return r.strip().lower().startswith(prompt_to_repeat.strip().lower())
-
-
-def _chk_end(r, end_phrase):
-    return r.strip().strip('"').lower().endswith(end_phrase.strip().lower())
-
-
-def _chk_quotation(r):
-    v = r.strip()
-    return len(v) > 1 and v[0] == '"' and v[-1] == '"'
-
-
-def _chk_capital_words(r, capital_frequency, capital_relation):
-    n = sum(1 for w in word_tokenize(r) if w.isupper())
-    return _compare(n, capital_relation, capital_frequency, "capital_word_frequency")
-
-
-def _chk_english_capital(r):
+def _english(r: str) -> bool:
     lang = detect_language(r)
-    return r.isupper() and (lang is None or lang == "en")
+    return lang is None or lang == "en"
 
 
-def _chk_english_lowercase(r):
-    lang = detect_language(r)
-    return r.islower() and (lang is None or lang == "en")
-
-
-def _chk_no_comma(r):
-    return "," not in r
-
-
+# instruction id -> (response, **kwargs) -> bool; the reference's checker of the same name
 IFEVAL_CHECKERS = {
-    "keywords:existence": _chk_existence,
-    "keywords:frequency": _chk_frequency,
-    "keywords:forbidden_words": _chk_forbidden,
-    "keywords:letter_frequency": _chk_letter_frequency,
-    "language:response_language": _chk_language,
-    "length_constraints:number_sentences": _chk_num_sentences,
+    "keywords:existence": lambda r, keywords: all(                                       # DEVIATION 8
+        re.search(re.escape(k), r, flags=re.IGNORECASE) for k in keywords),
+    "keywords:frequency": lambda r, keyword, frequency, relation: _compare(   # the keyword is stripped
+        len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE)), relation, frequency, "keywords:frequency"),
+    "keywords:forbidden_words": lambda r, forbidden_words: not any(
+        re.search(r"\b" + re.escape(w) + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
+    "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: (
+        Counter(r.lower())[letter.lower()] < let_frequency if let_relation == "less than"
+        else Counter(r.lower())[letter.lower()] >= let_frequency),
+    "language:response_language": lambda r, language: (lambda lang: True if lang is None else lang == language)(
+        detect_language(r)),
+    "length_constraints:number_sentences": lambda r, num_sentences, relation: _compare(
+        count_sentences(r), relation, num_sentences, "number_sentences"),
     "length_constraints:number_paragraphs": _chk_num_paragraphs,
-    "length_constraints:number_words": _chk_num_words,
+    "length_constraints:number_words": lambda r, num_words, relation: _compare(
+        len(re.findall(r"\w+", r)), relation, num_words, "number_words"),
     "length_constraints:nth_paragraph_first_word": _chk_nth_paragraph_first_word,
-    "detectable_content:number_placeholders": _chk_placeholders,
+    "detectable_content:number_placeholders": lambda r, num_placeholders: count_placeholders(r) >= num_placeholders,
     "detectable_content:postscript": _chk_postscript,
     "detectable_format:number_bullet_lists": _chk_bullets,
-    "detectable_format:constrained_response": _chk_constrained,
-    "detectable_format:number_highlighted_sections": _chk_highlights,
+    "detectable_format:constrained_response": lambda r: any(
+        c in r.strip() for c in ("My answer is yes.", "My answer is no.", "My answer is maybe.")),
+    "detectable_format:number_highlighted_sections": lambda r, num_highlights: (
+        sum(1 for h in re.findall(r"\*[^\n\*]*\*", r) if h.strip("*").strip())
+        + sum(1 for h in re.findall(r"\*\*[^\n\*]*\*\*", r) if h[2:-2].strip())) >= num_highlights,
     "detectable_format:multiple_sections": _chk_sections,
     "detectable_format:json_format": _chk_json,
-    "detectable_format:title": _chk_title,
+    "detectable_format:title": lambda r: any(t.lstrip("<").rstrip(">").strip() for t in find_titles(r)),
     "combination:two_responses": _chk_two_responses,
-    "combination:repeat_prompt": _chk_repeat_prompt,
-    "startend:end_checker": _chk_end,
-    "startend:quotation": _chk_quotation,
-    "change_case:capital_word_frequency": _chk_capital_words,
-    "change_case:english_capital": _chk_english_capital,
-    "change_case:english_lowercase": _chk_english_lowercase,
-    "punctuation:no_comma": _chk_no_comma,
+    "combination:repeat_prompt": lambda r, prompt_to_repeat: r.strip().lower().startswith(
+        prompt_to_repeat.strip().lower()),
+    "startend:end_checker": lambda r, end_phrase: r.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
+    "startend:quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
+    "change_case:capital_word_frequency": lambda r, capital_frequency, capital_relation: _compare(
+        sum(1 for w in word_tokenize(r) if w.isupper()), capital_relation, capital_frequency, "capital_word_frequency"),
+    "change_case:english_capital": lambda r: _english(r) and r.isupper(),     # detection runs first, as
+    "change_case:english_lowercase": lambda r: _english(r) and r.islower(),   # in the reference
+    "punctuation:no_comma": lambda r: "," not in r,
 }
 
 
