@@ -86,30 +86,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def score_samples(items: list[dict], samples: list[list[str]]) -> list[list[float]]:
-    """Score matrix S (N items x n samples) in {0..1} (IFEval: fraction of slots, strict)."""
-    if len(items) != len(samples):
-        raise ValueError(f"{len(items)} items but {len(samples)} sample lists")
-    return [[score_item(it, s) for s in ss] for it, ss in zip(items, samples)]
-
-
-def _subtask_scores(items: list[dict], per_item: list[float]) -> dict:
-    """{subtask: {"score": percent, "n"}} (BBH tasks, m1 sources; "" when items have none)."""
-    subs: dict[str, list[float]] = {}
-    for it, v in zip(items, per_item):
-        subs.setdefault(str(it.get("subtask", "")), []).append(v)
-    return {k: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(subs.items())}
-
-
-def _pass_at_k_table(S: list[list[float]], n: int, ks) -> dict:
-    """[PA: third_party/math_eval/evaluate.py] unbiased pass@k, averaged over problems, for every
-    k <= n, and pass_acc (some sample correct)."""
-    c = [round(sum(r)) for r in S]
-    return {"pass_at_k": {str(k): 100.0 * sum(pass_at_k(n, ci, k) for ci in c) / len(c)
-                          for k in sorted(set(ks) | {n}) if k <= n},
-            "pass_acc": 100.0 * sum(ci > 0 for ci in c) / len(c)}
-
-
 def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
               ks=(1, 2, 4, 8, 16)) -> dict:
     """Benchmark score in percent from items and their samples.
@@ -117,16 +93,21 @@ def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
     mode "micro": 100 * mean over items x samples (math avg@n, NQ, toy med);
          "macro_subtask": unweighted mean of per-subtask accuracies (BBH tasks, m1 sources);
          "ifeval": instruction-level strict accuracy (the paper's IFEval figure) + the other three.
+    Math with n > 1 samples adds [PA: third_party/math_eval/evaluate.py] unbiased pass@k averaged
+    over problems for every k <= n, and pass_acc (some sample correct); NQ adds true exact match.
     """
     out = {"n_items": len(items), "n": len(items), "n_samples": len(samples[0]) if samples else 0}
     if mode == "ifeval":
         acc = ifeval_accuracies([ifeval_slots(it, ss[0]) for it, ss in zip(items, samples)])
-        out.update(acc)
-        out["score"] = acc["inst_level_strict"]
-        return out
-    S = score_samples(items, samples)
+        return {**out, **acc, "score": acc["inst_level_strict"]}
+    if len(items) != len(samples):
+        raise ValueError(f"{len(items)} items but {len(samples)} sample lists")
+    S = [[score_item(it, s) for s in ss] for it, ss in zip(items, samples)]  # (N items, n samples) in [0, 1]
     per_item = [sum(r) / len(r) for r in S]
-    out["subtasks"] = _subtask_scores(items, per_item)
+    subs: dict[str, list[float]] = {}   # BBH tasks, m1 sources ("" when items have none)
+    for it, v in zip(items, per_item):
+        subs.setdefault(str(it.get("subtask", "")), []).append(v)
+    out["subtasks"] = {k: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(subs.items())}
     if mode == "macro_subtask":
         out["score"] = sum(s["score"] for s in out["subtasks"].values()) / max(1, len(out["subtasks"]))
         out["micro_score"] = 100.0 * sum(per_item) / max(1, len(per_item))
@@ -134,8 +115,12 @@ def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
         out["score"] = 100.0 * sum(per_item) / max(1, len(per_item))
     else:
         raise ValueError(f"aggregate mode must be micro, macro_subtask or ifeval, not {mode!r}")
-    if out["n_samples"] > 1 and items and items[0].get("scorer") == "math":
-        out.update(_pass_at_k_table(S, out["n_samples"], ks))
+    n = out["n_samples"]
+    if n > 1 and items and items[0].get("scorer") == "math":
+        c = [round(sum(r)) for r in S]   # correct samples per problem
+        out["pass_at_k"] = {str(k): 100.0 * sum(pass_at_k(n, ci, k) for ci in c) / len(c)
+                            for k in sorted(set(ks) | {n}) if k <= n}
+        out["pass_acc"] = 100.0 * sum(ci > 0 for ci in c) / len(c)
     if items and items[0].get("scorer") == "nq":
         out["exact_match"] = 100.0 * sum(nq_exact_match(ss[0], it["gold"]) for it, ss in zip(items, samples)) / len(items)
     return out
@@ -908,13 +893,10 @@ def evaluate_toy(model, tokenizer, *, domain: str = "math", n_per_family: int = 
     return res
 
 
-INSTRUCT_MARKERS = ("instruct", "-ins", "ins-", "chat", "it-")
-
-
 def is_instruct(name: str) -> bool:
     """The release's rule (PA: eval/generate_opencompass_config.py): BBH uses the chat template
     only for 'instruct' model names."""
-    return any(m in str(name).lower() for m in INSTRUCT_MARKERS)
+    return any(m in str(name).lower() for m in ("instruct", "-ins", "ins-", "chat", "it-"))
 
 
 def render_prompt(tokenizer, item: dict, *, raw: bool = False, system: str | None = None) -> str:
@@ -980,37 +962,14 @@ def _vllm_context(names, items, tok, model_name: str, max_new: dict, model_max: 
     return min(need, model_max)
 
 
-def _prepare_vllm(spec: str, adapter: str | None, *, names, items, max_new: dict, seed: int,
-                  gpu_memory_utilization: float):
-    """The process's vLLM engine on the base model's folder holding the weights to score: an
-    adapter is merged into dense weights in memory (PEFT-Arena §Evaluation: every adapter is merged
-    into a dense bf16 HF model and served with vLLM) and pushed in layer by layer; no merged copy is
-    written to disk. The engine is reused by later suites and adapters of the same base."""
-    path, _ = loading.resolve_spec(spec)
-    tok = loading.load_tokenizer(spec)
-    hf_cfg = AutoConfig.from_pretrained(path)
-    ctx = _vllm_context(names, items, tok, spec, max_new, int(getattr(hf_cfg, "max_position_embeddings", 1 << 30)))
-    llm = get_engine(path, max_model_len=ctx, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
-    want = str(adapter) if adapter else None
-    if _ENGINE.get("weights") != want:
-        model, _, _ = _load_for_eval(spec, adapter, dtype="float32", device="cpu")
-        push_weights(llm, peft_methods.iter_merged_state(model),
-                     tied_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)))
-        _ENGINE["weights"] = want
-        del model
-        free_cuda_cache()
-    return llm, tok
-
-
 def _parse_paths(pairs) -> dict:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"--path expects NAME=FILE, got {p!r}")
-        k, v = p.split("=", 1)
-        if k not in BENCHMARKS:
-            raise SystemExit(f"--path: unknown benchmark {k!r}; known: {sorted(BENCHMARKS)}")
-        out[k] = v
+    """--path NAME=FILE pairs -> {NAME: FILE} for known benchmarks."""
+    out = dict(p.split("=", 1) if "=" in p else (None, p) for p in pairs or [])
+    if None in out:
+        raise SystemExit(f"--path expects NAME=FILE, got {out[None]!r}")
+    unknown = sorted(set(out) - set(BENCHMARKS))
+    if unknown:
+        raise SystemExit(f"--path: unknown benchmark {unknown[0]!r}; known: {sorted(BENCHMARKS)}")
     return out
 
 
@@ -1118,8 +1077,12 @@ def _run_toy(args, out, base_general, t0: float) -> dict:
 
 
 def _load_real(args, names, items: dict, paths: dict, context_suites):
-    """(backend, model, tokenizer, vLLM engine, adapter info) for a real suite. The vLLM engine's
-    context also covers `context_suites`, the suites a kept engine will serve next."""
+    """(backend, model, tokenizer, vLLM engine, adapter info) for a real suite. With vLLM: the
+    process's engine on the base model's folder, holding the weights to score: an adapter is merged
+    into dense weights in memory (PEFT-Arena §Evaluation: every adapter is merged into a dense bf16
+    HF model and served with vLLM) and pushed in layer by layer, no merged copy on disk. The engine
+    is reused by later suites and adapters of the same base; its context also covers
+    `context_suites`, the suites a kept engine will serve next."""
     backend = args.backend
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
@@ -1134,8 +1097,20 @@ def _load_real(args, names, items: dict, paths: dict, context_suites):
         limit=args.limit) for n in ctx_names}
     max_new = {n: (args.max_new_tokens if args.max_new_tokens > 0
                    else BENCHMARKS[n]["decoding"]["max_new_tokens"]) for n in ctx_names}
-    llm, tok = _prepare_vllm(args.model, args.adapter, names=ctx_names, items=ctx_items, max_new=max_new,
-                             seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    path, _ = loading.resolve_spec(args.model)
+    tok = loading.load_tokenizer(args.model)
+    hf_cfg = AutoConfig.from_pretrained(path)
+    ctx = _vllm_context(ctx_names, ctx_items, tok, args.model, max_new,
+                        int(getattr(hf_cfg, "max_position_embeddings", 1 << 30)))
+    llm = get_engine(path, max_model_len=ctx, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    want = str(args.adapter) if args.adapter else None
+    if _ENGINE.get("weights") != want:
+        model, _, _ = _load_for_eval(args.model, args.adapter, dtype="float32", device="cpu")
+        push_weights(llm, peft_methods.iter_merged_state(model),
+                     tied_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)))
+        _ENGINE["weights"] = want
+        del model
+        free_cuda_cache()
     ainfo = peft_methods.read_adapter_config(args.adapter) if args.adapter else None
     return backend, None, tok, llm, ainfo
 
