@@ -7,12 +7,19 @@ score (math: mean of the MATH-500 / AIME24 / AMC23 avg@16 accuracies; medical: m
 m1 sources) and a **general** score (mean of IFEval instruction-level strict accuracy, the BBH task
 mean and NQ-open containment). Forgetting = base general - model general.
 
+The two axes, in symbols. For benchmark b with items i = 1..N_b and n samples each, S_ij in [0, 1]
+is the grader's score of sample j of item i; the benchmark score is micro 100 * mean_ij S_ij, or
+macro over subtasks (BBH tasks, m1 sources), or IFEval's instruction-level accuracy. Then
+    Target(model)  = mean_{b in domain} score_b        (math: each score_b rounded to 0.1 first)
+    General(model) = mean_{b with axis "general"} score_b
+    gain = Target(model) - Target(base),   forgetting = General(base) - General(model).
+
 Layout (read top to bottom):
-  1. The paper's aggregates: `pass_at_k`, `aggregate` (one benchmark), `target_score` and
-     `general_score` (the two axes), `combine_scores`.
-  2. The benchmarks as records: BENCHMARKS[name] = {loader, prompt, scorer, aggregate, axis,
-     decoding, ...}; the general axis is the mean over the records with axis "general", so a new
-     benchmark is one record (and its loader). TOY_BENCHMARKS holds the toy world's five families.
+  1. The aggregates: `pass_at_k`, `aggregate` (one benchmark), `target_score`, `general_scores`,
+     `summarize_suite` (real suites) and `combine_scores` (toy suite).
+  2. The benchmarks as records: `register_benchmark(name, loader=, scorer=, aggregate=, axis=,
+     decoding...)` fills BENCHMARKS; SUITES and the general axis read the records when they run,
+     so a new benchmark is one call (README "Add a benchmark"). TOY_BENCHMARKS: the toy world's five.
   3. Generation: transformers `generate` (batched, left padding, explicit GenerationConfig, stop
      strings) with a resumable JSONL cache; for greedy decoding a plain KV-cache loop
      `greedy_decode` is the fast path (tested token for token against generate); the vLLM backend
@@ -69,9 +76,9 @@ import peft_methods
 import toy_world
 from graders import (IFEVAL_BACKENDS, OPTION_LETTERS, SCORERS, ensure_ifeval_data, ifeval_accuracies,
                      ifeval_fallbacks_used, ifeval_slots, nq_exact_match, score_item)
-# re-exported for the callers that still reach the graders as evaluate.<name>
-from graders import (extract_choice_letter, extract_math_answer, grade_math,  # noqa: F401
-                     grade_reward, shutdown_symbolic_pool)
+# re-exported only for callers that still use evaluate.<name> (train_grpo: grade_math, grade_reward;
+# tests/test_toy_world: extract_math_answer, score_item); new code imports graders directly
+from graders import extract_math_answer, grade_math, grade_reward  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # 1. The paper's aggregates (PEFT-Arena §Evaluation; PA: eval/summarize_results.py,
@@ -162,8 +169,9 @@ def combine_scores(families: dict, domain: str, base_general: float | None = Non
 
 
 def summarize_suite(bench: dict, *, domain: str | None, base_general: float | None) -> dict:
-    """Real suites: Math = mean of the three dataset accs, each rounded to 0.1; Medical = macro
-    over sources; General = mean(IFEval inst-strict, BBH, NQ) when all are present; forgetting."""
+    """Real suites: a target per domain whose benchmarks are all present (`target_score`); General =
+    the mean over the general-axis records (IFEval inst-strict, BBH, NQ, + any registered) when all
+    are present; forgetting = base_general - General."""
     out = {}
     scores = {n: b["score"] for n, b in bench.items()}
     targets = {d: t for d in SUITES if d not in ("general", "all") and (t := target_score(scores, d)) is not None}
