@@ -1144,13 +1144,16 @@ BBH_FREE_TASKS = (
 BBH_TASKS = BBH_MCQ_TASKS + BBH_FREE_TASKS
 
 
+def _after_answer_is(text) -> str:
+    """The text between the first and second 'answer is ' (all of it when there is none)."""
+    pieces = str(text).split("answer is ")
+    return pieces[1].strip() if len(pieces) > 1 else str(text)
+
+
 def bbh_extract_mcq(text: str) -> str:
     """Multiple choice: text between the first and second 'answer is ', then the first '(X'
     letter, else the first capital letter, else the text. Applied to prediction AND target."""
-    ans = str(text)
-    pieces = ans.split("answer is ")
-    if len(pieces) > 1:
-        ans = pieces[1].strip()
+    ans = _after_answer_is(text)
     m = re.search(r"\(([A-Z])\)*", ans)
     if m:
         return m.group(1)
@@ -1160,11 +1163,7 @@ def bbh_extract_mcq(text: str) -> str:
 
 def bbh_extract_free(text: str) -> str:
     """Free form: after the first 'answer is ', first line, one trailing '.', inside **bold**."""
-    ans = str(text)
-    pieces = ans.split("answer is ")
-    if len(pieces) > 1:
-        ans = pieces[1].strip()
-    ans = ans.split("\n")[0].strip()
+    ans = _after_answer_is(text).split("\n")[0].strip()
     if ans.endswith("."):
         ans = ans[:-1].strip()
     m = re.search(r"\*\*(.*?)\*\*", ans)
