@@ -277,7 +277,7 @@ def read_rows(name: str, data_dir=None, path=None, allow_hub: bool = False):
                              f"{str(err)[:200]}); {_how_to_get(spec)}") from err
 
 
-def need(name: str, rid, row: dict, *keys) -> dict:
+def require_fields(name: str, rid, row: dict, *keys) -> dict:
     """`row` when it has every field in `keys`, else a ValueError naming the benchmark, row and format."""
     missing = [k for k in keys if k not in row]
     if missing:
@@ -301,10 +301,11 @@ def load_math(name, data_dir=None, path=None, *, allow_hub=False, prompt_dir=Non
     items = []
     for i, r in enumerate(read_rows(name, data_dir, path, allow_hub)):
         if name == "gsm8k":
-            problem = need(name, i, r, "question", "answer")["question"]
+            problem = require_fields(name, i, r, "question", "answer")["question"]
             gold = str(r["answer"]).split("####")[-1].strip().replace(",", "")
         else:
-            problem, gold = r.get("problem", r.get("question")), str(need(name, i, r, "answer")["answer"])
+            gold = str(require_fields(name, i, r, "answer")["answer"])
+            problem = r.get("problem", r.get("question"))
             if problem is None:
                 raise ValueError(f"benchmark {name!r}, row {i}: no 'problem' or 'question' field")
         items.append(make_item(name, r.get("unique_id", r.get("id", r.get("idx", i))), math_prompt(problem),
@@ -317,10 +318,11 @@ def load_m1(name="m1", data_dir=None, path=None, *, allow_hub=False, prompt_dir=
     release's flat processed list; the boxed instruction is appended to the user turn."""
     rows = read_rows(name, data_dir, path, allow_hub)
     if isinstance(rows, dict):
-        flat = [(s, i, need(name, i, r, "question", "options", "answer_idx")) for s, lst in rows.items()
+        flat = [(s, i, require_fields(name, i, r, "question", "options", "answer_idx")) for s, lst in rows.items()
                 for i, r in enumerate(lst)]
     else:
-        flat = [(need(name, i, r, "options", "answer_idx", "source")["source"], i, r) for i, r in enumerate(rows)]
+        flat = [(require_fields(name, i, r, "options", "answer_idx", "source")["source"], i, r)
+                for i, r in enumerate(rows)]
     items = []
     for source, i, r in flat:
         prompt = (not isinstance(rows, dict) and r.get("prompt")) or med_prompt(r["question"], r["options"])
@@ -334,7 +336,7 @@ def load_m1(name="m1", data_dir=None, path=None, *, allow_hub=False, prompt_dir=
 
 def load_ifeval(name="ifeval", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
     """IFEval items: the raw prompt, its instruction ids and their kwargs (no gold)."""
-    rows = [need(name, i, r, "prompt", "instruction_id_list", "kwargs")
+    rows = [require_fields(name, i, r, "prompt", "instruction_id_list", "kwargs")
             for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
     return [make_item(name, r.get("key", i), r["prompt"], None, instruction_id_list=list(r["instruction_id_list"]),
                       kwargs=[dict(k) for k in r["kwargs"]]) for i, r in enumerate(rows)]
@@ -362,14 +364,15 @@ def load_bbh(name="bbh", data_dir=None, path=None, *, allow_hub=False, prompt_di
             raise DatasetMissing(f"benchmark 'bbh': task {task} has no CoT prompt file {hint_file}")
         hint = hint_file.read_text(encoding="utf-8")
         for i, ex in enumerate(data["examples"] if isinstance(data, dict) else data):
-            need(name, i, ex, "input", "target")
+            require_fields(name, i, ex, "input", "target")
             items.append(make_item(name, f"{task}-{i}", bbh_prompt(hint, ex["input"]), str(ex["target"]), task))
     return items
 
 
 def load_nq(name="nq", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
     """NQ-open items: the gold is the list of acceptable answers."""
-    rows = [need(name, i, r, "question", "answer") for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
+    rows = [require_fields(name, i, r, "question", "answer")
+            for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
     return [make_item(name, i, nq_prompt(r["question"]), [r["answer"]] if isinstance(r["answer"], str)
                       else [str(a) for a in r["answer"]]) for i, r in enumerate(rows)]
 
@@ -399,7 +402,8 @@ def register_benchmark(name: str, *, loader, scorer, axis: str = "extra", aggreg
 # with the paper's decoding; system: a system turn; raw_for_base: base models get the raw text.
 for _n, _hub, _split, _files in (
         ("math500", "HuggingFaceH4/MATH-500", "test", ["math500/test.jsonl", "MATH-500/test.jsonl"]),
-        ("aime24", "HuggingFaceH4/aime_2024", "train", ["aime24/test.jsonl", "aime24/data/train-00000-of-00001.parquet",
+        ("aime24", "HuggingFaceH4/aime_2024", "train", ["aime24/test.jsonl",
+                                                        "aime24/data/train-00000-of-00001.parquet",
                                                         "aime_2024/data/train-00000-of-00001.parquet"]),
         ("amc23", "math-ai/amc23", "test", ["amc23/test.jsonl"])):
     register_benchmark(_n, loader=load_math, prompt=math_prompt, scorer="math", axis="math", temperature=0.6,
@@ -428,7 +432,8 @@ register_benchmark("bbh", loader=load_bbh, prompt=bbh_prompt, raw_for_base=True,
                        "<task>.txt 3-shot CoT prompts (BIG-Bench-Hard layout: bbh/ and cot-prompts/)")
 register_benchmark("nq", loader=load_nq, prompt=nq_prompt, scorer="nq", axis="general", max_new_tokens=50,
                    hub="google-research-datasets/nq_open", split="validation",
-                   files=["nq_open/nq_open/validation-00000-of-00001.parquet", "nq_open/validation-00000-of-00001.parquet",
+                   files=["nq_open/nq_open/validation-00000-of-00001.parquet",
+                          "nq_open/validation-00000-of-00001.parquet",
                           "nq_open/validation.jsonl", "nq/nq-test.qa.csv"],
                    fmt="parquet/JSONL rows {question, answer [str, ...]} or the DPR TSV nq-test.qa.csv")
 
@@ -656,7 +661,8 @@ def _generate_missing(todo, done: dict, key: str, settings: dict, *, model, toke
         todo.sort(key=lambda w: -len(w[1]))
         chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=settings["max_new_tokens"],
-                                         temperature=settings["temperature"], top_p=settings["top_p"]) if todo else None
+                                         temperature=settings["temperature"],
+                                         top_p=settings["top_p"]) if todo else None
     for chunk in tqdm(chunks, desc="generate", unit="batch") if progress and chunks else chunks:
         rows = (_vllm_generate_chunk(vllm_llm, chunk, settings) if backend == "vllm" else
                 _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], settings["seed"], greedy_impl))

@@ -1651,7 +1651,8 @@ IFEVAL_CHECKERS = {
     "keywords:existence": lambda r, keywords: all(                                       # DEVIATION 8
         re.search(re.escape(k), r, flags=re.IGNORECASE) for k in keywords),
     "keywords:frequency": lambda r, keyword, frequency, relation: _compare(   # the keyword is stripped
-        len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE)), relation, frequency, "keywords:frequency"),
+        len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE)), relation, frequency,
+        "keywords:frequency"),
     "keywords:forbidden_words": lambda r, forbidden_words: not any(
         re.search(r"\b" + re.escape(w) + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
     "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: (
@@ -1682,7 +1683,8 @@ IFEVAL_CHECKERS = {
     "startend:end_checker": lambda r, end_phrase: r.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
     "startend:quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
     "change_case:capital_word_frequency": lambda r, capital_frequency, capital_relation: _compare(
-        sum(1 for w in word_tokenize(r) if w.isupper()), capital_relation, capital_frequency, "capital_word_frequency"),
+        sum(1 for w in word_tokenize(r) if w.isupper()), capital_relation, capital_frequency,
+        "capital_word_frequency"),
     "change_case:english_capital": lambda r: _english(r) and r.isupper(),     # detection runs first, as
     "change_case:english_lowercase": lambda r: _english(r) and r.islower(),   # in the reference
     "punctuation:no_comma": lambda r: "," not in r,
