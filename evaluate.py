@@ -7,12 +7,19 @@ score (math: mean of the MATH-500 / AIME24 / AMC23 avg@16 accuracies; medical: m
 m1 sources) and a **general** score (mean of IFEval instruction-level strict accuracy, the BBH task
 mean and NQ-open containment). Forgetting = base general - model general.
 
+The two axes, in symbols. For benchmark b with items i = 1..N_b and n samples each, S_ij in [0, 1]
+is the grader's score of sample j of item i; the benchmark score is micro 100 * mean_ij S_ij, or
+macro over subtasks (BBH tasks, m1 sources), or IFEval's instruction-level accuracy. Then
+    Target(model)  = mean_{b in domain} score_b        (math: each score_b rounded to 0.1 first)
+    General(model) = mean_{b with axis "general"} score_b
+    gain = Target(model) - Target(base),   forgetting = General(base) - General(model).
+
 Layout (read top to bottom):
-  1. The paper's aggregates: `pass_at_k`, `aggregate` (one benchmark), `target_score` and
-     `general_score` (the two axes), `combine_scores`.
-  2. The benchmarks as records: BENCHMARKS[name] = {loader, prompt, scorer, aggregate, axis,
-     decoding, ...}; the general axis is the mean over the records with axis "general", so a new
-     benchmark is one record (and its loader). TOY_BENCHMARKS holds the toy world's five families.
+  1. The aggregates: `pass_at_k`, `aggregate` (one benchmark), `target_score`, `general_scores`,
+     `summarize_suite` (real suites) and `combine_scores` (toy suite).
+  2. The benchmarks as records: `register_benchmark(name, loader=, scorer=, aggregate=, axis=,
+     decoding...)` fills BENCHMARKS; SUITES and the general axis read the records when they run,
+     so a new benchmark is one call (README "Add a benchmark"). TOY_BENCHMARKS: the toy world's five.
   3. Generation: transformers `generate` (batched, left padding, explicit GenerationConfig, stop
      strings) with a resumable JSONL cache; for greedy decoding a plain KV-cache loop
      `greedy_decode` is the fast path (tested token for token against generate); the vLLM backend
@@ -55,6 +62,8 @@ import math
 import os
 import sys
 import time
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,11 +74,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import loading
 import peft_methods
 import toy_world
-from graders import (IFEVAL_BACKENDS, OPTION_LETTERS, ensure_ifeval_data, ifeval_accuracies,
+from graders import (IFEVAL_BACKENDS, OPTION_LETTERS, SCORERS, ensure_ifeval_data, ifeval_accuracies,
                      ifeval_fallbacks_used, ifeval_slots, nq_exact_match, score_item)
-# re-exported for the callers that still reach the graders as evaluate.<name>
-from graders import (extract_choice_letter, extract_math_answer, grade_math,  # noqa: F401
-                     grade_reward, shutdown_symbolic_pool)
+# re-exported only for callers that still use evaluate.<name> (train_grpo: grade_math, grade_reward;
+# tests/test_toy_world: extract_math_answer, score_item); new code imports graders directly
+from graders import extract_math_answer, grade_math, grade_reward  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # 1. The paper's aggregates (PEFT-Arena §Evaluation; PA: eval/summarize_results.py,
@@ -84,30 +93,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def score_samples(items: list[dict], samples: list[list[str]]) -> list[list[float]]:
-    """Score matrix S (N items x n samples) in {0..1} (IFEval: fraction of slots, strict)."""
-    if len(items) != len(samples):
-        raise ValueError(f"{len(items)} items but {len(samples)} sample lists")
-    return [[score_item(it, s) for s in ss] for it, ss in zip(items, samples)]
-
-
-def _subtask_scores(items: list[dict], per_item: list[float]) -> dict:
-    """{subtask: {"score": percent, "n"}} (BBH tasks, m1 sources; "" when items have none)."""
-    subs: dict[str, list[float]] = {}
-    for it, v in zip(items, per_item):
-        subs.setdefault(str(it.get("subtask", "")), []).append(v)
-    return {k: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(subs.items())}
-
-
-def _pass_at_k_table(S: list[list[float]], n: int, ks) -> dict:
-    """[PA: third_party/math_eval/evaluate.py] unbiased pass@k, averaged over problems, for every
-    k <= n, and pass_acc (some sample correct)."""
-    c = [round(sum(r)) for r in S]
-    return {"pass_at_k": {str(k): 100.0 * sum(pass_at_k(n, ci, k) for ci in c) / len(c)
-                          for k in sorted(set(ks) | {n}) if k <= n},
-            "pass_acc": 100.0 * sum(ci > 0 for ci in c) / len(c)}
-
-
 def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
               ks=(1, 2, 4, 8, 16)) -> dict:
     """Benchmark score in percent from items and their samples.
@@ -115,16 +100,21 @@ def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
     mode "micro": 100 * mean over items x samples (math avg@n, NQ, toy med);
          "macro_subtask": unweighted mean of per-subtask accuracies (BBH tasks, m1 sources);
          "ifeval": instruction-level strict accuracy (the paper's IFEval figure) + the other three.
+    Math with n > 1 samples adds [PA: third_party/math_eval/evaluate.py] unbiased pass@k averaged
+    over problems for every k <= n, and pass_acc (some sample correct); NQ adds true exact match.
     """
     out = {"n_items": len(items), "n": len(items), "n_samples": len(samples[0]) if samples else 0}
     if mode == "ifeval":
         acc = ifeval_accuracies([ifeval_slots(it, ss[0]) for it, ss in zip(items, samples)])
-        out.update(acc)
-        out["score"] = acc["inst_level_strict"]
-        return out
-    S = score_samples(items, samples)
+        return {**out, **acc, "score": acc["inst_level_strict"]}
+    if len(items) != len(samples):
+        raise ValueError(f"{len(items)} items but {len(samples)} sample lists")
+    S = [[score_item(it, s) for s in ss] for it, ss in zip(items, samples)]  # (N items, n samples) in [0, 1]
     per_item = [sum(r) / len(r) for r in S]
-    out["subtasks"] = _subtask_scores(items, per_item)
+    subs: dict[str, list[float]] = {}   # BBH tasks, m1 sources ("" when items have none)
+    for it, v in zip(items, per_item):
+        subs.setdefault(str(it.get("subtask", "")), []).append(v)
+    out["subtasks"] = {k: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(subs.items())}
     if mode == "macro_subtask":
         out["score"] = sum(s["score"] for s in out["subtasks"].values()) / max(1, len(out["subtasks"]))
         out["micro_score"] = 100.0 * sum(per_item) / max(1, len(per_item))
@@ -132,8 +122,12 @@ def aggregate(items: list[dict], samples: list[list[str]], mode: str = "micro",
         out["score"] = 100.0 * sum(per_item) / max(1, len(per_item))
     else:
         raise ValueError(f"aggregate mode must be micro, macro_subtask or ifeval, not {mode!r}")
-    if out["n_samples"] > 1 and items and items[0].get("scorer") == "math":
-        out.update(_pass_at_k_table(S, out["n_samples"], ks))
+    n = out["n_samples"]
+    if n > 1 and items and items[0].get("scorer") == "math":
+        c = [round(sum(r)) for r in S]   # correct samples per problem
+        out["pass_at_k"] = {str(k): 100.0 * sum(pass_at_k(n, ci, k) for ci in c) / len(c)
+                            for k in sorted(set(ks) | {n}) if k <= n}
+        out["pass_acc"] = 100.0 * sum(ci > 0 for ci in c) / len(c)
     if items and items[0].get("scorer") == "nq":
         out["exact_match"] = 100.0 * sum(nq_exact_match(ss[0], it["gold"]) for it, ss in zip(items, samples)) / len(items)
     return out
@@ -175,11 +169,12 @@ def combine_scores(families: dict, domain: str, base_general: float | None = Non
 
 
 def summarize_suite(bench: dict, *, domain: str | None, base_general: float | None) -> dict:
-    """Real suites: Math = mean of the three dataset accs, each rounded to 0.1; Medical = macro
-    over sources; General = mean(IFEval inst-strict, BBH, NQ) when all are present; forgetting."""
+    """Real suites: a target per domain whose benchmarks are all present (`target_score`); General =
+    the mean over the general-axis records (IFEval inst-strict, BBH, NQ, + any registered) when all
+    are present; forgetting = base_general - General."""
     out = {}
     scores = {n: b["score"] for n, b in bench.items()}
-    targets = {d: t for d in ("math", "med") if (t := target_score(scores, d)) is not None}
+    targets = {d: t for d in SUITES if d not in ("general", "all") and (t := target_score(scores, d)) is not None}
     if targets:
         out["target_scores"] = targets
         dom = domain or next(iter(targets))
@@ -196,14 +191,13 @@ def summarize_suite(bench: dict, *, domain: str | None, base_general: float | No
 
 
 # -----------------------------------------------------------------------------
-# 2. The benchmarks as records: data files in the hub formats, the paper's prompts, how each is
-#    scored and aggregated, and which axis it counts toward
+# 2. The benchmarks as records: where the data lives (hub formats), the paper's prompt, how each
+#    answer is scored and aggregated, and which axis it counts toward. A new benchmark is one
+#    `register_benchmark` call (README "Add a benchmark"); suites, scoring and arena.py read the
+#    records when they run, so one registered after import (from another module) is picked up.
 
 MATH_STOP = ["</s>", "<|im_end|>", "<|endoftext|>", "\n\nQuestion:"]
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-BBH_HINT_HEAD = "Follow the given examples and answer the question.\n"
-NQ_PROMPT = ("Answer these questions, your answer should be as simple as possible, start your answer "
-             "with the prompt 'The answer is '.\nQ: {question}?")
 MED_SYSTEM = "You are a helpful assistant."   # DEVIATION 1
 
 
@@ -219,289 +213,254 @@ def med_prompt(question: str, options: dict) -> str:
 
 def bbh_prompt(hint: str, question: str) -> str:
     """OpenCompass bbh_gen_5b92b0: instruction line + the task's CoT exemplars + the question."""
-    return f"{BBH_HINT_HEAD}{hint}\n\nQ: {question}\nA: Let's think step by step."
+    return f"Follow the given examples and answer the question.\n{hint}\n\nQ: {question}\nA: Let's think step by step."
 
 
 def nq_prompt(question: str) -> str:
     """OpenCompass nq_gen_c788f6 (the release's copy), 0-shot."""
-    return NQ_PROMPT.format(question=question)
+    return ("Answer these questions, your answer should be as simple as possible, start your answer "
+            f"with the prompt 'The answer is '.\nQ: {question}?")
 
 
 class DatasetMissing(FileNotFoundError):
     pass
 
 
-def read_records(path) -> list | dict:
-    """Rows of a local dataset file by its suffix: .jsonl, .json, .parquet (needs pyarrow), or the
-    DPR-style .csv/.tsv of NQ (question<TAB>python-literal list of answers)."""
-    p = Path(path)
-    if not p.exists():
-        raise DatasetMissing(f"dataset file {p} does not exist")
-    suf = p.suffix.lower()
-    if suf == ".jsonl":
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as err:
-                        raise ValueError(f"{p}:{lineno}: not valid JSON ({err})") from err
-        return rows
-    if suf == ".json":
-        with open(p, encoding="utf-8") as f:
-            return json.load(f)
-    if suf == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as err:
-            raise ImportError(f"reading {p} needs pyarrow (pip install pyarrow), or convert the file "
-                              "to JSONL with the same fields") from err
-        return pq.read_table(p).to_pylist()
-    if suf in (".csv", ".tsv"):
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                q, _, a = line.rstrip("\n").partition("\t")
-                try:
-                    ans = ast.literal_eval(a)  # literals only: never executes code
-                except (ValueError, SyntaxError) as err:
-                    raise ValueError(f"{p}:{lineno}: answer column is not a Python list literal") from err
-                rows.append({"question": q, "answer": list(ans) if isinstance(ans, (list, tuple)) else [str(ans)]})
-        return rows
-    raise ValueError(f"{p}: unsupported dataset format {suf!r} (expected .jsonl, .json, .parquet, .csv)")
+def _how_to_get(spec: dict) -> str:
+    return (f"Expected hub id {spec.get('hub')!r}; format: {spec.get('fmt')}. Download it where the hub is "
+            f"reachable and pass --data-dir DIR (files at {', '.join(spec['files'])}) or --path NAME=FILE")
 
 
 def find_dataset(name: str, data_dir=None, path=None, *, allow_hub: bool = False):
-    """Resolve benchmark `name` to a local path (explicit path, else the first existing candidate
-    under data_dir), or, when allow_hub, to the string 'hub'. Otherwise raise DatasetMissing
-    naming the hub id, the local files looked for, and the expected format."""
+    """Benchmark `name`'s local data: the explicit path, else the first of the record's `files`
+    under data_dir; 'hub' when allow_hub; else DatasetMissing naming what was looked for, the hub
+    id and the expected format."""
     spec = BENCHMARKS[name]
-    tried = []
-    if path is not None:
-        if Path(path).exists():
-            return Path(path)
-        tried.append(str(path))
-    if data_dir is not None:
-        for rel in spec["files"]:
-            cand = Path(data_dir) / rel
-            if cand.exists():
-                return cand
-            tried.append(str(cand))
-    if allow_hub:
-        return "hub"
-    raise DatasetMissing(
-        f"benchmark {name!r}: no local data found (looked for: {', '.join(tried) or 'nothing, no --data-dir'}). "
-        f"Expected hub id {spec['hub']!r}" + (f" split {spec['split']!r}" if spec.get("split") else "") +
-        f"; format: {spec['fmt']}. Download it where the hub is reachable and pass --data-dir DIR "
-        f"(files at {', '.join(spec['files'])}) or --path {name}=FILE; --allow-hub tries the hub.")
+    cands = ([Path(path)] if path is not None else []) + \
+            ([Path(data_dir) / f for f in spec["files"]] if data_dir is not None else [])
+    found = next((c for c in cands if c.exists()), None)
+    if found is not None or allow_hub:
+        return found or "hub"
+    raise DatasetMissing(f"benchmark {name!r}: no local data found (looked for: "
+                         f"{', '.join(map(str, cands)) or 'nothing, no --data-dir'}). {_how_to_get(spec)}; "
+                         "--allow-hub tries the hub.")
 
 
-def _load_from_hub(name: str):
+def read_data(path) -> list | dict:
+    """The rows of a benchmark file. loading.read_records reads .jsonl, .parquet and JSON arrays;
+    two shapes it does not know are read here: a JSON object (m1 by source, a BBH task file) and
+    NQ's DPR TSV (question<TAB>a Python list literal of answers; literal_eval never runs code)."""
+    p = Path(path)
+    if p.suffix in (".csv", ".tsv"):
+        rows = [ln.rstrip("\n").partition("\t") for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        answers = [ast.literal_eval(a) for _, _, a in rows]
+        return [{"question": q, "answer": list(a) if isinstance(a, (list, tuple)) else [str(a)]}
+                for (q, _, _), a in zip(rows, answers)]
+    if p.suffix == ".json" and p.read_text(encoding="utf-8").lstrip().startswith("{"):
+        return json.loads(p.read_text(encoding="utf-8"))
+    return [row for row, _ in loading.read_records(p, "--path")[0]]
+
+
+def read_rows(name: str, data_dir=None, path=None, allow_hub: bool = False):
+    """Rows of benchmark `name` (local file, or the hub's `hub` id / `config` / `split`)."""
+    where = find_dataset(name, data_dir, path, allow_hub=allow_hub)
+    if where != "hub":
+        return read_data(where)
     spec = BENCHMARKS[name]
     try:
         import datasets
-        args = [spec["hub"]] + ([spec["config"]] if spec.get("config") else [])
-        ds = datasets.load_dataset(*args, split=spec["split"]) if spec["split"] else datasets.load_dataset(*args)
-        if spec["split"] is None:  # m1: one split per source
-            return {k: list(v) for k, v in ds.items()}
-        return list(ds)
+        ds = datasets.load_dataset(spec["hub"], *([spec["config"]] if spec.get("config") else []),
+                                   **({"split": spec["split"]} if spec.get("split") else {}))
+        return {k: list(v) for k, v in ds.items()} if not spec.get("split") else list(ds)  # m1: a split per source
     except Exception as err:  # noqa: BLE001
-        raise DatasetMissing(f"benchmark {name!r}: loading hub id {spec['hub']!r} failed "
-                             f"({type(err).__name__}: {str(err)[:200]}); expected format: {spec['fmt']}; "
-                             "pass a local file with --data-dir or --path") from err
+        raise DatasetMissing(f"benchmark {name!r}: loading hub id {spec['hub']!r} failed ({type(err).__name__}: "
+                             f"{str(err)[:200]}); {_how_to_get(spec)}") from err
 
 
-def _rows(name, data_dir=None, path=None, allow_hub=False):
-    where = find_dataset(name, data_dir, path, allow_hub=allow_hub)
-    return (_load_from_hub(name) if where == "hub" else read_records(where)), str(where)
-
-
-def _need(row: dict, keys, name: str, i: int):
+def require_fields(name: str, rid, row: dict, *keys) -> dict:
+    """`row` when it has every field in `keys`, else a ValueError naming the benchmark, row and format."""
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"benchmark {name!r}, row {i}: missing field(s) {missing}; row has {sorted(row)}; "
-                         f"expected format: {BENCHMARKS[name]['fmt']}")
+        raise ValueError(f"benchmark {name!r}, row {rid}: missing field(s) {missing}; row has "
+                         f"{sorted(row)}; expected format: {BENCHMARKS[name].get('fmt')}")
+    return row
 
 
-# Every loader: (name, data_dir, path, *, allow_hub, prompt_dir) -> items, each item a dict
-# {id, family, subtask, prompt (the paper's text, before the chat template), gold, scorer, ...}.
+def make_item(name: str, rid, prompt: str, gold, subtask: str = "", **extra) -> dict:
+    """One scored item of benchmark `name`: {id, family, subtask (BBH task, m1 source), prompt (the
+    paper's text, before the chat template), gold, scorer (the record's), ...extra}."""
+    return {"id": f"{name}-{rid}", "family": name, "subtask": subtask, "prompt": prompt, "gold": gold,
+            "scorer": BENCHMARKS[name]["scorer"], **extra}
 
-def load_math(name: str, data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """MATH-500 / AIME24 / AMC23 / GSM8K items (scorer 'math')."""
-    rows, src = _rows(name, data_dir, path, allow_hub)
+
+# Every loader: (name, data_dir, path, *, allow_hub, prompt_dir) -> [make_item(...), ...]
+
+def load_math(name, data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """MATH-500 / AIME24 / AMC23 / GSM8K (gold: GSM8K's number after '####'; else, note c, the
+    `answer` field; AMC23's float golds "27.0" become "27" in strip_string)."""
     items = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(read_rows(name, data_dir, path, allow_hub)):
         if name == "gsm8k":
-            _need(r, ["question", "answer"], name, i)
-            problem, gold = r["question"], str(r["answer"]).split("####")[-1].strip().replace(",", "")
+            problem = require_fields(name, i, r, "question", "answer")["question"]
+            gold = str(r["answer"]).split("####")[-1].strip().replace(",", "")
         else:
-            _need(r, ["answer"], name, i)
+            gold = str(require_fields(name, i, r, "answer")["answer"])
             problem = r.get("problem", r.get("question"))
             if problem is None:
-                raise ValueError(f"benchmark {name!r}, row {i} of {src}: no 'problem' or 'question' field")
-            # note c: the answer field, not the solution's last box. AMC23 golds are JSON floats
-            # (27.0) -> "27.0", which strip_string turns into "27"
-            gold = str(r["answer"])
-        rid = r.get("unique_id", r.get("id", r.get("idx", i)))
-        items.append({"id": f"{name}-{rid}", "family": name, "subtask": str(r.get("subject", "")),
-                      "prompt": math_prompt(problem), "gold": gold, "scorer": BENCHMARKS[name]["scorer"]})
+                raise ValueError(f"benchmark {name!r}, row {i}: no 'problem' or 'question' field")
+        items.append(make_item(name, r.get("unique_id", r.get("id", r.get("idx", i))), math_prompt(problem),
+                               gold, str(r.get("subject", ""))))
     return items
 
 
-def _m1_rows(rows, src: str) -> list[tuple]:
-    """(source, index, prompt, options, gold) from the hub's dict-by-source JSON or the release's
-    flat processed list."""
-    flat = []
+def load_m1(name="m1", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """m1 medical items (subtask = source), from the hub's JSON dict {source: [rows]} or the
+    release's flat processed list; the boxed instruction is appended to the user turn."""
+    rows = read_rows(name, data_dir, path, allow_hub)
     if isinstance(rows, dict):
-        for source, lst in rows.items():
-            for i, r in enumerate(lst):
-                _need(r, ["question", "options", "answer_idx"], "m1", i)
-                flat.append((source, i, med_prompt(r["question"], r["options"]), r["options"], r["answer_idx"]))
-    elif isinstance(rows, list):
-        for i, r in enumerate(rows):
-            _need(r, ["options", "answer_idx", "source"], "m1", i)
-            prompt = r.get("prompt") or med_prompt(r["question"], r["options"])
-            flat.append((r["source"], i, prompt, r["options"], r["answer_idx"]))
+        flat = [(s, i, require_fields(name, i, r, "question", "options", "answer_idx")) for s, lst in rows.items()
+                for i, r in enumerate(lst)]
     else:
-        raise ValueError(f"{src}: m1 data must be a JSON dict keyed by source or a list of rows")
-    return flat
-
-
-def load_m1(name: str = "m1", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """m1 medical items (scorer 'choice'; subtask = source). The boxed instruction is appended to
-    the user turn."""
-    rows, src = _rows(name, data_dir, path, allow_hub)
+        flat = [(require_fields(name, i, r, "options", "answer_idx", "source")["source"], i, r)
+                for i, r in enumerate(rows)]
     items = []
-    for source, i, prompt, options, gold in _m1_rows(rows, src):
+    for source, i, r in flat:
+        prompt = (not isinstance(rows, dict) and r.get("prompt")) or med_prompt(r["question"], r["options"])
+        options = r["options"]
         if isinstance(options, list):  # some re-uploads store the options as a list
             options = {OPTION_LETTERS[k]: v for k, v in enumerate(options)}
-        items.append({"id": f"m1-{source}-{i}", "family": "m1", "subtask": source,
-                      "prompt": prompt + "\n" + BOXED_INSTRUCTION, "options": options,
-                      "gold": str(gold), "scorer": BENCHMARKS[name]["scorer"]})
+        items.append(make_item(name, f"{source}-{i}", prompt + "\n" + BOXED_INSTRUCTION, str(r["answer_idx"]),
+                               source, options=options))
     return items
 
 
-def load_ifeval(name: str = "ifeval", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """IFEval items (scorer 'ifeval'): the raw prompt, its instruction ids and their kwargs."""
-    rows, _ = _rows(name, data_dir, path, allow_hub)
-    items = []
-    for i, r in enumerate(rows):
-        _need(r, ["prompt", "instruction_id_list", "kwargs"], "ifeval", i)
-        items.append({"id": f"ifeval-{r.get('key', i)}", "family": "ifeval",
-                      "subtask": "", "prompt": r["prompt"],
-                      "instruction_id_list": list(r["instruction_id_list"]),
-                      "kwargs": [dict(k) for k in r["kwargs"]], "gold": None, "scorer": BENCHMARKS[name]["scorer"]})
-    return items
+def load_ifeval(name="ifeval", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """IFEval items: the raw prompt, its instruction ids and their kwargs (no gold)."""
+    rows = [require_fields(name, i, r, "prompt", "instruction_id_list", "kwargs")
+            for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
+    return [make_item(name, r.get("key", i), r["prompt"], None, instruction_id_list=list(r["instruction_id_list"]),
+                      kwargs=[dict(k) for k in r["kwargs"]]) for i, r in enumerate(rows)]
 
 
-def _first_dir(data_dir, explicit, candidates) -> Path | None:
-    """`explicit` when given, else the first candidate folder under data_dir that exists."""
-    if explicit:
-        return Path(explicit)
-    return next((Path(data_dir) / f for f in candidates if data_dir and (Path(data_dir) / f).is_dir()), None)
-
-
-def load_bbh(name: str = "bbh", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+def load_bbh(name="bbh", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
     """BBH items of every task present, from <data>/<task>.json + <prompts>/<task>.txt."""
-    spec = BENCHMARKS["bbh"]
-    ddir = _first_dir(data_dir, path, spec["files"])
-    pdir = _first_dir(data_dir, prompt_dir, spec["prompt_dirs"])
-    if ddir is None or not ddir.is_dir() or pdir is None or not pdir.is_dir():
-        raise DatasetMissing(
-            f"benchmark 'bbh': need a task directory (found {ddir}) and a CoT prompt directory "
-            f"(found {pdir}). Expected hub {spec['hub']}; format: {spec['fmt']}. Pass --data-dir DIR "
-            f"with {spec['files'][0]}/ and {spec['prompt_dirs'][0]}/, or --path bbh=DIR --bbh-prompt-dir DIR.")
-    names = sorted(p.stem for p in ddir.glob("*.json"))
-    if not names:
-        raise DatasetMissing(f"benchmark 'bbh': no <task>.json files in {ddir}")
+    spec = BENCHMARKS[name]
+
+    def first_dir(given, rels):   # `given`, else the first of rels under data_dir that exists
+        return Path(given) if given else next(
+            (Path(data_dir) / f for f in rels if data_dir and (Path(data_dir) / f).is_dir()), None)
+
+    ddir, pdir = first_dir(path, spec["files"]), first_dir(prompt_dir, spec["prompt_dirs"])
+    tasks = sorted(p.stem for p in ddir.glob("*.json")) if ddir and ddir.is_dir() else []
+    if not tasks or pdir is None or not pdir.is_dir():
+        raise DatasetMissing(f"benchmark 'bbh': need a directory of <task>.json files (found {ddir}) and a CoT "
+                             f"prompt directory (found {pdir}). {_how_to_get(spec)}, with "
+                             f"{spec['prompt_dirs'][0]}/ (or --bbh-prompt-dir DIR).")
     items = []
-    for task in names:
-        data = read_records(ddir / f"{task}.json")
-        examples = data["examples"] if isinstance(data, dict) else data
+    for task in tasks:
+        data = read_data(ddir / f"{task}.json")
         hint_file = pdir / f"{task}.txt"
         if not hint_file.exists():
             raise DatasetMissing(f"benchmark 'bbh': task {task} has no CoT prompt file {hint_file}")
         hint = hint_file.read_text(encoding="utf-8")
-        for i, ex in enumerate(examples):
-            _need(ex, ["input", "target"], "bbh", i)
-            items.append({"id": f"bbh-{task}-{i}", "family": "bbh", "subtask": task,
-                          "prompt": bbh_prompt(hint, ex["input"]), "gold": str(ex["target"]),
-                          "scorer": BENCHMARKS[name]["scorer"]})
+        for i, ex in enumerate(data["examples"] if isinstance(data, dict) else data):
+            require_fields(name, i, ex, "input", "target")
+            items.append(make_item(name, f"{task}-{i}", bbh_prompt(hint, ex["input"]), str(ex["target"]), task))
     return items
 
 
-def load_nq(name: str = "nq", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
-    """NQ-open items (scorer 'nq'): the gold is the list of acceptable answers."""
-    rows, _ = _rows(name, data_dir, path, allow_hub)
-    items = []
-    for i, r in enumerate(rows):
-        _need(r, ["question", "answer"], "nq", i)
-        ans = r["answer"]
-        golds = [ans] if isinstance(ans, str) else [str(a) for a in ans]
-        items.append({"id": f"nq-{i}", "family": "nq", "subtask": "",
-                      "prompt": nq_prompt(r["question"]), "gold": golds, "scorer": BENCHMARKS[name]["scorer"]})
-    return items
+def load_nq(name="nq", data_dir=None, path=None, *, allow_hub=False, prompt_dir=None) -> list[dict]:
+    """NQ-open items: the gold is the list of acceptable answers."""
+    rows = [require_fields(name, i, r, "question", "answer")
+            for i, r in enumerate(read_rows(name, data_dir, path, allow_hub))]
+    return [make_item(name, i, nq_prompt(r["question"]), [r["answer"]] if isinstance(r["answer"], str)
+                      else [str(a) for a in r["answer"]]) for i, r in enumerate(rows)]
 
 
-# One record per benchmark (PEFT-Arena §Evaluation; the release's eval scripts and OpenCompass
-# configs). loader: (name, data_dir, path, ...) -> items; prompt: the paper's prompt builder (the
-# chat template is applied at generation; raw_for_base: base models get the raw text, system: a
-# system turn); scorer: graders.score_item's rule; aggregate: `aggregate` mode; axis: the target
-# domain it counts toward ("math", "med"), "general", or "extra" (scored, in no mean); decoding:
-# the paper's settings; hub / split / files / fmt: where the data comes from.
-_GREEDY = dict(temperature=0.0, top_p=1.0, n=1, stop=[])
-_MATH = dict(loader=load_math, prompt=math_prompt, scorer="math", aggregate="micro",
-             decoding=dict(temperature=0.6, top_p=1.0, n=16, max_new_tokens=8192, stop=MATH_STOP))
-BENCHMARKS = {
-    "math500": dict(_MATH, axis="math", hub="HuggingFaceH4/MATH-500", split="test",
-                    files=["math500/test.jsonl", "MATH-500/test.jsonl"],
-                    fmt="JSONL rows {problem, solution, answer, subject, level, unique_id}"),
-    "aime24": dict(_MATH, axis="math", hub="HuggingFaceH4/aime_2024", split="train",
-                   files=["aime24/test.jsonl", "aime24/data/train-00000-of-00001.parquet",
-                          "aime_2024/data/train-00000-of-00001.parquet"],
-                   fmt="JSONL (release) or parquet (hub) rows {id, problem, solution, answer (str), url}"),
-    "amc23": dict(_MATH, axis="math", hub="math-ai/amc23", split="test", files=["amc23/test.jsonl"],
-                  fmt="JSONL rows {id, problem, answer (float), url, question}"),
-    "gsm8k": dict(_MATH, axis="extra", hub="openai/gsm8k", config="main", split="test",
-                  files=["gsm8k/test.jsonl", "gsm8k/main/test-00000-of-00001.parquet"],
-                  fmt="JSONL or parquet rows {question, answer ('... #### N')}"),
-    "m1": dict(loader=load_m1, prompt=med_prompt, system=MED_SYSTEM, scorer="choice",
-               aggregate="macro_subtask", axis="med", hub="UCSC-VLAA/m1_eval_data", split=None,
-               files=["m1_eval/m1_eval_data.json", "m1_eval_data.json", "m1_eval/m1_eval_data_processed.json"],
-               fmt="JSON dict {source: [{question, options {letter: text}, answer_idx, ...}]} or the "
-                   "release's flat list [{prompt, options, answer_idx, source}]",
-               decoding=dict(_GREEDY, max_new_tokens=8192)),
-    # general axis, in the order its mean sums them
-    "ifeval": dict(loader=load_ifeval, prompt=None, scorer="ifeval", aggregate="ifeval", axis="general",
-                   hub="google/IFEval", split="train",
+BENCHMARKS: dict[str, dict] = {}
+
+
+def register_benchmark(name: str, *, loader, scorer, axis: str = "extra", aggregate: str = "micro",
+                       prompt=None, max_new_tokens: int = 512, temperature: float = 0.0,
+                       top_p: float = 1.0, n: int = 1, stop=(), files=(), **data) -> dict:
+    """Add benchmark `name` (or replace it). loader: (name, data_dir, path, *, allow_hub,
+    prompt_dir) -> items (see make_item); scorer: a graders.SCORERS rule name, or a function
+    (item, response) -> [0, 1] (registered there under `name`); aggregate: an `aggregate` mode;
+    axis: the target domain it counts toward ("math", "med"), "general" (the general axis is the
+    mean over these, in registration order), or "extra" (scored, in no mean); the decoding
+    settings; files: data paths under --data-dir; data: e.g. hub, split, fmt, system, raw_for_base."""
+    if callable(scorer):
+        SCORERS[name], scorer = scorer, name
+    BENCHMARKS[name] = dict(loader=loader, prompt=prompt, scorer=scorer, aggregate=aggregate, axis=axis,
+                            decoding=dict(temperature=temperature, top_p=top_p, n=n,
+                                          max_new_tokens=max_new_tokens, stop=list(stop)),
+                            files=list(files), **data)
+    return BENCHMARKS[name]
+
+
+# The paper's benchmarks (PEFT-Arena §Evaluation; the release's eval scripts and OpenCompass configs)
+# with the paper's decoding; system: a system turn; raw_for_base: base models get the raw text.
+for _n, _hub, _split, _files in (
+        ("math500", "HuggingFaceH4/MATH-500", "test", ["math500/test.jsonl", "MATH-500/test.jsonl"]),
+        ("aime24", "HuggingFaceH4/aime_2024", "train", ["aime24/test.jsonl",
+                                                        "aime24/data/train-00000-of-00001.parquet",
+                                                        "aime_2024/data/train-00000-of-00001.parquet"]),
+        ("amc23", "math-ai/amc23", "test", ["amc23/test.jsonl"])):
+    register_benchmark(_n, loader=load_math, prompt=math_prompt, scorer="math", axis="math", temperature=0.6,
+                       n=16, max_new_tokens=8192, stop=MATH_STOP, hub=_hub, split=_split, files=_files,
+                       fmt="JSONL or parquet rows {problem, answer, ...}")
+register_benchmark("gsm8k", loader=load_math, prompt=math_prompt, scorer="math", temperature=0.6, n=16,
+                   max_new_tokens=8192, stop=MATH_STOP, hub="openai/gsm8k", config="main", split="test",
+                   files=["gsm8k/test.jsonl", "gsm8k/main/test-00000-of-00001.parquet"],
+                   fmt="JSONL or parquet rows {question, answer ('... #### N')}")
+register_benchmark("m1", loader=load_m1, prompt=med_prompt, system=MED_SYSTEM, scorer="choice",
+                   aggregate="macro_subtask", axis="med", max_new_tokens=8192, hub="UCSC-VLAA/m1_eval_data",
+                   split=None, files=["m1_eval/m1_eval_data.json", "m1_eval_data.json",
+                                      "m1_eval/m1_eval_data_processed.json"],
+                   fmt="JSON dict {source: [{question, options {letter: text}, answer_idx}]} or the "
+                       "release's flat list [{prompt, options, answer_idx, source}]")
+register_benchmark("ifeval", loader=load_ifeval, scorer="ifeval", aggregate="ifeval", axis="general",
+                   max_new_tokens=1025, hub="google/IFEval", split="train",
                    files=["ifeval/ifeval_input_data.jsonl", "ifeval/input_data.jsonl"],
-                   fmt="JSONL rows {key, prompt, instruction_id_list [...], kwargs [{...}]}",
-                   decoding=dict(_GREEDY, max_new_tokens=1025)),
-    "bbh": dict(loader=load_bbh, prompt=bbh_prompt, raw_for_base=True, scorer="bbh",
-                aggregate="macro_subtask", axis="general",
-                hub="lukaemon/bbh (+ suzgunmirac/BIG-Bench-Hard cot-prompts)", split="test",
-                files=["bbh/bbh", "BBH/data", "bbh/data"],
-                prompt_dirs=["bbh/cot-prompts", "BBH/lib_prompt", "bbh/lib_prompt"],
-                fmt="a directory of <task>.json files {\"examples\": [{input, target}]} and a directory "
-                    "of <task>.txt 3-shot CoT prompts (BIG-Bench-Hard layout: bbh/ and cot-prompts/)",
-                decoding=dict(_GREEDY, max_new_tokens=512)),
-    "nq": dict(loader=load_nq, prompt=nq_prompt, scorer="nq", aggregate="micro", axis="general",
-               hub="google-research-datasets/nq_open", split="validation",
-               files=["nq_open/nq_open/validation-00000-of-00001.parquet",
-                      "nq_open/validation-00000-of-00001.parquet", "nq_open/validation.jsonl",
-                      "nq/nq-test.qa.csv"],
-               fmt="parquet/JSONL rows {question, answer [str, ...]} or the DPR TSV nq-test.qa.csv",
-               decoding=dict(_GREEDY, max_new_tokens=50)),
-}
-SUITES = {axis: [n for n, r in BENCHMARKS.items() if r["axis"] == axis] for axis in ("math", "med", "general")}
-SUITES["all"] = SUITES["math"] + SUITES["med"] + SUITES["general"]
+                   fmt="JSONL rows {key, prompt, instruction_id_list [...], kwargs [{...}]}")
+register_benchmark("bbh", loader=load_bbh, prompt=bbh_prompt, raw_for_base=True, scorer="bbh",
+                   aggregate="macro_subtask", axis="general", max_new_tokens=512,
+                   hub="lukaemon/bbh (+ suzgunmirac/BIG-Bench-Hard cot-prompts)", split="test",
+                   files=["bbh/bbh", "BBH/data", "bbh/data"],
+                   prompt_dirs=["bbh/cot-prompts", "BBH/lib_prompt", "bbh/lib_prompt"],
+                   fmt="a directory of <task>.json files {\"examples\": [{input, target}]} and one of "
+                       "<task>.txt 3-shot CoT prompts (BIG-Bench-Hard layout: bbh/ and cot-prompts/)")
+register_benchmark("nq", loader=load_nq, prompt=nq_prompt, scorer="nq", axis="general", max_new_tokens=50,
+                   hub="google-research-datasets/nq_open", split="validation",
+                   files=["nq_open/nq_open/validation-00000-of-00001.parquet",
+                          "nq_open/validation-00000-of-00001.parquet",
+                          "nq_open/validation.jsonl", "nq/nq-test.qa.csv"],
+                   fmt="parquet/JSONL rows {question, answer [str, ...]} or the DPR TSV nq-test.qa.csv")
 
-# The toy world's five families as records (CPU, toy_world.py): loader toy_world.make_eval_items,
-# prompt and scorer carried by each item; max_new_tokens = the longest canonical response of the
-# family (char-level tokens) plus a margin for the EOS. General-axis families in summation order.
+
+class _Suites(Mapping):
+    """SUITES[axis] = the names of the benchmarks counting toward that axis, in registration order
+    (math, med, general), and SUITES["all"] = all three; read from BENCHMARKS on every access."""
+    def _table(self) -> dict:
+        axes = dict.fromkeys(r["axis"] for r in BENCHMARKS.values() if r["axis"] != "extra")
+        t = {a: [n for n, r in BENCHMARKS.items() if r["axis"] == a] for a in axes}
+        return {**t, "all": [n for a in axes for n in t[a]]}
+
+    def __getitem__(self, key):
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self):
+        return len(self._table())
+
+
+SUITES = _Suites()
+
+# The toy world's five families as records (CPU, toy_world.py): items, prompts and scorers come from
+# toy_world.make_eval_items; max_new_tokens = the longest canonical response of the family (char-level
+# tokens) plus a margin for the EOS. General-axis families in summation order.
 TOY_BENCHMARKS = {
     "ifeval": dict(axis="general", aggregate="ifeval", scorer="ifeval", max_new_tokens=64),
     "bbh": dict(axis="general", aggregate="macro_subtask", scorer="bbh", max_new_tokens=144),
@@ -511,28 +470,25 @@ TOY_BENCHMARKS = {
 }
 
 
-def _keep_per_subtask(items: list[dict], limit: int) -> list[dict]:
-    """The first `limit` items of every subtask (every BBH task / m1 source stays represented)."""
-    per: dict[str, int] = {}
-    kept = []
-    for it in items:
-        if per.get(it["subtask"], 0) < limit:
-            per[it["subtask"]] = per.get(it["subtask"], 0) + 1
-            kept.append(it)
-    return kept
-
-
 def load_benchmark(name: str, data_dir=None, path=None, *, allow_hub=False, bbh_prompt_dir=None,
                    limit: int | None = None) -> list[dict]:
     """The items of benchmark `name` through its record's loader; `limit` items per benchmark (per
-    subtask for the macro-averaged ones)."""
+    subtask for the macro-averaged ones, so every BBH task / m1 source stays represented)."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
     items = spec["loader"](name, data_dir, path, allow_hub=allow_hub, prompt_dir=bbh_prompt_dir)
-    if limit:
-        items = _keep_per_subtask(items, limit) if spec["aggregate"] == "macro_subtask" else items[:limit]
-    return items
+    if not limit:
+        return items
+    if spec["aggregate"] != "macro_subtask":
+        return items[:limit]
+    per: Counter = Counter()
+    kept = []
+    for it in items:   # the first `limit` items of every subtask
+        per[it["subtask"]] += 1
+        if per[it["subtask"]] <= limit:
+            kept.append(it)
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -541,35 +497,24 @@ def load_benchmark(name: str, data_dir=None, path=None, *, allow_hub=False, bbh_
 # Shapes: B prompts in a batch (samples of one prompt are adjacent rows), T prompt tokens after
 # left padding, N new tokens.
 
-def _settings_key(settings: dict) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def prompt_id(prompt: str) -> str:
-    """Default cache id of a prompt: a hash of its exact text."""
-    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+def _sha1(text: str, k: int) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:k]
 
 
 def read_generation_cache(cache_path, settings_key: str | None = None) -> dict:
     """{(prompt_id, sample_index): row} from a JSONL cache. Rows written under other generation
     settings are ignored, and so is a torn last line from an interrupted run."""
     out = {}
-    p = Path(cache_path)
-    if not p.exists():
-        return out
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                print(f"[evaluate] {p}:{lineno}: unreadable cache line ignored (interrupted write?)",
-                      file=sys.stderr)
-                continue
-            if settings_key is None or row.get("settings") == settings_key:
-                out[(row["prompt_id"], int(row["sample_index"]))] = row
+    lines = Path(cache_path).read_text(encoding="utf-8").splitlines() if Path(cache_path).exists() else []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            print(f"[evaluate] {cache_path}:{lineno}: unreadable cache line ignored (interrupted write?)",
+                  file=sys.stderr)
+            continue
+        if row is not None and (settings_key is None or row.get("settings") == settings_key):
+            out[(row["prompt_id"], int(row["sample_index"]))] = row
     return out
 
 
@@ -582,8 +527,7 @@ def _append_rows(cache_path, rows: list[dict]) -> None:
             f.seek(f.tell() - 1)
             if f.read(1) != "\n":
                 f.write("\n")
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())  # a kill after this line loses nothing already generated
 
@@ -594,27 +538,21 @@ def truncate_at_stop(text: str, stop) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        if e is None:
-            continue
-        ids.update(e if isinstance(e, (list, tuple)) else [e])
-    return sorted(int(i) for i in ids)
-
-
 def make_generation_config(model, tokenizer, *, max_new_tokens: int, temperature: float, top_p: float):
     """An explicit GenerationConfig. Every sampling knob is set, because generate() fills unset
     (None) fields from the checkpoint's generation_config.json (Qwen ships top_k=20 and
-    repetition_penalty=1.05, which would silently change the decoding the paper used)."""
-    sample = temperature > 0
-    eos = _eos_ids(model, tokenizer)
+    repetition_penalty=1.05, which would silently change the decoding the paper used).
+    EOS = the union of the model's generation_config ids and the tokenizer's."""
+    eos = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        eos.update([] if e is None else e if isinstance(e, (list, tuple)) else [e])
+    eos = sorted(int(i) for i in eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    kw = dict(max_new_tokens=int(max_new_tokens), do_sample=sample, num_beams=1,
+    kw = dict(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0, num_beams=1,
               repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos or None,
               pad_token_id=pad, use_cache=True)
-    if sample:  # top_k=0 and min_p=0 switch those filters off (vLLM / the paper use neither)
+    if temperature > 0:  # top_k=0 and min_p=0 switch those filters off (vLLM / the paper use neither)
         kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0, min_p=0.0)
     return GenerationConfig(**kw)
 
@@ -681,92 +619,53 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, eos_
 
 def _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, stop, seed, greedy_impl: str = "fast"):
     """Generate one batch. chunk: list of (prompt_id, prompt_text, sample_index)."""
-    texts = [p for _, p, _ in chunk]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([p for _, p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = old_side
     device = next(model.parameters()).device
-    input_ids = enc["input_ids"].to(device)  # (B, T)
-    attn = enc["attention_mask"].to(device)  # (B, T)
+    input_ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T), (B, T)
     T = input_ids.shape[1]
-    if gen_cfg.do_sample:
-        # note b: one seed per batch, derived from the seed and the batch's contents
-        h = hashlib.sha1(f"{seed}|{[(c[0], c[2]) for c in chunk]}".encode()).hexdigest()
-        torch.manual_seed(int(h[:8], 16))
+    if gen_cfg.do_sample:   # note b: one seed per batch, derived from the seed and the batch's contents
+        torch.manual_seed(int(_sha1(f"{seed}|{[(c[0], c[2]) for c in chunk]}", 8), 16))
     with torch.no_grad():
         if not gen_cfg.do_sample and greedy_impl == "fast":
-            stop_check = None
-            if stop:
-                crit = _stop_criteria(tokenizer, stop, 0)[0]
-                stop_check = lambda new_ids: crit(new_ids, None)  # noqa: E731
+            crit = _stop_criteria(tokenizer, stop, 0)[0] if stop else None
             new = greedy_decode(model, input_ids, attn, max_new_tokens=gen_cfg.max_new_tokens,
                                 eos_ids=gen_cfg.eos_token_id, pad_id=gen_cfg.pad_token_id,
-                                stop_check=stop_check).cpu()  # (B, N)
+                                stop_check=crit and (lambda ids: crit(ids, None))).cpu()  # (B, N)
         else:  # the reference path, and every sampled run
             kwargs = {"stopping_criteria": _stop_criteria(tokenizer, stop, T)} if stop else {}
-            out = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
-                                 **kwargs)  # (B, T + N)
-            new = out[:, T:].cpu()  # (B, N)
+            new = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
+                                 **kwargs)[:, T:].cpu()  # (B, T + N) -> (B, N)
     eos = set(gen_cfg.eos_token_id or [])
-    pad = gen_cfg.pad_token_id
     rows = []
     for (pid, _, j), seq in zip(chunk, new.tolist()):
-        n_tok, finish = len(seq), "length"
-        for k, t in enumerate(seq):
-            if t in eos:
-                n_tok, finish = k + 1, "eos"
-                break
-            if t == pad:  # rows finished by a stop string are padded afterwards
-                n_tok = k
-                break
-        text = tokenizer.decode(seq[:n_tok], skip_special_tokens=True)
-        text, hit = truncate_at_stop(text, stop)
-        rows.append({"prompt_id": pid, "sample_index": j, "text": text, "num_tokens": n_tok,
-                     "finish": "stop" if hit else finish})
+        # the row ends at its first EOS (kept in the count) or pad (a stop string's padding)
+        end = next((k for k, t in enumerate(seq) if t in eos or t == gen_cfg.pad_token_id), None)
+        n_tok = len(seq) if end is None else end + (seq[end] in eos)
+        text, hit = truncate_at_stop(tokenizer.decode(seq[:n_tok], skip_special_tokens=True), stop)
+        finish = "stop" if hit else "length" if end is None or seq[end] not in eos else "eos"
+        rows.append({"prompt_id": pid, "sample_index": j, "text": text, "num_tokens": n_tok, "finish": finish})
     return rows
 
 
-def _check_generation_args(n, max_new_tokens, batch_size, top_p, temperature) -> None:
-    if n < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"generate: need n >= 1, max_new_tokens >= 1, batch_size >= 1 "
-                         f"(got n={n}, max_new_tokens={max_new_tokens}, batch_size={batch_size})")
-    if not (0.0 < top_p <= 1.0) or temperature < 0:
-        raise ValueError(f"generate: need 0 < top_p <= 1 and temperature >= 0 (got {top_p}, {temperature})")
-
-
-def _missing_work(pids, prompts, done: dict, n_gen: int) -> list[tuple]:
-    """(prompt_id, prompt, sample_index) for every sample not in the cache, each once."""
-    todo, seen = [], set()
-    for pid, p in zip(pids, prompts):
-        for j in range(n_gen):
-            if (pid, j) not in done and (pid, j) not in seen:
-                seen.add((pid, j))
-                todo.append((pid, p, j))
-    return todo
-
-
-def _run_work(todo, done: dict, key: str, *, model, tokenizer, settings: dict, seed, batch_size: int,
-              cache_path, backend: str, vllm_llm, progress: bool, greedy_impl: str) -> None:
-    """Generate `todo` in chunks into `done` (and append every finished chunk to the cache)."""
+def _generate_missing(todo, done: dict, key: str, settings: dict, *, model, tokenizer, batch_size, cache_path,
+                      backend, vllm_llm, progress, greedy_impl) -> None:
+    """Generate the (prompt_id, prompt, sample_index) triples of `todo` in chunks into `done`,
+    appending every finished chunk to the cache."""
     if backend == "vllm":
         chunks = [todo[i:i + 4096] for i in range(0, len(todo), 4096)]
-    else:
-        # longest prompts first: similar lengths share a batch (less padding), and an OOM
-        # shows up in the first batch rather than at the end
+    else:   # longest prompts first: less padding, and an OOM shows in the first batch, not the last
         todo.sort(key=lambda w: -len(w[1]))
         chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         gen_cfg = make_generation_config(model, tokenizer, max_new_tokens=settings["max_new_tokens"],
-                                         temperature=settings["temperature"], top_p=settings["top_p"])
-    if progress:
-        chunks = tqdm(chunks, desc="generate", unit="batch")
-    for chunk in chunks:
-        if backend == "vllm":
-            rows = _vllm_generate_chunk(vllm_llm, chunk, settings)
-        else:
-            rows = _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], seed, greedy_impl)
+                                         temperature=settings["temperature"],
+                                         top_p=settings["top_p"]) if todo else None
+    for chunk in tqdm(chunks, desc="generate", unit="batch") if progress and chunks else chunks:
+        rows = (_vllm_generate_chunk(vllm_llm, chunk, settings) if backend == "vllm" else
+                _hf_generate_chunk(model, tokenizer, chunk, gen_cfg, settings["stop"], settings["seed"], greedy_impl))
         for r in rows:
             r["settings"] = key
             done[(r["prompt_id"], r["sample_index"])] = r
@@ -778,47 +677,38 @@ def generate_records(model, tokenizer, prompts: list[str], *, max_new_tokens: in
                      stop=None, seed: int = 0, cache_path=None, prompt_ids=None, backend: str = "hf",
                      vllm_llm=None, progress: bool = False,
                      greedy_impl: str = "fast") -> list[list[dict]]:
-    """Like `generate` but returns the cache rows: per prompt, n dicts with prompt_id,
-    sample_index, text, num_tokens, finish ('eos' | 'stop' | 'length'), settings."""
-    _check_generation_args(n, max_new_tokens, batch_size, top_p, temperature)
-    stop = sorted(set(stop or []))
+    """n completions per (already rendered) prompt, as cache rows {prompt_id, sample_index, text,
+    num_tokens, finish ('eos' | 'stop' | 'length'), settings}: greedy when temperature == 0, else
+    temperature / top-p sampling. Stops at EOS or a stop string (removed from the text). With
+    `cache_path`, finished rows are appended to a JSONL file after every batch, and rows already
+    there (same settings) are reused: re-scoring never regenerates, and an interrupted run resumes
+    where it stopped. The cache does not know which model wrote it: one cache file per model."""
+    if n < 1 or max_new_tokens < 1 or batch_size < 1 or not (0.0 < top_p <= 1.0) or temperature < 0:
+        raise ValueError(f"generate: need n, max_new_tokens, batch_size >= 1, 0 < top_p <= 1 and temperature "
+                         f">= 0 (got {n}, {max_new_tokens}, {batch_size}, {top_p}, {temperature})")
     settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-                "top_p": float(top_p), "stop": stop, "seed": int(seed)}
-    key = _settings_key(settings)
-    pids = list(prompt_ids) if prompt_ids is not None else [prompt_id(p) for p in prompts]
+                "top_p": float(top_p), "stop": sorted(set(stop or [])), "seed": int(seed)}
+    key = _sha1(json.dumps(settings, sort_keys=True), 12)
+    pids = list(prompt_ids) if prompt_ids is not None else [_sha1(p, 16) for p in prompts]
     if len(pids) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(pids)} prompt ids")
     done = read_generation_cache(cache_path, key) if cache_path else {}
-    greedy = temperature == 0
-    # greedy samples are identical: generate sample 0 once, copy it to the other indices
-    todo = _missing_work(pids, prompts, done, 1 if greedy else n)
-    if todo:
-        _run_work(todo, done, key, model=model, tokenizer=tokenizer, settings=settings, seed=seed,
-                  batch_size=batch_size, cache_path=cache_path, backend=backend, vllm_llm=vllm_llm,
-                  progress=progress, greedy_impl=greedy_impl)
-    out = []
-    for pid in pids:
-        rows = [done[(pid, 0 if greedy else j)] for j in range(n)]
-        out.append([dict(r, sample_index=j) if r["sample_index"] != j else r for j, r in enumerate(rows)])
-    return out
+    greedy = temperature == 0   # greedy samples are identical: sample 0 once, copied to the others
+    todo: dict = {}
+    for pid, p in zip(pids, prompts):
+        for j in range(1 if greedy else n):
+            if (pid, j) not in done:
+                todo.setdefault((pid, j), (pid, p, j))
+    _generate_missing(list(todo.values()), done, key, settings, model=model, tokenizer=tokenizer,
+                      batch_size=batch_size, cache_path=cache_path, backend=backend, vllm_llm=vllm_llm,
+                      progress=progress, greedy_impl=greedy_impl)
+    rows = [[done[(pid, 0 if greedy else j)] for j in range(n)] for pid in pids]
+    return [[dict(r, sample_index=j) if r["sample_index"] != j else r for j, r in enumerate(rs)] for rs in rows]
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, n: int = 1, batch_size: int = 64, stop=None, seed: int = 0,
-             cache_path=None, prompt_ids=None, backend: str = "hf", vllm_llm=None,
-             progress: bool = False, greedy_impl: str = "fast") -> list[list[str]]:
-    """n completions per (already rendered) prompt: greedy when temperature == 0, else
-    temperature / top-p sampling. Stops at EOS (tokenizer + generation_config ids) or a stop
-    string (removed from the text). With `cache_path`, finished rows are appended to a JSONL
-    file after every batch, and rows already there (same settings) are reused: re-scoring never
-    regenerates, and an interrupted run resumes where it stopped. The cache does not know which
-    model wrote it: use one cache file per model/adapter."""
-    recs = generate_records(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, n=n, batch_size=batch_size,
-                            stop=stop, seed=seed, cache_path=cache_path, prompt_ids=prompt_ids,
-                            backend=backend, vllm_llm=vllm_llm, progress=progress,
-                            greedy_impl=greedy_impl)
-    return [[r["text"] for r in rows] for rows in recs]
+def generate(model, tokenizer, prompts: list[str], **kw) -> list[list[str]]:
+    """The texts of `generate_records` (same keyword arguments): n completions per prompt."""
+    return [[r["text"] for r in rows] for rows in generate_records(model, tokenizer, prompts, **kw)]
 
 
 # --- vLLM backend (GPU; on CPU the tests run it through tests/vllm_double.py) -----------------
@@ -846,11 +736,9 @@ def make_vllm_engine(model_path: str, *, seed: int = 0, max_model_len: int | Non
     # of tensors; set before vLLM reads its environment
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
-    kw = dict(model=str(model_path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
-              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **extra)
-    if max_model_len:
-        kw["max_model_len"] = int(max_model_len)
-    return LLM(**kw)
+    return LLM(model=str(model_path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
+               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False, **extra,
+               **({"max_model_len": int(max_model_len)} if max_model_len else {}))
 
 
 def free_cuda_cache() -> None:
@@ -874,7 +762,7 @@ def shutdown_vllm(llm) -> None:
     free_cuda_cache()
 
 
-_ENGINE: dict = {}   # {"llm", "path", "max_model_len", "util", "weights"}: this process's engine
+_ENGINE: dict = {}   # {"llm", "path", "max_model_len", "util", "seed", "weights"}: this process's engine
 
 
 def get_engine(model_path: str, *, max_model_len: int, seed: int = 0,
@@ -903,13 +791,10 @@ def release_engine() -> None:
         free_cuda_cache()
 
 
-_STACKED = ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."),
-            (".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj."))
-
-
 def vllm_param_name(hf_name: str) -> str:
     """The name vLLM's load_weights reports for an HF tensor (fused qkv_proj / gate_up_proj)."""
-    for a, b in _STACKED:
+    for a, b in ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."),
+                 (".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj.")):
         if a in hf_name:
             return hf_name.replace(a, b)
     return hf_name
@@ -959,26 +844,21 @@ def _vllm_generate_chunk(llm, chunk, settings):
     by_pid: dict[str, list] = {}
     for pid, p, j in chunk:
         by_pid.setdefault(pid, [p, []])[1].append(j)
-    req_prompts, params, order = [], [], []
     tok = llm.get_tokenizer()
-    for pid, (p, js) in by_pid.items():
-        sp = SamplingParams(n=len(js), temperature=settings["temperature"], top_p=settings["top_p"],
-                            max_tokens=settings["max_new_tokens"], stop=settings["stop"] or None,
-                            seed=prompt_seed(settings["seed"], pid))
-        # token ids without added specials, exactly as the transformers path encodes the rendered
-        # prompt (a text prompt would get a second BOS from vLLM's tokenizer call)
-        req_prompts.append({"prompt_token_ids": tok(p, add_special_tokens=False).input_ids})
-        params.append(sp)
-        order.append((pid, js))
-    outs = llm.generate(req_prompts, params, use_tqdm=False)
+    # token ids without added specials, exactly as the transformers path encodes the rendered
+    # prompt (a text prompt would get a second BOS from vLLM's tokenizer call)
+    outs = llm.generate([{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p, _ in by_pid.values()],
+                        [SamplingParams(n=len(js), temperature=settings["temperature"], top_p=settings["top_p"],
+                                        max_tokens=settings["max_new_tokens"], stop=settings["stop"] or None,
+                                        seed=prompt_seed(settings["seed"], pid)) for pid, (_, js) in by_pid.items()],
+                        use_tqdm=False)
     rows = []
-    for (pid, js), o in zip(order, outs):
+    for (pid, (_, js)), o in zip(by_pid.items(), outs):
         for j, c in zip(js, o.outputs):
             # stop_reason: None = the tokenizer's EOS, an int = a stop token (generation_config's
             # other EOS ids), a str = a stop string
-            finish = {"stop": "stop", "length": "length"}.get(c.finish_reason, "eos")
-            if c.finish_reason == "stop" and not isinstance(c.stop_reason, str):
-                finish = "eos"
+            finish = "stop" if c.finish_reason == "stop" and isinstance(c.stop_reason, str) else \
+                "length" if c.finish_reason == "length" else "eos"
             rows.append({"prompt_id": pid, "sample_index": j, "text": c.text,
                          "num_tokens": len(c.token_ids), "finish": finish})
     return rows
@@ -1027,13 +907,10 @@ def evaluate_toy(model, tokenizer, *, domain: str = "math", n_per_family: int = 
     return res
 
 
-INSTRUCT_MARKERS = ("instruct", "-ins", "ins-", "chat", "it-")
-
-
 def is_instruct(name: str) -> bool:
     """The release's rule (PA: eval/generate_opencompass_config.py): BBH uses the chat template
     only for 'instruct' model names."""
-    return any(m in str(name).lower() for m in INSTRUCT_MARKERS)
+    return any(m in str(name).lower() for m in ("instruct", "-ins", "ins-", "chat", "it-"))
 
 
 def render_prompt(tokenizer, item: dict, *, raw: bool = False, system: str | None = None) -> str:
@@ -1099,37 +976,14 @@ def _vllm_context(names, items, tok, model_name: str, max_new: dict, model_max: 
     return min(need, model_max)
 
 
-def _prepare_vllm(spec: str, adapter: str | None, *, names, items, max_new: dict, seed: int,
-                  gpu_memory_utilization: float):
-    """The process's vLLM engine on the base model's folder holding the weights to score: an
-    adapter is merged into dense weights in memory (PEFT-Arena §Evaluation: every adapter is merged
-    into a dense bf16 HF model and served with vLLM) and pushed in layer by layer; no merged copy is
-    written to disk. The engine is reused by later suites and adapters of the same base."""
-    path, _ = loading.resolve_spec(spec)
-    tok = loading.load_tokenizer(spec)
-    hf_cfg = AutoConfig.from_pretrained(path)
-    ctx = _vllm_context(names, items, tok, spec, max_new, int(getattr(hf_cfg, "max_position_embeddings", 1 << 30)))
-    llm = get_engine(path, max_model_len=ctx, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
-    want = str(adapter) if adapter else None
-    if _ENGINE.get("weights") != want:
-        model, _, _ = _load_for_eval(spec, adapter, dtype="float32", device="cpu")
-        push_weights(llm, peft_methods.iter_merged_state(model),
-                     tied_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)))
-        _ENGINE["weights"] = want
-        del model
-        free_cuda_cache()
-    return llm, tok
-
-
 def _parse_paths(pairs) -> dict:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"--path expects NAME=FILE, got {p!r}")
-        k, v = p.split("=", 1)
-        if k not in BENCHMARKS:
-            raise SystemExit(f"--path: unknown benchmark {k!r}; known: {sorted(BENCHMARKS)}")
-        out[k] = v
+    """--path NAME=FILE pairs -> {NAME: FILE} for known benchmarks."""
+    out = dict(p.split("=", 1) if "=" in p else (None, p) for p in pairs or [])
+    if None in out:
+        raise SystemExit(f"--path expects NAME=FILE, got {out[None]!r}")
+    unknown = sorted(set(out) - set(BENCHMARKS))
+    if unknown:
+        raise SystemExit(f"--path: unknown benchmark {unknown[0]!r}; known: {sorted(BENCHMARKS)}")
     return out
 
 
@@ -1196,9 +1050,8 @@ def main(argv=None, *, keep_engine: bool = False, context_suites=()) -> dict:
 
 def _start_run(args, argv) -> tuple[Path | None, float | None]:
     """Checks, threads, the base model's general score, and the resolved config.json."""
-    assert args.limit is None or args.limit > 0, "--limit must be positive"
-    assert args.n_per_family > 0, "--n-per-family must be positive"
-    assert args.batch_size > 0, "--batch-size must be positive"
+    for flag, v in (("--limit", args.limit or 1), ("--n-per-family", args.n_per_family), ("--batch-size", args.batch_size)):
+        assert v > 0, f"{flag} must be positive"
     if args.out is None and not args.bench:
         raise SystemExit("--out DIR is required (or --bench)")
     if args.threads:
@@ -1238,8 +1091,12 @@ def _run_toy(args, out, base_general, t0: float) -> dict:
 
 
 def _load_real(args, names, items: dict, paths: dict, context_suites):
-    """(backend, model, tokenizer, vLLM engine, adapter info) for a real suite. The vLLM engine's
-    context also covers `context_suites`, the suites a kept engine will serve next."""
+    """(backend, model, tokenizer, vLLM engine, adapter info) for a real suite. With vLLM: the
+    process's engine on the base model's folder, holding the weights to score: an adapter is merged
+    into dense weights in memory (PEFT-Arena §Evaluation: every adapter is merged into a dense bf16
+    HF model and served with vLLM) and pushed in layer by layer, no merged copy on disk. The engine
+    is reused by later suites and adapters of the same base; its context also covers
+    `context_suites`, the suites a kept engine will serve next."""
     backend = args.backend
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
@@ -1254,8 +1111,20 @@ def _load_real(args, names, items: dict, paths: dict, context_suites):
         limit=args.limit) for n in ctx_names}
     max_new = {n: (args.max_new_tokens if args.max_new_tokens > 0
                    else BENCHMARKS[n]["decoding"]["max_new_tokens"]) for n in ctx_names}
-    llm, tok = _prepare_vllm(args.model, args.adapter, names=ctx_names, items=ctx_items, max_new=max_new,
-                             seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    path, _ = loading.resolve_spec(args.model)
+    tok = loading.load_tokenizer(args.model)
+    hf_cfg = AutoConfig.from_pretrained(path)
+    ctx = _vllm_context(ctx_names, ctx_items, tok, args.model, max_new,
+                        int(getattr(hf_cfg, "max_position_embeddings", 1 << 30)))
+    llm = get_engine(path, max_model_len=ctx, seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    want = str(args.adapter) if args.adapter else None
+    if _ENGINE.get("weights") != want:
+        model, _, _ = _load_for_eval(args.model, args.adapter, dtype="float32", device="cpu")
+        push_weights(llm, peft_methods.iter_merged_state(model),
+                     tied_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)))
+        _ENGINE["weights"] = want
+        del model
+        free_cuda_cache()
     ainfo = peft_methods.read_adapter_config(args.adapter) if args.adapter else None
     return backend, None, tok, llm, ainfo
 

@@ -13,60 +13,33 @@ e982d19) or the harness it pins (cited "OC: <path>", OpenCompass v0.5.2) runs:
      instruction_following_eval, identical in OpenCompass and lm-eval).
   6. `score_item(item, response)` in [0, 1], dispatching on item["scorer"] (toy and real items).
 
-Untrusted text: model outputs are never passed to eval/exec/sympify/parse_expr, pickle or a shell.
-Symbolic math goes through `latex_to_sympy`, a recursive-descent parser over a whitelisted LaTeX
-subset that builds sympy objects directly and refuses inputs whose evaluation could blow up.
+Untrusted text: model outputs never reach eval/exec/sympify/parse_expr, pickle or a shell; symbolic
+math goes through `latex_to_sympy`, a recursive-descent parser over a whitelisted LaTeX subset.
 
 Deviations that can change a reported number (each marked `# DEVIATION n` at the line)
- 1. Math symbolic step (grader.py `symbolic_equal`): a hand-written LaTeX-subset parser replaces
-    latex2sympy/parse_expr (numbers, + - * / ^, \\frac \\dfrac \\sqrt[n], \\pi, \\infty, \\cdot,
-    \\times, \\div, implicit products, |x|, n!, \\binom, trig/log/exp, Greek letters, subscripts,
-    i = imaginary unit). Runs of >= 3 plain letters are one symbol (so "seat" != "east"), shorter
-    runs are products ("xy" = x*y). Expect ~1 point of difference from the release on MATH-500.
- 2. Time limit: every sympy comparison runs in a persistent worker process (plus a warm spare)
-    that is SIGKILLed when it has not answered within the limit (3 s, + 0.25 s grace), so no work
-    outlives the call (the release: a pebble process pool, 3 s per comparison). One deadline
-    covers a whole `math_equal`/`grade_math` call, including the parts of tuples, matrices,
-    equations and every gold of a list (the release times each comparison separately). The
-    worker's start-up is outside the clock. Sympy work is also bounded up front (<= 400
-    characters, nesting <= 60, integers <= 40 digits, exponents <= 1000 and results <= 20000
-    bits, n! for n <= 200), so most hostile answers never reach sympy.
- 3. Extracted math answers longer than 2000 characters count as no answer ("" -> wrong).
- 4. Intervals/tuples (grader.py step 6) must agree in their bracket types ("[0,1)" never equals
-    "(0,1)"); the release ignores the brackets there. Parts are split at top-level commas.
- 5. Unit words (parser.py `strip_string` step 4): a self-written list of ~100 units of measure in
-    the spirit of the release's (including its single letters a c d g h l m o s t), without its
-    ordinary words (east, west, way(s), men, women, ...), so "\\text{south}" != "\\text{north}";
-    English number words -> digits by a small built-in parser instead of word2number.
- 6. Medical extraction: a candidate "I" in items with >= 9 options that reads as the pronoun
-    ("I hope", "I'm", "I think") is skipped (`guard_pronoun_i=True`); the release returns "I"
-    there. `guard_pronoun_i=False` restores the release's quirk.
- 7. IFEval language checks use `langdetect` (seeded 0) when it is installed, else a built-in
-    detector: Unicode script for single-script languages, distinctive letters for Cyrillic and
-    Arabic script, stop-word profiles for Latin and Devanagari languages; Latin text with no
-    evidence counts as English. Sentence counts use nltk Punkt when nltk + punkt_tab are
-    installed, else a regex splitter with an abbreviation list; capital-word counts use nltk
-    word_tokenize when available, else a Treebank-like regex tokenizer (splits n't, 's, ...).
-    A real run fetches punkt_tab on first use; results.json records which backends ran
-    (`ifeval_backends`, `ifeval_fallback_used`).
- 8. IFEval keywords (existence, frequency) are matched literally (re.escape) rather than as
-    regular expressions; like the reference, the frequency keyword, the postscript marker and the
-    section spliter are stripped, and a custom postscript marker and the spliter ARE regexes
-    (an invalid one is matched literally where the reference would crash).
- 9. GRPO reward (`grade_reward`): the release's reward extraction and `math_equal` variant
-    (case-sensitive first test, no A-E step), but with our evaluation `strip_string` instead of
-    the reward's simpler one. Math GRPO keeps `grade_math` (the evaluation grader).
+ 1. Symbolic math: our LaTeX-subset parser replaces latex2sympy/parse_expr (runs of >= 3 letters are
+    one symbol, shorter runs products; i is imaginary). About 1 point on MATH-500.
+ 2. Time limit: sympy runs in a killable worker process (+ warm spare), SIGKILLed at 3 s + 0.25 s;
+    one deadline covers a whole grade_math call (the release: 3 s per comparison, pebble pool);
+    inputs are bounded up front (<= 400 chars, nesting 60, 40 digits, exponents 1000, n! 200).
+ 3. Extracted math answers longer than 2000 characters count as no answer.
+ 4. Intervals/tuples must agree in bracket types ("[0,1)" != "(0,1)"); parts split at top-level commas.
+ 5. strip_string's unit words: our list of ~100 units of measure (no ordinary words such as "east");
+    number words -> digits by a small built-in parser instead of word2number.
+ 6. Medical letters: a candidate "I" among >= 9 options that reads as the pronoun is skipped
+    (`guard_pronoun_i=False` restores the release's quirk).
+ 7. IFEval without langdetect / nltk punkt_tab: built-in language detector, sentence splitter and
+    Treebank-like tokenizer; results.json records the backends (`ifeval_backends`, `ifeval_fallback_used`).
+ 8. IFEval keywords are matched literally (re.escape); postscript markers and section spliters are
+    regexes as in the reference (an invalid one is matched literally where the reference crashes).
+ 9. GRPO reward: the release's extraction and math_equal variant with our evaluation strip_string.
 
 Implementation notes (same numbers as the reference)
- a. NQ true exact match (an extra metric, not the paper's): the prediction's first line after its
-    last "answer is", cut at the first "." / "," like lm-eval, then SQuAD normalisation.
- b. BBH task kind (multiple choice or free form) comes from the task name, or, for unknown task
-    names, from the gold's shape "(X)".
- c. IFEval title / placeholder / postscript / bullet-list checks and the built-in sentence counter
-    use linear-time scans equivalent to the reference regexes (tested against them), which are
-    quadratic on long pathological inputs (a line of '[', thousands of blank lines, "Mr. Mr. ...").
- d. An IFEval response longer than MAX_IFEVAL_CHARS follows no instruction (strict and loose), so
-    the scorer's time is bounded on any input; real generations stop at 1025 tokens, far below.
+ a. NQ exact match (extra metric): first line after the last "answer is", cut at "."/",", SQuAD-normalised.
+ b. BBH task kind (multiple choice or free form) from the task name, else from the gold's shape "(X)".
+ c. IFEval title / placeholder / postscript / bullet and sentence scans are linear-time equivalents
+    of the reference regexes (tested against them), which are quadratic on pathological inputs.
+ d. An IFEval response longer than MAX_IFEVAL_CHARS follows no instruction (bounded scoring time).
 """
 from __future__ import annotations
 
@@ -139,6 +112,18 @@ def _last_number(text: str) -> str:
     return nums[-1] if nums else ""
 
 
+def _answer_span(text: str, rules) -> str:
+    """The text the first firing rule picks: "boxed" -> the last \\boxed{} content, a phrase -> what
+    follows its last occurrence, then the last number; "" when longer than MAX_ANSWER_CHARS."""
+    for rule in rules:
+        if rule in text:
+            ans = (last_boxed_content(text) or "") if rule == "boxed" else text.split(rule)[-1].strip()
+            break
+    else:
+        ans = _last_number(text)
+    return "" if len(ans) > MAX_ANSWER_CHARS else ans   # DEVIATION 3
+
+
 def extract_math_answer(text: str) -> str:
     """The model's final answer, normalised (PA: third_party/math_eval/parser.py:extract_answer): first rule that fires of
     Minerva "final answer is $..$. I hope" -> last \\boxed{} -> "he answer is" -> "final answer is"
@@ -146,16 +131,9 @@ def extract_math_answer(text: str) -> str:
     text = str(text).replace("ки", "")
     if "final answer is $" in text and "$. I hope" in text:
         ans = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0].strip()
-    elif "boxed" in text:
-        ans = last_boxed_content(text) or ""
-    elif "he answer is" in text:
-        ans = text.split("he answer is")[-1].strip()
-    elif "final answer is" in text:
-        ans = text.split("final answer is")[-1].strip()
+        ans = "" if len(ans) > MAX_ANSWER_CHARS else ans   # DEVIATION 3
     else:
-        ans = _last_number(text)
-    if len(ans) > MAX_ANSWER_CHARS:
-        return ""  # DEVIATION 3
+        ans = _answer_span(text, ("boxed", "he answer is", "final answer is"))
     ans = re.sub(r"\n\s*", "", ans).removeprefix(":").removesuffix(".").removesuffix("/")
     return strip_string(ans)
 
@@ -1074,15 +1052,7 @@ def extract_reward_answer(text: str) -> str:
     """The RL reward's extraction (PA: train/peft_arena_verl/utils/reward_score/math_rlvr.py): last boxed{...}
     -> text after the last "he answer is" -> last number; first line; one leading ':' and one
     trailing '.' and '/' dropped; then `strip_string` (ours, DEVIATION 9)."""
-    text = str(text)
-    if "boxed" in text:
-        ans = last_boxed_content(text) or ""
-    elif "he answer is" in text:
-        ans = text.split("he answer is")[-1].strip()
-    else:
-        ans = _last_number(text)
-    if len(ans) > MAX_ANSWER_CHARS:
-        return ""  # DEVIATION 3
+    ans = _answer_span(str(text), ("boxed", "he answer is"))
     ans = ans.strip().split("\n")[0] if ans.strip() else ""
     ans = ans.removeprefix(":").removesuffix(".").removesuffix("/")
     return strip_string(ans)
@@ -1174,13 +1144,16 @@ BBH_FREE_TASKS = (
 BBH_TASKS = BBH_MCQ_TASKS + BBH_FREE_TASKS
 
 
+def _after_answer_is(text) -> str:
+    """The text between the first and second 'answer is ' (all of it when there is none)."""
+    pieces = str(text).split("answer is ")
+    return pieces[1].strip() if len(pieces) > 1 else str(text)
+
+
 def bbh_extract_mcq(text: str) -> str:
     """Multiple choice: text between the first and second 'answer is ', then the first '(X'
     letter, else the first capital letter, else the text. Applied to prediction AND target."""
-    ans = str(text)
-    pieces = ans.split("answer is ")
-    if len(pieces) > 1:
-        ans = pieces[1].strip()
+    ans = _after_answer_is(text)
     m = re.search(r"\(([A-Z])\)*", ans)
     if m:
         return m.group(1)
@@ -1190,11 +1163,7 @@ def bbh_extract_mcq(text: str) -> str:
 
 def bbh_extract_free(text: str) -> str:
     """Free form: after the first 'answer is ', first line, one trailing '.', inside **bold**."""
-    ans = str(text)
-    pieces = ans.split("answer is ")
-    if len(pieces) > 1:
-        ans = pieces[1].strip()
-    ans = ans.split("\n")[0].strip()
+    ans = _after_answer_is(text).split("\n")[0].strip()
     if ans.endswith("."):
         ans = ans[:-1].strip()
     m = re.search(r"\*\*(.*?)\*\*", ans)
@@ -1531,35 +1500,6 @@ def detect_language(text: str) -> str | None:
 
 # --- the 25 checkers: (response, **kwargs) -> bool ------------------------------------------------
 
-def _chk_existence(r, keywords):
-    return all(re.search(re.escape(k), r, flags=re.IGNORECASE) for k in keywords)  # DEVIATION 8
-
-
-def _chk_frequency(r, keyword, frequency, relation):
-    # the reference strips the keyword (KeywordFrequencyChecker.build_description)
-    n = len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE))
-    return _compare(n, relation, frequency, "keywords:frequency")
-
-
-def _chk_forbidden(r, forbidden_words):
-    return not any(re.search(r"\b" + re.escape(w) + r"\b", r, flags=re.IGNORECASE)
-                   for w in forbidden_words)
-
-
-def _chk_letter_frequency(r, letter, let_frequency, let_relation):
-    n = Counter(r.lower())[letter.lower()]
-    return n < let_frequency if let_relation == "less than" else n >= let_frequency
-
-
-def _chk_language(r, language):
-    lang = detect_language(r)
-    return True if lang is None else lang == language
-
-
-def _chk_num_sentences(r, num_sentences, relation):
-    return _compare(count_sentences(r), relation, num_sentences, "number_sentences")
-
-
 def _chk_num_paragraphs(r, num_paragraphs):
     paragraphs = re.split(r"\s?\*\*\*\s?", r)
     n = len(paragraphs)
@@ -1570,10 +1510,6 @@ def _chk_num_paragraphs(r, num_paragraphs):
             else:
                 return False  # an empty paragraph between two separators
     return n == num_paragraphs
-
-
-def _chk_num_words(r, num_words, relation):
-    return _compare(len(re.findall(r"\w+", r)), relation, num_words, "number_words")
 
 
 def _chk_nth_paragraph_first_word(r, num_paragraphs, nth_paragraph, first_word):
@@ -1624,10 +1560,6 @@ def find_titles(r: str) -> list[str]:  # note c (same result, linear time)
     return out
 
 
-def _chk_placeholders(r, num_placeholders):
-    return count_placeholders(r) >= num_placeholders
-
-
 def _chk_postscript(r, postscript_marker):
     """PostscriptChecker: the marker is stripped; "P.P.S" and "P.S." have fixed patterns, any other
     marker is used, lower-cased, AS A REGULAR EXPRESSION as the reference does ("PS:" must match
@@ -1673,17 +1605,6 @@ def _chk_bullets(r, num_bullets):
     return count_line_marks(r, "*") + count_line_marks(r, "-") == num_bullets
 
 
-def _chk_constrained(r):
-    r = r.strip()
-    return any(c in r for c in ("My answer is yes.", "My answer is no.", "My answer is maybe."))
-
-
-def _chk_highlights(r, num_highlights):
-    n = sum(1 for h in re.findall(r"\*[^\n\*]*\*", r) if h.strip("*").strip())
-    n += sum(1 for h in re.findall(r"\*\*[^\n\*]*\*\*", r) if h[2:-2].strip())
-    return n >= num_highlights
-
-
 def _chk_sections(r, section_spliter, num_sections):
     # SectionChecker: the spliter is stripped and used as a regular expression (all IFEval
     # spliters are plain words); an invalid one is matched literally
@@ -1708,10 +1629,6 @@ def _chk_json(r):
     return True
 
 
-def _chk_title(r):
-    return any(t.lstrip("<").rstrip(">").strip() for t in find_titles(r))
-
-
 def _chk_two_responses(r):
     valid = []
     pieces = r.split("******")
@@ -1724,64 +1641,53 @@ def _chk_two_responses(r):
     return len(valid) == 2 and valid[0].strip() != valid[1].strip()
 
 
-def _chk_repeat_prompt(r, prompt_to_repeat):
-    return r.strip().lower().startswith(prompt_to_repeat.strip().lower())
-
-
-def _chk_end(r, end_phrase):
-    return r.strip().strip('"').lower().endswith(end_phrase.strip().lower())
-
-
-def _chk_quotation(r):
-    v = r.strip()
-    return len(v) > 1 and v[0] == '"' and v[-1] == '"'
-
-
-def _chk_capital_words(r, capital_frequency, capital_relation):
-    n = sum(1 for w in word_tokenize(r) if w.isupper())
-    return _compare(n, capital_relation, capital_frequency, "capital_word_frequency")
-
-
-def _chk_english_capital(r):
+def _english(r: str) -> bool:
     lang = detect_language(r)
-    return r.isupper() and (lang is None or lang == "en")
+    return lang is None or lang == "en"
 
 
-def _chk_english_lowercase(r):
-    lang = detect_language(r)
-    return r.islower() and (lang is None or lang == "en")
-
-
-def _chk_no_comma(r):
-    return "," not in r
-
-
+# instruction id -> (response, **kwargs) -> bool; the reference's checker of the same name
 IFEVAL_CHECKERS = {
-    "keywords:existence": _chk_existence,
-    "keywords:frequency": _chk_frequency,
-    "keywords:forbidden_words": _chk_forbidden,
-    "keywords:letter_frequency": _chk_letter_frequency,
-    "language:response_language": _chk_language,
-    "length_constraints:number_sentences": _chk_num_sentences,
+    "keywords:existence": lambda r, keywords: all(                                       # DEVIATION 8
+        re.search(re.escape(k), r, flags=re.IGNORECASE) for k in keywords),
+    "keywords:frequency": lambda r, keyword, frequency, relation: _compare(   # the keyword is stripped
+        len(re.findall(re.escape(keyword.strip()), r, flags=re.IGNORECASE)), relation, frequency,
+        "keywords:frequency"),
+    "keywords:forbidden_words": lambda r, forbidden_words: not any(
+        re.search(r"\b" + re.escape(w) + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
+    "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: (
+        Counter(r.lower())[letter.lower()] < let_frequency if let_relation == "less than"
+        else Counter(r.lower())[letter.lower()] >= let_frequency),
+    "language:response_language": lambda r, language: (lambda lang: True if lang is None else lang == language)(
+        detect_language(r)),
+    "length_constraints:number_sentences": lambda r, num_sentences, relation: _compare(
+        count_sentences(r), relation, num_sentences, "number_sentences"),
     "length_constraints:number_paragraphs": _chk_num_paragraphs,
-    "length_constraints:number_words": _chk_num_words,
+    "length_constraints:number_words": lambda r, num_words, relation: _compare(
+        len(re.findall(r"\w+", r)), relation, num_words, "number_words"),
     "length_constraints:nth_paragraph_first_word": _chk_nth_paragraph_first_word,
-    "detectable_content:number_placeholders": _chk_placeholders,
+    "detectable_content:number_placeholders": lambda r, num_placeholders: count_placeholders(r) >= num_placeholders,
     "detectable_content:postscript": _chk_postscript,
     "detectable_format:number_bullet_lists": _chk_bullets,
-    "detectable_format:constrained_response": _chk_constrained,
-    "detectable_format:number_highlighted_sections": _chk_highlights,
+    "detectable_format:constrained_response": lambda r: any(
+        c in r.strip() for c in ("My answer is yes.", "My answer is no.", "My answer is maybe.")),
+    "detectable_format:number_highlighted_sections": lambda r, num_highlights: (
+        sum(1 for h in re.findall(r"\*[^\n\*]*\*", r) if h.strip("*").strip())
+        + sum(1 for h in re.findall(r"\*\*[^\n\*]*\*\*", r) if h[2:-2].strip())) >= num_highlights,
     "detectable_format:multiple_sections": _chk_sections,
     "detectable_format:json_format": _chk_json,
-    "detectable_format:title": _chk_title,
+    "detectable_format:title": lambda r: any(t.lstrip("<").rstrip(">").strip() for t in find_titles(r)),
     "combination:two_responses": _chk_two_responses,
-    "combination:repeat_prompt": _chk_repeat_prompt,
-    "startend:end_checker": _chk_end,
-    "startend:quotation": _chk_quotation,
-    "change_case:capital_word_frequency": _chk_capital_words,
-    "change_case:english_capital": _chk_english_capital,
-    "change_case:english_lowercase": _chk_english_lowercase,
-    "punctuation:no_comma": _chk_no_comma,
+    "combination:repeat_prompt": lambda r, prompt_to_repeat: r.strip().lower().startswith(
+        prompt_to_repeat.strip().lower()),
+    "startend:end_checker": lambda r, end_phrase: r.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
+    "startend:quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
+    "change_case:capital_word_frequency": lambda r, capital_frequency, capital_relation: _compare(
+        sum(1 for w in word_tokenize(r) if w.isupper()), capital_relation, capital_frequency,
+        "capital_word_frequency"),
+    "change_case:english_capital": lambda r: _english(r) and r.isupper(),     # detection runs first, as
+    "change_case:english_lowercase": lambda r: _english(r) and r.islower(),   # in the reference
+    "punctuation:no_comma": lambda r: "," not in r,
 }
 
 

@@ -515,3 +515,77 @@ def test_score_item_on_toy_world_canonical_responses():
         assert all(gr.score_item(it, tw.item_response(it)) == 1.0 for it in items), fam
         # a wrong answer scores 0
         assert gr.score_item(items[0], "I have no idea.") == 0.0
+
+
+# -----------------------------------------------------------------------------
+# A benchmark registered after import (README "Add a benchmark"): suites, scoring and the general
+# axis read the records when they run
+
+def test_registered_benchmark_joins_suites_scoring_and_the_general_axis(monkeypatch):
+    monkeypatch.setattr(ev, "BENCHMARKS", dict(ev.BENCHMARKS))
+    before = list(ev.SUITES["general"])
+    ev.register_benchmark("echo", loader=None, axis="general", scorer=lambda item, r: float(r == item["gold"]))
+    try:
+        assert ev.SUITES["general"] == before + ["echo"] and ev.SUITES["all"][-1] == "echo"
+        item = ev.make_item("echo", 0, "say hi", "hi")
+        assert item["id"] == "echo-0" and gr.score_item(item, "hi") == 1.0
+        scores = {"ifeval": 60.0, "bbh": 30.0, "nq": 20.0, "echo": 10.0}
+        out = ev.summarize_suite({n: {"score": v} for n, v in scores.items()}, domain=None, base_general=40.0)
+        assert out["general_score"] == (60.0 + 30.0 + 20.0 + 10.0) / 4 and out["forgetting"] == 40.0 - 30.0
+        assert "general_score" not in ev.summarize_suite({n: {"score": 1.0} for n in before}, domain=None,
+                                                          base_general=None)   # echo missing: no mean
+    finally:
+        gr.SCORERS.pop("echo", None)   # (BENCHMARKS is restored by monkeypatch)
+
+
+# The README section's code (until README.md has the section, the same code kept here)
+ADD_A_BENCHMARK = '''
+def load_capitals(name, data_dir=None, path=None, *, allow_hub=False, prompt_dir=None):
+    """Items from JSONL rows {"country": ..., "capital": ...}."""
+    rows = read_rows(name, data_dir, path, allow_hub)    # --path NAME=FILE, else --data-dir/<files>
+    return [make_item(name, i, f"What is the capital of {r['country']}?", r["capital"])
+            for i, r in enumerate(rows)]
+
+
+register_benchmark("capitals", loader=load_capitals, axis="general", aggregate="micro",
+                   scorer=lambda item, response: float(item["gold"].lower() in response.lower()),
+                   max_new_tokens=32, files=["capitals/test.jsonl"], fmt='JSONL rows {"country", "capital"}')
+'''
+
+
+@pytest.mark.slow
+def test_readme_benchmark_pasted_in_is_scored_on_the_general_axis(tmp_path):
+    import json
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"^## Add a benchmark\n(.*?)(?=^## )", readme, re.S | re.M)
+    code = "\n\n".join(re.findall(r"```python\n(.*?)```", m.group(1), re.S)) if m else ADD_A_BENCHMARK
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for p in root.iterdir():
+        if p.suffix == ".py" or p.name == "toy_model":
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, repo / p.name)
+    src = (repo / "evaluate.py").read_text(encoding="utf-8")
+    head, main = src.split('\nif __name__ == "__main__":', 1)
+    (repo / "evaluate.py").write_text(head + "\n\n" + code + '\n\nif __name__ == "__main__":' + main, encoding="utf-8")
+    data = tmp_path / "data"
+    shutil.copytree(root / "tests" / "fixtures" / "eval", data)
+    (data / "capitals").mkdir()
+    (data / "capitals" / "test.jsonl").write_text(
+        '{"country": "France", "capital": "Paris"}\n{"country": "Japan", "capital": "Tokyo"}\n', encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", "toy", "--suite", "general", "--data-dir",
+                        str(data), "--path", f"nq={data / 'nq/nq-test.qa.csv'}", "--limit", "2",
+                        "--max-new-tokens", "3", "--backend", "hf", "--out", str(tmp_path / "ev")],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    b = res["benchmarks"]
+    assert list(b) == ["ifeval", "bbh", "nq", "capitals"] and b["capitals"]["n_items"] == 2
+    assert math.isclose(res["general_score"], sum(v["score"] for v in b.values()) / 4)
