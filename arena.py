@@ -476,57 +476,42 @@ def _fmt_count(n) -> str:
     return "-" if n is None else _fmt_params(n)
 
 
-def _check_sections(raw: dict, source: str, add, warnings: list, allow_hub: bool) -> tuple[dict, dict]:
-    """Every section on its own: top level, model (offline, never its weights), node, domains,
-    paradigms, train/data settings, eval, budget. Returns (normalised config, model info)."""
-    _unknown(raw, "", RUN_KEYS, add)
-    cfg = {k: raw.get(k) for k in RUN_KEYS}
-    cfg["name"] = cfg["name"] or Path(source).stem
-    cfg["out"] = cfg["out"] or f"runs/{cfg['name']}"
+def _positive(v, default, field: str, msg: str, add, integer: bool = False):
+    """A positive number (an integer if `integer`), null = `default`; else a problem and the default."""
+    v = default if v is None else v
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v <= 0):
+        add(field, v, f"expected {msg}")
+        return default
+    return v
+
+
+def _check_model(cfg: dict, add, warnings: list, allow_hub: bool) -> dict:
+    """The model's config, resolved offline (never its weights), and its 1-layer meta skeleton."""
     model = {"hf_config": None, "where": None, "skeleton": None, "n_layers": 0, "n_params": None}
-    if not isinstance(cfg["model"], str) or not cfg["model"]:
-        add("model", cfg["model"], "required: 'toy', a local HF model directory, or a hub id")
-    else:
-        hf, model["where"], err, w = resolve_model(cfg["model"], cfg["shapes"], allow_hub=allow_hub)
-        warnings += w
-        if err:
-            add("model", cfg["model"], err)
-        if hf is None:
-            warnings.append("hyperparameters were NOT checked against layer shapes (no model config "
-                            "available; set `shapes:` to a configs/model_shapes/*.json name)")
-        else:
-            sk, n = model_skeleton(hf)
-            model.update(hf_config=hf, skeleton=sk, n_layers=n, n_params=_scaled_count(sk, n, trainable_only=False))
     if cfg["shapes"] and not (peft_methods.SHAPES_DIR / f"{cfg['shapes']}.json").exists():
         add("shapes", cfg["shapes"], "no such file configs/model_shapes/<shapes>.json; available: "
             + ", ".join(sorted(p.stem for p in peft_methods.SHAPES_DIR.glob("*.json"))))
-    # the node: dtype, device, GPUs per node and memory per GPU (H100: 80 GiB; for the memory plan)
-    if cfg["dtype"] is not None and cfg["dtype"] not in DTYPES:
-        add("dtype", cfg["dtype"], f"must be one of {list(DTYPES)} (or null = bf16 on CUDA, fp32 on CPU)")
-    if cfg["device"] is not None and str(cfg["device"]).split(":")[0] not in ("cpu", "cuda"):
-        add("device", cfg["device"], "must be cpu, cuda or cuda:N (or null = cuda if available)")
-    for k, default, msg in (("gpus", 1, "the number of GPUs of the node (an integer >= 1)"),
-                            ("gpu_memory_gib", 80.0, "the memory of one GPU in GiB (H100 80, H200 141)")):
-        v = cfg[k] if cfg[k] is not None else default
-        if isinstance(v, bool) or not isinstance(v, int if k == "gpus" else (int, float)) or v <= 0:
-            add(k, v, f"expected {msg}")
-            v = default
-        cfg[k] = v
-    cfg["domains"] = _names(cfg["domains"], "domains", DOMAINS, add)
-    cfg["paradigms"] = _names(cfg["paradigms"], "paradigms", tuple(PARADIGMS), add)
-    cfg["train"] = _paradigm_blocks(cfg["train"] or {}, "train", add)
-    for k in ("data", "eval", "budget"):     # the mappings default to {}
-        cfg[k] = cfg[k] or {}
-        if not isinstance(cfg[k], dict):
-            add(k, cfg.pop(k), "expected a mapping")
-            cfg[k] = {}
-    data = {ALIASES.get(d, d): v for d, v in cfg["data"].items()}
-    _unknown(data, "data.", DOMAINS, add, "domain")
-    cfg["data"] = {d: _paradigm_blocks(v, f"data.{d}", add) for d, v in data.items() if d in DOMAINS}
-    # eval: defaults filled; the values become evaluate.py flags (evaluate.py checks them)
-    ev = cfg["eval"]
-    _unknown(ev, "eval.", EVAL_DEFAULTS, add)
-    cfg["eval"] = ev = {k: d if ev.get(k) is None else ev[k] for k, d in EVAL_DEFAULTS.items()}
+    if not isinstance(cfg["model"], str) or not cfg["model"]:
+        add("model", cfg["model"], "required: 'toy', a local HF model directory, or a hub id")
+        return model
+    hf, model["where"], err, w = resolve_model(cfg["model"], cfg["shapes"], allow_hub=allow_hub)
+    warnings += w
+    if err:
+        add("model", cfg["model"], err)
+    if hf is None:
+        warnings.append("hyperparameters were NOT checked against layer shapes (no model config "
+                        "available; set `shapes:` to a configs/model_shapes/*.json name)")
+    else:
+        sk, n = model_skeleton(hf)
+        model.update(hf_config=hf, skeleton=sk, n_layers=n, n_params=_scaled_count(sk, n, trainable_only=False))
+    return model
+
+
+def _check_eval(cfg: dict, add, warnings: list) -> dict:
+    """The eval section with its defaults filled; the values become evaluate.py flags (evaluate.py
+    checks them when a model is scored), so only names and choices are checked here."""
+    _unknown(cfg["eval"], "eval.", EVAL_DEFAULTS, add)
+    ev = {k: d if cfg["eval"].get(k) is None else cfg["eval"][k] for k, d in EVAL_DEFAULTS.items()}
     ev["suite"] = ev["suite"] or ("toy" if cfg["model"] == "toy" else "real")
     for k, choices in (("suite", ("toy", "real")), ("backend", ("auto", "hf", "vllm"))):
         if ev[k] not in choices:
@@ -539,13 +524,39 @@ def _check_sections(raw: dict, source: str, add, warnings: list, allow_hub: bool
             warnings.append(f"eval: no local files for benchmark(s) {', '.join(missing)} under data_dir "
                             f"{ev['data_dir']!r} (needed when the base model is scored; file layouts: "
                             "evaluate.BENCHMARKS, tests/fixtures/eval/README.md)")
-    budget = cfg["budget"]
-    _unknown(budget, "budget.", ("max_minutes",), add)
-    m = budget.get("max_minutes")
-    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0):
-        add("budget.max_minutes", m, "expected a positive number of minutes (or null = no limit)")
-        m = None
-    cfg["budget"] = {"max_minutes": m}
+    return ev
+
+
+def _check_sections(raw: dict, source: str, add, warnings: list, allow_hub: bool) -> tuple[dict, dict]:
+    """Every section on its own: top level, model, node, domains, paradigms, train/data settings,
+    eval, budget. Returns (the normalised config, the model's info)."""
+    _unknown(raw, "", RUN_KEYS, add)
+    cfg = {k: raw.get(k) for k in RUN_KEYS}
+    cfg["name"] = cfg["name"] or Path(source).stem
+    cfg["out"] = cfg["out"] or f"runs/{cfg['name']}"
+    model = _check_model(cfg, add, warnings, allow_hub)
+    # the node: dtype, device, GPUs per node and memory per GPU (H100: 80 GiB; for the memory plan)
+    if cfg["dtype"] is not None and cfg["dtype"] not in DTYPES:
+        add("dtype", cfg["dtype"], f"must be one of {list(DTYPES)} (or null = bf16 on CUDA, fp32 on CPU)")
+    if cfg["device"] is not None and str(cfg["device"]).split(":")[0] not in ("cpu", "cuda"):
+        add("device", cfg["device"], "must be cpu, cuda or cuda:N (or null = cuda if available)")
+    cfg["gpus"] = _positive(cfg["gpus"], 1, "gpus", "the number of GPUs of the node (an integer >= 1)", add, True)
+    cfg["gpu_memory_gib"] = _positive(cfg["gpu_memory_gib"], 80.0, "gpu_memory_gib",
+                                      "the memory of one GPU in GiB (H100 80, H200 141)", add)
+    cfg["domains"] = _names(cfg["domains"], "domains", DOMAINS, add)
+    cfg["paradigms"] = _names(cfg["paradigms"], "paradigms", tuple(PARADIGMS), add)
+    cfg["train"] = _paradigm_blocks(cfg["train"] or {}, "train", add)
+    for k in ("data", "eval", "budget"):     # the mappings default to {}
+        if not isinstance(cfg[k] or {}, dict):
+            add(k, cfg[k], "expected a mapping")
+        cfg[k] = cfg[k] if isinstance(cfg[k], dict) else {}
+    data = {ALIASES.get(d, d): v for d, v in cfg["data"].items()}
+    _unknown(data, "data.", DOMAINS, add, "domain")
+    cfg["data"] = {d: _paradigm_blocks(v, f"data.{d}", add) for d, v in data.items() if d in DOMAINS}
+    cfg["eval"] = _check_eval(cfg, add, warnings)
+    _unknown(cfg["budget"], "budget.", ("max_minutes",), add)
+    cfg["budget"] = {"max_minutes": _positive(cfg["budget"].get("max_minutes"), None, "budget.max_minutes",
+                                              "a positive number of minutes (or null = no limit)", add)}
     return cfg, model
 
 
@@ -656,32 +667,29 @@ def _cell_train_config(c: dict, e: dict, cfg: dict, add) -> tuple[dict, dict] | 
     """The train_sft / train_grpo config of one cell and the config field each key came from; later
     layers win: train.<paradigm> <- data.<domain>.<paradigm> <- methods[i].train.<paradigm>."""
     d, p = c["domain"], c["paradigm"]
-    layers = [(f"train.{p}", cfg["train"].get(p) or {}), (f"data.{d}.{p}", cfg["data"].get(d, {}).get(p) or {}),
-              (f"{e['field']}.train.{p}", e["train"].get(p) or {})]
+    layers = [(f"train.{p}", cfg["train"].get(p)), (f"data.{d}.{p}", cfg["data"].get(d, {}).get(p)),
+              (f"{e['field']}.train.{p}", e["train"].get(p))]
+    layers = [(fld, s if isinstance(s, dict) else {}) for fld, s in layers]
     tc, origin = {}, {}
-    if not any("task" in s or "data" in s for _, s in layers if isinstance(s, dict)):
+    if not any("task" in s or "data" in s for _, s in layers):
         if cfg["model"] != "toy" and cfg["eval"]["suite"] != "toy":
-            extra = ", hub_file" if p == "sft" else ", domain"
-            add(f"data.{d}.{p}", _MISSING, "required for a real model: the training file "
-                f"(data: path.jsonl|parquet{extra}) or task: toy-{d}", [c["id"]])
+            add(f"data.{d}.{p}", _MISSING, "required for a real model: the training file (data: "
+                f"path.jsonl|parquet{', hub_file' if p == 'sft' else ', domain'}) or task: toy-{d}", [c["id"]])
             return None
         tc["task"] = f"toy-{d}"     # the toy world's SFT / RL rows for this domain
-    dests = {a.dest for a in SCRIPTS[p].build_parser()._actions}
+    dests = {a.dest for a in SCRIPTS[p].build_parser()._actions} - ARENA_OWNED   # others: _check_train_settings
     for fld, s in layers:
-        for k, v in (s.items() if isinstance(s, dict) else ()):
-            if k not in ARENA_OWNED and k in dests:    # the others are reported by _check_train_settings
-                tc[k], origin[k] = v, f"{fld}.{k}"
+        tc.update({k: v for k, v in s.items() if k in dests})
+        origin.update({k: f"{fld}.{k}" for k in s if k in dests})
     # the method's hyperparameters as script keys: the four flags, the rest as --hp K=V (JSON)
     hp = c["hparams"]
     tc.update(model=cfg["model"], method=e["method"], hp=[f"{k}={json.dumps(v)}" for k, v in hp.items()
                                                           if k not in HPARAM_FLAGS],
               **{k: v for k, v in hp.items() if k in HPARAM_FLAGS})
-    if cfg["device"]:
-        tc["device"] = cfg["device"]
-    if p == "grpo" and cfg["dtype"]:
-        tc["dtype"] = cfg["dtype"]
-    if p == "grpo" and tc.get("data") and not tc.get("domain"):
-        tc["domain"] = d
+    tc.update({"device": cfg["device"]} if cfg["device"] else {})
+    if p == "grpo":   # train_grpo's own dtype, and the reward of the domain for a data file
+        tc.update({"dtype": cfg["dtype"]} if cfg["dtype"] else {})
+        tc.update({"domain": d} if tc.get("data") and not tc.get("domain") else {})
     tc["out"] = str(Path(cfg["out"]) / c["ckpt_dir"])
     return tc, origin
 
@@ -1284,6 +1292,23 @@ def _paper_model(run: Path, model: str) -> str | None:
     return key
 
 
+def _domain_section(rows: list[dict], d: str, model: str, key, png: Path) -> tuple[list[str], str | None]:
+    """One target domain's part of a run's leaderboard.md (its table, the paper's columns unless
+    `key` is False, the failed cells) and its scatter; returns (markdown lines, note)."""
+    ok = [r for r in rows if r["domain"] == d and r["status"] == "ok"]
+    cols, note = paper_columns(ok, key, d, model) if key is not False else (None, None)
+    md = [f"## Target: {d}", "", leaderboard_markdown(ok, paper=cols) if ok else "(no finished cell yet)\n"]
+    md += [note, ""] if note is not None else []
+    bad = [r for r in rows if r["domain"] == d and r["status"] != "ok"]
+    if bad:
+        md += ["Failed cells (tracebacks next to the cell files):", ""]
+        md += [f"- {r['cell']}: {r['error'].splitlines()[0][:200]} (`{r['traceback']}`)" for r in bad] + [""]
+    plottable = [r for r in ok if r["target_gain"] is not None and r["forgetting"] is not None]
+    if plottable:
+        plot_scatter(plottable, png, title=f"Stability-plasticity trade-off: {model}, target {d}")
+    return md, note
+
+
 def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None = None) -> list[str]:
     """results.json, results.csv, leaderboard.md and one scatter per domain, from cells/*.json.
     `run` writes these after every cell; `python arena.py report RUN` calls the same function, so
@@ -1298,20 +1323,11 @@ def write_run_report(run: Path, *, paper: bool = False, paper_model: str | None 
                                              "rows": rows, "failed": [r["cell"] for r in rows if r["status"] != "ok"]})
     atomic_write_csv(run / "results.csv", RUN_CSV_COLS, rows)
     md, notes = [f"# {run.name}: {model}", ""], []
-    for d in domains:   # one section per target domain: its table, failed cells and scatter
-        ok = [r for r in rows if r["domain"] == d and r["status"] == "ok"]
-        cols, note = paper_columns(ok, key, d, model) if key is not False else (None, None)
-        md += [f"## Target: {d}", "", leaderboard_markdown(ok, paper=cols) if ok else "(no finished cell yet)\n"]
-        md += [note, ""] if note is not None else []
+    for d in domains:
+        png = run / ("stability_plasticity.png" if len(domains) == 1 else f"stability_plasticity-{d}.png")
+        section, note = _domain_section(rows, d, model, key, png)
+        md += section
         notes += [note] if note is not None else []
-        bad = [r for r in rows if r["domain"] == d and r["status"] != "ok"]
-        if bad:
-            md += ["Failed cells (tracebacks next to the cell files):", ""]
-            md += [f"- {r['cell']}: {r['error'].splitlines()[0][:200]} (`{r['traceback']}`)" for r in bad] + [""]
-        plottable = [r for r in ok if r["target_gain"] is not None and r["forgetting"] is not None]
-        if plottable:
-            png = run / ("stability_plasticity.png" if len(domains) == 1 else f"stability_plasticity-{d}.png")
-            plot_scatter(plottable, png, title=f"Stability-plasticity trade-off: {model}, target {d}")
     atomic_write_text(run / "leaderboard.md", "\n".join(md).rstrip() + "\n")
     return notes
 
