@@ -461,15 +461,10 @@ def model_skeleton(hf_config):
 
 def _scaled_count(model, n_layers: int, trainable_only: bool = True) -> int:
     """Parameter count of the full-depth model from its 1-layer skeleton:
-    total = (all - layer 0) + n_layers * layer 0 (tied weights counted once)."""
-    seen, total, layer0 = set(), 0, 0
-    for n, p in model.named_parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        layer0 += p.numel() if ".layers.0." in n else 0
-    return total - layer0 + n_layers * layer0
+    total = (all - layer 0) + n_layers * layer 0 (named_parameters counts tied weights once)."""
+    sizes = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    layer0 = sum(k for n, k in sizes if ".layers.0." in n)
+    return sum(k for _, k in sizes) - layer0 + n_layers * layer0
 
 
 def _fmt_count(n) -> str:
