@@ -83,6 +83,8 @@ from loading import REPO_DIR, TOY_MODEL_DIR, atomic_write_csv, atomic_write_json
 def _row(paradigm, label, method, hp, res, base, params, seconds):
     """One leaderboard row: the two axes, and both measured against the base model (the paper's
     Target gain = plasticity, Forgetting = base General - General = lost stability)."""
+    # PEFT-Arena §4.1:  gain(m) = Target(m) - Target(base),  forgetting(m) = General(base) - General(m);
+    # rounded to 0.01 points here and nowhere else (the tables print these numbers)
     return {"paradigm": paradigm, "method": label, "peft_method": method, "hparams": hp,
             "trainable_params": params, "target": round(res["target_score"], 2),
             "general": round(res["general_score"], 2),
@@ -95,6 +97,8 @@ def _row(paradigm, label, method, hp, res, base, params, seconds):
 def pareto_indices(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated in (x, y), both to be maximised (the paper's Pareto frontier
     of plasticity x stability), sorted by x."""
+    # m is dominated when another point is at least as good on both axes and better on one: no
+    # method then beats it on plasticity without losing stability, so it lies on the frontier
     keep = [i for i, (x, y) in enumerate(points)
             if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)]
     return sorted(keep, key=lambda i: points[i][0])
@@ -511,6 +515,9 @@ def _check_eval(cfg: dict, add, warnings: list) -> dict:
     for k, choices in (("suite", ("toy", "real")), ("backend", ("auto", "hf", "vllm"))):
         if ev[k] not in choices:
             add(f"eval.{k}", ev[k], f"must be one of {list(choices)}")
+    if not isinstance(ev["paths"], dict):
+        add("eval.paths", ev.pop("paths"), "expected a mapping {benchmark: file}")
+        ev["paths"] = {}
     _unknown(ev["paths"], "eval.paths.", evaluate.BENCHMARKS, add, "benchmark")
     if ev["suite"] == "real":   # benchmark files are read only when a model is scored: a warning now
         names = sorted({b for d in cfg["domains"] for b in evaluate.SUITES[d]} | set(evaluate.SUITES["general"]))
