@@ -792,6 +792,8 @@ def validate_config(raw, source: str = "config", *, allow_hub: bool = False) -> 
     # 2. the grid, then each cell as its training script will see it (on the meta device)
     cells = _grid_cells(cfg, entries, add, warnings)
     train_cells = [c for c in cells if c["paradigm"] != "base"]
+    # the hyperparameters first (per method, cached: domains share a skeleton check), then each
+    # cell's training config: a cell's trainable count is known before its script ever runs
     cache: dict[tuple, tuple] = {}    # (method, hparams, targets) -> (count, error, field)
     for e in entries:
         _check_hparams(e, [c for c in train_cells if c["entry"] == e["index"]], cfg, model, cache, add)
@@ -934,6 +936,8 @@ def run_cell(cell: dict, plan: dict, run: Path, base: dict | None, *, progress: 
         return {**row, "trainable_params": plan["n_params"], "target": round(res["target"], 2),
                 "general": round(res["general"], 2), "target_gain": 0.0, "forgetting": 0.0,
                 "families": res["families"], "train_seconds": 0.0, "eval_seconds": round(time.time() - t0, 1)}
+    # a trained cell: its checkpoint root holds the training script's own run directory (config.json,
+    # global_step_<k>/, summary.json written last), so loading's run-dir helpers read its state
     ckpt_root = run / cell["ckpt_dir"]
     final = loading.finished_checkpoint(ckpt_root)     # trained earlier (or on another node): only score it
     if final is None:
@@ -974,6 +978,7 @@ def run_grid(plan: dict, run: Path, *, progress: bool = False, log=print) -> int
     t0, budget = time.time(), plan["config"]["budget"]["max_minutes"]
     n_train, k = sum(c["paradigm"] != "base" for c in plan["cells"]), 0
     bases: dict[str, dict] = {}      # domain -> the base row its cells are measured against
+    # per domain the base cell comes first (_grid_cells), so every trained cell meets its base row
     for cell in plan["cells"]:
         is_base = cell["paradigm"] == "base"
         k += not is_base
