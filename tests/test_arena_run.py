@@ -53,7 +53,10 @@ def test_validation_errors_name_cell_and_field():
                        {"label": "LoRA typo", "method": "lora", "hparams": {"rank": 8}}]}
     errs = _errors(cfg)
     joined = "\n".join(errs)
-    assert "config.yaml: cell sft/math/LoRA r0: methods[1].hparams.r = 0: rank must be >= 1" in errs
+    # the hyperparameters are checked by peft_methods itself (apply_peft on the meta skeleton; its
+    # HparamError names the field), the train settings by train_sft.resolve_config (ConfigError)
+    assert any(e.startswith("config.yaml: cell sft/math/LoRA r0: methods[1].hparams.r = 0: lora: rank r=0 ")
+               and "need 1 <= r <= min(d_in, d_out) = 128" in e for e in errs), joined
     # a rank above the layer's dimension, found on the meta skeleton (no weights loaded)
     assert any(e.startswith("config.yaml: cell sft/math/LoRA huge: methods[2].hparams.r = 4096: ")
                and "min(d_in, d_out) = 128" in e for e in errs), joined
@@ -64,8 +67,9 @@ def test_validation_errors_name_cell_and_field():
     assert unknown and "cell sft/math/Mystery" in unknown[0]
     for name in ("full", "lora", "oft", "keeplora"):
         assert name in unknown[0]                                   # the known methods are listed
-    assert any("methods[5].hparams.rank = 8: not a hyperparameter of lora" in e for e in errs), joined
-    assert "config.yaml: train.sft.lr = -0.001: learning rate must be > 0" in errs
+    assert any("cell sft/math/LoRA typo: methods[5].hparams = {'rank': 8}: lora: unknown hyperparameter(s) "
+               "['rank']" in e for e in errs), joined
+    assert "config.yaml: cell sft/math/Full FT (+4 more): train.sft.lr = -0.001: --lr -0.001 must be > 0" in errs
     assert any(e.startswith("config.yaml: train.sft.max_step = 3: unknown train_sft.py setting")
                and "max_steps" in e for e in errs), joined
     assert any(e.startswith("config.yaml: domains[1] = 'chemistry': unknown") for e in errs), joined
@@ -124,7 +128,7 @@ def test_cli_refuses_a_bad_config_before_training(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "config.yaml: cell sft/math/LoRA r8: methods[0].hparams.r = 0: rank must be >= 1" in out.stderr
+    assert "config.yaml: cell sft/math/LoRA r8: methods[0].hparams.r = 0: lora: rank r=0 is invalid" in out.stderr
     assert not (tmp_path / "run").exists()          # nothing was trained or written
 
 
