@@ -115,15 +115,15 @@ lerp_exact, generator_coefficient = pm.lerp_exact, pm.generator_coefficient   # 
 def parse_grid(spec: str) -> list[float]:
     """'0:1:0.1' -> [0.0, 0.1, ..., 1.0] (stop included); '0,0.3,1' -> [0.0, 0.3, 1.0].
     Values are rounded to 10 decimals so that 0.1 * 3 prints (and caches) as 0.3."""
-    spec = str(spec).strip()
+    spec, ranged = str(spec).strip(), ":" in str(spec)
     bad = f"--grid {spec!r}: "
     try:
-        parts = [float(x) for x in (spec.split(":") if ":" in spec else spec.split(",")) if x.strip()]
+        parts = [float(x) for x in spec.split(":" if ranged else ",") if x.strip()]
     except ValueError:
         parts = []
-    if not parts or (":" in spec and len(parts) != 3):
+    if not parts or (ranged and len(parts) != 3):
         raise ValueError(bad + "expected START:STOP:STEP (e.g. 0:1:0.1) or a comma list (e.g. 0,0.3,1)")
-    if ":" in spec:
+    if ranged:
         start, stop, step = parts
         n = round((stop - start) / step) if step > 0 else -1
         if n < 0 or abs(start + n * step - stop) > 1e-9 * max(1.0, abs(stop)):
@@ -183,6 +183,13 @@ def mean_by_layer(module_values: dict[str, float]) -> dict[int, float]:
     return {l: sum(vs) / len(vs) for l, vs in sorted(acc.items())}
 
 
+# Layer-wise rewinding (PEFT-Arena poster). Finetuning rotates some layers far more than others;
+# rewinding pulls the strong layers back toward a target tau and leaves the weak ones alone:
+#     SafeRho  tau = mean_{l < 5} rho_l     (the early layers)
+#     MinRho   tau = min_l rho_l           (every layer ends at the weakest layer's strength)
+#     c_l = min(1, tau / rho_l),  Q_l <- c_l Q_l
+# For rho = ||Q||_F the map Q -> c Q scales rho by exactly c, so after rewinding rho_l = min(rho_l, tau).
+
 def rewind_target(rhos: dict[int, float], rule: str, first_k: int = SAFE_RHO_LAYERS) -> tuple[float, dict]:
     """tau: SafeRho = mean of the first `first_k` layers, MinRho = min over layers (PEFT-Arena poster)."""
     if not rhos:
@@ -204,6 +211,9 @@ def rewind_factors(rhos: dict[int, float], tau: float, *, cap: bool = True) -> d
     """c_l = tau / rho_l, capped at 1 (DEVIATION 5: --no-cap lifts it); rho_l = 0 -> c_l = 1."""
     return {l: (min(c, 1.0) if cap else c) for l, c in ((l, tau / r if r > 0 else 1.0) for l, r in rhos.items())}
 
+
+# For a measure that is not linear in c (||R - I||_F, or any measure under the sqrt map) tau / rho_l
+# only approximates the factor; bisection on c finds rho_l(c_l) = tau exactly (DEVIATION 5).
 
 def solve_factor(strength_at: Callable[[float], float], tau: float, *, cap: bool = True, iters: int = 60) -> float:
     """c with strength_at(c) = tau by bisection (strength_at increasing, strength_at(0) = 0). With
@@ -246,6 +256,10 @@ def parse_rule(spec: str) -> dict:
         raise ValueError(f"--select {spec!r}: expected keep-target=X (percent of the final target gain kept), sum or pareto")
     return {"name": f"keep-target={float(m.group(1)):g}", "kind": "keep", "keep": float(m.group(1)) / 100.0}
 
+
+# Operating points. The paper reads the (target, general) plane: a point on a path is worth taking
+# when it keeps most of the target gain T - T_base and wins back general ability G. The rules below
+# pick one point per path; the overshoot test asks whether some alpha < 1 beats the final checkpoint.
 
 def pareto_front(points: list[dict]) -> list[int]:
     """Indices of the points no other point beats on both target and general (ties kept once)."""
@@ -338,6 +352,11 @@ def _subsample(traj: list, k: int) -> list:
 #    mode ("wrapped": the wrappers are in the model; "dense": the Linears are), baked (dense mode
 #    holding the current adapter point merged), reloaded (a training checkpoint overwrote the tensors).
 # -----------------------------------------------------------------------------
+
+# Why one model moved in place: a 7B model loads in minutes, a point is set in seconds. Every point is
+# computed from the snapshots (W0, final tensors), never from the previous point, so the order in
+# which points are visited cannot change a number. The dense path needs a plain nn.Linear holding
+# W(alpha) (no adapter can express lerp(W0, W_ft, alpha) for OFT); the factor path keeps the wrappers.
 
 def _own_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     """A wrapper's own adapter parameters and persistent buffers (not base_layer's, not cached indices)."""
@@ -516,6 +535,9 @@ def strength_modules(run: dict) -> list[str]:
         return [n for n, p in run["W1"].items() if p.dim() == 2 and layer_index(n) is not None]
     return [n for n in run["layers"] if layer_index(n) is not None]
 
+
+# rho of one module. OFT (rewind_strength on OftLinear): ||Q||_F of its block-diagonal generator, the
+# quantity that c scales; every other method: ||W(c) - W0||_F of its merged weight at factor point c.
 
 @torch.no_grad()
 def module_strength(run: dict, name: str, measure: str, c: float = 1.0, rewind_map: str = "linear") -> float:
@@ -765,8 +787,7 @@ def run_analysis(cfg: dict, *, loader: Callable | None = None, evaluate_fn=None,
 def analyse_run(run: dict, evaluate_fn, cfg: dict, *, label: str, traj: list, base_point: dict,
                 key: str = "", log=print) -> dict:
     """Evaluate the training path, every path's grid and every rewind of one run; select; report."""
-    method, gen_map, grid = run["method"], cfg["gen_map"], parse_grid(cfg["grid"])
-    paths = _run_paths(cfg["paths"], method, label, log)
+    method, gen_map, grid, paths = run["method"], cfg["gen_map"], parse_grid(cfg["grid"]), default_paths(run["method"])
     save = Path(cfg["out"]) if cfg["out"] and cfg["save"] != "none" else None
     log(f"[rewind] {label}: method {method}, final {run['checkpoint']} (step {traj[-1][0] if traj else '?'}), "
         f"{max(len(traj) - 1, 0)} training checkpoints, paths {paths}, grid {grid}")
@@ -819,31 +840,17 @@ def analyse_run(run: dict, evaluate_fn, cfg: dict, *, label: str, traj: list, ba
     result = {"label": label, "method": method, "hparams": run["cfg"].get("hparams"), "checkpoint": str(run["checkpoint"]),
               "final_step": final["step"], "paths": paths, "gen_map": gen_map, "points": points, "rewinds": infos}
     if all(p["target"] is not None and p["general"] is not None for p in points):
-        rules = [parse_rule(s) for s in cfg["select"] or ["keep-target=80"]]
-        result.update(_select_and_check(points, points[0], final, paths, rules,
-                                        {"general_margin": cfg["overshoot_general"], "target_keep": cfg["overshoot_target_keep"] / 100}))
-        sel = result["selection"][rules[0]["name"]].get("all")   # the first rule's point is saved too
-        if sel is not None and save and sel["kind"] == "path":
-            set_path(run, sel["path"], sel["alpha"], gen_map=gen_map)
-            _save(run, sel, save, label, f"selected_{sel['path']}_a{sel['alpha']:g}",
-                  {"path": sel["path"], "alpha": sel["alpha"], "rule": rules[0]["name"]})
+        result.update(_select_and_check(run, result, final, cfg, save))
     set_final(run)
     return result
 
 
-def _run_paths(spec: str | None, method: str, label: str, log) -> list[str]:
-    """--paths (a comma list, or auto = default_paths) for one run; a factor path the method lacks -> dense."""
-    paths = default_paths(method) if spec in (None, "auto") else [p.strip() for p in spec.split(",")]
-    if set(paths) - set(PATH_NAMES):
-        raise ValueError(f"--paths: unknown path in {paths}; known: {PATH_NAMES} (or auto)")
-    if "factor" in paths and not has_factor_path(method):
-        log(f"[rewind] {label}: {method} has no factor path; using dense only")
-        paths = ["dense"]
-    return paths
-
-
-def _select_and_check(points, base, final, paths, rules, overshoot_opts) -> dict:
-    """Per rule: the selected point on each path and over every candidate; Pareto sets; overshoot."""
+def _select_and_check(run, result, final, cfg, save) -> dict:
+    """Per --select rule: the selected point on each path and over every candidate (the first rule's
+    is saved as a checkpoint too); Pareto sets; the overshoot verdict per path and for training."""
+    points, paths, base, label = result["points"], result["paths"], result["points"][0], result["label"]
+    rules = [parse_rule(s) for s in cfg["select"] or ["keep-target=80"]]
+    overshoot_opts = {"general_margin": cfg["overshoot_general"], "target_keep": cfg["overshoot_target_keep"] / 100}
     pools = {path: [p for p in points if p["kind"] in ("base", "final") or p.get("path") == path] for path in paths}
     pools["all"] = [p for p in points if p["kind"] in ("base", "final", "path", "rewind")]
     pools["training"] = [p for p in points if p["kind"] in ("base", "training", "final")]
@@ -855,6 +862,11 @@ def _select_and_check(points, base, final, paths, rules, overshoot_opts) -> dict
     # the training path's own version: did an earlier checkpoint already do better?
     tr = [dict(p, alpha=None) for p in pools["training"] if p["kind"] == "training"]
     over["training"] = overshoot_check(tr, base=base, final=final, **overshoot_opts)
+    sel = selection[rules[0]["name"]]["all"]
+    if sel is not None and save and sel["kind"] == "path":
+        set_path(run, sel["path"], sel["alpha"], gen_map=cfg["gen_map"])
+        _save(run, sel, save, label, f"selected_{sel['path']}_a{sel['alpha']:g}",
+              {"path": sel["path"], "alpha": sel["alpha"], "rule": rules[0]["name"]})
     return {"selection": selection, "pareto": pareto, "overshoot": over}
 
 
@@ -989,28 +1001,24 @@ def plot_tradeoff(results: dict, png: Path) -> None:
 FLAGS = {
     "models": [
         ("--base", "toy", "base model: 'toy', a local HF dir or a hub id (loaded once)", {}),
-        ("--checkpoint", [], "a run dir (global_step_<k>/ or TRL checkpoint-<k>/ inside) or one checkpoint dir; repeatable", {}),
+        ("--checkpoint", [], "a run dir (global_step_<k>/, checkpoint-<k>/) or one checkpoint dir; repeatable", {}),
         ("--label", [], "display label per --checkpoint (default from the method)", {}),
         ("--dtype", None, "float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)", {}),
         ("--device", None, "cpu | cuda (default: cuda when available)", {})],
     "paths": [
         ("--grid", "0:1:0.1", "alpha grid START:STOP:STEP (stop included) or a comma list", {}),
-        ("--paths", "auto", "comma list of factor,dense; auto = the method's (default_paths)", {}),
-        ("--generator-map", "sqrt", "OFT generator path Q(a) = sqrt(a) Q (DEVIATION 1) or a Q",
-         dict(dest="gen_map", choices=["sqrt", "linear"])),
-        ("--max-train-points", 0, "evaluate at most this many training checkpoints (evenly spaced, final kept); 0 = all", {})],
+        ("--generator-map", "sqrt", "OFT Q(a) = sqrt(a) Q (DEVIATION 1) or a Q", dict(dest="gen_map", choices=["sqrt", "linear"])),
+        ("--max-train-points", 0, "at most this many training checkpoints (evenly spaced, final kept); 0 = all", {})],
     "layer-wise rewinding": [
         ("--rewind", [], "saferho | minrho | uniform=A (repeatable)", {}),
-        ("--rho", None, "module strength (DEVIATION 4): q = ||Q||_F, r_minus_i = ||R-I||_F, dw = ||dW||_F",
-         dict(choices=list(RHO_MEASURES))),
+        ("--rho", None, "module strength (DEVIATION 4); default: the method's first", dict(choices=list(RHO_MEASURES))),
         ("--safe-layers", SAFE_RHO_LAYERS, "SafeRho: average over the first K layers", {}),
-        ("--rewind-map", "linear", "apply c_l as c_l Q (linear) or sqrt(c_l) Q", dict(choices=["linear", "sqrt"])),
-        ("--factor-rule", "ratio", "c_l = tau/rho_l (ratio) or bisection to rho_l = tau (solve)", dict(choices=["ratio", "solve"])),
+        ("--rewind-map", "linear", "apply c_l as c_l Q or sqrt(c_l) Q (DEVIATION 5)", dict(choices=["linear", "sqrt"])),
+        ("--factor-rule", "ratio", "c_l = tau/rho_l, or solve rho_l(c_l) = tau (DEVIATION 5)", dict(choices=["ratio", "solve"])),
         ("--no-cap", False, "allow c_l > 1 (strengthen weak layers)", {})],
     "evaluation": [
-        ("--eval", None, "real = the paper's suites (evaluate.py, one vLLM engine); toy = evaluate_toy (toy base "
-         "only); none = only build/save points. Default: toy for --base toy, real otherwise",
-         dict(choices=["toy", "real", "none"])),
+        ("--eval", None, "real = the paper's suites; toy = evaluate_toy (toy base only); none = only build/save "
+         "points. Default: toy for --base toy, real otherwise (note 10)", dict(choices=["toy", "real", "none"])),
         ("--domain", "math", "target domain", dict(choices=["math", "med"])),
         ("--suite", None, "--eval real: one suite (default: the domain's + general)", dict(choices=["math", "med", "general", "all"])),
         ("--data-dir", "data", "--eval real: root of the benchmark files (evaluate.py)", {}),
@@ -1027,15 +1035,14 @@ FLAGS = {
         ("--families", None, "toy families (default all five)", dict(nargs="*")),
         ("--batch-size", 64, "prompts per generate() call", {}),
         ("--seed", 0, "toy item / generation seed", {}),
-        ("--eval-form", "merged", "score adapter points merged (note 14) or through the wrappers", dict(choices=["merged", "adapter"])),
+        ("--eval-form", "merged", "score adapter points merged (note 14) or through the adapter", dict(choices=["merged", "adapter"])),
         ("--sv-distortion", False, "also record the singular-value distortion vs W0 at every point", {})],
     "operating point, overshoot and output": [
         ("--select", [], "keep-target=X | sum | pareto; repeatable, the first is plotted (default keep-target=80)", {}),
         ("--overshoot-general", 5.0, "points of general above the final checkpoint (note 13)", {}),
         ("--overshoot-target-keep", 80.0, "percent of the final target gain kept (note 13)", {}),
         ("--out", None, "output dir", {}),
-        ("--save", "selected", "points saved as checkpoints: rewinds + selected, or every grid point",
-         dict(choices=["none", "selected", "all"])),
+        ("--save", "selected", "checkpoints: rewinds + selected point, or every grid point", dict(choices=["none", "selected", "all"])),
         ("--threads", None, "torch CPU threads", dict(type=int)),
         ("--progress", False, "generation progress bars", {}),
         ("--smoke", False, "random tiny model + synthetic 2-checkpoint LoRA run, 3-point grid (< 1 min, CPU)", {})],
