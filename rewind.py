@@ -920,7 +920,7 @@ def write_outputs(results: dict, cfg: dict, out: Path, log=print) -> None:
                 f"YES at {_where(w)} (general +{w['general_over_final']:.2f}, target gain kept "
                 f"{100 * w['target_gain_kept']:.0f}%)" if w and w.get("target_gain_kept") is not None
                 else "YES" if o["overshoot"] else "no") + (" (vacuous: no target gain)" if o.get("vacuous") else ""))
-    log(f"[rewind] wrote {out / 'results.json'}, results.csv, summary.md and tradeoff.png")
+    log(f"[rewind] wrote {out / 'results.json'} and results.csv (summary.md, tradeoff.png when scored)")
 
 
 def summary_markdown(res: dict, cfg: dict) -> str:
