@@ -281,6 +281,9 @@ def test_added_method_without_rewind_knowledge_gets_the_dense_path(tiny_random, 
     assert torch.equal(logits(model), base)
     rw.rewind_point(runner, rw.parse_rewind("uniform=0"))
     assert torch.equal(logits(model), base)
+    info = rw.rewind_point(runner, rw.parse_rewind("minrho"))   # rho = ||dW||_F along the dense path
+    after = list(info["rho_after"].values())
+    assert info["measure"] == "dw" and max(after) - min(after) <= 1e-5 * max(after)
     with pytest.raises(ValueError, match="no factor path"):
         rw.set_factor(runner, 0.5)
     rw.close_run(runner)
