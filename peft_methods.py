@@ -505,7 +505,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def rewind_strength(self, new: dict[str, torch.Tensor], measure: str, W0: torch.Tensor) -> float:
         """Strength rho of this module with its adapter tensors at `new` (a factor point):
-        ||W - W0||_F (measure "dw", every method; rewind Deviation 8). OFT adds its own measures."""
+        ||W - W0||_F (measure "dw", every method; rewind.py note 8). OFT adds its own measures."""
         return float(torch.linalg.norm(self.merged_weight_at(new) - W0))
 
     def finalize_init(self) -> None:

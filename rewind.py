@@ -303,8 +303,7 @@ def overshoot_check(points: list[dict], *, base: dict, final: dict, general_marg
                           "target_gain_kept": (w["target"] - base["target"]) / gain if gain else None}
     if best is not None:
         out["best_general_point"] = {k: best.get(k) for k in ("alpha", "step", "target", "general")}
-    out["vacuous"] = gain <= 0
-    if gain <= 0:
+    if out.setdefault("vacuous", gain <= 0):
         out["note"] = (f"the final checkpoint has no target gain over the base ({gain:+.2f}); the 'keep 80% of "
                        "the gain' condition is vacuous, so the verdict says little")
     return out
@@ -446,7 +445,7 @@ def _fill_dense(run: dict, alpha: float | None = None, layer_alphas: dict | None
 def set_factor(run: dict, alpha: float = 1.0, *, layer_alphas: dict | None = None, gen_map: str = "sqrt") -> None:
     """Factor-path point alpha (or per-layer alpha_l): the class's factor_point moves the adapter's tensors."""
     if not has_factor_path(run["method"]):
-        raise ValueError(f"no factor path is defined for method {run['method']!r}; use --paths dense")
+        raise ValueError(f"no factor path is defined for method {run['method']!r} (its class names no factor_tensors); use the dense path")
     _final_tensors(run)
     _show(run, dense=False)
     with torch.no_grad():
@@ -694,9 +693,8 @@ def make_real_evaluator(cfg: dict, *, cache_root=None):
                                               batch_size=cfg["batch_size"], seed=cfg["seed"], backend=backend,
                                               cache_dir=Path(cache_root) / tag if (cache_root and tag) else None,
                                               vllm_llm=llm, overrides=ov, progress=cfg["progress"])
-        res = evaluate.summarize_suite(bench, domain=cfg["domain"], base_general=base_general)
-        res.setdefault("target_score", None)
-        res.setdefault("general_score", None)
+        res = {"target_score": None, "general_score": None,
+               **evaluate.summarize_suite(bench, domain=cfg["domain"], base_general=base_general)}
         res.update(families={n: {"score": b["score"]} for n, b in bench.items()}, backend=backend,
                    seconds=round(time.time() - t0, 2))
         return res
