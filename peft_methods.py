@@ -493,6 +493,19 @@ class AdapterLinear(nn.Module):
             own[k].copy_(v)
         return W
 
+    # ---- rewinding (h-rewind): what rewind.py asks a method's class, nothing else in this file uses it
+    @classmethod
+    def has_factor_path(cls) -> bool:
+        """True when the method's own tensors define a factor path (it names `factor_tensors` or
+        overrides `factor_point`); False: its only rewinding path is the dense W0 + alpha dW."""
+        return bool(cls.factor_tensors) or cls.factor_point.__func__ is not AdapterLinear.factor_point.__func__
+
+    @torch.no_grad()
+    def rewind_strength(self, new: dict[str, torch.Tensor], measure: str, W0: torch.Tensor) -> float:
+        """Strength rho of this module with its adapter tensors at `new` (a factor point):
+        ||W - W0||_F (measure "dw", every method; rewind.py note 8). OFT adds its own measures."""
+        return float(torch.linalg.norm(self.merged_weight_at(new) - W0))
+
     def finalize_init(self) -> None:
         """Called by apply_peft once every wrapper is built (PiSSA writes its residual base here)."""
 
@@ -1080,6 +1093,21 @@ class OftLinear(AdapterLinear):
 
     def merged_weight_at(self, new):
         return self.merged_weight_from(new["oft_q"])
+
+    # ---- rewinding (h-rewind): rho of one OFT module, rewind Deviation 4
+    @torch.no_grad()
+    def rewind_strength(self, new, measure, W0):
+        """measure "q": ||Q||_F of the module's whole block-diagonal generator; "r_minus_i": ||R - I||_F
+        of its rotation; "dw" as every method. A shared block (rows = 1) stands for all n blocks."""
+        if measure == "dw":
+            return super().rewind_strength(new, measure, W0)
+        q, b = new["oft_q"].float(), self.block_size                   # (rows, b(b-1)/2)
+        if measure == "q":
+            sq = skew_from_triu(q, b).pow(2).sum()                       # Q (rows, b, b)
+        else:
+            R = oft_rotation(q, b, use_cayley_neumann=self.cfg.use_cayley_neumann, num_terms=self.cfg.num_terms)
+            sq = (R - torch.eye(b, dtype=R.dtype, device=R.device)).pow(2).sum()
+        return math.sqrt(float(sq) * (self.n_blocks / q.shape[0]))
 
     def __init__(self, base_layer, cfg: OftConfig, *, name, dtype, ctx=None, init=True):
         super().__init__(base_layer, cfg, name=name, dtype=dtype)

@@ -108,7 +108,7 @@ def test_lerp_exact_endpoints_and_reference():
     assert torch.equal(rw.lerp_exact(W0, W1, 0.0), W0)
     assert torch.equal(rw.lerp_exact(W0, W1, 1.0), W1)
     for a in (0.1, 0.37, 0.5, 0.9):   # agrees with the plain additive formula W0 + a dW
-        torch.testing.assert_close(rw.lerp_exact(W0, W1, a), rw.additive_point(W0, W1 - W0, a), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rw.lerp_exact(W0, W1, a), W0 + a * (W1 - W0), rtol=1e-6, atol=1e-6)
 
 
 def test_generator_coefficient():
@@ -206,31 +206,31 @@ def test_endpoints_are_base_and_final(method, tiny_random, tmp_path):
     base = logits(model)
     final, merged = final_reference(ckpt), merged_reference(ckpt)
     assert (final - base).abs().max() > 1e-3          # the adapter really changes the model
-    runner = rw.PathRunner(model, tok, ckpt)
-    runner.set_base()
+    runner = rw.open_run(model, tok, ckpt)
+    rw.set_dense(runner, 0.0)
     assert torch.equal(logits(model), base), "dense alpha = 0 must be the base model bit for bit"
-    runner.set_final()
+    rw.set_final(runner)
     assert torch.equal(logits(model), final), "alpha = 1 must be the final checkpoint bit for bit"
-    runner.set_dense(1.0)
+    rw.set_dense(runner, 1.0)
     assert torch.equal(logits(model), merged), "dense alpha = 1 must be the merged final model"
     torch.testing.assert_close(logits(model), final, rtol=1e-4, atol=1e-4)
-    runner.set_dense(0.0)
+    rw.set_dense(runner, 0.0)
     assert torch.equal(logits(model), base)
     if rw.has_factor_path(method):
-        runner.set_factor(0.0)
+        rw.set_factor(runner, 0.0)
         if method in ("pissa", "milora"):
             # residual base W0 - s B0 A0 is stored rounded: equal to fp32 rounding only (Deviation 2)
             torch.testing.assert_close(logits(model), base, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(logits(model), base), "factor alpha = 0 must be the base model bit for bit"
-        runner.set_factor(1.0)
+        rw.set_factor(runner, 1.0)
         assert torch.equal(logits(model), final)
-        runner.set_factor(0.5)
+        rw.set_factor(runner, 0.5)
         adapter_form = logits(model)
-        runner.bake()                      # merged-weight evaluation form (Deviation 14)
-        assert runner.mode == "dense"
+        rw.bake(runner)                      # merged-weight evaluation form (Deviation 14)
+        assert runner["mode"] == "dense"
         torch.testing.assert_close(logits(model), adapter_form, rtol=1e-4, atol=1e-4)
-    assert runner.close() is model
+    assert rw.close_run(runner) is model
     assert not pm.adapter_layers(model) and pm.peft_state(model) is None
     assert torch.equal(logits(model), base), "close() must give the exact base model back"
 
@@ -243,22 +243,22 @@ def test_every_method_has_a_rewind_path(method, tiny_random, tmp_path):
     model, tok = tiny_random
     base = logits(model)
     final, merged = final_reference(ckpt), merged_reference(ckpt)
-    runner = rw.PathRunner(model, tok, ckpt)
-    assert rw.path_label(method, "dense") and runner.default_measure() in rw.RHO_MEASURES
+    runner = rw.open_run(model, tok, ckpt)
+    assert rw.path_label(method, "dense") and (rw.layer_class(method) or pm.AdapterLinear).rho_measures[0] in rw.RHO_MEASURES
     for path in rw.default_paths(method):
         assert rw.path_label(method, path)
-        runner.set_path(path, 1.0)
+        rw.set_path(runner, path, 1.0)
         assert torch.equal(logits(model), final if path == "factor" else merged)
-        runner.set_path(path, 0.0)
+        rw.set_path(runner, path, 0.0)
         torch.testing.assert_close(logits(model), base, rtol=1e-5, atol=1e-5)
-    runner.rewind(rw.parse_rewind("uniform=1"))
+    rw.rewind_point(runner, rw.parse_rewind("uniform=1"))
     torch.testing.assert_close(logits(model), final, rtol=1e-4, atol=1e-4)
-    runner.rewind(rw.parse_rewind("uniform=0"))
+    rw.rewind_point(runner, rw.parse_rewind("uniform=0"))
     if method != "full":   # Full FT's embeddings, norms and head sit outside the layers and stay at 1
         torch.testing.assert_close(logits(model), base, rtol=1e-5, atol=1e-5)
-    info = runner.rewind(rw.parse_rewind("minrho"))
+    info = rw.rewind_point(runner, rw.parse_rewind("minrho"))
     assert max(info["factors"].values()) <= 1.0
-    runner.close()
+    rw.close_run(runner)
 
 
 class _ScaleLinear(pm.LoraLinear):
@@ -274,16 +274,19 @@ def test_added_method_without_rewind_knowledge_gets_the_dense_path(tiny_random, 
     ckpt = make_checkpoint(tmp_path, "toyscale", r=4, alpha=8, dropout=0.0)
     model, tok = tiny_random
     base, final = logits(model), final_reference(ckpt)
-    runner = rw.PathRunner(model, tok, ckpt)
-    runner.set_final()
+    runner = rw.open_run(model, tok, ckpt)
+    rw.set_final(runner)
     assert torch.equal(logits(model), final)
-    runner.set_dense(0.0)
+    rw.set_dense(runner, 0.0)
     assert torch.equal(logits(model), base)
-    runner.rewind(rw.parse_rewind("uniform=0"))
+    rw.rewind_point(runner, rw.parse_rewind("uniform=0"))
     assert torch.equal(logits(model), base)
+    info = rw.rewind_point(runner, rw.parse_rewind("minrho"))   # rho = ||dW||_F along the dense path
+    after = list(info["rho_after"].values())
+    assert info["measure"] == "dw" and max(after) - min(after) <= 1e-5 * max(after)
     with pytest.raises(ValueError, match="no factor path"):
-        runner.set_factor(0.5)
-    runner.close()
+        rw.set_factor(runner, 0.5)
+    rw.close_run(runner)
 
 
 # -----------------------------------------------------------------------------
@@ -293,13 +296,13 @@ def test_added_method_without_rewind_knowledge_gets_the_dense_path(tiny_random, 
 def test_factor_path_vs_dense_path(method, tiny_random, tmp_path):
     ckpt = make_checkpoint(tmp_path, method, scale=4.0)
     model, tok = tiny_random
-    runner = rw.PathRunner(model, tok, ckpt)
+    runner = rw.open_run(model, tok, ckpt)
     a = 0.3
-    runner.set_factor(a)
-    Wf = {n: l.merged_weight().detach() for n, l in runner.layers.items()}
+    rw.set_factor(runner, a)
+    Wf = {n: l.merged_weight().detach() for n, l in runner["layers"].items()}
     lf = logits(model)
-    runner.set_dense(a)
-    Wd = {n: runner._dense[n].weight.float().clone() for n in runner.layers}
+    rw.set_dense(runner, a)
+    Wd = {n: runner["dense"][n].weight.float().clone() for n in runner["layers"]}
     ld = logits(model)
     diff = max(float((Wf[n] - Wd[n]).abs().max()) for n in Wf)
     if pm.METHODS[method].layer.factor_is_dense:
@@ -311,13 +314,13 @@ def test_factor_path_vs_dense_path(method, tiny_random, tmp_path):
     else:
         assert method in ("pissa", "milora"), f"{method}: add its factor-vs-dense relation here"
         # PiSSA: s B(a) A(a) - [s B0 A0 + a s (BA - B0A0)] = (a^2 - a) s (B - B0)(A - A0), exactly
-        for n, layer in runner.layers.items():
-            ft = runner.ft[n]
+        for n, layer in runner["layers"].items():
+            ft = runner["ft"][n]
             dB, dA = ft["lora_B"] - ft["lora_B0"], ft["lora_A"] - ft["lora_A0"]
             expect = (a * a - a) * layer.scaling * (dB @ dA)
             torch.testing.assert_close(Wf[n] - Wd[n], expect, rtol=1e-3, atol=1e-5)
         assert diff > 1e-4
-    runner.close()
+    rw.close_run(runner)
 
 
 @pytest.mark.parametrize("method", [m for m in ALL_METHODS if rw.has_factor_path(m) and pm.METHODS[m].layer.factor_is_dense])
@@ -328,7 +331,7 @@ def test_factor_point_matches_peft_scale_update(method, tiny_random, tmp_path):
     pm.load_adapter(model, ckpt)
     for name, layer in pm.adapter_layers(model).items():
         ft = {k: v.detach().clone() for k, v in rw._own_tensors(layer).items()}
-        new = rw.factor_point(method, ft, 0.35, W0=layer.base_layer.weight)
+        new = pm.METHODS[method].layer.factor_point(ft, 0.35, W0=layer.base_layer.weight)
         pm.scale_update_(layer, 0.35)
         own = rw._own_tensors(layer)
         for k, v in new.items():
@@ -342,29 +345,30 @@ def test_oft_generator_path_keeps_singular_values(tiny_random, tmp_path):
     # exact Cayley: R exactly orthogonal, so W0 blockdiag(R)^T has W0's singular values
     ckpt = make_checkpoint(tmp_path, "oft", scale=6.0, use_cayley_neumann=False)
     model, tok = tiny_random
-    runner = rw.PathRunner(model, tok, ckpt)
-    s0 = {n: torch.linalg.svdvals(runner._W0(n)) for n in runner.layers}
+    runner = rw.open_run(model, tok, ckpt)
+    s0 = {n: torch.linalg.svdvals(rw._W0(runner, n)) for n in runner["layers"]}
     dense_dist = []
     for a in (0.1, 0.3, 0.5, 0.7, 1.0):
-        runner.set_factor(a)
-        for n, layer in runner.layers.items():
+        rw.set_factor(runner, a)
+        for n, layer in runner["layers"].items():
             s = torch.linalg.svdvals(layer.merged_weight())
             torch.testing.assert_close(s, s0[n], rtol=2e-5, atol=2e-5 * float(s0[n][0]))
         # the scaled generator really is sqrt(a) * q
-        n0 = next(iter(runner.layers))
-        torch.testing.assert_close(runner.layers[n0].oft_q, runner.ft[n0]["oft_q"] * math.sqrt(a))
-        runner.set_dense(a)
-        dense_dist.append(max(rw.singular_value_distortion(runner._W0(n), runner._dense[n].weight)
-                              for n in runner.layers))
+        n0 = next(iter(runner["layers"]))
+        torch.testing.assert_close(runner["layers"][n0].oft_q, runner["ft"][n0]["oft_q"] * math.sqrt(a))
+        rw.set_dense(runner, a)
+        dense_dist.append(max(rw.singular_value_distortion(rw._W0(runner, n), runner["dense"][n].weight)
+                              for n in runner["layers"]))
     # the dense path leaves the orthogonal manifold in the middle (the bump of teaser-1.png) ...
     assert max(dense_dist[:4]) > 1e-3
     assert dense_dist[-1] < 1e-5             # ... and is back on it only at alpha = 1
     # the reference formula agrees with the wrapper
-    n0, l0 = next(iter(runner.layers.items()))
-    runner.set_factor(0.3)
-    ref = rw.oft_generator_path_weight(runner._W0(n0), runner.ft[n0]["oft_q"], 0.3, 16, use_cayley_neumann=False)
+    n0, l0 = next(iter(runner["layers"].items()))
+    rw.set_factor(runner, 0.3)
+    R = pm.oft_rotation(runner["ft"][n0]["oft_q"].float() * math.sqrt(0.3), 16, use_cayley_neumann=False)   # (n, b, b)
+    ref = pm.oft_merge_reference(rw._W0(runner, n0), R)          # W0 blockdiag(R(0.3))^T
     torch.testing.assert_close(l0.merged_weight(), ref, rtol=1e-5, atol=1e-6)
-    runner.close()
+    rw.close_run(runner)
 
 
 def test_oft_generator_path_neumann_is_nearly_isospectral(tiny_random, tmp_path):
@@ -372,16 +376,16 @@ def test_oft_generator_path_neumann_is_nearly_isospectral(tiny_random, tmp_path)
     keeps the spectrum to O(||Q||^5), far better than the dense path."""
     ckpt = make_checkpoint(tmp_path, "oft", scale=0.2)
     model, tok = tiny_random
-    runner = rw.PathRunner(model, tok, ckpt)
-    runner.set_factor(0.5)
-    gen = runner.sv_distortion()
-    runner.set_dense(0.5)
-    dense = runner.sv_distortion()
+    runner = rw.open_run(model, tok, ckpt)
+    rw.set_factor(runner, 0.5)
+    gen = rw.sv_distortion(runner)
+    rw.set_dense(runner, 0.5)
+    dense = rw.sv_distortion(runner)
     assert gen < 1e-5 and dense > 100 * gen
-    runner.set_factor(0.5, gen_map="linear")            # the alpha * Q option
-    torch.testing.assert_close(next(iter(runner.layers.values())).oft_q,
-                               next(iter(runner.ft.values()))["oft_q"] * 0.5)
-    runner.close()
+    rw.set_factor(runner, 0.5, gen_map="linear")            # the alpha * Q option
+    torch.testing.assert_close(next(iter(runner["layers"].values())).oft_q,
+                               next(iter(runner["ft"].values()))["oft_q"] * 0.5)
+    rw.close_run(runner)
 
 
 # -----------------------------------------------------------------------------
@@ -390,23 +394,23 @@ def test_oft_generator_path_neumann_is_nearly_isospectral(tiny_random, tmp_path)
 def test_minrho_equalises_rho_and_saferho(tiny_random, tmp_path):
     ckpt = make_checkpoint(tmp_path, "oft", layer_scale=lambda l: 1.0 + l)   # later layers rotate more
     model, tok = tiny_random
-    runner = rw.PathRunner(model, tok, ckpt)
-    rho = runner.layer_rhos("q")
+    runner = rw.open_run(model, tok, ckpt)
+    rho = rw.layer_rhos(runner, "q")
     assert sorted(rho) == [0, 1, 2, 3] and rho[3] > 2 * rho[0]
-    info = runner.rewind(rw.parse_rewind("minrho"))
+    info = rw.rewind_point(runner, rw.parse_rewind("minrho"))
     after = list(info["rho_after"].values())
     assert max(after) - min(after) <= 1e-6 * max(after), f"MinRho must make rho equal across layers: {after}"
     assert max(info["factors"].values()) <= 1.0 and info["factors"][0] == 1.0
-    for n, layer in runner.layers.items():   # the model really holds c_l * q
+    for n, layer in runner["layers"].items():   # the model really holds c_l * q
         c = info["factors"][rw.layer_index(n)]
-        torch.testing.assert_close(layer.oft_q, runner.ft[n]["oft_q"] * c)
+        torch.testing.assert_close(layer.oft_q, runner["ft"][n]["oft_q"] * c)
     # ||R - I||_F with bisection: equal too (ratio would only be approximate for this measure)
-    info = runner.rewind(rw.parse_rewind("minrho"), measure="r_minus_i", factor_rule="solve")
+    info = rw.rewind_point(runner, rw.parse_rewind("minrho"), measure="r_minus_i", factor_rule="solve")
     after = list(info["rho_after"].values())
     assert max(after) - min(after) <= 1e-5 * max(after)
     assert max(info["factors"].values()) <= 1.0
     # SafeRho on 4 layers: tau = mean of all 4, layers below it untouched, above it brought to tau
-    info = runner.rewind(rw.parse_rewind("saferho"))
+    info = rw.rewind_point(runner, rw.parse_rewind("saferho"))
     assert "note" in info and math.isclose(info["tau"], sum(rho.values()) / 4, rel_tol=1e-9)
     for l, c in info["factors"].items():
         assert c <= 1.0
@@ -415,11 +419,11 @@ def test_minrho_equalises_rho_and_saferho(tiny_random, tmp_path):
         else:
             assert math.isclose(info["rho_after"][l], info["tau"], rel_tol=1e-6)
     # uniform=0.4 is the generator-path point alpha = 0.4
-    runner.rewind(rw.parse_rewind("uniform=0.4"))
+    rw.rewind_point(runner, rw.parse_rewind("uniform=0.4"))
     lu = logits(model)
-    runner.set_factor(0.4)
+    rw.set_factor(runner, 0.4)
     assert torch.equal(lu, logits(model))
-    runner.close()
+    rw.close_run(runner)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -427,21 +431,21 @@ def test_rewind_additive_method_dw_measure(method, tiny_random, tmp_path):
     """Extension (Deviation 8): LoRA / Full FT rewinding with rho = ||dW||_F equalises rho under MinRho."""
     ckpt = make_checkpoint(tmp_path, method)
     model, tok = tiny_random
-    runner = rw.PathRunner(model, tok, ckpt)
-    info = runner.rewind(rw.parse_rewind("minrho"))
+    runner = rw.open_run(model, tok, ckpt)
+    info = rw.rewind_point(runner, rw.parse_rewind("minrho"))
     after = list(info["rho_after"].values())
     assert info["measure"] == "dw" and max(after) - min(after) <= 1e-5 * max(after)
     assert max(info["factors"].values()) <= 1.0
     # the model really sits at the per-layer points c_l
-    for n, W0, W in runner.module_weights():
+    for n, W0, W in rw.module_weights(runner):
         c = info["factors"][rw.layer_index(n)]
         if method == "full":     # every weight of layer l is lerp(W0, W_ft, c_l)
-            torch.testing.assert_close(W, rw.lerp_exact(W0, runner.W1[n], c), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(W, rw.lerp_exact(W0, runner["W1"][n], c), rtol=1e-6, atol=1e-7)
         else:                    # B <- c_l B
-            torch.testing.assert_close(runner.layers[n].lora_B, runner.ft[n]["lora_B"] * c)
+            torch.testing.assert_close(runner["layers"][n].lora_B, runner["ft"][n]["lora_B"] * c)
     with pytest.raises(ValueError, match="OFT only"):
-        runner.rewind(rw.parse_rewind("minrho"), measure="q")
-    runner.close()
+        rw.rewind_point(runner, rw.parse_rewind("minrho"), measure="q")
+    rw.close_run(runner)
 
 
 # -----------------------------------------------------------------------------
@@ -491,12 +495,12 @@ def test_grid_reuses_one_model_and_writes_outputs(tmp_path):
     assert (ad / pm.CONFIG_FILE).exists() and (md / "config.json").exists() and not (md / pm.CONFIG_FILE).exists()
     m1, tok = build_random_toy_model(seed=0)
     pm.load_adapter(m1, ad)
-    r = rw.PathRunner(*build_random_toy_model(seed=0), tmp_path / "oft_run" / "global_step_2")
-    r.set_factor(0.5)
-    assert torch.equal(logits(m1.eval()), logits(r.model))
-    r.set_dense(0.5)
+    r = rw.open_run(*build_random_toy_model(seed=0), tmp_path / "oft_run" / "global_step_2")
+    rw.set_factor(r, 0.5)
+    assert torch.equal(logits(m1.eval()), logits(r["model"]))
+    rw.set_dense(r, 0.5)
     m2, _ = load_model(str(md), dtype="float32", device="cpu")
-    assert torch.equal(logits(m2), logits(r.model))
+    assert torch.equal(logits(m2), logits(r["model"]))
     assert geometry.read_checkpoint_info(ad)["kind"] == "adapter"
     assert geometry.read_checkpoint_info(md)["kind"] == "hf"
     assert (pdir / "rewind_minrho" / pm.CONFIG_FILE).exists()
@@ -530,15 +534,15 @@ def test_training_checkpoints_swap_in_place(tiny_random, tmp_path):
     for step in (1, 2):
         make_checkpoint(tmp_path, "pissa", step=step, scale=step)
     model, tok = tiny_random
-    runner = rw.PathRunner(model, tok, tmp_path / "pissa_run" / "global_step_2")
+    runner = rw.open_run(model, tok, tmp_path / "pissa_run" / "global_step_2")
     final = logits(model)
-    runner.set_checkpoint(tmp_path / "pissa_run" / "global_step_1")
+    rw.set_checkpoint(runner, tmp_path / "pissa_run" / "global_step_1")
     torch.testing.assert_close(logits(model), final_reference(tmp_path / "pissa_run" / "global_step_1"))
-    runner.set_final()
+    rw.set_final(runner)
     assert torch.equal(logits(model), final)
     with pytest.raises(ValueError, match="not from the same run"):
-        runner.set_checkpoint(make_checkpoint(tmp_path, "lora"))
-    runner.close()
+        rw.set_checkpoint(runner, make_checkpoint(tmp_path, "lora"))
+    rw.close_run(runner)
 
 
 def test_toy_evaluator_end_to_end(tiny_random, tmp_path):
