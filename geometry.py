@@ -847,15 +847,21 @@ def plot_erank_layers(plt, metrics_list: list[dict]):
     return fig
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (optional package: imported when plotting)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:
     """summary.json, correlations and plots (matplotlib, Agg backend) from per-checkpoint metrics."""
     rows = [summary_row(m) for m in metrics_list]
     loading.atomic_write_json(out_dir / "summary.json", rows)
     write_correlations(rows, out_dir)
     if plots:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
         for fn, name in ((plot_spectral_profiles, "spectral_profiles.png"),
                          (plot_erank_layers, "erank_layers.png")):
             fig = fn(plt, metrics_list)

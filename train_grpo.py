@@ -65,7 +65,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import shutil
 import sys
 import time

@@ -98,7 +98,7 @@ def test_sft_data_errors_come_before_the_model(tmp_path, no_model):
 
 def test_grpo_key_flags_and_data_errors_before_the_model(tmp_path, no_model):
     data = _parquet(tmp_path / "deepscaler.parquet", DEEPSCALER)
-    with pytest.raises(ValueError, match=r"deepscaler\.parquet row 0: needs 'prompt'.*--answer-key.*'problem'"):
+    with pytest.raises(ValueError, match=r"deepscaler\.parquet: row 0: needs 'prompt'.*--answer-key.*'problem'"):
         tg.load_rl_rows(tg.resolve_config({"data": data}))
     rows, domain = tg.load_rl_rows(tg.resolve_config({"data": data, "prompt_key": "problem", "answer_key": "answer"}))
     assert [(r["prompt"], r["answer"]) for r in rows] == [(r["problem"], r["answer"]) for r in DEEPSCALER]
