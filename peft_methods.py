@@ -438,8 +438,13 @@ class AdapterLinear(nn.Module):
         """fp32 W0 (the weight before finetuning)."""
         return self.base_layer.weight.float()
 
-    def merged_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def additive_update(self) -> torch.Tensor:
+        """fp32 dW of a method whose update adds to the frozen weight (W' = W0 + dW); a method whose
+        update does not add (DoRA rescales columns, IA3 scales, OFT rotates) overrides merged_weight."""
+        raise NotImplementedError(f"{self.method}: define additive_update or merged_weight")
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.float() + self.additive_update()
 
     def merged_bias(self) -> torch.Tensor | None:
         b = self.base_layer.bias
@@ -449,12 +454,17 @@ class AdapterLinear(nn.Module):
         return self.merged_weight() - self.original_weight()
 
     def unmerge_weight(self, W_merged: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.method}: unmerge is not defined")
+        return W_merged.float() - self.additive_update()
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.merged_weight(), self.merged_bias())
 
     def scale_update_(self, c: float) -> None:
+        """dW -> c dW in place, when dW is linear in the one tensor named in `factor_tensors`."""
+        if len(self.factor_tensors) == 1 and self.factor_is_dense:
+            with torch.no_grad():
+                getattr(self, self.factor_tensors[0]).mul_(c)
+            return
         raise NotImplementedError(
             f"{self.method}: dW is not linear in one adapter tensor, so it cannot be scaled in factor form; "
             f"use W0 + c * delta_weight(layer) (module '{self.name}')")
@@ -569,16 +579,9 @@ class LoraLinear(AdapterLinear):
         # view costs CopySlices / AsStrided buffers in backward (measured with tests/bench_peft.py)
         return result + self.lora_branch(x).to(result.dtype)
 
-    def merged_weight(self):
-        # W' = W + s B A (Hu et al. 2021)
-        return self.base_layer.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
-
-    def unmerge_weight(self, W_merged):
-        return W_merged.float() - self.scaling * (self.lora_B.float() @ self.lora_A.float())
-
-    def scale_update_(self, c):
-        with torch.no_grad():
-            self.lora_B.mul_(c)                                           # dW = s B A is linear in B
+    def additive_update(self):
+        # W' = W + s B A (Hu et al. 2021); linear in B, so scale_update_ scales lora_B
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
 
 # ---- DoRA (Liu et al. 2024) ----------------------------------------------------------------------
@@ -637,17 +640,14 @@ class DoraLinear(LoraLinear):
 
     def merged_weight(self):
         W = self.base_layer.weight.float()
-        V = W + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        V = W + self.additive_update()
         return (self.magnitude.float() / row_norm(V))[:, None] * V
 
     def unmerge_weight(self, W_merged):
         W = self.base_layer.weight.float()
-        dW = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        dW = self.additive_update()
         g = self.magnitude.float() / row_norm(W + dW)
         return W_merged.float() / g[:, None] - dW
-
-    def scale_update_(self, c):
-        AdapterLinear.scale_update_(self, c)
 
 
 # ---- PiSSA and MiLoRA (Meng et al. 2024; Wang et al. 2024) ---------------------------------------
@@ -722,9 +722,6 @@ class PissaLinear(LoraLinear):
         # fp32 residual from the stored factors, cast once (PEFT: W_res in fp32 then cast)
         with torch.no_grad():
             self.base_layer.weight.copy_((W0 - self.initial_update()).to(self.base_layer.weight.dtype))
-
-    def scale_update_(self, c):
-        AdapterLinear.scale_update_(self, c)
 
 
 class MiloraLinear(PissaLinear):
@@ -866,18 +863,8 @@ class AdaLoraLinear(AdapterLinear):
         AE = self.lora_A * self.lora_E * (self.scaling / (self.ranknum + 1e-5))    # (r, d_in)
         return F.linear(F.linear(xa, AE), self.lora_B)                             # (..., r) -> (..., d_out)
 
-    def _update(self):
+    def additive_update(self):
         return (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())) * self.scaling / (self.ranknum.float() + 1e-5)
-
-    def merged_weight(self):
-        return self.base_layer.weight.float() + self._update()
-
-    def unmerge_weight(self, W_merged):
-        return W_merged.float() - self._update()
-
-    def scale_update_(self, c):
-        with torch.no_grad():
-            self.lora_E.mul_(c)
 
 
 # ---- VeRA (Kopiczko et al. 2024) -----------------------------------------------------------------
@@ -947,19 +934,9 @@ class VeraLinear(AdapterLinear):
         # (folding the vectors into A and B instead is slower: it needs dense (r, d_in) gradients)
         return self.lambda_b * F.linear(self.lambda_d * h, B.to(h.dtype))   # (..., d_out)
 
-    def _update(self):
+    def additive_update(self):
         A, B = self._AB()
         return (self.lambda_b.float()[:, None] * B.float()) @ (self.lambda_d.float()[:, None] * A.float())
-
-    def merged_weight(self):
-        return self.base_layer.weight.float() + self._update()
-
-    def unmerge_weight(self, W_merged):
-        return W_merged.float() - self._update()
-
-    def scale_update_(self, c):
-        with torch.no_grad():
-            self.lambda_b.mul_(c)
 
 
 # ---- IA3 (Liu et al. 2022) -----------------------------------------------------------------------
@@ -1048,15 +1025,8 @@ class MissLinear(AdapterLinear):
         del xd   # no backward needs the dropped x: free it before the matmul allocates (peak memory)
         return z @ self.miss_D                                       # (..., r) @ (r, d_out)
 
-    def merged_weight(self):
-        return self.base_layer.weight.float() + miss_delta(self.miss_D.float(), self.in_features)
-
-    def unmerge_weight(self, W_merged):
-        return W_merged.float() - miss_delta(self.miss_D.float(), self.in_features)
-
-    def scale_update_(self, c):
-        with torch.no_grad():
-            self.miss_D.mul_(c)
+    def additive_update(self):
+        return miss_delta(self.miss_D.float(), self.in_features)
 
 
 # ---- OFT v2 (Qiu et al. 2025) --------------------------------------------------------------------

@@ -538,21 +538,6 @@ def test_registered_benchmark_joins_suites_scoring_and_the_general_axis(monkeypa
         gr.SCORERS.pop("echo", None)   # (BENCHMARKS is restored by monkeypatch)
 
 
-# The README section's code (until README.md has the section, the same code kept here)
-ADD_A_BENCHMARK = '''
-def load_capitals(name, data_dir=None, path=None, *, allow_hub=False, prompt_dir=None):
-    """Items from JSONL rows {"country": ..., "capital": ...}."""
-    rows = read_rows(name, data_dir, path, allow_hub)    # --path NAME=FILE, else --data-dir/<files>
-    return [make_item(name, i, f"What is the capital of {r['country']}?", r["capital"])
-            for i, r in enumerate(rows)]
-
-
-register_benchmark("capitals", loader=load_capitals, axis="general", aggregate="micro",
-                   scorer=lambda item, response: float(item["gold"].lower() in response.lower()),
-                   max_new_tokens=32, files=["capitals/test.jsonl"], fmt='JSONL rows {"country", "capital"}')
-'''
-
-
 @pytest.mark.slow
 def test_readme_benchmark_pasted_in_is_scored_on_the_general_axis(tmp_path):
     import json
@@ -565,7 +550,9 @@ def test_readme_benchmark_pasted_in_is_scored_on_the_general_axis(tmp_path):
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
     m = re.search(r"^## Add a benchmark\n(.*?)(?=^## )", readme, re.S | re.M)
-    code = "\n\n".join(re.findall(r"```python\n(.*?)```", m.group(1), re.S)) if m else ADD_A_BENCHMARK
+    assert m, "README.md has no '## Add a benchmark' section"
+    code = "\n\n".join(re.findall(r"```python\n(.*?)```", m.group(1), re.S))
+    assert "register_benchmark(" in code
     repo = tmp_path / "repo"
     repo.mkdir()
     for p in root.iterdir():
