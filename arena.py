@@ -4,6 +4,7 @@ run the arena's grids (toy demo, or any model from a config file) and rebuild th
     python arena.py pretrain-toy              # re-create the committed toy base (CPU)
     python arena.py calibrate                 # both-axis scores of the toy base (README table)
     python arena.py demo [--quick]            # the paper's story on the toy world
+    python arena.py findings [--smoke]        # each claim tested over seeds, with intervals
     python arena.py run --config configs/toy_grid.yaml [--validate-only]   # a config grid
     python arena.py report runs/toy-grid [--paper]   # tables + scatter again, from cells/*.json alone
 
@@ -66,6 +67,7 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 
 import evaluate
+import findings
 import geometry
 import loading
 import memory
@@ -1420,6 +1422,9 @@ COMMANDS = {
         ("--allow-hub", dict(action="store_true", help="a hub model id missing from the local HF cache is a "
                              "warning, not an error (load_model then downloads it when the first cell starts)")),
         _THREADS, ("--progress", dict(action="store_true", help="training progress bars (tqdm)"))]),
+    "findings": (lambda args: findings.run(args), "the paper's findings tested over seeds: curves, "
+                 "intervals and a verdict per claim (findings.md; ~1 h on 2 CPU cores, resumable)",
+                 lambda: findings.FLAGS),    # read when the parser is built (findings imports arena)
     "report": (cmd_report, "rebuild results.json/.csv, leaderboard.md and the scatter of a `run` or `demo` "
                "directory from its cells/*.json", [
         ("run_dir", dict(help="a directory written by `arena.py run` or `arena.py demo`")),
@@ -1436,7 +1441,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, (fn, help_, flags) in COMMANDS.items():
         s = sub.add_parser(name, help=help_)
-        for flag, kw in flags:
+        for flag, kw in (flags() if callable(flags) else flags):
             s.add_argument(*((flag,) if isinstance(flag, str) else flag), **kw)
         s.set_defaults(func=fn)
     return p

@@ -16,7 +16,18 @@ Claims (PEFT-Arena §2; ids as in findings.md):
   F3 PiSSA can collapse general ability (more forgetting than LoRA at the same rank).
   F4 VeRA and IA3 are stable (forgetting under 2 points) but gain less target than LoRA r8.
   F5 GRPO forgets less than SFT for the same method, at the final steps and at equal target gain.
+  F6 Smoother spectral profiles go with better retention: the fluctuation scores of the retention
+     and adaptation profiles (PEFT-Arena §5) correlate positively with forgetting.
+  F7 Activation drift goes with forgetting: Procrustes residual, Gram distortion and general-data
+     CSD correlate positively with it, CKA negatively (paper: Pearson 0.71 / 0.49 / 0.48 / -0.76).
+  F8 The final SFT checkpoint overshoots: one step back on the interpolation path (alpha = 0.8)
+     scores more target + general than the final; OFT's Cayley-generator path beats its dense path
+     at equal alpha (PEFT-Arena §9; the paper's alpha = 0.3 row).
   F9 Longer GRPO lowers pass@64 while pass@1 holds (does not fall).
+
+Correlations (F6, F7) pool the final SFT checkpoints of every setting and seed (n = settings x
+seeds points; the seeds of one setting are not independent draws of a method, so read n as an
+upper bound on the effective sample), with the Fisher-z interval of Pearson r.
 
 Deviations (budgets: a toy world, not the paper's models):
   1. SFT runs for `sft_steps` steps, fewer than the demo's 120, so that no method saturates the
@@ -40,6 +51,7 @@ import evaluate
 import geometry
 import loading
 import peft_methods
+import rewind
 import stats
 import toy_world
 import train_grpo
@@ -50,15 +62,25 @@ BUDGET_PAIRS = [("OFT b32", "LoRA r8"), ("OFT b16", "LoRA r4")]
 BUDGETS = {
     "full": dict(seeds=(0, 1, 2), sft_steps=48, n_checkpoints=6, n_per_family=300, n_train=2000,
                  grpo_steps=12, long_grpo_steps=36, passk_items=50, passk_n=64, workers=2, settings=None, max_new_tokens=None,
-                 grpo=dict(eval_n=0)),
+                 grpo=dict(eval_n=0), geom_prompts=100, geom_tokens=2048, interp_alphas=(0.2, 0.4, 0.6, 0.8)),
     # the smoke study: two seeds of the settings the claims name, a few steps and items each
     "smoke": dict(seeds=(0, 1), sft_steps=2, n_checkpoints=2, n_per_family=4, n_train=64, max_new_tokens=12,
                   grpo_steps=1, long_grpo_steps=2, passk_items=3, passk_n=4, workers=1,
                   grpo=dict(eval_n=0, prompts_per_step=2, group_size=2, max_new_tokens=8, mini_batches=1, num_prompts=8),
+                  geom_prompts=8, geom_tokens=256, interp_alphas=(0.8,),
                   settings=("Full FT", "OFT b16", "OFT b32", "LoRA r4", "LoRA r8", "PiSSA r8", "VeRA r64", "IA3")),
 }
 SFT_TRAIN = dict(global_batch=16, micro_batch=16, epochs=8, lr_full=1e-3, lr_peft=3e-3)   # the demo's
 PASS_KS = (1, 2, 4, 8, 16, 32, 64)
+INTERP = ("Full FT", "LoRA r8", "OFT b32")        # PEFT-Arena tradeoff-curve-alt: Full, LoRA r8, OFT b32
+OVERSHOOT_ALPHA = 0.8                             # F8: one grid step back from the final checkpoint
+# F6/F7: geometry.summary_row key, name, sign of the claimed correlation with forgetting, paper r
+GEOMETRY_CLAIMS = {
+    "F6": [("w_fluct_retention", "retention fluctuation", 1, None),
+           ("w_fluct_adaptation", "adaptation fluctuation", 1, None)],
+    "F7": [("act_proc_residual", "Procrustes residual", 1, 0.711), ("act_gram_distortion", "Gram distortion", 1, 0.485),
+           ("csd_G_un", "CSD_G,un", 1, 0.481), ("act_cka", "CKA", -1, -0.761)],
+}
 
 
 # -----------------------------------------------------------------------------
@@ -176,6 +198,43 @@ def claim_f9(passk) -> tuple[str, str]:
                      f"(n = {dk['n']} runs)")
 
 
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def claim_geometry(cid: str, geo: dict, rows: dict) -> tuple[str, str]:
+    """F6 / F7: Pearson r (Fisher-z interval) of each metric with forgetting over the final SFT
+    checkpoints; geo[(label, seed)] is geometry.summary_row of that checkpoint."""
+    parts, text, n = [], [], 0
+    for key, name, sign, _ in GEOMETRY_CLAIMS[cid]:
+        pts = [(g[key], rows[("SFT", lab, s)]["forgetting"]) for (lab, s), g in geo.items()
+               if _finite(g.get(key)) and ("SFT", lab, s) in rows]
+        iv = stats.pearson_ci([x for x, _ in pts], [y for _, y in pts])
+        parts.append(stats.verdict(iv, sign))
+        text.append(f"{name} r = {stats.fmt_ci(iv, digits=2)}")
+        n = max(n, iv["n"])
+    return stats.all_of(parts), "; ".join(text) + f" (n = {n} checkpoints)"
+
+
+def _both(p: dict) -> float:
+    return p["target"] + p["general"]
+
+
+def claim_f8(interp: dict, rows: dict) -> tuple[str, str]:
+    """interp[(label, seed)][path][alpha] = {"target", "general"} (alpha 1: the final checkpoint,
+    scored once in rows). Overshoot: target + general at alpha = 0.8 on the dense path minus the
+    final's, pooled over the INTERP settings and seeds. OFT: generator minus dense path at equal
+    alpha, averaged over the alpha grid, one number per seed."""
+    a = f"{OVERSHOOT_ALPHA:g}"
+    back = [_both(r["dense"][a]) - _both(rows[("SFT", lab, s)]) for (lab, s), r in interp.items() if a in r["dense"]]
+    gen = [sum(_both(r["factor"][k]) - _both(r["dense"][k]) for k in r["factor"]) / len(r["factor"])
+           for (lab, s), r in interp.items() if "factor" in r]
+    over, path = stats.mean_ci(back), stats.mean_ci(gen)
+    return (stats.all_of([stats.verdict(over), stats.verdict(path)]),
+            f"alpha {a} - final, target + general: {stats.fmt_ci(over)} (n = {over['n']} runs); "
+            f"OFT generator - dense path: {stats.fmt_ci(path)} (n = {path['n']} seeds)")
+
+
 # -----------------------------------------------------------------------------
 # 3. The study: units of work (train, score), each written once and skipped on a rerun
 # -----------------------------------------------------------------------------
@@ -208,7 +267,10 @@ def _load(ckpt: Path | None):
 
 def _score(ckpt: Path | None, B: dict) -> dict:
     """Both axes of one checkpoint (greedy, the same held-out items for every checkpoint)."""
-    model, tok = _load(ckpt)
+    return _score_model(*_load(ckpt), B)
+
+
+def _score_model(model, tok, B: dict) -> dict:
     res = evaluate.evaluate_toy(model, tok, domain="math", n_per_family=B["n_per_family"], batch_size=128,
                                 max_new_tokens=B["max_new_tokens"])
     return {"target": res["target_score"], "general": res["general_score"],
@@ -227,6 +289,33 @@ def _pass_at_k(ckpt: Path, seed: int, B: dict) -> dict:
     return evaluate.aggregate(items, samples, "micro", ks=ks)["pass_at_k"]
 
 
+def _interp_paths(method: str) -> list[str]:
+    """The dense path W0 + alpha dW for every method, and the factor path where it is a different
+    model between the endpoints (OFT's Cayley generator sqrt(alpha) Q; PEFT-Arena §9)."""
+    return ["dense", "factor"] if set(rewind.default_paths(method)) == {"factor", "dense"} else ["dense"]
+
+
+def _interpolate(ckpt: Path, method: str, B: dict) -> dict:
+    """{path: {alpha: scores}} along the paths from the base (alpha 0) to `ckpt` (alpha 1)."""
+    model, tok = _load(None)
+    run, out = rewind.open_run(model, tok, ckpt), {}
+    for path in _interp_paths(method):
+        out[path] = {}
+        for alpha in B["interp_alphas"]:
+            rewind.set_path(run, path, alpha)
+            out[path][f"{alpha:g}"] = _score_model(run["model"], tok, B)
+    return out
+
+
+def _geometry(ckpts: list[tuple[str, str]], out: Path, B: dict) -> None:
+    """geometry.py over one seed's final SFT checkpoints (weight spectra, CSD, activations)."""
+    argv = ["--base", "toy", "--domain", "math", "--out", str(out), "--no-plots", "--device", "cpu",
+            "--max-prompts", str(B["geom_prompts"]), "--max-tokens", str(B["geom_tokens"])]
+    for label, ckpt in ckpts:
+        argv += ["--checkpoint", ckpt, "--label", label]
+    geometry.main(argv)
+
+
 def run_unit(unit: dict) -> str:
     """One unit of work in a worker process: train a run, or score/sample its checkpoints."""
     torch.set_num_threads(1)          # two single-thread workers beat one two-thread process here
@@ -239,6 +328,10 @@ def run_unit(unit: dict) -> str:
         loading.atomic_write_json(unit["result"], _score(Path(unit["ckpt"]) if unit["ckpt"] else None, B))
     elif kind == "passk":
         loading.atomic_write_json(unit["result"], _pass_at_k(Path(unit["ckpt"]), unit["seed"], B))
+    elif kind == "interp":
+        loading.atomic_write_json(unit["result"], _interpolate(Path(unit["ckpt"]), unit["method"], B))
+    elif kind == "geometry":
+        _geometry(unit["ckpts"], out, B)
     return unit["key"]
 
 
@@ -277,9 +370,29 @@ def plan_units(run: Path, B: dict, phase: str) -> list[dict]:
             if paradigm == "GRPO" and not pk.exists():
                 units.append(dict(base, kind="passk", ckpt=str(ckpt), result=str(pk),
                                   key=f"pass@k {lab} s{seed} step {step}"))
+    if phase == "score":
+        units = _analysis_units(run, B) + units      # the long geometry units first (no straggler)
     if phase == "score" and not (run / "scores" / "base.json").exists():
         units.append(dict(budget=B, kind="score", ckpt=None, result=str(run / "scores" / "base.json"),
                           key="score base", out=str(run)))
+    return units
+
+
+def _analysis_units(run: Path, B: dict) -> list[dict]:
+    """Geometry of each seed's final SFT checkpoints (F6, F7); interpolation paths of the INTERP
+    settings (F8). Planned in the score phase: they need only the finished runs."""
+    units = []
+    for seed in B["seeds"]:
+        sft = [(lab, m, _run_dir(run, p, lab, s)) for p, lab, m, _, s in _runs(B) if p == "SFT" and s == seed]
+        gdir = run / "geometry" / f"s{seed}"
+        if not (gdir / "summary.json").exists():
+            units.append(dict(budget=B, kind="geometry", out=str(gdir), key=f"geometry s{seed}",
+                              ckpts=[(arena.slug(lab), str(loading.finished_checkpoint(d))) for lab, _, d in sft]))
+        for lab, method, d in sft:
+            res = run / "interp" / f"{d.name}.json"
+            if lab in INTERP and not res.exists():
+                units.append(dict(budget=B, kind="interp", method=method, out=str(d), result=str(res),
+                                  ckpt=str(loading.finished_checkpoint(d)), key=f"interpolate {lab} s{seed}"))
     return units
 
 
@@ -303,12 +416,14 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def collect(run: Path, B: dict) -> tuple[dict, dict, dict, dict]:
-    """(rows, curves, passk, base): rows[(paradigm, label, seed)] is the run's compared checkpoint
+def collect(run: Path, B: dict) -> dict:
+    """Every number of the study: rows[(paradigm, label, seed)] is the run's compared checkpoint
     (SFT: the final one; GRPO: step grpo_steps, the demo's budget), curves[...] its
-    [(target gain, forgetting)] from the base along training, passk[(label, seed)] short/long."""
+    [(target gain, forgetting)] from the base along training, passk[(label, seed)] short/long,
+    geo[(label, seed)] the geometry summary row of the final SFT checkpoint, interp[(label, seed)]
+    its interpolation paths, base the base model's scores."""
     base = _read(run / "scores" / "base.json")
-    rows, curves, passk = {}, {}, {}
+    rows, curves, passk, geo, interp = {}, {}, {}, {}, {}
     for paradigm, lab, _, _, seed in _runs(B):
         d = _run_dir(run, paradigm, lab, seed)
         pts = [(0.0, 0.0)]
@@ -323,7 +438,12 @@ def collect(run: Path, B: dict) -> tuple[dict, dict, dict, dict]:
         if paradigm == "GRPO":
             passk[(lab, seed)] = {"short": _read(run / "passk" / f"{d.name}-{B['grpo_steps']}.json"),
                                   "long": _read(run / "passk" / f"{d.name}-{B['long_grpo_steps']}.json")}
-    return rows, curves, passk, base
+            continue
+        summary = {r["label"]: r for r in _read(run / "geometry" / f"s{seed}" / "summary.json")}
+        geo[(lab, seed)] = summary[arena.slug(lab)]
+        if lab in INTERP:
+            interp[(lab, seed)] = _read(run / "interp" / f"{d.name}.json")
+    return dict(rows=rows, curves=curves, passk=passk, geo=geo, interp=interp, base=base)
 
 
 PAPER = {   # PEFT-Arena poster main table and §10.6 (Qwen2.5-7B math unless named)
@@ -332,6 +452,9 @@ PAPER = {   # PEFT-Arena poster main table and §10.6 (Qwen2.5-7B math unless na
     "F3": "Llama math G: PiSSA 7.08 vs LoRA r8 36.57",
     "F4": "VeRA +4.1 T / +0.3 G; IA3 -0.2 T / -2.3 G",
     "F5": "G after RLVR vs SFT: Full 48.7 vs 34.2, OFT 48.9 vs 44.4, LoRA 48.3 vs 39.2",
+    "F6": "smoothness bars: PiSSA and MiSS spikiest, OFT and Full smooth (no r reported)",
+    "F7": "Pearson with forgetting: Procrustes 0.71, Gram 0.49, CSD_G,un 0.48, CKA -0.76",
+    "F8": "OFT b32 final 46.9 / 44.4; alpha 0.3: Cayley 45.8 / 48.6 vs dense 43.9 / 43.9",
     "F9": "longer GRPO: LoRA pass@1 +2.30, pass@64 -2.93; OFT -0.07 / -1.46",
 }
 CLAIMS = {
@@ -340,16 +463,21 @@ CLAIMS = {
     "F3": "PiSSA can collapse general ability (vs LoRA r8)",
     "F4": "VeRA and IA3 are stable (forgetting < 2 points) but gain less than LoRA r8",
     "F5": "GRPO forgets less than SFT for the same method",
+    "F6": "smoother spectral profiles (lower fluctuation) go with less forgetting",
+    "F7": "Procrustes, Gram, CSD_G rise and CKA falls with forgetting",
+    "F8": "the final SFT checkpoint overshoots; OFT's generator path beats its dense path",
     "F9": "longer GRPO lowers pass@64 while pass@1 holds",
 }
 
 
-def decide(rows, curves, passk) -> dict[str, tuple[str, str]]:
+def decide(d: dict) -> dict[str, tuple[str, str]]:
     """{claim id: (verdict, our numbers)}: every verdict computed by the rules of section 2."""
+    rows, curves = d["rows"], d["curves"]
     labels = list(dict.fromkeys(k[1] for k in rows if k[0] == "SFT"))
     grpo = list(dict.fromkeys(k[1] for k in rows if k[0] == "GRPO"))
     return {"F1": claim_f1(rows, labels), "F2": claim_budget_pairs(curves, rows), "F3": claim_f3(rows),
-            "F4": claim_f4(rows), "F5": claim_f5(rows, curves, grpo), "F9": claim_f9(passk)}
+            "F4": claim_f4(rows), "F5": claim_f5(rows, curves, grpo), "F6": claim_geometry("F6", d["geo"], rows),
+            "F7": claim_geometry("F7", d["geo"], rows), "F8": claim_f8(d["interp"], rows), "F9": claim_f9(d["passk"])}
 
 
 def _general_halfwidth(rows: dict, n: int) -> float:
@@ -362,8 +490,8 @@ def _general_halfwidth(rows: dict, n: int) -> float:
     return worst
 
 
-def findings_markdown(rows, curves, passk, base, B: dict) -> str:
-    verdicts = decide(rows, curves, passk)
+def findings_markdown(d: dict, B: dict) -> str:
+    verdicts, rows, base = decide(d), d["rows"], d["base"]
     out = ["# Findings on the toy arena", "",
            f"`python arena.py findings` - {len(B['seeds'])} seeds, SFT {B['sft_steps']} steps "
            f"({B['n_checkpoints']} checkpoints), GRPO {B['grpo_steps']} / {B['long_grpo_steps']} steps, "
@@ -469,6 +597,74 @@ def plot_passk(passk: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_geometry(geo: dict, rows: dict, path: Path) -> None:
+    """F6/F7: each metric against forgetting, one point per SFT setting (mean over seeds, 95% CI
+    bars both ways); forgetting shares one y-axis; the title gives r over all checkpoints."""
+    plt = geometry._pyplot()
+    metrics = [m for cid in ("F6", "F7") for m in GEOMETRY_CLAIMS[cid]]
+    labels = list(dict.fromkeys(lab for lab, _ in geo))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7), sharey=True)
+    for ax, (key, name, _, paper_r) in zip(axes.flat, metrics):
+        xs, ys = [], []
+        for i, lab in enumerate(labels):
+            pts = [(g[key], rows[("SFT", lab, s)]["forgetting"]) for (l, s), g in geo.items()
+                   if l == lab and _finite(g.get(key))]
+            if not pts:
+                continue
+            xs += [x for x, _ in pts]
+            ys += [y for _, y in pts]
+            gx, gy = stats.mean_ci([x for x, _ in pts]), stats.mean_ci([y for _, y in pts])
+            ax.errorbar(gx["mean"], gy["mean"], xerr=[[e] for e in _err(gx)], yerr=[[e] for e in _err(gy)],
+                        marker="o", ms=4, capsize=2, lw=1, color=plt.cm.tab20(i % 20), label=lab)
+        iv = stats.pearson_ci(xs, ys)
+        ax.set_title(f"{name}: r = {stats.fmt_ci(iv, digits=2)}" + (f" (paper {paper_r:+.2f})" if paper_r else ""),
+                     fontsize=9)
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("forgetting (points)")
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Geometry of the final SFT checkpoints against forgetting (mean over seeds, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_interp(interp: dict, rows: dict, path: Path) -> None:
+    """F8: (target, general) along each interpolation path from the final checkpoint (alpha = 1,
+    star) back toward the base, mean over seeds; shared axes across the settings."""
+    plt = geometry._pyplot()
+    labels = list(dict.fromkeys(lab for lab, _ in interp))
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 4), sharex=True, sharey=True, squeeze=False)
+    for ax, lab in zip(axes[0], labels):
+        runs = {s: r for (l, s), r in interp.items() if l == lab}
+        final = [rows[("SFT", lab, s)] for s in runs]
+        ft, fg = (stats.mean_ci([f[k] for f in final])["mean"] for k in ("target", "general"))
+        for p, style in (("dense", "-"), ("factor", "--")):
+            alphas = sorted((a for a in next(iter(runs.values())).get(p, {})), key=float)
+            if not alphas:
+                continue
+            t = [stats.mean_ci([r[p][a]["target"] for r in runs.values()])["mean"] for a in alphas] + [ft]
+            g = [stats.mean_ci([r[p][a]["general"] for r in runs.values()])["mean"] for a in alphas] + [fg]
+            ax.plot(t, g, style, marker="o", ms=3, label=rewind.path_label(_method_of(lab), p))
+            for a, x, y in zip(alphas, t, g):
+                ax.annotate(a, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        ax.plot([ft], [fg], "k*", ms=10, label="final (alpha 1)")
+        ax.set_title(lab)
+        ax.set_xlabel("target (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("general (%)")
+    fig.suptitle("Interpolation toward the base (PEFT-Arena §9): mean over seeds, alpha at each point")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _method_of(label: str) -> str:
+    return next(m for lab, m, _ in arena.SFT_CELLS if lab == label)
+
+
 # -----------------------------------------------------------------------------
 # 6. CLI
 # -----------------------------------------------------------------------------
@@ -482,31 +678,45 @@ def run_findings(run: Path, B: dict, log=print) -> Path:
         units = plan_units(run, B, phase)
         log(f"[findings] {phase}: {len(units)} units to do")
         run_units(units, B["workers"], log)
-    rows, curves, passk, base = collect(run, B)
-    loading.atomic_write_text(run / "findings.md", findings_markdown(rows, curves, passk, base, B))
-    plot_curves(curves, run / "tradeoff_curves.png")
-    plot_final(rows, run / "final_points.png")
-    plot_passk(passk, run / "passk.png")
-    log(f"[findings] wrote {run / 'findings.md'} and three figures")
+    d = collect(run, B)
+    loading.atomic_write_text(run / "findings.md", findings_markdown(d, B))
+    plot_curves(d["curves"], run / "tradeoff_curves.png")
+    plot_final(d["rows"], run / "final_points.png")
+    plot_passk(d["passk"], run / "passk.png")
+    plot_geometry(d["geo"], d["rows"], run / "geometry.png")
+    plot_interp(d["interp"], d["rows"], run / "interpolation.png")
+    log(f"[findings] wrote {run / 'findings.md'} and five figures")
     return run / "findings.md"
+
+
+FLAGS = [   # also `python arena.py findings` (arena.COMMANDS)
+    ("--out", dict(default="runs/findings", help="run directory (resumed when it exists)")),
+    ("--smoke", dict(action="store_true", help="every step at a tiny size (minutes; for CI)")),
+    ("--workers", dict(type=int, default=None, help="worker processes (default: 2; 1 with --smoke)")),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="The paper's findings on the toy arena: seeds, intervals, verdicts.")
-    ap.add_argument("--out", default="runs/findings", help="run directory (resumed when it exists)")
-    ap.add_argument("--smoke", action="store_true", help="every step at a tiny size (seconds; for CI)")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: 2; 1 with --smoke)")
+    for flag, kw in FLAGS:
+        ap.add_argument(flag, **kw)
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """The study from parsed FLAGS; prints findings.md."""
     B = dict(BUDGETS["smoke" if args.smoke else "full"])
     if args.workers is not None:
         B["workers"] = args.workers
+    t0 = time.time()
     path = run_findings(Path(args.out), B)
     print(path.read_text())
+    print(f"[findings] finished in {time.time() - t0:.0f} s; outputs in {path.parent}/")
     return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -70,14 +70,48 @@ def test_f5_and_f9_rules():
     assert findings.claim_f9(passk)[0] == stats.FAILS
 
 
+def test_geometry_claims_read_the_sign_of_r_with_its_interval():
+    rng = random.Random(1)
+    rows, geo = {}, {}
+    for i in range(12):                                   # forgetting rises with the drift metrics
+        forget = float(i)
+        rows[("SFT", f"m{i}", 0)] = {"forgetting": forget}
+        geo[(f"m{i}", 0)] = {"act_proc_residual": 0.1 * i + rng.gauss(0, 0.05), "act_gram_distortion": 0.2 * i + rng.gauss(0, 0.1),
+                             "csd_G_un": 0.01 * i + rng.gauss(0, 0.01), "act_cka": 1 - 0.02 * i + rng.gauss(0, 0.01),
+                             "w_fluct_retention": rng.random(), "w_fluct_adaptation": rng.random()}
+    verdict, text = findings.claim_geometry("F7", geo, rows)
+    assert verdict == stats.HOLDS and "(n = 12 checkpoints)" in text
+    for g in geo.values():                                # CKA now rises with forgetting: F7 fails
+        g["act_cka"] = 2 - g["act_cka"]
+    assert findings.claim_geometry("F7", geo, rows)[0] == stats.FAILS
+    assert findings.claim_geometry("F6", geo, rows)[0] == stats.INCONCLUSIVE   # noise: no call
+
+
+def test_f8_overshoot_and_generator_path():
+    rows, interp = {}, {}
+    for s in range(4):
+        for lab in ("Full FT", "LoRA r8", "OFT b32"):
+            rows[("SFT", lab, s)] = {"target": 50.0, "general": 60.0 + 0.1 * s}
+            interp[(lab, s)] = {"dense": {"0.4": {"target": 40.0, "general": 65.0},
+                                          "0.8": {"target": 49.0, "general": 64.0 + 0.2 * s}}}
+        interp[("OFT b32", s)]["factor"] = {"0.4": {"target": 42.0, "general": 66.0 + 0.1 * s},
+                                            "0.8": {"target": 49.5, "general": 64.5}}
+    verdict, text = findings.claim_f8(interp, rows)      # +3 at alpha 0.8; generator +1.5 on average
+    assert verdict == stats.HOLDS and "n = 12 runs" in text and "n = 4 seeds" in text
+    for s in range(4):                                   # the final is better than alpha 0.8: no overshoot
+        rows[("SFT", "LoRA r8", s)]["general"] = rows[("SFT", "Full FT", s)]["general"] = 80.0 + s
+        rows[("SFT", "OFT b32", s)]["general"] = 80.0 + s
+    assert findings.claim_f8(interp, rows)[0] == stats.FAILS
+
+
 @pytest.mark.slow
 def test_smoke_study_resumes_and_is_deterministic(tmp_path):
     out = tmp_path / "f"
     assert findings.main(["--smoke", "--out", str(out)]) == 0
     first = (out / "findings.md").read_text()
-    for f in ("tradeoff_curves.png", "final_points.png", "passk.png"):
+    for f in ("tradeoff_curves.png", "final_points.png", "passk.png", "geometry.png", "interpolation.png"):
         assert (out / f).stat().st_size > 10_000
-    assert all(f"| {c} |" in first for c in ("F1", "F2", "F3", "F4", "F5", "F9"))
+    assert all(f"| F{c} |" in first for c in range(1, 10))
     # a rerun finds every unit done and writes the same table
     assert findings.plan_units(out, findings.BUDGETS["smoke"], "train") == []
     assert findings.plan_units(out, findings.BUDGETS["smoke"], "score") == []
