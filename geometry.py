@@ -795,55 +795,87 @@ def _positive(a) -> np.ndarray:
     return np.where(a > 0, a, np.nan)
 
 
+SPECTRAL_COLS = 5   # checkpoints per row of spectral_profiles.png: 14 + the legend cell fill 3 x 5
+
+
+def _spectral_panels(w: dict, name: str) -> tuple:
+    """(curve, colour, key, reference, reference key, title) of one checkpoint's retention and
+    adaptation panels: each profile is drawn against the pretrained spectrum in its own normalisation."""
+    sigma, E = np.asarray(w["sigma"]), np.asarray(w["E_delta"])
+    return ((w["dP_diag"], "tab:red", "|ΔP_diag(i)|", sigma / sigma[0], "σ_i/σ_1 (W0)",
+             f"{name}\nF_ret={w['fluct_retention']:.2e}"),
+            (E / E.sum() if E.sum() > 0 else E, "tab:blue", "E_Δ(i)/Σ E_Δ", sigma / sigma.sum(),
+             "σ_i/Σσ (W0)", f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}"))
+
+
 def plot_spectral_profiles(plt, metrics_list: list[dict]):
-    """[PA-W] figure: one column per checkpoint; top: retention dP_diag vs sigma_i/sigma_1, bottom:
-    adaptation E_i/sum E vs sigma_i/sum sigma (the release's normalisation), log y-axes."""
+    """[PA-W] figure: one cell per checkpoint, wrapped SPECTRAL_COLS to a row so it stays readable at
+    README width; a cell is the retention profile dP_diag vs sigma_i/sigma_1 (top) over the adaptation
+    profile E_i/sum E vs sigma_i/sum sigma (bottom; the release's normalisation), log y-axes.
+    All retention panels share one y scale and all adaptation panels another, so checkpoints compare by
+    eye; every panel shares the x axis (the same module, the same singular indices)."""
     items = [(m["label"], m["method"], next(iter(m["weight"].items()))) for m in metrics_list if m.get("weight")]
     if not items:
         return None
-    fig, axes = plt.subplots(2, len(items), figsize=(3.6 * len(items) + 0.6, 6.4), squeeze=False)
-    for j, (label, method, (mod, w)) in enumerate(items):
-        sigma, E = np.asarray(w["sigma"]), np.asarray(w["E_delta"])
-        i = np.arange(1, sigma.size + 1)
+    cols = min(SPECTRAL_COLS, len(items) + 1)          # + 1: the last cell holds the two keys
+    blocks = -(-(len(items) + 1) // cols)
+    # a block row is a retention row over an adaptation row (the checkpoint's name heads the pair)
+    fig = plt.figure(figsize=(2.75 * cols + 0.3, 4.0 * blocks + 0.4))
+    grid = fig.add_gridspec(2 * blocks, cols)
+    first = [None, None]        # the first retention / adaptation axes: every later one shares them
+    for k, (label, method, (_mod, w)) in enumerate(items):
+        b, j = divmod(k, cols)
         name = label if label == method else f"{label} ({method})"
-        for r, (y, color, lab, ref, ref_lab, title) in enumerate((
-                (w["dP_diag"], "tab:red", "|ΔP_diag(i)|", sigma / sigma[0], "σ_i/σ_1 (W0)",
-                 f"{name}\nF_ret={w['fluct_retention']:.2e}"),
-                (E / E.sum() if E.sum() > 0 else E, "tab:blue", "E_Δ(i)/Σ E_Δ", sigma / sigma.sum(),
-                 "σ_i/Σσ (W0)", f"F_ada={w['fluct_adaptation']:.2e}  erank={w['erank']:.1f}"))):
-            ax = axes[r, j]
-            ax.plot(i, _positive(y), lw=0.9, color=color, label=lab)
-            ax.plot(i, _positive(ref), lw=1.2, color="0.4", ls="--", label=ref_lab)
+        for r, (y, color, key, ref, ref_key, title) in enumerate(_spectral_panels(w, name)):
+            ax = fig.add_subplot(grid[2 * b + r, j], sharex=first[0], sharey=first[r])
+            first[r] = first[r] or ax
+            ax.plot(np.arange(1, len(y) + 1), _positive(y), lw=0.9, color=color, label=key)
+            ax.plot(np.arange(1, len(ref) + 1), _positive(ref), lw=1.2, color="0.4", ls="--", label=ref_key)
             ax.set_yscale("log")
             ax.set_title(title, fontsize=9)
-        ax.set_xlabel("singular index i of W0")
-    for r, lab in enumerate(("retention profile", "adaptation profile")):
-        axes[r, 0].set_ylabel(lab)
-        axes[r, 0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Spectral profiles of {items[0][2][0]} (log scale; dashed: pretrained spectrum)",
-                 fontsize=10)
+            ax.grid(alpha=0.3, which="major")
+            # shared scales: tick labels on the outer edge only (left column; lowest panel of a column)
+            ax.tick_params(labelsize=8, labelleft=j == 0, labelbottom=r == 1 and k + cols >= len(items))
+        if k + cols >= len(items):
+            ax.set_xlabel("singular index i of W0", fontsize=9)
+    b, j = divmod(len(items), cols)                    # the cell after the last checkpoint
+    for r, lab in enumerate(("retention |ΔP_diag(i)|", "adaptation E_Δ(i)/Σ E_Δ")):
+        for ax in fig.axes[r:2 * len(items):2 * cols]:   # the left column's panels of this profile
+            ax.set_ylabel(lab, fontsize=9)
+        key = fig.add_subplot(grid[2 * b + r, j])
+        key.axis("off")
+        key.legend(*first[r].get_legend_handles_labels(), loc="center", fontsize=9,
+                   title=lab.split()[0] + " profile", title_fontsize=9)
+    fig.suptitle(f"Spectral profiles of {items[0][2][0]} per checkpoint (log scale, shared axes; "
+                 "dashed: pretrained spectrum)", fontsize=11)
     return fig
 
 
 def plot_erank_layers(plt, metrics_list: list[dict]):
-    """[PA-W] erank(dW) of mlp.down_proj across layers, one line per checkpoint."""
+    """[PA-W] effective rank erank(dW) of mlp.down_proj across layers, one line per checkpoint. With 14+
+    lines a 10-colour cycle repeats, so each line gets its own colour x dash x marker (_line_styles)
+    and the key, outside the axes, lists the checkpoints top to bottom in the order of their last point."""
     from matplotlib import ticker
     series = [(m["label"], m["erank_layers"]) for m in metrics_list if m.get("erank_layers")]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, er in series:
+    fig, ax = plt.subplots(figsize=(8.6, 4.8))
+    last = {}
+    for (label, er), style in zip(series, _line_styles(len(series))):
         layers = sorted(int(k) for k in er)
-        ax.plot(layers, _positive([er[str(l)] for l in layers]), marker="o", ms=3, label=label)
+        ys = _positive([er[str(l)] for l in layers])
+        last[ax.plot(layers, ys, ms=5, lw=1.4, label=label, **style)[0]] = np.nan_to_num(ys[-1], nan=-1.0)
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set(xlabel="layer", ylabel="erank(ΔW) = ‖ΔW‖_F² / ‖ΔW‖_2²")
-    ax.set_title("Stable rank of the mlp.down_proj update across layers", fontsize=10)
+    ax.set_title("Effective rank of the mlp.down_proj update across layers", fontsize=11)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    order = sorted(last, key=last.get, reverse=True)
+    ax.legend(order, [h.get_label() for h in order], fontsize=8.5, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), title="checkpoint\n(by last layer)", title_fontsize=8.5)
     return fig
 
 
@@ -853,6 +885,16 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _line_styles(n: int) -> list[dict]:
+    """n line styles a reader can tell apart: tab20's ten dark hues drawn solid, then its ten light ones
+    dashed (then dotted, dash-dot, ...), with a marker cycle of another period on top, so no two of the
+    first 40 lines share colour, dash and marker."""
+    from matplotlib import colormaps
+    tab20 = colormaps["tab20"].colors            # pairs: (dark, light) of each of ten hues
+    return [dict(color=tab20[2 * (k % 10) + (k // 10) % 2], ls=("-", "--", ":", "-.")[(k // 10) % 4],
+                 marker="os^Dv<>P"[k % 8]) for k in range(n)]
 
 
 def finish(metrics_list: list[dict], out_dir: Path, *, plots: bool = True) -> list[dict]:

@@ -954,36 +954,74 @@ def summary_markdown(res: dict, cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TRADEOFF_COLS = 3       # runs per row of tradeoff.png: 3 x 4.4 in stays under 14 in at README width
+MIN_SCORE_SPAN = 5.0    # score points: the narrowest axis window, so a 0.2-point band is drawn as 0.2 points
+
+
+def _score_limits(values: list[float], min_span: float = MIN_SCORE_SPAN) -> tuple[float, float]:
+    """Axis limits for a percentage score: the data plus a 5% margin, never narrower than min_span
+    points, and slid back towards [0, 100] when widening pushed the window past an end (no axis
+    shows a score of 103%; the margin may still pass 0 or 100 so a point on the edge is drawn whole)."""
+    lo, hi = min(values), max(values)
+    half = max(hi - lo, min_span) / 2 * 1.1
+    margin = half - max(hi - lo, min_span) / 2
+    mid = min(max((lo + hi) / 2, half - margin), 100 + margin - half)
+    return mid - half, mid + half
+
+
+def _tradeoff_panel(ax, r: dict) -> None:
+    """One run in the (target, general) plane: training path (dashed), every interpolation path (solid,
+    labelled by alpha), rewinds, base, final checkpoint, the first rule's selected point."""
+    pts = r["points"]
+    base, final = pts[0], next(p for p in pts if p["kind"] == "final")
+    xy = lambda ps: ([p["target"] for p in ps], [p["general"] for p in ps])    # noqa: E731
+    tr = [base] + sorted([p for p in pts if p["kind"] == "training"], key=lambda p: p["step"]) + [final]
+    ax.plot(*xy(tr), "--", color="0.45", marker=".", label="training path (SFT checkpoints)")
+    # on a shared axis two paths can run close together: the second path's alphas go below its points
+    for path, (color, marker, dy) in zip(r["paths"], (("tab:blue", "o", 3), ("tab:orange", "s", -10))):
+        pp = [base] + sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
+        ax.plot(*xy(pp), "-", color=color, marker=marker, ms=5, label=path_label(r["method"], path, r["gen_map"]))
+        for p in pp[1:-1]:
+            ax.annotate(f"{p['alpha']:g}", (p["target"], p["general"]), xytext=(4, dy), textcoords="offset points",
+                        fontsize=8, color=color)
+    for k, p in enumerate([p for p in pts if p["kind"] == "rewind"]):
+        ax.scatter(*xy([p]), marker="^v<>DPX"[k % 7], s=80, color=f"C{4 + k}", edgecolor="k", label=f"rewind: {p['rewind']}")
+    ax.scatter(*xy([base]), marker="s", s=70, color="k", label="base (a=0)")
+    ax.scatter(*xy([final]), marker="*", s=220, color="tab:red", edgecolor="k", label=f"final (step {final.get('step')})")
+    sel = next(iter((r.get("selection") or {}).values()), {}).get("all")
+    if sel is not None:
+        ax.scatter(*xy([sel]), s=380, facecolors="none", edgecolors="tab:green", linewidths=2.2, label="selected")
+    ax.set_title(f"{r['label']} ({r['method']})", fontsize=11)
+    ax.grid(alpha=0.3)
+    # the key goes under the panel: inside, it would hide points wherever the shared window puts them
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False, markerscale=0.7)
+
+
 def plot_tradeoff(results: dict, png: Path) -> None:
-    """One panel per run in the (target, general) plane: training path (dashed), every interpolation
-    path (solid, labelled by alpha), rewinds, base, final checkpoint, the first rule's selected point."""
+    """One panel per run (TRADEOFF_COLS to a row) in the (target, general) plane. Every panel shares both
+    axes, fitted to all runs together and never narrower than MIN_SCORE_SPAN points, so runs compare by
+    eye and a band of a few tenths of a point does not fill a panel as if it were a cliff."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = results["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.4 * len(runs), 6.0), squeeze=False)
-    for ax, r in zip(axes[0], runs):
-        pts = r["points"]
-        base, final = pts[0], next(p for p in pts if p["kind"] == "final")
-        xy = lambda ps: ([p["target"] for p in ps], [p["general"] for p in ps])    # noqa: E731
-        tr = [base] + sorted([p for p in pts if p["kind"] == "training"], key=lambda p: p["step"]) + [final]
-        ax.plot(*xy(tr), "--", color="0.45", marker=".", label="training path (SFT checkpoints)")
-        for path, (color, marker) in zip(r["paths"], (("tab:blue", "o"), ("tab:orange", "s"))):
-            pp = [base] + sorted([p for p in pts if p.get("path") == path], key=lambda p: p["alpha"]) + [final]
-            ax.plot(*xy(pp), "-", color=color, marker=marker, label=path_label(r["method"], path, r["gen_map"]))
-            for p in pp[1:-1]:
-                ax.annotate(f"{p['alpha']:g}", (p["target"], p["general"]), xytext=(4, 3), textcoords="offset points",
-                            fontsize=7, color=color)
-        for k, p in enumerate([p for p in pts if p["kind"] == "rewind"]):
-            ax.scatter(*xy([p]), marker="^v<>DPX"[k % 7], s=80, color=f"C{4 + k}", edgecolor="k", label=f"rewind: {p['rewind']}")
-        ax.scatter(*xy([base]), marker="s", s=70, color="k", label="base (a=0)")
-        ax.scatter(*xy([final]), marker="*", s=220, color="tab:red", edgecolor="k", label=f"final (step {final.get('step')})")
-        sel = next(iter((r.get("selection") or {}).values()), {}).get("all")
-        if sel is not None:
-            ax.scatter(*xy([sel]), s=380, facecolors="none", edgecolors="tab:green", linewidths=2.2, label="selected")
-        ax.set(title=f"{r['label']} ({r['method']})", xlabel="target score (%)", ylabel="general score (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    cols = min(TRADEOFF_COLS, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols + 0.4, 5.9 * rows + 0.3), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, r in zip(axes.flat, runs):
+        _tradeoff_panel(ax, r)
+        ax.tick_params(labelbottom=True)        # each panel has its own key below, so its own x labels
+        ax.set_xlabel("target score (%)")
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("general score (%)")
+    every = [p for r in runs for p in r["points"]]
+    axes[0, 0].set_xlim(*_score_limits([p["target"] for p in every]))      # shared: sets every panel
+    axes[0, 0].set_ylim(*_score_limits([p["general"] for p in every]))
+    fig.suptitle(f"Target vs general score per run\n(shared axes, each at least {MIN_SCORE_SPAN:g} points wide)",
+                 fontsize=12)
     fig.tight_layout()
     tmp = png.with_name(".tmp-" + png.name)
     fig.savefig(tmp, dpi=130, format="png")
