@@ -6,7 +6,7 @@ several seeds, scored at several checkpoints along training (so a method is a cu
 the numbers: "holds" when the interval of the difference it rests on excludes 0 on the claimed
 side, "does not hold" when it excludes 0 on the other side, "inconclusive" otherwise (stats.py).
 
-    python arena.py findings                 # the study: ~1 h on 2 CPU cores, resumable
+    python arena.py findings                 # the study: 77 min on 2 CPU cores (BENCHMARKS.md), resumable
     python arena.py findings --smoke         # every step at toy-of-the-toy size (CI)
 
 Claims (PEFT-Arena §2; ids as in findings.md):

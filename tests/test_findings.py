@@ -117,3 +117,22 @@ def test_smoke_study_resumes_and_is_deterministic(tmp_path):
     assert findings.plan_units(out, findings.BUDGETS["smoke"], "score") == []
     assert findings.main(["--smoke", "--out", str(out)]) == 0
     assert (out / "findings.md").read_text() == first
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_numbers_and_another_seed_other_numbers(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import loading
+    B = findings.BUDGETS["smoke"]
+
+    def run(seed, name):
+        out = tmp_path / name
+        findings._train_sft(out, "lora", {"r": 8, "alpha": 16}, seed, B)
+        ckpt = loading.finished_checkpoint(out)
+        return load_file(str(ckpt / "adapter.safetensors")), findings._score(ckpt, B)
+
+    (a, score_a), (b, score_b), (c, _) = run(0, "a"), run(0, "b"), run(1, "c")
+    assert score_a == score_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)      # init, dropout and data order follow the seed
