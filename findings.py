@@ -50,7 +50,6 @@ import arena
 import evaluate
 import geometry
 import loading
-import peft_methods
 import rewind
 import stats
 import toy_world
@@ -70,7 +69,6 @@ BUDGETS = {
                   geom_prompts=8, geom_tokens=256, interp_alphas=(0.8,),
                   settings=("Full FT", "OFT b16", "OFT b32", "LoRA r4", "LoRA r8", "PiSSA r8", "VeRA r64", "IA3")),
 }
-SFT_TRAIN = dict(global_batch=16, micro_batch=16, epochs=8, lr_full=1e-3, lr_peft=3e-3)   # the demo's
 PASS_KS = (1, 2, 4, 8, 16, 32, 64)
 INTERP = ("Full FT", "LoRA r8", "OFT b32")        # PEFT-Arena tradeoff-curve-alt: Full, LoRA r8, OFT b32
 OVERSHOOT_ALPHA = 0.8                             # F8: one grid step back from the final checkpoint
@@ -240,12 +238,11 @@ def claim_f8(interp: dict, rows: dict) -> tuple[str, str]:
 # -----------------------------------------------------------------------------
 
 def _train_sft(out: Path, method: str, hp: dict, seed: int, B: dict) -> None:
-    steps = B["sft_steps"]
+    steps, S = B["sft_steps"], arena.DEMO["sft"]     # the demo's recipe (arena._train_demo_cell)
     resume = any(out.glob(loading.CKPT_PREFIX + "*"))
     train_sft.train(dict(model="toy", method=method, task="toy-math", out=str(out), max_steps=steps,
-                         n_train=B["n_train"], global_batch=SFT_TRAIN["global_batch"],
-                         micro_batch=SFT_TRAIN["micro_batch"], epochs=SFT_TRAIN["epochs"],
-                         lr=SFT_TRAIN["lr_full"] if method == "full" else SFT_TRAIN["lr_peft"],
+                         n_train=B["n_train"], global_batch=S["global_batch"], micro_batch=S["micro_batch"],
+                         epochs=8, lr=S["lr_full"] if method == "full" else S["lr_peft"],
                          save_every_steps=max(1, steps // B["n_checkpoints"]), seed=seed, data_seed=seed,
                          resume=resume, overwrite=not resume and out.exists(), no_progress=True, **hp))
 
@@ -258,16 +255,9 @@ def _train_grpo(out: Path, method: str, hp: dict, seed: int, B: dict) -> None:
                           no_progress=True, **B["grpo"], **hp))
 
 
-def _load(ckpt: Path | None):
-    model, tok = loading.load_model("toy", device="cpu", dtype="float32")
-    if ckpt is not None:
-        peft_methods.load_adapter(model, ckpt)
-    return model, tok
-
-
 def _score(ckpt: Path | None, B: dict) -> dict:
     """Both axes of one checkpoint (greedy, the same held-out items for every checkpoint)."""
-    return _score_model(*_load(ckpt), B)
+    return _score_model(*arena._toy_model(ckpt), B)
 
 
 def _score_model(model, tok, B: dict) -> dict:
@@ -279,7 +269,7 @@ def _score_model(model, tok, B: dict) -> dict:
 
 def _pass_at_k(ckpt: Path, seed: int, B: dict) -> dict:
     """{k: pass@k} on math test items, n samples each at temperature 1 (Chen et al. 2021, Eq. 1)."""
-    model, tok = _load(ckpt)
+    model, tok = arena._toy_model(ckpt)
     items = toy_world.make_eval_items("math", "test", B["passk_items"], seed=0)
     prompts = [loading.render_chat(tok, it["prompt"]) for it in items]
     mnt = B["max_new_tokens"] or evaluate.TOY_BENCHMARKS["math"]["max_new_tokens"]
@@ -297,7 +287,7 @@ def _interp_paths(method: str) -> list[str]:
 
 def _interpolate(ckpt: Path, method: str, B: dict) -> dict:
     """{path: {alpha: scores}} along the paths from the base (alpha 0) to `ckpt` (alpha 1)."""
-    model, tok = _load(None)
+    model, tok = arena._toy_model()
     run, out = rewind.open_run(model, tok, ckpt), {}
     for path in _interp_paths(method):
         out[path] = {}
@@ -672,7 +662,7 @@ def _method_of(label: str) -> str:
 def run_findings(run: Path, B: dict, log=print) -> Path:
     """Train, score, decide and draw; a rerun skips every finished unit."""
     run.mkdir(parents=True, exist_ok=True)
-    loading.write_run_config(run, {"budget": B, "sft_train": SFT_TRAIN, "sft_cells": arena.SFT_CELLS,
+    loading.write_run_config(run, {"budget": B, "sft_train": arena.DEMO["sft"], "sft_cells": arena.SFT_CELLS,
                                    "grpo_cells": arena.GRPO_CELLS})
     for phase in ("train", "score"):
         units = plan_units(run, B, phase)
