@@ -1423,7 +1423,7 @@ COMMANDS = {
                              "warning, not an error (load_model then downloads it when the first cell starts)")),
         _THREADS, ("--progress", dict(action="store_true", help="training progress bars (tqdm)"))]),
     "findings": (lambda args: findings.run(args), "the paper's findings tested over seeds: curves, "
-                 "intervals and a verdict per claim (findings.md; 77 min on 2 CPU cores, resumable)",
+                 "intervals and a verdict per claim (findings.md; about 50 min on 2 CPU cores, resumable)",
                  lambda: findings.FLAGS),    # read when the parser is built (findings imports arena)
     "report": (cmd_report, "rebuild results.json/.csv, leaderboard.md and the scatter of a `run` or `demo` "
                "directory from its cells/*.json", [

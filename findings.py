@@ -6,7 +6,7 @@ several seeds, scored at several checkpoints along training (so a method is a cu
 the numbers: "holds" when the interval of the difference it rests on excludes 0 on the claimed
 side, "does not hold" when it excludes 0 on the other side, "inconclusive" otherwise (stats.py).
 
-    python arena.py findings                 # the study: 77 min on 2 CPU cores (BENCHMARKS.md), resumable
+    python arena.py findings                 # the study: about 50 min on 2 CPU cores (BENCHMARKS.md), resumable
     python arena.py findings --smoke         # every step at toy-of-the-toy size (CI)
 
 Claims (PEFT-Arena §2; ids as in findings.md):
@@ -33,7 +33,19 @@ Deviations (budgets: a toy world, not the paper's models):
   1. SFT runs for `sft_steps` steps, fewer than the demo's 120, so that no method saturates the
      target (the demo's LoRA r8 reaches 97%); the budget is the same for every method.
   2. Scores are greedy on `n_per_family` held-out items per family (the paper's avg@16 for math
-     is a sampled mean); pass@k uses n = 64 samples at temperature 1 on `passk_items` math items.
+     is a sampled mean), drawn afresh for each seed: the test sample is a source of randomness
+     like the others, so a setting's mean over seeds rests on seeds x `n_per_family` items and its
+     t-interval over seeds covers item sampling too. Every checkpoint of one seed (and the base)
+     is scored on that seed's items, so the differences within a seed stay paired. pass@k uses
+     n = 64 samples at temperature 1 on `passk_items` math items of the seed's draw.
+  3. "Longer GRPO" (F9) is `long_grpo_steps` = 2 x the demo's 12 rollout steps (the paper
+     trains 1000 steps against 200).
+
+Implementation notes:
+  a. Checkpoints are scored with their adapters merged into the base weights (merged = unmerged
+     is tested for every method in tests/test_peft_methods.py), which skips the adapter's extra
+     matmuls; only the four families the math axes use are generated (not med).
+  b. Train units start longest first (the GRPO runs), so no worker waits for a straggler.
 """
 from __future__ import annotations
 
@@ -50,6 +62,7 @@ import arena
 import evaluate
 import geometry
 import loading
+import peft_methods
 import rewind
 import stats
 import toy_world
@@ -60,7 +73,7 @@ import train_sft
 BUDGET_PAIRS = [("OFT b32", "LoRA r8"), ("OFT b16", "LoRA r4")]
 BUDGETS = {
     "full": dict(seeds=(0, 1, 2), sft_steps=48, n_checkpoints=6, n_per_family=300, n_train=2000,
-                 grpo_steps=12, long_grpo_steps=36, passk_items=50, passk_n=64, workers=2, settings=None, max_new_tokens=None,
+                 grpo_steps=12, long_grpo_steps=24, passk_items=50, passk_n=64, workers=2, settings=None, max_new_tokens=None,
                  grpo=dict(eval_n=0), geom_prompts=100, geom_tokens=2048, interp_alphas=(0.2, 0.4, 0.6, 0.8)),
     # the smoke study: two seeds of the settings the claims name, a few steps and items each
     "smoke": dict(seeds=(0, 1), sft_steps=2, n_checkpoints=2, n_per_family=4, n_train=64, max_new_tokens=12,
@@ -255,14 +268,19 @@ def _train_grpo(out: Path, method: str, hp: dict, seed: int, B: dict) -> None:
                           no_progress=True, **B["grpo"], **hp))
 
 
-def _score(ckpt: Path | None, B: dict) -> dict:
-    """Both axes of one checkpoint (greedy, the same held-out items for every checkpoint)."""
-    return _score_model(*arena._toy_model(ckpt), B)
+SCORED_FAMILIES = ("math", *toy_world.GENERAL_FAMILIES)     # the math target and the general axis
 
 
-def _score_model(model, tok, B: dict) -> dict:
+def _score(ckpt: Path | None, seed: int, B: dict) -> dict:
+    """Both axes of one checkpoint (greedy; the seed's held-out items, the same for all its
+    checkpoints), adapters merged first (implementation note a)."""
+    model, tok = arena._toy_model(ckpt)
+    return _score_model(peft_methods.merge_and_unload(model), tok, seed, B)
+
+
+def _score_model(model, tok, seed: int, B: dict) -> dict:
     res = evaluate.evaluate_toy(model, tok, domain="math", n_per_family=B["n_per_family"], batch_size=128,
-                                max_new_tokens=B["max_new_tokens"])
+                                max_new_tokens=B["max_new_tokens"], families=SCORED_FAMILIES, seed=seed)
     return {"target": res["target_score"], "general": res["general_score"],
             "families": {f: v["score"] for f, v in res["families"].items()}}
 
@@ -270,7 +288,7 @@ def _score_model(model, tok, B: dict) -> dict:
 def _pass_at_k(ckpt: Path, seed: int, B: dict) -> dict:
     """{k: pass@k} on math test items, n samples each at temperature 1 (Chen et al. 2021, Eq. 1)."""
     model, tok = arena._toy_model(ckpt)
-    items = toy_world.make_eval_items("math", "test", B["passk_items"], seed=0)
+    items = toy_world.make_eval_items("math", "test", B["passk_items"], seed=seed)
     prompts = [loading.render_chat(tok, it["prompt"]) for it in items]
     mnt = B["max_new_tokens"] or evaluate.TOY_BENCHMARKS["math"]["max_new_tokens"]
     samples = evaluate.generate(model, tok, prompts, max_new_tokens=mnt,
@@ -285,7 +303,7 @@ def _interp_paths(method: str) -> list[str]:
     return ["dense", "factor"] if set(rewind.default_paths(method)) == {"factor", "dense"} else ["dense"]
 
 
-def _interpolate(ckpt: Path, method: str, B: dict) -> dict:
+def _interpolate(ckpt: Path, method: str, seed: int, B: dict) -> dict:
     """{path: {alpha: scores}} along the paths from the base (alpha 0) to `ckpt` (alpha 1)."""
     model, tok = arena._toy_model()
     run, out = rewind.open_run(model, tok, ckpt), {}
@@ -293,7 +311,8 @@ def _interpolate(ckpt: Path, method: str, B: dict) -> dict:
         out[path] = {}
         for alpha in B["interp_alphas"]:
             rewind.set_path(run, path, alpha)
-            out[path][f"{alpha:g}"] = _score_model(run["model"], tok, B)
+            rewind.bake(run)        # served merged, like every scored checkpoint (note a)
+            out[path][f"{alpha:g}"] = _score_model(run["model"], tok, seed, B)
     return out
 
 
@@ -315,11 +334,11 @@ def run_unit(unit: dict) -> str:
     elif kind == "grpo":
         _train_grpo(out, unit["method"], unit["hp"], unit["seed"], B)
     elif kind == "score":
-        loading.atomic_write_json(unit["result"], _score(Path(unit["ckpt"]) if unit["ckpt"] else None, B))
+        loading.atomic_write_json(unit["result"], _score(Path(unit["ckpt"]) if unit["ckpt"] else None, unit["seed"], B))
     elif kind == "passk":
         loading.atomic_write_json(unit["result"], _pass_at_k(Path(unit["ckpt"]), unit["seed"], B))
     elif kind == "interp":
-        loading.atomic_write_json(unit["result"], _interpolate(Path(unit["ckpt"]), unit["method"], B))
+        loading.atomic_write_json(unit["result"], _interpolate(Path(unit["ckpt"]), unit["method"], unit["seed"], B))
     elif kind == "geometry":
         _geometry(unit["ckpts"], out, B)
     return unit["key"]
@@ -360,12 +379,18 @@ def plan_units(run: Path, B: dict, phase: str) -> list[dict]:
             if paradigm == "GRPO" and not pk.exists():
                 units.append(dict(base, kind="passk", ckpt=str(ckpt), result=str(pk),
                                   key=f"pass@k {lab} s{seed} step {step}"))
-    if phase == "score":
-        units = _analysis_units(run, B) + units      # the long geometry units first (no straggler)
-    if phase == "score" and not (run / "scores" / "base.json").exists():
-        units.append(dict(budget=B, kind="score", ckpt=None, result=str(run / "scores" / "base.json"),
-                          key="score base", out=str(run)))
+    if phase == "train":     # the long GRPO runs first (implementation note b)
+        return sorted(units, key=lambda u: u["kind"] != "grpo")
+    units = _analysis_units(run, B) + units      # the long geometry units first (no straggler)
+    for seed in B["seeds"]:
+        if not _base_path(run, seed).exists():
+            units.append(dict(budget=B, kind="score", ckpt=None, result=str(_base_path(run, seed)),
+                              seed=seed, key=f"score base s{seed}", out=str(run)))
     return units
+
+
+def _base_path(run: Path, seed: int) -> Path:
+    return run / "scores" / f"base-s{seed}.json"
 
 
 def _analysis_units(run: Path, B: dict) -> list[dict]:
@@ -381,7 +406,7 @@ def _analysis_units(run: Path, B: dict) -> list[dict]:
         for lab, method, d in sft:
             res = run / "interp" / f"{d.name}.json"
             if lab in INTERP and not res.exists():
-                units.append(dict(budget=B, kind="interp", method=method, out=str(d), result=str(res),
+                units.append(dict(budget=B, kind="interp", method=method, seed=seed, out=str(d), result=str(res),
                                   ckpt=str(loading.finished_checkpoint(d)), key=f"interpolate {lab} s{seed}"))
     return units
 
@@ -411,8 +436,8 @@ def collect(run: Path, B: dict) -> dict:
     (SFT: the final one; GRPO: step grpo_steps, the demo's budget), curves[...] its
     [(target gain, forgetting)] from the base along training, passk[(label, seed)] short/long,
     geo[(label, seed)] the geometry summary row of the final SFT checkpoint, interp[(label, seed)]
-    its interpolation paths, base the base model's scores."""
-    base = _read(run / "scores" / "base.json")
+    its interpolation paths, base[seed] the base model's scores on the seed's items."""
+    base = {seed: _read(_base_path(run, seed)) for seed in B["seeds"]}
     rows, curves, passk, geo, interp = {}, {}, {}, {}, {}
     for paradigm, lab, _, _, seed in _runs(B):
         d = _run_dir(run, paradigm, lab, seed)
@@ -420,7 +445,7 @@ def collect(run: Path, B: dict) -> dict:
         for step, _ in loading.list_checkpoints(d):
             s = _read(run / "scores" / f"{d.parent.name}-{d.name}-{step}.json")
             pt = {"step": step, "target": s["target"], "general": s["general"], "families": s["families"],
-                  "gain": s["target"] - base["target"], "forgetting": base["general"] - s["general"]}
+                  "gain": s["target"] - base[seed]["target"], "forgetting": base[seed]["general"] - s["general"]}
             pts.append((pt["gain"], pt["forgetting"]))
             if paradigm == "SFT" or step == B["grpo_steps"]:
                 rows[(paradigm, lab, seed)] = pt
@@ -470,18 +495,29 @@ def decide(d: dict) -> dict[str, tuple[str, str]]:
             "F7": claim_geometry("F7", d["geo"], rows), "F8": claim_f8(d["interp"], rows), "F9": claim_f9(d["passk"])}
 
 
-def _general_halfwidth(rows: dict, n: int) -> float:
-    """The largest item-sampling 95% half-width of a scored general axis (mean of 3 proportions):
-    1.96 sqrt(sum_f p_f (1 - p_f) / n) / 3, in points, over every compared checkpoint."""
-    worst = 0.0
-    for r in rows.values():
-        ps = [r["families"][f] / 100 for f in ("ifeval", "bbh", "nq")]
-        worst = max(worst, 100 * 1.96 * math.sqrt(sum(p * (1 - p) for p in ps) / n) / 3)
-    return worst
+def _general_var(r: dict, n: int) -> float:
+    """Item-sampling variance of one general score (a mean of F proportions on n items each):
+    sum_f p_f (1 - p_f) / n / F^2, in points^2."""
+    ps = [r["families"][f] / 100 for f in toy_world.GENERAL_FAMILIES]
+    return 1e4 * sum(p * (1 - p) for p in ps) / n / len(ps) ** 2
+
+
+def general_halfwidths(rows: dict, n: int) -> tuple[float, float]:
+    """The largest item-sampling 95% half-width of a compared general score, in points: of one
+    seed's checkpoint, and of a setting's mean over its seeds (independent item draws, Deviation 2:
+    variance sum_s var_s / S^2)."""
+    one = max(1.96 * math.sqrt(_general_var(r, n)) for r in rows.values())
+    cells = {}
+    for (paradigm, lab, _), r in rows.items():
+        cells.setdefault((paradigm, lab), []).append(_general_var(r, n))
+    mean = max(1.96 * math.sqrt(sum(v) / len(v) ** 2) for v in cells.values())
+    return one, mean
 
 
 def findings_markdown(d: dict, B: dict) -> str:
     verdicts, rows, base = decide(d), d["rows"], d["base"]
+    one, cell = general_halfwidths(rows, B["n_per_family"])
+    bt, bg = (stats.mean_ci([b[k] for b in base.values()])["mean"] for k in ("target", "general"))
     out = ["# Findings on the toy arena", "",
            f"`python arena.py findings` - {len(B['seeds'])} seeds, SFT {B['sft_steps']} steps "
            f"({B['n_checkpoints']} checkpoints), GRPO {B['grpo_steps']} / {B['long_grpo_steps']} steps, "
@@ -489,8 +525,10 @@ def findings_markdown(d: dict, B: dict) -> str:
            "| | claim | paper | toy (mean [95% CI], points) | verdict |", "|---|---|---|---|---|"]
     for cid, (v, ours) in verdicts.items():
         out.append(f"| {cid} | {CLAIMS[cid]} | {PAPER[cid]} | {ours} | **{v}** |")
-    out += ["", f"Base: target {base['target']:.1f}, general {base['general']:.1f}. Largest item-sampling "
-            f"half-width of a scored general axis: {_general_halfwidth(rows, B['n_per_family']):.1f} points.", "",
+    out += ["", f"Base (mean over the seeds' item draws): target {bt:.1f}, general {bg:.1f}. Largest "
+            f"item-sampling 95% half-width of a compared general score: {one:.1f} points for one seed's "
+            f"checkpoint, {cell:.1f} for a setting's mean over {len(B['seeds'])} seeds (each seed scores "
+            f"its own {B['n_per_family']} items per family).", "",
             "| Train | Method | Target gain | Forgetting |", "|---|---|---|---|"]
     for paradigm in ("SFT", "GRPO"):
         for lab in dict.fromkeys(k[1] for k in rows if k[0] == paradigm):

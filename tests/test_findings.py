@@ -1,9 +1,11 @@
 """findings.py: curve matching and the claim rules on synthetic numbers with known answers, and the
 whole study at smoke size (resumes; same seeds give the same numbers)."""
+import math
 import random
 
 import pytest
 
+import arena
 import findings
 import stats
 
@@ -131,8 +133,24 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_other_numbers(tmp_pat
         out = tmp_path / name
         findings._train_sft(out, "lora", {"r": 8, "alpha": 16}, seed, B)
         ckpt = loading.finished_checkpoint(out)
-        return load_file(str(ckpt / "adapter.safetensors")), findings._score(ckpt, B)
+        return load_file(str(ckpt / "adapter.safetensors")), findings._score(ckpt, seed, B), ckpt
 
-    (a, score_a), (b, score_b), (c, _) = run(0, "a"), run(0, "b"), run(1, "c")
+    (a, score_a, ckpt), (b, score_b, _), (c, _, _) = run(0, "a"), run(0, "b"), run(1, "c")
     assert score_a == score_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)      # init, dropout and data order follow the seed
+    # scoring merged (the study's speed-up) gives the unmerged adapter's scores
+    assert findings._score_model(*arena._toy_model(ckpt), 0, B) == score_a
+
+
+def test_general_halfwidths_by_hand():
+    """One seed: 1.96 sqrt(sum_f p(1-p) / n) / 3; a mean over 4 seeds with independent items halves it."""
+    rows = {("SFT", "A", s): {"families": {"ifeval": 50.0, "bbh": 50.0, "nq": 50.0}} for s in range(4)}
+    one, cell = findings.general_halfwidths(rows, 300)
+    assert one == pytest.approx(1.96 * math.sqrt(3 * 0.25 / 300) / 3 * 100)     # 3.27 points
+    assert cell == pytest.approx(one / 2)
+
+
+def test_train_units_start_with_the_long_grpo_runs(tmp_path):
+    units = findings.plan_units(tmp_path, findings.BUDGETS["smoke"], "train")
+    kinds = [u["kind"] for u in units]
+    assert kinds == sorted(kinds, key=lambda k: k != "grpo") and kinds[0] == "grpo" and "sft" in kinds
