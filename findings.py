@@ -584,15 +584,16 @@ def plot_curves(curves: dict, path: Path) -> None:
 def plot_final(rows: dict, path: Path) -> None:
     """Final SFT and GRPO points with 95% CI bars in both directions."""
     plt = geometry._pyplot()
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11, 6))
+    colour = {lab: plt.cm.tab20(i % 20) for i, lab in enumerate(dict.fromkeys(k[1] for k in rows))}
     for paradigm, marker in (("SFT", "o"), ("GRPO", "^")):
         for lab in dict.fromkeys(k[1] for k in rows if k[0] == paradigm):
             g = _ci(rows, lab, "gain", paradigm)
             f = _ci(rows, lab, "forgetting", paradigm)
             ax.errorbar(g["mean"], f["mean"], xerr=[[e] for e in _err(g)], yerr=[[e] for e in _err(f)],
-                        marker=marker, ms=6, capsize=3, lw=1)
-            ax.annotate(f"{lab}" + (" (GRPO)" if paradigm == "GRPO" else ""), (g["mean"], f["mean"]),
-                        xytext=(4, 4), textcoords="offset points", fontsize=8)
+                        marker=marker, ms=7 if paradigm == "GRPO" else 6, capsize=3, lw=1, color=colour[lab],
+                        label=f"{lab}" + (" (GRPO)" if paradigm == "GRPO" else ""))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # labels beside, not on, the crowded points
     ax.set_xlabel("target gain (points)")
     ax.set_ylabel("forgetting (points of general; up = worse)")
     ax.set_title("Final checkpoints: mean over seeds, 95% CI (circles SFT, triangles GRPO)")
