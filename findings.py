@@ -698,11 +698,33 @@ def _method_of(label: str) -> str:
 # 6. CLI
 # -----------------------------------------------------------------------------
 
+# how a checkpoint is scored (Deviation 2, note a): part of a run's identity, like its budget
+PROTOCOL = {"test_items": "drawn per seed", "adapters": "merged", "families": list(SCORED_FAMILIES)}
+
+
+def _check_resume(run: Path, cfg: dict) -> None:
+    """Refuse to resume a directory made with another budget or scoring protocol: its finished
+    units would be mixed with new ones (the worker count may change)."""
+    path = run / loading.RUN_CONFIG
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    def norm(x):        # as saved (tuples -> lists), without the worker count
+        x = json.loads(json.dumps(x))
+        return {k: v for k, v in x.items() if k != "workers"} if isinstance(x, dict) else x
+    diff = [k for k in cfg if norm(old.get(k)) != norm(cfg[k])]
+    if diff:
+        raise SystemExit(f"{path}: this run directory was made with other settings ({', '.join(diff)} "
+                         f"differ); pass another --out, or delete it to start over")
+
+
 def run_findings(run: Path, B: dict, log=print) -> Path:
     """Train, score, decide and draw; a rerun skips every finished unit."""
+    cfg = {"budget": B, "protocol": PROTOCOL, "sft_train": arena.DEMO["sft"], "sft_cells": arena.SFT_CELLS,
+           "grpo_cells": arena.GRPO_CELLS}
+    _check_resume(run, cfg)
     run.mkdir(parents=True, exist_ok=True)
-    loading.write_run_config(run, {"budget": B, "sft_train": arena.DEMO["sft"], "sft_cells": arena.SFT_CELLS,
-                                   "grpo_cells": arena.GRPO_CELLS})
+    loading.write_run_config(run, cfg)
     for phase in ("train", "score"):
         units = plan_units(run, B, phase)
         log(f"[findings] {phase}: {len(units)} units to do")

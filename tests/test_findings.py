@@ -154,3 +154,13 @@ def test_train_units_start_with_the_long_grpo_runs(tmp_path):
     units = findings.plan_units(tmp_path, findings.BUDGETS["smoke"], "train")
     kinds = [u["kind"] for u in units]
     assert kinds == sorted(kinds, key=lambda k: k != "grpo") and kinds[0] == "grpo" and "sft" in kinds
+
+
+def test_resume_refuses_a_directory_made_with_another_budget(tmp_path):
+    """A finished unit of another budget (or scoring protocol) must not be mixed into the study."""
+    import json
+    B = dict(findings.BUDGETS["smoke"])
+    (tmp_path / "config.json").write_text(json.dumps({"budget": dict(B, long_grpo_steps=36)}))
+    with pytest.raises(SystemExit, match="config.json.*budget, protocol"):
+        findings.run_findings(tmp_path, B)
+    assert not (tmp_path / "sft").exists()           # refused before any work
