@@ -269,6 +269,8 @@ def _train_grpo(out: Path, method: str, hp: dict, seed: int, B: dict) -> None:
 
 
 SCORED_FAMILIES = ("math", *toy_world.GENERAL_FAMILIES)     # the math target and the general axis
+# how a checkpoint is scored (Deviation 2, note a): part of a run's identity, like its budget
+PROTOCOL = {"test_items": "drawn per seed", "adapters": "merged", "families": list(SCORED_FAMILIES)}
 
 
 def _score(ckpt: Path | None, seed: int, B: dict) -> dict:
@@ -698,21 +700,16 @@ def _method_of(label: str) -> str:
 # 6. CLI
 # -----------------------------------------------------------------------------
 
-# how a checkpoint is scored (Deviation 2, note a): part of a run's identity, like its budget
-PROTOCOL = {"test_items": "drawn per seed", "adapters": "merged", "families": list(SCORED_FAMILIES)}
-
-
 def _check_resume(run: Path, cfg: dict) -> None:
     """Refuse to resume a directory made with another budget or scoring protocol: its finished
     units would be mixed with new ones (the worker count may change)."""
     path = run / loading.RUN_CONFIG
     if not path.exists():
         return
-    old = json.loads(path.read_text())
-    def norm(x):        # as saved (tuples -> lists), without the worker count
-        x = json.loads(json.dumps(x))
-        return {k: v for k, v in x.items() if k != "workers"} if isinstance(x, dict) else x
-    diff = [k for k in cfg if norm(old.get(k)) != norm(cfg[k])]
+    def saved(c):       # as config.json holds it (tuples -> lists), without the worker count
+        c = json.loads(json.dumps(c))
+        return {**c, "budget": {k: v for k, v in (c.get("budget") or {}).items() if k != "workers"}}
+    diff = loading.config_diff(saved(json.loads(path.read_text())), saved(cfg), (), new_keys_only=True)
     if diff:
         raise SystemExit(f"{path}: this run directory was made with other settings ({', '.join(diff)} "
                          f"differ); pass another --out, or delete it to start over")
